@@ -1,0 +1,16 @@
+//! `gps-seg bench <what>`: speed and memory tables. Numbers are measured, never asserted in tests.
+
+use clap::Subcommand;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    pub what: What,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum What {}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    match args.what {}
+}

@@ -1,0 +1,1 @@
+//! Datasets: Kvasir-SEG and classification layouts, synthetic generators, augmentation, batching.

@@ -1,0 +1,1 @@
+//! GPS: gradient accumulation, per-neuron selection, sparse deltas, the artifact, merge.

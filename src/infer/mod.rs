@@ -1,0 +1,1 @@
+//! Inference through ONNX Runtime (`ort`): runtime location, batched sessions, reports.

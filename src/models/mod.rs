@@ -1,0 +1,1 @@
+//! Classifiers: a ViT and a ConvNeXt.

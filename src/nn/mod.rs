@@ -1,0 +1,9 @@
+//! Differentiable building blocks shared by every model: named params ([`param`]), layers
+//! whose backward is verified ([`layers`]), and finite-difference checks ([`gradcheck`]).
+
+pub mod gradcheck;
+pub mod layers;
+pub mod param;
+
+pub use layers::{Conv2d, ConvTranspose2d, Embedding, LayerNorm, LayerNorm2d, Linear};
+pub use param::{Init, Param, ParamStore, Role, RolePolicy};

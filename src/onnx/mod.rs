@@ -1,0 +1,1 @@
+//! ONNX: protobuf types, a graph builder, exporters per model family.

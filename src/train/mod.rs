@@ -1,0 +1,1 @@
+//! Training: fit/evaluate loops, losses, metrics, checkpoints and resume.

@@ -1,0 +1,7 @@
+//! Small shared helpers: seeded RNG, atomic file writes, tensor files.
+
+pub mod fs;
+pub mod rng;
+pub mod tensors;
+
+pub use rng::Rng;
