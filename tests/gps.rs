@@ -5,8 +5,8 @@
 use candle_core::{Device, Tensor, D};
 use gps_seg::gps::artifact::{Artifact, BaseModel, SelectionInfo, DELTA_FILE, SELECTION_FILE};
 use gps_seg::gps::{
-    accumulate, delta_from_store, grad_roles, merge, merge_with_report, select_from_grads, Counts,
-    Criterion, Level, Policy, Rule, Treatment,
+    accumulate, delta_from_store, grad_roles, merge, merge_with_report, select_by_gradient,
+    select_from_grads, Counts, Criterion, Level, Policy, Rule, Treatment,
 };
 use gps_seg::nn::{Linear, ParamStore};
 use gps_seg::sam::config::SamConfig;
@@ -426,6 +426,19 @@ fn toy_mlp_select_train_save_load_merge_round_trip() {
     )
     .unwrap();
     assert_eq!(sel.indices["fc1.weight"].len(), 12 * k);
+    // The one-call helper gives the same selection.
+    let (sel2, nb2) = select_by_gradient(
+        &base,
+        &policy,
+        &dev,
+        |vs| Ok(Mlp::new(vs)),
+        data.iter(),
+        |m: &Mlp, (x, t)| mse(&m.forward(x), t),
+        k,
+        Level::Neuron,
+    )
+    .unwrap();
+    assert_eq!((sel2, nb2), (sel.clone(), nb));
     assert_eq!(
         sel.trainable,
         vec!["fc1.bias", "fc2.bias", "head.bias", "head.weight"]

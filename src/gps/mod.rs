@@ -21,4 +21,4 @@ pub use counts::{CountTotals, Counts, TensorCount};
 pub use grads::{accumulate, grad_roles, GradAccumulator};
 pub use merge::{merge, merge_with_report, MergeReport};
 pub use policy::{Policy, Rule, Treatment};
-pub use select::{select_from_grads, Criterion, Level, Selection};
+pub use select::{select_by_gradient, select_from_grads, Criterion, Level, Selection};

@@ -329,6 +329,31 @@ pub fn select_from_grads(
     Ok(sel)
 }
 
+/// The whole GPS selection in one call, for any model: build the model from a store over
+/// `base` in which only the policy's `Selected` tensors are vars ([`super::grads::grad_roles`]),
+/// accumulate the gradients of `loss(model, batch)` over `batches` with the pretrained weights,
+/// and select the top-`k` |gradient| entries per row at `level`.
+/// Returns the selection and the number of batches seen.
+#[allow(clippy::too_many_arguments)]
+pub fn select_by_gradient<M, B>(
+    base: &TensorMap,
+    policy: &Policy,
+    device: &Device,
+    build: impl FnOnce(&crate::nn::ParamStore) -> Result<M>,
+    batches: impl IntoIterator<Item = B>,
+    mut loss: impl FnMut(&M, B) -> Result<Tensor>,
+    k: usize,
+    level: Level,
+) -> Result<(Selection, usize)> {
+    let roles = super::grads::grad_roles(base, policy);
+    let store = crate::nn::ParamStore::with_roles(base.clone(), roles, device);
+    let model = build(&store)?;
+    let vars = store.trainable_vars();
+    let (grads, n) = super::grads::accumulate(&vars, batches, |b| loss(&model, b))?;
+    let sel = select_from_grads(base, Some(&grads), policy, k, level, Criterion::Gradient, 0)?;
+    Ok((sel, n))
+}
+
 /// Pooled top-`n` over several score vectors: per vector, its sorted chosen indices.
 /// Threshold = the n-th largest score; everything above it is taken, then entries equal to
 /// it in (vector, index) order until the budget is filled.
