@@ -38,7 +38,8 @@ pub enum Criterion {
 pub enum Level {
     /// K per output row (GPS).
     Neuron,
-    /// rows·min(K, cols) per tensor, anywhere in the tensor.
+    /// The same fraction of every selected tensor (top-% per tensor, anywhere in it), the
+    /// fraction set so the total equals the neuron-level budget.
     Layer,
     /// Σ rows·min(K, cols) over all selected tensors pooled.
     Net,
@@ -302,16 +303,19 @@ pub fn select_from_grads(
         sel.shapes.insert(name.clone(), t.dims().to_vec());
     }
     match level {
-        Level::Neuron | Level::Layer => {
+        Level::Neuron => {
             for (name, t) in chosen {
                 let s = scores_for(name, t, grads, criterion, seed)?;
                 let (_, cols) = rows_cols(t.dims());
-                let idx = if level == Level::Neuron {
-                    topk_per_row(&s, cols, k)
-                } else {
-                    topn(&s, budget(t.dims(), k))
-                };
-                sel.indices.insert(name.clone(), idx);
+                sel.indices.insert(name.clone(), topk_per_row(&s, cols, k));
+            }
+        }
+        Level::Layer => {
+            let total: usize = chosen.iter().map(|(_, t)| budget(t.dims(), k)).sum();
+            let sizes: Vec<usize> = chosen.iter().map(|(_, t)| t.elem_count()).collect();
+            for ((name, t), quota) in chosen.into_iter().zip(apportion(&sizes, total)) {
+                let s = scores_for(name, t, grads, criterion, seed)?;
+                sel.indices.insert(name.clone(), topn(&s, quota));
             }
         }
         Level::Net => {
@@ -352,6 +356,30 @@ pub fn select_by_gradient<M, B>(
     let (grads, n) = super::grads::accumulate(&vars, batches, |b| loss(&model, b))?;
     let sel = select_from_grads(base, Some(&grads), policy, k, level, Criterion::Gradient, 0)?;
     Ok((sel, n))
+}
+
+/// Split `total` over tensors of `sizes` entries in proportion to their size (the same
+/// fraction of every tensor), by largest remainder: the quotas sum to exactly `total`;
+/// remainder ties go to the earlier tensor.
+pub fn apportion(sizes: &[usize], total: usize) -> Vec<usize> {
+    let n: u128 = sizes.iter().map(|&s| s as u128).sum();
+    if n == 0 {
+        return vec![0; sizes.len()];
+    }
+    let total = (total as u128).min(n);
+    let mut quota: Vec<usize> = Vec::with_capacity(sizes.len());
+    let mut rems: Vec<(u128, usize)> = Vec::with_capacity(sizes.len());
+    for (i, &s) in sizes.iter().enumerate() {
+        let num = total * s as u128;
+        quota.push((num / n) as usize);
+        rems.push((num % n, i));
+    }
+    let left = total as usize - quota.iter().sum::<usize>();
+    rems.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for &(_, i) in rems.iter().take(left) {
+        quota[i] += 1;
+    }
+    quota
 }
 
 /// Pooled top-`n` over several score vectors: per vector, its sorted chosen indices.
@@ -440,6 +468,16 @@ mod tests {
         }
         // Explicit tie: equal scores → lower column wins.
         assert_eq!(topk_per_row(&[1., 5., 5., 5.], 4, 2), vec![1, 2]);
+    }
+
+    #[test]
+    fn apportion_is_proportional_and_exact() {
+        assert_eq!(apportion(&[10, 30, 60], 10), vec![1, 3, 6]);
+        assert_eq!(apportion(&[1, 1, 1], 2), vec![1, 1, 0]);
+        assert_eq!(apportion(&[5, 0], 9), vec![5, 0]);
+        assert_eq!(apportion(&[], 3), Vec::<usize>::new());
+        let q = apportion(&[7, 13, 101, 3], 37);
+        assert_eq!(q.iter().sum::<usize>(), 37);
     }
 
     #[test]
