@@ -273,3 +273,54 @@ fn bad_checkpoints_give_errors_that_name_the_tensor_or_file() {
         .to_string();
     assert!(e.contains("sam_garbage.pth"), "{e}");
 }
+
+#[test]
+fn checkpointed_encoder_backward_matches_full_backward() {
+    let cfg = SamConfig::tiny();
+    let (model, vs) = sam::build(&cfg, None, RolePolicy::AllTrainable, &Device::Cpu, 21).unwrap();
+    let x = images(2, cfg.image_size, 4);
+    let mut r = Rng::new(8);
+    let s = cfg.image_size;
+    let w = Tensor::from_vec(
+        (0..2 * s * s).map(|_| r.normal()).collect::<Vec<f32>>(),
+        (2, 1, s, s),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let loss_fn = |y: &Tensor| -> gps_seg::Result<Tensor> { Ok((y.tanh()? * &w)?.sum_all()?) };
+    let full_loss = loss_fn(&model.forward_prompt_free(&x).unwrap()).unwrap();
+    let full = full_loss.backward().unwrap();
+    let (ck_loss, ck) = model
+        .prompt_free_backward_checkpointed(&x, loss_fn)
+        .unwrap();
+    let (a, b) = (
+        full_loss.to_scalar::<f32>().unwrap(),
+        ck_loss.to_scalar::<f32>().unwrap(),
+    );
+    assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{a} vs {b}");
+    let mut compared = 0;
+    for (name, var) in vs.trainable_vars() {
+        match (full.get(var.as_tensor()), ck.get(var.as_tensor())) {
+            (None, None) => {}
+            (Some(f), Some(c)) => {
+                let scale = f
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    .max(1e-6);
+                let d = max_abs_diff(f, c);
+                assert!(d <= 1e-4 * scale, "{name}: differs by {d} (scale {scale})");
+                compared += 1;
+            }
+            (f, c) => panic!(
+                "{name}: full has grad {}, checkpointed {}",
+                f.is_some(),
+                c.is_some()
+            ),
+        }
+    }
+    assert!(compared > 100, "{compared}");
+}

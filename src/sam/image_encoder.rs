@@ -10,7 +10,8 @@ use crate::error::{Error, Result};
 use crate::nn::layers::{interp_matrix, softmax_last, Conv2d, LayerNorm, LayerNorm2d, Linear};
 use crate::nn::{Init, Param, ParamStore};
 use crate::sam::SamConfig;
-use candle_core::Tensor;
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
 
 /// Layer-norm epsilon of the encoder blocks and of the neck's `LayerNorm2d`.
 pub const ENCODER_LN_EPS: f64 = 1e-6;
@@ -351,7 +352,23 @@ impl ImageEncoderViT {
                 s = self.img_size
             )));
         }
-        let x = self.patch_embed.forward(x)?.permute((0, 2, 3, 1))?;
+        // kernel = stride, no padding: the conv is a matmul over non-overlapping patches,
+        // which is much faster than Candle's conv2d in backward (its weight gradient is a
+        // dilated convolution).
+        let w = self.patch_embed.weight.tensor()?; // [D, 3, p, p]
+        let (d, _, p, _) = w.dims4()?;
+        let b = x.dim(0)?;
+        let g = h / p;
+        let patches = x
+            .reshape((b, 3, g, p, g, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b * g * g, 3 * p * p))?;
+        let mut y = patches.matmul(&w.reshape((d, 3 * p * p))?.t()?)?;
+        if let Some(bias) = &self.patch_embed.bias {
+            y = y.broadcast_add(&bias.tensor()?)?;
+        }
+        let x = y.reshape((b, g, g, d))?;
         Ok(x.broadcast_add(&self.pos_embed.tensor()?)?)
     }
 
@@ -368,6 +385,70 @@ impl ImageEncoderViT {
         }
         self.neck_forward(&x)
     }
+
+    /// Forward without keeping the autograd graph (activation checkpointing by hand): only
+    /// the input of every block and of the neck is kept. Returns the embeddings `[B, C, g, g]`
+    /// (detached) and those block-boundary activations for
+    /// [`backward_checkpointed`](Self::backward_checkpointed).
+    pub fn forward_checkpointed(&self, x: &Tensor) -> Result<(Tensor, EncoderCheckpoints)> {
+        let mut h = self.embed(x)?.detach();
+        let mut acts = Vec::with_capacity(self.blocks.len() + 1);
+        for blk in &self.blocks {
+            acts.push(h.clone());
+            h = blk.forward(&h)?.detach();
+        }
+        acts.push(h.clone());
+        let emb = self.neck_forward(&h)?.detach();
+        Ok((emb, EncoderCheckpoints { acts }))
+    }
+
+    /// Backward through the encoder by recomputing one block at a time from the kept
+    /// activations: `x` the same input as the forward, `upstream` = dL/d(embeddings)
+    /// `[B, C, g, g]`. Returns the gradients of the encoder's trainable vars (as
+    /// `loss.backward()` would), to be merged with the decoder's by `GradStore::extend`.
+    /// Peak memory is one block's graph instead of the whole encoder's.
+    pub fn backward_checkpointed(
+        &self,
+        x: &Tensor,
+        ckpt: &EncoderCheckpoints,
+        upstream: &Tensor,
+    ) -> Result<GradStore> {
+        let n = self.blocks.len();
+        if ckpt.acts.len() != n + 1 {
+            return Err(Error::msg(format!(
+                "checkpointed backward: {} activations for {n} blocks",
+                ckpt.acts.len()
+            )));
+        }
+        let seg = |input: &Tensor,
+                   f: &dyn Fn(&Tensor) -> Result<Tensor>,
+                   g: &Tensor|
+         -> Result<(GradStore, Tensor)> {
+            let v = Var::from_tensor(input)?;
+            let y = f(v.as_tensor())?;
+            let mut grads = (y * g)?.sum_all()?.backward()?;
+            let gin = grads.remove(v.as_tensor()).ok_or_else(|| {
+                Error::msg("checkpointed backward: no gradient reached a block input")
+            })?;
+            Ok((grads, gin))
+        };
+        let (mut grads, mut g) = seg(&ckpt.acts[n], &|h| self.neck_forward(h), upstream)?;
+        for i in (0..n).rev() {
+            let (gi, gin) = seg(&ckpt.acts[i], &|h| self.blocks[i].forward(h), &g)?;
+            grads.extend(gi)?;
+            g = gin;
+        }
+        let y = self.embed(x)?;
+        grads.extend((y * g)?.sum_all()?.backward()?)?;
+        Ok(grads)
+    }
+}
+
+/// Block-boundary activations kept by [`ImageEncoderViT::forward_checkpointed`]: the input of
+/// each block and of the neck, `[B, g, g, dim]` each, detached.
+#[derive(Debug, Clone)]
+pub struct EncoderCheckpoints {
+    pub acts: Vec<Tensor>,
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod bench;
 pub mod common;
 pub mod config;
 pub mod image_encoder;
+pub mod info;
 pub mod load;
 pub mod mask_decoder;
 pub mod prompt_encoder;
@@ -20,7 +21,7 @@ pub mod sam;
 pub mod transformer;
 
 pub use config::SamConfig;
-pub use image_encoder::ImageEncoderViT;
+pub use image_encoder::{EncoderCheckpoints, ImageEncoderViT};
 pub use load::load_weights;
 pub use mask_decoder::MaskDecoder;
 pub use prompt_encoder::PromptEncoder;

@@ -10,7 +10,8 @@ use crate::nn::layers::resize_bilinear;
 use crate::nn::{ParamStore, RolePolicy};
 use crate::sam::SamConfig;
 use crate::util::tensors::TensorMap;
-use candle_core::{DType, Device, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
 
 /// One named tensor of the model: name, shape, and whether it is a buffer (not a parameter).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -285,6 +286,33 @@ impl Sam {
         let low = self.decode_prompt_free(&emb)?;
         let s = self.config.image_size;
         resize_bilinear(&low, s, s)
+    }
+
+    /// One training step's forward + backward of the prompt-free path with the image encoder
+    /// checkpointed per block (see [`ImageEncoderViT::forward_checkpointed`]): `images01`
+    /// `[B, 3, S, S]` in `[0, 1]`, `loss` maps logits `[B, 1, S, S]` to a scalar. Returns the
+    /// loss (detached) and the gradients of every trainable var, equal to
+    /// `loss(forward_prompt_free(images01)).backward()` with far less peak memory.
+    pub fn prompt_free_backward_checkpointed(
+        &self,
+        images01: &Tensor,
+        loss: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, GradStore)> {
+        let x = self.normalize(images01)?;
+        let (emb, ckpt) = self.image_encoder.forward_checkpointed(&x)?;
+        let ev = Var::from_tensor(&emb)?;
+        let low = self.decode_prompt_free(ev.as_tensor())?;
+        let s = self.config.image_size;
+        let l = loss(&resize_bilinear(&low, s, s)?)?;
+        let mut grads = l.backward()?;
+        let upstream = grads.remove(ev.as_tensor()).ok_or_else(|| {
+            Error::msg("checkpointed step: the loss does not depend on the image embeddings")
+        })?;
+        grads.extend(
+            self.image_encoder
+                .backward_checkpointed(&x, &ckpt, &upstream)?,
+        )?;
+        Ok((l.detach(), grads))
     }
 
     /// Prompted decoding, one prompt set per image: `points` = (coords `[B, N, 2]` in input
