@@ -6,6 +6,9 @@ use crate::nn::layers::{gelu, Linear};
 use crate::nn::ParamStore;
 use candle_core::Tensor;
 
+/// Epsilon of Meta's `LayerNorm2d` (its default), used wherever SAM has one.
+pub const LAYER_NORM_2D_EPS: f64 = 1e-6;
+
 /// Activation of an [`MlpBlock`]: GELU (erf) in the image encoder, ReLU in the two-way transformer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {

@@ -5,7 +5,7 @@
 //! relative position bias is built from `index_select` + batched matmuls, softmax and layer norm
 //! are the differentiable versions from [`crate::nn::layers`].
 
-use super::common::{Activation, MlpBlock};
+use super::common::{Activation, MlpBlock, LAYER_NORM_2D_EPS};
 use crate::error::{Error, Result};
 use crate::nn::layers::{interp_matrix, softmax_last, Conv2d, LayerNorm, LayerNorm2d, Linear};
 use crate::nn::{Init, Param, ParamStore};
@@ -13,7 +13,7 @@ use crate::sam::SamConfig;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
-/// Layer-norm epsilon of the encoder blocks and of the neck's `LayerNorm2d`.
+/// Layer-norm epsilon of the encoder blocks (`partial(nn.LayerNorm, eps=1e-6)` in `build_sam.py`).
 pub const ENCODER_LN_EPS: f64 = 1e-6;
 
 /// `get_rel_pos`: relative positional embeddings for every (query, key) pair along one axis.
@@ -329,9 +329,9 @@ impl ImageEncoderViT {
         let n = vs.pp("neck");
         let neck = Neck {
             conv1: Conv2d::new(&n.pp(0), d, c, 1, 1, 0, 1, false)?,
-            ln1: LayerNorm2d::new(&n.pp(1), c, ENCODER_LN_EPS)?,
+            ln1: LayerNorm2d::new(&n.pp(1), c, LAYER_NORM_2D_EPS)?,
             conv2: Conv2d::new(&n.pp(2), c, c, 3, 1, 1, 1, false)?,
-            ln2: LayerNorm2d::new(&n.pp(3), c, ENCODER_LN_EPS)?,
+            ln2: LayerNorm2d::new(&n.pp(3), c, LAYER_NORM_2D_EPS)?,
         };
         Ok(ImageEncoderViT {
             patch_embed,

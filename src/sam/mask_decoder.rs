@@ -3,8 +3,7 @@
 //! weights the upscaled image features into one mask; the IoU token predicts mask quality.
 //! Batched: one prompt set per image.
 
-use super::common::Mlp;
-use super::image_encoder::ENCODER_LN_EPS;
+use super::common::{Mlp, LAYER_NORM_2D_EPS};
 use super::transformer::TwoWayTransformer;
 use crate::error::Result;
 use crate::nn::layers::{gelu, ConvTranspose2d, Embedding, LayerNorm2d};
@@ -45,7 +44,7 @@ impl MaskDecoder {
             mask_tokens: Embedding::new(&vs.pp("mask_tokens"), n, c)?,
             output_upscaling: (
                 ConvTranspose2d::new(&u.pp(0), c, c / 4, 2, 2, true)?,
-                LayerNorm2d::new(&u.pp(1), c / 4, ENCODER_LN_EPS)?,
+                LayerNorm2d::new(&u.pp(1), c / 4, LAYER_NORM_2D_EPS)?,
                 ConvTranspose2d::new(&u.pp(3), c / 4, c / 8, 2, 2, true)?,
             ),
             output_hypernetworks_mlps: (0..n)

@@ -2,7 +2,7 @@
 //! positional encoding, learned point/box-corner embeddings, and the dense prompt (a downscaled
 //! mask, or the learned `no_mask_embed` when there is none).
 
-use super::image_encoder::ENCODER_LN_EPS;
+use super::common::LAYER_NORM_2D_EPS;
 use crate::error::{Error, Result};
 use crate::nn::layers::{gelu, Conv2d, Embedding, LayerNorm2d};
 use crate::nn::ParamStore;
@@ -85,9 +85,9 @@ impl PromptEncoder {
         let mi = cfg.mask_in_chans;
         let mask_downscaling = (
             Conv2d::new(&m.pp(0), 1, mi / 4, 2, 2, 0, 1, true)?,
-            LayerNorm2d::new(&m.pp(1), mi / 4, ENCODER_LN_EPS)?,
+            LayerNorm2d::new(&m.pp(1), mi / 4, LAYER_NORM_2D_EPS)?,
             Conv2d::new(&m.pp(3), mi / 4, mi, 2, 2, 0, 1, true)?,
-            LayerNorm2d::new(&m.pp(4), mi, ENCODER_LN_EPS)?,
+            LayerNorm2d::new(&m.pp(4), mi, LAYER_NORM_2D_EPS)?,
             Conv2d::new(&m.pp(6), mi, c, 1, 1, 0, 1, true)?,
         );
         Ok(PromptEncoder {
