@@ -324,3 +324,56 @@ fn checkpointed_encoder_backward_matches_full_backward() {
     }
     assert!(compared > 100, "{compared}");
 }
+
+#[test]
+fn prompted_path_trains_the_prompt_embeddings_and_multimask_heads() {
+    let cfg = SamConfig::tiny();
+    let dev = Device::Cpu;
+    let (model, vs) = sam::build(&cfg, None, RolePolicy::AllTrainable, &dev, 5).unwrap();
+    let g = cfg.grid_size();
+    let mut r = Rng::new(3);
+    let n = 2 * cfg.prompt_embed_dim * g * g;
+    let emb = Tensor::from_vec(
+        (0..n).map(|_| r.normal()).collect::<Vec<f32>>(),
+        (2, cfg.prompt_embed_dim, g, g),
+        &dev,
+    )
+    .unwrap();
+    let coords = Tensor::new(&[[[10f32, 20.], [100., 50.], [0., 0.]]; 2], &dev).unwrap();
+    let labels = Tensor::new(&[[1f32, 0., -1.]; 2], &dev).unwrap();
+    let boxes = Tensor::new(&[[5f32, 5., 200., 180.]; 2], &dev).unwrap();
+    let (masks, iou) = model
+        .forward_prompted(&emb, Some((&coords, &labels)), Some(&boxes), true)
+        .unwrap();
+    let loss = (masks.tanh().unwrap().sum_all().unwrap() + iou.sum_all().unwrap()).unwrap();
+    let grads = loss.backward().unwrap();
+    let vars: std::collections::HashMap<String, _> = vs.trainable_vars().into_iter().collect();
+    let has_grad = |name: &str| {
+        grads.get(vars[name].as_tensor()).is_some_and(|g| {
+            g.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        })
+    };
+    for i in 0..4 {
+        assert!(
+            has_grad(&format!("prompt_encoder.point_embeddings.{i}.weight")),
+            "{i}"
+        );
+    }
+    assert!(has_grad("prompt_encoder.not_a_point_embed.weight"));
+    assert!(has_grad("prompt_encoder.no_mask_embed.weight"));
+    for i in 1..4 {
+        let n = format!("mask_decoder.output_hypernetworks_mlps.{i}.layers.2.weight");
+        assert!(has_grad(&n), "{n}");
+    }
+    assert!(!has_grad(
+        "mask_decoder.output_hypernetworks_mlps.0.layers.2.weight"
+    ));
+    assert!(has_grad("mask_decoder.iou_prediction_head.layers.0.weight"));
+    assert!(!has_grad("prompt_encoder.mask_downscaling.0.weight"));
+}
