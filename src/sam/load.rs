@@ -33,14 +33,13 @@ pub fn adapt_to_config(mut map: TensorMap, cfg: &SamConfig) -> Result<TensorMap>
         };
         let resized = if s.name == "image_encoder.pos_embed" {
             // [1, g0, g0', D] → [1, g, g, D], bilinear (align_corners=False).
-            let &[one, h0, w0, d0] = t.dims() else {
+            let &[one, _, _, d0] = t.dims() else {
                 return Err(mismatch());
             };
             if one != 1 || d0 != s.shape[3] {
                 return Err(mismatch());
             }
             let x = t.permute((0, 3, 1, 2))?.contiguous()?; // [1, D, h0, w0]
-            let _ = (h0, w0);
             resize_bilinear(&x, s.shape[1], s.shape[2])?
                 .permute((0, 2, 3, 1))?
                 .contiguous()?
