@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 pub mod bench;
 pub mod common;
+pub mod data;
 pub mod info;
 
 /// Fine-tune big pretrained vision models by changing a tiny, gradient-chosen subset of their
@@ -20,6 +21,8 @@ pub struct Cli {
 pub enum Command {
     /// Print a model's config and parameter counts per component.
     Info(info::Args),
+    /// Datasets: synthetic generators and checks.
+    Data(data::Args),
     /// Benchmarks: speed and memory tables.
     Bench(bench::Args),
 }
@@ -27,6 +30,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info(a) => info::run(a),
+        Command::Data(a) => data::run(a),
         Command::Bench(a) => bench::run(a),
     }
 }
