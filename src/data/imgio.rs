@@ -19,41 +19,64 @@ pub fn is_image_file(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-fn reader(path: &Path) -> Result<image::ImageReader<std::io::BufReader<std::fs::File>>> {
-    image::ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))
-}
-
 fn bad_image(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Data {
         msg: format!("{}: unreadable or corrupt image: {e}", path.display()),
     }
 }
 
-/// Image size `(height, width)` read from the header only.
+/// A JPEG must end with an end-of-image marker (FF D9), allowing a little trailing padding;
+/// the decoder silently pads truncated files, so this is how a cut-off download is caught.
+fn check_jpeg_complete(path: &Path, head: &[u8], tail: &[u8]) -> Result<()> {
+    if head.starts_with(&[0xFF, 0xD8, 0xFF]) && !tail.windows(2).any(|w| w == [0xFF, 0xD9]) {
+        return Err(bad_image(path, "truncated JPEG (no end-of-image marker)"));
+    }
+    Ok(())
+}
+
+const TAIL: usize = 256;
+
+/// Image size `(height, width)` read from the header only (JPEGs are also checked for
+/// truncation by looking at their last bytes).
 pub fn dimensions(path: &Path) -> Result<(usize, usize)> {
-    let (w, h) = reader(path)?
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut head = [0u8; 3];
+    let n = f.read(&mut head).map_err(|e| Error::io(path, e))?;
+    let start = len.saturating_sub(TAIL as u64);
+    f.seek(SeekFrom::Start(start))
+        .map_err(|e| Error::io(path, e))?;
+    let mut tail = Vec::with_capacity(TAIL);
+    f.read_to_end(&mut tail).map_err(|e| Error::io(path, e))?;
+    check_jpeg_complete(path, &head[..n], &tail)?;
+    let (w, h) = image::ImageReader::open(path)
+        .map_err(|e| Error::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?
         .into_dimensions()
         .map_err(|e| bad_image(path, e))?;
     Ok((h as usize, w as usize))
 }
 
+fn decode(path: &Path) -> Result<image::DynamicImage> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    check_jpeg_complete(path, &bytes, &bytes[bytes.len().saturating_sub(TAIL)..])?;
+    image::ImageReader::new(std::io::Cursor::new(&bytes))
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?
+        .decode()
+        .map_err(|e| bad_image(path, e))
+}
+
 /// Decode any supported image as 8-bit RGB.
 pub fn decode_rgb(path: &Path) -> Result<RgbImage> {
-    Ok(reader(path)?
-        .decode()
-        .map_err(|e| bad_image(path, e))?
-        .to_rgb8())
+    Ok(decode(path)?.to_rgb8())
 }
 
 /// Decode any supported image as 8-bit grey (RGB masks are converted by luma).
 pub fn decode_luma(path: &Path) -> Result<GrayImage> {
-    Ok(reader(path)?
-        .decode()
-        .map_err(|e| bad_image(path, e))?
-        .to_luma8())
+    Ok(decode(path)?.to_luma8())
 }
 
 /// Encode an RGB image as JPEG (quality 1–100) and write it atomically.
