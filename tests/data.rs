@@ -251,7 +251,7 @@ fn synth_kvasir_is_readable_and_masks_are_the_polyp_pixels() {
             "{}: decoded mask differs from polyp pixels",
             s.id
         );
-        assert!(s.orig_mask.iter().any(|&v| v == 1), "{}: no polyp", s.id);
+        assert!(s.orig_mask.contains(&1), "{}: no polyp", s.id);
         // Boxes from the json: every mask pixel inside some box, every box edge touches the mask.
         let e = &ds.entries[i];
         assert!(!e.boxes.is_empty());
@@ -512,6 +512,11 @@ fn synth_cls_sets_load_and_batch_with_two_views() {
     .unwrap();
     assert_eq!(tr.class_counts(), vec![5; 4]);
     assert_eq!(tr.class_names[0], "red_circle");
+    // 4 classes form a 2 × 2 grid: both shape and colour are needed.
+    assert_eq!(
+        synth_cls::class_names(synth_cls::SynthKind::Upstream, 4),
+        vec!["red_circle", "red_square", "green_circle", "green_square"]
+    );
     let te = ClsDataset::open(&up, ClsLayout::Vtab, ClsSplit::Test, None).unwrap();
     assert_eq!(te.len(), 8);
 

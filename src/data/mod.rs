@@ -12,6 +12,7 @@
 //! This module imports no model.
 
 pub mod augment;
+pub mod bench;
 pub mod classification;
 pub mod imgio;
 pub mod kvasir;

@@ -73,25 +73,36 @@ impl Resize {
 
 /// Resize an RGB image into an `[3, S, S]` CHW f32 buffer in [0, 1].
 pub fn resize_rgb_chw(img: &RgbImage, s: usize, resize: Resize) -> Vec<f32> {
+    resize_rgb_chw_u8(img, s, resize)
+        .into_iter()
+        .map(|v| v as f32 / 255.0)
+        .collect()
+}
+
+/// Resize an RGB image into an `[3, S, S]` CHW u8 buffer (4× smaller than f32; lossless with
+/// respect to [`resize_rgb_chw`], which is this divided by 255).
+pub fn resize_rgb_chw_u8(img: &RgbImage, s: usize, resize: Resize) -> Vec<u8> {
     let orig = (img.height() as usize, img.width() as usize);
     let (ch, cw) = resize.content_size(orig, s);
-    let resized = if (ch, cw) == orig {
-        img.clone()
+    let resized;
+    let src = if (ch, cw) == orig {
+        img
     } else {
-        image::imageops::resize(
+        resized = image::imageops::resize(
             img,
             cw as u32,
             ch as u32,
             image::imageops::FilterType::Triangle,
-        )
+        );
+        &resized
     };
-    let mut out = vec![0f32; 3 * s * s];
-    let raw = resized.as_raw();
+    let mut out = vec![0u8; 3 * s * s];
+    let raw = src.as_raw();
     for y in 0..ch {
         for x in 0..cw {
             let p = (y * cw + x) * 3;
             for c in 0..3 {
-                out[c * s * s + y * s + x] = raw[p + c] as f32 / 255.0;
+                out[c * s * s + y * s + x] = raw[p + c];
             }
         }
     }
@@ -117,14 +128,27 @@ pub fn resize_mask_nearest(
     s: usize,
     resize: Resize,
 ) -> Vec<f32> {
+    resize_mask_nearest_u8(mask, orig, s, resize)
+        .into_iter()
+        .map(f32::from)
+        .collect()
+}
+
+/// Nearest-neighbour resize of a binary `[h·w]` mask into an `[S, S]` {0,1} u8 map.
+pub fn resize_mask_nearest_u8(
+    mask: &[u8],
+    orig: (usize, usize),
+    s: usize,
+    resize: Resize,
+) -> Vec<u8> {
     let (h, w) = orig;
     let (ch, cw) = resize.content_size(orig, s);
-    let mut out = vec![0f32; s * s];
+    let mut out = vec![0u8; s * s];
     for y in 0..ch {
         let sy = ((y * h) / ch).min(h - 1);
         for x in 0..cw {
             let sx = ((x * w) / cw).min(w - 1);
-            out[y * s + x] = if mask[sy * w + sx] != 0 { 1.0 } else { 0.0 };
+            out[y * s + x] = u8::from(mask[sy * w + sx] != 0);
         }
     }
     out

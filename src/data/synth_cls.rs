@@ -105,16 +105,26 @@ pub fn max_classes(kind: SynthKind) -> usize {
     }
 }
 
-/// `(shape, colour-or-texture)` indices of class `c`; shapes vary fastest.
-fn class_parts(c: usize) -> (usize, usize) {
-    (c % SHAPES.len(), c / SHAPES.len())
+/// `(shape, colour-or-texture)` indices of class `c` of `n`: the classes form a near-square
+/// grid (`a` shapes × `b` colours/textures, `a·b ≥ n`), so even a few classes need both
+/// factors to be told apart.
+pub fn class_parts(kind: SynthKind, c: usize, n: usize) -> (usize, usize) {
+    let second = match kind {
+        SynthKind::Upstream => COLOURS.len(),
+        SynthKind::Downstream => TEXTURES.len(),
+    };
+    let mut a = ((n as f64).sqrt().ceil() as usize).clamp(1, SHAPES.len());
+    while n.div_ceil(a) > second && a < SHAPES.len() {
+        a += 1;
+    }
+    (c % a, (c / a) % second)
 }
 
 /// Names of the first `n` classes of a kind, e.g. `red_circle` or `checker_circle`.
 pub fn class_names(kind: SynthKind, n: usize) -> Vec<String> {
     (0..n)
         .map(|c| {
-            let (s, k) = class_parts(c);
+            let (s, k) = class_parts(kind, c, n);
             match kind {
                 SynthKind::Upstream => format!("{}_{}", COLOURS[k % COLOURS.len()].0, SHAPES[s]),
                 SynthKind::Downstream => {
@@ -159,9 +169,15 @@ fn rand_colour(rng: &mut Rng) -> [f32; 3] {
     [rng.f32(), rng.f32(), rng.f32()]
 }
 
-/// Render one `size × size` image of class `class`.
-pub fn render(kind: SynthKind, class: usize, size: usize, rng: &mut Rng) -> RgbImage {
-    let (shape, k) = class_parts(class);
+/// Render one `size × size` image of class `class` (of `n_classes`).
+pub fn render(
+    kind: SynthKind,
+    class: usize,
+    n_classes: usize,
+    size: usize,
+    rng: &mut Rng,
+) -> RgbImage {
+    let (shape, k) = class_parts(kind, class, n_classes);
     let s = size as f32;
     let bg = rand_colour(rng).map(|v| 0.1 + 0.35 * v);
     let scale = rng.uniform(0.28, 0.42) * s;
@@ -256,7 +272,7 @@ pub fn generate(out: &Path, cfg: &SynthClsConfig) -> Result<usize> {
         .enumerate()
         .map(|(i, &(sp, c))| {
             let mut rng = Rng::derive(cfg.seed, &format!("synth-cls/{kind_s}/{sp}/{i}"));
-            let img = render(cfg.kind, c, cfg.size, &mut rng);
+            let img = render(cfg.kind, c, cfg.classes, cfg.size, &mut rng);
             let rel = match cfg.layout {
                 SynthLayout::Vtab => format!("images/{sp}/{i:06}.png"),
                 SynthLayout::ImageFolder => format!("{sp}/{}/{i:06}.png", names[c]),
