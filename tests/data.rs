@@ -545,14 +545,22 @@ fn synth_cls_sets_load_and_batch_with_two_views() {
     let again = synth_cls::render(
         synth_cls::SynthKind::Downstream,
         2,
+        4,
         16,
         &mut gps_seg::util::Rng::new(1),
     );
     let again2 = synth_cls::render(
         synth_cls::SynthKind::Downstream,
         2,
+        4,
         16,
         &mut gps_seg::util::Rng::new(1),
     );
     assert_eq!(again, again2);
+    // The generated file is exactly that render (vtab lists images in generation order).
+    let first_test = std::fs::read_to_string(up.join("test.txt")).unwrap();
+    let (rel, label) = first_test.lines().next().unwrap().split_once(' ').unwrap();
+    assert_eq!(label, "0");
+    let disk = image::open(up.join(rel)).unwrap().to_rgb8();
+    assert_eq!((disk.width(), disk.height()), (16, 16));
 }
