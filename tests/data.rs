@@ -205,9 +205,27 @@ fn kvasir_root_split_files_are_used_and_checked() {
     std::fs::write(root.join("val.txt"), "p3\nghost\n").unwrap();
     let msg = data_err(KvasirDataset::open(root));
     assert!(msg.contains("ghost") && msg.contains("val.txt"), "{msg}");
+    std::fs::write(root.join("val.txt"), "p3\n").unwrap();
     let ds_ids = vec!["nope".to_string()];
     std::fs::remove_file(root.join("train.txt")).unwrap();
     let ds = KvasirDataset::open(root).unwrap();
+    assert!(ds.root_split.is_none());
+    // A run's seeded split is written once and read back unchanged, whatever the seed later.
+    let run = dir.path().join("run");
+    let first = ds.split_for_run(&run, 1, 0.34).unwrap();
+    assert_eq!((first.train.len(), first.test.len()), (2, 1));
+    assert!(run.join("split.json").is_file());
+    let again = ds.split_for_run(&run, 99, 0.67).unwrap();
+    assert_eq!(again, first);
+    // A run split naming an id the dataset lacks is refused, naming the file.
+    let mut bad = first.clone();
+    bad.test.push("ghost2".into());
+    bad.write_json(&run.join("split.json")).unwrap();
+    let msg = data_err(ds.split_for_run(&run, 1, 0.34));
+    assert!(
+        msg.contains("ghost2") && msg.contains("split.json"),
+        "{msg}"
+    );
     assert!(data_err(ds.indices_of(&ds_ids, "split.json")).contains("nope"));
 }
 

@@ -299,6 +299,24 @@ impl KvasirDataset {
         }
     }
 
+    /// The split of a training run in `run_dir`: `run_dir/split.json` when it exists (every id
+    /// must exist in this dataset), otherwise [`KvasirDataset::split`] written to
+    /// `run_dir/split.json` so that evaluation and resumed runs use the same lists.
+    pub fn split_for_run(&self, run_dir: &Path, seed: u64, test_fraction: f64) -> Result<Split> {
+        let path = run_dir.join("split.json");
+        if path.is_file() {
+            let split = Split::read_json(&path)?;
+            let known: BTreeSet<&str> = self.entries.iter().map(|e| e.id.as_str()).collect();
+            let mut problems = Problems::new();
+            split.check_against(&known, &path.display().to_string(), &mut problems);
+            problems.into_result(&format!("split for {}", self.root.display()))?;
+            return Ok(split);
+        }
+        let split = self.split(seed, test_fraction);
+        split.write_json(&path)?;
+        Ok(split)
+    }
+
     /// Entry indices of `ids`; every unknown id is reported (naming `source`).
     pub fn indices_of(&self, ids: &[String], source: &str) -> Result<Vec<usize>> {
         let pos: HashMap<&str, usize> = self
@@ -420,6 +438,11 @@ pub fn load_entry_packed(e: &KvasirEntry, s: usize, resize: Resize) -> Result<Pa
     let img = imgio::decode_rgb(&e.image_path)?;
     let m = imgio::decode_luma(&e.mask_path)?;
     let (h, w) = (img.height() as usize, img.width() as usize);
+    if h == 0 || w == 0 {
+        return Err(Error::Data {
+            msg: format!("{}: image has zero size", e.image_path.display()),
+        });
+    }
     if (m.height() as usize, m.width() as usize) != (h, w) {
         return Err(Error::Data {
             msg: format!(

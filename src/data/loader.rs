@@ -340,6 +340,12 @@ impl Source for ClsSource {
         self.dataset.len()
     }
     fn load(&self, index: usize) -> Result<ClsItem> {
+        if self.size == 0 {
+            return Err(Error::Config {
+                field: "size".into(),
+                msg: "input size must be at least 1".into(),
+            });
+        }
         let img = self.dataset.load_rgb(index)?;
         Ok(ClsItem {
             image: resize::resize_rgb_chw_u8(&img, self.size, Resize::Squash),
