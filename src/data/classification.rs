@@ -561,3 +561,20 @@ fn build_samples(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_presets_and_parsing() {
+        let mut x = vec![0.0f32, 1.0, 0.5, 0.5, 1.0, 0.0];
+        Normalize::vit_in21k().apply_chw(&mut x, 2);
+        assert_eq!(x, vec![-1.0, 1.0, 0.0, 0.0, 1.0, -1.0]);
+        let mut y = vec![0.485f32, 0.456, 0.406];
+        Normalize::imagenet().apply_chw(&mut y, 1);
+        assert!(y.iter().all(|v| v.abs() < 1e-6));
+        assert_eq!("trainval".parse::<ClsSplit>().unwrap(), ClsSplit::TrainVal);
+        assert!("bogus".parse::<ClsLayout>().is_err());
+    }
+}

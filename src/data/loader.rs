@@ -389,3 +389,60 @@ pub fn cls_image(ds: &ClsDataset, index: usize, size: usize) -> Result<Vec<f32>>
     let img = ds.load_rgb(index)?;
     Ok(resize::resize_rgb_chw(&img, size, Resize::Squash))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Items are their own index; a batch is the list of items.
+    struct Numbers(usize);
+
+    impl Source for Numbers {
+        type Item = usize;
+        type Ready = usize;
+        type Batch = Vec<usize>;
+        fn len(&self) -> usize {
+            self.0
+        }
+        fn load(&self, index: usize) -> Result<usize> {
+            Ok(index)
+        }
+        fn prepare(&self, item: usize, _rng: &mut Rng, _augment: bool) -> usize {
+            item
+        }
+        fn collate(&self, items: Vec<usize>, _device: &Device) -> Result<Vec<usize>> {
+            Ok(items)
+        }
+    }
+
+    fn epoch(l: &mut Loader<Numbers>) -> Vec<Vec<usize>> {
+        let mut out = Vec::new();
+        while let Some(b) = l.next_batch(&Device::Cpu).unwrap() {
+            out.push(b);
+        }
+        out
+    }
+
+    #[test]
+    fn drop_last_shuffle_and_eval_order() {
+        let mut cfg = LoaderConfig::train(3, 9);
+        cfg.drop_last = true;
+        let mut l = Loader::new(Numbers(20), (0..10).collect(), cfg).unwrap();
+        assert_eq!(l.batches_per_epoch(), 3);
+        let e0 = epoch(&mut l);
+        assert_eq!(e0.len(), 3);
+        assert!(e0.iter().all(|b| b.len() == 3));
+        let mut all: Vec<usize> = e0.concat();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 9, "no index twice within an epoch");
+        assert_eq!(l.epoch(), 1);
+        let e1 = epoch(&mut l);
+        assert_ne!(e0, e1, "each epoch is reshuffled");
+
+        let mut ev = Loader::all(Numbers(5), LoaderConfig::eval(2)).unwrap();
+        assert_eq!(epoch(&mut ev), vec![vec![0, 1], vec![2, 3], vec![4]]);
+        assert!(Loader::new(Numbers(5), vec![7], LoaderConfig::eval(2)).is_err());
+        assert!(Loader::all(Numbers(5), LoaderConfig::eval(0)).is_err());
+    }
+}

@@ -23,5 +23,5 @@ pub mod synth_kvasir;
 
 pub use classification::{ClsDataset, ClsLayout, ClsSample, ClsSplit, Normalize};
 pub use kvasir::{KvasirDataset, SegBatch, SegSample, Split};
-pub use loader::{ClsBatch, Loader, LoaderConfig, LoaderState};
+pub use loader::{ClsBatch, ClsSource, Loader, LoaderConfig, LoaderState, SegSource, Source};
 pub use resize::{to_original, Resize};
