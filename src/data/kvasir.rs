@@ -268,7 +268,7 @@ impl KvasirDataset {
         };
         if let Some(split) = &root_split {
             let known: BTreeSet<&str> = entries.iter().map(|e| e.id.as_str()).collect();
-            split.check_against(&known, &split.source.clone(), &mut problems);
+            split.check_against(&known, &split.source, &mut problems);
         }
         problems.into_result(&format!("Kvasir-SEG at {}", root.display()))?;
         Ok(KvasirDataset {
