@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 pub mod bench;
 pub mod bench_gps;
 pub mod common;
+pub mod data;
 pub mod info;
 pub mod merge;
 pub mod select;
@@ -23,6 +24,8 @@ pub struct Cli {
 pub enum Command {
     /// Print a model's config and parameter counts per component.
     Info(info::Args),
+    /// Datasets: synthetic generators and checks.
+    Data(data::Args),
     /// Benchmarks: speed and memory tables.
     Bench(bench::Args),
     /// GPS parameter selection on a base checkpoint → artifact folder + counts.
@@ -34,6 +37,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info(a) => info::run(a),
+        Command::Data(a) => data::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Select(a) => select::run(a),
         Command::Merge(a) => merge::run(a),
