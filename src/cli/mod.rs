@@ -5,7 +5,9 @@ use clap::{Parser, Subcommand};
 
 pub mod bench;
 pub mod common;
+pub mod export;
 pub mod info;
+pub mod runtime;
 
 /// Fine-tune big pretrained vision models by changing a tiny, gradient-chosen subset of their
 /// own weights (GPS), then export to ONNX and run batch inference.
@@ -22,11 +24,17 @@ pub enum Command {
     Info(info::Args),
     /// Benchmarks: speed and memory tables.
     Bench(bench::Args),
+    /// Export SAM to ONNX (prompt-free graph, or image encoder + prompted decoder).
+    Export(export::Args),
+    /// Locate or fetch the ONNX Runtime library.
+    Runtime(runtime::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Export(a) => export::run(a),
+        Command::Runtime(a) => runtime::run(a),
     }
 }

@@ -108,7 +108,8 @@ pub fn locate(explicit: Option<&Path>) -> Result<PathBuf> {
 }
 
 fn not_found(order: &[Candidate]) -> Error {
-    let mut msg = format!("ONNX Runtime {ORT_VERSION} library (libonnxruntime.so) not found. Looked in:\n");
+    let mut msg =
+        format!("ONNX Runtime {ORT_VERSION} library (libonnxruntime.so) not found. Looked in:\n");
     for c in order {
         msg.push_str(&format!("  - {} ({})\n", c.path.display(), c.source));
     }
@@ -156,7 +157,11 @@ fn fetch_into(dir: &Path, tmp: &Path, report: &mut dyn FnMut(&str)) -> Result<Pa
         .arg(tmp)
         .arg(format!("onnxruntime=={ORT_VERSION}"))
         .output()
-        .map_err(|e| Error::Onnx(format!("cannot run `python3 -m pip` ({e}); install Python 3 with pip")))?;
+        .map_err(|e| {
+            Error::Onnx(format!(
+                "cannot run `python3 -m pip` ({e}); install Python 3 with pip"
+            ))
+        })?;
     if !out.status.success() {
         return Err(Error::Onnx(format!(
             "pip download failed ({}):\n{}",
@@ -166,7 +171,11 @@ fn fetch_into(dir: &Path, tmp: &Path, report: &mut dyn FnMut(&str)) -> Result<Pa
     }
     let wheel = tmp.join(WHEEL_NAME);
     let bytes = std::fs::read(&wheel).map_err(|e| Error::io(&wheel, e))?;
-    report(&format!("downloaded {} ({} bytes)", WHEEL_NAME, bytes.len()));
+    report(&format!(
+        "downloaded {} ({} bytes)",
+        WHEEL_NAME,
+        bytes.len()
+    ));
     let sha = format!("{:x}", Sha256::digest(&bytes));
     if sha != WHEEL_SHA256 {
         return Err(Error::Onnx(format!(
@@ -208,9 +217,8 @@ pub fn ensure(explicit: Option<&Path>, auto_fetch: bool) -> Result<PathBuf> {
         Ok(p) => Ok(p),
         Err(e) if auto_fetch && explicit.is_none() => {
             tracing::info!("{e}; fetching it");
-            fetch(&mut |line| tracing::info!("{line}")).map_err(|f| {
-                Error::Onnx(format!("{e}\nautomatic fetch failed: {f}"))
-            })
+            fetch(&mut |line| tracing::info!("{line}"))
+                .map_err(|f| Error::Onnx(format!("{e}\nautomatic fetch failed: {f}")))
         }
         Err(e) => Err(e),
     }
@@ -225,15 +233,19 @@ static ENV: OnceLock<std::result::Result<Env, String>> = OnceLock::new();
 
 /// The process's ONNX Runtime environment, created on first use from [`locate`]`(explicit)`.
 /// Later calls return the same environment (and its library path) whatever `explicit` says.
-pub fn environment(explicit: Option<&Path>) -> Result<(&'static ort::environment::Environment, &'static Path)> {
+pub fn environment(
+    explicit: Option<&Path>,
+) -> Result<(&'static ort::environment::Environment, &'static Path)> {
     let r = ENV.get_or_init(|| {
         let lib = locate(explicit).map_err(|e| e.to_string())?;
-        let builder = ort::init_from(&lib)
-            .map_err(|e| format!("cannot load {}: {e}", lib.display()))?;
-        let env = builder
-            .with_name("gps-seg")
-            .build()
-            .map_err(|e| format!("cannot create the ONNX Runtime environment from {}: {e}", lib.display()))?;
+        let builder =
+            ort::init_from(&lib).map_err(|e| format!("cannot load {}: {e}", lib.display()))?;
+        let env = builder.with_name("gps-seg").build().map_err(|e| {
+            format!(
+                "cannot create the ONNX Runtime environment from {}: {e}",
+                lib.display()
+            )
+        })?;
         Ok(Env { env, lib })
     });
     match r {
@@ -317,7 +329,9 @@ impl OrtModel {
         let err = |e: String| Error::Onnx(format!("{}: {e}", path.display()));
         let mut b = Session::builder(env).map_err(|e| err(e.to_string()))?;
         if threads > 0 {
-            b = b.with_intra_threads(threads).map_err(|e| err(e.to_string()))?;
+            b = b
+                .with_intra_threads(threads)
+                .map_err(|e| err(e.to_string()))?;
         }
         let session = b.commit_from_file(path).map_err(|e| err(e.to_string()))?;
         let inputs = io_infos(session.inputs());
@@ -339,9 +353,7 @@ impl OrtModel {
     pub fn expect_signature(&self, expected: &[(&str, usize, Option<i64>)]) -> Result<()> {
         let ok = expected.len() == self.inputs.len()
             && expected.iter().zip(&self.inputs).all(|((n, r, c), i)| {
-                *n == i.name
-                    && *r == i.shape.len()
-                    && c.is_none_or(|c| i.shape.get(1) == Some(&c))
+                *n == i.name && *r == i.shape.len() && c.is_none_or(|c| i.shape.get(1) == Some(&c))
             });
         if ok {
             return Ok(());
@@ -370,7 +382,11 @@ impl OrtModel {
             if !self.inputs.iter().any(|i| i.name == *name) {
                 return Err(err(format!(
                     "no input named `{name}` (inputs: {})",
-                    self.inputs.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
+                    self.inputs
+                        .iter()
+                        .map(|i| i.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             }
             let t = ort::value::TensorRef::from_array_view(arr.view())
@@ -394,11 +410,10 @@ impl OrtModel {
 
     /// Run a single-input model; returns the first output.
     pub fn run_f32(&self, input: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-        let name = self
-            .inputs
-            .first()
-            .map(|i| i.name.clone())
-            .ok_or_else(|| Error::Onnx(format!("{}: model has no inputs", self.path.display())))?;
+        let name =
+            self.inputs.first().map(|i| i.name.clone()).ok_or_else(|| {
+                Error::Onnx(format!("{}: model has no inputs", self.path.display()))
+            })?;
         self.run(&[(&name, input)])?
             .into_iter()
             .next()
@@ -453,8 +468,13 @@ mod tests {
             z.finish().unwrap();
         }
         let bytes = buf.into_inner();
-        assert_eq!(extract_member(&bytes, Path::new("w.whl"), "a/b.txt").unwrap(), b"hello");
-        let e = extract_member(&bytes, Path::new("w.whl"), "x").unwrap_err().to_string();
+        assert_eq!(
+            extract_member(&bytes, Path::new("w.whl"), "a/b.txt").unwrap(),
+            b"hello"
+        );
+        let e = extract_member(&bytes, Path::new("w.whl"), "x")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("w.whl") && e.contains("`x`"), "{e}");
     }
 }

@@ -190,7 +190,19 @@ impl GraphBuilder {
 
     /// Total elements of the checkpoint-named parameters.
     pub fn param_count(&self) -> usize {
-        self.params.values().map(|d| d.iter().product::<usize>()).sum()
+        self.params
+            .values()
+            .map(|d| d.iter().product::<usize>())
+            .sum()
+    }
+
+    /// A handle on an already defined tensor (graph input, initializer or node output).
+    pub fn existing(&self, name: &str) -> Result<Value> {
+        if self.defined.contains(name) {
+            Ok(Value(name.to_string()))
+        } else {
+            Err(Error::Onnx(format!("tensor `{name}` is not defined")))
+        }
     }
 
     /// Number of nodes so far.
@@ -536,7 +548,13 @@ impl GraphBuilder {
     }
 
     /// `LayerNormalization` over the last axis.
-    pub fn layer_norm(&mut self, x: &Value, scale: &Value, bias: &Value, eps: f32) -> Result<Value> {
+    pub fn layer_norm(
+        &mut self,
+        x: &Value,
+        scale: &Value,
+        bias: &Value,
+        eps: f32,
+    ) -> Result<Value> {
         self.op(
             "LayerNormalization",
             &[x, scale, bias],
@@ -545,7 +563,13 @@ impl GraphBuilder {
     }
 
     /// SAM's `LayerNorm2d` on NCHW as Transpose → LayerNormalization → Transpose.
-    pub fn layer_norm_2d(&mut self, x: &Value, scale: &Value, bias: &Value, eps: f32) -> Result<Value> {
+    pub fn layer_norm_2d(
+        &mut self,
+        x: &Value,
+        scale: &Value,
+        bias: &Value,
+        eps: f32,
+    ) -> Result<Value> {
         let t = self.transpose(x, &[0, 2, 3, 1])?;
         let n = self.layer_norm(&t, scale, bias, eps)?;
         self.transpose(&n, &[0, 3, 1, 2])
@@ -560,7 +584,10 @@ impl GraphBuilder {
         self.op(
             "ReduceMean",
             &[x],
-            vec![attr::ints("axes", axes), attr::int("keepdims", keepdims as i64)],
+            vec![
+                attr::ints("axes", axes),
+                attr::int("keepdims", keepdims as i64),
+            ],
         )
     }
 
@@ -577,7 +604,13 @@ impl GraphBuilder {
     }
 
     /// `x[starts:ends]` along `axes` (step 1).
-    pub fn slice(&mut self, x: &Value, starts: &[i64], ends: &[i64], axes: &[i64]) -> Result<Value> {
+    pub fn slice(
+        &mut self,
+        x: &Value,
+        starts: &[i64],
+        ends: &[i64],
+        axes: &[i64],
+    ) -> Result<Value> {
         let s = self.ints(starts)?;
         let e = self.ints(ends)?;
         let a = self.ints(axes)?;
@@ -709,7 +742,11 @@ pub fn write_model(path: &Path, model: ModelProto) -> Result<WriteReport> {
 
 /// Write `model` to `path` atomically with the given external-data policy. The data file (if
 /// any) is written first, then the model file; each is written to a temp file and renamed.
-pub fn write_model_with(path: &Path, mut model: ModelProto, ext: ExternalData) -> Result<WriteReport> {
+pub fn write_model_with(
+    path: &Path,
+    mut model: ModelProto,
+    ext: ExternalData,
+) -> Result<WriteReport> {
     let threshold = match ext {
         ExternalData::Never => None,
         ExternalData::Always { threshold_bytes } => Some(threshold_bytes),
@@ -804,19 +841,36 @@ mod tests {
     #[test]
     fn duplicate_and_dangling_names_fail_loudly() {
         let mut b = GraphBuilder::new("g");
-        let x = b.input("x", data_type::FLOAT, &[Dim::sym("batch"), 4.into()]).unwrap();
-        assert!(b.input("x", data_type::FLOAT, &[]).unwrap_err().to_string().contains("`x`"));
+        let x = b
+            .input("x", data_type::FLOAT, &[Dim::sym("batch"), 4.into()])
+            .unwrap();
+        assert!(b
+            .input("x", data_type::FLOAT, &[])
+            .unwrap_err()
+            .to_string()
+            .contains("`x`"));
         b.set_scope("blk");
         let err = b.add(&x, &Value("nope".into())).unwrap_err().to_string();
         assert!(err.contains("blk/Add") && err.contains("nope"), "{err}");
         b.param_f32("w", &[2], &[1.0, 2.0]).unwrap();
         assert!(b.param_f32("w", &[2], &[1.0, 2.0]).is_err());
-        assert!(b.param_f32("v", &[3], &[1.0, 2.0]).unwrap_err().to_string().contains("`v`"));
-        let bad = AttributeProto { name: "axis".into(), ..Default::default() };
+        assert!(b
+            .param_f32("v", &[3], &[1.0, 2.0])
+            .unwrap_err()
+            .to_string()
+            .contains("`v`"));
+        let bad = AttributeProto {
+            name: "axis".into(),
+            ..Default::default()
+        };
         let err = b.op("Softmax", &[&x], vec![bad]).unwrap_err().to_string();
         assert!(err.contains("Softmax") && err.contains("axis"), "{err}");
         // No outputs → error naming the graph.
-        assert!(b.finish(OPSET, IR_VERSION).unwrap_err().to_string().contains("`g`"));
+        assert!(b
+            .finish(OPSET, IR_VERSION)
+            .unwrap_err()
+            .to_string()
+            .contains("`g`"));
     }
 
     #[test]
@@ -846,7 +900,14 @@ mod tests {
         b.output(&y, "y", data_type::FLOAT, &[3.into()]).unwrap();
         let m = b.finish(OPSET, IR_VERSION).unwrap();
         let path = dir.path().join("m.onnx");
-        let r = write_model_with(&path, m, ExternalData::Always { threshold_bytes: 1024 }).unwrap();
+        let r = write_model_with(
+            &path,
+            m,
+            ExternalData::Always {
+                threshold_bytes: 1024,
+            },
+        )
+        .unwrap();
         assert_eq!(r.external_tensors, 1);
         let data = std::fs::read(dir.path().join("m.onnx.data")).unwrap();
         assert_eq!(data.len(), 12000);
@@ -855,9 +916,23 @@ mod tests {
         let t = g.initializer.iter().find(|t| t.name == "big").unwrap();
         assert_eq!(t.data_location, data_location::EXTERNAL);
         assert!(t.raw_data.is_empty());
-        let kv: Vec<_> = t.external_data.iter().map(|e| (e.key.as_str(), e.value.as_str())).collect();
-        assert_eq!(kv, vec![("location", "m.onnx.data"), ("offset", "0"), ("length", "12000")]);
-        assert_eq!(f32::from_le_bytes(data[4 * 2999..].try_into().unwrap()), 2999.0);
+        let kv: Vec<_> = t
+            .external_data
+            .iter()
+            .map(|e| (e.key.as_str(), e.value.as_str()))
+            .collect();
+        assert_eq!(
+            kv,
+            vec![
+                ("location", "m.onnx.data"),
+                ("offset", "0"),
+                ("length", "12000")
+            ]
+        );
+        assert_eq!(
+            f32::from_le_bytes(data[4 * 2999..].try_into().unwrap()),
+            2999.0
+        );
         let s = g.initializer.iter().find(|t| t.name == "small").unwrap();
         assert_eq!(s.data_location, data_location::DEFAULT);
         assert_eq!(s.raw_data.len(), 12);
@@ -865,7 +940,11 @@ mod tests {
         let mut b = GraphBuilder::new("g");
         let x = b.input("x", data_type::FLOAT, &[1.into()]).unwrap();
         b.output(&x, "x", data_type::FLOAT, &[1.into()]).unwrap();
-        let r = write_model(&dir.path().join("n.onnx"), b.finish(OPSET, IR_VERSION).unwrap()).unwrap();
+        let r = write_model(
+            &dir.path().join("n.onnx"),
+            b.finish(OPSET, IR_VERSION).unwrap(),
+        )
+        .unwrap();
         assert!(r.data_path.is_none());
     }
 }

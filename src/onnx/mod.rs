@@ -6,7 +6,7 @@ pub mod proto;
 pub mod sam;
 
 pub use builder::{
-    read_model, write_model, write_model_with, Dim, ExternalData, GraphBuilder, Value,
-    WriteReport, IR_VERSION, OPSET,
+    read_model, write_model, write_model_with, Dim, ExternalData, GraphBuilder, Value, WriteReport,
+    IR_VERSION, OPSET,
 };
 pub use proto::ModelProto;
