@@ -369,3 +369,100 @@ fn sam_vit_b_export_runs() {
     assert!(y.iter().all(|v| v.is_finite()));
     let _ = DType::F32;
 }
+
+/// Meta's own tiny-SAM outputs (`tests/fixtures/sam_tiny/`, made by
+/// `scripts/make_sam_fixture.py` with segment_anything's modules; or `GPS_SEG_SAM_FIXTURE`).
+fn fixture_dir() -> Option<PathBuf> {
+    let d = std::env::var_os("GPS_SEG_SAM_FIXTURE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sam_tiny"));
+    d.join("weights.safetensors").is_file().then_some(d)
+}
+
+fn slice_rows(a: &ArrayD<f32>, axis1: std::ops::Range<usize>) -> ArrayD<f32> {
+    a.slice_axis(ndarray::Axis(1), ndarray::Slice::from(axis1))
+        .to_owned()
+}
+
+/// ONNX Runtime on the exported tiny graphs vs Meta's segment_anything outputs (PyTorch,
+/// f32 compute on f16-exact weights): prompt-free upsampled logits, image embeddings and the
+/// prompted decoder (2 points + 1 box as label-2/3 corners, multimask = mask tokens 1..).
+#[test]
+fn sam_tiny_matches_meta_fixture() {
+    let Some(dir) = fixture_dir() else {
+        eprintln!("NOTICE: no tests/fixtures/sam_tiny (Meta fixture) yet; skipping");
+        return;
+    };
+    ort_ready();
+    let cfg = SamConfig::tiny();
+    let w = gps_seg::util::tensors::load(&dir.join("weights.safetensors"), &Device::Cpu).unwrap();
+    let io = gps_seg::util::tensors::load(&dir.join("io.safetensors"), &Device::Cpu).unwrap();
+    let get = |k: &str| tensor_to_array(&io[k]).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = SamExportOptions::default();
+    let (pf, s) = sam::export_prompt_free(&cfg, &w, opts).unwrap();
+    let total: usize = w.values().map(|t| t.elem_count()).sum();
+    assert_eq!(s.param_count + s.unused_count, total);
+    let (enc, _) = sam::export_image_encoder(&cfg, &w, opts).unwrap();
+    let (dec, _) = sam::export_prompted_decoder(&cfg, &w).unwrap();
+    let paths = [
+        tmp.path().join("pf.onnx"),
+        tmp.path().join("enc.onnx"),
+        tmp.path().join("dec.onnx"),
+    ];
+    for (p, m) in paths.iter().zip([pf, enc, dec]) {
+        write_model(p, m).unwrap();
+    }
+    let images = get("images");
+    let pf = OrtModel::load(&paths[0], 2).unwrap();
+    let up = pf.run_f32(&images).unwrap();
+    let d_up = max_abs_diff(&up, &get("upsampled"));
+    let enc = OrtModel::load(&paths[1], 2).unwrap();
+    let emb = enc.run_f32(&images).unwrap();
+    let d_emb = max_abs_diff(&emb, &get("embeddings"));
+    // Points then the box's two corners (labels 2, 3), as Meta's ONNX export expects.
+    let coords = get("point_coords");
+    let labels = get("point_labels");
+    let boxes = get("boxes");
+    let n = coords.shape()[0];
+    let p = coords.shape()[1];
+    let mut c = ArrayD::<f32>::zeros(vec![n, p + 2, 2]);
+    let mut l = ArrayD::<f32>::zeros(vec![n, p + 2]);
+    for i in 0..n {
+        for j in 0..p {
+            c[[i, j, 0]] = coords[[i, j, 0]];
+            c[[i, j, 1]] = coords[[i, j, 1]];
+            l[[i, j]] = labels[[i, j]];
+        }
+        for k in 0..2 {
+            c[[i, p + k, 0]] = boxes[[i, 2 * k]];
+            c[[i, p + k, 1]] = boxes[[i, 2 * k + 1]];
+            l[[i, p + k]] = 2.0 + k as f32;
+        }
+    }
+    let dec = OrtModel::load(&paths[2], 2).unwrap();
+    let out = dec
+        .run(&[
+            ("image_embeddings", &get("embeddings")),
+            ("point_coords", &c),
+            ("point_labels", &l),
+        ])
+        .unwrap();
+    let m = cfg.num_multimask_outputs + 1;
+    let d_masks = max_abs_diff(&slice_rows(&out[0].1, 1..m), &get("prompted_masks"));
+    let d_iou = max_abs_diff(&slice_rows(&out[1].1, 1..m), &get("prompted_iou"));
+    eprintln!("vs Meta: upsampled {d_up:.2e}, embeddings {d_emb:.2e}, prompted masks {d_masks:.2e}, iou {d_iou:.2e}");
+    assert!(d_emb < 1e-4, "embeddings differ from Meta's by {d_emb}");
+    assert!(
+        d_up < 1e-4,
+        "prompt-free logits differ from Meta's by {d_up}"
+    );
+    assert!(
+        d_masks < 1e-4,
+        "prompted masks differ from Meta's by {d_masks}"
+    );
+    assert!(
+        d_iou < 1e-4,
+        "iou predictions differ from Meta's by {d_iou}"
+    );
+}
