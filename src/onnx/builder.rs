@@ -763,7 +763,7 @@ pub fn write_model_with(
     if let Some(th) = threshold {
         if let Some(g) = model.graph.as_mut() {
             for t in g.initializer.iter_mut() {
-                if t.raw_data.len() >= th && t.raw_data.len() > 0 {
+                if t.raw_data.len() >= th && !t.raw_data.is_empty() {
                     let data = std::mem::take(&mut t.raw_data);
                     let len = data.len();
                     t.data_location = data_location::EXTERNAL;
