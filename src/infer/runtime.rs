@@ -224,34 +224,52 @@ pub fn ensure(explicit: Option<&Path>, auto_fetch: bool) -> Result<PathBuf> {
     }
 }
 
-struct Env {
-    env: ort::environment::Environment,
-    lib: PathBuf,
-}
+static ENV: OnceLock<(ort::environment::Environment, PathBuf)> = OnceLock::new();
+static ENV_INIT: Mutex<()> = Mutex::new(());
 
-static ENV: OnceLock<std::result::Result<Env, String>> = OnceLock::new();
-
-/// The process's ONNX Runtime environment, created on first use from [`locate`]`(explicit)`.
-/// Later calls return the same environment (and its library path) whatever `explicit` says.
+/// The process's ONNX Runtime environment, created on first success from
+/// [`locate`]`(explicit)`; a failure is not remembered (fetch, then try again). Later calls
+/// return the same environment and library path whatever `explicit` says (ONNX Runtime
+/// allows one environment per process). A library that makes `ort` panic (e.g. a version
+/// older than 1.31) is reported as an error.
 pub fn environment(
     explicit: Option<&Path>,
 ) -> Result<(&'static ort::environment::Environment, &'static Path)> {
-    let r = ENV.get_or_init(|| {
-        let lib = locate(explicit).map_err(|e| e.to_string())?;
+    if let Some((env, lib)) = ENV.get() {
+        return Ok((env, lib.as_path()));
+    }
+    let _guard = ENV_INIT
+        .lock()
+        .map_err(|_| Error::Onnx("ONNX Runtime initialisation lock poisoned".into()))?;
+    if let Some((env, lib)) = ENV.get() {
+        return Ok((env, lib.as_path()));
+    }
+    let lib = locate(explicit)?;
+    let created = std::panic::catch_unwind(|| -> std::result::Result<_, String> {
         let builder =
             ort::init_from(&lib).map_err(|e| format!("cannot load {}: {e}", lib.display()))?;
-        let env = builder.with_name("gps-seg").build().map_err(|e| {
+        builder.with_name("gps-seg").build().map_err(|e| {
             format!(
                 "cannot create the ONNX Runtime environment from {}: {e}",
                 lib.display()
             )
-        })?;
-        Ok(Env { env, lib })
+        })
     });
-    match r {
-        Ok(e) => Ok((&e.env, e.lib.as_path())),
-        Err(m) => Err(Error::Onnx(m.clone())),
-    }
+    let env = match created {
+        Ok(Ok(env)) => env,
+        Ok(Err(m)) => return Err(Error::Onnx(m)),
+        Err(_) => {
+            return Err(Error::Onnx(format!(
+                "{}: ONNX Runtime refused this library (gps-seg needs {ORT_VERSION}.x; \
+                 `gps-seg runtime fetch` gets it)",
+                lib.display()
+            )))
+        }
+    };
+    let _ = ENV.set((env, lib));
+    ENV.get()
+        .map(|(e, l)| (e, l.as_path()))
+        .ok_or_else(|| Error::Onnx("ONNX Runtime environment not stored".into()))
 }
 
 /// A graph input or output: name, element type and shape (`-1` = dynamic, e.g. batch).
