@@ -4,10 +4,13 @@
 use clap::{Parser, Subcommand};
 
 pub mod bench;
+pub mod bench_gps;
 pub mod common;
 pub mod export;
 pub mod info;
 pub mod runtime;
+pub mod merge;
+pub mod select;
 
 /// Fine-tune big pretrained vision models by changing a tiny, gradient-chosen subset of their
 /// own weights (GPS), then export to ONNX and run batch inference.
@@ -28,6 +31,10 @@ pub enum Command {
     Export(export::Args),
     /// Locate or fetch the ONNX Runtime library.
     Runtime(runtime::Args),
+    /// GPS parameter selection on a base checkpoint → artifact folder + counts.
+    Select(select::Args),
+    /// Merge a trained GPS artifact into its base → a full checkpoint.
+    Merge(merge::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -36,5 +43,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Export(a) => export::run(a),
         Command::Runtime(a) => runtime::run(a),
+        Command::Select(a) => select::run(a),
+        Command::Merge(a) => merge::run(a),
     }
 }
