@@ -8,8 +8,8 @@ pub mod bench_gps;
 pub mod common;
 pub mod export;
 pub mod info;
-pub mod runtime;
 pub mod merge;
+pub mod runtime;
 pub mod select;
 
 /// Fine-tune big pretrained vision models by changing a tiny, gradient-chosen subset of their

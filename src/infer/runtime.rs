@@ -496,3 +496,18 @@ mod tests {
         assert!(e.contains("w.whl") && e.contains("`x`"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod env_tests {
+    use super::*;
+
+    /// A bad explicit path is an error naming it (never an `ort` panic), and is not cached.
+    #[test]
+    fn environment_with_missing_library_is_an_error() {
+        let p = Path::new("/nonexistent/dir/libonnxruntime.so");
+        for _ in 0..2 {
+            let e = environment(Some(p)).unwrap_err().to_string();
+            assert!(e.contains("/nonexistent/dir/libonnxruntime.so"), "{e}");
+        }
+    }
+}

@@ -882,3 +882,32 @@ pub fn export_prompted_decoder(
     );
     e.finish("sam_prompted_decoder", doc, None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Meta's SAM ViT-B has 93,735,472 parameters (`sum(p.numel() for p in sam.parameters())`)
+    /// plus the 2×128 `positional_encoding_gaussian_matrix` buffer that checkpoints carry.
+    #[test]
+    fn vit_b_shape_table_matches_meta_count() {
+        let n: usize = sam_param_shapes(&SamConfig::vit_b())
+            .values()
+            .map(|s| s.iter().product::<usize>())
+            .sum();
+        assert_eq!(n, 93_735_472 + 256);
+    }
+
+    #[test]
+    fn missing_or_misshaped_weights_are_named() {
+        let cfg = SamConfig::tiny();
+        let mut w = random_sam_weights(&cfg, 0).unwrap();
+        let key = "mask_decoder.iou_token.weight";
+        let t = w.remove(key).unwrap();
+        let e = export_prompted_decoder(&cfg, &w).unwrap_err().to_string();
+        assert!(e.contains(key), "{e}");
+        w.insert(key.into(), t.reshape((cfg.prompt_embed_dim, 1)).unwrap());
+        let e = export_prompted_decoder(&cfg, &w).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains("expects"), "{e}");
+    }
+}
