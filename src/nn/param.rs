@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::util::tensors::TensorMap;
 use crate::util::Rng;
 use candle_core::{DType, Device, Tensor, Var};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 /// How one named tensor takes part in training.
@@ -62,6 +62,10 @@ pub struct SparseParam {
     pub index: Tensor,
     /// Trainable values added at `index` (`[n]`), initialised to zero.
     pub delta: Var,
+    /// Row of each selected entry with the tensor viewed as `[out, rest]` (u32, `[n]`).
+    pub rows: Tensor,
+    /// Column of each selected entry in that `[out, rest]` view (u32, `[n]`).
+    pub cols: Tensor,
 }
 
 impl SparseParam {
@@ -154,6 +158,8 @@ struct Inner {
     source: Option<TensorMap>,
     policy: RolePolicy,
     params: Mutex<BTreeMap<String, Param>>,
+    /// Names fetched with [`ParamStore::buffer`]: always frozen, not counted as parameters.
+    buffers: Mutex<BTreeSet<String>>,
     rng: Mutex<Rng>,
 }
 
@@ -173,6 +179,7 @@ impl ParamStore {
                 source,
                 policy,
                 params: Mutex::new(BTreeMap::new()),
+                buffers: Mutex::new(BTreeSet::new()),
                 rng: Mutex::new(Rng::derive(seed, "init")),
             }),
             prefix: String::new(),
@@ -240,6 +247,30 @@ impl ParamStore {
     /// shape mismatch is an error naming the tensor; without one, `init` fills it.
     /// Asking twice for one name returns the same param (weight sharing).
     pub fn get(&self, shape: &[usize], name: &str, init: Init) -> Result<Param> {
+        self.get_with(shape, name, init, false)
+    }
+
+    /// A buffer (PyTorch `register_buffer`): loaded and saved like a param, but always frozen
+    /// whatever the policy, and left out of [`counts`](Self::counts) (as `parameters()` does).
+    pub fn buffer(&self, shape: &[usize], name: &str, init: Init) -> Result<Tensor> {
+        self.inner
+            .buffers
+            .lock()
+            .map_err(|_| Error::msg("parameter store lock poisoned"))?
+            .insert(self.path(name));
+        self.get_with(shape, name, init, true)?.tensor()
+    }
+
+    /// Whether `full_name` was fetched as a buffer.
+    pub fn is_buffer(&self, full_name: &str) -> bool {
+        self.inner
+            .buffers
+            .lock()
+            .map(|b| b.contains(full_name))
+            .unwrap_or(false)
+    }
+
+    fn get_with(&self, shape: &[usize], name: &str, init: Init, buffer: bool) -> Result<Param> {
         let full = self.path(name);
         let mut params = self
             .inner
@@ -284,7 +315,12 @@ impl ParamStore {
                 Tensor::from_vec(data, shape, &self.inner.device)?
             }
         };
-        let param = match self.inner.policy.role(&full) {
+        let role = if buffer {
+            Role::Frozen
+        } else {
+            self.inner.policy.role(&full)
+        };
+        let param = match role {
             Role::Frozen => Param::Frozen(base.detach()),
             Role::Trainable => Param::Trainable(Var::from_tensor(&base)?),
             Role::Sparse(idx) => {
@@ -298,12 +334,24 @@ impl ParamStore {
                     });
                 }
                 let n = idx.len();
+                let rest = if shape.is_empty() {
+                    1
+                } else {
+                    numel / shape[0].max(1)
+                }
+                .max(1);
+                let rows: Vec<u32> = idx.iter().map(|&i| i / rest as u32).collect();
+                let cols: Vec<u32> = idx.iter().map(|&i| i % rest as u32).collect();
+                let rows = Tensor::from_vec(rows, n, &self.inner.device)?;
+                let cols = Tensor::from_vec(cols, n, &self.inner.device)?;
                 let index = Tensor::from_vec(idx, n, &self.inner.device)?;
                 let delta = Var::zeros(n, DType::F32, &self.inner.device)?;
                 Param::Sparse(SparseParam {
                     base: base.detach(),
                     index,
                     delta,
+                    rows,
+                    cols,
                 })
             }
         };
@@ -341,11 +389,14 @@ impl ParamStore {
             .collect()
     }
 
-    /// (trainable entries, total entries) over every param handed out.
+    /// (trainable entries, total entries) over every param handed out (buffers excluded).
     pub fn counts(&self) -> (usize, usize) {
-        self.params().values().fold((0, 0), |(t, a), p| {
-            (t + p.trainable_count(), a + p.elem_count())
-        })
+        self.params()
+            .iter()
+            .filter(|(n, _)| !self.is_buffer(n))
+            .fold((0, 0), |(t, a), (_, p)| {
+                (t + p.trainable_count(), a + p.elem_count())
+            })
     }
 
     /// Error if the checkpoint holds tensors that no layer asked for.
