@@ -389,10 +389,8 @@ fn slice_rows(a: &ArrayD<f32>, axis1: std::ops::Range<usize>) -> ArrayD<f32> {
 /// prompted decoder (2 points + 1 box as label-2/3 corners, multimask = mask tokens 1..).
 #[test]
 fn sam_tiny_matches_meta_fixture() {
-    let Some(dir) = fixture_dir() else {
-        eprintln!("NOTICE: no tests/fixtures/sam_tiny (Meta fixture) yet; skipping");
-        return;
-    };
+    let dir =
+        fixture_dir().expect("tests/fixtures/sam_tiny is committed; is the checkout complete?");
     ort_ready();
     let cfg = SamConfig::tiny();
     let w = gps_seg::util::tensors::load(&dir.join("weights.safetensors"), &Device::Cpu).unwrap();
@@ -465,4 +463,156 @@ fn sam_tiny_matches_meta_fixture() {
         d_iou < 1e-4,
         "iou predictions differ from Meta's by {d_iou}"
     );
+}
+
+/// Tiny SAM variants for the Candle parity test: the preset (no window padding) and one whose
+/// grid (16) is not a multiple of the window (6), so windows are padded and cropped.
+fn parity_configs() -> Vec<SamConfig> {
+    let mut padded = SamConfig::tiny();
+    padded.name = "tiny_padded_windows".into();
+    padded.window_size = 6;
+    vec![SamConfig::tiny(), padded]
+}
+
+/// ONNX Runtime vs the Candle port (`gps_seg::sam::Sam`) on the same random weights, batch 1
+/// and 3, all three graphs, within 1e-4 max abs: prompt-free logits, image embeddings, prompted
+/// decoder with points + box (multimask) and with points only (single mask, padding point).
+#[test]
+fn sam_onnx_matches_candle() {
+    ort_ready();
+    let dev = Device::Cpu;
+    for cfg in parity_configs() {
+        let w = sam::random_sam_weights(&cfg, 21).unwrap();
+        let vs = gps_seg::nn::param::ParamStore::frozen(w.clone(), &dev);
+        let model = gps_seg::sam::Sam::new(&cfg, &vs).unwrap();
+        vs.check_all_used().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = SamExportOptions::default();
+        let paths = [
+            tmp.path().join("pf.onnx"),
+            tmp.path().join("enc.onnx"),
+            tmp.path().join("dec.onnx"),
+        ];
+        write_model(
+            &paths[0],
+            sam::export_prompt_free(&cfg, &w, opts).unwrap().0,
+        )
+        .unwrap();
+        write_model(
+            &paths[1],
+            sam::export_image_encoder(&cfg, &w, opts).unwrap().0,
+        )
+        .unwrap();
+        write_model(&paths[2], sam::export_prompted_decoder(&cfg, &w).unwrap().0).unwrap();
+        let pf = OrtModel::load(&paths[0], 2).unwrap();
+        let enc = OrtModel::load(&paths[1], 2).unwrap();
+        let dec = OrtModel::load(&paths[2], 2).unwrap();
+        let s = cfg.image_size;
+        let m = cfg.num_multimask_outputs + 1;
+        for n in [1usize, 3] {
+            let x = rand_array(&[n, 3, s, s], 30 + n as u64, 0.0, 1.0);
+            let xt = Tensor::from_vec(x.iter().copied().collect::<Vec<_>>(), (n, 3, s, s), &dev)
+                .unwrap();
+            let c_pf = tensor_to_array(&model.forward_prompt_free(&xt).unwrap()).unwrap();
+            let d_pf = max_abs_diff(&pf.run_f32(&x).unwrap(), &c_pf);
+            let c_emb = model
+                .image_embeddings(&model.normalize(&xt).unwrap())
+                .unwrap();
+            let emb = enc.run_f32(&x).unwrap();
+            let d_emb = max_abs_diff(&emb, &tensor_to_array(&c_emb).unwrap());
+            // Prompts: 2 points (+ a box for the multimask case).
+            let coords = rand_array(&[n, 2, 2], 40 + n as u64, 0.0, s as f32);
+            let mut rng = Rng::new(50 + n as u64);
+            let labels = ArrayD::from_shape_vec(
+                vec![n, 2],
+                (0..2 * n).map(|_| rng.below(2) as f32).collect(),
+            )
+            .unwrap();
+            let mut boxes = rand_array(&[n, 4], 60 + n as u64, 0.0, s as f32 / 2.0);
+            for i in 0..n {
+                boxes[[i, 2]] += s as f32 / 2.0;
+                boxes[[i, 3]] += s as f32 / 2.0;
+            }
+            let t = |a: &ArrayD<f32>| {
+                Tensor::from_vec(a.iter().copied().collect::<Vec<_>>(), a.shape(), &dev).unwrap()
+            };
+            let (cm, ci) = model
+                .forward_prompted(
+                    &c_emb,
+                    Some((&t(&coords), &t(&labels))),
+                    Some(&t(&boxes)),
+                    true,
+                )
+                .unwrap();
+            let mut c4 = ArrayD::<f32>::zeros(vec![n, 4, 2]);
+            let mut l4 = ArrayD::<f32>::zeros(vec![n, 4]);
+            let mut c3 = ArrayD::<f32>::zeros(vec![n, 3, 2]);
+            let mut l3 = ArrayD::<f32>::from_elem(vec![n, 3], -1.0);
+            for i in 0..n {
+                for j in 0..2 {
+                    for k in 0..2 {
+                        c4[[i, j, k]] = coords[[i, j, k]];
+                        c3[[i, j, k]] = coords[[i, j, k]];
+                        c4[[i, 2 + j, k]] = boxes[[i, 2 * j + k]];
+                    }
+                    l4[[i, j]] = labels[[i, j]];
+                    l3[[i, j]] = labels[[i, j]];
+                    l4[[i, 2 + j]] = 2.0 + j as f32;
+                }
+            }
+            let o = dec
+                .run(&[
+                    ("image_embeddings", &emb),
+                    ("point_coords", &c4),
+                    ("point_labels", &l4),
+                ])
+                .unwrap();
+            let d_mm = max_abs_diff(&slice_rows(&o[0].1, 1..m), &tensor_to_array(&cm).unwrap());
+            let d_mi = max_abs_diff(&slice_rows(&o[1].1, 1..m), &tensor_to_array(&ci).unwrap());
+            let (sm, si) = model
+                .forward_prompted(&c_emb, Some((&t(&coords), &t(&labels))), None, false)
+                .unwrap();
+            let o = dec
+                .run(&[
+                    ("image_embeddings", &emb),
+                    ("point_coords", &c3),
+                    ("point_labels", &l3),
+                ])
+                .unwrap();
+            let d_sm = max_abs_diff(&slice_rows(&o[0].1, 0..1), &tensor_to_array(&sm).unwrap());
+            let d_si = max_abs_diff(&slice_rows(&o[1].1, 0..1), &tensor_to_array(&si).unwrap());
+            eprintln!(
+                "{} batch {n}: prompt-free {d_pf:.2e}, embeddings {d_emb:.2e}, multimask {d_mm:.2e}/{d_mi:.2e}, single {d_sm:.2e}/{d_si:.2e}",
+                cfg.name
+            );
+            for (what, d) in [
+                ("prompt-free", d_pf),
+                ("embeddings", d_emb),
+                ("multimask masks", d_mm),
+                ("multimask iou", d_mi),
+                ("single masks", d_sm),
+                ("single iou", d_si),
+            ] {
+                assert!(
+                    d < 1e-4,
+                    "{} batch {n}: {what} ORT vs Candle max abs diff {d}",
+                    cfg.name
+                );
+            }
+        }
+    }
+}
+
+/// The exporter's shape table equals the Candle port's parameter listing.
+#[test]
+fn exporter_shapes_match_candle_port() {
+    for cfg in [SamConfig::tiny(), SamConfig::vit_b()] {
+        let ours = sam::sam_param_shapes(&cfg);
+        let theirs: std::collections::BTreeMap<String, Vec<usize>> =
+            gps_seg::sam::Sam::param_shapes(&cfg)
+                .into_iter()
+                .map(|p| (p.name, p.shape))
+                .collect();
+        assert_eq!(ours, theirs, "{}", cfg.name);
+    }
 }
