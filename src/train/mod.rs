@@ -1,1 +1,3 @@
 //! Training: fit/evaluate loops, losses, metrics, checkpoints and resume.
+
+pub mod loss;
