@@ -136,10 +136,10 @@ impl ConvNextConfig {
         if self.dims.contains(&0) || self.num_classes == 0 || self.mlp_ratio == 0 {
             return bad("dims/num_classes/mlp_ratio", "must all be > 0".into());
         }
-        if self.kernel_size % 2 == 0 {
+        if self.kernel_size.is_multiple_of(2) {
             return bad("kernel_size", format!("{} is not odd", self.kernel_size));
         }
-        if self.image_size == 0 || self.image_size % self.stride() != 0 {
+        if self.image_size == 0 || !self.image_size.is_multiple_of(self.stride()) {
             return bad(
                 "image_size",
                 format!(
@@ -340,7 +340,7 @@ impl ConvNext {
     pub fn forward_map(&self, images01: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = images01.dims4()?;
         let s = self.cfg.stride();
-        if h == 0 || w == 0 || h % s != 0 || w % s != 0 {
+        if h == 0 || w == 0 || !h.is_multiple_of(s) || !w.is_multiple_of(s) {
             return Err(Error::msg(format!(
                 "ConvNeXt `{}` needs image sides that are multiples of {s}, got {h}×{w}",
                 self.cfg.name

@@ -134,14 +134,14 @@ pub fn timm_vit_to_hf(map: TensorMap) -> Result<TensorMap> {
             out.insert(format!("{HF_HEAD}.{rest}"), t);
             continue;
         }
-        if let Some((_, hf)) = VIT_TABLE.iter().find(|(_, timm)| *timm == name) {
+        if let Some((hf, _)) = VIT_TABLE.iter().find(|(_, timm)| *timm == name) {
             out.insert(format!("vit.{hf}"), t);
             continue;
         }
         if let Some((i, rest)) = split_block(&name) {
             if let Some(param) = rest.strip_prefix("attn.qkv.") {
                 let n = t.dim(0)?;
-                if n % 3 != 0 {
+                if !n.is_multiple_of(3) {
                     return Err(Error::Tensor {
                         name,
                         msg: format!("first dim {n} is not divisible by 3"),

@@ -133,7 +133,10 @@ impl VitConfig {
                 msg,
             })
         };
-        if self.patch_size == 0 || self.image_size == 0 || self.image_size % self.patch_size != 0 {
+        if self.patch_size == 0
+            || self.image_size == 0
+            || !self.image_size.is_multiple_of(self.patch_size)
+        {
             return bad(
                 "image_size",
                 format!(
@@ -142,7 +145,7 @@ impl VitConfig {
                 ),
             );
         }
-        if self.num_heads == 0 || self.embed_dim % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.embed_dim.is_multiple_of(self.num_heads) {
             return bad(
                 "num_heads",
                 format!(

@@ -119,7 +119,7 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
 pub fn supcon(features: &Tensor, labels: &Tensor, temperature: f64) -> Result<Tensor> {
     let (n, _) = features.dims2()?;
     let b = labels.dim(0).unwrap_or(0);
-    if b == 0 || n % b != 0 {
+    if b == 0 || !n.is_multiple_of(b) {
         return Err(Error::msg(format!(
             "supcon: {n} feature rows is not a whole number of views of {b} labels"
         )));
