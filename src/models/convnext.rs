@@ -8,13 +8,12 @@
 //! Tensor names are timm's checkpoint keys (`stem.0`, `stem.1`, `stages.{i}.downsample.{0,1}`,
 //! `stages.{i}.blocks.{j}.{conv_dw,norm,mlp.fc1,mlp.fc2,gamma}`, `head.norm`, `head.fc`).
 //!
-//! Depthwise convolution: Candle's `conv2d` with `groups = C` runs one convolution per channel
-//! (chunk → C convs → cat), which backpropagates correctly (gradchecked below) but costs C
-//! kernel launches per layer. [`depthwise_conv2d`] instead sums k² shifted slices of the
-//! zero-padded input, each scaled per channel — only `pad`, `narrow`, `broadcast_mul` and
-//! `add`, all with verified backward; it is gradchecked and compared with Candle's grouped
-//! conv in the tests. The weight keeps PyTorch's shape `[C, 1, k, k]`.
+//! The depthwise 7×7 conv is [`super::depthwise::depthwise_conv2d`] (a CPU custom op with its
+//! own backward, or shifted slices elsewhere) rather than Candle's grouped `conv2d`, whose
+//! backward is correct but quadratic in the channel count; see that module. The weight keeps
+//! PyTorch's shape `[C, 1, k, k]`.
 
+use super::depthwise::depthwise_conv2d;
 use super::vit::Mlp;
 use super::{adapt_head, normalize_with, LoadReport, IMAGENET_MEAN, IMAGENET_STD};
 use crate::error::{Error, Result};
@@ -193,41 +192,6 @@ impl ConvNextConfig {
         v.push(("head.fc.weight".into(), vec![self.num_classes, f]));
         v.push(("head.fc.bias".into(), vec![self.num_classes]));
         v
-    }
-}
-
-/// Depthwise 2-D convolution (stride 1, zero padding `pad`) as a sum of k² shifted,
-/// per-channel-scaled slices. `x: [N, C, H, W]`, `w: [C, 1, k, k]`, `b: [C]` →
-/// `[N, C, H + 2·pad − k + 1, W + 2·pad − k + 1]`. Equals `conv2d(x, w, groups = C)`.
-pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, pad: usize) -> Result<Tensor> {
-    let (_, c, h, wd) = x.dims4()?;
-    let (wc, one, k, k2) = w.dims4()?;
-    if wc != c || one != 1 || k != k2 || h + 2 * pad < k || wd + 2 * pad < k {
-        return Err(Error::msg(format!(
-            "depthwise conv: input {:?} does not fit kernel {:?} with padding {pad}",
-            x.dims(),
-            w.dims()
-        )));
-    }
-    let (oh, ow) = (h + 2 * pad + 1 - k, wd + 2 * pad + 1 - k);
-    let xp = x.pad_with_zeros(2, pad, pad)?.pad_with_zeros(3, pad, pad)?;
-    let taps = w.reshape((c, k * k))?;
-    let mut acc: Option<Tensor> = None;
-    for i in 0..k {
-        let rows = xp.narrow(2, i, oh)?;
-        for j in 0..k {
-            let tap = taps.narrow(1, i * k + j, 1)?.reshape((1, c, 1, 1))?;
-            let term = rows.narrow(3, j, ow)?.broadcast_mul(&tap)?;
-            acc = Some(match acc {
-                None => term,
-                Some(a) => (a + term)?,
-            });
-        }
-    }
-    let y = acc.ok_or_else(|| Error::msg("depthwise conv with an empty kernel"))?;
-    match b {
-        Some(b) => Ok(y.broadcast_add(&b.reshape((1, c, 1, 1))?)?),
-        None => Ok(y),
     }
 }
 
@@ -418,30 +382,6 @@ mod tests {
             num_classes: 3,
             ..ConvNextConfig::convnext_b()
         }
-    }
-
-    #[test]
-    fn depthwise_matches_candle_grouped_conv_and_both_backpropagate() {
-        let x = rand(&[2, 3, 6, 5], 1);
-        let w = rand(&[3, 1, 3, 3], 2);
-        let b = rand(&[3], 3);
-        let ours = depthwise_conv2d(&x, &w, Some(&b), 1).unwrap();
-        let theirs = x
-            .conv2d(&w, 1, 1, 1, 3)
-            .unwrap()
-            .broadcast_add(&b.reshape((1, 3, 1, 1)).unwrap())
-            .unwrap();
-        let d = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(d.to_scalar::<f64>().unwrap() < 1e-12);
-        // Gradient w.r.t. input and weight, ours and Candle's grouped conv.
-        let e = gradcheck::check(&x, 20, 0, |x| depthwise_conv2d(x, &w, Some(&b), 1)).unwrap();
-        assert!(e < 1e-6, "ours wrt x {e}");
-        let e = gradcheck::check(&w, 20, 0, |w| depthwise_conv2d(&x, w, None, 1)).unwrap();
-        assert!(e < 1e-6, "ours wrt w {e}");
-        let e = gradcheck::check(&x, 20, 0, |x| Ok(x.conv2d(&w, 1, 1, 1, 3)?)).unwrap();
-        assert!(e < 1e-6, "candle grouped wrt x {e}");
-        let e = gradcheck::check(&w, 20, 0, |w| Ok(x.conv2d(w, 1, 1, 1, 3)?)).unwrap();
-        assert!(e < 1e-6, "candle grouped wrt w {e}");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 pub mod classifier;
 pub mod convnext;
+pub mod depthwise;
 pub mod names;
 pub mod vit;
 
