@@ -7,9 +7,10 @@ use super::vit::{self, Vit, VitConfig};
 use super::LoadReport;
 use crate::error::{Error, Result};
 use crate::nn::ParamStore;
-use crate::util::tensors::TensorMap;
-use candle_core::Tensor;
+use crate::util::tensors::{self, TensorMap};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
+use std::path::Path;
 
 /// A classifier config of either family; serialised as `{"family": "vit", ...}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -108,6 +109,26 @@ impl ClassifierConfig {
             Self::ConvNext(c) => convnext::adapt_checkpoint(c, map, seed),
         }
     }
+
+    /// Read a checkpoint file (safetensors or PyTorch, see [`crate::util::tensors::load`])
+    /// and adapt it with [`adapt_checkpoint`](Self::adapt_checkpoint); errors name the file
+    /// and, where one is at fault, the tensor. Build the model from the returned map (e.g.
+    /// `ParamStore::frozen`) and call `check_all_used` to catch unexpected tensors.
+    pub fn load_checkpoint(
+        &self,
+        path: &Path,
+        device: &Device,
+        seed: u64,
+    ) -> Result<(TensorMap, LoadReport)> {
+        let map = tensors::load(path, device)?;
+        self.adapt_checkpoint(map, seed).map_err(|e| match e {
+            e @ (Error::Io { .. } | Error::Checkpoint { .. }) => e,
+            other => Error::Checkpoint {
+                path: path.to_path_buf(),
+                msg: other.to_string(),
+            },
+        })
+    }
 }
 
 /// Either classifier, built from a [`ParamStore`].
@@ -139,6 +160,22 @@ impl Classifier {
         match self {
             Self::Vit(m) => &m.cfg.name,
             Self::ConvNext(m) => &m.cfg.name,
+        }
+    }
+
+    /// Width of [`features`](Self::features).
+    pub fn feature_dim(&self) -> usize {
+        match self {
+            Self::Vit(m) => m.cfg.embed_dim,
+            Self::ConvNext(m) => m.cfg.feature_dim(),
+        }
+    }
+
+    /// Output classes of [`forward`](Self::forward).
+    pub fn num_classes(&self) -> usize {
+        match self {
+            Self::Vit(m) => m.cfg.num_classes,
+            Self::ConvNext(m) => m.cfg.num_classes,
         }
     }
 
@@ -181,6 +218,14 @@ mod tests {
             let back: ClassifierConfig = serde_json::from_str(&s).unwrap();
             assert_eq!(back, cfg);
         }
+        let e = ClassifierConfig::preset("vit_b16", 3)
+            .unwrap()
+            .load_checkpoint(Path::new("/nonexistent/vit.safetensors"), &Device::Cpu, 0)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("/nonexistent/vit.safetensors"),
+            "{e}"
+        );
         assert!(ClassifierConfig::preset("resnet50", 10)
             .unwrap_err()
             .to_string()

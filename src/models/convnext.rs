@@ -15,7 +15,7 @@
 
 use super::depthwise::depthwise_conv2d;
 use super::vit::Mlp;
-use super::{adapt_head, normalize_with, LoadReport, IMAGENET_MEAN, IMAGENET_STD};
+use super::{adapt_head, names, normalize_with, LoadReport, IMAGENET_MEAN, IMAGENET_STD};
 use crate::error::{Error, Result};
 use crate::nn::{Conv2d, Init, LayerNorm, LayerNorm2d, Param, ParamStore};
 use crate::util::tensors::TensorMap;
@@ -339,7 +339,8 @@ impl ConvNext {
     }
 }
 
-/// Bring a timm ConvNeXt checkpoint to `cfg`: re-initialise `head.fc` (seeded by `seed`)
+/// Bring a ConvNeXt checkpoint to `cfg`: rename original facebookresearch/ConvNeXt keys to
+/// timm's ([`names::fb_convnext_to_timm`]) and re-initialise `head.fc` (seeded by `seed`)
 /// when its number of classes differs. Everything else is checked by [`ConvNext::new`].
 pub fn adapt_checkpoint(
     cfg: &ConvNextConfig,
@@ -348,6 +349,10 @@ pub fn adapt_checkpoint(
 ) -> Result<(TensorMap, LoadReport)> {
     cfg.validate()?;
     let mut report = LoadReport::default();
+    if names::is_fb_convnext(&map) {
+        map = names::fb_convnext_to_timm(map);
+        report.converted_from = Some("facebookresearch/ConvNeXt".into());
+    }
     adapt_head(
         &mut map,
         "head.fc",
@@ -465,5 +470,50 @@ mod tests {
         let net = ConvNext::new(&cfg.with_num_classes(9), &store).unwrap();
         store.check_all_used().unwrap();
         assert_eq!(net.forward(&x).unwrap().dims(), &[2, 9]);
+    }
+
+    /// timm → original facebookresearch names, written independently of `names.rs`.
+    fn to_fb(k: &str) -> String {
+        let k = k.replace("conv_dw", "dwconv").replace("mlp.fc", "pwconv");
+        if let Some(r) = k.strip_prefix("stem.") {
+            return format!("downsample_layers.0.{r}");
+        }
+        if let Some(r) = k.strip_prefix("head.norm.") {
+            return format!("norm.{r}");
+        }
+        if let Some(r) = k.strip_prefix("head.fc.") {
+            return format!("head.{r}");
+        }
+        k.replacen(".downsample.", ".", 1)
+            .replacen(".blocks.", ".", 1)
+            .replacen(
+                "stages.",
+                if k.contains(".downsample.") {
+                    "downsample_layers."
+                } else {
+                    "stages."
+                },
+                1,
+            )
+    }
+
+    #[test]
+    fn original_convnext_checkpoint_loads_to_the_same_outputs() {
+        let cfg = micro();
+        let vs = ParamStore::init(&Device::Cpu, 5);
+        let a = ConvNext::new(&cfg, &vs).unwrap();
+        let timm = vs.current_tensors().unwrap();
+        let fb: TensorMap = timm.iter().map(|(k, v)| (to_fb(k), v.clone())).collect();
+        assert!(fb.contains_key("downsample_layers.1.1.weight"));
+        assert!(fb.contains_key("stages.1.1.pwconv2.weight"));
+        let (back, rep) = adapt_checkpoint(&cfg, fb, 0).unwrap();
+        assert!(rep.converted_from.is_some() && rep.reinitialised.is_empty());
+        let store = ParamStore::frozen(back, &Device::Cpu);
+        let b = ConvNext::new(&cfg, &store).unwrap();
+        store.check_all_used().unwrap();
+        let x = Tensor::ones((1, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
+        let d = (a.forward(&x).unwrap() - b.forward(&x).unwrap()).unwrap();
+        let d = d.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
     }
 }

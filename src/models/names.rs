@@ -1,6 +1,8 @@
 //! Checkpoint renaming, in one place: Hugging Face `transformers` ViT names
 //! (`modeling_vit.py`: `ViTModel` / `ViTForImageClassification`) ↔ timm's
-//! `VisionTransformer` names, which are the names this crate's [`super::vit`] uses.
+//! `VisionTransformer` names, which are the names this crate's [`super::vit`] uses; and the
+//! original facebookresearch/ConvNeXt names → timm's `ConvNeXt` names
+//! ([`fb_convnext_to_timm`], the rules of timm's `convnext.checkpoint_filter_fn`).
 //!
 //! One table ([`VIT_TABLE`]) drives both directions; the only non-rename is attention, where
 //! HF keeps separate `query`/`key`/`value` projections and timm one fused `qkv` (rows q, then
@@ -169,6 +171,44 @@ pub fn timm_vit_to_hf(map: TensorMap) -> Result<TensorMap> {
     Ok(out)
 }
 
+/// Whether `map` uses the original facebookresearch/ConvNeXt names
+/// (`downsample_layers.*`, `stages.{i}.{j}.dwconv`, …).
+pub fn is_fb_convnext(map: &TensorMap) -> bool {
+    map.keys().any(|k| k.starts_with("downsample_layers."))
+}
+
+/// Rename one original ConvNeXt key to timm's: `downsample_layers.0.` → `stem.`,
+/// `downsample_layers.{i}.{j}` → `stages.{i}.downsample.{j}`, `stages.{i}.{j}` →
+/// `stages.{i}.blocks.{j}`, `dwconv` → `conv_dw`, `pwconv{n}` → `mlp.fc{n}`, `head.` →
+/// `head.fc.`, final `norm.` → `head.norm.`.
+pub fn fb_convnext_key_to_timm(name: &str) -> String {
+    let mut k = if let Some(rest) = name.strip_prefix("downsample_layers.0.") {
+        format!("stem.{rest}")
+    } else if let Some((i, rest)) = split_indexed(name, "downsample_layers.") {
+        format!("stages.{i}.downsample.{rest}")
+    } else if let Some((i, rest)) = split_indexed(name, "stages.") {
+        match split_indexed(rest, "") {
+            Some((j, tail)) => format!("stages.{i}.blocks.{j}.{tail}"),
+            None => name.to_string(),
+        }
+    } else if let Some(rest) = name.strip_prefix("head.") {
+        format!("head.fc.{rest}")
+    } else if let Some(rest) = name.strip_prefix("norm.") {
+        format!("head.norm.{rest}")
+    } else {
+        name.to_string()
+    };
+    k = k.replace("dwconv", "conv_dw").replace("pwconv", "mlp.fc");
+    k
+}
+
+/// Rename an original facebookresearch/ConvNeXt state dict to timm names.
+pub fn fb_convnext_to_timm(map: TensorMap) -> TensorMap {
+    map.into_iter()
+        .map(|(k, v)| (fb_convnext_key_to_timm(&k), v))
+        .collect()
+}
+
 /// `encoder.layer.{i}.{rest}` → `(i, rest)`.
 fn split_layer(name: &str) -> Option<(usize, &str)> {
     split_indexed(name, "encoder.layer.")
@@ -229,6 +269,35 @@ mod tests {
         );
         assert_eq!(out["blocks.3.attn.qkv.weight"].dims(), &[12, 4]);
         assert_eq!(dropped.len(), 1);
+    }
+
+    #[test]
+    fn renames_original_convnext_keys() {
+        let cases = [
+            ("downsample_layers.0.0.weight", "stem.0.weight"),
+            ("downsample_layers.0.1.bias", "stem.1.bias"),
+            (
+                "downsample_layers.2.0.weight",
+                "stages.2.downsample.0.weight",
+            ),
+            ("downsample_layers.3.1.bias", "stages.3.downsample.1.bias"),
+            (
+                "stages.2.26.dwconv.weight",
+                "stages.2.blocks.26.conv_dw.weight",
+            ),
+            (
+                "stages.0.1.pwconv1.weight",
+                "stages.0.blocks.1.mlp.fc1.weight",
+            ),
+            ("stages.0.1.pwconv2.bias", "stages.0.blocks.1.mlp.fc2.bias"),
+            ("stages.1.0.norm.weight", "stages.1.blocks.0.norm.weight"),
+            ("stages.1.0.gamma", "stages.1.blocks.0.gamma"),
+            ("norm.weight", "head.norm.weight"),
+            ("head.bias", "head.fc.bias"),
+        ];
+        for (fb, timm) in cases {
+            assert_eq!(fb_convnext_key_to_timm(fb), timm, "{fb}");
+        }
     }
 
     #[test]
