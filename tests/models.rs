@@ -147,6 +147,24 @@ fn full_preset_parameter_counts_match_timm() {
     assert_eq!(cnx, 88_591_464); // timm convnext_base (1000 classes)
     let cfg = ClassifierConfig::ConvNext(ConvNextConfig::convnext_b());
     assert_eq!(cfg.param_count(), cnx);
+
+    // The CPU presets (10 classes), same formulas.
+    let cnx_tiny = (3 * 32 * 16 + 32 + 64)
+        + blk(32)
+        + ds(32, 64)
+        + blk(64)
+        + ds(64, 128)
+        + 2 * blk(128)
+        + ds(128, 256)
+        + blk(256)
+        + (2 * 256 + 256 * 10 + 10);
+    let tiny = ClassifierConfig::preset("convnext_tiny_cpu", 10).unwrap();
+    assert_eq!(tiny.param_count(), cnx_tiny);
+    let d = 192usize;
+    let block = 4 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d);
+    let vit_tiny = (d * 3 * 64 + d) + d + 65 * d + 6 * block + 2 * d + (d * 10 + 10);
+    let tiny = ClassifierConfig::preset("vit_tiny_cpu", 10).unwrap();
+    assert_eq!(tiny.param_count(), vit_tiny);
 }
 
 #[test]

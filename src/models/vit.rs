@@ -70,8 +70,8 @@ impl VitConfig {
     }
 
     /// A small ViT for CPU work (not timm's `vit_tiny`): 64 px input, patch 8 (8×8 = 64
-    /// tokens + class token), width 192, 6 blocks of 3 heads, MLP 768 — about 2.7 M
-    /// parameters, roughly 0.35 GFLOP per image forward. Same normalisation as ViT-B/16.
+    /// tokens + class token), width 192, 6 blocks of 3 heads, MLP 768 — 2.72 M
+    /// parameters with 10 classes, roughly 0.35 GFLOP per image forward. Same normalisation as ViT-B/16.
     pub fn tiny() -> Self {
         VitConfig {
             name: "vit_tiny_cpu".into(),
@@ -417,8 +417,9 @@ pub fn adapt_checkpoint(
 }
 
 /// Resize `pos_embed: [1, 1 + g0², D]` to `[1, 1 + g², D]`: the class-token row is kept, the
-/// grid rows are bilinearly interpolated (PyTorch `align_corners=False`). timm resamples
-/// bicubically by default; bilinear is what this project chose (see the module docs).
+/// grid rows are bilinearly interpolated (PyTorch `align_corners=False`). timm's
+/// `resample_abs_pos_embed` defaults to bicubic, so a resized table differs slightly from
+/// timm's; at the checkpoint's own size nothing is resampled.
 pub fn resize_pos_embed(pos_embed: &Tensor, g: usize) -> Result<Tensor> {
     let (_, n, d) = pos_embed.dims3()?;
     let g0 = ((n.saturating_sub(1)) as f64).sqrt().round() as usize;
@@ -440,17 +441,16 @@ pub fn resize_pos_embed(pos_embed: &Tensor, g: usize) -> Result<Tensor> {
     Ok(Tensor::cat(&[&cls, &grid], 1)?)
 }
 
-/// The sum over features of the last dim; used by tests to make a scalar from any output.
-#[cfg(test)]
-fn sum_sq(x: &Tensor) -> Result<Tensor> {
-    Ok(x.sqr()?.sum_all()?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::util::Rng;
     use candle_core::{DType, Device};
+
+    /// Sum of squares: a scalar that depends on every output entry.
+    fn sum_sq(x: &Tensor) -> Result<Tensor> {
+        Ok(x.sqr()?.sum_all()?)
+    }
 
     fn micro() -> VitConfig {
         VitConfig {
