@@ -323,3 +323,52 @@ fn a_few_adam_steps_raise_training_accuracy() {
         );
     }
 }
+
+#[test]
+fn sparse_gps_roles_get_gradients_through_both_models() {
+    use gps_seg::nn::Role;
+    use std::collections::HashMap;
+    for cfg in tiny_presets() {
+        // Pretrained stand-in: a fresh model's weights.
+        let init = ParamStore::init(&Device::Cpu, 7);
+        Classifier::new(&cfg, &init).unwrap();
+        let weights = init.current_tensors().unwrap();
+        // GPS-like roles: every weight with ≥ 2 dims gets one selected entry per output row
+        // (the middle one: the centre tap of a 7×7 kernel, which still sees a 2×2 map),
+        // biases/gamma/head train fully, norms/pos_embed/cls_token stay frozen.
+        let mut roles = HashMap::new();
+        for (name, shape) in cfg.param_shapes() {
+            let frozen = name.contains("norm") || name == "pos_embed" || name == "cls_token";
+            let role = if name.starts_with("head.") && !name.contains("norm") {
+                Role::Trainable
+            } else if shape.len() >= 2 && !frozen {
+                let row: usize = shape[1..].iter().product();
+                Role::Sparse((0..shape[0]).map(|r| (r * row + row / 2) as u32).collect())
+            } else if frozen {
+                Role::Frozen
+            } else {
+                Role::Trainable
+            };
+            roles.insert(name, role);
+        }
+        let vs = ParamStore::with_roles(weights, roles, &Device::Cpu);
+        let m = Classifier::new(&cfg, &vs).unwrap();
+        vs.check_all_used().unwrap();
+        let labels = Tensor::new(&[1u32, 2], &Device::Cpu).unwrap();
+        let loss = cross_entropy(
+            &m.forward(&images(2, cfg.image_size(), 8)).unwrap(),
+            &labels,
+        )
+        .unwrap();
+        let grads = loss.backward().unwrap();
+        let (trainable, total) = vs.counts();
+        assert!(
+            trainable > 0 && trainable < total / 10,
+            "{trainable} of {total}"
+        );
+        for (name, var) in vs.trainable_vars() {
+            let g = grads.get(var.as_tensor()).map(max_abs).unwrap_or(0.0);
+            assert!(g > 0.0, "{}: no gradient for {name}", cfg.name());
+        }
+    }
+}
