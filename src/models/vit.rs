@@ -423,7 +423,7 @@ pub fn adapt_checkpoint(
 pub fn resize_pos_embed(pos_embed: &Tensor, g: usize) -> Result<Tensor> {
     let (_, n, d) = pos_embed.dims3()?;
     let g0 = ((n.saturating_sub(1)) as f64).sqrt().round() as usize;
-    if n == 0 || g0 * g0 + 1 != n {
+    if g0 == 0 || g == 0 || g0 * g0 + 1 != n {
         return Err(Error::Tensor {
             name: "pos_embed".into(),
             msg: format!("{n} positions is not 1 class token + a square grid"),
@@ -582,11 +582,10 @@ mod tests {
         for v in r.to_vec1::<f32>().unwrap() {
             assert!((v - 1.0).abs() < 1e-6);
         }
-        assert!(resize_pos_embed(
-            &Tensor::ones((1, 11, 2), DType::F32, &Device::Cpu).unwrap(),
-            2
-        )
-        .is_err());
+        for n in [0, 1, 11] {
+            let t = Tensor::ones((1, n, 2), DType::F32, &Device::Cpu).unwrap();
+            assert!(resize_pos_embed(&t, 2).is_err(), "{n} positions");
+        }
     }
 
     #[test]
