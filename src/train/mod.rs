@@ -1,1 +1,5 @@
-//! Training: fit/evaluate loops, losses, metrics, checkpoints and resume.
+//! Training: fit/evaluate loops, losses, metrics, schedules, checkpoints and resume.
+
+pub mod checkpoint;
+pub mod metrics;
+pub mod schedule;
