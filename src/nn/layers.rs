@@ -4,6 +4,7 @@
 //! reference (PyTorch) names, so official checkpoints map by name.
 
 use super::param::{Init, Param, ParamStore};
+use super::sparse_grad::{InputGradOnly, SparseWeightGrad};
 use crate::error::Result;
 use candle_core::{Device, Tensor, D};
 
@@ -27,7 +28,8 @@ impl Linear {
         Ok(Linear { weight, bias })
     }
 
-    /// `x: [..., in] → [..., out]`.
+    /// `x: [..., in] → [..., out]`. On CPU, a frozen or GPS-sparse weight skips its dense
+    /// weight gradient in backward (see [`super::sparse_grad`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.weight.tensor()?;
         let dims = x.dims().to_vec();
@@ -35,7 +37,30 @@ impl Linear {
         let out_dim = w.dim(0)?;
         let rows = x.elem_count() / in_dim.max(1);
         let x2 = x.reshape((rows, in_dim))?;
-        let mut y = x2.matmul(&w.t()?)?;
+        let mut y = if x.device().is_cpu() {
+            match &self.weight {
+                Param::Frozen(_) if x2.track_op() => {
+                    let y = x2.detach().matmul(&w.t()?)?;
+                    (y + x2.apply_op1(InputGradOnly { w: w.clone() })?)?
+                }
+                Param::Sparse(s) => {
+                    let w = w.detach();
+                    let y = x2.detach().matmul(&w.t()?)?;
+                    let carrier = x2.apply_op2(
+                        s.delta.as_tensor(),
+                        SparseWeightGrad {
+                            w,
+                            rows: s.rows.clone(),
+                            cols: s.cols.clone(),
+                        },
+                    )?;
+                    (y + carrier)?
+                }
+                _ => x2.matmul(&w.t()?)?,
+            }
+        } else {
+            x2.matmul(&w.t()?)?
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.tensor()?)?;
         }
@@ -44,6 +69,19 @@ impl Linear {
             *last = out_dim;
         }
         Ok(y.reshape(out_dims)?)
+    }
+}
+
+impl Linear {
+    /// Plain `x·Wᵀ + b` through Candle's matmul (dense weight gradient always computed): the
+    /// reference the fast path is tested and benchmarked against.
+    pub fn forward_dense(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.weight.tensor()?;
+        let y = x.broadcast_matmul(&w.t()?)?;
+        match &self.bias {
+            Some(b) => Ok(y.broadcast_add(&b.tensor()?)?),
+            None => Ok(y),
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod gradcheck;
 pub mod layers;
 pub mod param;
+pub mod sparse_grad;
 
 pub use layers::{Conv2d, ConvTranspose2d, Embedding, LayerNorm, LayerNorm2d, Linear};
 pub use param::{Init, Param, ParamStore, Role, RolePolicy};
