@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 pub mod bench;
 pub mod common;
 pub mod info;
+pub mod progress;
 
 /// Fine-tune big pretrained vision models by changing a tiny, gradient-chosen subset of their
 /// own weights (GPS), then export to ONNX and run batch inference.

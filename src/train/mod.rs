@@ -2,4 +2,5 @@
 
 pub mod checkpoint;
 pub mod metrics;
+pub mod observer;
 pub mod schedule;
