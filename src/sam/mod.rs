@@ -4,3 +4,4 @@
 pub mod config;
 
 pub use config::SamConfig;
+pub mod registry;
