@@ -3,4 +3,6 @@
 pub mod checkpoint;
 pub mod metrics;
 pub mod observer;
+pub mod pretrain;
 pub mod schedule;
+pub mod seg;
