@@ -9,8 +9,13 @@ pub struct Args {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum What {}
+pub enum What {
+    /// GPS: selection time and optimizer-state size (GPS vs baselines).
+    Gps(super::bench_gps::Args),
+}
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    match args.what {}
+    match args.what {
+        What::Gps(a) => super::bench_gps::run(a),
+    }
 }

@@ -6,3 +6,5 @@ pub mod observer;
 pub mod pretrain;
 pub mod schedule;
 pub mod seg;
+
+pub mod optim;

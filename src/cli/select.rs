@@ -1,0 +1,107 @@
+//! `gps-seg select`: GPS parameter selection on a base checkpoint, written as a GPS artifact
+//! folder (`gps_config.json` + `selection.safetensors`), with the parameter counts printed.
+//!
+//! Scores come from `--criterion`: `magnitude` and `random` need only the base; `gradient`
+//! reads accumulated gradients from `--grads` (a safetensors file keyed by tensor name).
+//! Accumulating those gradients with a model and data (`gps::grads::accumulate`) is wired in
+//! by the training commands once the models land.
+
+use anyhow::Context;
+use gps_seg::gps::artifact::{Artifact, BaseModel, SelectionInfo};
+use gps_seg::gps::{select_from_grads, Counts, Criterion, Level, Policy};
+use gps_seg::util::tensors;
+use std::path::PathBuf;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Base checkpoint (.safetensors or .pth).
+    #[arg(long)]
+    pub base: PathBuf,
+    /// Policy preset (sam, classifier, decoder, full) or a JSON policy file.
+    #[arg(long, default_value = "sam")]
+    pub policy: String,
+    /// Entries kept per output row.
+    #[arg(long, default_value_t = 1)]
+    pub k: usize,
+    /// neuron (GPS), layer or net.
+    #[arg(long, default_value = "neuron")]
+    pub level: String,
+    /// gradient, magnitude or random.
+    #[arg(long, default_value = "gradient")]
+    pub criterion: String,
+    /// Accumulated gradients (safetensors keyed by tensor name); needed for `gradient`.
+    #[arg(long)]
+    pub grads: Option<PathBuf>,
+    /// Name of the loss the gradients came from (recorded in the artifact).
+    #[arg(long, default_value = "unknown")]
+    pub selection_loss: String,
+    /// Number of batches the gradients were accumulated over (recorded in the artifact).
+    #[arg(long, default_value_t = 0)]
+    pub batches: usize,
+    /// Seed for the `random` criterion.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output artifact folder. Without it, only the counts are printed.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print per-tensor counts too.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let policy = Policy::from_name_or_file(&a.policy)?;
+    let level: Level = a.level.parse()?;
+    let criterion: Criterion = a.criterion.parse()?;
+    let dev = candle_core::Device::Cpu;
+    let base = tensors::load(&a.base, &dev)?;
+    let grads = match (&a.grads, criterion) {
+        (Some(p), _) => Some(tensors::load(p, &dev)?),
+        (None, Criterion::Gradient) => anyhow::bail!(
+            "--criterion gradient needs --grads FILE (accumulated gradients keyed by tensor name)"
+        ),
+        (None, _) => None,
+    };
+    let sel = select_from_grads(
+        &base,
+        grads.as_ref(),
+        &policy,
+        a.k,
+        level,
+        criterion,
+        a.seed,
+    )
+    .with_context(|| format!("selecting in {}", a.base.display()))?;
+    let shapes: Vec<(String, Vec<usize>)> = base
+        .iter()
+        .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+        .collect();
+    let counts = Counts::from_selection(&shapes, &sel);
+    if a.verbose {
+        print!("{}", counts.tensor_table());
+    }
+    println!(
+        "policy {} · K = {} · level {:?} · criterion {:?}",
+        policy.name, a.k, level, criterion
+    );
+    print!("{counts}");
+    if let Some(out) = &a.out {
+        let file = a
+            .base
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let info = SelectionInfo {
+            k: a.k,
+            level,
+            criterion,
+            selection_loss: a.selection_loss.clone(),
+            batches: a.batches,
+            seed: a.seed,
+        };
+        let art = Artifact::new(policy, info, BaseModel::of(&base, &file)?, sel)?;
+        art.save(out)?;
+        println!("wrote {}", out.display());
+    }
+    Ok(())
+}
