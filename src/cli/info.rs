@@ -1,12 +1,42 @@
-//! `gps-seg info --model PATH|preset`.
+//! `gps-seg info --model PATH|preset`: a SAM's config and parameter counts per component.
+
+use gps_seg::sam::info::model_info;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A preset name (tiny, vit_b, vit_l, vit_h) or a checkpoint path.
+    /// A preset name (tiny, vit_b, vit_l, vit_h) or a checkpoint path (.safetensors or .pth).
     #[arg(long, default_value = "tiny")]
     pub model: String,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("info for `{}`: the SAM port is not built yet", args.model)
+    let info = model_info(&args.model)?;
+    println!("SAM from {}", info.source);
+    println!("{}", serde_json::to_string_pretty(&info.config)?);
+    for n in &info.notes {
+        println!("note: {n}");
+    }
+    let c = &info.counts;
+    let fmt = |n: usize| {
+        let s = n.to_string();
+        let mut out = String::new();
+        for (i, ch) in s.chars().enumerate() {
+            if i > 0 && (s.len() - i).is_multiple_of(3) {
+                out.push(',');
+            }
+            out.push(ch);
+        }
+        out
+    };
+    println!("{:<16} {:>14}", "component", "parameters");
+    for (name, n) in [
+        ("image_encoder", c.image_encoder),
+        ("prompt_encoder", c.prompt_encoder),
+        ("mask_decoder", c.mask_decoder),
+        ("total", c.total()),
+    ] {
+        println!("{name:<16} {:>14}", fmt(n));
+    }
+    println!("(buffers, not counted: {} entries)", fmt(c.buffers));
+    Ok(())
 }

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::util::tensors::TensorMap;
 use crate::util::Rng;
 use candle_core::{DType, Device, Tensor, Var};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 /// How one named tensor takes part in training.
@@ -158,6 +158,8 @@ struct Inner {
     source: Option<TensorMap>,
     policy: RolePolicy,
     params: Mutex<BTreeMap<String, Param>>,
+    /// Names fetched with [`ParamStore::buffer`]: always frozen, not counted as parameters.
+    buffers: Mutex<BTreeSet<String>>,
     rng: Mutex<Rng>,
 }
 
@@ -177,6 +179,7 @@ impl ParamStore {
                 source,
                 policy,
                 params: Mutex::new(BTreeMap::new()),
+                buffers: Mutex::new(BTreeSet::new()),
                 rng: Mutex::new(Rng::derive(seed, "init")),
             }),
             prefix: String::new(),
@@ -244,6 +247,30 @@ impl ParamStore {
     /// shape mismatch is an error naming the tensor; without one, `init` fills it.
     /// Asking twice for one name returns the same param (weight sharing).
     pub fn get(&self, shape: &[usize], name: &str, init: Init) -> Result<Param> {
+        self.get_with(shape, name, init, false)
+    }
+
+    /// A buffer (PyTorch `register_buffer`): loaded and saved like a param, but always frozen
+    /// whatever the policy, and left out of [`counts`](Self::counts) (as `parameters()` does).
+    pub fn buffer(&self, shape: &[usize], name: &str, init: Init) -> Result<Tensor> {
+        self.inner
+            .buffers
+            .lock()
+            .map_err(|_| Error::msg("parameter store lock poisoned"))?
+            .insert(self.path(name));
+        self.get_with(shape, name, init, true)?.tensor()
+    }
+
+    /// Whether `full_name` was fetched as a buffer.
+    pub fn is_buffer(&self, full_name: &str) -> bool {
+        self.inner
+            .buffers
+            .lock()
+            .map(|b| b.contains(full_name))
+            .unwrap_or(false)
+    }
+
+    fn get_with(&self, shape: &[usize], name: &str, init: Init, buffer: bool) -> Result<Param> {
         let full = self.path(name);
         let mut params = self
             .inner
@@ -288,7 +315,12 @@ impl ParamStore {
                 Tensor::from_vec(data, shape, &self.inner.device)?
             }
         };
-        let param = match self.inner.policy.role(&full) {
+        let role = if buffer {
+            Role::Frozen
+        } else {
+            self.inner.policy.role(&full)
+        };
+        let param = match role {
             Role::Frozen => Param::Frozen(base.detach()),
             Role::Trainable => Param::Trainable(Var::from_tensor(&base)?),
             Role::Sparse(idx) => {
@@ -357,11 +389,14 @@ impl ParamStore {
             .collect()
     }
 
-    /// (trainable entries, total entries) over every param handed out.
+    /// (trainable entries, total entries) over every param handed out (buffers excluded).
     pub fn counts(&self) -> (usize, usize) {
-        self.params().values().fold((0, 0), |(t, a), p| {
-            (t + p.trainable_count(), a + p.elem_count())
-        })
+        self.params()
+            .iter()
+            .filter(|(n, _)| !self.is_buffer(n))
+            .fold((0, 0), |(t, a), (_, p)| {
+                (t + p.trainable_count(), a + p.elem_count())
+            })
     }
 
     /// Error if the checkpoint holds tensors that no layer asked for.

@@ -154,7 +154,7 @@ impl SamConfig {
                 msg,
             })
         };
-        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
             return bad(
                 "image_size",
                 format!(
@@ -163,7 +163,11 @@ impl SamConfig {
                 ),
             );
         }
-        if self.encoder_num_heads == 0 || self.encoder_embed_dim % self.encoder_num_heads != 0 {
+        if self.encoder_num_heads == 0
+            || !self
+                .encoder_embed_dim
+                .is_multiple_of(self.encoder_num_heads)
+        {
             return bad(
                 "encoder_num_heads",
                 format!(
@@ -172,12 +176,15 @@ impl SamConfig {
                 ),
             );
         }
-        if self.decoder_num_heads == 0 || self.prompt_embed_dim % self.decoder_num_heads != 0 {
+        if self.decoder_num_heads == 0
+            || !(self.prompt_embed_dim / 2).is_multiple_of(self.decoder_num_heads)
+        {
             return bad(
                 "decoder_num_heads",
                 format!(
-                    "{} does not divide prompt_embed_dim {}",
-                    self.decoder_num_heads, self.prompt_embed_dim
+                    "{} does not divide prompt_embed_dim / 2 = {} (cross-attention width)",
+                    self.decoder_num_heads,
+                    self.prompt_embed_dim / 2
                 ),
             );
         }
@@ -193,6 +200,21 @@ impl SamConfig {
         }
         if self.window_size == 0 {
             return bad("window_size", "must be > 0".into());
+        }
+        if self.prompt_embed_dim == 0 || !self.prompt_embed_dim.is_multiple_of(8) {
+            return bad(
+                "prompt_embed_dim",
+                format!("{} is not a positive multiple of 8", self.prompt_embed_dim),
+            );
+        }
+        if self.mask_in_chans == 0 || !self.mask_in_chans.is_multiple_of(4) {
+            return bad(
+                "mask_in_chans",
+                format!("{} is not a positive multiple of 4", self.mask_in_chans),
+            );
+        }
+        if self.iou_head_depth == 0 {
+            return bad("iou_head_depth", "must be > 0".into());
         }
         Ok(())
     }

@@ -1,0 +1,625 @@
+//! SAM's image encoder: a ViT with windowed and global attention, decomposed relative position
+//! bias and a convolutional neck (Meta's `segment_anything/modeling/image_encoder.py`).
+//!
+//! Batched over images; every op has a verified backward (see `shared/notes/candle.md`): the
+//! relative position bias is built from `index_select` + batched matmuls, softmax and layer norm
+//! are the differentiable versions from [`crate::nn::layers`].
+
+use super::common::{Activation, MlpBlock, LAYER_NORM_2D_EPS};
+use crate::error::{Error, Result};
+use crate::nn::layers::{interp_matrix, softmax_last, Conv2d, LayerNorm, LayerNorm2d, Linear};
+use crate::nn::{Init, Param, ParamStore};
+use crate::sam::SamConfig;
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+
+/// Layer-norm epsilon of the encoder blocks (`partial(nn.LayerNorm, eps=1e-6)` in `build_sam.py`).
+pub const ENCODER_LN_EPS: f64 = 1e-6;
+
+/// `get_rel_pos`: relative positional embeddings for every (query, key) pair along one axis.
+///
+/// `rel_pos: [L, C]` → `[q_size, k_size, C]`. When `L != 2·max(q_size, k_size) − 1` the table
+/// is linearly interpolated first, as Meta's `F.interpolate(mode="linear")` does.
+pub fn get_rel_pos(q_size: usize, k_size: usize, rel_pos: &Tensor) -> Result<Tensor> {
+    let max_rel_dist = 2 * q_size.max(k_size) - 1;
+    let (l, c) = rel_pos.dims2()?;
+    let table = if l != max_rel_dist {
+        let m = Tensor::from_vec(
+            interp_matrix(l, max_rel_dist),
+            (max_rel_dist, l),
+            rel_pos.device(),
+        )?
+        .to_dtype(rel_pos.dtype())?;
+        m.matmul(rel_pos)?
+    } else {
+        rel_pos.clone()
+    };
+    let qs = (k_size as f64 / q_size as f64).max(1.0);
+    let ks = (q_size as f64 / k_size as f64).max(1.0);
+    let mut idx = Vec::with_capacity(q_size * k_size);
+    for i in 0..q_size {
+        for j in 0..k_size {
+            let r = i as f64 * qs - j as f64 * ks + (k_size as f64 - 1.0) * ks;
+            idx.push(r as u32); // `.long()` truncates; r >= 0
+        }
+    }
+    let idx = Tensor::from_vec(idx, q_size * k_size, rel_pos.device())?;
+    Ok(table.index_select(&idx, 0)?.reshape((q_size, k_size, c))?)
+}
+
+/// `add_decomposed_rel_pos`: `attn [B, qh·qw, kh·kw]` plus the bias from unscaled
+/// `q [B, qh·qw, C]` and the tables `rel_pos_h [Lh, C]`, `rel_pos_w [Lw, C]`.
+/// The einsums `bhwc,hkc->bhwk` / `bhwc,wkc->bhwk` are batched matmuls over the h / w axis.
+pub fn add_decomposed_rel_pos(
+    attn: &Tensor,
+    q: &Tensor,
+    rel_pos_h: &Tensor,
+    rel_pos_w: &Tensor,
+    q_size: (usize, usize),
+    k_size: (usize, usize),
+) -> Result<Tensor> {
+    let (qh, qw) = q_size;
+    let (kh, kw) = k_size;
+    let rh = get_rel_pos(qh, kh, rel_pos_h)?; // [qh, kh, C]
+    let rw = get_rel_pos(qw, kw, rel_pos_w)?; // [qw, kw, C]
+    let (b, _, c) = q.dims3()?;
+    let r_q = q.reshape((b, qh, qw, c))?;
+    // rel_h[b,h,w,k] = Σ_c r_q[b,h,w,c]·rh[h,k,c]
+    let qh_major = r_q
+        .permute((1, 0, 2, 3))?
+        .contiguous()?
+        .reshape((qh, b * qw, c))?;
+    let rel_h = qh_major
+        .matmul(&rh.transpose(1, 2)?.contiguous()?)? // [qh, b·qw, kh]
+        .reshape((qh, b, qw, kh))?
+        .permute((1, 0, 2, 3))?; // [b, qh, qw, kh]
+                                 // rel_w[b,h,w,k] = Σ_c r_q[b,h,w,c]·rw[w,k,c]
+    let qw_major = r_q
+        .permute((2, 0, 1, 3))?
+        .contiguous()?
+        .reshape((qw, b * qh, c))?;
+    let rel_w = qw_major
+        .matmul(&rw.transpose(1, 2)?.contiguous()?)? // [qw, b·qh, kw]
+        .reshape((qw, b, qh, kw))?
+        .permute((1, 2, 0, 3))?; // [b, qh, qw, kw]
+    let a = attn
+        .reshape((b, qh, qw, kh, kw))?
+        .broadcast_add(&rel_h.unsqueeze(4)?)?
+        .broadcast_add(&rel_w.unsqueeze(3)?)?;
+    Ok(a.reshape((b, qh * qw, kh * kw))?)
+}
+
+/// `window_partition`: `[B, H, W, C]` → (`[B·nw, ws, ws, C]`, padded `(Hp, Wp)`); zero padding
+/// at the bottom/right when `H` or `W` is not a multiple of `ws`.
+pub fn window_partition(x: &Tensor, ws: usize) -> Result<(Tensor, (usize, usize))> {
+    let (b, h, w, c) = x.dims4()?;
+    let pad_h = (ws - h % ws) % ws;
+    let pad_w = (ws - w % ws) % ws;
+    let mut x = x.clone();
+    if pad_h > 0 {
+        x = x.pad_with_zeros(1, 0, pad_h)?;
+    }
+    if pad_w > 0 {
+        x = x.pad_with_zeros(2, 0, pad_w)?;
+    }
+    let (hp, wp) = (h + pad_h, w + pad_w);
+    let x = x
+        .reshape((b, hp / ws, ws, wp / ws, ws, c))?
+        .permute((0, 1, 3, 2, 4, 5))?
+        .contiguous()?
+        .reshape((b * (hp / ws) * (wp / ws), ws, ws, c))?;
+    Ok((x, (hp, wp)))
+}
+
+/// `window_unpartition`: inverse of [`window_partition`], cropping the padding:
+/// `[B·nw, ws, ws, C]` → `[B, H, W, C]`.
+pub fn window_unpartition(
+    windows: &Tensor,
+    ws: usize,
+    pad_hw: (usize, usize),
+    hw: (usize, usize),
+) -> Result<Tensor> {
+    let (hp, wp) = pad_hw;
+    let (h, w) = hw;
+    let (n, _, _, c) = windows.dims4()?;
+    let b = n / (hp * wp / ws / ws);
+    let mut x = windows
+        .reshape((b, hp / ws, wp / ws, ws, ws, c))?
+        .permute((0, 1, 3, 2, 4, 5))?
+        .contiguous()?
+        .reshape((b, hp, wp, c))?;
+    if hp > h {
+        x = x.narrow(1, 0, h)?;
+    }
+    if wp > w {
+        x = x.narrow(2, 0, w)?;
+    }
+    Ok(x.contiguous()?)
+}
+
+/// Multi-head attention with decomposed relative position bias (`image_encoder.Attention`).
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub qkv: Linear,
+    pub proj: Linear,
+    pub rel_pos_h: Param,
+    pub rel_pos_w: Param,
+    pub num_heads: usize,
+    pub scale: f64,
+}
+
+impl Attention {
+    /// `input_size`: the token grid this attention sees (window, or whole grid for global).
+    pub fn new(
+        vs: &ParamStore,
+        dim: usize,
+        num_heads: usize,
+        input_size: (usize, usize),
+    ) -> Result<Self> {
+        let head_dim = dim / num_heads;
+        Ok(Attention {
+            qkv: Linear::new(&vs.pp("qkv"), dim, dim * 3, true)?,
+            proj: Linear::new(&vs.pp("proj"), dim, dim, true)?,
+            rel_pos_h: vs.get(
+                &[2 * input_size.0 - 1, head_dim],
+                "rel_pos_h",
+                Init::TruncNormal(0.02),
+            )?,
+            rel_pos_w: vs.get(
+                &[2 * input_size.1 - 1, head_dim],
+                "rel_pos_w",
+                Init::TruncNormal(0.02),
+            )?,
+            num_heads,
+            scale: (head_dim as f64).powf(-0.5),
+        })
+    }
+
+    /// `x: [B, H, W, dim] → [B, H, W, dim]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let out = rel_pos_attention(
+            &self.qkv.forward(x)?,
+            &self.rel_pos_h.tensor()?,
+            &self.rel_pos_w.tensor()?,
+            self.num_heads,
+            self.scale,
+        )?;
+        self.proj.forward(&out)
+    }
+}
+
+/// The attention core of [`Attention`] between the `qkv` and `proj` linears:
+/// `qkv: [B, H, W, 3·dim]` → `[B, H, W, dim]` (softmax(q·kᵀ·scale + rel-pos bias)·v per head).
+pub fn rel_pos_attention(
+    qkv: &Tensor,
+    rel_pos_h: &Tensor,
+    rel_pos_w: &Tensor,
+    num_heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, h, w, d3) = qkv.dims4()?;
+    let dim = d3 / 3;
+    let nh = num_heads;
+    let hd = dim / nh;
+    let qkv = qkv
+        .reshape((b, h * w, 3, nh, hd))?
+        .permute((2, 0, 3, 1, 4))?
+        .contiguous()?
+        .reshape((3, b * nh, h * w, hd))?;
+    let q = qkv.get(0)?;
+    let k = qkv.get(1)?;
+    let v = qkv.get(2)?;
+    let attn = (&q * scale)?.matmul(&k.t()?)?;
+    let attn = add_decomposed_rel_pos(&attn, &q, rel_pos_h, rel_pos_w, (h, w), (h, w))?;
+    let attn = softmax_last(&attn)?;
+    Ok(attn
+        .matmul(&v)?
+        .reshape((b, nh, h, w, hd))?
+        .permute((0, 2, 3, 1, 4))?
+        .contiguous()?
+        .reshape((b, h, w, dim))?)
+}
+
+/// Transformer block with windowed (`window_size > 0`) or global attention (`image_encoder.Block`).
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub norm1: LayerNorm,
+    pub attn: Attention,
+    pub norm2: LayerNorm,
+    pub mlp: MlpBlock,
+    pub window_size: usize,
+}
+
+impl Block {
+    pub fn new(
+        vs: &ParamStore,
+        dim: usize,
+        num_heads: usize,
+        mlp_dim: usize,
+        window_size: usize,
+        input_size: (usize, usize),
+    ) -> Result<Self> {
+        let attn_size = if window_size == 0 {
+            input_size
+        } else {
+            (window_size, window_size)
+        };
+        Ok(Block {
+            norm1: LayerNorm::new(&vs.pp("norm1"), dim, ENCODER_LN_EPS)?,
+            attn: Attention::new(&vs.pp("attn"), dim, num_heads, attn_size)?,
+            norm2: LayerNorm::new(&vs.pp("norm2"), dim, ENCODER_LN_EPS)?,
+            mlp: MlpBlock::new(&vs.pp("mlp"), dim, mlp_dim, Activation::Gelu)?,
+            window_size,
+        })
+    }
+
+    /// `x: [B, H, W, dim] → [B, H, W, dim]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let shortcut = x;
+        let mut y = self.norm1.forward(x)?;
+        let (_, h, w, _) = y.dims4()?;
+        if self.window_size > 0 {
+            let (win, pad_hw) = window_partition(&y, self.window_size)?;
+            let a = self.attn.forward(&win)?;
+            y = window_unpartition(&a, self.window_size, pad_hw, (h, w))?;
+        } else {
+            y = self.attn.forward(&y)?;
+        }
+        let x = (shortcut + y)?;
+        let m = self.mlp.forward(&self.norm2.forward(&x)?)?;
+        Ok((x + m)?)
+    }
+}
+
+/// The neck: conv1×1 (no bias) → LayerNorm2d → conv3×3 (no bias) → LayerNorm2d
+/// (`neck.0`, `neck.1`, `neck.2`, `neck.3`).
+#[derive(Debug, Clone)]
+pub struct Neck {
+    pub conv1: Conv2d,
+    pub ln1: LayerNorm2d,
+    pub conv2: Conv2d,
+    pub ln2: LayerNorm2d,
+}
+
+impl Neck {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.ln1.forward(&self.conv1.forward(x)?)?;
+        self.ln2.forward(&self.conv2.forward(&x)?)
+    }
+}
+
+/// `ImageEncoderViT` with the settings of `build_sam.py` (qkv bias, rel-pos, abs pos).
+#[derive(Debug, Clone)]
+pub struct ImageEncoderViT {
+    /// `patch_embed.proj`: conv, kernel = stride = patch size.
+    pub patch_embed: Conv2d,
+    /// `pos_embed`: `[1, g, g, dim]`.
+    pub pos_embed: Param,
+    pub blocks: Vec<Block>,
+    pub neck: Neck,
+    pub img_size: usize,
+}
+
+impl ImageEncoderViT {
+    pub fn new(cfg: &SamConfig, vs: &ParamStore) -> Result<Self> {
+        let d = cfg.encoder_embed_dim;
+        let g = cfg.grid_size();
+        let p = cfg.patch_size;
+        let patch_embed = Conv2d::new(&vs.pp("patch_embed").pp("proj"), 3, d, p, p, 0, 1, true)?;
+        let pos_embed = vs.get(&[1, g, g, d], "pos_embed", Init::TruncNormal(0.02))?;
+        let mlp_dim = (d as f64 * cfg.mlp_ratio) as usize;
+        let blocks = (0..cfg.encoder_depth)
+            .map(|i| {
+                let ws = if cfg.encoder_global_attn_indexes.contains(&i) {
+                    0
+                } else {
+                    cfg.window_size
+                };
+                Block::new(
+                    &vs.pp("blocks").pp(i),
+                    d,
+                    cfg.encoder_num_heads,
+                    mlp_dim,
+                    ws,
+                    (g, g),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let c = cfg.prompt_embed_dim;
+        let n = vs.pp("neck");
+        let neck = Neck {
+            conv1: Conv2d::new(&n.pp(0), d, c, 1, 1, 0, 1, false)?,
+            ln1: LayerNorm2d::new(&n.pp(1), c, LAYER_NORM_2D_EPS)?,
+            conv2: Conv2d::new(&n.pp(2), c, c, 3, 1, 1, 1, false)?,
+            ln2: LayerNorm2d::new(&n.pp(3), c, LAYER_NORM_2D_EPS)?,
+        };
+        Ok(ImageEncoderViT {
+            patch_embed,
+            pos_embed,
+            blocks,
+            neck,
+            img_size: cfg.image_size,
+        })
+    }
+
+    /// Patch embedding plus absolute positions: `[B, 3, S, S] → [B, g, g, dim]`.
+    pub fn embed(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, c, h, w) = x.dims4()?;
+        if c != 3 || h != self.img_size || w != self.img_size {
+            return Err(Error::msg(format!(
+                "image encoder expects [B, 3, {s}, {s}] input, got {:?}",
+                x.dims(),
+                s = self.img_size
+            )));
+        }
+        // kernel = stride, no padding: the conv is a matmul over non-overlapping patches,
+        // which is much faster than Candle's conv2d in backward (its weight gradient is a
+        // dilated convolution).
+        let w = self.patch_embed.weight.tensor()?; // [D, 3, p, p]
+        let (d, _, p, _) = w.dims4()?;
+        let b = x.dim(0)?;
+        let g = h / p;
+        let patches = x
+            .reshape((b, 3, g, p, g, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b * g * g, 3 * p * p))?;
+        let mut y = patches.matmul(&w.reshape((d, 3 * p * p))?.t()?)?;
+        if let Some(bias) = &self.patch_embed.bias {
+            y = y.broadcast_add(&bias.tensor()?)?;
+        }
+        let x = y.reshape((b, g, g, d))?;
+        Ok(x.broadcast_add(&self.pos_embed.tensor()?)?)
+    }
+
+    /// Neck on block output: `[B, g, g, dim] → [B, C, g, g]`.
+    pub fn neck_forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.neck.forward(&x.permute((0, 3, 1, 2))?.contiguous()?)
+    }
+
+    /// Normalised images `[B, 3, S, S]` → image embeddings `[B, C, g, g]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = self.embed(x)?;
+        for blk in &self.blocks {
+            x = blk.forward(&x)?;
+        }
+        self.neck_forward(&x)
+    }
+
+    /// Forward without keeping the autograd graph (activation checkpointing by hand): only
+    /// the input of every block and of the neck is kept. Returns the embeddings `[B, C, g, g]`
+    /// (detached) and those block-boundary activations for
+    /// [`backward_checkpointed`](Self::backward_checkpointed).
+    pub fn forward_checkpointed(&self, x: &Tensor) -> Result<(Tensor, EncoderCheckpoints)> {
+        let mut h = self.embed(x)?.detach();
+        let mut acts = Vec::with_capacity(self.blocks.len() + 1);
+        for blk in &self.blocks {
+            acts.push(h.clone());
+            h = blk.forward(&h)?.detach();
+        }
+        acts.push(h.clone());
+        let emb = self.neck_forward(&h)?.detach();
+        Ok((emb, EncoderCheckpoints { acts }))
+    }
+
+    /// Backward through the encoder by recomputing one block at a time from the kept
+    /// activations: `x` the same input as the forward, `upstream` = dL/d(embeddings)
+    /// `[B, C, g, g]`. Returns the gradients of the encoder's trainable vars (as
+    /// `loss.backward()` would), to be merged with the decoder's by `GradStore::extend`.
+    /// Peak memory is one block's graph instead of the whole encoder's.
+    pub fn backward_checkpointed(
+        &self,
+        x: &Tensor,
+        ckpt: &EncoderCheckpoints,
+        upstream: &Tensor,
+    ) -> Result<GradStore> {
+        let n = self.blocks.len();
+        if ckpt.acts.len() != n + 1 {
+            return Err(Error::msg(format!(
+                "checkpointed backward: {} activations for {n} blocks",
+                ckpt.acts.len()
+            )));
+        }
+        let seg = |input: &Tensor,
+                   f: &dyn Fn(&Tensor) -> Result<Tensor>,
+                   g: &Tensor|
+         -> Result<(GradStore, Tensor)> {
+            let v = Var::from_tensor(input)?;
+            let y = f(v.as_tensor())?;
+            let mut grads = (y * g)?.sum_all()?.backward()?;
+            let gin = grads.remove(v.as_tensor()).ok_or_else(|| {
+                Error::msg("checkpointed backward: no gradient reached a block input")
+            })?;
+            Ok((grads, gin))
+        };
+        let (mut grads, mut g) = seg(&ckpt.acts[n], &|h| self.neck_forward(h), upstream)?;
+        for i in (0..n).rev() {
+            let (gi, gin) = seg(&ckpt.acts[i], &|h| self.blocks[i].forward(h), &g)?;
+            grads.extend(gi)?;
+            g = gin;
+        }
+        let y = self.embed(x)?;
+        grads.extend((y * g)?.sum_all()?.backward()?)?;
+        Ok(grads)
+    }
+}
+
+/// Block-boundary activations kept by [`ImageEncoderViT::forward_checkpointed`]: the input of
+/// each block and of the neck, `[B, g, g, dim]` each, detached.
+#[derive(Debug, Clone)]
+pub struct EncoderCheckpoints {
+    pub acts: Vec<Tensor>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::gradcheck;
+    use crate::util::Rng;
+    use candle_core::{Device, IndexOp};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let mut r = Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| r.normal() as f64).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn window_partition_round_trips_with_padding_and_matches_naive() {
+        let x = rand(&[2, 5, 7, 3], 1);
+        let (win, pad) = window_partition(&x, 4).unwrap();
+        assert_eq!(pad, (8, 8));
+        assert_eq!(win.dims(), &[2 * 2 * 2, 4, 4, 3]);
+        // Window (b=1, wy=1, wx=0) entry (r, c) is x[1, 4 + r, c] (or zero padding).
+        let w = win.i(4 + 2).unwrap();
+        for r in 0..4 {
+            for c in 0..4 {
+                let got = w.i((r, c)).unwrap().to_vec1::<f64>().unwrap();
+                let want = if 4 + r < 5 {
+                    x.i((1, 4 + r, c)).unwrap().to_vec1::<f64>().unwrap()
+                } else {
+                    vec![0.0; 3]
+                };
+                assert_eq!(got, want);
+            }
+        }
+        let back = window_unpartition(&win, 4, pad, (5, 7)).unwrap();
+        let d = (back - &x).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(d.to_scalar::<f64>().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn window_partition_gradients_match_finite_differences() {
+        let x = rand(&[2, 5, 7, 3], 2);
+        let e = gradcheck::check(&x, 30, 0, |x| {
+            let (w, pad) = window_partition(x, 4)?;
+            // A non-linear use of the windows so that every position matters differently.
+            let w = (w.sqr()? * 0.5)?;
+            window_unpartition(&w, 4, pad, (5, 7))
+        })
+        .unwrap();
+        assert!(e < 1e-6, "{e}");
+    }
+
+    /// Direct loops over Meta's definition of get_rel_pos + add_decomposed_rel_pos.
+    fn naive_rel_pos(
+        attn: &[f64],
+        q: &[f64],
+        rh: &[f64],
+        rw: &[f64],
+        b: usize,
+        s: usize,
+        c: usize,
+    ) -> Vec<f64> {
+        let l = 2 * s - 1;
+        assert_eq!(rh.len(), l * c);
+        let mut out = attn.to_vec();
+        for bi in 0..b {
+            for h in 0..s {
+                for w in 0..s {
+                    for kh in 0..s {
+                        for kw in 0..s {
+                            let qi = bi * s * s * c + (h * s + w) * c;
+                            let ih = (h + s - 1 - kh) * c;
+                            let iw = (w + s - 1 - kw) * c;
+                            let mut acc = 0.0;
+                            for ci in 0..c {
+                                acc += q[qi + ci] * (rh[ih + ci] + rw[iw + ci]);
+                            }
+                            out[bi * s * s * s * s + (h * s + w) * s * s + kh * s + kw] += acc;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn rel_pos_bias_matches_naive_loops() {
+        let (b, s, c) = (3, 4, 5);
+        let attn = rand(&[b, s * s, s * s], 3);
+        let q = rand(&[b, s * s, c], 4);
+        let rh = rand(&[2 * s - 1, c], 5);
+        let rw = rand(&[2 * s - 1, c], 6);
+        let got = add_decomposed_rel_pos(&attn, &q, &rh, &rw, (s, s), (s, s))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let f = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let want = naive_rel_pos(&f(&attn), &f(&q), &f(&rh), &f(&rw), b, s, c);
+        for (a, w) in got.iter().zip(&want) {
+            assert!((a - w).abs() < 1e-10, "{a} vs {w}");
+        }
+    }
+
+    #[test]
+    fn get_rel_pos_interpolates_like_torch_linear() {
+        // Table of length 3 for a size-4 axis (needs 7): resized with F.interpolate(size=7,
+        // mode="linear", align_corners=False) of [0, 1, 2] = [0, 1/7, 4/7, 1, 10/7, 13/7, 2]
+
+        let t = Tensor::new(&[[0f32], [1.], [2.]], &Device::Cpu).unwrap();
+        let r = get_rel_pos(4, 4, &t).unwrap(); // [4, 4, 1]
+        let want_table = [0.0, 1.0 / 7.0, 4.0 / 7.0, 1.0, 10.0 / 7.0, 13.0 / 7.0, 2.0];
+        let r = r.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for i in 0..4 {
+            for j in 0..4 {
+                let w = want_table[i + 3 - j];
+                assert!(
+                    (r[i * 4 + j] - w).abs() < 1e-6,
+                    "({i},{j}) {} vs {w}",
+                    r[i * 4 + j]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rel_pos_bias_gradients_match_finite_differences() {
+        let (b, s, c) = (2, 3, 4);
+        let attn = rand(&[b, s * s, s * s], 7);
+        let q = rand(&[b, s * s, c], 8);
+        let rh = rand(&[2 * s - 1, c], 9);
+        let rw = rand(&[2 * s - 1, c], 10);
+        let e = gradcheck::check(&q, 30, 0, |q| {
+            add_decomposed_rel_pos(&attn, q, &rh, &rw, (s, s), (s, s))
+        })
+        .unwrap();
+        assert!(e < 1e-6, "wrt q: {e}");
+        let e = gradcheck::check(&rh, 30, 1, |rh| {
+            add_decomposed_rel_pos(&attn, &q, rh, &rw, (s, s), (s, s))
+        })
+        .unwrap();
+        assert!(e < 1e-6, "wrt rel_pos_h: {e}");
+        let e = gradcheck::check(&rw, 30, 2, |rw| {
+            add_decomposed_rel_pos(&attn, &q, &rh, rw, (s, s), (s, s))
+        })
+        .unwrap();
+        assert!(e < 1e-6, "wrt rel_pos_w: {e}");
+        // Through the interpolation path (table shorter than 2s-1).
+        let short = rand(&[3, c], 11);
+        let e = gradcheck::check(&short, 20, 3, |t| {
+            add_decomposed_rel_pos(&attn, &q, t, &rw, (s, s), (s, s))
+        })
+        .unwrap();
+        assert!(e < 1e-6, "wrt resized table: {e}");
+    }
+
+    #[test]
+    fn attention_gradients_match_finite_differences() {
+        let (b, h, w, dim, nh) = (2, 3, 3, 8, 2);
+        let qkv = rand(&[b, h, w, 3 * dim], 12);
+        let rh = (rand(&[2 * h - 1, dim / nh], 13) * 0.5).unwrap();
+        let rw = (rand(&[2 * w - 1, dim / nh], 14) * 0.5).unwrap();
+        let scale = 0.5;
+        let e =
+            gradcheck::check(&qkv, 40, 0, |x| rel_pos_attention(x, &rh, &rw, nh, scale)).unwrap();
+        assert!(e < 1e-6, "wrt qkv: {e}");
+        let e =
+            gradcheck::check(&rh, 20, 1, |t| rel_pos_attention(&qkv, t, &rw, nh, scale)).unwrap();
+        assert!(e < 1e-6, "wrt rel_pos_h: {e}");
+    }
+}

@@ -1,0 +1,62 @@
+//! Loading SAM checkpoints (`.safetensors` or Meta's official `.pth`) for a [`SamConfig`],
+//! adapting position tables when the checkpoint was made for another input size: `pos_embed`
+//! is resized bilinearly and the global blocks' `rel_pos_h/w` tables linearly (as Meta's
+//! `get_rel_pos` interpolates at run time). Errors name the file or the tensor and its shapes.
+
+use super::sam::Sam;
+use crate::error::{Error, Result};
+use crate::nn::layers::{interp_matrix, resize_bilinear};
+use crate::sam::SamConfig;
+use crate::util::tensors::{self, TensorMap};
+use candle_core::{Device, Tensor};
+use std::path::Path;
+
+/// Load a checkpoint file for `cfg` onto `device` (f32), resizing position tables to `cfg`.
+pub fn load_weights(path: &Path, cfg: &SamConfig, device: &Device) -> Result<TensorMap> {
+    let map = tensors::load(path, device)?;
+    adapt_to_config(map, cfg)
+}
+
+/// Resize `pos_embed` and `rel_pos_*` tables in `map` to the sizes `cfg` expects; any other
+/// shape mismatch is left for model construction to report.
+pub fn adapt_to_config(mut map: TensorMap, cfg: &SamConfig) -> Result<TensorMap> {
+    let expected = Sam::param_shapes(cfg);
+    for s in &expected {
+        let Some(t) = map.get(&s.name) else { continue };
+        if t.dims() == s.shape.as_slice() {
+            continue;
+        }
+        let mismatch = || Error::ShapeMismatch {
+            name: s.name.clone(),
+            found: t.dims().to_vec(),
+            expected: s.shape.clone(),
+        };
+        let resized = if s.name == "image_encoder.pos_embed" {
+            // [1, g0, g0', D] → [1, g, g, D], bilinear (align_corners=False).
+            let &[one, _, _, d0] = t.dims() else {
+                return Err(mismatch());
+            };
+            if one != 1 || d0 != s.shape[3] {
+                return Err(mismatch());
+            }
+            let x = t.permute((0, 3, 1, 2))?.contiguous()?; // [1, D, h0, w0]
+            resize_bilinear(&x, s.shape[1], s.shape[2])?
+                .permute((0, 2, 3, 1))?
+                .contiguous()?
+        } else if s.name.ends_with(".attn.rel_pos_h") || s.name.ends_with(".attn.rel_pos_w") {
+            let &[l0, c0] = t.dims() else {
+                return Err(mismatch());
+            };
+            if c0 != s.shape[1] {
+                return Err(mismatch());
+            }
+            let l = s.shape[0];
+            let m = Tensor::from_vec(interp_matrix(l0, l), (l, l0), t.device())?;
+            m.matmul(t)?
+        } else {
+            return Err(mismatch());
+        };
+        map.insert(s.name.clone(), resized);
+    }
+    Ok(map)
+}
