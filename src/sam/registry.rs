@@ -4,7 +4,7 @@
 //!   resolves to that checkpoint and its config.
 //! - A checkpoint path (`.safetensors`, or an official `.pth`) resolves to itself; its config
 //!   comes from a JSON beside it (`<stem>.json`, `config.json` or `sam_config.json` in its
-//!   folder), else is inferred from the encoder width (768/1024/1280 → vit_b/l/h, 192 → tiny).
+//!   folder), else is inferred from the tensor shapes.
 //! - Other presets (`vit_b`, …) without a checkpoint are refused with a message saying how to
 //!   pass one: official weights cannot be downloaded here.
 
@@ -52,30 +52,15 @@ pub fn config_beside(path: &Path) -> Result<Option<SamConfig>> {
     Ok(None)
 }
 
-/// Infer a preset from the patch-embedding width of a checkpoint.
+/// Infer the config from a checkpoint's tensor shapes ([`super::info::infer_config`]).
 pub fn infer_config(path: &Path) -> Result<SamConfig> {
     let map = crate::util::tensors::load(path, &candle_core::Device::Cpu)?;
-    let key = "image_encoder.patch_embed.proj.weight";
-    let w = map.get(key).ok_or_else(|| Error::Checkpoint {
-        path: path.to_path_buf(),
-        msg: format!("no `{key}`: not a SAM checkpoint?"),
-    })?;
-    let preset = match w.dims().first() {
-        Some(768) => "vit_b",
-        Some(1024) => "vit_l",
-        Some(1280) => "vit_h",
-        Some(192) => "tiny",
-        other => {
-            return Err(Error::Checkpoint {
-                path: path.to_path_buf(),
-                msg: format!(
-                    "cannot infer the SAM size from `{key}` width {other:?}; put a config JSON \
-                     beside it (<name>.json)"
-                ),
-            })
-        }
-    };
-    SamConfig::preset(preset)
+    super::info::infer_config(&map)
+        .map(|(c, _)| c)
+        .map_err(|e| Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg: format!("not a SAM checkpoint: {e}"),
+        })
 }
 
 /// Resolve `--model` (and an optional input-size override) to (checkpoint, config).
