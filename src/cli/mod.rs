@@ -6,9 +6,12 @@ use clap::{Parser, Subcommand};
 pub mod bench;
 pub mod bench_gps;
 pub mod common;
+pub mod data;
+pub mod export;
 pub mod info;
 pub mod progress;
 pub mod merge;
+pub mod runtime;
 pub mod select;
 
 /// Fine-tune big pretrained vision models by changing a tiny, gradient-chosen subset of their
@@ -24,8 +27,14 @@ pub struct Cli {
 pub enum Command {
     /// Print a model's config and parameter counts per component.
     Info(info::Args),
+    /// Datasets: synthetic generators and checks.
+    Data(data::Args),
     /// Benchmarks: speed and memory tables.
     Bench(bench::Args),
+    /// Export SAM to ONNX (prompt-free graph, or image encoder + prompted decoder).
+    Export(export::Args),
+    /// Locate or fetch the ONNX Runtime library.
+    Runtime(runtime::Args),
     /// GPS parameter selection on a base checkpoint → artifact folder + counts.
     Select(select::Args),
     /// Merge a trained GPS artifact into its base → a full checkpoint.
@@ -35,7 +44,10 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info(a) => info::run(a),
+        Command::Data(a) => data::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Export(a) => export::run(a),
+        Command::Runtime(a) => runtime::run(a),
         Command::Select(a) => select::run(a),
         Command::Merge(a) => merge::run(a),
     }

@@ -1,1 +1,3 @@
 //! Inference through ONNX Runtime (`ort`): runtime location, batched sessions, reports.
+
+pub mod runtime;

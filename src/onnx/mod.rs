@@ -1,1 +1,12 @@
-//! ONNX: protobuf types, a graph builder, exporters per model family.
+//! ONNX export written from Rust: protobuf types ([`proto`]), a graph builder ([`builder`]) and
+//! one exporter per model family ([`sam`]). Opset 17, IR 8.
+
+pub mod builder;
+pub mod proto;
+pub mod sam;
+
+pub use builder::{
+    read_model, write_model, write_model_with, Dim, ExternalData, GraphBuilder, Value, WriteReport,
+    IR_VERSION, OPSET,
+};
+pub use proto::ModelProto;

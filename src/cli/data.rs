@@ -1,0 +1,172 @@
+//! `gps-seg data <what>`: generate synthetic datasets and check a dataset folder.
+
+use clap::Subcommand;
+use gps_seg::data::{synth_cls, synth_kvasir, ClsDataset, ClsLayout, ClsSplit, KvasirDataset};
+use std::path::PathBuf;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    pub what: What,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum What {
+    /// Write a synthetic Kvasir-SEG (images/, masks/, kavsir_bboxes.json).
+    SynthKvasir {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Largest image side (Kvasir goes up to 1920).
+        #[arg(long, default_value_t = 720)]
+        max_side: usize,
+        /// Also write OUT/preview.png, a contact sheet of a few image/mask pairs.
+        #[arg(long)]
+        preview: bool,
+    },
+    /// Write a synthetic classification set.
+    SynthCls {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        classes: usize,
+        /// Train+val images per class (80/20); the test set has the same size.
+        #[arg(long, default_value_t = 100)]
+        per_class: usize,
+        /// vtab or imagefolder.
+        #[arg(long, default_value = "vtab")]
+        layout: String,
+        /// upstream (shape × colour classes, for pretraining) or downstream (texture × shape).
+        #[arg(long, default_value = "downstream")]
+        kind: String,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 32)]
+        size: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Open a dataset, report its size and every problem found.
+    Check {
+        /// kvasir, imagefolder, vtab, fgvc, cifar100 or auto.
+        #[arg(long, default_value = "kvasir")]
+        layout: String,
+        #[arg(long, default_value = "train")]
+        split: String,
+        /// Fully decode every image (Kvasir; slower, finds corrupt files).
+        #[arg(long)]
+        decode: bool,
+        root: PathBuf,
+    },
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    match args.what {
+        What::SynthKvasir {
+            out,
+            count,
+            seed,
+            max_side,
+            preview,
+        } => {
+            let cfg = synth_kvasir::SynthKvasirConfig {
+                count,
+                seed,
+                max_side,
+                ..Default::default()
+            };
+            let t = std::time::Instant::now();
+            let s = synth_kvasir::generate(&out, &cfg)?;
+            println!(
+                "wrote {} images ({} polyps, sizes {}×{} … {}×{} h×w, mean polyp area {:.1}%) to {} in {:.1}s",
+                s.count,
+                s.polyps,
+                s.min_size.0,
+                s.min_size.1,
+                s.max_size.0,
+                s.max_size.1,
+                100.0 * s.mean_polyp_fraction,
+                out.display(),
+                t.elapsed().as_secs_f64()
+            );
+            if preview {
+                let p = out.join("preview.png");
+                synth_kvasir::write_preview(&p, seed, count.min(6), max_side)?;
+                println!("preview: {}", p.display());
+            }
+        }
+        What::SynthCls {
+            out,
+            classes,
+            per_class,
+            layout,
+            kind,
+            size,
+            seed,
+        } => {
+            let cfg = synth_cls::SynthClsConfig {
+                classes,
+                per_class,
+                test_per_class: per_class,
+                layout: layout.parse()?,
+                kind: kind.parse()?,
+                size,
+                seed,
+            };
+            let n = synth_cls::generate(&out, &cfg)?;
+            println!(
+                "wrote {n} images ({classes} {kind} classes, {layout}) to {}",
+                out.display()
+            );
+        }
+        What::Check {
+            layout,
+            split,
+            decode,
+            root,
+        } => {
+            if layout == "kvasir" {
+                let opts = gps_seg::data::kvasir::OpenOptions {
+                    verify_decode: decode,
+                };
+                let ds = KvasirDataset::open_with(&root, &opts)?;
+                let (mut lo, mut hi) = ((usize::MAX, usize::MAX), (0, 0));
+                for e in &ds.entries {
+                    lo = (lo.0.min(e.size.0), lo.1.min(e.size.1));
+                    hi = (hi.0.max(e.size.0), hi.1.max(e.size.1));
+                }
+                let boxes: usize = ds.entries.iter().map(|e| e.boxes.len()).sum();
+                println!(
+                    "{}: {} image/mask pairs, sizes {}×{} … {}×{} (h×w), {boxes} boxes",
+                    root.display(),
+                    ds.len(),
+                    lo.0,
+                    lo.1,
+                    hi.0,
+                    hi.1
+                );
+                match &ds.root_split {
+                    Some(s) => println!(
+                        "split from {}: {} train / {} test",
+                        s.source,
+                        s.train.len(),
+                        s.test.len()
+                    ),
+                    None => println!("no split files; training will use a seeded 88/12 split"),
+                }
+            } else {
+                let l = if layout == "auto" {
+                    ClsLayout::detect(&root)?
+                } else {
+                    layout.parse()?
+                };
+                let sp: ClsSplit = split.parse()?;
+                let ds = ClsDataset::open(&root, l, sp, None)?;
+                println!("{} ({l:?}, {sp:?}): {}", root.display(), ds.report());
+            }
+        }
+    }
+    Ok(())
+}
