@@ -1,0 +1,307 @@
+//! Integration tests for the classifiers (`gps_seg::models`) and training losses
+//! (`gps_seg::train::loss`): shapes, gradient coverage, parameter counts of the full presets
+//! (checked against timm's published counts by independent arithmetic), the Hugging Face ↔
+//! timm renaming round trip, and a short training run that must raise accuracy.
+
+use candle_core::{DType, Device, Tensor, Var};
+use gps_seg::models::names::timm_vit_to_hf;
+use gps_seg::models::{Classifier, ClassifierConfig, ConvNextConfig, VitConfig};
+use gps_seg::nn::ParamStore;
+use gps_seg::train::loss::{cross_entropy, supcon_two_views};
+use gps_seg::util::Rng;
+
+fn images(b: usize, s: usize, seed: u64) -> Tensor {
+    let mut r = Rng::new(seed);
+    let v: Vec<f32> = (0..b * 3 * s * s).map(|_| r.f32()).collect();
+    Tensor::from_vec(v, (b, 3, s, s), &Device::Cpu).unwrap()
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn tiny_presets() -> Vec<ClassifierConfig> {
+    vec![
+        ClassifierConfig::preset("vit_tiny_cpu", 10).unwrap(),
+        ClassifierConfig::preset("convnext_tiny_cpu", 10).unwrap(),
+    ]
+}
+
+#[test]
+fn tiny_presets_forward_shapes() {
+    for cfg in tiny_presets() {
+        let vs = ParamStore::init(&Device::Cpu, 0);
+        let m = Classifier::new(&cfg, &vs).unwrap();
+        for b in [1, 3] {
+            let x = images(b, cfg.image_size(), b as u64);
+            let f = m.features(&x).unwrap();
+            assert_eq!(f.dims(), &[b, cfg.feature_dim()], "{}", cfg.name());
+            let y = m.forward(&x).unwrap();
+            assert_eq!(y.dims(), &[b, 10], "{}", cfg.name());
+            assert!(max_abs(&y).is_finite());
+        }
+        let (_, total) = vs.counts();
+        assert_eq!(total, cfg.param_count(), "{}", cfg.name());
+    }
+}
+
+#[test]
+fn gradient_reaches_every_parameter_through_the_head() {
+    for cfg in tiny_presets() {
+        let vs = ParamStore::init(&Device::Cpu, 1);
+        let m = Classifier::new(&cfg, &vs).unwrap();
+        let labels = Tensor::new(&[3u32, 7], &Device::Cpu).unwrap();
+        let loss = cross_entropy(
+            &m.forward(&images(2, cfg.image_size(), 5)).unwrap(),
+            &labels,
+        )
+        .unwrap();
+        let grads = loss.backward().unwrap();
+        let vars = vs.trainable_vars();
+        assert_eq!(vars.len(), cfg.param_shapes().len());
+        for (name, var) in vars {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{}: no gradient for {name}", cfg.name()));
+            let a = max_abs(g);
+            assert!(
+                a > 0.0 && a.is_finite(),
+                "{}: gradient of {name} is {a}",
+                cfg.name()
+            );
+        }
+    }
+}
+
+#[test]
+fn supcon_on_features_reaches_the_backbone_but_not_the_head() {
+    for cfg in tiny_presets() {
+        let vs = ParamStore::init(&Device::Cpu, 2);
+        let m = Classifier::new(&cfg, &vs).unwrap();
+        let s = cfg.image_size();
+        let x = images(3, s, 6);
+        // Second view: horizontal flip.
+        let idx: Vec<u32> = (0..s as u32).rev().collect();
+        let flip = x
+            .index_select(&Tensor::new(idx.as_slice(), &Device::Cpu).unwrap(), 3)
+            .unwrap();
+        let labels = Tensor::new(&[0u32, 1, 0], &Device::Cpu).unwrap();
+        let loss = supcon_two_views(
+            &m.features(&x).unwrap(),
+            &m.features(&flip).unwrap(),
+            &labels,
+            0.07,
+        )
+        .unwrap();
+        let grads = loss.backward().unwrap();
+        for (name, var) in vs.trainable_vars() {
+            let g = grads.get(var.as_tensor()).map(max_abs).unwrap_or(0.0);
+            if name.starts_with("head.fc")
+                || name.starts_with("head.weight")
+                || name.starts_with("head.bias")
+            {
+                assert_eq!(g, 0.0, "{}: head {name} got a gradient", cfg.name());
+            } else {
+                assert!(g > 0.0, "{}: no SupCon gradient for {name}", cfg.name());
+            }
+        }
+    }
+}
+
+#[test]
+fn full_preset_parameter_counts_match_timm() {
+    // ViT-B/16, 1000 classes, by hand: patch embed 768·3·16·16 + 768; cls 768; pos 197·768;
+    // per block 2·(2·768) norms + (768·2304 + 2304) qkv + (768² + 768) proj
+    //   + (768·3072 + 3072) fc1 + (3072·768 + 768) fc2; final norm 2·768; head 768·1000 + 1000.
+    let d = 768usize;
+    let block = 4 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d);
+    let vit = (d * 3 * 256 + d) + d + 197 * d + 12 * block + 2 * d + (d * 1000 + 1000);
+    assert_eq!(vit, 86_567_656); // timm vit_base_patch16_224 (1000 classes)
+    let cfg = ClassifierConfig::Vit(VitConfig::vit_b16());
+    assert_eq!(cfg.param_count(), vit);
+    // 21k-class head of the ImageNet-21k checkpoint: 768·21843 + 21843 more head entries.
+    let in21k = ClassifierConfig::Vit(VitConfig::vit_b16().with_num_classes(21843));
+    assert_eq!(in21k.param_count(), vit - 769_000 + (d * 21843 + 21843));
+
+    // ConvNeXt-B, 1000 classes: stem 3·128·16 + 128 + LN 2·128; block(C) = dw 49C + C, LN 2C,
+    // fc1 4C² + 4C, fc2 4C² + C, gamma C; downsample(P→C) = LN 2P + conv 4PC + C;
+    // head LN 2·1024 + fc 1024·1000 + 1000.
+    let blk = |c: usize| 50 * c + 2 * c + (4 * c * c + 4 * c) + (4 * c * c + c) + c;
+    let ds = |p: usize, c: usize| 2 * p + 4 * p * c + c;
+    let cnx = (3 * 128 * 16 + 128 + 256)
+        + 3 * blk(128)
+        + ds(128, 256)
+        + 3 * blk(256)
+        + ds(256, 512)
+        + 27 * blk(512)
+        + ds(512, 1024)
+        + 3 * blk(1024)
+        + (2 * 1024 + 1024 * 1000 + 1000);
+    assert_eq!(cnx, 88_591_464); // timm convnext_base (1000 classes)
+    let cfg = ClassifierConfig::ConvNext(ConvNextConfig::convnext_b());
+    assert_eq!(cfg.param_count(), cnx);
+}
+
+#[test]
+fn huggingface_names_round_trip_to_the_same_outputs() {
+    let cfg = VitConfig::tiny().with_num_classes(4);
+    let vs = ParamStore::init(&Device::Cpu, 3);
+    let ccfg = ClassifierConfig::Vit(cfg.clone());
+    let a = Classifier::new(&ccfg, &vs).unwrap();
+    let x = images(2, cfg.image_size, 9);
+    let ya = a.forward(&x).unwrap();
+
+    let timm = vs.current_tensors().unwrap();
+    let mut hf = timm_vit_to_hf(timm.clone()).unwrap();
+    assert!(hf.contains_key("vit.encoder.layer.5.attention.attention.value.weight"));
+    assert!(hf.contains_key("classifier.weight"));
+    assert!(!hf
+        .keys()
+        .any(|k| k.contains("qkv") || k.starts_with("blocks.")));
+    // HF's pooler is not part of timm's model: dropped and reported.
+    hf.insert(
+        "vit.pooler.dense.weight".into(),
+        Tensor::zeros((192, 192), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let (back, report) = ccfg.adapt_checkpoint(hf, 0).unwrap();
+    assert!(report.converted_from.is_some());
+    assert_eq!(report.dropped.len(), 1);
+    assert!(report.reinitialised.is_empty() && report.resized.is_empty());
+    assert_eq!(back.len(), timm.len());
+    for (k, t) in &timm {
+        let d = max_abs(&(t - &back[k]).unwrap());
+        assert_eq!(d, 0.0, "{k} changed in the round trip");
+    }
+    let store = ParamStore::frozen(back, &Device::Cpu);
+    let b = Classifier::new(&ccfg, &store).unwrap();
+    store.check_all_used().unwrap();
+    let yb = b.forward(&x).unwrap();
+    assert_eq!(max_abs(&(ya - yb).unwrap()), 0.0);
+}
+
+/// Three classes told apart by which colour channel dominates, with noise.
+fn colour_problem(n: usize, s: usize, seed: u64) -> (Tensor, Tensor, Vec<u32>) {
+    let mut r = Rng::new(seed);
+    let mut px = Vec::with_capacity(n * 3 * s * s);
+    let mut labels = Vec::with_capacity(n);
+    for i in 0..n {
+        let c = (i % 3) as u32;
+        labels.push(c);
+        for ch in 0..3u32 {
+            let base = if ch == c { 0.65 } else { 0.35 };
+            for _ in 0..s * s {
+                px.push((base + 0.25 * r.normal()).clamp(0.0, 1.0));
+            }
+        }
+    }
+    let x = Tensor::from_vec(px, (n, 3, s, s), &Device::Cpu).unwrap();
+    let y = Tensor::new(labels.as_slice(), &Device::Cpu).unwrap();
+    (x, y, labels)
+}
+
+fn accuracy(logits: &Tensor, labels: &[u32]) -> f64 {
+    let pred = logits.argmax(1).unwrap().to_vec1::<u32>().unwrap();
+    pred.iter().zip(labels).filter(|(a, b)| a == b).count() as f64 / labels.len() as f64
+}
+
+/// Plain Adam (no weight decay) over `vars`, written out so the test depends on nothing else.
+struct Adam {
+    vars: Vec<Var>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    t: i32,
+    lr: f64,
+}
+
+impl Adam {
+    fn new(vars: Vec<Var>, lr: f64) -> Self {
+        let m = vars.iter().map(|v| v.zeros_like().unwrap()).collect();
+        let v2 = vars.iter().map(|v| v.zeros_like().unwrap()).collect();
+        Adam {
+            vars,
+            m,
+            v: v2,
+            t: 0,
+            lr,
+        }
+    }
+
+    fn step(&mut self, loss: &Tensor) {
+        let (b1, b2, eps) = (0.9, 0.999, 1e-8);
+        let grads = loss.backward().unwrap();
+        self.t += 1;
+        for i in 0..self.vars.len() {
+            let Some(g) = grads.get(self.vars[i].as_tensor()) else {
+                continue;
+            };
+            self.m[i] = ((&self.m[i] * b1).unwrap() + (g * (1.0 - b1)).unwrap()).unwrap();
+            self.v[i] =
+                ((&self.v[i] * b2).unwrap() + (g.sqr().unwrap() * (1.0 - b2)).unwrap()).unwrap();
+            let mh = (&self.m[i] / (1.0 - b1.powi(self.t))).unwrap();
+            let vh = (&self.v[i] / (1.0 - b2.powi(self.t))).unwrap();
+            let upd = (mh / (vh.sqrt().unwrap() + eps).unwrap()).unwrap();
+            let new = (self.vars[i].as_tensor() - (upd * self.lr).unwrap()).unwrap();
+            self.vars[i].set(&new).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_few_adam_steps_raise_training_accuracy() {
+    let micro_vit = ClassifierConfig::Vit(VitConfig {
+        name: "micro".into(),
+        image_size: 16,
+        patch_size: 4,
+        embed_dim: 32,
+        depth: 2,
+        num_heads: 2,
+        mlp_dim: 64,
+        num_classes: 3,
+        ..VitConfig::vit_b16()
+    });
+    let micro_cnx = ClassifierConfig::ConvNext(ConvNextConfig {
+        name: "micro".into(),
+        image_size: 16,
+        depths: vec![1, 1],
+        dims: vec![16, 32],
+        num_classes: 3,
+        ..ConvNextConfig::convnext_b()
+    });
+    let (x, y, labels) = colour_problem(24, 16, 11);
+    for cfg in [micro_vit, micro_cnx] {
+        let vs = ParamStore::init(&Device::Cpu, 4);
+        let m = Classifier::new(&cfg, &vs).unwrap();
+        let before = accuracy(&m.forward(&x).unwrap(), &labels);
+        let loss0 = cross_entropy(&m.forward(&x).unwrap(), &y)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let mut opt = Adam::new(
+            vs.trainable_vars().into_iter().map(|(_, v)| v).collect(),
+            3e-3,
+        );
+        for _ in 0..30 {
+            let loss = cross_entropy(&m.forward(&x).unwrap(), &y).unwrap();
+            opt.step(&loss);
+        }
+        let logits = m.forward(&x).unwrap();
+        let after = accuracy(&logits, &labels);
+        let loss1 = cross_entropy(&logits, &y)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(loss1 < loss0, "{}: loss {loss0} → {loss1}", cfg.name());
+        assert!(
+            after >= 0.9 && after > before,
+            "{}: training accuracy {before} → {after}",
+            cfg.name()
+        );
+    }
+}
