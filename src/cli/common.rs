@@ -65,7 +65,11 @@ pub fn kvasir_dir(
             "data: no data/Kvasir-SEG found; generating the synthetic Kvasir-shaped set at {} (once)",
             synth.display()
         )));
-        gps_seg::data::synth_kvasir::generate_default(&synth, seed)?;
+        let cfg = gps_seg::data::synth_kvasir::SynthKvasirConfig {
+            seed,
+            ..Default::default()
+        };
+        gps_seg::data::synth_kvasir::generate(&synth, &cfg)?;
     } else {
         obs.event(Event::Info(format!(
             "data: no data/Kvasir-SEG found; using the synthetic Kvasir-shaped set at {}",

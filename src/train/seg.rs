@@ -11,7 +11,7 @@ use crate::data::kvasir::{KvasirDataset, SegBatch, Split};
 use crate::data::loader::{Loader, LoaderConfig, LoaderState, SegSource};
 use crate::data::resize::{to_original, Resize};
 use crate::error::{Error, Result};
-use crate::gps::artifact::{delta_from_store, Artifact, BaseModel, SelectionInfo};
+use crate::gps::artifact::{Artifact, BaseModel, SelectionInfo};
 use crate::gps::policy::{Policy, Treatment};
 use crate::gps::select::{select_from_grads, Criterion, Level, Selection};
 use crate::nn::{ParamStore, Role, RolePolicy};
