@@ -19,3 +19,62 @@ impl DeviceArgs {
         Ok(dev)
     }
 }
+
+/// `--resize squash|pad`.
+pub fn parse_resize(s: &str) -> anyhow::Result<gps_seg::data::resize::Resize> {
+    use gps_seg::data::resize::Resize;
+    match s {
+        "squash" => Ok(Resize::Squash),
+        "pad" | "longest-side-pad" => Ok(Resize::LongestSidePad),
+        other => anyhow::bail!("--resize {other}: expected `squash` or `pad`"),
+    }
+}
+
+/// Resolve `--model` to (base checkpoint, SAM config).
+pub fn resolve_sam(
+    model: &str,
+    image_size: Option<usize>,
+) -> anyhow::Result<(Option<std::path::PathBuf>, gps_seg::sam::SamConfig)> {
+    let (p, cfg) = gps_seg::sam::registry::resolve(model, image_size)?;
+    Ok((Some(p), cfg))
+}
+
+/// The Kvasir folder to use: `--data-dir`, else `data/Kvasir-SEG` when present, else the
+/// synthetic set under `data/synth-kvasir` (generated once). Says which in one line.
+pub fn kvasir_dir(
+    explicit: Option<std::path::PathBuf>,
+    seed: u64,
+    obs: &mut dyn gps_seg::train::observer::Observer,
+) -> anyhow::Result<std::path::PathBuf> {
+    use gps_seg::train::observer::Event;
+    if let Some(d) = explicit {
+        obs.event(Event::Info(format!("data: {}", d.display())));
+        return Ok(d);
+    }
+    let real = std::path::PathBuf::from("data/Kvasir-SEG");
+    if real.join("images").is_dir() {
+        obs.event(Event::Info(format!(
+            "data: using the real Kvasir-SEG at {}",
+            real.display()
+        )));
+        return Ok(real);
+    }
+    let synth = std::path::PathBuf::from("data/synth-kvasir");
+    if !synth.join("images").is_dir() {
+        obs.event(Event::Info(format!(
+            "data: no data/Kvasir-SEG found; generating the synthetic Kvasir-shaped set at {} (once)",
+            synth.display()
+        )));
+        let cfg = gps_seg::data::synth_kvasir::SynthKvasirConfig {
+            seed,
+            ..Default::default()
+        };
+        gps_seg::data::synth_kvasir::generate(&synth, &cfg)?;
+    } else {
+        obs.event(Event::Info(format!(
+            "data: no data/Kvasir-SEG found; using the synthetic Kvasir-shaped set at {}",
+            synth.display()
+        )));
+    }
+    Ok(synth)
+}

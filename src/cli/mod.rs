@@ -9,9 +9,12 @@ pub mod common;
 pub mod data;
 pub mod export;
 pub mod info;
+pub mod progress;
 pub mod merge;
+pub mod pretrain;
 pub mod runtime;
 pub mod select;
+pub mod train;
 
 /// Fine-tune big pretrained vision models by changing a tiny, gradient-chosen subset of their
 /// own weights (GPS), then export to ONNX and run batch inference.
@@ -36,6 +39,10 @@ pub enum Command {
     Runtime(runtime::Args),
     /// GPS parameter selection on a base checkpoint → artifact folder + counts.
     Select(select::Args),
+    /// Pretrain the project's small models on synthetic upstream data.
+    Pretrain(pretrain::Args),
+    /// Fine-tune SAM (GPS or a baseline) on Kvasir-shaped data; evaluate every epoch.
+    Train(train::Args),
     /// Merge a trained GPS artifact into its base → a full checkpoint.
     Merge(merge::Args),
 }
@@ -49,5 +56,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Runtime(a) => runtime::run(a),
         Command::Select(a) => select::run(a),
         Command::Merge(a) => merge::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Pretrain(a) => pretrain::run(a),
     }
 }

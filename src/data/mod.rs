@@ -20,6 +20,7 @@ pub mod loader;
 pub mod resize;
 pub mod synth_cls;
 pub mod synth_kvasir;
+pub mod synth_scenes;
 
 pub use classification::{ClsDataset, ClsLayout, ClsSample, ClsSplit, Normalize};
 pub use kvasir::{KvasirDataset, SegBatch, SegSample, Split};

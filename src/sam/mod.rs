@@ -16,6 +16,7 @@ pub mod info;
 pub mod load;
 pub mod mask_decoder;
 pub mod prompt_encoder;
+pub mod registry;
 #[allow(clippy::module_inception)]
 pub mod sam;
 pub mod transformer;

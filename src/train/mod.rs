@@ -1,4 +1,11 @@
-//! Training: fit/evaluate loops, losses, metrics, checkpoints and resume.
+//! Training: fit/evaluate loops, losses, metrics, schedules, checkpoints and resume.
+//! Models know nothing of training; everything about steps, losses and optimisers lives here.
 
-pub mod optim;
+pub mod checkpoint;
 pub mod loss;
+pub mod metrics;
+pub mod observer;
+pub mod optim;
+pub mod pretrain;
+pub mod schedule;
+pub mod seg;
