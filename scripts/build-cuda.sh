@@ -11,7 +11,8 @@
 #    binary loads the REAL libraries by SONAME (libcuda.so.1, libcublas.so.13, ...), which the stubs
 #    are never named as.
 # 4. Runs `cargo build --release --features cuda --target-dir target-cuda` (niced, -j $JOBS, default 1).
-# 5. Prints the binary's path, size and the shared libraries it needs at run time.
+# 5. Copies the real libcudart.so.13 to .cuda/rt (small; carry it if the GPU machine lacks it), then
+#    prints the binary's path, size and the shared libraries it needs at run time.
 #
 # Idempotent: wheels are re-used when their hash matches, the toolkit and stubs are rebuilt only when
 # the pins (or the cudarc version) change, and cargo rebuilds incrementally.
@@ -166,6 +167,11 @@ fi
 start=$(date +%s)
 (cd "$ROOT" && nice -n 19 cargo build --release --locked --features cuda --target-dir "$TARGET_DIR" -j "$JOBS" --bin gps-seg)
 secs=$(( $(date +%s) - start ))
+
+# A small run-time folder worth carrying to a GPU machine that lacks the CUDA 13 runtime: the REAL
+# libcudart.so.13 from the pinned wheel (0.7 MB). cuBLAS/cuRAND/the driver must come from that machine.
+mkdir -p "$CUDA_DIR/rt"
+cp -f "$TK/lib64/libcudart.so.13" "$CUDA_DIR/rt/"
 
 # ---------------------------------------------------------------- 5. report
 bin=$TARGET_DIR/release/gps-seg

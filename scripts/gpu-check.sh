@@ -13,7 +13,8 @@
 # to ./gpu-check-out/.
 #
 # Environment: GPS_SEG_BIN (default target-cuda/release/gps-seg, or that path + .gz),
-# GPU_CHECK_BUDGET_S (total seconds for the command steps, default 420), STEP_TIMEOUT_S (cap per step).
+# GPU_CHECK_BUDGET_S (seconds from the start after which
+# no further step starts; steps are cut to fit; default 400), STEP_TIMEOUT_S (cap per step).
 set -u
 
 START=$(date +%s)
@@ -22,7 +23,7 @@ mkdir -p "$OUT"
 LOG=$OUT/gpu-check.log
 MD=$OUT/gpu-check.md
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
-BUDGET=${GPU_CHECK_BUDGET_S:-420}
+BUDGET=${GPU_CHECK_BUDGET_S:-400}
 STEP_CAP=${STEP_TIMEOUT_S:-240}
 : >"$LOG"
 
@@ -63,8 +64,9 @@ add_dir() {
   for x in "${LIBDIRS[@]:-}"; do [[ $x == "$d" ]] && return; done
   LIBDIRS+=("$d")
 }
+ORIG_LDLP=${LD_LIBRARY_PATH:-}
 missing_libs() {
-  LD_LIBRARY_PATH=$(IFS=:; echo "${LIBDIRS[*]:-}") ldd "$BIN" 2>/dev/null | awk '/not found/ {print $1}'
+  LD_LIBRARY_PATH=$(IFS=:; echo "${LIBDIRS[*]:-}")${ORIG_LDLP:+:$ORIG_LDLP} ldd "$BIN" 2>/dev/null | awk '/not found/ {print $1}'
 }
 # 1. ldconfig cache (driver: libcuda.so.1 normally lives here)
 for lib in $(missing_libs); do
@@ -89,11 +91,12 @@ if [[ -n $MISSING ]]; then
     [[ -n $p ]] && add_dir "$(dirname "$p")"
   done
 fi
-# 3. last resort for cudart: the wheel unpacked by build-cuda.sh, if it was carried (never the stubs)
-if [[ -n $(missing_libs) && -f .cuda/toolkit/lib64/libcudart.so.13 ]]; then
-  add_dir "$PWD/.cuda/toolkit/lib64"
+# 3. last resort for cudart: .cuda/rt (the real libcudart.so.13 from the pinned wheel, written by
+#    build-cuda.sh; carry it when the GPU machine has no CUDA 13 runtime). Never the link-only stubs.
+if [[ -n $(missing_libs) && -f .cuda/rt/libcudart.so.13 ]]; then
+  add_dir "$PWD/.cuda/rt"
 fi
-LD_LIBRARY_PATH=$(IFS=:; echo "${LIBDIRS[*]:-}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+LD_LIBRARY_PATH=$(IFS=:; echo "${LIBDIRS[*]:-}")${ORIG_LDLP:+:$ORIG_LDLP}
 export LD_LIBRARY_PATH
 say "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 ldd "$BIN" >>"$LOG" 2>&1
@@ -124,7 +127,8 @@ PY
   t0=$(date +%s)
   if timeout 60 python3 "$WORK/probe.py" >"$WORK/probe.txt" 2>&1; then st=ok; else st="FAILED ($?)"; fi
   cat "$WORK/probe.txt" >>"$LOG"
-  row "ctypes probe (libcuda/cublas)" "$st" "$(($(date +%s) - t0))" "$(head -1 "$WORK/probe.txt" | tr '|' '/')"
+  if [[ $st == ok ]]; then note=$(head -1 "$WORK/probe.txt"); else note=$(tail -1 "$WORK/probe.txt"); fi
+  row "ctypes probe (libcuda/cublas)" "$st" "$(($(date +%s) - t0))" "$(echo "$note" | tr '|' '/' | cut -c1-160)"
 fi
 
 # ------------------------------------------------------------------ gps-seg steps
@@ -159,12 +163,18 @@ step() {
   fi
   [[ $status != ok ]] && say "FAILED: $label ($status)"
   # last meaningful line (results tables print last), markdown-safe
-  note=$(grep -v '^\s*$' "$WORK/step.out" | tail -1 | tr '|' '/' | cut -c1-160)
+  note=$(grep -v '^\s*$' "$WORK/step.out" | tail -1)
+  if [[ $status != ok ]] && grep -q '^error' "$WORK/step.out"; then
+    note=$(grep -m1 '^error' "$WORK/step.out")
+  fi
+  note=$(printf '%s' "$note" | tr '|' '/' | cut -c1-160)
   row "$label" "$status" "$secs" "$note"
   [[ $status == ok ]]
 }
 
 step "gps-seg --version" 30 "$BIN" --version
+diag "$BIN" --help
+diag "$BIN" bench --help
 step "info --model tiny" 60 "$BIN" info --model tiny
 step "bench sam tiny, cuda" 150 "$BIN" bench sam --model tiny --batch 4 --iters 3 --device cuda
 step "bench sam tiny, cpu" 120 "$BIN" bench sam --model tiny --batch 4 --iters 3 --device cpu
