@@ -23,6 +23,12 @@ pub struct SamArgs {
     /// SAM preset to pretrain.
     #[arg(long, default_value = "tiny")]
     pub config: String,
+    /// Input size (default: the preset's).
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Validation scenes per evaluation.
+    #[arg(long, default_value_t = 64)]
+    pub val_scenes: usize,
     /// Output stem: writes <out>.safetensors, <out>.json and checkpoints in <out>.run/.
     #[arg(long, default_value = "sam/sam-tiny")]
     pub out: PathBuf,
@@ -50,7 +56,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     match args.what {
         What::Sam(a) => {
             let device = a.device.resolve()?;
-            let mut cfg = PretrainConfig::new(SamConfig::preset(&a.config)?);
+            let mut sam = SamConfig::preset(&a.config)?;
+            if let Some(s) = a.image_size {
+                sam = sam.with_image_size(s);
+            }
+            let mut cfg = PretrainConfig::new(sam);
+            cfg.val_scenes = a.val_scenes;
             cfg.steps = a.steps;
             cfg.batch_size = a.batch_size;
             cfg.lr = a.lr;
