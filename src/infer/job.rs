@@ -263,15 +263,17 @@ pub fn infer(
                     )));
                     skipped.push(b);
                 }
-                Err(b) => return Err(Error::Data {
-                    msg: format!(
+                Err(b) => {
+                    return Err(Error::Data {
+                        msg: format!(
                         "{}: {} (its header was readable; outputs of earlier batches are in {}; \
                              pass --skip-bad to skip such files)",
                         b.path.display(),
                         b.reason,
                         opts.out.display()
                     ),
-                }),
+                    })
+                }
             }
         }
         if !batch.is_empty() {
