@@ -72,7 +72,7 @@ fn every_method_trains_writes_its_run_folder_and_lowers_the_loss() {
         );
         // Same 4 images every step (no flip): the loss must fall.
         let state: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(run.join("metrics.jsonl"))
+            std::fs::read_to_string(run.join("metrics.jsonl"))
                 .unwrap()
                 .lines()
                 .next()
@@ -172,7 +172,8 @@ fn bad_settings_are_refused_before_any_work() {
     let data = tmp.path().join("kvasir");
     std::fs::create_dir_all(&data).unwrap();
     let run = tmp.path().join("run");
-    let cases: Vec<(&str, Box<dyn Fn(&mut SegTrainConfig)>)> = vec![
+    type Edit = Box<dyn Fn(&mut SegTrainConfig)>;
+    let cases: Vec<(&str, Edit)> = vec![
         ("topk", Box::new(|c| c.topk = 0)),
         ("lr", Box::new(|c| c.lr = 0.0)),
         ("batch_size", Box::new(|c| c.batch_size = 0)),

@@ -7,6 +7,7 @@
 //! - a prompted decoding per image: one positive point (multimask, loss on the best of the
 //!   three masks as in SAM), or a box (single mask), or both;
 //! - the IoU head, regressing each predicted mask's actual IoU.
+//!
 //! Prompted losses are computed at the decoder's low resolution (targets area-downsampled).
 //! AdamW with warm-up + cosine; checkpoints every `eval_every` steps; resumable.
 

@@ -368,6 +368,7 @@ impl SegData {
     }
 }
 
+#[allow(clippy::type_complexity)]
 /// Evaluate `sam` on a loader: per-image Dice/IoU at the ground truth's resolution.
 /// `keep` returns the first `keep` probability maps (original resolution) for overlays.
 pub fn evaluate(
