@@ -246,75 +246,87 @@ pub fn infer(
     let t0 = Instant::now();
     let mut model_secs = 0.0;
     let mut images = 0usize;
-    for (bi, chunk) in batches.iter().enumerate() {
-        let prepared: Vec<std::result::Result<Prepared, BadInput>> = chunk
-            .par_iter()
-            .map(|it| prepare(it, s, opts.resize))
-            .collect();
-        let mut batch = Vec::with_capacity(prepared.len());
-        for p in prepared {
-            match p {
-                Ok(p) => batch.push(p),
-                Err(b) if opts.skip_bad => {
-                    obs.event(Event::Info(format!(
-                        "skipping {}: {}",
-                        b.path.display(),
-                        b.reason
-                    )));
-                    skipped.push(b);
-                }
-                Err(b) => {
-                    return Err(Error::Data {
-                        msg: format!(
-                        "{}: {} (its header was readable; outputs of earlier batches are in {}; \
-                             pass --skip-bad to skip such files)",
-                        b.path.display(),
-                        b.reason,
-                        opts.out.display()
-                    ),
-                    })
-                }
-            }
-        }
-        if !batch.is_empty() {
-            let n = batch.len();
-            let mut x = Vec::with_capacity(n * 3 * s * s);
-            for p in &batch {
-                x.extend_from_slice(&p.chw);
-            }
-            let tm = Instant::now();
-            let logits = engine.logits(&x, n)?;
-            model_secs += tm.elapsed().as_secs_f64();
-            drop(x);
-            let size = logits.size;
-            let done: Vec<Result<Done>> = batch
-                .into_par_iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    postprocess(p, logits.image(i), size, opts, &masks_dir, &overlays_dir)
-                })
-                .collect();
-            for d in done {
-                let d = d?;
-                if scoring {
-                    if let (Some(prob), Some(gt)) = (&d.prob, &d.gt) {
-                        metrics.update(SegInput {
-                            id: &d.id,
-                            prob,
-                            gt,
+    // Decoding of batch k+1 (rayon) overlaps the engine's run of batch k.
+    let resize = opts.resize;
+    let prep = move |chunk: &[InputItem]| -> Vec<std::result::Result<Prepared, BadInput>> {
+        chunk.par_iter().map(|it| prepare(it, s, resize)).collect()
+    };
+    std::thread::scope(|scope| -> Result<()> {
+        let mut pending = batches.first().map(|&c| scope.spawn(move || prep(c)));
+        for bi in 0..batches.len() {
+            let prepared = match pending.take() {
+                Some(h) => h
+                    .join()
+                    .map_err(|_| Error::msg("image decoding thread panicked"))?,
+                None => Vec::new(),
+            };
+            pending = batches.get(bi + 1).map(|&c| scope.spawn(move || prep(c)));
+            let mut batch = Vec::with_capacity(prepared.len());
+            for p in prepared {
+                match p {
+                    Ok(p) => batch.push(p),
+                    Err(b) if opts.skip_bad => {
+                        obs.event(Event::Info(format!(
+                            "skipping {}: {}",
+                            b.path.display(),
+                            b.reason
+                        )));
+                        skipped.push(b);
+                    }
+                    Err(b) => {
+                        let hint = "its header was readable; pass --skip-bad to skip such files";
+                        return Err(Error::Data {
+                            msg: format!(
+                                "{}: {} ({hint}; earlier batches' outputs are in {})",
+                                b.path.display(),
+                                b.reason,
+                                opts.out.display()
+                            ),
                         });
                     }
                 }
-                images += 1;
             }
+            if !batch.is_empty() {
+                let n = batch.len();
+                let mut x = Vec::with_capacity(n * 3 * s * s);
+                for p in &batch {
+                    x.extend_from_slice(&p.chw);
+                }
+                let tm = Instant::now();
+                let logits = engine.logits(&x, n)?;
+                model_secs += tm.elapsed().as_secs_f64();
+                drop(x);
+                let size = logits.size;
+                let done: Vec<Result<Done>> = batch
+                    .into_par_iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        postprocess(p, logits.image(i), size, opts, &masks_dir, &overlays_dir)
+                    })
+                    .collect();
+                for d in done {
+                    let d = d?;
+                    if scoring {
+                        if let (Some(prob), Some(gt)) = (&d.prob, &d.gt) {
+                            metrics.update(SegInput {
+                                id: &d.id,
+                                prob,
+                                gt,
+                            });
+                        }
+                    }
+                    images += 1;
+                }
+            }
+            obs.event(Event::Step {
+                done: bi + 1,
+                loss: None,
+                lr: None,
+                images_per_s: Some(images as f64 / t0.elapsed().as_secs_f64().max(1e-9)),
+            });
         }
-        obs.event(Event::Step {
-            done: bi + 1,
-            loss: None,
-            lr: None,
-            images_per_s: Some(images as f64 / t0.elapsed().as_secs_f64().max(1e-9)),
-        });
-    }
+        Ok(())
+    })?;
     let seconds = t0.elapsed().as_secs_f64();
     let seg = scoring.then(|| metrics.compute());
     obs.event(Event::PhaseEnd {
@@ -446,6 +458,26 @@ mod tests {
         // Bad options are refused before writing.
         opts.batch_size = 0;
         assert!(infer(&Bright(32), &inputs, &opts, &mut Silent).is_err());
+
+        // A PNG whose header reads but whose pixel data is corrupt (CRC) passes the up-front
+        // check and fails at decode: an error naming it, or skipped with `skip_bad`.
+        let mut png = std::fs::read(img.join("a.png")).unwrap();
+        let idat = png.windows(4).position(|w| w == b"IDAT").unwrap();
+        png[idat + 8] ^= 0xFF;
+        std::fs::write(img.join("c.png"), &png).unwrap();
+        std::fs::copy(msk.join("a.png"), msk.join("c.png")).unwrap();
+        let (c, bad) = from_folders(&img, Some(&msk)).unwrap();
+        let inputs = check(c, bad);
+        assert_eq!(inputs.items.len(), 3, "{:?}", inputs.bad);
+        opts.batch_size = 2;
+        let e = infer(&Bright(32), &inputs, &opts, &mut Silent)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("c.png") && e.contains("--skip-bad"), "{e}");
+        opts.skip_bad = true;
+        let (r, scores) = infer(&Bright(32), &inputs, &opts, &mut Silent).unwrap();
+        assert_eq!((r.images, scores.len(), r.skipped.len()), (2, 2, 1));
+        assert!(r.skipped[0].path.ends_with("c.png"));
         std::fs::remove_dir_all(&tmp).unwrap();
     }
 }
