@@ -32,11 +32,14 @@ pub enum What {
     Gps(super::bench_gps::Args),
     /// SAM prompt-free forward and forward+backward time, with achieved GFLOP/s.
     Sam(SamArgs),
+    /// Inference: images/s of ONNX Runtime vs Candle on the prompt-free SAM, with GFLOP/s.
+    Infer(InferArgs),
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.what {
         What::Sam(a) => run_sam(a),
+        What::Infer(a) => run_infer(a),
         What::Gps(a) => super::bench_gps::run(a),
         What::Data {
             images,
@@ -128,5 +131,65 @@ fn run_sam(a: SamArgs) -> anyhow::Result<()> {
         r.checkpointed_gflops()
     );
     println!("(FLOPs counted analytically: matmuls and convs, 2 per MAC; backward = 2x forward)");
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InferArgs {
+    /// SAM preset (random weights).
+    #[arg(long, default_value = "tiny")]
+    pub model: String,
+    /// Input size (default: the preset's).
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Batch sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 8])]
+    pub batch: Vec<usize>,
+    /// Timed iterations per engine and batch (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    /// ONNX Runtime intra-op threads (0 = its default).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    #[arg(long)]
+    pub ort_lib: Option<std::path::PathBuf>,
+}
+
+fn run_infer(a: InferArgs) -> anyhow::Result<()> {
+    let mut sam = gps_seg::sam::SamConfig::preset(&a.model)?;
+    if let Some(s) = a.image_size {
+        sam = sam.with_image_size(s);
+    }
+    let cfg = gps_seg::infer::bench::InferBenchConfig {
+        sam: sam.clone(),
+        batches: a.batch,
+        iters: a.iters,
+        threads: a.threads,
+        ort_lib: a.ort_lib,
+        seed: 0,
+    };
+    let mut progress = super::progress::Progress::new(true);
+    let rows = gps_seg::infer::bench::run(&cfg, &mut progress)?;
+    println!(
+        "prompt-free SAM `{}` {}px, random weights, CPU, {} timed iters after 1 warm-up; ORT threads {}",
+        sam.name,
+        sam.image_size,
+        cfg.iters.max(1),
+        if cfg.threads == 0 { "default".to_string() } else { cfg.threads.to_string() }
+    );
+    println!("| engine | batch | ms/batch | images/s | GFLOP/s | max abs logit diff |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for r in rows {
+        println!(
+            "| {} | {} | {:.1} | {:.2} | {:.1} | {:.2e} |",
+            r.engine,
+            r.batch,
+            r.seconds_per_batch * 1e3,
+            r.images_per_s,
+            r.gflops,
+            r.max_abs_diff
+        );
+    }
+    println!("(GFLOP counted analytically by sam::bench::prompt_free_flops: matmuls and convs, 2 per MAC)");
     Ok(())
 }

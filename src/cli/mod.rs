@@ -8,10 +8,11 @@ pub mod bench_gps;
 pub mod common;
 pub mod data;
 pub mod export;
+pub mod infer;
 pub mod info;
-pub mod progress;
 pub mod merge;
 pub mod pretrain;
+pub mod progress;
 pub mod runtime;
 pub mod select;
 pub mod train;
@@ -45,6 +46,8 @@ pub enum Command {
     Train(train::Args),
     /// Merge a trained GPS artifact into its base → a full checkpoint.
     Merge(merge::Args),
+    /// Batch segmentation with ONNX Runtime (or Candle): masks, overlays, mDice/mIoU, images/s.
+    Infer(infer::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -58,5 +61,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Merge(a) => merge::run(a),
         Command::Train(a) => train::run(a),
         Command::Pretrain(a) => pretrain::run(a),
+        Command::Infer(a) => infer::run(a),
     }
 }

@@ -1,3 +1,19 @@
-//! Inference through ONNX Runtime (`ort`): runtime location, batched sessions, reports.
+//! Batch inference: ONNX Runtime provisioning and sessions ([`runtime`]), the images of a job
+//! checked up front ([`input`]), engines (ONNX Runtime on an exported graph, or the Candle SAM,
+//! [`engine`]), the batched pre-process → run → post-process job with its reports ([`job`]),
+//! training-run folders ([`run`]) and the engine benchmark ([`bench`]).
+//!
+//! Metrics are those of [`crate::metrics`] (shared with training's evaluation, so
+//! `gps-seg infer --run` reproduces training's mDice); inference never imports training.
 
+pub mod bench;
+pub mod engine;
+pub mod input;
+pub mod job;
+pub mod run;
 pub mod runtime;
+
+pub use engine::{CandleEngine, Engine, Logits, OrtEngine};
+pub use input::{BadInput, InputItem, Inputs};
+pub use job::{infer, InferOptions, InferReport};
+pub use run::RunFolder;

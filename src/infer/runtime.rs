@@ -213,12 +213,26 @@ fn extract_member(zip_bytes: &[u8], wheel: &Path, member: &str) -> Result<Vec<u8
 
 /// Locate the library, fetching it first when missing and `auto_fetch` is set.
 pub fn ensure(explicit: Option<&Path>, auto_fetch: bool) -> Result<PathBuf> {
+    ensure_with(explicit, auto_fetch, &mut |line| tracing::info!("{line}"))
+}
+
+/// As [`ensure`], sending the fetch notice and [`fetch`]'s progress lines to `report`.
+/// An explicit path is never replaced by a fetched one.
+pub fn ensure_with(
+    explicit: Option<&Path>,
+    auto_fetch: bool,
+    report: &mut dyn FnMut(&str),
+) -> Result<PathBuf> {
     match locate(explicit) {
         Ok(p) => Ok(p),
         Err(e) if auto_fetch && explicit.is_none() => {
-            tracing::info!("{e}; fetching it");
-            fetch(&mut |line| tracing::info!("{line}"))
-                .map_err(|f| Error::Onnx(format!("{e}\nautomatic fetch failed: {f}")))
+            let dest = cache_lib_dir()
+                .map(|d| d.display().to_string())
+                .unwrap_or_else(|| "the project cache".into());
+            report(&format!(
+                "ONNX Runtime {ORT_VERSION} not found; fetching it from PyPI into {dest} (once)"
+            ));
+            fetch(report).map_err(|f| Error::Onnx(format!("{e}\nautomatic fetch failed: {f}")))
         }
         Err(e) => Err(e),
     }
@@ -316,6 +330,8 @@ pub struct OrtModel {
     path: PathBuf,
     pub inputs: Vec<IoInfo>,
     pub outputs: Vec<IoInfo>,
+    /// The model's custom metadata (`metadata_props`), e.g. `gps_seg.input`.
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for OrtModel {
@@ -324,6 +340,7 @@ impl std::fmt::Debug for OrtModel {
             .field("path", &self.path)
             .field("inputs", &self.inputs)
             .field("outputs", &self.outputs)
+            .field("metadata", &self.metadata)
             .finish()
     }
 }
@@ -354,11 +371,20 @@ impl OrtModel {
         let session = b.commit_from_file(path).map_err(|e| err(e.to_string()))?;
         let inputs = io_infos(session.inputs());
         let outputs = io_infos(session.outputs());
+        let mut metadata = std::collections::BTreeMap::new();
+        if let Ok(meta) = session.metadata() {
+            for k in meta.custom_keys().unwrap_or_default() {
+                if let Some(v) = meta.custom(&k) {
+                    metadata.insert(k, v);
+                }
+            }
+        }
         Ok(OrtModel {
             session: Mutex::new(session),
             path: path.to_path_buf(),
             inputs,
             outputs,
+            metadata,
         })
     }
 

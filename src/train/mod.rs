@@ -3,9 +3,13 @@
 
 pub mod checkpoint;
 pub mod loss;
-pub mod metrics;
-pub mod observer;
 pub mod optim;
 pub mod pretrain;
 pub mod schedule;
 pub mod seg;
+
+/// Metrics live in [`crate::metrics`] (shared with inference); re-exported for existing users.
+pub use crate::metrics;
+/// Progress events live in [`crate::progress`] (shared with inference); re-exported as
+/// `train::observer` for existing users.
+pub use crate::progress as observer;

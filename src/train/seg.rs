@@ -50,7 +50,8 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [&'static str; 6] = ["gps", "full", "decoder", "random", "magnitude", "zero-shot"];
+    pub const ALL: [&'static str; 6] =
+        ["gps", "full", "decoder", "random", "magnitude", "zero-shot"];
 
     /// The selection criterion for the sparse methods.
     pub fn criterion(self) -> Option<Criterion> {
@@ -367,6 +368,7 @@ impl SegData {
     }
 }
 
+#[allow(clippy::type_complexity)]
 /// Evaluate `sam` on a loader: per-image Dice/IoU at the ground truth's resolution.
 /// `keep` returns the first `keep` probability maps (original resolution) for overlays.
 pub fn evaluate(
@@ -569,8 +571,8 @@ fn selection_for(
 fn write_metrics_jsonl(path: &Path, history: &[EpochRecord]) -> Result<()> {
     let mut s = String::new();
     for r in history {
-        let line = serde_json::to_string(r)
-            .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
+        let line =
+            serde_json::to_string(r).map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
         s.push_str(&line);
         s.push('\n');
     }
@@ -924,9 +926,7 @@ fn write_overlays(
         let entry = &data.dataset.entries[idx];
         let img = crate::data::imgio::decode_rgb(&entry.image_path)?;
         let (w, h) = img.dimensions();
-        let sample = data
-            .dataset
-            .load(idx, cfg.sam.image_size, cfg.resize)?;
+        let sample = data.dataset.load(idx, cfg.sam.image_size, cfg.resize)?;
         let pred: Vec<u8> = prob.iter().map(|&p| (p >= cfg.threshold) as u8).collect();
         let o = crate::util::draw::overlay(img.as_raw(), w, h, &pred, Some(&sample.orig_mask))?;
         crate::util::draw::save_png(&dir.join(format!("{id}.png")), &o)?;

@@ -1,0 +1,208 @@
+//! `gps-seg infer`: batch segmentation of an image folder (or a training run's held-out split)
+//! with ONNX Runtime or the Candle SAM; masks + overlays at each image's original resolution,
+//! and mDice/mIoU when ground-truth masks are given.
+
+use super::common::{parse_resize, DeviceArgs};
+use super::progress::Progress;
+use anyhow::{bail, Context};
+use gps_seg::infer::{self, input, CandleEngine, Engine, InferOptions, OrtEngine, RunFolder};
+use gps_seg::progress::{Event, Observer};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineKind {
+    /// ONNX Runtime on an exported prompt-free graph.
+    Ort,
+    /// The Candle SAM (for comparison).
+    Candle,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DataKind {
+    /// Kvasir-SEG layout (the only one `--run` evaluates).
+    Kvasir,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Exported ONNX model (`image[N,3,S,S]` → `mask_logits[N,1,S,S]`). With --run: default
+    /// `<run>/model.onnx`, exported from the run's merged weights when missing.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Folder of images (jpg/jpeg/png, any size).
+    #[arg(long, required_unless_present = "run", conflicts_with = "run")]
+    pub images: Option<PathBuf>,
+    /// Ground-truth masks with the same file stems (Kvasir layout; thresholded at 128):
+    /// adds per-image Dice/IoU (`scores.csv`) and mDice/mIoU.
+    #[arg(long, requires = "images")]
+    pub masks: Option<PathBuf>,
+    /// Evaluate a training run folder's held-out split with its own model and settings.
+    #[arg(long)]
+    pub run: Option<PathBuf>,
+    /// Dataset layout of --run (only `kvasir`).
+    #[arg(long, value_enum, requires = "run")]
+    pub data: Option<DataKind>,
+    /// Use this data folder instead of the one in the run's config.json.
+    #[arg(long, requires = "run")]
+    pub data_dir: Option<PathBuf>,
+    /// Output folder (masks/, overlays/, scores.csv, report.json). With --run: default
+    /// `<run>/infer-<engine>`.
+    #[arg(long, required_unless_present = "run")]
+    pub out: Option<PathBuf>,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// ONNX Runtime intra-op threads (0 = its default).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Probability threshold for the masks (default 0.5, or the run's).
+    #[arg(long)]
+    pub threshold: Option<f32>,
+    /// squash (GPS reference) or pad (SAM's longest side + padding). Default squash, or the run's.
+    #[arg(long)]
+    pub resize: Option<String>,
+    /// libonnxruntime.so to use (otherwise searched, and fetched once when missing).
+    #[arg(long)]
+    pub ort_lib: Option<PathBuf>,
+    /// Skip (and list) unreadable images instead of stopping before writing anything.
+    #[arg(long)]
+    pub skip_bad: bool,
+    /// Don't write overlays/.
+    #[arg(long)]
+    pub no_overlays: bool,
+    #[arg(long, value_enum, default_value = "ort")]
+    pub engine: EngineKind,
+    /// --engine candle: weights (.safetensors/.pth). With --run: the run's merged weights.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// --engine candle: SAM preset name or config.json. With --run: the run's.
+    #[arg(long)]
+    pub config: Option<String>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let mut progress = Progress::new(args.quiet);
+    let run = args.run.as_deref().map(RunFolder::open).transpose()?;
+    let resize = match (&args.resize, &run) {
+        (Some(r), _) => parse_resize(r)?,
+        (None, Some(r)) => r.view.resize,
+        (None, None) => Default::default(),
+    };
+    let threshold = args
+        .threshold
+        .or(run.as_ref().map(|r| r.view.threshold))
+        .unwrap_or(0.5);
+
+    // Inputs first: a bad input stops the job before a model is loaded or anything written.
+    let inputs = match (&run, &args.images) {
+        (Some(r), _) => r.test_inputs(args.data_dir.as_deref())?,
+        (None, Some(dir)) => {
+            let (c, bad) = input::from_folders(dir, args.masks.as_deref())?;
+            input::check(c, bad)
+        }
+        (None, None) => bail!("give --images DIR or --run RUN"),
+    };
+    inputs.require_clean(args.skip_bad)?;
+
+    let engine: Box<dyn Engine> = match args.engine {
+        EngineKind::Ort => {
+            let model = match (&args.model, &run) {
+                (Some(m), _) => m.clone(),
+                (None, Some(r)) => r.ensure_onnx(&mut progress)?,
+                (None, None) => bail!("--engine ort needs --model model.onnx (or --run RUN)"),
+            };
+            Box::new(OrtEngine::load(
+                &model,
+                args.threads,
+                args.ort_lib.as_deref(),
+                &mut progress,
+            )?)
+        }
+        EngineKind::Candle => {
+            let weights = match (&args.checkpoint, &run) {
+                (Some(c), _) => c.clone(),
+                (None, Some(r)) => r.weights()?,
+                (None, None) => bail!("--engine candle needs --checkpoint (or --run RUN)"),
+            };
+            let cfg = match (&args.config, &run) {
+                (Some(c), _) if std::path::Path::new(c).is_file() => {
+                    gps_seg::util::fs::read_json(std::path::Path::new(c))?
+                }
+                (Some(c), _) => gps_seg::sam::SamConfig::preset(c)?,
+                (None, Some(r)) => r.view.sam.clone(),
+                (None, None) => bail!("--engine candle needs --config (a preset or config.json)"),
+            };
+            let device = args.device.resolve()?;
+            Box::new(CandleEngine::load(&weights, &cfg, &device)?)
+        }
+    };
+    progress.event(Event::Info(engine.describe()));
+
+    let out = match (&args.out, &run) {
+        (Some(o), _) => o.clone(),
+        (None, Some(r)) => r.dir.join(format!("infer-{}", engine.name())),
+        (None, None) => bail!("--out is required"),
+    };
+    let opts = InferOptions {
+        out,
+        batch_size: args.batch_size,
+        threshold,
+        resize,
+        skip_bad: args.skip_bad,
+        overlays: !args.no_overlays,
+    };
+    let (r, _) =
+        infer::infer(engine.as_ref(), &inputs, &opts, &mut progress).context("inference failed")?;
+
+    println!(
+        "{} images ({} skipped) with {} at {}×{} ({}, batch {}), threshold {}",
+        r.images,
+        r.skipped.len(),
+        r.engine,
+        r.input_size,
+        r.input_size,
+        r.resize,
+        r.batch_size,
+        r.threshold
+    );
+    for s in &r.skipped {
+        println!("  skipped {}: {}", s.path.display(), s.reason);
+    }
+    if let Some(m) = &r.metrics {
+        println!(
+            "mDice {:.4}  mIoU {:.4}  (per image at the original resolution, FP counted)",
+            m.mdice, m.miou
+        );
+        println!(
+            "  GPS reference convention (pooled, background ignored): Dice {:.4}  IoU {:.4}",
+            m.ref_dice_ignore_bg, m.ref_iou_ignore_bg
+        );
+        if let Some(rd) = &args.run {
+            if let Some((d, i)) = infer::run::training_best(rd)? {
+                println!(
+                    "  training's evaluation (summary.json best): mDice {d:.4}  mIoU {i:.4}  (Δ mDice {:+.2e})",
+                    m.mdice - d
+                );
+            }
+        }
+    }
+    println!(
+        "throughput {:.2} images/s end to end ({:.2} images/s in the model); peak memory {:.0} MB (VmHWM)",
+        r.images_per_s, r.model_images_per_s, r.peak_rss_mb
+    );
+    println!(
+        "wrote {}/masks/, {}report.json{}",
+        r.out.display(),
+        if opts.overlays { "overlays/, " } else { "" },
+        if r.metrics.is_some() {
+            ", scores.csv"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}

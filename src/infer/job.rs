@@ -1,0 +1,483 @@
+//! A batch inference job: checked inputs → decode + resize to S (rayon) → engine → sigmoid →
+//! back to each image's original resolution → mask PNG (0/255) + overlay PNG, and, with ground
+//! truth, per-image Dice/IoU with the same definitions as training's evaluation
+//! ([`crate::metrics`]: threshold on the probability at the ground truth's resolution, false
+//! positives counted, means over images).
+//!
+//! Output folder: `masks/<id>.png`, `overlays/<id>.png`, `scores.csv` (with masks) and
+//! `report.json`; every file is written atomically. Bad inputs stop the job before anything is
+//! written unless `skip_bad` is set (then they are listed in the report).
+
+use super::engine::Engine;
+use super::input::{bad_from, BadInput, InputItem, Inputs};
+use crate::data::imgio;
+use crate::data::resize::{self, to_original, Resize};
+use crate::error::{Error, Result};
+use crate::metrics::{ImageScore, Metric, SegInput, SegMetrics, SegReport};
+use crate::progress::{Event, Observer};
+use crate::util::fs::{write_atomic, write_json_atomic};
+use image::GrayImage;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// How to run a job.
+#[derive(Debug, Clone)]
+pub struct InferOptions {
+    /// Output folder.
+    pub out: PathBuf,
+    pub batch_size: usize,
+    /// Probability threshold for the binary mask (and the metrics).
+    pub threshold: f32,
+    pub resize: Resize,
+    /// Skip (and list) unreadable inputs instead of stopping.
+    pub skip_bad: bool,
+    /// Write `overlays/<id>.png`.
+    pub overlays: bool,
+}
+
+impl InferOptions {
+    pub fn new(out: PathBuf) -> Self {
+        InferOptions {
+            out,
+            batch_size: 8,
+            threshold: 0.5,
+            resize: Resize::Squash,
+            skip_bad: false,
+            overlays: true,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |field: &str, msg: &str| {
+            Err(Error::Config {
+                field: field.into(),
+                msg: msg.into(),
+            })
+        };
+        if self.batch_size == 0 {
+            return bad("batch_size", "must be at least 1");
+        }
+        if !(self.threshold > 0.0 && self.threshold < 1.0) {
+            return bad("threshold", "must be a probability in (0, 1)");
+        }
+        Ok(())
+    }
+}
+
+/// What a job did; written to `report.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InferReport {
+    pub engine: String,
+    /// The engine's one-line description (model file, signature, threads).
+    pub model: String,
+    pub input_size: usize,
+    pub resize: Resize,
+    pub threshold: f32,
+    pub batch_size: usize,
+    /// Images segmented.
+    pub images: usize,
+    /// Inputs skipped (`--skip-bad`), with reasons.
+    pub skipped: Vec<BadInput>,
+    /// Wall time of the whole job (decode, resize, model, post-processing, writing).
+    pub seconds: f64,
+    pub images_per_s: f64,
+    /// Time inside the engine only.
+    pub model_seconds: f64,
+    pub model_images_per_s: f64,
+    /// Peak resident memory of the process (VmHWM), MB.
+    pub peak_rss_mb: f64,
+    /// mDice/mIoU (and the GPS reference's pooled numbers, labelled) when masks were given.
+    pub metrics: Option<SegReport>,
+    pub out: PathBuf,
+}
+
+/// Peak resident memory of this process so far (`VmHWM`), in MB (Linux; 0 elsewhere).
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// One decoded, resized input.
+struct Prepared {
+    item: InputItem,
+    rgb: image::RgbImage,
+    /// `[3, S, S]` in [0, 1].
+    chw: Vec<f32>,
+    /// Ground truth at the original resolution, {0, 1}.
+    gt: Option<Vec<u8>>,
+}
+
+fn prepare(item: &InputItem, s: usize, resize: Resize) -> std::result::Result<Prepared, BadInput> {
+    let rgb = imgio::decode_rgb(&item.image).map_err(|e| bad_from(&item.image, &e))?;
+    let (h, w) = (rgb.height() as usize, rgb.width() as usize);
+    if h == 0 || w == 0 {
+        return Err(BadInput {
+            path: item.image.clone(),
+            reason: "image has zero size".into(),
+        });
+    }
+    let gt = match &item.mask {
+        Some(mp) => {
+            let m = imgio::decode_luma(mp).map_err(|e| bad_from(mp, &e))?;
+            if (m.height() as usize, m.width() as usize) != (h, w) {
+                return Err(BadInput {
+                    path: mp.clone(),
+                    reason: format!(
+                        "mask is {}×{} (w×h) but its image is {w}×{h}",
+                        m.width(),
+                        m.height()
+                    ),
+                });
+            }
+            Some(m.as_raw().iter().map(|&v| u8::from(v >= 128)).collect())
+        }
+        None => None,
+    };
+    // Same path as the training loader: u8 resize, then / 255.
+    let chw = resize::resize_rgb_chw_u8(&rgb, s, resize)
+        .into_iter()
+        .map(|v| v as f32 / 255.0)
+        .collect();
+    let mut item = item.clone();
+    item.size = (h, w);
+    Ok(Prepared { item, rgb, chw, gt })
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Per-image result after post-processing.
+struct Done {
+    id: String,
+    /// Probability at the original resolution (kept only when scoring).
+    prob: Option<Vec<f32>>,
+    gt: Option<Vec<u8>>,
+}
+
+fn postprocess(
+    p: Prepared,
+    logits: &[f32],
+    size: usize,
+    opts: &InferOptions,
+    masks_dir: &Path,
+    overlays_dir: &Path,
+) -> Result<Done> {
+    let probs: Vec<f32> = logits.iter().map(|&l| sigmoid(l)).collect();
+    let orig = to_original(&probs, size, opts.resize, p.item.size)?;
+    let (h, w) = p.item.size;
+    let pred: Vec<u8> = orig
+        .iter()
+        .map(|&v| u8::from(v >= opts.threshold))
+        .collect();
+    let png = GrayImage::from_raw(w as u32, h as u32, pred.iter().map(|&v| v * 255).collect())
+        .ok_or_else(|| {
+            Error::msg(format!(
+                "mask buffer for {} does not match {w}×{h}",
+                p.item.id
+            ))
+        })?;
+    imgio::write_png(&masks_dir.join(format!("{}.png", p.item.id)), &png)?;
+    if opts.overlays {
+        let o =
+            crate::util::draw::overlay(p.rgb.as_raw(), w as u32, h as u32, &pred, p.gt.as_deref())?;
+        crate::util::draw::save_png(&overlays_dir.join(format!("{}.png", p.item.id)), &o)?;
+    }
+    let scoring = p.gt.is_some();
+    Ok(Done {
+        id: p.item.id,
+        prob: scoring.then_some(orig),
+        gt: p.gt,
+    })
+}
+
+/// Run `engine` over `inputs`, writing into `opts.out`. Returns the report (also written to
+/// `report.json`) and the per-image scores (also in `scores.csv`) when every input has a mask.
+pub fn infer(
+    engine: &dyn Engine,
+    inputs: &Inputs,
+    opts: &InferOptions,
+    obs: &mut dyn Observer,
+) -> Result<(InferReport, Vec<ImageScore>)> {
+    opts.validate()?;
+    inputs.require_clean(opts.skip_bad)?;
+    if inputs.items.is_empty() {
+        return Err(Error::Data {
+            msg: format!(
+                "no usable images ({} bad input(s) skipped); nothing to do",
+                inputs.bad.len()
+            ),
+        });
+    }
+    let scoring = inputs.has_masks();
+    let s = engine.input_size();
+    let masks_dir = opts.out.join("masks");
+    let overlays_dir = opts.out.join("overlays");
+    for d in [&masks_dir, &overlays_dir] {
+        if d == &overlays_dir && !opts.overlays {
+            continue;
+        }
+        std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+    }
+    let mut skipped = inputs.bad.clone();
+    for b in &skipped {
+        obs.event(Event::Info(format!(
+            "skipping {}: {}",
+            b.path.display(),
+            b.reason
+        )));
+    }
+    let mut metrics = SegMetrics::new(opts.threshold);
+    let batches: Vec<&[InputItem]> = inputs.items.chunks(opts.batch_size).collect();
+    obs.event(Event::PhaseStart {
+        name: "infer".into(),
+        total: batches.len(),
+    });
+    let t0 = Instant::now();
+    let mut model_secs = 0.0;
+    let mut images = 0usize;
+    // Decoding of batch k+1 (rayon) overlaps the engine's run of batch k.
+    let resize = opts.resize;
+    let prep = move |chunk: &[InputItem]| -> Vec<std::result::Result<Prepared, BadInput>> {
+        chunk.par_iter().map(|it| prepare(it, s, resize)).collect()
+    };
+    std::thread::scope(|scope| -> Result<()> {
+        let mut pending = batches.first().map(|&c| scope.spawn(move || prep(c)));
+        for bi in 0..batches.len() {
+            let prepared = match pending.take() {
+                Some(h) => h
+                    .join()
+                    .map_err(|_| Error::msg("image decoding thread panicked"))?,
+                None => Vec::new(),
+            };
+            pending = batches.get(bi + 1).map(|&c| scope.spawn(move || prep(c)));
+            let mut batch = Vec::with_capacity(prepared.len());
+            for p in prepared {
+                match p {
+                    Ok(p) => batch.push(p),
+                    Err(b) if opts.skip_bad => {
+                        obs.event(Event::Info(format!(
+                            "skipping {}: {}",
+                            b.path.display(),
+                            b.reason
+                        )));
+                        skipped.push(b);
+                    }
+                    Err(b) => {
+                        let hint = "its header was readable; pass --skip-bad to skip such files";
+                        return Err(Error::Data {
+                            msg: format!(
+                                "{}: {} ({hint}; earlier batches' outputs are in {})",
+                                b.path.display(),
+                                b.reason,
+                                opts.out.display()
+                            ),
+                        });
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                let n = batch.len();
+                let mut x = Vec::with_capacity(n * 3 * s * s);
+                for p in &batch {
+                    x.extend_from_slice(&p.chw);
+                }
+                let tm = Instant::now();
+                let logits = engine.logits(&x, n)?;
+                model_secs += tm.elapsed().as_secs_f64();
+                drop(x);
+                let size = logits.size;
+                let done: Vec<Result<Done>> = batch
+                    .into_par_iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        postprocess(p, logits.image(i), size, opts, &masks_dir, &overlays_dir)
+                    })
+                    .collect();
+                for d in done {
+                    let d = d?;
+                    if scoring {
+                        if let (Some(prob), Some(gt)) = (&d.prob, &d.gt) {
+                            metrics.update(SegInput {
+                                id: &d.id,
+                                prob,
+                                gt,
+                            });
+                        }
+                    }
+                    images += 1;
+                }
+            }
+            obs.event(Event::Step {
+                done: bi + 1,
+                loss: None,
+                lr: None,
+                images_per_s: Some(images as f64 / t0.elapsed().as_secs_f64().max(1e-9)),
+            });
+        }
+        Ok(())
+    })?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let seg = scoring.then(|| metrics.compute());
+    obs.event(Event::PhaseEnd {
+        summary: match &seg {
+            Some(r) => format!(
+                "{images} images  mDice {:.4}  mIoU {:.4}  {:.1} img/s",
+                r.mdice,
+                r.miou,
+                images as f64 / seconds.max(1e-9)
+            ),
+            None => format!(
+                "{images} images  {:.1} img/s",
+                images as f64 / seconds.max(1e-9)
+            ),
+        },
+    });
+    if scoring {
+        let mut csv = String::from("id,dice,iou\n");
+        for r in &metrics.scores {
+            csv.push_str(&format!("{},{:.6},{:.6}\n", r.id, r.dice, r.iou));
+        }
+        write_atomic(&opts.out.join("scores.csv"), csv.as_bytes())?;
+    }
+    let report = InferReport {
+        engine: engine.name().into(),
+        model: engine.describe(),
+        input_size: s,
+        resize: opts.resize,
+        threshold: opts.threshold,
+        batch_size: opts.batch_size,
+        images,
+        skipped,
+        seconds,
+        images_per_s: images as f64 / seconds.max(1e-9),
+        model_seconds: model_secs,
+        model_images_per_s: images as f64 / model_secs.max(1e-9),
+        peak_rss_mb: peak_rss_mb(),
+        metrics: seg,
+        out: opts.out.clone(),
+    };
+    write_json_atomic(&opts.out.join("report.json"), &report)?;
+    Ok((report, metrics.scores))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::infer::engine::Logits;
+    use crate::infer::input::{check, from_folders};
+    use crate::progress::Silent;
+    use image::RgbImage;
+
+    /// Predicts "bright": logit = 8·(mean RGB − 0.5), so a white square on black is found.
+    struct Bright(usize);
+
+    impl Engine for Bright {
+        fn name(&self) -> &'static str {
+            "bright"
+        }
+        fn input_size(&self) -> usize {
+            self.0
+        }
+        fn describe(&self) -> String {
+            "test engine".into()
+        }
+        fn logits(&self, images: &[f32], n: usize) -> Result<Logits> {
+            let a = self.0 * self.0;
+            let mut data = vec![0.0; n * a];
+            for b in 0..n {
+                for p in 0..a {
+                    let m: f32 = (0..3).map(|c| images[(b * 3 + c) * a + p]).sum::<f32>() / 3.0;
+                    data[b * a + p] = 8.0 * (m - 0.5);
+                }
+            }
+            Ok(Logits {
+                n,
+                size: self.0,
+                data,
+            })
+        }
+    }
+
+    #[test]
+    fn job_writes_masks_at_original_size_and_scores_against_ground_truth() {
+        let tmp = std::env::temp_dir().join(format!("gps-seg-job-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let (img, msk, out) = (tmp.join("images"), tmp.join("masks"), tmp.join("out"));
+        std::fs::create_dir_all(&img).unwrap();
+        std::fs::create_dir_all(&msk).unwrap();
+        // a: white square exactly where the mask is (Dice ≈ 1); b: mask elsewhere (Dice 0).
+        for (id, (w, h)) in [("a", (60u32, 40u32)), ("b", (33, 71))] {
+            let mut im = RgbImage::new(w, h);
+            let mut m = GrayImage::new(w, h);
+            for y in h / 4..h / 2 {
+                for x in w / 4..w / 2 {
+                    im.put_pixel(x, y, image::Rgb([255, 255, 255]));
+                    let (mx, my) = if id == "a" {
+                        (x, y)
+                    } else {
+                        (x + w / 3, y + h / 3)
+                    };
+                    m.put_pixel(mx, my, image::Luma([255]));
+                }
+            }
+            imgio::write_png(&img.join(format!("{id}.png")), &im).unwrap();
+            imgio::write_png(&msk.join(format!("{id}.png")), &m).unwrap();
+        }
+        let (c, bad) = from_folders(&img, Some(&msk)).unwrap();
+        let inputs = check(c, bad);
+        let mut opts = InferOptions::new(out.clone());
+        opts.batch_size = 3;
+        let (r, scores) = infer(&Bright(32), &inputs, &opts, &mut Silent).unwrap();
+        assert_eq!(r.images, 2);
+        assert_eq!(scores.len(), 2);
+        assert!(scores[0].dice > 0.9, "{scores:?}");
+        assert!(scores[1].dice < 0.05, "{scores:?}");
+        let m = r.metrics.unwrap();
+        assert!((m.mdice - (scores[0].dice + scores[1].dice) / 2.0).abs() < 1e-12);
+        let a = image::open(out.join("masks/a.png")).unwrap();
+        assert_eq!((a.width(), a.height()), (60, 40));
+        let b = image::open(out.join("overlays/b.png")).unwrap();
+        assert_eq!((b.width(), b.height()), (33, 71));
+        let csv = std::fs::read_to_string(out.join("scores.csv")).unwrap();
+        assert_eq!(csv.lines().count(), 3);
+        let rep: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap())
+                .unwrap();
+        assert_eq!(rep["images"], 2);
+        // Bad options are refused before writing.
+        opts.batch_size = 0;
+        assert!(infer(&Bright(32), &inputs, &opts, &mut Silent).is_err());
+
+        // A PNG whose header reads but whose pixel data is corrupt (CRC) passes the up-front
+        // check and fails at decode: an error naming it, or skipped with `skip_bad`.
+        let mut png = std::fs::read(img.join("a.png")).unwrap();
+        let idat = png.windows(4).position(|w| w == b"IDAT").unwrap();
+        png[idat + 8] ^= 0xFF;
+        std::fs::write(img.join("c.png"), &png).unwrap();
+        std::fs::copy(msk.join("a.png"), msk.join("c.png")).unwrap();
+        let (c, bad) = from_folders(&img, Some(&msk)).unwrap();
+        let inputs = check(c, bad);
+        assert_eq!(inputs.items.len(), 3, "{:?}", inputs.bad);
+        opts.batch_size = 2;
+        let e = infer(&Bright(32), &inputs, &opts, &mut Silent)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("c.png") && e.contains("--skip-bad"), "{e}");
+        opts.skip_bad = true;
+        let (r, scores) = infer(&Bright(32), &inputs, &opts, &mut Silent).unwrap();
+        assert_eq!((r.images, scores.len(), r.skipped.len()), (2, 2, 1));
+        assert!(r.skipped[0].path.ends_with("c.png"));
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+}

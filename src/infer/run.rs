@@ -1,0 +1,157 @@
+//! Evaluating a training run folder (`gps-seg infer --run runs/NAME`): its held-out split
+//! (`split.json`, capped by the run's `test_limit` exactly as training evaluated it), its data
+//! folder, resize policy and threshold (`config.json`), and its best merged weights
+//! (`merged.safetensors`), exported to `<run>/model.onnx` on first use.
+//!
+//! The run's files are read as data (a view of the fields inference needs), so inference does
+//! not depend on the training code.
+
+use super::input::{self, Candidate, Inputs};
+use crate::data::kvasir::{KvasirDataset, Split};
+use crate::data::resize::Resize;
+use crate::error::{Error, Result};
+use crate::onnx::sam::{export_prompt_free, SamExportOptions};
+use crate::progress::{Event, Observer};
+use crate::sam::SamConfig;
+use crate::util::fs::read_json;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+fn default_threshold() -> f32 {
+    0.5
+}
+
+/// The fields of a run's `config.json` that inference needs.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RunView {
+    pub data_dir: PathBuf,
+    pub sam: SamConfig,
+    #[serde(default)]
+    pub resize: Resize,
+    #[serde(default = "default_threshold")]
+    pub threshold: f32,
+    #[serde(default)]
+    pub test_limit: Option<usize>,
+}
+
+/// An opened run folder.
+#[derive(Debug, Clone)]
+pub struct RunFolder {
+    pub dir: PathBuf,
+    pub view: RunView,
+}
+
+impl RunFolder {
+    /// Read `<dir>/config.json`.
+    pub fn open(dir: &Path) -> Result<RunFolder> {
+        let cfg = dir.join("config.json");
+        if !cfg.is_file() {
+            return Err(Error::io(
+                &cfg,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "not a training run folder (no config.json)",
+                ),
+            ));
+        }
+        let view: RunView = read_json(&cfg)?;
+        Ok(RunFolder {
+            dir: dir.to_path_buf(),
+            view,
+        })
+    }
+
+    /// The test images of the run's split (in split order, first `test_limit`), with masks,
+    /// header-checked. `data_dir` overrides the folder recorded in `config.json`.
+    pub fn test_inputs(&self, data_dir: Option<&Path>) -> Result<Inputs> {
+        let data = data_dir.unwrap_or(&self.view.data_dir);
+        let ds = KvasirDataset::open(data)?;
+        let split_path = self.dir.join("split.json");
+        let split = Split::read_json(&split_path)?;
+        let mut idx = ds.indices_of(&split.test, &split_path.display().to_string())?;
+        if let Some(n) = self.view.test_limit {
+            idx.truncate(n);
+        }
+        let candidates = idx
+            .into_iter()
+            .map(|i| {
+                let e = &ds.entries[i];
+                Candidate {
+                    id: e.id.clone(),
+                    image: e.image_path.clone(),
+                    mask: Some(e.mask_path.clone()),
+                }
+            })
+            .collect();
+        Ok(input::check(candidates, Vec::new()))
+    }
+
+    /// The run's merged weights: `merged.safetensors`, else the `merged` path of
+    /// `summary.json` (a zero-shot run points at its base checkpoint).
+    pub fn weights(&self) -> Result<PathBuf> {
+        let p = self.dir.join("merged.safetensors");
+        if p.is_file() {
+            return Ok(p);
+        }
+        let summary = self.dir.join("summary.json");
+        if summary.is_file() {
+            let v: serde_json::Value = read_json(&summary)?;
+            if let Some(m) = v.get("merged").and_then(|m| m.as_str()) {
+                let m = PathBuf::from(m);
+                if m.is_file() {
+                    return Ok(m);
+                }
+            }
+        }
+        Err(Error::io(
+            &p,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no merged weights (has the run finished?)",
+            ),
+        ))
+    }
+
+    /// `<run>/model.onnx`, exported from [`RunFolder::weights`] (normalisation in-graph) when
+    /// missing or older than the weights; says so through `obs`.
+    pub fn ensure_onnx(&self, obs: &mut dyn Observer) -> Result<PathBuf> {
+        let model = self.dir.join("model.onnx");
+        let weights = self.weights()?;
+        let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let fresh = model.is_file()
+            && match (mtime(&model), mtime(&weights)) {
+                (Some(m), Some(w)) => m >= w,
+                _ => true,
+            };
+        if fresh {
+            return Ok(model);
+        }
+        obs.event(Event::Info(format!(
+            "exporting {} → {} (prompt-free SAM, normalisation in-graph)",
+            weights.display(),
+            model.display()
+        )));
+        export_onnx(&weights, &self.view.sam, &model)?;
+        Ok(model)
+    }
+}
+
+/// Export `weights` for `cfg` as the prompt-free graph to `out` (atomic).
+pub fn export_onnx(weights: &Path, cfg: &SamConfig, out: &Path) -> Result<()> {
+    let map = crate::sam::load_weights(weights, cfg, &candle_core::Device::Cpu)?;
+    let (model, _) = export_prompt_free(cfg, &map, SamExportOptions::default())?;
+    crate::onnx::write_model(out, model)?;
+    Ok(())
+}
+
+/// Training's best held-out report from `<run>/summary.json` (`best.mdice`, `best.miou`), for
+/// comparison; `None` when the run has no summary.
+pub fn training_best(run_dir: &Path) -> Result<Option<(f64, f64)>> {
+    let p = run_dir.join("summary.json");
+    if !p.is_file() {
+        return Ok(None);
+    }
+    let v: serde_json::Value = read_json(&p)?;
+    let best = &v["best"];
+    Ok(best["mdice"].as_f64().zip(best["miou"].as_f64()))
+}

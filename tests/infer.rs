@@ -1,0 +1,232 @@
+//! Inference end to end on a tiny synthetic Kvasir set: train → export → ONNX Runtime reproduces
+//! training's held-out mDice; outputs at each image's original resolution; bad images stop the
+//! job before anything is written (or are skipped with `skip_bad`); a model with the wrong
+//! inputs is refused with both signatures.
+//!
+//! The ONNX Runtime library is found in the runtime's search order and fetched once when
+//! missing (as `gps-seg infer` does).
+
+use candle_core::Device;
+use gps_seg::data::synth_kvasir::{generate, SynthKvasirConfig};
+use gps_seg::infer::{self, input, CandleEngine, Engine, InferOptions, OrtEngine, RunFolder};
+use gps_seg::onnx::proto::data_type::FLOAT;
+use gps_seg::onnx::sam::{export_prompt_free, random_sam_weights, SamExportOptions};
+use gps_seg::onnx::{write_model, Dim, GraphBuilder};
+use gps_seg::progress::{Recorder, Silent};
+use gps_seg::sam::SamConfig;
+use gps_seg::train::seg::{self, SegTrainConfig};
+use std::path::{Path, PathBuf};
+
+fn dataset(dir: &Path, count: usize) {
+    let cfg = SynthKvasirConfig {
+        count,
+        seed: 5,
+        max_side: 240,
+        jpeg_quality: 90,
+    };
+    generate(dir, &cfg).unwrap();
+}
+
+/// A random-weight tiny SAM at 64 px, exported prompt-free.
+fn tiny_model(dir: &Path) -> PathBuf {
+    let cfg = SamConfig::tiny().with_image_size(64);
+    let w = random_sam_weights(&cfg, 7).unwrap();
+    let (m, _) = export_prompt_free(&cfg, &w, SamExportOptions::default()).unwrap();
+    let p = dir.join("tiny64.onnx");
+    write_model(&p, m).unwrap();
+    p
+}
+
+#[test]
+fn train_export_infer_reproduces_training_mdice_at_original_resolution() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("kvasir");
+    dataset(&data, 16);
+    let sam = SamConfig::tiny().with_image_size(128);
+    let mut cfg = SegTrainConfig::recipe(data.clone(), None, sam);
+    cfg.epochs = 1;
+    cfg.batch_size = 4;
+    cfg.eval_batch_size = 3;
+    cfg.train_limit = Some(4);
+    cfg.test_limit = Some(5);
+    cfg.test_fraction = 0.4;
+    cfg.select_batches = 1;
+    cfg.max_steps_per_epoch = Some(3);
+    cfg.lr = 1e-4;
+    cfg.hflip = 0.0;
+    let run = tmp.path().join("run");
+    let summary = seg::train(&cfg, &run, &Device::Cpu, false, &mut Silent).unwrap();
+
+    let folder = RunFolder::open(&run).unwrap();
+    let inputs = folder.test_inputs(None).unwrap();
+    assert_eq!(inputs.items.len(), 5);
+    assert!(inputs.bad.is_empty() && inputs.has_masks());
+    let mut rec = Recorder::default();
+    let model = folder.ensure_onnx(&mut rec).unwrap();
+    assert_eq!(model, run.join("model.onnx"));
+    assert!(model.is_file());
+    let engine = OrtEngine::load(&model, 2, None, &mut rec).unwrap();
+    assert_eq!(engine.input_size(), 128);
+    let mut opts = InferOptions::new(tmp.path().join("out-ort"));
+    opts.batch_size = 2; // batching differs from training's on purpose
+    opts.resize = folder.view.resize;
+    opts.threshold = folder.view.threshold;
+    let (report, scores) = infer::infer(&engine, &inputs, &opts, &mut rec).unwrap();
+    let m = report.metrics.clone().unwrap();
+    eprintln!(
+        "ORT mDice {:.6} mIoU {:.6}; training mDice {:.6} mIoU {:.6}",
+        m.mdice, m.miou, summary.best.mdice, summary.best.miou
+    );
+    assert_eq!(m.images, 5);
+    // Non-degenerate: a model that predicts nothing (or everything) would match trivially.
+    // (lr 1e-4 keeps this tiny fresh-init SAM's masks partial after 3 steps.)
+    assert!(
+        summary.best.mdice > 0.02 && summary.best.mdice < 0.98,
+        "degenerate training mDice {}",
+        summary.best.mdice
+    );
+    assert!(
+        (m.mdice - summary.best.mdice).abs() < 1e-3,
+        "ORT mDice {} vs training {}",
+        m.mdice,
+        summary.best.mdice
+    );
+    assert!((m.miou - summary.best.miou).abs() < 1e-3);
+    let (d, i) = infer::run::training_best(&run).unwrap().unwrap();
+    assert_eq!((d, i), (summary.best.mdice, summary.best.miou));
+    // The per-image scores are training's too (its scores.csv holds the best epoch's).
+    let train_csv = std::fs::read_to_string(run.join("scores.csv")).unwrap();
+    for (line, s) in train_csv.lines().skip(1).zip(&scores) {
+        let f: Vec<&str> = line.split(',').collect();
+        assert_eq!(f[0], s.id);
+        let dice: f64 = f[1].parse().unwrap();
+        assert!((dice - s.dice).abs() < 5e-3, "{line} vs {s:?}");
+    }
+
+    // Masks and overlays at each image's original resolution, binary 0/255.
+    for it in &inputs.items {
+        let orig = image::open(&it.image).unwrap();
+        for sub in ["masks", "overlays"] {
+            let o = image::open(opts.out.join(sub).join(format!("{}.png", it.id))).unwrap();
+            assert_eq!(
+                (o.width(), o.height()),
+                (orig.width(), orig.height()),
+                "{sub}/{}",
+                it.id
+            );
+        }
+        let mask = image::open(opts.out.join("masks").join(format!("{}.png", it.id)))
+            .unwrap()
+            .to_luma8();
+        assert!(mask.pixels().all(|p| p.0[0] == 0 || p.0[0] == 255));
+    }
+    let rep: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(opts.out.join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!(rep["images"], 5);
+    assert!(rep["images_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        std::fs::read_to_string(opts.out.join("scores.csv"))
+            .unwrap()
+            .lines()
+            .count(),
+        6
+    );
+
+    // The Candle SAM on the same merged weights agrees too.
+    let candle =
+        CandleEngine::load(&folder.weights().unwrap(), &folder.view.sam, &Device::Cpu).unwrap();
+    opts.out = tmp.path().join("out-candle");
+    opts.overlays = false;
+    let (rc, _) = infer::infer(&candle, &inputs, &opts, &mut Silent).unwrap();
+    let mc = rc.metrics.unwrap();
+    assert!(
+        (mc.mdice - m.mdice).abs() < 1e-3,
+        "{} vs {}",
+        mc.mdice,
+        m.mdice
+    );
+    assert!(!opts.out.join("overlays").exists());
+}
+
+#[test]
+fn bad_images_stop_the_job_before_writing_unless_skipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("kvasir");
+    dataset(&data, 3);
+    let images = data.join("images");
+    let masks = data.join("masks");
+    let first = std::fs::read_dir(&images)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .min()
+        .unwrap();
+    let bytes = std::fs::read(&first).unwrap();
+    std::fs::write(&first, &bytes[..bytes.len() / 3]).unwrap(); // truncated JPEG
+    let model = tiny_model(tmp.path());
+    let engine = OrtEngine::load(&model, 1, None, &mut Silent).unwrap();
+
+    let (c, bad) = input::from_folders(&images, Some(&masks)).unwrap();
+    let inputs = input::check(c, bad);
+    assert_eq!(inputs.items.len(), 2);
+    let out = tmp.path().join("out");
+    let opts = InferOptions::new(out.clone());
+    let e = infer::infer(&engine, &inputs, &opts, &mut Silent)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&first.display().to_string()) && e.contains("--skip-bad"),
+        "{e}"
+    );
+    assert!(!out.exists(), "something was written before refusing");
+
+    let mut opts = opts;
+    opts.skip_bad = true;
+    let (r, scores) = infer::infer(&engine, &inputs, &opts, &mut Silent).unwrap();
+    assert_eq!(r.images, 2);
+    assert_eq!(scores.len(), 2);
+    assert_eq!(r.skipped.len(), 1);
+    assert_eq!(r.skipped[0].path, first);
+    assert!(r.skipped[0].reason.contains("truncated"), "{:?}", r.skipped);
+    let written = std::fs::read_dir(out.join("masks")).unwrap().count();
+    assert_eq!(written, 2);
+    let stem = first.file_stem().unwrap().to_string_lossy().into_owned();
+    assert!(!out.join("masks").join(format!("{stem}.png")).exists());
+}
+
+#[test]
+fn a_model_with_other_inputs_is_refused_with_both_signatures() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, channels) in [("x", 3usize), ("image", 1)] {
+        let mut b = GraphBuilder::new("other");
+        let x = b
+            .input(
+                name,
+                FLOAT,
+                &[Dim::sym("batch"), channels.into(), 16.into(), 16.into()],
+            )
+            .unwrap();
+        let y = b.relu(&x).unwrap();
+        b.output(
+            &y,
+            "y",
+            FLOAT,
+            &[Dim::sym("batch"), channels.into(), 16.into(), 16.into()],
+        )
+        .unwrap();
+        let m = b
+            .finish(gps_seg::onnx::OPSET, gps_seg::onnx::IR_VERSION)
+            .unwrap();
+        let p = tmp.path().join(format!("{name}{channels}.onnx"));
+        write_model(&p, m).unwrap();
+        let e = OrtEngine::load(&p, 1, None, &mut Silent)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected [image rank 4 with 3 channels]"), "{e}");
+        assert!(
+            e.contains(&format!("found [{name} float32[?, {channels}, 16, 16]]")),
+            "{e}"
+        );
+        assert!(e.contains(&p.display().to_string()), "{e}");
+    }
+}
