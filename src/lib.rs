@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod models;
 pub mod nn;
 pub mod onnx;
+pub mod pipeline;
 pub mod progress;
 pub mod sam;
 pub mod train;

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod bench_gps;
 pub mod common;
 pub mod data;
+pub mod demo;
 pub mod export;
 pub mod infer;
 pub mod info;
@@ -28,6 +29,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The embedded default end to end: synthetic Kvasir → GPS on sam-tiny → merge → ONNX →
+    /// ONNX Runtime inference with mDice/mIoU.
+    Demo(demo::Args),
     /// Print a model's config and parameter counts per component.
     Info(info::Args),
     /// Datasets: synthetic generators and checks.
@@ -52,6 +56,7 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Demo(a) => demo::run(a),
         Command::Info(a) => info::run(a),
         Command::Data(a) => data::run(a),
         Command::Bench(a) => bench::run(a),
