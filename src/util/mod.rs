@@ -3,5 +3,6 @@
 pub mod fs;
 pub mod rng;
 pub mod tensors;
+pub mod threads;
 
 pub use rng::Rng;
