@@ -15,12 +15,15 @@ pub enum What {
     Gps(super::bench_gps::Args),
     /// SAM prompt-free forward and forward+backward time, with achieved GFLOP/s.
     Sam(SamArgs),
+    /// Training step: Candle full vs GPS step (vs PyTorch with --compare --python).
+    Train(super::bench_train::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.what {
         What::Sam(a) => run_sam(a),
         What::Gps(a) => super::bench_gps::run(a),
+        What::Train(a) => super::bench_train::run(a),
     }
 }
 
