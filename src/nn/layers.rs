@@ -65,20 +65,20 @@ pub fn matmul_weight_t(x2: &Tensor, weight: &Param) -> Result<Tensor> {
     Ok(match weight {
         Param::Frozen(_) if x2.track_op() => {
             let y = x2.detach().matmul(&w.t()?)?;
-            (y + x2.apply_op1(InputGradOnly { w: w.clone() })?)?
+            x2.apply_op1(InputGradOnly::new(w.clone(), y))?
         }
         Param::Sparse(s) => {
             let w = w.detach();
             let y = x2.detach().matmul(&w.t()?)?;
-            let carrier = x2.apply_op2(
+            x2.apply_op2(
                 s.delta.as_tensor(),
                 SparseWeightGrad {
                     w,
+                    value: std::sync::Mutex::new(Some(y)),
                     rows: s.rows.clone(),
                     cols: s.cols.clone(),
                 },
-            )?;
-            (y + carrier)?
+            )?
         }
         _ => x2.matmul(&w.t()?)?,
     })
