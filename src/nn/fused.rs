@@ -64,6 +64,7 @@ trait Fl:
     + std::ops::Mul<Output = Self>
     + std::ops::Div<Output = Self>
     + std::ops::AddAssign
+    + std::ops::MulAssign
     + candle_core::WithDType
 {
     const ZERO: Self;
@@ -174,7 +175,7 @@ fn softmax_row<T: Fl>(xr: &[T], yr: &mut [T]) {
     }
     let inv = T::ONE / s;
     for o in yr.iter_mut() {
-        *o = *o * inv;
+        *o *= inv;
     }
 }
 
@@ -308,39 +309,37 @@ impl CustomOp3 for RelPosSoftmax {
             }
             let mut y = vec![T::ZERO; a.len()];
             let rpt = rows_per_task(n);
-            y.par_chunks_mut(n * rpt)
-                .enumerate()
-                .for_each(|(t, yb)| {
-                    let r0 = t * rpt;
-                    for (dr, yr) in yb.chunks_mut(n).enumerate() {
-                        let r = r0 + dr;
-                        let ar = &a[r * n..(r + 1) * n];
-                        let hr = &rh[r * kh..(r + 1) * kh];
-                        let wr = &rw[r * kw..(r + 1) * kw];
-                        for i in 0..kh {
-                            let hi = hr[i];
-                            for j in 0..kw {
-                                yr[i * kw + j] = ar[i * kw + j] + hi + wr[j];
-                            }
-                        }
-                        let mut m = T::neg_inf();
-                        for &v in yr.iter() {
-                            if v > m {
-                                m = v;
-                            }
-                        }
-                        let mut s = T::ZERO;
-                        for o in yr.iter_mut() {
-                            let e = (*o - m).exp();
-                            *o = e;
-                            s += e;
-                        }
-                        let inv = T::ONE / s;
-                        for o in yr.iter_mut() {
-                            *o = *o * inv;
+            y.par_chunks_mut(n * rpt).enumerate().for_each(|(t, yb)| {
+                let r0 = t * rpt;
+                for (dr, yr) in yb.chunks_mut(n).enumerate() {
+                    let r = r0 + dr;
+                    let ar = &a[r * n..(r + 1) * n];
+                    let hr = &rh[r * kh..(r + 1) * kh];
+                    let wr = &rw[r * kw..(r + 1) * kw];
+                    for i in 0..kh {
+                        let hi = hr[i];
+                        for j in 0..kw {
+                            yr[i * kw + j] = ar[i * kw + j] + hi + wr[j];
                         }
                     }
-                });
+                    let mut m = T::neg_inf();
+                    for &v in yr.iter() {
+                        if v > m {
+                            m = v;
+                        }
+                    }
+                    let mut s = T::ZERO;
+                    for o in yr.iter_mut() {
+                        let e = (*o - m).exp();
+                        *o = e;
+                        s += e;
+                    }
+                    let inv = T::ONE / s;
+                    for o in yr.iter_mut() {
+                        *o *= inv;
+                    }
+                }
+            });
             Ok(T::to_cpu_storage_owned(y))
         }
         let st = by_dtype!(s1, k(self, (s1, l1), (s2, l2), (s3, l3)))?;
@@ -742,7 +741,10 @@ mod tests {
         f: impl Fn(&[Tensor]) -> Result<Tensor>,
     ) -> [(Tensor, Vec<Tensor>); 2] {
         let run = || {
-            let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+            let vars: Vec<Var> = inputs
+                .iter()
+                .map(|t| Var::from_tensor(t).unwrap())
+                .collect();
             let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
             let y = f(&ts).unwrap();
             let proj = rand(y.dims(), 99, 1.0);
@@ -762,7 +764,11 @@ mod tests {
         let [(y1, g1), (y2, g2)] = both_paths(inputs, f);
         assert!(max_abs(&y1, &y2) < 1e-12, "values differ");
         for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
-            assert!(max_abs(a, b) < 1e-10, "gradient {i} differs: {}", max_abs(a, b));
+            assert!(
+                max_abs(a, b) < 1e-10,
+                "gradient {i} differs: {}",
+                max_abs(a, b)
+            );
         }
     }
 
@@ -793,7 +799,13 @@ mod tests {
         assert!(e < 1e-6, "{e}");
         // f32 rows sum to one
         let y = softmax_last(&x.to_dtype(DType::F32).unwrap()).unwrap();
-        let s = y.sum(2).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let s = y
+            .sum(2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert!(s.iter().all(|v| (v - 1.0).abs() < 1e-5));
     }
 

@@ -190,7 +190,10 @@ impl Conv2d {
             // stride 1
             let p = self.padding;
             let xp = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
-            let (oh, ow) = ((h + 2 * p + 1).saturating_sub(k), (w + 2 * p + 1).saturating_sub(k));
+            let (oh, ow) = (
+                (h + 2 * p + 1).saturating_sub(k),
+                (w + 2 * p + 1).saturating_sub(k),
+            );
             let mut taps = Vec::with_capacity(k * k);
             for ky in 0..k {
                 for kx in 0..k {

@@ -78,7 +78,7 @@ pub fn rel_pos_terms(
         .matmul(&rh.transpose(1, 2)?.contiguous()?)? // [qh, b·qw, kh]
         .reshape((qh, b, qw, kh))?
         .permute((1, 0, 2, 3))?; // [b, qh, qw, kh]
-    // rel_w[b,h,w,k] = Σ_c r_q[b,h,w,c]·rw[w,k,c]
+                                 // rel_w[b,h,w,k] = Σ_c r_q[b,h,w,c]·rw[w,k,c]
     let qw_major = r_q
         .permute((2, 0, 1, 3))?
         .contiguous()?

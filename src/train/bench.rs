@@ -148,7 +148,12 @@ pub fn bce_with_logits(logits: &Tensor, target: &Tensor) -> Result<Tensor> {
 }
 
 /// Random images `[B, 3, S, S]` in `[0, 1]` and masks `[B, 1, S, S]` (30 % ones).
-pub fn random_batch(batch: usize, size: usize, seed: u64, dev: &Device) -> Result<(Tensor, Tensor)> {
+pub fn random_batch(
+    batch: usize,
+    size: usize,
+    seed: u64,
+    dev: &Device,
+) -> Result<(Tensor, Tensor)> {
     let mut rng = Rng::derive(seed, "bench-batch");
     let n = batch * 3 * size * size;
     let x = Tensor::from_vec(
@@ -282,7 +287,12 @@ struct TorchOut {
 
 /// Run `script` (`scripts/bench_torch.py`) with `python` for `spec` (full or GPS reference
 /// step with Meta's modules) on `threads` threads and parse its result.
-pub fn torch_step(python: &Path, script: &Path, spec: &StepSpec, threads: usize) -> Result<StepResult> {
+pub fn torch_step(
+    python: &Path,
+    script: &Path,
+    spec: &StepSpec,
+    threads: usize,
+) -> Result<StepResult> {
     let out = std::process::Command::new(python)
         .arg(script)
         .args(["--model", &spec.model])
@@ -312,7 +322,10 @@ pub fn torch_step(python: &Path, script: &Path, spec: &StepSpec, threads: usize)
                 .join(" | ")
         )));
     }
-    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{'));
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'));
     let parsed: TorchOut = line
         .ok_or_else(|| Error::msg(format!("{}: no JSON result line", script.display())))
         .and_then(|l| {
@@ -408,7 +421,9 @@ mod tests {
         };
         let (fast, sel) = run(false);
         let (dense, _) = run(true);
-        assert!(sel.indices.contains_key("image_encoder.patch_embed.proj.weight"));
+        assert!(sel
+            .indices
+            .contains_key("image_encoder.patch_embed.proj.weight"));
         assert!(sel.indices.contains_key("image_encoder.neck.2.weight"));
         assert_eq!(fast.len(), dense.len());
         let mut sparse_checked = 0;
@@ -426,7 +441,11 @@ mod tests {
                 assert!(!name.starts_with("image_encoder."), "{name}: no update");
                 continue;
             }
-            assert!(num <= 1e-5 * den, "{name}: relative difference {}", num / den);
+            assert!(
+                num <= 1e-5 * den,
+                "{name}: relative difference {}",
+                num / den
+            );
             if sel.indices.contains_key(name) {
                 sparse_checked += 1;
             }
