@@ -135,7 +135,9 @@ pub fn demo(cfg: &DemoConfig, device: &Device, obs: &mut dyn Observer) -> Result
     if zs_dir.exists() {
         std::fs::remove_dir_all(&zs_dir).map_err(|e| Error::io(&zs_dir, e))?;
     }
-    obs.event(Event::Info("zero-shot: evaluating the pretrained model".into()));
+    obs.event(Event::Info(
+        "zero-shot: evaluating the pretrained model".into(),
+    ));
     let zs = seg::train(&zc, &zs_dir, device, false, obs)?;
 
     let gps_dir = cfg.out.join("gps");

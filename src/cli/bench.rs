@@ -34,6 +34,8 @@ pub enum What {
     Sam(SamArgs),
     /// Inference: images/s of ONNX Runtime vs Candle on the prompt-free SAM, with GFLOP/s.
     Infer(InferArgs),
+    /// Training step: Candle full vs GPS step (vs PyTorch with --compare --python).
+    Train(super::bench_train::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -73,6 +75,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        What::Train(a) => super::bench_train::run(a),
     }
 }
 

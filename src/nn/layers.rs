@@ -1,6 +1,6 @@
 //! Differentiable layers built on [`Param`]s, restricted to Candle ops whose backward is
-//! verified (see `shared/notes/candle.md`): no fused `layer_norm`, no `softmax_last_dim`, no
-//! `upsample_bilinear2d`. Each layer fetches its params from a [`ParamStore`] under the
+//! verified (see `shared/notes/candle.md`): no Candle `layer_norm` / `softmax_last_dim` (our
+//! own fused ops with tested backward are in [`super::fused`]), no `upsample_bilinear2d`. Each layer fetches its params from a [`ParamStore`] under the
 //! reference (PyTorch) names, so official checkpoints map by name.
 
 use super::param::{Init, Param, ParamStore};
@@ -29,38 +29,17 @@ impl Linear {
     }
 
     /// `x: [..., in] → [..., out]`. On CPU, a frozen or GPS-sparse weight skips its dense
-    /// weight gradient in backward (see [`super::sparse_grad`]).
+    /// weight gradient in backward (see [`super::sparse_grad`]); in
+    /// [reference mode](super::fused::with_reference_path) this is [`Self::forward_dense`].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.tensor()?;
+        if super::fused::reference_path() {
+            return self.forward_dense(x);
+        }
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().unwrap_or(&0);
-        let out_dim = w.dim(0)?;
         let rows = x.elem_count() / in_dim.max(1);
-        let x2 = x.reshape((rows, in_dim))?;
-        let mut y = if x.device().is_cpu() {
-            match &self.weight {
-                Param::Frozen(_) if x2.track_op() => {
-                    let y = x2.detach().matmul(&w.t()?)?;
-                    (y + x2.apply_op1(InputGradOnly { w: w.clone() })?)?
-                }
-                Param::Sparse(s) => {
-                    let w = w.detach();
-                    let y = x2.detach().matmul(&w.t()?)?;
-                    let carrier = x2.apply_op2(
-                        s.delta.as_tensor(),
-                        SparseWeightGrad {
-                            w,
-                            rows: s.rows.clone(),
-                            cols: s.cols.clone(),
-                        },
-                    )?;
-                    (y + carrier)?
-                }
-                _ => x2.matmul(&w.t()?)?,
-            }
-        } else {
-            x2.matmul(&w.t()?)?
-        };
+        let mut y = matmul_weight_t(&x.reshape((rows, in_dim))?, &self.weight)?;
+        let out_dim = y.dim(1)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.tensor()?)?;
         }
@@ -70,6 +49,39 @@ impl Linear {
         }
         Ok(y.reshape(out_dims)?)
     }
+}
+
+/// `x2 · Wᵀ` for `x2: [rows, in]` and a weight param viewed as `[out, in]` (trailing dims
+/// flattened, e.g. a conv kernel `[out, c, kh, kw]` as `[out, c·kh·kw]`) → `[rows, out]`.
+/// On CPU (outside reference mode) a frozen weight gets no weight gradient and a GPS-sparse
+/// one only its selected entries' (see [`super::sparse_grad`]); elsewhere a plain matmul.
+pub fn matmul_weight_t(x2: &Tensor, weight: &Param) -> Result<Tensor> {
+    let w = weight.tensor()?;
+    let out_dim = w.dim(0)?;
+    let w = w.reshape((out_dim, w.elem_count() / out_dim.max(1)))?;
+    if !x2.device().is_cpu() || super::fused::reference_path() {
+        return Ok(x2.matmul(&w.t()?)?);
+    }
+    Ok(match weight {
+        Param::Frozen(_) if x2.track_op() => {
+            let y = x2.detach().matmul(&w.t()?)?;
+            x2.apply_op1(InputGradOnly::new(w.clone(), y))?
+        }
+        Param::Sparse(s) => {
+            let w = w.detach();
+            let y = x2.detach().matmul(&w.t()?)?;
+            x2.apply_op2(
+                s.delta.as_tensor(),
+                SparseWeightGrad {
+                    w,
+                    value: std::sync::Mutex::new(Some(y)),
+                    rows: s.rows.clone(),
+                    cols: s.cols.clone(),
+                },
+            )?
+        }
+        _ => x2.matmul(&w.t()?)?,
+    })
 }
 
 impl Linear {
@@ -128,8 +140,24 @@ impl Conv2d {
         })
     }
 
-    /// `x: [N, in, H, W] → [N, out, H', W']`.
+    /// `x: [N, in, H, W] → [N, out, H', W']`. On CPU (outside reference mode) an ungrouped
+    /// conv whose kernel equals its stride (patchify) or whose stride is 1 runs as
+    /// im2col + [`matmul_weight_t`], so frozen / GPS-sparse kernels skip the dense weight
+    /// gradient (and Candle's slow conv weight-gradient kernel is avoided).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let k = self.weight.dims().get(2).copied().unwrap_or(1);
+        let im2col = x.device().is_cpu()
+            && !super::fused::reference_path()
+            && self.groups == 1
+            && ((k == self.stride && self.padding == 0) || self.stride == 1);
+        if im2col {
+            return self.forward_im2col(x, k);
+        }
+        self.forward_conv(x)
+    }
+
+    /// Candle's `conv2d` (the reference path).
+    pub fn forward_conv(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.weight.tensor()?;
         let y = x.conv2d(&w, self.padding, self.stride, 1, self.groups)?;
         match &self.bias {
@@ -140,6 +168,51 @@ impl Conv2d {
             }
             None => Ok(y),
         }
+    }
+}
+
+impl Conv2d {
+    /// im2col: patches `[N·H'·W', in·k·k]` (column order `(c, ky, kx)` as the kernel's) times
+    /// the kernel viewed as `[out, in·k·k]`.
+    fn forward_im2col(&self, x: &Tensor, k: usize) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        let out_ch = self.weight.dims()[0];
+        let (cols, oh, ow) = if k == self.stride && self.padding == 0 {
+            let (oh, ow) = (h / k, w / k);
+            let x = x.narrow(2, 0, oh * k)?.narrow(3, 0, ow * k)?;
+            let cols = x
+                .reshape((n, c, oh, k, ow, k))?
+                .permute((0, 2, 4, 1, 3, 5))?
+                .contiguous()?
+                .reshape((n * oh * ow, c * k * k))?;
+            (cols, oh, ow)
+        } else {
+            // stride 1
+            let p = self.padding;
+            let xp = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
+            let (oh, ow) = (
+                (h + 2 * p + 1).saturating_sub(k),
+                (w + 2 * p + 1).saturating_sub(k),
+            );
+            let mut taps = Vec::with_capacity(k * k);
+            for ky in 0..k {
+                for kx in 0..k {
+                    taps.push(xp.narrow(2, ky, oh)?.narrow(3, kx, ow)?);
+                }
+            }
+            let cols = Tensor::stack(&taps, 2)? // [n, c, k·k, oh, ow]
+                .permute((0, 3, 4, 1, 2))?
+                .contiguous()?
+                .reshape((n * oh * ow, c * k * k))?;
+            (cols, oh, ow)
+        };
+        let mut y = matmul_weight_t(&cols, &self.weight)?; // [n·oh·ow, out]
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&b.tensor()?)?;
+        }
+        Ok(y.reshape((n, oh, ow, out_ch))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?)
     }
 }
 
@@ -217,8 +290,14 @@ impl LayerNorm {
     }
 }
 
-/// Layer norm over the last dim with affine `w`, `b` (`[C]`), built from differentiable ops.
+/// Layer norm over the last dim with affine `w`, `b` (`[C]`), differentiable: the fused CPU
+/// kernel of [`super::fused::layer_norm`] on CPU, else [`layer_norm_composed`].
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    super::fused::layer_norm(x, w, b, eps)
+}
+
+/// Layer norm over the last dim with affine `w`, `b` (`[C]`), built from differentiable ops.
+pub fn layer_norm_composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -275,14 +354,16 @@ impl Embedding {
     }
 }
 
-/// Softmax over the last dim, differentiable (not the fused `softmax_last_dim`).
+/// Softmax over the last dim, differentiable (not Candle's backward-less `softmax_last_dim`):
+/// our fused CPU kernel ([`super::fused::softmax_last`]) on CPU, Candle's composed `softmax`
+/// elsewhere.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+    super::fused::softmax_last(x)
 }
 
-/// Exact (erf) GELU, as `nn.GELU()` in PyTorch.
+/// Exact (erf) GELU, as `nn.GELU()` in PyTorch ([`super::fused::gelu`]).
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    Ok(x.gelu_erf()?)
+    super::fused::gelu(x)
 }
 
 /// 1-D linear interpolation matrix `[out, in]` with PyTorch's `align_corners=False`
@@ -321,4 +402,73 @@ pub fn resize_bilinear(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
     out.push(oh);
     out.push(ow);
     Ok(y.reshape(out)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::fused::with_reference_path;
+    use crate::util::Rng;
+    use candle_core::Var;
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let mut r = Rng::new(seed);
+        let n: usize = shape.iter().product();
+        Tensor::from_vec(
+            (0..n).map(|_| r.normal()).collect::<Vec<f32>>(),
+            shape,
+            &Device::Cpu,
+        )
+        .unwrap()
+    }
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// The im2col route of `Conv2d` equals Candle's conv2d in value and in the gradients of
+    /// input, kernel and bias (patchify, 1×1, 3×3 padded; a strided 3×3 takes conv2d itself).
+    #[test]
+    fn conv_im2col_matches_candle_conv() {
+        for (i, &(cin, cout, k, stride, pad, h)) in [
+            (3, 5, 2, 2, 0, 6),
+            (4, 3, 1, 1, 0, 5),
+            (3, 4, 3, 1, 1, 5),
+            (2, 3, 3, 2, 1, 7),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let vs = ParamStore::init(&Device::Cpu, i as u64);
+            let conv = Conv2d::new(&vs, cin, cout, k, stride, pad, 1, true).unwrap();
+            let x = Var::from_tensor(&rand(&[2, cin, h, h], 10 + i as u64)).unwrap();
+            let run = || {
+                let y = conv.forward(x.as_tensor()).unwrap();
+                let proj = rand(y.dims(), 20);
+                let g = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+                let mut gs = vec![g.get(x.as_tensor()).unwrap().clone()];
+                for (_, v) in vs.trainable_vars() {
+                    gs.push(g.get(v.as_tensor()).unwrap().clone());
+                }
+                (y, gs)
+            };
+            let (y1, g1) = run();
+            let (y2, g2) = with_reference_path(run);
+            assert_eq!(y1.dims(), y2.dims(), "case {i}");
+            assert!(max_abs(&y1, &y2) < 1e-5, "case {i}");
+            assert_eq!(g1.len(), 3);
+            for (a, b) in g1.iter().zip(&g2) {
+                assert!(max_abs(a, b) < 1e-4, "case {i}: {}", max_abs(a, b));
+            }
+        }
+    }
 }

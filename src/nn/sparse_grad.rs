@@ -4,30 +4,57 @@
 //! Candle's matmul backward always computes both operand gradients, so a frozen weight still
 //! pays `dW = dyᵀ·x` — a third of a linear layer's training FLOPs — and GPS, which trains a
 //! handful of entries per row, would pay it for every encoder matrix. Here the value of
-//! `y = x·Wᵀ` is computed on detached inputs and the gradient is attached through a custom op
-//! whose forward is zeros and whose backward returns
+//! `y = x·Wᵀ` is computed on detached inputs and handed to a custom op on `x` (and `δ`) whose
+//! forward returns that value (moved, so the graph holds it once) and whose backward returns
 //! - `dx = dy·W` (dense: backpropagation must continue), and
 //! - for a GPS-sparse weight, `dδ_j = Σ_t dy[t, r_j]·x[t, c_j]` at the selected entries only:
 //!   O(tokens × selected) instead of O(tokens × out × in).
 //!
-//! `y = x·W.detach()ᵀ + op(x, δ)` has the same value as the dense path (the op adds zeros) and
-//! the same gradients; tests compare both against the dense path and finite differences.
+//! `y = op(x, δ)` has the value of the dense path and the same gradients; tests compare both against the dense path and finite differences.
 //! Used on CPU; other devices take the dense path.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
+use std::sync::Mutex;
 
-fn zeros_like_output(like: &CpuStorage, rows: usize, out: usize) -> (CpuStorage, Shape) {
-    let s = match like {
-        CpuStorage::F64(_) => CpuStorage::F64(vec![0f64; rows * out]),
-        _ => CpuStorage::F32(vec![0f32; rows * out]),
+/// Move the precomputed value out of `slot` as the op's output (one copy, and the value is
+/// not retained by the graph a second time).
+fn take_value(slot: &Mutex<Option<Tensor>>) -> candle_core::Result<(CpuStorage, Shape)> {
+    let y = slot
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("linear value lock poisoned".into()))?
+        .take()
+        .ok_or_else(|| candle_core::Error::Msg("linear value already used".into()))?
+        .contiguous()?;
+    let (st, l) = y.storage_and_layout();
+    let n = l.shape().elem_count();
+    let out = match (&*st, l.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) if b - a == n => {
+            CpuStorage::F32(v[a..b].to_vec())
+        }
+        (Storage::Cpu(CpuStorage::F64(v)), Some((a, b))) if b - a == n => {
+            CpuStorage::F64(v[a..b].to_vec())
+        }
+        _ => candle_core::bail!("linear fast path: expected a contiguous f32/f64 CPU value"),
     };
-    (s, Shape::from((rows, out)))
+    Ok((out, l.shape().clone()))
 }
 
-/// Gradient carrier for `x·Wᵀ` with a constant `W`: backward gives `dx = dy·W` only.
+/// Gradient carrier for `x·Wᵀ` with a constant `W`: its forward returns the value `x·Wᵀ`
+/// computed beforehand on the detached input; backward gives `dx = dy·W` only.
 pub struct InputGradOnly {
     /// The full weight `[out, in]`, detached.
     pub w: Tensor,
+    /// The value `x·Wᵀ` `[rows, out]`, moved into the output by the forward.
+    pub value: Mutex<Option<Tensor>>,
+}
+
+impl InputGradOnly {
+    pub fn new(w: Tensor, value: Tensor) -> Self {
+        InputGradOnly {
+            w,
+            value: Mutex::new(Some(value)),
+        }
+    }
 }
 
 impl CustomOp1 for InputGradOnly {
@@ -35,9 +62,8 @@ impl CustomOp1 for InputGradOnly {
         "linear-input-grad"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (rows, _) = l.shape().dims2()?;
-        Ok(zeros_like_output(s, rows, self.w.dim(0)?))
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        take_value(&self.value)
     }
 
     fn bwd(
@@ -50,10 +76,13 @@ impl CustomOp1 for InputGradOnly {
     }
 }
 
-/// Gradient carrier for `x·(W₀ + S(δ))ᵀ`: backward gives `dx = dy·W` and the sparse `dδ`.
+/// Gradient carrier for `x·(W₀ + S(δ))ᵀ`: its forward returns the value computed beforehand;
+/// backward gives `dx = dy·W` and the sparse `dδ`.
 pub struct SparseWeightGrad {
     /// The full current weight `[out, in]` (base + delta), detached.
     pub w: Tensor,
+    /// The value `x·Wᵀ` `[rows, out]`, moved into the output by the forward.
+    pub value: Mutex<Option<Tensor>>,
     /// Row of each selected entry (u32 `[n]`).
     pub rows: Tensor,
     /// Column of each selected entry (u32 `[n]`).
@@ -72,8 +101,8 @@ impl CustomOp2 for SparseWeightGrad {
         _s2: &CpuStorage,
         _l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (rows, _) = l1.shape().dims2()?;
-        Ok(zeros_like_output(s1, rows, self.w.dim(0)?))
+        let _ = (s1, l1);
+        take_value(&self.value)
     }
 
     fn bwd(

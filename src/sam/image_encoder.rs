@@ -3,11 +3,16 @@
 //!
 //! Batched over images; every op has a verified backward (see `shared/notes/candle.md`): the
 //! relative position bias is built from `index_select` + batched matmuls, softmax and layer norm
-//! are the differentiable versions from [`crate::nn::layers`].
+//! are the differentiable versions from [`crate::nn::layers`]. On CPU the bias add and the
+//! softmax run as one fused op ([`crate::nn::fused::rel_pos_softmax`]) and linears / the patch
+//! embedding skip dense weight gradients of frozen and GPS-sparse weights.
 
 use super::common::{Activation, MlpBlock, LAYER_NORM_2D_EPS};
 use crate::error::{Error, Result};
-use crate::nn::layers::{interp_matrix, softmax_last, Conv2d, LayerNorm, LayerNorm2d, Linear};
+use crate::nn::fused::{rel_pos_softmax, use_fused};
+use crate::nn::layers::{
+    interp_matrix, matmul_weight_t, softmax_last, Conv2d, LayerNorm, LayerNorm2d, Linear,
+};
 use crate::nn::{Init, Param, ParamStore};
 use crate::sam::SamConfig;
 use candle_core::backprop::GradStore;
@@ -47,17 +52,17 @@ pub fn get_rel_pos(q_size: usize, k_size: usize, rel_pos: &Tensor) -> Result<Ten
     Ok(table.index_select(&idx, 0)?.reshape((q_size, k_size, c))?)
 }
 
-/// `add_decomposed_rel_pos`: `attn [B, qh·qw, kh·kw]` plus the bias from unscaled
-/// `q [B, qh·qw, C]` and the tables `rel_pos_h [Lh, C]`, `rel_pos_w [Lw, C]`.
+/// The two bias terms of `add_decomposed_rel_pos` from unscaled `q [B, qh·qw, C]` and the
+/// tables `rel_pos_h [Lh, C]`, `rel_pos_w [Lw, C]`: (`rel_h [B, qh, qw, kh]`,
+/// `rel_w [B, qh, qw, kw]`); the bias of key `(i, j)` is `rel_h[.., i] + rel_w[.., j]`.
 /// The einsums `bhwc,hkc->bhwk` / `bhwc,wkc->bhwk` are batched matmuls over the h / w axis.
-pub fn add_decomposed_rel_pos(
-    attn: &Tensor,
+pub fn rel_pos_terms(
     q: &Tensor,
     rel_pos_h: &Tensor,
     rel_pos_w: &Tensor,
     q_size: (usize, usize),
     k_size: (usize, usize),
-) -> Result<Tensor> {
+) -> Result<(Tensor, Tensor)> {
     let (qh, qw) = q_size;
     let (kh, kw) = k_size;
     let rh = get_rel_pos(qh, kh, rel_pos_h)?; // [qh, kh, C]
@@ -82,6 +87,24 @@ pub fn add_decomposed_rel_pos(
         .matmul(&rw.transpose(1, 2)?.contiguous()?)? // [qw, b·qh, kw]
         .reshape((qw, b, qh, kw))?
         .permute((1, 2, 0, 3))?; // [b, qh, qw, kw]
+    Ok((rel_h, rel_w))
+}
+
+/// `add_decomposed_rel_pos`: `attn [B, qh·qw, kh·kw]` plus the bias from unscaled
+/// `q [B, qh·qw, C]` and the tables `rel_pos_h [Lh, C]`, `rel_pos_w [Lw, C]`
+/// (see [`rel_pos_terms`]).
+pub fn add_decomposed_rel_pos(
+    attn: &Tensor,
+    q: &Tensor,
+    rel_pos_h: &Tensor,
+    rel_pos_w: &Tensor,
+    q_size: (usize, usize),
+    k_size: (usize, usize),
+) -> Result<Tensor> {
+    let (qh, qw) = q_size;
+    let (kh, kw) = k_size;
+    let (rel_h, rel_w) = rel_pos_terms(q, rel_pos_h, rel_pos_w, q_size, k_size)?;
+    let b = q.dim(0)?;
     let a = attn
         .reshape((b, qh, qw, kh, kw))?
         .broadcast_add(&rel_h.unsqueeze(4)?)?
@@ -210,8 +233,14 @@ pub fn rel_pos_attention(
     let k = qkv.get(1)?;
     let v = qkv.get(2)?;
     let attn = (&q * scale)?.matmul(&k.t()?)?;
-    let attn = add_decomposed_rel_pos(&attn, &q, rel_pos_h, rel_pos_w, (h, w), (h, w))?;
-    let attn = softmax_last(&attn)?;
+    let attn = if use_fused(&attn) {
+        // One fused pass for bias + softmax (and one for their backward).
+        let (rel_h, rel_w) = rel_pos_terms(&q, rel_pos_h, rel_pos_w, (h, w), (h, w))?;
+        rel_pos_softmax(&attn, &rel_h, &rel_w)?
+    } else {
+        let attn = add_decomposed_rel_pos(&attn, &q, rel_pos_h, rel_pos_w, (h, w), (h, w))?;
+        softmax_last(&attn)?
+    };
     Ok(attn
         .matmul(&v)?
         .reshape((b, nh, h, w, hd))?
@@ -354,9 +383,16 @@ impl ImageEncoderViT {
         }
         // kernel = stride, no padding: the conv is a matmul over non-overlapping patches,
         // which is much faster than Candle's conv2d in backward (its weight gradient is a
-        // dilated convolution).
-        let w = self.patch_embed.weight.tensor()?; // [D, 3, p, p]
-        let (d, _, p, _) = w.dims4()?;
+        // dilated convolution). It goes through the linear layers' weight-gradient routing:
+        // a frozen or GPS-sparse kernel skips its dense gradient.
+        let (d, _, p, _) = match self.patch_embed.weight.dims() {
+            &[d, c, p, q] => (d, c, p, q),
+            other => {
+                return Err(Error::msg(format!(
+                    "patch_embed.proj.weight: expected 4 dims, got {other:?}"
+                )))
+            }
+        };
         let b = x.dim(0)?;
         let g = h / p;
         let patches = x
@@ -364,7 +400,7 @@ impl ImageEncoderViT {
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
             .reshape((b * g * g, 3 * p * p))?;
-        let mut y = patches.matmul(&w.reshape((d, 3 * p * p))?.t()?)?;
+        let mut y = matmul_weight_t(&patches, &self.patch_embed.weight)?;
         if let Some(bias) = &self.patch_embed.bias {
             y = y.broadcast_add(&bias.tensor()?)?;
         }

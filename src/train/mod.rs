@@ -1,6 +1,7 @@
 //! Training: fit/evaluate loops, losses, metrics, schedules, checkpoints and resume.
 //! Models know nothing of training; everything about steps, losses and optimisers lives here.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod loss;
 pub mod optim;

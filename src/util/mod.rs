@@ -4,5 +4,6 @@ pub mod draw;
 pub mod fs;
 pub mod rng;
 pub mod tensors;
+pub mod threads;
 
 pub use rng::Rng;

@@ -1,0 +1,867 @@
+//! Fused CPU element-wise ops with hand-written single-pass backward passes (issue: make a GPS
+//! step cheaper than a full step).
+//!
+//! Candle builds softmax, layer norm and erf-GELU from several element-wise ops, and their
+//! backward passes walk the full tensor many times (measured on 4×1024×768: softmax backward
+//! ≈ 5× its forward, GELU backward ≈ 5×). Here each op is one Candle `CustomOp` whose CPU
+//! forward is a single loop over rows (parallel with rayon), and whose backward is a second
+//! custom op that computes the input gradient in ONE pass from the saved output / input:
+//! - [`softmax_last`]: `dx = y ⊙ (g − Σ g⊙y)`;
+//! - [`rel_pos_softmax`]: SAM's attention softmax with the decomposed relative-position bias
+//!   (`softmax(a + rel_h[.., i] + rel_w[.., j])` over keys `(i, j)`, Meta's
+//!   `add_decomposed_rel_pos` followed by `softmax`) fused, so neither the two broadcast adds
+//!   nor their reductions in backward touch the full score tensor;
+//! - [`layer_norm`]: affine layer norm over the last dim; backward gives `dx`, `dw`, `db`;
+//! - [`gelu`]: `x·Φ(x)`, backward `g·(Φ(x) + x·φ(x))`.
+//!
+//! Every op is used only where the tensor lives on the CPU, is f32/f64 and the thread is not
+//! in [reference mode](with_reference_path); otherwise the differentiable compositions of
+//! [`super::layers`] run (CUDA keeps working). Gradients are checked against finite
+//! differences ([`super::gradcheck`]) and against the composed ops in the tests below.
+
+use crate::error::Result;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use std::cell::Cell;
+
+thread_local! {
+    static REFERENCE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether this thread runs the plain (reference) paths: dense linear weight gradients and
+/// Candle's composed element-wise ops instead of the fused ones.
+pub fn reference_path() -> bool {
+    REFERENCE.with(|r| r.get())
+}
+
+/// Run `f` with the reference paths on this thread (restored afterwards, also on error):
+/// the route that fast paths are tested and benchmarked against.
+pub fn with_reference_path<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            REFERENCE.with(|r| r.set(self.0));
+        }
+    }
+    let _restore = Restore(REFERENCE.with(|r| r.replace(true)));
+    f()
+}
+
+/// True when the fused CPU kernels apply to `x`: CPU, f32 or f64, not in reference mode.
+pub fn use_fused(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && !reference_path()
+}
+
+/// Floating-point scalar of the kernels (f32 and f64).
+trait Fl:
+    Copy
+    + Send
+    + Sync
+    + 'static
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::AddAssign
+    + std::ops::MulAssign
+    + candle_core::WithDType
+{
+    const ZERO: Self;
+    const ONE: Self;
+    fn c(v: f64) -> Self;
+    fn exp(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn erf(self) -> Self;
+    fn neg_inf() -> Self;
+}
+
+impl Fl for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    fn c(v: f64) -> Self {
+        v as f32
+    }
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    fn erf(self) -> Self {
+        candle_core::cpu::erf::erf_f32(self)
+    }
+    fn neg_inf() -> Self {
+        f32::NEG_INFINITY
+    }
+}
+
+impl Fl for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    fn c(v: f64) -> Self {
+        v
+    }
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    fn erf(self) -> Self {
+        candle_core::cpu::erf::erf_f64(self)
+    }
+    fn neg_inf() -> Self {
+        f64::NEG_INFINITY
+    }
+}
+
+/// The contiguous data of a storage under its layout.
+fn data<'a, T: Fl>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+    let all = s.as_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&all[a..b]),
+        None => candle_core::bail!("fused op: input is not contiguous"),
+    }
+}
+
+/// Dispatch a kernel over the storage dtype (f32 / f64).
+macro_rules! by_dtype {
+    ($s:expr, $f:ident ( $($a:expr),* )) => {
+        match $s {
+            CpuStorage::F32(_) => $f::<f32>($($a),*),
+            CpuStorage::F64(_) => $f::<f64>($($a),*),
+            _ => candle_core::bail!("fused op: only f32 and f64 are supported"),
+        }
+    };
+}
+
+/// Rows handed to one rayon task: big enough to amortise scheduling.
+fn rows_per_task(n: usize) -> usize {
+    (16384 / n.max(1)).max(1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax over the last dim.
+
+struct Softmax;
+struct SoftmaxBwd;
+
+fn softmax_rows<T: Fl>(x: &[T], n: usize) -> Vec<T> {
+    let mut y = vec![T::ZERO; x.len()];
+    let rpt = rows_per_task(n);
+    y.par_chunks_mut(n * rpt)
+        .zip(x.par_chunks(n * rpt))
+        .for_each(|(yb, xb)| {
+            for (yr, xr) in yb.chunks_mut(n).zip(xb.chunks(n)) {
+                softmax_row(xr, yr);
+            }
+        });
+    y
+}
+
+fn softmax_row<T: Fl>(xr: &[T], yr: &mut [T]) {
+    let mut m = T::neg_inf();
+    for &v in xr {
+        if v > m {
+            m = v;
+        }
+    }
+    let mut s = T::ZERO;
+    for (o, &v) in yr.iter_mut().zip(xr) {
+        let e = (v - m).exp();
+        *o = e;
+        s += e;
+    }
+    let inv = T::ONE / s;
+    for o in yr.iter_mut() {
+        *o *= inv;
+    }
+}
+
+/// `dx = y ⊙ (g − Σ g⊙y)` per row.
+fn softmax_bwd_rows<T: Fl>(y: &[T], g: &[T], n: usize) -> Vec<T> {
+    let mut dx = vec![T::ZERO; y.len()];
+    let rpt = rows_per_task(n);
+    dx.par_chunks_mut(n * rpt)
+        .zip(y.par_chunks(n * rpt).zip(g.par_chunks(n * rpt)))
+        .for_each(|(db, (yb, gb))| {
+            for ((dr, yr), gr) in db.chunks_mut(n).zip(yb.chunks(n)).zip(gb.chunks(n)) {
+                let mut dot = T::ZERO;
+                for (&a, &b) in yr.iter().zip(gr) {
+                    dot += a * b;
+                }
+                for ((d, &a), &b) in dr.iter_mut().zip(yr).zip(gr) {
+                    *d = a * (b - dot);
+                }
+            }
+        });
+    dx
+}
+
+fn last_dim(l: &Layout) -> usize {
+    l.dims().last().copied().unwrap_or(1).max(1)
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "fused-softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn k<T: Fl>(s: &CpuStorage, l: &Layout) -> candle_core::Result<CpuStorage> {
+            Ok(T::to_cpu_storage_owned(softmax_rows(
+                data::<T>(s, l)?,
+                last_dim(l),
+            )))
+        }
+        Ok((by_dtype!(s, k(s, l))?, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBwd)?))
+    }
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "fused-softmax-last-dim-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn k<T: Fl>(
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> candle_core::Result<CpuStorage> {
+            Ok(T::to_cpu_storage_owned(softmax_bwd_rows(
+                data::<T>(s1, l1)?,
+                data::<T>(s2, l2)?,
+                last_dim(l1),
+            )))
+        }
+        Ok((by_dtype!(s1, k(s1, l1, s2, l2))?, l1.shape().clone()))
+    }
+}
+
+/// Softmax over the last dim, differentiable: the fused CPU kernel where [`use_fused`],
+/// else Candle's composed `softmax`. Any shape.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if use_fused(x) {
+        Ok(x.contiguous()?.apply_op1(Softmax)?)
+    } else {
+        Ok(candle_nn::ops::softmax(x, candle_core::D::Minus1)?)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax with SAM's decomposed relative-position bias.
+
+struct RelPosSoftmax {
+    kh: usize,
+    kw: usize,
+}
+
+/// Backward of [`RelPosSoftmax`] w.r.t. the scores: `dS = y ⊙ (g − Σ g⊙y)` per row.
+struct RelPosSoftmaxBwd;
+
+/// Per row of `dS [R, kh·kw]`: `[Σ_j dS[i, j] for i < kh, Σ_i dS[i, j] for j < kw]`.
+struct BlockSums {
+    kh: usize,
+    kw: usize,
+}
+
+impl CustomOp3 for RelPosSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-rel-pos-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn k<T: Fl>(
+            op: &RelPosSoftmax,
+            (s1, l1): (&CpuStorage, &Layout),
+            (s2, l2): (&CpuStorage, &Layout),
+            (s3, l3): (&CpuStorage, &Layout),
+        ) -> candle_core::Result<CpuStorage> {
+            let (kh, kw) = (op.kh, op.kw);
+            let n = kh * kw;
+            let a = data::<T>(s1, l1)?;
+            let rh = data::<T>(s2, l2)?;
+            let rw = data::<T>(s3, l3)?;
+            let rows = a.len() / n;
+            if rh.len() != rows * kh || rw.len() != rows * kw {
+                candle_core::bail!("rel-pos softmax: bias sizes do not match the scores");
+            }
+            let mut y = vec![T::ZERO; a.len()];
+            let rpt = rows_per_task(n);
+            y.par_chunks_mut(n * rpt).enumerate().for_each(|(t, yb)| {
+                let r0 = t * rpt;
+                for (dr, yr) in yb.chunks_mut(n).enumerate() {
+                    let r = r0 + dr;
+                    let ar = &a[r * n..(r + 1) * n];
+                    let hr = &rh[r * kh..(r + 1) * kh];
+                    let wr = &rw[r * kw..(r + 1) * kw];
+                    for i in 0..kh {
+                        let hi = hr[i];
+                        for j in 0..kw {
+                            yr[i * kw + j] = ar[i * kw + j] + hi + wr[j];
+                        }
+                    }
+                    let mut m = T::neg_inf();
+                    for &v in yr.iter() {
+                        if v > m {
+                            m = v;
+                        }
+                    }
+                    let mut s = T::ZERO;
+                    for o in yr.iter_mut() {
+                        let e = (*o - m).exp();
+                        *o = e;
+                        s += e;
+                    }
+                    let inv = T::ONE / s;
+                    for o in yr.iter_mut() {
+                        *o *= inv;
+                    }
+                }
+            });
+            Ok(T::to_cpu_storage_owned(y))
+        }
+        let st = by_dtype!(s1, k(self, (s1, l1), (s2, l2), (s3, l3)))?;
+        Ok((st, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        _rh: &Tensor,
+        _rw: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let ds = y.apply_op2_no_bwd(&g.contiguous()?, &RelPosSoftmaxBwd)?;
+        let sums = ds.apply_op1_no_bwd(&BlockSums {
+            kh: self.kh,
+            kw: self.kw,
+        })?;
+        let rows = sums.dim(0)?;
+        let dh = sums.narrow(1, 0, self.kh)?.reshape((rows, self.kh))?;
+        let dw = sums.narrow(1, self.kh, self.kw)?.reshape((rows, self.kw))?;
+        Ok((Some(ds), Some(dh), Some(dw)))
+    }
+}
+
+impl CustomOp2 for RelPosSoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "fused-rel-pos-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        SoftmaxBwd.cpu_fwd(s1, l1, s2, l2)
+    }
+}
+
+impl CustomOp1 for BlockSums {
+    fn name(&self) -> &'static str {
+        "fused-rel-pos-block-sums"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn k<T: Fl>(op: &BlockSums, s: &CpuStorage, l: &Layout) -> candle_core::Result<CpuStorage> {
+            let (kh, kw) = (op.kh, op.kw);
+            let n = kh * kw;
+            let d = data::<T>(s, l)?;
+            let m = kh + kw;
+            let mut out = vec![T::ZERO; d.len() / n * m];
+            let rpt = rows_per_task(n);
+            out.par_chunks_mut(m * rpt)
+                .zip(d.par_chunks(n * rpt))
+                .for_each(|(ob, db)| {
+                    for (or, dr) in ob.chunks_mut(m).zip(db.chunks(n)) {
+                        let (oh, ow) = or.split_at_mut(kh);
+                        for i in 0..kh {
+                            let row = &dr[i * kw..(i + 1) * kw];
+                            let mut s = T::ZERO;
+                            for (o, &v) in ow.iter_mut().zip(row) {
+                                s += v;
+                                *o += v;
+                            }
+                            oh[i] = s;
+                        }
+                    }
+                });
+            Ok(T::to_cpu_storage_owned(out))
+        }
+        let rows = l.shape().elem_count() / (self.kh * self.kw);
+        Ok((
+            by_dtype!(s, k(self, s, l))?,
+            Shape::from((rows, self.kh + self.kw)),
+        ))
+    }
+}
+
+/// `softmax(attn + rel_h ⊕ rel_w)` over the keys, fused: `attn: [R, kh·kw]` scores (any
+/// leading dims flattened into `R`), `rel_h: [R, kh]`, `rel_w: [R, kw]`; the key index is
+/// `i·kw + j` and gets `rel_h[r, i] + rel_w[r, j]` (Meta's `add_decomposed_rel_pos`).
+/// Returns the attention weights with the shape of `attn`; differentiable in all three.
+/// Falls back to the composed ops where not [`use_fused`].
+pub fn rel_pos_softmax(attn: &Tensor, rel_h: &Tensor, rel_w: &Tensor) -> Result<Tensor> {
+    let kh = rel_h.dims().last().copied().unwrap_or(1);
+    let kw = rel_w.dims().last().copied().unwrap_or(1);
+    let n = kh * kw;
+    let rows = attn.elem_count() / n.max(1);
+    if use_fused(attn) {
+        let y = attn.reshape((rows, n))?.contiguous()?.apply_op3(
+            &rel_h.reshape((rows, kh))?.contiguous()?,
+            &rel_w.reshape((rows, kw))?.contiguous()?,
+            RelPosSoftmax { kh, kw },
+        )?;
+        Ok(y.reshape(attn.shape())?)
+    } else {
+        let a = attn
+            .reshape((rows, kh, kw))?
+            .broadcast_add(&rel_h.reshape((rows, kh, 1))?)?
+            .broadcast_add(&rel_w.reshape((rows, 1, kw))?)?
+            .reshape((rows, n))?;
+        let y = candle_nn::ops::softmax(&a, candle_core::D::Minus1)?;
+        Ok(y.reshape(attn.shape())?)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layer norm over the last dim.
+
+struct LayerNormOp {
+    eps: f64,
+}
+
+/// Backward of [`LayerNormOp`]: `(x, w, g)` → packed `[R + 2, C]` = `dx` rows, then `dw`, `db`.
+struct LayerNormBwd {
+    eps: f64,
+}
+
+fn row_stats<T: Fl>(xr: &[T], eps: f64) -> (T, T) {
+    let c = xr.len();
+    let mut s = T::ZERO;
+    for &v in xr {
+        s += v;
+    }
+    let mean = s / T::c(c as f64);
+    let mut q = T::ZERO;
+    for &v in xr {
+        let d = v - mean;
+        q += d * d;
+    }
+    let var = q / T::c(c as f64);
+    (mean, T::ONE / (var + T::c(eps)).sqrt())
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn k<T: Fl>(
+            eps: f64,
+            (s1, l1): (&CpuStorage, &Layout),
+            (s2, l2): (&CpuStorage, &Layout),
+            (s3, l3): (&CpuStorage, &Layout),
+        ) -> candle_core::Result<CpuStorage> {
+            let x = data::<T>(s1, l1)?;
+            let w = data::<T>(s2, l2)?;
+            let b = data::<T>(s3, l3)?;
+            let c = w.len();
+            let mut y = vec![T::ZERO; x.len()];
+            let rpt = rows_per_task(c);
+            y.par_chunks_mut(c * rpt)
+                .zip(x.par_chunks(c * rpt))
+                .for_each(|(yb, xb)| {
+                    for (yr, xr) in yb.chunks_mut(c).zip(xb.chunks(c)) {
+                        let (mean, rstd) = row_stats(xr, eps);
+                        for (((o, &v), &wi), &bi) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                            *o = (v - mean) * rstd * wi + bi;
+                        }
+                    }
+                });
+            Ok(T::to_cpu_storage_owned(y))
+        }
+        let st = by_dtype!(s1, k(self.eps, (s1, l1), (s2, l2), (s3, l3)))?;
+        Ok((st, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &LayerNormBwd { eps: self.eps })?;
+        let rows = x.dim(0)?;
+        let dx = packed.narrow(0, 0, rows)?;
+        let dw = packed.get(rows)?;
+        let db = packed.get(rows + 1)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+impl CustomOp3 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn k<T: Fl>(
+            eps: f64,
+            (s1, l1): (&CpuStorage, &Layout),
+            (s2, l2): (&CpuStorage, &Layout),
+            (s3, l3): (&CpuStorage, &Layout),
+        ) -> candle_core::Result<CpuStorage> {
+            let x = data::<T>(s1, l1)?;
+            let w = data::<T>(s2, l2)?;
+            let g = data::<T>(s3, l3)?;
+            let c = w.len();
+            let rows = x.len() / c;
+            let mut out = vec![T::ZERO; (rows + 2) * c];
+            let (dx, _) = out.split_at_mut(rows * c);
+            let rpt = rows_per_task(c).max(rows.div_ceil(64).max(1));
+            let partial: Vec<Vec<T>> = dx
+                .par_chunks_mut(c * rpt)
+                .zip(x.par_chunks(c * rpt).zip(g.par_chunks(c * rpt)))
+                .map(|(db, (xb, gb))| {
+                    let mut acc = vec![T::ZERO; 2 * c];
+                    let mut xhat = vec![T::ZERO; c];
+                    for ((dr, xr), gr) in db.chunks_mut(c).zip(xb.chunks(c)).zip(gb.chunks(c)) {
+                        let (mean, rstd) = row_stats(xr, eps);
+                        let mut s1 = T::ZERO; // Σ g·w
+                        let mut s2 = T::ZERO; // Σ g·w·x̂
+                        for i in 0..c {
+                            let xh = (xr[i] - mean) * rstd;
+                            xhat[i] = xh;
+                            let gw = gr[i] * w[i];
+                            s1 += gw;
+                            s2 += gw * xh;
+                            acc[i] += gr[i] * xh;
+                            acc[c + i] += gr[i];
+                        }
+                        let inv_c = T::ONE / T::c(c as f64);
+                        let (m1, m2) = (s1 * inv_c, s2 * inv_c);
+                        for i in 0..c {
+                            dr[i] = rstd * (gr[i] * w[i] - m1 - xhat[i] * m2);
+                        }
+                    }
+                    acc
+                })
+                .collect();
+            let tail = &mut out[rows * c..];
+            for p in partial {
+                for (o, v) in tail.iter_mut().zip(p) {
+                    *o += v;
+                }
+            }
+            Ok(T::to_cpu_storage_owned(out))
+        }
+        let st = by_dtype!(s1, k(self.eps, (s1, l1), (s2, l2), (s3, l3)))?;
+        let (rows, c) = l1.shape().dims2()?;
+        Ok((st, Shape::from((rows + 2, c))))
+    }
+}
+
+/// Layer norm over the last dim with affine `w`, `b` (`[C]`), differentiable in all three:
+/// the fused CPU kernel where [`use_fused`], else the composition of [`super::layers`].
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if use_fused(x) && w.dtype() == x.dtype() && b.dtype() == x.dtype() {
+        let c = w.elem_count();
+        let rows = x.elem_count() / c.max(1);
+        let y = x.reshape((rows, c))?.contiguous()?.apply_op3(
+            &w.contiguous()?,
+            &b.contiguous()?,
+            LayerNormOp { eps },
+        )?;
+        Ok(y.reshape(x.shape())?)
+    } else {
+        super::layers::layer_norm_composed(x, w, b, eps)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// erf GELU.
+
+struct Gelu;
+struct GeluBwd;
+
+const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
+/// 1/√(2π).
+const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "fused-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn k<T: Fl>(s: &CpuStorage, l: &Layout) -> candle_core::Result<CpuStorage> {
+            let x = data::<T>(s, l)?;
+            let mut y = vec![T::ZERO; x.len()];
+            let (h, r) = (T::c(0.5), T::c(FRAC_1_SQRT_2));
+            y.par_chunks_mut(16384)
+                .zip(x.par_chunks(16384))
+                .for_each(|(yb, xb)| {
+                    for (o, &v) in yb.iter_mut().zip(xb) {
+                        *o = h * v * (T::ONE + (v * r).erf());
+                    }
+                });
+            Ok(T::to_cpu_storage_owned(y))
+        }
+        Ok((by_dtype!(s, k(s, l))?, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &GeluBwd)?))
+    }
+}
+
+impl CustomOp2 for GeluBwd {
+    fn name(&self) -> &'static str {
+        "fused-gelu-erf-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn k<T: Fl>(
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> candle_core::Result<CpuStorage> {
+            let x = data::<T>(s1, l1)?;
+            let g = data::<T>(s2, l2)?;
+            let mut dx = vec![T::ZERO; x.len()];
+            let (h, r, p) = (T::c(0.5), T::c(FRAC_1_SQRT_2), T::c(INV_SQRT_2PI));
+            dx.par_chunks_mut(16384)
+                .zip(x.par_chunks(16384).zip(g.par_chunks(16384)))
+                .for_each(|(db, (xb, gb))| {
+                    for ((o, &v), &gi) in db.iter_mut().zip(xb).zip(gb) {
+                        let cdf = h * (T::ONE + (v * r).erf());
+                        let pdf = p * (T::c(-0.5) * v * v).exp();
+                        *o = gi * (cdf + v * pdf);
+                    }
+                });
+            Ok(T::to_cpu_storage_owned(dx))
+        }
+        Ok((by_dtype!(s1, k(s1, l1, s2, l2))?, l1.shape().clone()))
+    }
+}
+
+/// Exact (erf) GELU, differentiable: the fused CPU kernel where [`use_fused`], else Candle's
+/// `gelu_erf`.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if use_fused(x) {
+        Ok(x.contiguous()?.apply_op1(Gelu)?)
+    } else {
+        Ok(x.gelu_erf()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::gradcheck;
+    use crate::util::Rng;
+    use candle_core::{Device, Var};
+
+    fn rand(shape: &[usize], seed: u64, scale: f64) -> Tensor {
+        let mut r = Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| r.normal() as f64 * scale).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// Value and gradients (w.r.t. every input, through a random projection) of `f` on the
+    /// fused path and on the reference path.
+    fn both_paths(
+        inputs: &[Tensor],
+        f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) -> [(Tensor, Vec<Tensor>); 2] {
+        let run = || {
+            let vars: Vec<Var> = inputs
+                .iter()
+                .map(|t| Var::from_tensor(t).unwrap())
+                .collect();
+            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let y = f(&ts).unwrap();
+            let proj = rand(y.dims(), 99, 1.0);
+            let g = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+            let gs = vars
+                .iter()
+                .map(|v| g.get(v.as_tensor()).expect("a gradient").clone())
+                .collect();
+            (y, gs)
+        };
+        let fast = run();
+        let slow = with_reference_path(run);
+        [fast, slow]
+    }
+
+    fn assert_paths_agree(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>) {
+        let [(y1, g1), (y2, g2)] = both_paths(inputs, f);
+        assert!(max_abs(&y1, &y2) < 1e-12, "values differ");
+        for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
+            assert!(
+                max_abs(a, b) < 1e-10,
+                "gradient {i} differs: {}",
+                max_abs(a, b)
+            );
+        }
+    }
+
+    #[test]
+    fn reference_mode_is_scoped_and_restored() {
+        assert!(!reference_path());
+        let inner = with_reference_path(|| {
+            assert!(reference_path());
+            with_reference_path(reference_path)
+        });
+        assert!(inner);
+        assert!(!reference_path());
+        let x = rand(&[2, 3], 0, 1.0).to_dtype(DType::F32).unwrap();
+        assert!(use_fused(&x));
+        assert!(!with_reference_path(|| use_fused(&x)));
+        assert!(!use_fused(&x.to_dtype(DType::BF16).unwrap()));
+    }
+
+    #[test]
+    fn softmax_matches_composed_and_finite_differences() {
+        let x = rand(&[3, 4, 7], 1, 2.0);
+        assert_paths_agree(std::slice::from_ref(&x), |t| softmax_last(&t[0]));
+        let e = gradcheck::check(&x, 30, 0, softmax_last).unwrap();
+        assert!(e < 1e-6, "{e}");
+        // non-contiguous input
+        let xt = x.transpose(1, 2).unwrap();
+        let e = gradcheck::check(&xt, 20, 1, softmax_last).unwrap();
+        assert!(e < 1e-6, "{e}");
+        // f32 rows sum to one
+        let y = softmax_last(&x.to_dtype(DType::F32).unwrap()).unwrap();
+        let s = y
+            .sum(2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(s.iter().all(|v| (v - 1.0).abs() < 1e-5));
+    }
+
+    #[test]
+    fn rel_pos_softmax_matches_composed_and_finite_differences() {
+        let (rows, kh, kw) = (6, 3, 4);
+        let a = rand(&[2, 3, kh * kw], 2, 1.5);
+        let rh = rand(&[2, 3, kh], 3, 1.0);
+        let rw = rand(&[2, 3, kw], 4, 1.0);
+        assert_eq!(rows, 6);
+        assert_paths_agree(&[a.clone(), rh.clone(), rw.clone()], |t| {
+            rel_pos_softmax(&t[0], &t[1], &t[2])
+        });
+        let e = gradcheck::check(&a, 30, 0, |a| rel_pos_softmax(a, &rh, &rw)).unwrap();
+        assert!(e < 1e-6, "wrt scores: {e}");
+        let e = gradcheck::check(&rh, 18, 1, |t| rel_pos_softmax(&a, t, &rw)).unwrap();
+        assert!(e < 1e-6, "wrt rel_h: {e}");
+        let e = gradcheck::check(&rw, 24, 2, |t| rel_pos_softmax(&a, &rh, t)).unwrap();
+        assert!(e < 1e-6, "wrt rel_w: {e}");
+    }
+
+    #[test]
+    fn layer_norm_matches_composed_and_finite_differences() {
+        let x = (rand(&[2, 3, 8], 5, 2.0) + 0.7).unwrap();
+        let w = (rand(&[8], 6, 0.3) + 1.0).unwrap();
+        let b = rand(&[8], 7, 0.5);
+        let eps = 1e-6;
+        assert_paths_agree(&[x.clone(), w.clone(), b.clone()], |t| {
+            layer_norm(&t[0], &t[1], &t[2], eps)
+        });
+        let e = gradcheck::check(&x, 30, 0, |x| layer_norm(x, &w, &b, eps)).unwrap();
+        assert!(e < 1e-6, "wrt x: {e}");
+        let e = gradcheck::check(&w, 8, 1, |w| layer_norm(&x, w, &b, eps)).unwrap();
+        assert!(e < 1e-6, "wrt w: {e}");
+        let e = gradcheck::check(&b, 8, 2, |b| layer_norm(&x, &w, b, eps)).unwrap();
+        assert!(e < 1e-6, "wrt b: {e}");
+    }
+
+    #[test]
+    fn layer_norm_weight_gradient_sums_over_many_row_blocks() {
+        // More rows than one rayon task takes, so the partial sums of dw/db are combined.
+        let x = rand(&[300, 70], 8, 1.0);
+        let w = (rand(&[70], 9, 0.3) + 1.0).unwrap();
+        let b = rand(&[70], 10, 0.5);
+        assert_paths_agree(&[x, w, b], |t| layer_norm(&t[0], &t[1], &t[2], 1e-5));
+    }
+
+    #[test]
+    fn gelu_matches_composed_and_finite_differences() {
+        let x = rand(&[4, 9], 11, 2.0);
+        let [(y1, g1), (y2, g2)] = both_paths(std::slice::from_ref(&x), |t| gelu(&t[0]));
+        // Same erf for the values; Candle's backward uses 1/√(2π) ≈ 0.398942 (6 digits).
+        assert!(max_abs(&y1, &y2) < 1e-9);
+        let d = max_abs(&g1[0], &g2[0]);
+        assert!(d < 1e-5, "{d}");
+        let e = gradcheck::check(&x, 30, 0, gelu).unwrap();
+        assert!(e < 1e-6, "{e}");
+    }
+}

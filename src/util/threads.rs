@@ -1,0 +1,57 @@
+//! CPU thread count for every parallel kernel of the process.
+//!
+//! Two places decide how many threads run on the CPU: rayon's global pool (our fused kernels,
+//! rayon `par_*` loops) and Candle's CPU matmul, which hands `gemm` a
+//! `Parallelism::Rayon(n)` with `n = candle_core::utils::get_num_threads()` — and that
+//! function reads the `RAYON_NUM_THREADS` environment variable on every call (falling back to
+//! the number of physical cores), not the pool size. [`set`] therefore sets both.
+
+use crate::error::{Error, Result};
+
+/// Use `n` CPU threads: builds rayon's global pool with `n` threads and sets
+/// `RAYON_NUM_THREADS=n` for Candle's matmul. Call once at start-up, before any tensor work
+/// or other threads exist. Errors on `n = 0`, or when the global pool already exists with
+/// another size.
+pub fn set(n: usize) -> Result<()> {
+    if n == 0 {
+        return Err(Error::Config {
+            field: "threads".into(),
+            msg: "must be at least 1".into(),
+        });
+    }
+    // Process start-up, single-threaded: the environment is not read concurrently.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    if rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .is_err()
+        && rayon::current_num_threads() != n
+    {
+        return Err(Error::Config {
+            field: "threads".into(),
+            msg: format!(
+                "the thread pool already runs {} threads; set the count before any work",
+                rayon::current_num_threads()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Threads in use: (rayon's pool, Candle's matmul).
+pub fn current() -> (usize, usize) {
+    (
+        rayon::current_num_threads(),
+        candle_core::utils::get_num_threads(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_threads_is_a_config_error() {
+        assert!(matches!(set(0), Err(Error::Config { .. })));
+    }
+}
