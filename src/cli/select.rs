@@ -2,9 +2,9 @@
 //! folder (`gps_config.json` + `selection.safetensors`), with the parameter counts printed.
 //!
 //! Scores come from `--criterion`: `magnitude` and `random` need only the base; `gradient`
-//! reads accumulated gradients from `--grads` (a safetensors file keyed by tensor name).
-//! Accumulating those gradients with a model and data (`gps::grads::accumulate`) is wired in
-//! by the training commands once the models land.
+//! accumulates the task loss's gradients (BCE + soft IoU) of the pretrained SAM over
+//! `--select-batches` batches of a Kvasir-shaped `--data-dir`, or reads accumulated gradients
+//! from `--grads` (a safetensors file keyed by tensor name).
 
 use anyhow::Context;
 use gps_seg::gps::artifact::{Artifact, BaseModel, SelectionInfo};
@@ -14,9 +14,18 @@ use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Base checkpoint (.safetensors or .pth).
+    /// Base checkpoint (.safetensors or .pth), or a SAM preset with shipped weights (tiny).
+    #[arg(long, alias = "model")]
+    pub base: String,
+    /// Kvasir-shaped data whose training split supplies the selection gradients (SAM).
     #[arg(long)]
-    pub base: PathBuf,
+    pub data_dir: Option<PathBuf>,
+    /// Batches of gradients to accumulate (with --data-dir).
+    #[arg(long, default_value_t = 32)]
+    pub select_batches: usize,
+    /// Batch size for gradient accumulation (with --data-dir).
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
     /// Policy preset (sam, classifier, decoder, full) or a JSON policy file.
     #[arg(long, default_value = "sam")]
     pub policy: String,
@@ -54,7 +63,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let level: Level = a.level.parse()?;
     let criterion: Criterion = a.criterion.parse()?;
     let dev = candle_core::Device::Cpu;
-    let base = tensors::load(&a.base, &dev)?;
+    if let (Some(data), None) = (&a.data_dir, &a.grads) {
+        return select_with_data(&a, data, level, criterion);
+    }
+    let base_path = PathBuf::from(&a.base);
+    let base = tensors::load(&base_path, &dev)?;
     let grads = match (&a.grads, criterion) {
         (Some(p), _) => Some(tensors::load(p, &dev)?),
         (None, Criterion::Gradient) => anyhow::bail!(
@@ -71,7 +84,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         criterion,
         a.seed,
     )
-    .with_context(|| format!("selecting in {}", a.base.display()))?;
+    .with_context(|| format!("selecting in {}", a.base))?;
     let shapes: Vec<(String, Vec<usize>)> = base
         .iter()
         .map(|(n, t)| (n.clone(), t.dims().to_vec()))
@@ -86,8 +99,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     );
     print!("{counts}");
     if let Some(out) = &a.out {
-        let file = a
-            .base
+        let file = base_path
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default();
@@ -103,5 +115,55 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         art.save(out)?;
         println!("wrote {}", out.display());
     }
+    Ok(())
+}
+
+/// SAM selection from data: gradients of the task loss over the training split.
+fn select_with_data(
+    a: &Args,
+    data: &std::path::Path,
+    level: Level,
+    criterion: Criterion,
+) -> anyhow::Result<()> {
+    use gps_seg::train::seg::{self, Method, SegTrainConfig};
+    if a.policy != "sam" {
+        anyhow::bail!(
+            "--data-dir selection runs SAM with the `sam` policy (got --policy {})",
+            a.policy
+        );
+    }
+    let out = a
+        .out
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("--data-dir selection needs --out DIR"))?;
+    let (base, sam) = super::common::resolve_sam(&a.base, None)?;
+    let mut cfg = SegTrainConfig::recipe(data.to_path_buf(), base, sam);
+    cfg.method = match criterion {
+        Criterion::Gradient => Method::Gps,
+        Criterion::Magnitude => Method::Magnitude,
+        Criterion::Random => Method::Random,
+    };
+    cfg.topk = a.k;
+    cfg.level = level;
+    cfg.seed = a.seed;
+    cfg.select_batches = a.select_batches;
+    cfg.batch_size = a.batch_size;
+    let mut p = super::progress::Progress::new(false);
+    let art = seg::select(&cfg, &out, &candle_core::Device::Cpu, &mut p)?;
+    let shapes: Vec<(String, Vec<usize>)> = gps_seg::sam::Sam::param_shapes(&cfg.sam)
+        .into_iter()
+        .filter(|s| !s.is_buffer)
+        .map(|s| (s.name, s.shape))
+        .collect();
+    let counts = Counts::from_selection(&shapes, &art.selection);
+    if a.verbose {
+        print!("{}", counts.tensor_table());
+    }
+    println!(
+        "policy {} · K = {} · level {:?} · criterion {:?} · {} batches",
+        art.config.policy.name, a.k, level, criterion, art.config.info.batches
+    );
+    print!("{counts}");
+    println!("wrote {}", out.display());
     Ok(())
 }

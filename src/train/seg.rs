@@ -462,11 +462,10 @@ fn selection_for(
     cfg: &SegTrainConfig,
     base: &TensorMap,
     data: &SegData,
-    run_dir: &Path,
+    art_dir: &Path,
     device: &Device,
     obs: &mut dyn Observer,
 ) -> Result<Artifact> {
-    let art_dir = run_dir.join("gps");
     if art_dir.join("gps_config.json").exists() {
         let art = Artifact::load(&art_dir, device)?;
         obs.event(Event::Info(format!(
@@ -556,7 +555,7 @@ fn selection_for(
         BaseModel::of(base, &base_file)?,
         selection,
     )?;
-    art.save(&art_dir)?;
+    art.save(art_dir)?;
     if criterion == Criterion::Gradient {
         obs.event(Event::PhaseEnd {
             summary: format!(
@@ -566,6 +565,28 @@ fn selection_for(
         });
     }
     Ok(art)
+}
+
+/// Selection alone (`gps-seg select` with data): accumulate the task-loss gradients of the
+/// pretrained model over `cfg.select_batches` training batches and write the GPS artifact
+/// (`gps_config.json` + `selection.safetensors`) to `out`, with the split beside it.
+pub fn select(
+    cfg: &SegTrainConfig,
+    out: &Path,
+    device: &Device,
+    obs: &mut dyn Observer,
+) -> Result<Artifact> {
+    cfg.validate()?;
+    if cfg.method.criterion().is_none() {
+        return Err(Error::Config {
+            field: "method".into(),
+            msg: format!("`{}` selects nothing", cfg.method.name()),
+        });
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let data = SegData::open(cfg, out)?;
+    let base = base_weights(cfg, device)?;
+    selection_for(cfg, &base, &data, out, device, obs)
 }
 
 fn write_metrics_jsonl(path: &Path, history: &[EpochRecord]) -> Result<()> {
@@ -639,9 +660,14 @@ pub fn train(
 
     // Roles per method.
     let artifact = match cfg.method {
-        Method::Gps | Method::Random | Method::Magnitude => {
-            Some(selection_for(cfg, &base, &data, run_dir, device, obs)?)
-        }
+        Method::Gps | Method::Random | Method::Magnitude => Some(selection_for(
+            cfg,
+            &base,
+            &data,
+            &run_dir.join("gps"),
+            device,
+            obs,
+        )?),
         _ => None,
     };
     let roles_policy = match cfg.method {
