@@ -87,15 +87,18 @@ impl Core {
             let Some(g) = grads.get(s.var.as_tensor()) else {
                 continue;
             };
-            let g = g.to_dtype(DType::F32)?;
+            // Candle's gradients can still reference the forward graph (an op between a
+            // detached gradient and a tracked activation tracks its op): detach, or the
+            // moments would keep every step's graph alive.
+            let g = g.detach().to_dtype(DType::F32)?;
             s.step += 1;
             let t = s.step as i32;
             let mut theta = s.var.as_tensor().detach();
             if weight_decay != 0.0 {
                 theta = theta.affine(1.0 - lr * weight_decay, 0.0)?;
             }
-            s.m = (s.m.affine(beta1, 0.0)? + g.affine(1.0 - beta1, 0.0)?)?;
-            s.v = (s.v.affine(beta2, 0.0)? + g.sqr()?.affine(1.0 - beta2, 0.0)?)?;
+            s.m = (s.m.affine(beta1, 0.0)? + g.affine(1.0 - beta1, 0.0)?)?.detach();
+            s.v = (s.v.affine(beta2, 0.0)? + g.sqr()?.affine(1.0 - beta2, 0.0)?)?.detach();
             let bc1 = 1.0 - beta1.powi(t);
             let bc2 = 1.0 - beta2.powi(t);
             // PyTorch: denom = sqrt(v)/sqrt(bc2) + eps; θ -= (lr/bc1)·m/denom.
@@ -382,5 +385,23 @@ mod tests {
         st.remove("v.w");
         let e = opt.load_state(&st).unwrap_err().to_string();
         assert!(e.contains("v.w"), "{e}");
+    }
+
+    /// The moments must not keep the forward graph alive (a leak of one step's activations
+    /// per step): gradients through tracked activations carry ops until detached.
+    #[test]
+    fn moments_hold_no_graph() {
+        let dev = Device::Cpu;
+        let w = Var::new(&[1f32, 2.], &dev).unwrap();
+        let other = Var::new(&[3f32, 4.], &dev).unwrap();
+        let act = (other.as_tensor() * 2.0).unwrap(); // a tracked activation
+        let loss = (w.as_tensor() * &act).unwrap().sqr().unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        assert!(grads.get(w.as_tensor()).unwrap().track_op());
+        let mut opt = Adam::new(vec![("w".into(), w.clone())], 0.1).unwrap();
+        opt.step(&grads).unwrap();
+        let st = opt.state().unwrap();
+        assert!(!st["m.w"].track_op() && !st["v.w"].track_op());
+        assert!(!w.as_tensor().track_op() || w.as_tensor().is_variable());
     }
 }
