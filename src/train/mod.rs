@@ -2,10 +2,12 @@
 //! Models know nothing of training; everything about steps, losses and optimisers lives here.
 
 pub mod checkpoint;
+pub mod cls;
 pub mod loss;
 pub mod metrics;
 pub mod observer;
 pub mod optim;
 pub mod pretrain;
+pub mod run;
 pub mod schedule;
 pub mod seg;
