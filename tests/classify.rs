@@ -90,7 +90,12 @@ fn every_method_runs_and_writes_its_run_folder() {
             assert!(run.join(f).exists(), "{}: missing {f}", cfg.label());
         }
         let sparse = method.criterion().is_some();
-        assert_eq!(run.join("gps/delta.safetensors").exists(), sparse, "{}", cfg.label());
+        assert_eq!(
+            run.join("gps/delta.safetensors").exists(),
+            sparse,
+            "{}",
+            cfg.label()
+        );
         assert_eq!(s.test_images, 16, "VTAB test.txt: 4 classes × 4");
         assert_eq!(s.train_images, 40, "VTAB train800val200: 4 classes × 10");
         assert!((0.0..=1.0).contains(&s.best_acc) && s.best_acc >= s.last_acc);
@@ -111,10 +116,18 @@ fn every_method_runs_and_writes_its_run_folder() {
             let idx = &art.selection.indices[name];
             assert_eq!(idx.len(), 64, "K = 1 per row of a [64, 32] matrix");
             let b = base[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let m = merged[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let m = merged[name]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             for (i, (x, y)) in b.iter().zip(&m).enumerate() {
                 if idx.binary_search(&(i as u32)).is_err() {
-                    assert_eq!(x.to_bits(), y.to_bits(), "{name}[{i}] moved but was not selected");
+                    assert_eq!(
+                        x.to_bits(),
+                        y.to_bits(),
+                        "{name}[{i}] moved but was not selected"
+                    );
                 }
             }
             assert!(b != m, "{}: selected entries never changed", cfg.label());
@@ -139,8 +152,14 @@ fn every_method_runs_and_writes_its_run_folder() {
 
     // A second start in the same folder is refused without --resume.
     let cfg = tiny_cfg(&data, ClsLayout::Vtab);
-    let e = cls::train(&cfg, &tmp.path().join("run-gps"), &Device::Cpu, false, &mut Silent)
-        .unwrap_err();
+    let e = cls::train(
+        &cfg,
+        &tmp.path().join("run-gps"),
+        &Device::Cpu,
+        false,
+        &mut Silent,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("--resume"), "{e}");
 }
 
@@ -158,7 +177,10 @@ fn imagefolder_without_splits_gets_a_seeded_split_and_resume_finishes_the_run() 
     let full = cls::train(&cfg, &run, &Device::Cpu, false, &mut Silent).unwrap();
     let split: cls::SeededSplit = gps_seg::util::fs::read_json(&run.join("split.json")).unwrap();
     assert_eq!(split.train.len() + split.test.len(), 32);
-    assert!(split.test.iter().all(|t| !split.train.contains(t)), "disjoint");
+    assert!(
+        split.test.iter().all(|t| !split.train.contains(t)),
+        "disjoint"
+    );
     assert_eq!(full.test_images, split.test.len());
 
     // Simulate a kill after epoch 1: drop epoch 2's checkpoint, point LATEST at epoch 1.
@@ -193,10 +215,8 @@ fn gps_steps_lower_the_training_loss_on_a_fixed_batch() {
     cfg.min_lr = 1e-2;
     let run = tmp.path().join("run");
     cls::train(&cfg, &run, &Device::Cpu, false, &mut Silent).unwrap();
-    let state: serde_json::Value = gps_seg::util::fs::read_json(
-        &run.join("checkpoints/epoch-0012/state.json"),
-    )
-    .unwrap();
+    let state: serde_json::Value =
+        gps_seg::util::fs::read_json(&run.join("checkpoints/epoch-0012/state.json")).unwrap();
     let losses: Vec<f64> = state["step_losses"]
         .as_array()
         .unwrap()
@@ -217,7 +237,8 @@ fn supcon_selection_reaches_only_the_backbone() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("vtab");
     dataset(&data, SynthLayout::Vtab);
-    let ds = ClsDataset::open(&data, ClsLayout::Vtab, gps_seg::data::ClsSplit::Train, None).unwrap();
+    let ds =
+        ClsDataset::open(&data, ClsLayout::Vtab, gps_seg::data::ClsSplit::Train, None).unwrap();
     let mcfg = tiny_vit();
     let mut loader = Loader::all(
         ClsSource {
@@ -254,7 +275,10 @@ fn supcon_selection_reaches_only_the_backbone() {
         })
         .map(|(n, _)| n.as_str())
         .collect();
-    assert!(!reached.iter().any(|n| n.starts_with("head.")), "{reached:?}");
+    assert!(
+        !reached.iter().any(|n| n.starts_with("head.")),
+        "{reached:?}"
+    );
     for n in [
         "patch_embed.proj.weight",
         "blocks.0.attn.qkv.weight",
@@ -300,7 +324,10 @@ fn vit_b16_selection_counts_at_k1() {
     assert_eq!(c.selected, selected);
     assert_eq!(c.selected, 83_712);
     assert_eq!(c.trainable, biases + head);
-    let total: usize = shapes.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    let total: usize = shapes
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
     assert_eq!(c.total, total);
     assert_eq!(c.frozen, total - selected - biases - head);
     // And an actual (random-criterion) selection on a built model agrees with the shapes.
@@ -321,4 +348,45 @@ fn vit_b16_selection_counts_at_k1() {
     let expect = Counts::from_shapes(&small.param_shapes(), &Policy::classifier(), 1).totals();
     assert_eq!(sel.sizes(), (expect.selected, expect.trainable));
     assert!(!sel.indices.keys().any(|n| n.starts_with("head.")));
+}
+
+#[test]
+fn experiment_writes_its_table_and_chart() {
+    use gps_seg::train::experiment::{run_classify, ClsExperimentConfig};
+    let tmp = tempfile::tempdir().unwrap();
+    // A "pretrained" checkpoint: fresh weights of the tiny ViT, saved with its config.
+    let mc = tiny_vit();
+    let store = ParamStore::init(&Device::Cpu, 11);
+    Classifier::new(&mc, &store).unwrap();
+    let ckpt = tmp.path().join("vit.safetensors");
+    tensors::save_safetensors(&ckpt, &store.current_tensors().unwrap(), None).unwrap();
+    let mut cfg = ClsExperimentConfig::new(ckpt, mc, tmp.path().join("down"));
+    cfg.classes = 3;
+    cfg.per_class = 5;
+    cfg.test_per_class = 2;
+    cfg.epochs = 1;
+    cfg.batch_size = 4;
+    cfg.select_batches = 1;
+    cfg.variants
+        .retain(|v| v.label == "linear" || v.label == "gps-k1");
+    let out = tmp.path().join("exp");
+    let (rows, table) = run_classify(&cfg, &out, &Device::Cpu, &mut Silent).unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(
+        table.contains("| linear |") && table.contains("| gps-k1 |"),
+        "{table}"
+    );
+    for f in [
+        "table.md",
+        "results.json",
+        "accuracy.png",
+        "linear/summary.json",
+        "gps-k1/gps/delta.safetensors",
+    ] {
+        assert!(out.join(f).exists(), "missing {f}");
+    }
+    assert_eq!(rows[0].summary.test_images, 6);
+    // A second call re-uses the finished runs (same settings) and gives the same table.
+    let (_, again) = run_classify(&cfg, &out, &Device::Cpu, &mut Silent).unwrap();
+    assert_eq!(again, table);
 }

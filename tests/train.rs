@@ -1,11 +1,11 @@
 //! End-to-end training on a tiny synthetic Kvasir set: every method writes its run folder and
 //! its loss falls; a killed run resumes to the same final metrics; bad settings are refused.
 
+use candle_core::Device;
 use gps_seg::data::synth_kvasir::{generate, SynthKvasirConfig};
 use gps_seg::sam::SamConfig;
 use gps_seg::train::observer::{Event, Observer, Silent};
 use gps_seg::train::seg::{self, Method, SegTrainConfig};
-use candle_core::Device;
 use std::path::Path;
 
 fn tiny_cfg(data: &Path) -> SegTrainConfig {
@@ -65,10 +65,14 @@ fn every_method_trains_writes_its_run_folder_and_lowers_the_loss() {
             assert!(run.join(f).exists(), "{method:?}: missing {f}");
         }
         let sparse = matches!(method, Method::Gps | Method::Random | Method::Magnitude);
-        assert_eq!(run.join("gps/delta.safetensors").exists(), sparse, "{method:?}");
+        assert_eq!(
+            run.join("gps/delta.safetensors").exists(),
+            sparse,
+            "{method:?}"
+        );
         // Same 4 images every step (no flip): the loss must fall.
         let state: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(run.join("metrics.jsonl"))
+            std::fs::read_to_string(run.join("metrics.jsonl"))
                 .unwrap()
                 .lines()
                 .next()
@@ -82,8 +86,12 @@ fn every_method_trains_writes_its_run_folder_and_lowers_the_loss() {
         assert!(summary["trainable"].as_u64().unwrap() > 0);
         let latest = std::fs::read_to_string(run.join("checkpoints/LATEST")).unwrap();
         let st: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(run.join("checkpoints").join(latest.trim()).join("state.json"))
-                .unwrap(),
+            &std::fs::read_to_string(
+                run.join("checkpoints")
+                    .join(latest.trim())
+                    .join("state.json"),
+            )
+            .unwrap(),
         )
         .unwrap();
         let losses: Vec<f64> = st["step_losses"]
@@ -164,6 +172,7 @@ fn bad_settings_are_refused_before_any_work() {
     let data = tmp.path().join("kvasir");
     std::fs::create_dir_all(&data).unwrap();
     let run = tmp.path().join("run");
+    #[allow(clippy::type_complexity)]
     let cases: Vec<(&str, Box<dyn Fn(&mut SegTrainConfig)>)> = vec![
         ("topk", Box::new(|c| c.topk = 0)),
         ("lr", Box::new(|c| c.lr = 0.0)),

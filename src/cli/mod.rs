@@ -7,11 +7,12 @@ pub mod bench;
 pub mod bench_gps;
 pub mod common;
 pub mod data;
+pub mod experiment;
 pub mod export;
 pub mod info;
-pub mod progress;
 pub mod merge;
 pub mod pretrain;
+pub mod progress;
 pub mod runtime;
 pub mod select;
 pub mod train;
@@ -42,9 +43,11 @@ pub enum Command {
     /// Pretrain the project's small models on synthetic upstream data.
     Pretrain(pretrain::Args),
     /// Fine-tune SAM (GPS or a baseline) on Kvasir-shaped data; evaluate every epoch.
-    Train(train::Args),
+    Train(Box<train::Args>),
     /// Merge a trained GPS artifact into its base → a full checkpoint.
     Merge(merge::Args),
+    /// Evidence tables: GPS against its baselines (`experiment classify`).
+    Experiment(experiment::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -56,7 +59,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Runtime(a) => runtime::run(a),
         Command::Select(a) => select::run(a),
         Command::Merge(a) => merge::run(a),
-        Command::Train(a) => train::run(a),
+        Command::Train(a) => train::run(*a),
         Command::Pretrain(a) => pretrain::run(a),
+        Command::Experiment(a) => experiment::run(a),
     }
 }

@@ -3,8 +3,8 @@
 use super::common::DeviceArgs;
 use super::progress::Progress;
 use anyhow::Context;
-use gps_seg::gps::select::Level;
 use gps_seg::data::classification::ClsLayout;
+use gps_seg::gps::select::Level;
 use gps_seg::train::cls::{self, ClsTrainConfig};
 use gps_seg::train::seg::{self, Method, SegTrainConfig};
 use std::path::PathBuf;
@@ -154,7 +154,10 @@ fn run_classify(args: Args) -> anyhow::Result<()> {
         (gps_seg::models::ClassifierConfig::Vit(c), Some(s)) => {
             gps_seg::models::ClassifierConfig::Vit(c.with_image_size(s))
         }
-        (m, Some(_)) => anyhow::bail!("--image-size is only supported for ViT models ({})", m.name()),
+        (m, Some(_)) => anyhow::bail!(
+            "--image-size is only supported for ViT models ({})",
+            m.name()
+        ),
         (m, None) => m,
     };
     let mut cfg = ClsTrainConfig::recipe(data_dir, layout, base, model);
@@ -192,7 +195,10 @@ fn run_classify(args: Args) -> anyhow::Result<()> {
     println!("{}", cls_table_row(&s));
     println!();
     println!("run folder: {}", s.run_dir.display());
-    println!("merged weights: {} (config: model.json)", s.merged.display());
+    println!(
+        "merged weights: {} (config: model.json)",
+        s.merged.display()
+    );
     Ok(())
 }
 

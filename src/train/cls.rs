@@ -233,7 +233,9 @@ impl ClsTrainConfig {
         if self.batch_size == 0 || self.eval_batch_size == 0 {
             return bad("batch_size", "batch sizes must be at least 1");
         }
-        if self.method == Method::Gps && self.select_loss == SelectLoss::SupCon && self.batch_size < 2
+        if self.method == Method::Gps
+            && self.select_loss == SelectLoss::SupCon
+            && self.batch_size < 2
         {
             return bad(
                 "batch_size",
@@ -422,12 +424,7 @@ pub struct ClsData {
 
 fn subset(ds: &ClsDataset, keep: impl Fn(&str) -> bool) -> ClsDataset {
     ClsDataset {
-        samples: ds
-            .samples
-            .iter()
-            .filter(|s| keep(&s.id))
-            .cloned()
-            .collect(),
+        samples: ds.samples.iter().filter(|s| keep(&s.id)).cloned().collect(),
         class_names: ds.class_names.clone(),
         num_classes: ds.num_classes,
     }
@@ -483,26 +480,28 @@ impl ClsData {
                 (
                     subset(&all, |id| tr.contains(id)),
                     subset(&all, |id| te.contains(id)),
-                    format!("seeded {:.0}% test split ({})", 100.0 * cfg.test_fraction, path.display()),
+                    format!(
+                        "seeded {:.0}% test split ({})",
+                        100.0 * cfg.test_fraction,
+                        path.display()
+                    ),
                 )
             }
             ClsLayout::ImageFolder => {
-                let (tr_split, te_split, desc) = match (
-                    root.join("val").is_dir(),
-                    root.join("test").is_dir(),
-                ) {
-                    (true, true) => (ClsSplit::TrainVal, ClsSplit::Test, "train+val / test"),
-                    (false, true) => (ClsSplit::Train, ClsSplit::Test, "train / test"),
-                    (true, false) => (ClsSplit::Train, ClsSplit::Val, "train / val"),
-                    (false, false) => {
-                        return Err(Error::Data {
-                            msg: format!(
-                                "{}: has train/ but neither val/ nor test/ to evaluate on",
-                                root.display()
-                            ),
-                        })
-                    }
-                };
+                let (tr_split, te_split, desc) =
+                    match (root.join("val").is_dir(), root.join("test").is_dir()) {
+                        (true, true) => (ClsSplit::TrainVal, ClsSplit::Test, "train+val / test"),
+                        (false, true) => (ClsSplit::Train, ClsSplit::Test, "train / test"),
+                        (true, false) => (ClsSplit::Train, ClsSplit::Val, "train / val"),
+                        (false, false) => {
+                            return Err(Error::Data {
+                                msg: format!(
+                                    "{}: has train/ but neither val/ nor test/ to evaluate on",
+                                    root.display()
+                                ),
+                            })
+                        }
+                    };
                 let tr = ClsDataset::open(root, cfg.layout, tr_split, None)?;
                 let te = ClsDataset::open(root, cfg.layout, te_split, Some(tr.num_classes))?;
                 if te.class_names != tr.class_names {
@@ -553,7 +552,13 @@ impl ClsData {
         Ok(ClsData { train, test, split })
     }
 
-    fn source(&self, ds: &ClsDataset, cfg: &ClsTrainConfig, augment: ClsAugment, views: usize) -> ClsSource {
+    fn source(
+        &self,
+        ds: &ClsDataset,
+        cfg: &ClsTrainConfig,
+        augment: ClsAugment,
+        views: usize,
+    ) -> ClsSource {
         ClsSource {
             dataset: ds.clone(),
             size: cfg.model.image_size(),
@@ -661,7 +666,10 @@ fn selection_for(
 ) -> Result<Artifact> {
     let art_dir = run_dir.join("gps");
     if art_dir.join("gps_config.json").exists() {
-        obs.event(Event::Info(format!("selection: reusing {}", art_dir.display())));
+        obs.event(Event::Info(format!(
+            "selection: reusing {}",
+            art_dir.display()
+        )));
         return Artifact::load(&art_dir, device);
     }
     let criterion = cfg
@@ -976,7 +984,11 @@ pub fn train(
         }
         let params = snapshot(&vars);
         let ost = opt.get().state()?;
-        ckpts.save(epoch + 1, &[("params", &params), ("optimizer", &ost)], &state)?;
+        ckpts.save(
+            epoch + 1,
+            &[("params", &params), ("optimizer", &ost)],
+            &state,
+        )?;
         if is_best {
             ckpts.mark_best(epoch + 1)?;
         }
@@ -1094,6 +1106,8 @@ mod tests {
         assert!(bias.contains_key("blocks.0.attn.qkv.bias"));
         assert!(bias.contains_key("head.weight"));
         assert!(!bias.contains_key("blocks.0.attn.qkv.weight"));
-        assert!(bias.keys().all(|n| n.ends_with(".bias") || n.starts_with("head.")));
+        assert!(bias
+            .keys()
+            .all(|n| n.ends_with(".bias") || n.starts_with("head.")));
     }
 }

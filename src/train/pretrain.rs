@@ -7,6 +7,7 @@
 //! - a prompted decoding per image: one positive point (multimask, loss on the best of the
 //!   three masks as in SAM), or a box (single mask), or both;
 //! - the IoU head, regressing each predicted mask's actual IoU.
+//!
 //! Prompted losses are computed at the decoder's low resolution (targets area-downsampled).
 //! AdamW with warm-up + cosine; checkpoints every `eval_every` steps; resumable.
 
@@ -135,7 +136,9 @@ fn make_batch(scenes: &[Scene], rng: &mut Rng, low: usize, device: &Device) -> R
         images.extend_from_slice(&sc.image);
         fg.extend(sc.foreground.iter().map(|&v| v as f32));
         let i = rng.below(sc.objects.len().max(1));
-        let (px, py) = sc.point_in(i, rng).unwrap_or((s as f32 / 2.0, s as f32 / 2.0));
+        let (px, py) = sc
+            .point_in(i, rng)
+            .unwrap_or((s as f32 / 2.0, s as f32 / 2.0));
         coords.extend_from_slice(&[px, py]);
         let bb = sc.bbox(i).unwrap_or([0.0, 0.0, s as f32, s as f32]);
         boxes.extend_from_slice(&bb);
@@ -168,7 +171,9 @@ fn per_mask_losses(logits: &Tensor, target: &Tensor) -> Result<(Tensor, Tensor)>
     let hard = p.detach().ge(0.5)?.to_dtype(DType::F32)?;
     let tb = t.ge(0.5)?.to_dtype(DType::F32)?;
     let hi = (&hard * &tb)?.flatten_from(2)?.sum(D::Minus1)?;
-    let hu = ((&hard + &tb)? - (&hard * &tb)?)?.flatten_from(2)?.sum(D::Minus1)?;
+    let hu = ((&hard + &tb)? - (&hard * &tb)?)?
+        .flatten_from(2)?
+        .sum(D::Minus1)?;
     let hard_iou = (hi / (hu + 1e-6)?)?;
     Ok(((bce + iou_loss)?, hard_iou))
 }
@@ -191,7 +196,11 @@ fn step_loss(sam: &Sam, batch: &PromptBatch, mode: usize) -> Result<Tensor> {
     let (points, boxes, multimask) = match mode {
         0 => (Some((&batch.coords, &batch.labels)), None, true),
         1 => (None, Some(&batch.boxes), false),
-        _ => (Some((&batch.coords, &batch.labels)), Some(&batch.boxes), false),
+        _ => (
+            Some((&batch.coords, &batch.labels)),
+            Some(&batch.boxes),
+            false,
+        ),
     };
     let (masks, iou_pred) = sam.forward_prompted(&emb, points, boxes, multimask)?;
     let (per, hard_iou) = per_mask_losses(&masks, &batch.obj_low)?;
@@ -224,10 +233,14 @@ pub fn evaluate_upstream(
         let up = crate::nn::layers::resize_bilinear(&sam.decode_prompt_free(&emb)?, s, s)?;
         let (_, iou_pf) = per_mask_losses(&up, &pb.fg)?;
         pf += iou_pf.sum_all()?.to_scalar::<f32>()? as f64;
-        let (masks, pred) = sam.forward_prompted(&emb, Some((&pb.coords, &pb.labels)), None, true)?;
+        let (masks, pred) =
+            sam.forward_prompted(&emb, Some((&pb.coords, &pb.labels)), None, true)?;
         let (_, hard) = per_mask_losses(&masks, &pb.obj_low)?;
         let pick = pred.argmax_keepdim(D::Minus1)?;
-        pt += hard.gather(&pick, D::Minus1)?.sum_all()?.to_scalar::<f32>()? as f64;
+        pt += hard
+            .gather(&pick, D::Minus1)?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64;
         let (masks, _) = sam.forward_prompted(&emb, None, Some(&pb.boxes), false)?;
         let (_, hard) = per_mask_losses(&masks, &pb.obj_low)?;
         bx += hard.sum_all()?.to_scalar::<f32>()? as f64;
@@ -280,7 +293,10 @@ pub fn pretrain(
             v.set(t)?;
         }
         opt.load_state(&tensors::load(&dir.join("optimizer.safetensors"), device)?)?;
-        obs.event(Event::Info(format!("resuming pretraining at step {}", st.step)));
+        obs.event(Event::Info(format!(
+            "resuming pretraining at step {}",
+            st.step
+        )));
         state = st;
     }
     crate::util::fs::write_json_atomic(&run_dir.join("pretrain_config.json"), cfg)?;

@@ -130,8 +130,8 @@ impl Opt {
 pub fn write_jsonl<T: Serialize>(path: &Path, records: &[T]) -> Result<()> {
     let mut s = String::new();
     for r in records {
-        let line = serde_json::to_string(r)
-            .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
+        let line =
+            serde_json::to_string(r).map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
         s.push_str(&line);
         s.push('\n');
     }

@@ -52,7 +52,8 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [&'static str; 6] = ["gps", "full", "decoder", "random", "magnitude", "zero-shot"];
+    pub const ALL: [&'static str; 6] =
+        ["gps", "full", "decoder", "random", "magnitude", "zero-shot"];
 
     /// The selection criterion for the sparse methods.
     pub fn criterion(self) -> Option<Criterion> {
@@ -359,6 +360,7 @@ impl SegData {
 
 /// Evaluate `sam` on a loader: per-image Dice/IoU at the ground truth's resolution.
 /// `keep` returns the first `keep` probability maps (original resolution) for overlays.
+#[allow(clippy::type_complexity)]
 pub fn evaluate(
     sam: &Sam,
     loader: &mut Loader<SegSource>,
@@ -825,9 +827,7 @@ fn write_overlays(
         let entry = &data.dataset.entries[idx];
         let img = crate::data::imgio::decode_rgb(&entry.image_path)?;
         let (w, h) = img.dimensions();
-        let sample = data
-            .dataset
-            .load(idx, cfg.sam.image_size, cfg.resize)?;
+        let sample = data.dataset.load(idx, cfg.sam.image_size, cfg.resize)?;
         let pred: Vec<u8> = prob.iter().map(|&p| (p >= cfg.threshold) as u8).collect();
         let o = crate::util::draw::overlay(img.as_raw(), w, h, &pred, Some(&sample.orig_mask))?;
         crate::util::draw::save_png(&dir.join(format!("{id}.png")), &o)?;
