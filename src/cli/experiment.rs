@@ -31,14 +31,14 @@ pub struct ClassifyArgs {
     /// Downstream set folder (generated when missing).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 8)]
     pub classes: usize,
     /// Train+val images per class.
     #[arg(long, default_value_t = 16)]
     pub per_class: usize,
     #[arg(long, default_value_t = 8)]
     pub test_per_class: usize,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 3)]
     pub epochs: usize,
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
