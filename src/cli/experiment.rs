@@ -34,11 +34,11 @@ pub struct ClassifyArgs {
     #[arg(long, default_value_t = 8)]
     pub classes: usize,
     /// Train+val images per class.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 32)]
     pub per_class: usize,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 16)]
     pub test_per_class: usize,
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 6)]
     pub epochs: usize,
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,

@@ -72,15 +72,15 @@ impl ClsExperimentConfig {
     pub fn new(base: PathBuf, model: ClassifierConfig, data_dir: PathBuf) -> Self {
         use Method::*;
         use SelectLoss::*;
-        let lr = 2e-3;
+        let lr = 5e-3;
         ClsExperimentConfig {
             base,
             model,
             data_dir,
             classes: 8,
-            per_class: 16,
-            test_per_class: 8,
-            epochs: 3,
+            per_class: 32,
+            test_per_class: 16,
+            epochs: 6,
             warmup_epochs: 0,
             batch_size: 16,
             select_batches: 4,
@@ -192,7 +192,7 @@ pub fn table(cfg: &ClsExperimentConfig, rows: &[ExperimentRow]) -> String {
             (Some(crate::gps::Criterion::Gradient), SelectLoss::Ce) => {
                 format!("CE grad, K={}", r.variant.topk)
             }
-            (Some(c), _) => format!("{c:?}, K={}", r.variant.topk).to_lowercase(),
+            (Some(c), _) => format!("{}, K={}", format!("{c:?}").to_lowercase(), r.variant.topk),
             (None, _) => "-".into(),
         };
         s.push_str(&format!(
