@@ -405,6 +405,10 @@ pub struct ClsRunSummary {
     pub merged: PathBuf,
 }
 
+/// Decoded-image cache budget per loader (1 GiB of u8 pixels: VTAB-1k at 224 px is 150 MB;
+/// CIFAR-100's 50 k training images at 224 px are 7.5 GB and stream from disk instead).
+pub const CACHE_BYTES: usize = 1 << 30;
+
 /// The seeded split of an ImageFolder without split folders (`<run>/split.json`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SeededSplit {
@@ -567,17 +571,24 @@ impl ClsData {
         }
     }
 
-    /// Shuffling, augmenting, caching loader over the training images.
+    /// Whether `ds` resized to the model's input fits the in-memory cache budget
+    /// ([`CACHE_BYTES`]; u8 CHW per image).
+    fn cacheable(ds: &ClsDataset, cfg: &ClsTrainConfig) -> bool {
+        let s = cfg.model.image_size();
+        ds.len().saturating_mul(3 * s * s) <= CACHE_BYTES
+    }
+
+    /// Shuffling, augmenting loader over the training images (cached when small).
     pub fn train_loader(&self, cfg: &ClsTrainConfig) -> Result<Loader<ClsSource>> {
         let mut lc = LoaderConfig::train(cfg.batch_size, cfg.seed);
-        lc.cache = true;
+        lc.cache = Self::cacheable(&self.train, cfg);
         Loader::all(self.source(&self.train, cfg, cfg.augment, 1), lc)
     }
 
     /// Fixed-order loader over the held-out images (no augmentation).
     pub fn test_loader(&self, cfg: &ClsTrainConfig) -> Result<Loader<ClsSource>> {
         let mut lc = LoaderConfig::eval(cfg.eval_batch_size);
-        lc.cache = true;
+        lc.cache = Self::cacheable(&self.test, cfg);
         Loader::all(self.source(&self.test, cfg, cfg.augment, 1), lc)
     }
 }
@@ -693,7 +704,7 @@ fn selection_for(
         let mut loader = Loader::all(
             data.source(&data.train, cfg, aug, views),
             LoaderConfig {
-                cache: true,
+                cache: ClsData::cacheable(&data.train, cfg),
                 ..LoaderConfig::train(cfg.batch_size, cfg.seed ^ 0x5e1ec7)
             },
         )?;
