@@ -9,6 +9,7 @@ pub mod bench_train;
 pub mod common;
 pub mod data;
 pub mod demo;
+pub mod experiment;
 pub mod export;
 pub mod infer;
 pub mod info;
@@ -48,11 +49,13 @@ pub enum Command {
     /// Pretrain the project's small models on synthetic upstream data.
     Pretrain(pretrain::Args),
     /// Fine-tune SAM (GPS or a baseline) on Kvasir-shaped data; evaluate every epoch.
-    Train(train::Args),
+    Train(Box<train::Args>),
     /// Merge a trained GPS artifact into its base → a full checkpoint.
     Merge(merge::Args),
     /// Batch segmentation with ONNX Runtime (or Candle): masks, overlays, mDice/mIoU, images/s.
     Infer(infer::Args),
+    /// Evidence tables: GPS against its baselines (`experiment classify`).
+    Experiment(experiment::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -65,8 +68,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Runtime(a) => runtime::run(a),
         Command::Select(a) => select::run(a),
         Command::Merge(a) => merge::run(a),
-        Command::Train(a) => train::run(a),
+        Command::Train(a) => train::run(*a),
         Command::Pretrain(a) => pretrain::run(a),
         Command::Infer(a) => infer::run(a),
+        Command::Experiment(a) => experiment::run(a),
     }
 }

@@ -1,9 +1,11 @@
-//! `gps-seg train`: fine-tune SAM on a Kvasir-shaped folder (or a classifier, `--task classify`).
+//! `gps-seg train`: fine-tune SAM on a Kvasir-shaped folder, or a classifier (`--task classify`).
 
 use super::common::DeviceArgs;
 use super::progress::Progress;
 use anyhow::Context;
+use gps_seg::data::classification::ClsLayout;
 use gps_seg::gps::select::Level;
+use gps_seg::train::cls::{self, ClsTrainConfig};
 use gps_seg::train::seg::{self, Method, SegTrainConfig};
 use std::path::PathBuf;
 
@@ -19,31 +21,50 @@ pub struct Args {
     /// generated once under data/synth-kvasir.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Model: a preset (tiny = the shipped pretrained sam-tiny) or a checkpoint path
-    /// (.safetensors or an official .pth).
-    #[arg(long, default_value = "tiny")]
-    pub model: String,
+    /// Model. seg: a preset (tiny = the shipped pretrained sam-tiny) or a checkpoint path
+    /// (.safetensors or an official .pth). classify: vit_tiny (the shipped sam/vit-tiny),
+    /// convnext_tiny, vit_b16, convnext_b, or a checkpoint path. Default: tiny / vit_tiny.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// classify: architecture of a checkpoint path without a `<stem>.json` beside it.
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// classify: start the preset from fresh random weights (no checkpoint).
+    #[arg(long)]
+    pub random_init: bool,
     /// Input size override (pos_embed and rel_pos tables are resized at load).
     #[arg(long)]
     pub image_size: Option<usize>,
-    /// gps | full | decoder | random | magnitude | zero-shot.
+    /// seg: gps | full | decoder | random | magnitude | zero-shot.
+    /// classify: gps | full | linear | bias | random | magnitude.
     #[arg(long, default_value = "gps")]
     pub method: String,
+    /// classify, GPS: the selection loss, supcon (head-free, the recipe) or ce (through the
+    /// fresh head, the paper's ablation).
+    #[arg(long, default_value = "supcon")]
+    pub select_loss: String,
     /// Entries selected per neuron (GPS K).
     #[arg(long, default_value_t = 1)]
     pub topk: usize,
     /// Selection level: neuron (GPS), layer or net (same budget).
     #[arg(long, default_value = "neuron")]
     pub level: String,
-    #[arg(long, default_value_t = 20)]
-    pub epochs: usize,
-    /// Peak learning rate (cosine to --min-lr over the epochs).
-    #[arg(long, default_value_t = 2e-4)]
-    pub lr: f64,
-    #[arg(long, default_value_t = 1e-7)]
-    pub min_lr: f64,
-    #[arg(long, default_value_t = 1)]
-    pub batch_size: usize,
+    /// Epochs (seg default 20; classify 100).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// classify: linear warm-up epochs (default 10, at most epochs − 1).
+    #[arg(long)]
+    pub warmup_epochs: Option<usize>,
+    /// Peak learning rate, cosine to --min-lr (seg default 2e-4 per epoch; classify 1e-3 per
+    /// step after warm-up).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// seg default 1e-7; classify 1e-8.
+    #[arg(long)]
+    pub min_lr: Option<f64>,
+    /// seg default 1; classify 32.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Batches whose gradients rank the entries.
@@ -75,11 +96,10 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    if args.task != "seg" {
-        anyhow::bail!(
-            "--task {}: classification training is not available yet in this build",
-            args.task
-        );
+    match args.task.as_str() {
+        "seg" => {}
+        "classify" | "cls" => return run_classify(args),
+        other => anyhow::bail!("--task {other}: expected `seg` or `classify`"),
     }
     if args.data != "kvasir" {
         anyhow::bail!("--data {}: segmentation supports `kvasir`", args.data);
@@ -90,7 +110,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let device = args.device.resolve()?;
     let mut progress = Progress::new(args.quiet);
     let data_dir = super::common::kvasir_dir(args.data_dir.clone(), args.seed, &mut progress)?;
-    let (base, sam) = super::common::resolve_sam(&args.model, args.image_size)?;
+    let (base, sam) =
+        super::common::resolve_sam(args.model.as_deref().unwrap_or("tiny"), args.image_size)?;
     let out = args.out.clone().unwrap_or_else(|| {
         PathBuf::from("runs").join(format!("{}-{}-k{}", sam.name, method.name(), args.topk))
     });
@@ -98,10 +119,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     cfg.method = method;
     cfg.topk = args.topk;
     cfg.level = level;
-    cfg.epochs = args.epochs;
-    cfg.lr = args.lr;
-    cfg.min_lr = args.min_lr;
-    cfg.batch_size = args.batch_size;
+    cfg.epochs = args.epochs.unwrap_or(cfg.epochs);
+    cfg.lr = args.lr.unwrap_or(cfg.lr);
+    cfg.min_lr = args.min_lr.unwrap_or(cfg.min_lr);
+    cfg.batch_size = args.batch_size.unwrap_or(cfg.batch_size);
     cfg.seed = args.seed;
     cfg.select_batches = args.select_batches;
     cfg.resize = resize;
@@ -112,6 +133,95 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("training run {}", out.display()))?;
     print_summary(&s);
     Ok(())
+}
+
+/// `--task classify`: flags → [`ClsTrainConfig`] → [`cls::train`] → the summary table.
+fn run_classify(args: Args) -> anyhow::Result<()> {
+    let data_dir = args
+        .data_dir
+        .clone()
+        .context("--task classify needs --data-dir (a VTAB, FGVC, CIFAR-100 or ImageFolder root; `gps-seg data synth-cls` makes one)")?;
+    let layout = match args.data.as_str() {
+        "kvasir" => ClsLayout::detect(&data_dir)?,
+        other => other.parse::<ClsLayout>()?,
+    };
+    let (base, model) = cls::resolve_model(
+        args.model.as_deref().unwrap_or("vit_tiny"),
+        args.arch.as_deref(),
+        args.random_init,
+    )?;
+    let model = match (model, args.image_size) {
+        (gps_seg::models::ClassifierConfig::Vit(c), Some(s)) => {
+            gps_seg::models::ClassifierConfig::Vit(c.with_image_size(s))
+        }
+        (m, Some(_)) => anyhow::bail!(
+            "--image-size is only supported for ViT models ({})",
+            m.name()
+        ),
+        (m, None) => m,
+    };
+    let mut cfg = ClsTrainConfig::recipe(data_dir, layout, base, model);
+    cfg.method = args.method.parse()?;
+    cfg.select_loss = args.select_loss.parse()?;
+    cfg.topk = args.topk;
+    cfg.level = args.level.parse()?;
+    cfg.epochs = args.epochs.unwrap_or(cfg.epochs);
+    cfg.warmup_epochs = args
+        .warmup_epochs
+        .unwrap_or(cfg.warmup_epochs)
+        .min(cfg.epochs.saturating_sub(1));
+    cfg.lr = args.lr.unwrap_or(cfg.lr);
+    cfg.min_lr = args.min_lr.unwrap_or(cfg.min_lr).min(cfg.lr);
+    cfg.batch_size = args.batch_size.unwrap_or(cfg.batch_size);
+    cfg.seed = args.seed;
+    cfg.select_batches = args.select_batches;
+    cfg.train_limit = args.train_limit;
+    cfg.test_limit = args.test_limit;
+    cfg.max_steps_per_epoch = args.max_steps;
+    let device = args.device.resolve()?;
+    let out = args.out.clone().unwrap_or_else(|| {
+        PathBuf::from("runs").join(format!(
+            "{}-{}-k{}",
+            cfg.model.name(),
+            cfg.label(),
+            cfg.topk
+        ))
+    });
+    let mut progress = Progress::new(args.quiet);
+    let s = cls::train(&cfg, &out, &device, args.resume, &mut progress)
+        .with_context(|| format!("training run {}", out.display()))?;
+    println!();
+    println!("{}", cls_table_header());
+    println!("{}", cls_table_row(&s));
+    println!();
+    println!("run folder: {}", s.run_dir.display());
+    println!(
+        "merged weights: {} (config: model.json)",
+        s.merged.display()
+    );
+    Ok(())
+}
+
+/// Header of the classification summary table.
+pub fn cls_table_header() -> String {
+    "| method | K | trainable | % | best epoch | best top-1 | last top-1 | time | s/step | peak RSS |\n|---|---|---|---|---|---|---|---|---|---|".into()
+}
+
+/// One row of the classification summary table.
+pub fn cls_table_row(s: &cls::ClsRunSummary) -> String {
+    format!(
+        "| {} | {} | {} | {:.3}% | {} | {:.2}% | {:.2}% | {:.0}s | {:.3} | {:.0} MB |",
+        s.method,
+        s.topk,
+        s.trainable,
+        s.trainable_pct,
+        s.best_epoch.map_or("-".into(), |e| e.to_string()),
+        100.0 * s.best_acc,
+        100.0 * s.last_acc,
+        s.seconds,
+        s.seconds_per_step,
+        s.peak_rss_mb
+    )
 }
 
 /// The end-of-run table.

@@ -3,9 +3,13 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod cls;
+pub mod experiment;
 pub mod loss;
 pub mod optim;
 pub mod pretrain;
+pub mod pretrain_cls;
+pub mod run;
 pub mod schedule;
 pub mod seg;
 

@@ -395,7 +395,12 @@ mod tests {
         let w = Var::new(&[1f32, 2.], &dev).unwrap();
         let other = Var::new(&[3f32, 4.], &dev).unwrap();
         let act = (other.as_tensor() * 2.0).unwrap(); // a tracked activation
-        let loss = (w.as_tensor() * &act).unwrap().sqr().unwrap().sum_all().unwrap();
+        let loss = (w.as_tensor() * &act)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
         let grads = loss.backward().unwrap();
         assert!(grads.get(w.as_tensor()).unwrap().track_op());
         let mut opt = Adam::new(vec![("w".into(), w.clone())], 0.1).unwrap();

@@ -16,13 +16,15 @@ use crate::gps::policy::{Policy, Treatment};
 use crate::gps::select::{select_from_grads, Criterion, Level, Selection};
 use crate::nn::{ParamStore, Role, RolePolicy};
 use crate::sam::{Sam, SamConfig};
-use crate::train::checkpoint::{Checkpoints, KeepPolicy};
 use crate::train::loss::seg_loss;
 use crate::train::metrics::{Metric, SegInput, SegMetrics, SegReport};
 use crate::train::observer::{Event, Observer};
-use crate::train::optim::{Adam, AdamW, Optimizer};
+use crate::train::optim::{Adam, AdamW};
+use crate::train::run::{
+    delta_from_params, open_run, restore, smoothed_loss, snapshot, write_jsonl, Opt,
+};
 use crate::train::schedule::Schedule;
-use crate::util::fs::{read_json, write_atomic, write_json_atomic};
+use crate::util::fs::{write_atomic, write_json_atomic};
 use crate::util::tensors::{self, TensorMap};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
@@ -257,19 +259,7 @@ pub struct RunSummary {
     pub merged: Option<PathBuf>,
 }
 
-/// Peak resident memory of this process so far, in MB (Linux; 0 elsewhere).
-pub fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
-}
+pub use crate::train::run::peak_rss_mb;
 
 /// Roles for whole-tensor methods from a policy (`Selected` tensors are not allowed here).
 fn roles_from_policy(base: &TensorMap, policy: &Policy) -> HashMap<String, Role> {
@@ -368,9 +358,9 @@ impl SegData {
     }
 }
 
-#[allow(clippy::type_complexity)]
 /// Evaluate `sam` on a loader: per-image Dice/IoU at the ground truth's resolution.
 /// `keep` returns the first `keep` probability maps (original resolution) for overlays.
+#[allow(clippy::type_complexity)]
 pub fn evaluate(
     sam: &Sam,
     loader: &mut Loader<SegSource>,
@@ -441,20 +431,6 @@ fn score_batch(
         }
     }
     Ok(())
-}
-
-enum Opt {
-    Adam(Adam),
-    AdamW(AdamW),
-}
-
-impl Opt {
-    fn get(&mut self) -> &mut dyn Optimizer {
-        match self {
-            Opt::Adam(o) => o,
-            Opt::AdamW(o) => o,
-        }
-    }
 }
 
 /// Selection for the sparse methods; reads it back from the run when resuming.
@@ -589,17 +565,6 @@ pub fn select(
     selection_for(cfg, &base, &data, out, device, obs)
 }
 
-fn write_metrics_jsonl(path: &Path, history: &[EpochRecord]) -> Result<()> {
-    let mut s = String::new();
-    for r in history {
-        let line =
-            serde_json::to_string(r).map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
-        s.push_str(&line);
-        s.push('\n');
-    }
-    write_atomic(path, s.as_bytes())
-}
-
 /// Train (or resume) one segmentation run in `run_dir`.
 pub fn train(
     cfg: &SegTrainConfig,
@@ -610,42 +575,8 @@ pub fn train(
 ) -> Result<RunSummary> {
     cfg.validate()?;
     let t_start = Instant::now();
-    std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
-    let config_path = run_dir.join("config.json");
-    let ckpts = Checkpoints::new(
-        run_dir,
-        KeepPolicy {
-            keep_last: cfg.keep_last.max(1),
-        },
-    );
-    let latest: Option<(PathBuf, TrainState)> = if resume {
-        if config_path.exists() {
-            let saved: SegTrainConfig = read_json(&config_path)?;
-            if saved != *cfg {
-                return Err(Error::Config {
-                    field: "resume".into(),
-                    msg: format!(
-                        "{} was made with different settings; resume with the same flags \
-                         (or start a new --out)",
-                        config_path.display()
-                    ),
-                });
-            }
-        }
-        ckpts.latest()?
-    } else {
-        if ckpts.latest::<TrainState>()?.is_some() {
-            return Err(Error::Config {
-                field: "out".into(),
-                msg: format!(
-                    "{} already holds a run; pass --resume to continue it or choose another --out",
-                    run_dir.display()
-                ),
-            });
-        }
-        None
-    };
-    write_json_atomic(&config_path, cfg)?;
+    let (ckpts, latest): (_, Option<(PathBuf, TrainState)>) =
+        open_run(run_dir, cfg, cfg.keep_last, resume)?;
     write_json_atomic(&run_dir.join("sam_config.json"), &cfg.sam)?;
 
     let data = SegData::open(cfg, run_dir)?;
@@ -714,16 +645,7 @@ pub fn train(
         step_losses: Vec::new(),
     };
     if let Some((dir, st)) = latest {
-        let params = tensors::load(&dir.join("params.safetensors"), device)?;
-        for (name, var) in &vars {
-            let t = params.get(name).ok_or_else(|| Error::Checkpoint {
-                path: dir.join("params.safetensors"),
-                msg: format!("no tensor `{name}`"),
-            })?;
-            var.set(t)?;
-        }
-        let ost = tensors::load(&dir.join("optimizer.safetensors"), device)?;
-        opt.get().load_state(&ost)?;
+        restore(&dir, &vars, opt.get(), device)?;
         train_loader.restore(st.loader.clone())?;
         obs.event(Event::Info(format!(
             "resuming {} after epoch {}",
@@ -832,10 +754,7 @@ pub fn train(
             state.best_epoch = Some(epoch + 1);
         }
         // Checkpoint: trainable tensors (deltas for GPS), optimiser, state.
-        let params: TensorMap = vars
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
-            .collect();
+        let params = snapshot(&vars);
         let ost = opt.get().state()?;
         ckpts.save(
             epoch + 1,
@@ -847,7 +766,7 @@ pub fn train(
             write_overlays(run_dir, &data, &kept, cfg)?;
             write_scores(run_dir, &metrics)?;
         }
-        write_metrics_jsonl(&run_dir.join("metrics.jsonl"), &state.history)?;
+        write_jsonl(&run_dir.join("metrics.jsonl"), &state.history)?;
         write_curves(run_dir, &state)?;
     }
 
@@ -911,24 +830,6 @@ pub fn train(
     Ok(summary)
 }
 
-/// The artifact's delta (selected values + trainable tensors) from saved trainable params.
-fn delta_from_params(art: &Artifact, params: &TensorMap) -> Result<TensorMap> {
-    let mut out = TensorMap::new();
-    for name in art
-        .selection
-        .indices
-        .keys()
-        .chain(art.selection.trainable.iter())
-    {
-        let t = params.get(name).ok_or_else(|| Error::Tensor {
-            name: name.clone(),
-            msg: "missing from the best checkpoint".into(),
-        })?;
-        out.insert(name.clone(), t.clone());
-    }
-    Ok(out)
-}
-
 /// Per-image scores of the best epoch (`scores.csv`).
 fn write_scores(run_dir: &Path, metrics: &SegMetrics) -> Result<()> {
     let mut s = String::from("id,dice,iou\n");
@@ -962,18 +863,7 @@ fn write_overlays(
 
 fn write_curves(run_dir: &Path, state: &TrainState) -> Result<()> {
     use crate::util::draw::{line_chart, save_png, Series};
-    // Loss per step, smoothed with a running mean over ~2% of the steps.
-    let n = state.step_losses.len();
-    let win = (n / 50).max(1);
-    let mut pts = Vec::new();
-    let mut acc = 0.0f64;
-    for (i, &l) in state.step_losses.iter().enumerate() {
-        acc += l as f64;
-        if i >= win {
-            acc -= state.step_losses[i - win] as f64;
-        }
-        pts.push(((i + 1) as f64, acc / (i + 1).min(win) as f64));
-    }
+    let pts = smoothed_loss(&state.step_losses);
     let loss = line_chart(
         "TRAINING LOSS (BCE + SOFT IOU)",
         "STEP",

@@ -1,0 +1,268 @@
+//! The classification evidence table: GPS against its baselines on one DOWNSTREAM synthetic
+//! set ([`crate::data::synth_cls`], class = texture × shape; upstream pretraining saw shape ×
+//! colour), all from the same pretrained backbone, seed, data and epochs.
+//!
+//! Variants (Zhang et al., CVPR 2024, Tables 1–2 and the selection-loss ablation): linear
+//! probing, BitFit (bias), full fine-tuning, GPS at K = 1 and K = 2 (SupCon selection), GPS
+//! with cross-entropy selection through the fresh head, and random / magnitude selection at
+//! GPS's K = 1 budget. Each run is an ordinary [`super::cls::train`] run folder under the
+//! experiment folder; the experiment writes `table.md`, `results.json` and a bar chart
+//! `accuracy.png` (best held-out top-1 per variant).
+
+use crate::data::classification::ClsLayout;
+use crate::data::synth_cls::{self, SynthClsConfig, SynthKind, SynthLayout};
+use crate::error::{Error, Result};
+use crate::models::ClassifierConfig;
+use crate::train::cls::{self, ClsRunSummary, ClsTrainConfig, Method, SelectLoss};
+use crate::train::observer::{Event, Observer};
+use crate::util::fs::{read_json, write_atomic, write_json_atomic};
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// One row of the experiment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Variant {
+    /// Row label (also the run folder name).
+    pub label: String,
+    pub method: Method,
+    pub select_loss: SelectLoss,
+    pub topk: usize,
+    /// Peak learning rate of this variant.
+    pub lr: f64,
+}
+
+impl Variant {
+    fn new(label: &str, method: Method, select_loss: SelectLoss, topk: usize, lr: f64) -> Self {
+        Variant {
+            label: label.into(),
+            method,
+            select_loss,
+            topk,
+            lr,
+        }
+    }
+}
+
+/// Settings shared by every variant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClsExperimentConfig {
+    /// Pretrained backbone checkpoint (e.g. `sam/vit-tiny.safetensors`).
+    pub base: PathBuf,
+    /// Its architecture (`sam/vit-tiny.json`); the head is resized to the downstream classes.
+    pub model: ClassifierConfig,
+    /// Downstream set folder (generated when missing; re-used when its `synth.json` matches).
+    pub data_dir: PathBuf,
+    pub classes: usize,
+    /// Train+val images per class (VTAB-style `train800val200` = 80% + 20%).
+    pub per_class: usize,
+    pub test_per_class: usize,
+    pub epochs: usize,
+    pub warmup_epochs: usize,
+    pub batch_size: usize,
+    pub select_batches: usize,
+    pub seed: u64,
+    pub variants: Vec<Variant>,
+}
+
+impl ClsExperimentConfig {
+    /// The default table (sized for ≈ 10 minutes on a shared 2-core CPU): 8 downstream
+    /// classes × 16 train+val images (+ 8 test), 3 epochs of batch 16, selection over 4 batches, lr 2e-3 for the Adam methods and 2e-4 for full fine-tuning (AdamW), a
+    /// common per-method choice (full fine-tuning diverges at the sparse methods' rate).
+    pub fn new(base: PathBuf, model: ClassifierConfig, data_dir: PathBuf) -> Self {
+        use Method::*;
+        use SelectLoss::*;
+        let lr = 5e-3;
+        ClsExperimentConfig {
+            base,
+            model,
+            data_dir,
+            classes: 8,
+            per_class: 32,
+            test_per_class: 16,
+            epochs: 6,
+            warmup_epochs: 0,
+            batch_size: 16,
+            select_batches: 4,
+            seed: 42,
+            variants: vec![
+                Variant::new("linear", Linear, SupCon, 1, lr),
+                Variant::new("bias", Bias, SupCon, 1, lr),
+                Variant::new("full", Full, SupCon, 1, lr / 10.0),
+                Variant::new("gps-k1", Gps, SupCon, 1, lr),
+                Variant::new("gps-k2", Gps, SupCon, 2, lr),
+                Variant::new("random-k1", Random, SupCon, 1, lr),
+                Variant::new("magnitude-k1", Magnitude, SupCon, 1, lr),
+                Variant::new("gps-ce-k1", Gps, Ce, 1, lr),
+            ],
+        }
+    }
+
+    fn synth(&self) -> SynthClsConfig {
+        SynthClsConfig {
+            classes: self.classes,
+            per_class: self.per_class,
+            test_per_class: self.test_per_class,
+            layout: SynthLayout::Vtab,
+            kind: SynthKind::Downstream,
+            size: self.model.image_size(),
+            seed: self.seed,
+        }
+    }
+
+    /// The trainer config of one variant.
+    pub fn run_config(&self, v: &Variant) -> ClsTrainConfig {
+        let mut c = ClsTrainConfig::recipe(
+            self.data_dir.clone(),
+            ClsLayout::Vtab,
+            Some(self.base.clone()),
+            self.model.clone(),
+        );
+        c.method = v.method;
+        c.select_loss = v.select_loss;
+        c.topk = v.topk;
+        c.lr = v.lr;
+        c.min_lr = v.lr * 1e-2;
+        c.epochs = self.epochs;
+        c.warmup_epochs = self.warmup_epochs;
+        c.batch_size = self.batch_size;
+        c.eval_batch_size = 64;
+        c.select_batches = self.select_batches;
+        c.seed = self.seed;
+        c.keep_last = 1;
+        c
+    }
+}
+
+/// One result row.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExperimentRow {
+    pub variant: Variant,
+    pub summary: ClsRunSummary,
+}
+
+/// Generate the downstream set unless a matching one exists.
+fn downstream_data(cfg: &ClsExperimentConfig, obs: &mut dyn Observer) -> Result<()> {
+    let marker = cfg.data_dir.join("synth.json");
+    let want = serde_json::to_value(cfg.synth()).map_err(|e| Error::msg(e.to_string()))?;
+    if marker.is_file() {
+        let have: serde_json::Value = read_json(&marker)?;
+        if have == want {
+            return Ok(());
+        }
+        return Err(Error::Config {
+            field: "data_dir".into(),
+            msg: format!(
+                "{} holds a synthetic set made with other settings; remove it or choose another folder",
+                cfg.data_dir.display()
+            ),
+        });
+    }
+    let n = synth_cls::generate(&cfg.data_dir, &cfg.synth())?;
+    write_json_atomic(&marker, &cfg.synth())?;
+    obs.event(Event::Info(format!(
+        "downstream data: generated {n} images ({} classes) in {}",
+        cfg.classes,
+        cfg.data_dir.display()
+    )));
+    Ok(())
+}
+
+/// The markdown table of `rows`.
+pub fn table(cfg: &ClsExperimentConfig, rows: &[ExperimentRow]) -> String {
+    let mut s = format!(
+        "Downstream synthetic set: {} classes (texture × shape), {} train / {} test images; \
+         backbone `{}` ({}); {} epochs, batch {}, seed {}.\n\n",
+        cfg.classes,
+        rows.first().map_or(0, |r| r.summary.train_images),
+        rows.first().map_or(0, |r| r.summary.test_images),
+        cfg.base.display(),
+        cfg.model.name(),
+        cfg.epochs,
+        cfg.batch_size,
+        cfg.seed
+    );
+    s.push_str("| variant | selection | lr | trainable | trainable % | best test top-1 | last test top-1 | s/step | selection s |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    for r in rows {
+        let sel = match (r.variant.method.criterion(), r.variant.select_loss) {
+            (Some(crate::gps::Criterion::Gradient), SelectLoss::SupCon) => {
+                format!("SupCon grad, K={}", r.variant.topk)
+            }
+            (Some(crate::gps::Criterion::Gradient), SelectLoss::Ce) => {
+                format!("CE grad, K={}", r.variant.topk)
+            }
+            (Some(c), _) => format!("{}, K={}", format!("{c:?}").to_lowercase(), r.variant.topk),
+            (None, _) => "-".into(),
+        };
+        s.push_str(&format!(
+            "| {} | {} | {:.0e} | {} | {:.3}% | {:.2}% | {:.2}% | {:.3} | {:.1} |\n",
+            r.variant.label,
+            sel,
+            r.variant.lr,
+            r.summary.trainable,
+            r.summary.trainable_pct,
+            100.0 * r.summary.best_acc,
+            100.0 * r.summary.last_acc,
+            r.summary.seconds_per_step,
+            r.summary.selection_seconds
+        ));
+    }
+    s
+}
+
+/// Run every variant into `out/<label>/` (a finished variant, one with `summary.json`, is
+/// re-used) and write `out/table.md`, `out/results.json` and `out/accuracy.png`.
+pub fn run_classify(
+    cfg: &ClsExperimentConfig,
+    out: &Path,
+    device: &Device,
+    obs: &mut dyn Observer,
+) -> Result<(Vec<ExperimentRow>, String)> {
+    if cfg.variants.is_empty() {
+        return Err(Error::Config {
+            field: "variants".into(),
+            msg: "no variants to run".into(),
+        });
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    write_json_atomic(&out.join("experiment.json"), cfg)?;
+    downstream_data(cfg, obs)?;
+    let mut rows = Vec::new();
+    for v in &cfg.variants {
+        let run = out.join(&v.label);
+        let rc = cfg.run_config(v);
+        let done = run.join("summary.json");
+        let summary: ClsRunSummary = if done.is_file()
+            && read_json::<ClsTrainConfig>(&run.join("config.json"))
+                .ok()
+                .as_ref()
+                == Some(&rc)
+        {
+            obs.event(Event::Info(format!(
+                "{}: re-using {}",
+                v.label,
+                run.display()
+            )));
+            read_json(&done)?
+        } else {
+            obs.event(Event::Info(format!("=== {} ===", v.label)));
+            let resume = run.join("checkpoints").join("LATEST").is_file();
+            cls::train(&rc, &run, device, resume, obs)?
+        };
+        rows.push(ExperimentRow {
+            variant: v.clone(),
+            summary,
+        });
+    }
+    let t = table(cfg, &rows);
+    write_atomic(&out.join("table.md"), t.as_bytes())?;
+    write_json_atomic(&out.join("results.json"), &rows)?;
+    let bars: Vec<(String, f64)> = rows
+        .iter()
+        .map(|r| (r.variant.label.clone(), 100.0 * r.summary.best_acc))
+        .collect();
+    let img = crate::util::draw::bar_chart("BEST HELD-OUT TOP-1 (%)", &bars, 720);
+    crate::util::draw::save_png(&out.join("accuracy.png"), &img)?;
+    Ok((rows, t))
+}
