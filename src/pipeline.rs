@@ -80,7 +80,8 @@ pub struct DemoReport {
     pub seconds: f64,
 }
 
-fn ensure_data(cfg: &DemoConfig, obs: &mut dyn Observer) -> Result<()> {
+/// Generate the demo's synthetic set unless it exists.
+pub fn ensure_data(cfg: &DemoConfig, obs: &mut dyn Observer) -> Result<()> {
     if cfg.data_dir.join("images").is_dir() {
         obs.event(Event::Info(format!(
             "data: {} (already generated)",

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod cls;
 pub mod experiment;
+pub mod experiment_seg;
 pub mod loss;
 pub mod optim;
 pub mod pretrain;
