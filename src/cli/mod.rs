@@ -9,6 +9,7 @@ pub mod bench_train;
 pub mod common;
 pub mod data;
 pub mod demo;
+pub mod eval;
 pub mod experiment;
 pub mod export;
 pub mod infer;
@@ -34,6 +35,8 @@ pub enum Command {
     /// The embedded default end to end: synthetic Kvasir → GPS on sam-tiny → merge → ONNX →
     /// ONNX Runtime inference with mDice/mIoU.
     Demo(demo::Args),
+    /// Evaluate a SAM checkpoint on the synthetic upstream validation scenes.
+    Eval(eval::Args),
     /// Print a model's config and parameter counts per component.
     Info(info::Args),
     /// Datasets: synthetic generators and checks.
@@ -61,6 +64,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Demo(a) => demo::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::Info(a) => info::run(a),
         Command::Data(a) => data::run(a),
         Command::Bench(a) => bench::run(a),
