@@ -194,3 +194,34 @@ fn bad_settings_are_refused_before_any_work() {
         .to_string();
     assert!(e.contains("nowhere"), "{e}");
 }
+
+#[test]
+fn checkpointed_blocks_train_like_the_plain_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("kvasir");
+    dataset(&data);
+    let mut cfg = tiny_cfg(&data);
+    cfg.epochs = 1;
+    let plain = tmp.path().join("plain");
+    seg::train(&cfg, &plain, &Device::Cpu, false, &mut Silent).unwrap();
+    cfg.checkpoint_blocks = true;
+    let ck = tmp.path().join("ck");
+    seg::train(&cfg, &ck, &Device::Cpu, false, &mut Silent).unwrap();
+    let a =
+        gps_seg::util::tensors::load(&plain.join("gps/delta.safetensors"), &Device::Cpu).unwrap();
+    let b = gps_seg::util::tensors::load(&ck.join("gps/delta.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(a.len(), b.len());
+    for (name, ta) in &a {
+        let d = (ta - &b[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-4, "{name}: {d}");
+    }
+}

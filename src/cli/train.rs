@@ -91,6 +91,9 @@ pub struct Args {
     /// Only plain progress lines.
     #[arg(long)]
     pub quiet: bool,
+    /// Recompute SAM encoder blocks in backward (less memory, same gradients; large inputs).
+    #[arg(long)]
+    pub checkpoint_blocks: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -129,6 +132,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     cfg.train_limit = args.train_limit;
     cfg.test_limit = args.test_limit;
     cfg.max_steps_per_epoch = args.max_steps;
+    cfg.checkpoint_blocks = args.checkpoint_blocks;
     let s = seg::train(&cfg, &out, &device, args.resume, &mut progress)
         .with_context(|| format!("training run {}", out.display()))?;
     print_summary(&s);

@@ -132,6 +132,10 @@ pub struct SegTrainConfig {
     pub max_steps_per_epoch: Option<usize>,
     /// How many epoch checkpoints to keep.
     pub keep_last: usize,
+    /// Recompute image-encoder blocks in backward instead of keeping their activations
+    /// (less memory, same gradients; for large inputs such as ViT-B at 1024 px).
+    #[serde(default)]
+    pub checkpoint_blocks: bool,
 }
 
 impl SegTrainConfig {
@@ -160,6 +164,7 @@ impl SegTrainConfig {
             test_limit: None,
             max_steps_per_epoch: None,
             keep_last: 2,
+            checkpoint_blocks: false,
         }
     }
 
@@ -694,8 +699,14 @@ pub fn train(
                 break;
             };
             let ts = Instant::now();
-            let logits = sam.forward_prompt_free(&batch.images)?;
-            let loss = seg_loss(&logits, &batch.masks)?;
+            let (loss, grads) = if cfg.checkpoint_blocks {
+                sam.prompt_free_backward_checkpointed(&batch.images, |l| seg_loss(l, &batch.masks))?
+            } else {
+                let logits = sam.forward_prompt_free(&batch.images)?;
+                let loss = seg_loss(&logits, &batch.masks)?;
+                let grads = loss.backward()?;
+                (loss, grads)
+            };
             let lv = loss.to_scalar::<f32>()?;
             if !lv.is_finite() {
                 return Err(Error::NonFinite(format!(
@@ -707,7 +718,6 @@ pub fn train(
                     run_dir.join("checkpoints").display()
                 )));
             }
-            let grads = loss.backward()?;
             opt.get().step(&grads)?;
             steps_time += ts.elapsed().as_secs_f64();
             steps_count += 1;
