@@ -15,7 +15,8 @@ pub struct Args {
     /// Seeded random weights instead of --model (benchmarks and tests).
     #[arg(long, conflicts_with = "model")]
     pub random_init: Option<u64>,
-    /// SAM preset (tiny, vit_b, vit_l, vit_h) or a config.json; default: the run folder's config.json.
+    /// SAM preset (tiny, vit_b, vit_l, vit_h) or a config.json; default: the config stored beside
+    /// the weights (`<stem>.json`, a run's `sam_config.json`).
     #[arg(long)]
     pub config: Option<String>,
     /// Output .onnx. With --prompted this is the image encoder, and the decoder goes to
@@ -52,6 +53,15 @@ fn resolve(args: &Args) -> anyhow::Result<(SamConfig, Option<PathBuf>)> {
             let c = m.join("config.json");
             if c.is_file() {
                 cfg_path = Some(c);
+            }
+        }
+    }
+    // A SAM config stored beside the weights (`<stem>.json`, a run's `sam_config.json`, or a
+    // `config.json` that is a SamConfig) wins over guessing.
+    if args.config.is_none() {
+        if let Some(w) = &weights {
+            if let Some(c) = gps_seg::sam::registry::config_beside(w)? {
+                return Ok((c, weights));
             }
         }
     }
