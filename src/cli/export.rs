@@ -1,6 +1,13 @@
-//! `gps-seg export`: SAM → ONNX (prompt-free graph, or image encoder + prompted decoder).
+//! `gps-seg export`: SAM → ONNX (prompt-free graph, or image encoder + prompted decoder), or a
+//! classifier (ViT / ConvNeXt) → ONNX (`image → logits, features`).
+//!
+//! A classifier is recognised by its config: a run folder's `model.json`, a `<stem>.json`
+//! beside the weights, or `--config` (a classifier preset or a `ClassifierConfig` JSON);
+//! everything else is SAM, as before.
 
 use anyhow::{bail, Context};
+use gps_seg::models::ClassifierConfig;
+use gps_seg::onnx::classifier::{self, ClassifierExportOptions};
 use gps_seg::onnx::sam::{self, ExportSummary, SamExportOptions};
 use gps_seg::onnx::{write_model_with, ExternalData, ModelProto};
 use gps_seg::sam::SamConfig;
@@ -9,16 +16,21 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Weights: a .safetensors/.pth file, or a run folder holding merged.safetensors or
-    /// model.safetensors (and config.json).
+    /// model.safetensors (and config.json, or a classification run's model.json).
     #[arg(long, required_unless_present = "random_init")]
     pub model: Option<PathBuf>,
     /// Seeded random weights instead of --model (benchmarks and tests).
     #[arg(long, conflicts_with = "model")]
     pub random_init: Option<u64>,
-    /// SAM preset (tiny, vit_b, vit_l, vit_h) or a config.json; default: the config stored beside
-    /// the weights (`<stem>.json`, a run's `sam_config.json`).
+    /// SAM preset (tiny, vit_b, vit_l, vit_h), classifier preset (vit_b16, vit_tiny_cpu,
+    /// convnext_b, convnext_tiny_cpu) or a config JSON (SamConfig or ClassifierConfig); default:
+    /// the config stored beside the weights (`<stem>.json`, a run's `sam_config.json` /
+    /// `model.json`).
     #[arg(long)]
     pub config: Option<String>,
+    /// Classes of the head when --config is a classifier preset.
+    #[arg(long, default_value_t = 10)]
+    pub num_classes: usize,
     /// Output .onnx. With --prompted this is the image encoder, and the decoder goes to
     /// `<stem>_decoder.onnx` beside it.
     #[arg(long)]
@@ -29,9 +41,88 @@ pub struct Args {
     /// Put initializers ≥ 1 KiB in `<out>.data` (automatic above 2 GiB).
     #[arg(long)]
     pub external_data: bool,
-    /// Expect SAM-normalised input instead of RGB in [0,1].
+    /// Expect model-normalised input instead of RGB in [0,1].
     #[arg(long)]
     pub no_normalize: bool,
+    /// Classifiers: export only `logits` (no second `features` output).
+    #[arg(long)]
+    pub no_features: bool,
+}
+
+/// The weights file of `--model` (a run folder's merged.safetensors / model.safetensors).
+fn weights_path(m: &Path) -> anyhow::Result<PathBuf> {
+    if !m.is_dir() {
+        return Ok(m.to_path_buf());
+    }
+    ["merged.safetensors", "model.safetensors"]
+        .iter()
+        .map(|n| m.join(n))
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!(
+                "{}: no merged.safetensors or model.safetensors",
+                m.display()
+            )
+        })
+}
+
+/// A classifier config for these arguments, if they name a classifier (see the module docs).
+fn classifier_config(args: &Args) -> anyhow::Result<Option<ClassifierConfig>> {
+    if let Some(c) = &args.config {
+        let p = Path::new(c);
+        if p.is_file() {
+            return Ok(gps_seg::util::fs::read_json::<ClassifierConfig>(p).ok());
+        }
+        if ClassifierConfig::PRESETS.contains(&c.as_str()) {
+            return Ok(Some(ClassifierConfig::preset(c, args.num_classes)?));
+        }
+        return Ok(None);
+    }
+    let Some(m) = &args.model else {
+        return Ok(None);
+    };
+    let candidate = if m.is_dir() {
+        Some(m.join("model.json"))
+    } else {
+        m.file_stem()
+            .map(|s| m.with_file_name(format!("{}.json", s.to_string_lossy())))
+    };
+    match candidate {
+        Some(c) if c.is_file() => Ok(gps_seg::util::fs::read_json::<ClassifierConfig>(&c).ok()),
+        _ => Ok(None),
+    }
+}
+
+fn run_classifier(args: &Args, cfg: ClassifierConfig) -> anyhow::Result<()> {
+    if args.prompted {
+        bail!("--prompted is for SAM; `{}` is a classifier", cfg.name());
+    }
+    let map = match (&args.model, args.random_init) {
+        (Some(m), _) => {
+            let w = weights_path(m)?;
+            gps_seg::util::tensors::load(&w, &candle_core::Device::Cpu)?
+        }
+        (None, Some(seed)) => {
+            let vs = gps_seg::nn::ParamStore::init(&candle_core::Device::Cpu, seed);
+            gps_seg::models::Classifier::new(&cfg, &vs)?;
+            vs.current_tensors()?
+        }
+        (None, None) => bail!("give --model or --random-init"),
+    };
+    let opts = ClassifierExportOptions {
+        normalize: !args.no_normalize,
+        features: !args.no_features,
+    };
+    let (m, s) = classifier::export(&cfg, &map, opts)
+        .with_context(|| format!("exporting classifier `{}`", cfg.name()))?;
+    println!(
+        "classifier {} ({} classes, {}x{} input)",
+        cfg.name(),
+        cfg.num_classes(),
+        cfg.image_size(),
+        cfg.image_size()
+    );
+    write(&args.out, m, args.external_data, &s)
 }
 
 fn resolve(args: &Args) -> anyhow::Result<(SamConfig, Option<PathBuf>)> {
@@ -39,17 +130,7 @@ fn resolve(args: &Args) -> anyhow::Result<(SamConfig, Option<PathBuf>)> {
     let mut cfg_path = None;
     if let Some(m) = &args.model {
         if m.is_dir() {
-            let w = ["merged.safetensors", "model.safetensors"]
-                .iter()
-                .map(|n| m.join(n))
-                .find(|p| p.is_file())
-                .with_context(|| {
-                    format!(
-                        "{}: no merged.safetensors or model.safetensors",
-                        m.display()
-                    )
-                })?;
-            weights = Some(w);
+            weights = Some(weights_path(m)?);
             let c = m.join("config.json");
             if c.is_file() {
                 cfg_path = Some(c);
@@ -106,6 +187,9 @@ fn write(path: &Path, model: ModelProto, external: bool, s: &ExportSummary) -> a
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(cfg) = classifier_config(&args)? {
+        return run_classifier(&args, cfg);
+    }
     let (cfg, weights) = resolve(&args)?;
     let map = match (weights, args.random_init) {
         (Some(w), _) => gps_seg::util::tensors::load(&w, &candle_core::Device::Cpu)?,

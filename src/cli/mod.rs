@@ -43,7 +43,7 @@ pub enum Command {
     Data(data::Args),
     /// Benchmarks: speed and memory tables.
     Bench(bench::Args),
-    /// Export SAM to ONNX (prompt-free graph, or image encoder + prompted decoder).
+    /// Export SAM (prompt-free graph, or image encoder + prompted decoder) or a classifier to ONNX.
     Export(export::Args),
     /// Locate or fetch the ONNX Runtime library.
     Runtime(runtime::Args),

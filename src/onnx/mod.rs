@@ -1,7 +1,8 @@
 //! ONNX export written from Rust: protobuf types ([`proto`]), a graph builder ([`builder`]) and
-//! one exporter per model family ([`sam`]). Opset 17, IR 8.
+//! one exporter per model family ([`sam`], [`classifier`]). Opset 17, IR 8.
 
 pub mod builder;
+pub mod classifier;
 pub mod proto;
 pub mod sam;
 
