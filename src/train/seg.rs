@@ -448,7 +448,7 @@ fn selection_for(
     obs: &mut dyn Observer,
 ) -> Result<Artifact> {
     if art_dir.join("gps_config.json").exists() {
-        let art = Artifact::load(&art_dir, device)?;
+        let art = Artifact::load(art_dir, device)?;
         obs.event(Event::Info(format!(
             "selection: reusing {}",
             art_dir.display()
