@@ -37,14 +37,14 @@ pub struct DemoConfig {
 }
 
 impl DemoConfig {
-    /// The default demo: ~5 minutes on 2 cores.
+    /// The default demo: a few minutes on 2 cores.
     pub fn standard() -> Self {
         DemoConfig {
             data_dir: PathBuf::from("data/synth-kvasir-demo"),
-            count: 200,
+            count: 400,
             max_side: 512,
             model: "tiny".into(),
-            epochs: 3,
+            epochs: 6,
             batch_size: 4,
             lr: 1e-3,
             topk: 1,

@@ -33,7 +33,7 @@ pub struct KvasirArgs {
     pub data_dir: Option<PathBuf>,
     #[arg(long, default_value = "runs/experiment-kvasir")]
     pub out: PathBuf,
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 6)]
     pub epochs: usize,
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
