@@ -14,7 +14,7 @@
 
 use crate::data::augment::ClsAugment;
 use crate::data::classification::{ClsDataset, ClsLayout, ClsSplit};
-use crate::data::loader::{ClsBatch, ClsSource, Loader, LoaderConfig, LoaderState};
+use crate::data::loader::{ClsBatch, ClsSource, Loader, LoaderConfig};
 use crate::error::{Error, Result};
 use crate::gps::artifact::{Artifact, BaseModel, SelectionInfo};
 use crate::gps::policy::{Policy, Rule, Treatment};
@@ -371,15 +371,7 @@ pub struct EpochRecord {
 }
 
 /// What a checkpoint's `state.json` holds besides tensors.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TrainState {
-    pub epochs_done: usize,
-    pub global_step: usize,
-    pub loader: LoaderState,
-    pub history: Vec<EpochRecord>,
-    pub best_epoch: Option<usize>,
-    pub step_losses: Vec<f32>,
-}
+pub type TrainState = crate::train::run::TrainState<EpochRecord>;
 
 /// The result of a run, for the summary table.
 #[derive(Debug, Clone, Serialize, Deserialize)]

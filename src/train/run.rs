@@ -201,3 +201,18 @@ mod tests {
         assert_eq!(l.unwrap().1["e"], 1);
     }
 }
+
+/// What a checkpoint's `state.json` holds besides tensors, for a trainer whose epoch record
+/// (one line of `metrics.jsonl`) is `R`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TrainState<R> {
+    /// Epochs completed.
+    pub epochs_done: usize,
+    pub global_step: usize,
+    /// Training loader position (restored on resume).
+    pub loader: crate::data::loader::LoaderState,
+    pub history: Vec<R>,
+    pub best_epoch: Option<usize>,
+    /// Per-step training losses (for the loss curve).
+    pub step_losses: Vec<f32>,
+}

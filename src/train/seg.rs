@@ -8,7 +8,7 @@
 
 use crate::data::augment::SegAugment;
 use crate::data::kvasir::{KvasirDataset, SegBatch, Split};
-use crate::data::loader::{Loader, LoaderConfig, LoaderState, SegSource};
+use crate::data::loader::{Loader, LoaderConfig, SegSource};
 use crate::data::resize::{to_original, Resize};
 use crate::error::{Error, Result};
 use crate::gps::artifact::{Artifact, BaseModel, SelectionInfo};
@@ -234,17 +234,7 @@ pub struct EpochRecord {
 }
 
 /// What a checkpoint's `state.json` holds besides tensors.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TrainState {
-    /// Epochs completed.
-    pub epochs_done: usize,
-    pub global_step: usize,
-    pub loader: LoaderState,
-    pub history: Vec<EpochRecord>,
-    pub best_epoch: Option<usize>,
-    /// Per-step training losses (for the loss curve).
-    pub step_losses: Vec<f32>,
-}
+pub type TrainState = crate::train::run::TrainState<EpochRecord>;
 
 /// The result of a run, for the summary table.
 #[derive(Debug, Clone, Serialize, Deserialize)]
