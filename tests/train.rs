@@ -212,16 +212,7 @@ fn checkpointed_blocks_train_like_the_plain_path() {
     let b = gps_seg::util::tensors::load(&ck.join("gps/delta.safetensors"), &Device::Cpu).unwrap();
     assert_eq!(a.len(), b.len());
     for (name, ta) in &a {
-        let d = (ta - &b[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = gps_seg::nn::gradcheck::max_abs_diff(ta, &b[name]).unwrap();
         assert!(d < 1e-4, "{name}: {d}");
     }
 }

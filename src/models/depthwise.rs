@@ -266,26 +266,13 @@ impl CustomOp2 for DwOp {
 mod tests {
     use super::*;
     use crate::nn::gradcheck;
-    use crate::util::Rng;
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
-        let mut r = Rng::new(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| r.normal() as f64).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        crate::nn::gradcheck::randn(shape, seed, candle_core::DType::F64).unwrap()
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
+        crate::nn::gradcheck::max_abs_diff(a, b).unwrap()
     }
 
     #[test]

@@ -711,27 +711,14 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::nn::gradcheck;
-    use crate::util::Rng;
-    use candle_core::{Device, Var};
+    use candle_core::Var;
 
     fn rand(shape: &[usize], seed: u64, scale: f64) -> Tensor {
-        let mut r = Rng::new(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| r.normal() as f64 * scale).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        (gradcheck::randn(shape, seed, candle_core::DType::F64).unwrap() * scale).unwrap()
     }
 
     fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
+        crate::nn::gradcheck::max_abs_diff(a, b).unwrap()
     }
 
     /// Value and gradients (w.r.t. every input, through a random projection) of `f` on the

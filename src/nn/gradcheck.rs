@@ -44,16 +44,34 @@ where
     Ok(worst)
 }
 
+/// A seeded standard-normal tensor of `shape` in `dtype` on the CPU (tests and benchmarks).
+pub fn randn(shape: &[usize], seed: u64, dtype: DType) -> Result<Tensor> {
+    let mut r = Rng::new(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| r.normal() as f64).collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?)
+}
+
+/// The largest `|a − b|` over all entries (shapes must match), as f64.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    if a.dims() != b.dims() {
+        return Err(crate::error::Error::msg(format!(
+            "max_abs_diff: shapes {:?} and {:?} differ",
+            a.dims(),
+            b.dims()
+        )));
+    }
+    let d = (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?.abs()?;
+    Ok(d.flatten_all()?.max(0)?.to_scalar::<f64>()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::nn::layers::{interp_matrix, layer_norm, resize_bilinear, softmax_last};
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
-        let mut r = Rng::new(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| r.normal() as f64).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        randn(shape, seed, DType::F64).unwrap()
     }
 
     #[test]

@@ -408,31 +408,14 @@ pub fn resize_bilinear(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::nn::fused::with_reference_path;
-    use crate::util::Rng;
     use candle_core::Var;
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
-        let mut r = Rng::new(seed);
-        let n: usize = shape.iter().product();
-        Tensor::from_vec(
-            (0..n).map(|_| r.normal()).collect::<Vec<f32>>(),
-            shape,
-            &Device::Cpu,
-        )
-        .unwrap()
+        crate::nn::gradcheck::randn(shape, seed, candle_core::DType::F32).unwrap()
     }
 
     fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        crate::nn::gradcheck::max_abs_diff(a, b).unwrap() as f32
     }
 
     /// The im2col route of `Conv2d` equals Candle's conv2d in value and in the gradients of

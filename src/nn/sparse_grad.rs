@@ -122,35 +122,18 @@ impl CustomOp2 for SparseWeightGrad {
 
 #[cfg(test)]
 mod tests {
-    use crate::nn::param::{Init, ParamStore, Role};
+    use crate::nn::param::{ParamStore, Role};
     use crate::nn::Linear;
     use crate::util::tensors::TensorMap;
-    use crate::util::Rng;
     use candle_core::{Device, Tensor, Var};
     use std::collections::HashMap;
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
-        let mut r = Rng::new(seed);
-        let n: usize = shape.iter().product();
-        Tensor::from_vec(
-            (0..n).map(|_| r.normal()).collect::<Vec<f32>>(),
-            shape,
-            &Device::Cpu,
-        )
-        .unwrap()
+        crate::nn::gradcheck::randn(shape, seed, candle_core::DType::F32).unwrap()
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        crate::nn::gradcheck::max_abs_diff(a, b).unwrap() as f32
     }
 
     /// Fast path (sparse/input-only gradient) and Candle's dense path agree on values and on
@@ -211,7 +194,6 @@ mod tests {
     fn fast_linear_input_gradient_matches_finite_differences() {
         let store = ParamStore::new(None, crate::nn::RolePolicy::AllFrozen, &Device::Cpu, 3);
         let lin = Linear::new(&store, 4, 3, true).unwrap();
-        let _ = Init::Zeros;
         let x = randn(&[2, 4], 9);
         let e = crate::nn::gradcheck::check(&x, 8, 0, |x| {
             // the fast path runs in f32; compare in f32 precision

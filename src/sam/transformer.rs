@@ -219,14 +219,9 @@ impl TwoWayTransformer {
 mod tests {
     use super::*;
     use crate::nn::gradcheck;
-    use crate::util::Rng;
-    use candle_core::Device;
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
-        let mut r = Rng::new(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| r.normal() as f64).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        crate::nn::gradcheck::randn(shape, seed, candle_core::DType::F64).unwrap()
     }
 
     #[test]
