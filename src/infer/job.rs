@@ -93,19 +93,7 @@ pub struct InferReport {
     pub out: PathBuf,
 }
 
-/// Peak resident memory of this process so far (`VmHWM`), in MB (Linux; 0 elsewhere).
-pub fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
-}
+use crate::util::mem::peak_rss_mb;
 
 /// One decoded, resized input.
 struct Prepared {

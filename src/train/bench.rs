@@ -131,21 +131,9 @@ impl StepResult {
     }
 }
 
-/// Peak resident memory of this process (`VmHWM` of `/proc/self/status`), bytes; `None`
-/// where that file does not exist.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
+use crate::util::mem::peak_rss_bytes;
 
-/// Mean binary cross-entropy with logits, numerically stable:
-/// `max(y, 0) − y·t + log(1 + e^{−|y|})`.
-pub fn bce_with_logits(logits: &Tensor, target: &Tensor) -> Result<Tensor> {
-    let sp = (logits.relu()? + (logits.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
-    Ok((sp - (logits * target)?)?.mean_all()?)
-}
+use crate::train::loss::bce_with_logits;
 
 /// Random images `[B, 3, S, S]` in `[0, 1]` and masks `[B, 1, S, S]` (30 % ones).
 pub fn random_batch(

@@ -26,10 +26,11 @@ use crate::train::metrics::{Accuracy, Metric};
 use crate::train::observer::{Event, Observer};
 use crate::train::optim::{Adam, AdamW};
 use crate::train::run::{
-    delta_from_params, open_run, peak_rss_mb, restore, smoothed_loss, snapshot, write_jsonl, Opt,
+    delta_from_params, open_run, restore, smoothed_loss, snapshot, write_jsonl, Opt,
 };
 use crate::train::schedule::Schedule;
 use crate::util::fs::{read_json, write_json_atomic};
+use crate::util::mem::peak_rss_mb;
 use crate::util::tensors::{self, TensorMap};
 use crate::util::Rng;
 use candle_core::{Device, Tensor, D};

@@ -254,7 +254,7 @@ pub struct RunSummary {
     pub merged: Option<PathBuf>,
 }
 
-pub use crate::train::run::peak_rss_mb;
+use crate::util::mem::peak_rss_mb;
 
 /// Roles for whole-tensor methods from a policy (`Selected` tensors are not allowed here).
 fn roles_from_policy(base: &TensorMap, policy: &Policy) -> HashMap<String, Role> {
