@@ -17,17 +17,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("note: {n}");
     }
     let c = &info.counts;
-    let fmt = |n: usize| {
-        let s = n.to_string();
-        let mut out = String::new();
-        for (i, ch) in s.chars().enumerate() {
-            if i > 0 && (s.len() - i).is_multiple_of(3) {
-                out.push(',');
-            }
-            out.push(ch);
-        }
-        out
-    };
+    let fmt = gps_seg::gps::counts::thousands;
     println!("{:<16} {:>14}", "component", "parameters");
     for (name, n) in [
         ("image_encoder", c.image_encoder),
