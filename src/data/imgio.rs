@@ -3,7 +3,8 @@
 
 use crate::error::{Error, Result};
 use image::{GrayImage, RgbImage};
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 /// File extensions accepted as images (compared case-insensitively).
 pub const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
@@ -17,6 +18,40 @@ pub fn is_image_file(path: &Path) -> bool {
             IMAGE_EXTENSIONS.contains(&e.as_str())
         })
         .unwrap_or(false)
+}
+
+/// Image files keyed by stem, and the files that could not be keyed with the reason.
+pub type ByStem = (BTreeMap<String, PathBuf>, Vec<(PathBuf, String)>);
+
+/// Image files of `dir` (hidden files and non-images ignored) keyed by file stem, in sorted
+/// order, plus the files that could not be keyed, with the reason (a name that is not UTF-8, a
+/// second file with an existing stem). Kvasir pairing and inference inputs both use it.
+pub fn images_by_stem(dir: &Path) -> std::io::Result<ByStem> {
+    let rd = std::fs::read_dir(dir)?;
+    let mut paths: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    paths.sort();
+    let mut out: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut rejected = Vec::new();
+    for p in paths {
+        let hidden = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'));
+        if hidden || !p.is_file() || !is_image_file(&p) {
+            continue;
+        }
+        let Some(stem) = p.file_stem().and_then(|s| s.to_str()).map(str::to_string) else {
+            rejected.push((p, "file name is not valid UTF-8".to_string()));
+            continue;
+        };
+        if let Some(prev) = out.get(&stem) {
+            let reason = format!("same id `{stem}` as {}", prev.display());
+            rejected.push((p, reason));
+            continue;
+        }
+        out.insert(stem, p);
+    }
+    Ok((out, rejected))
 }
 
 fn bad_image(path: &Path, e: impl std::fmt::Display) -> Error {

@@ -134,41 +134,20 @@ pub struct KvasirDataset {
     pub root_split: Option<Split>,
 }
 
-/// List image files of `dir` by stem; problems for duplicates and an unreadable dir.
+/// Image files of `dir` by stem; problems for duplicates, bad names and an unreadable dir.
 fn list_by_stem(dir: &Path, problems: &mut Problems) -> BTreeMap<String, PathBuf> {
-    let mut out = BTreeMap::new();
-    let rd = match std::fs::read_dir(dir) {
-        Ok(rd) => rd,
+    match imgio::images_by_stem(dir) {
+        Ok((found, rejected)) => {
+            for (p, why) in rejected {
+                problems.push(format!("{}: {why}", p.display()));
+            }
+            found
+        }
         Err(e) => {
             problems.push(format!("{}: cannot read folder: {e}", dir.display()));
-            return out;
+            BTreeMap::new()
         }
-    };
-    let mut paths: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
-    paths.sort();
-    for p in paths {
-        let hidden = p
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with('.'));
-        if hidden || !p.is_file() || !imgio::is_image_file(&p) {
-            continue;
-        }
-        let Some(stem) = p.file_stem().and_then(|s| s.to_str()).map(str::to_string) else {
-            problems.push(format!("{}: file name is not valid UTF-8", p.display()));
-            continue;
-        };
-        if let Some(prev) = out.get(&stem) {
-            problems.push(format!(
-                "{} and {}: two files with the same id `{stem}`",
-                Path::display(prev),
-                p.display()
-            ));
-            continue;
-        }
-        out.insert(stem, p);
     }
-    out
 }
 
 impl KvasirDataset {

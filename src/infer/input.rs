@@ -67,38 +67,16 @@ impl Inputs {
     }
 }
 
-/// Image files of `dir` by stem (hidden files and non-images ignored); two files with one stem
-/// are both reported bad.
+/// Image files of `dir` by stem (hidden files and non-images ignored); files that cannot be
+/// keyed (a second file with one stem, a non-UTF-8 name) are reported bad.
 fn list_by_stem(dir: &Path, bad: &mut Vec<BadInput>) -> Result<BTreeMap<String, PathBuf>> {
-    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    let mut paths: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
-    paths.sort();
-    let mut out: BTreeMap<String, PathBuf> = BTreeMap::new();
-    for p in paths {
-        let hidden = p
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with('.'));
-        if hidden || !p.is_file() || !imgio::is_image_file(&p) {
-            continue;
-        }
-        let Some(stem) = p.file_stem().and_then(|s| s.to_str()).map(str::to_string) else {
-            bad.push(BadInput {
-                path: p.clone(),
-                reason: "file name is not valid UTF-8".into(),
-            });
-            continue;
-        };
-        if let Some(prev) = out.get(&stem) {
-            bad.push(BadInput {
-                path: p.clone(),
-                reason: format!("same id `{stem}` as {}", prev.display()),
-            });
-            continue;
-        }
-        out.insert(stem, p);
-    }
-    Ok(out)
+    let (found, rejected) = imgio::images_by_stem(dir).map_err(|e| Error::io(dir, e))?;
+    bad.extend(
+        rejected
+            .into_iter()
+            .map(|(path, reason)| BadInput { path, reason }),
+    );
+    Ok(found)
 }
 
 /// Candidates from an image folder and an optional mask folder (paired by file stem; an image
