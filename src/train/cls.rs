@@ -258,19 +258,9 @@ impl ClsTrainConfig {
         if !(self.test_fraction > 0.0 && self.test_fraction < 1.0) {
             return bad("test_fraction", "must be in (0, 1)");
         }
-        if !self.data_dir.is_dir() {
-            return Err(Error::io(
-                &self.data_dir,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "data folder not found"),
-            ));
-        }
+        crate::util::fs::require_dir(&self.data_dir, "data folder")?;
         if let Some(b) = &self.base {
-            if !b.is_file() {
-                return Err(Error::io(
-                    b,
-                    std::io::Error::new(std::io::ErrorKind::NotFound, "base checkpoint not found"),
-                ));
-            }
+            crate::util::fs::require_file(b, "base checkpoint")?;
         }
         self.model.validate()
     }

@@ -65,6 +65,28 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     })
 }
 
+/// `path` must be an existing folder; else an error naming it and `what` it should be.
+pub fn require_dir(path: &Path, what: &str) -> Result<()> {
+    if path.is_dir() {
+        return Ok(());
+    }
+    Err(Error::io(
+        path,
+        std::io::Error::new(std::io::ErrorKind::NotFound, format!("{what} not found")),
+    ))
+}
+
+/// `path` must be an existing file; else an error naming it and `what` it should be.
+pub fn require_file(path: &Path, what: &str) -> Result<()> {
+    if path.is_file() {
+        return Ok(());
+    }
+    Err(Error::io(
+        path,
+        std::io::Error::new(std::io::ErrorKind::NotFound, format!("{what} not found")),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
