@@ -32,10 +32,11 @@
 
 use super::builder::{Dim, GraphBuilder, Value};
 use super::proto::{data_type, ModelProto, ValueInfoProto};
+use super::weights::Weights;
 use crate::error::{Error, Result};
 use crate::models::{ClassifierConfig, ConvNextConfig, VitConfig};
 use crate::util::tensors::TensorMap;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 pub use super::sam::ExportSummary;
 
@@ -60,52 +61,21 @@ impl Default for ClassifierExportOptions {
 /// Exporter state: builder, weights, expected shapes and the names used.
 struct Ex<'a> {
     b: GraphBuilder,
-    w: &'a TensorMap,
-    shapes: BTreeMap<String, Vec<usize>>,
-    used: BTreeSet<String>,
+    wt: Weights<'a>,
 }
 
 impl<'a> Ex<'a> {
     /// The checkpoint tensor `name` as an initializer (shape checked against the config).
     fn p(&mut self, name: &str) -> Result<Value> {
-        let expected =
-            self.shapes.get(name).cloned().ok_or_else(|| {
-                Error::Onnx(format!("exporter asked for unknown tensor `{name}`"))
-            })?;
-        if self.used.contains(name) {
-            return self.b.existing(name);
-        }
-        let t = self.w.get(name).ok_or_else(|| Error::MissingTensor {
-            name: name.into(),
-            expected: expected.clone(),
-        })?;
-        if t.dims() != expected.as_slice() {
-            return Err(Error::ShapeMismatch {
-                name: name.into(),
-                found: t.dims().to_vec(),
-                expected,
-            });
-        }
-        let v = self.b.param(name, t)?;
-        self.used.insert(name.into());
-        Ok(v)
+        self.wt.param(&mut self.b, name)
     }
 
     fn linear(&mut self, x: &Value, pre: &str) -> Result<Value> {
-        let w = self.p(&format!("{pre}.weight"))?;
-        let bname = format!("{pre}.bias");
-        if self.shapes.contains_key(&bname) {
-            let b = self.p(&bname)?;
-            self.b.linear(x, &w, Some(&b))
-        } else {
-            self.b.linear(x, &w, None)
-        }
+        self.wt.linear(&mut self.b, x, pre)
     }
 
     fn ln(&mut self, x: &Value, pre: &str, eps: f64) -> Result<Value> {
-        let w = self.p(&format!("{pre}.weight"))?;
-        let b = self.p(&format!("{pre}.bias"))?;
-        self.b.layer_norm(x, &w, &b, eps as f32)
+        self.wt.layer_norm(&mut self.b, x, pre, eps as f32)
     }
 
     fn ln2d(&mut self, x: &Value, pre: &str, eps: f64) -> Result<Value> {
@@ -289,9 +259,7 @@ pub fn export(
     };
     let mut e = Ex {
         b: GraphBuilder::new(graph),
-        w: weights,
-        shapes,
-        used: BTreeSet::new(),
+        wt: Weights::new(weights, shapes),
     };
     let s = cfg.image_size();
     let features = match cfg {
@@ -326,7 +294,11 @@ pub fn export(
     }
     // Every parameter of the model is exported (nothing more: the builder only records
     // checkpoint-named initializers through `p`).
-    let missing: Vec<&String> = e.shapes.keys().filter(|k| !e.used.contains(*k)).collect();
+    let missing: Vec<&String> =
+        e.wt.shapes
+            .keys()
+            .filter(|k| !e.wt.used.contains(*k))
+            .collect();
     if !missing.is_empty() {
         return Err(Error::Onnx(format!(
             "{graph}: exporter did not use {} model tensors (first: {})",

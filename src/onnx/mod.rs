@@ -5,6 +5,7 @@ pub mod builder;
 pub mod classifier;
 pub mod proto;
 pub mod sam;
+pub mod weights;
 
 pub use builder::{
     read_model, write_model, write_model_with, Dim, ExternalData, GraphBuilder, Value, WriteReport,

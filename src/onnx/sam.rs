@@ -27,10 +27,11 @@
 
 use super::builder::{Dim, GraphBuilder, Value};
 use super::proto::{data_type, ModelProto};
+use super::weights::Weights;
 use crate::error::{Error, Result};
 use crate::sam::SamConfig;
 use crate::util::tensors::TensorMap;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 /// Export options.
 #[derive(Debug, Clone, Copy)]
@@ -114,10 +115,8 @@ pub fn random_sam_weights(cfg: &SamConfig, seed: u64) -> Result<TensorMap> {
 /// Exporter state: the builder plus the weight map and the names used.
 struct Ex<'a> {
     b: GraphBuilder,
-    w: &'a TensorMap,
     cfg: &'a SamConfig,
-    shapes: BTreeMap<String, Vec<usize>>,
-    used: BTreeSet<String>,
+    wt: Weights<'a>,
 }
 
 const LN_EPS_SAM: f32 = 1e-6;
@@ -128,53 +127,22 @@ impl<'a> Ex<'a> {
         cfg.validate()?;
         Ok(Ex {
             b: GraphBuilder::new(name),
-            w,
             cfg,
-            shapes: sam_param_shapes(cfg),
-            used: BTreeSet::new(),
+            wt: Weights::new(w, sam_param_shapes(cfg)),
         })
     }
 
     /// The checkpoint tensor `name` as an initializer (shape checked against the config).
     fn p(&mut self, name: &str) -> Result<Value> {
-        let expected =
-            self.shapes.get(name).cloned().ok_or_else(|| {
-                Error::Onnx(format!("exporter asked for unknown tensor `{name}`"))
-            })?;
-        if self.used.contains(name) {
-            return self.b.existing(name);
-        }
-        let t = self.w.get(name).ok_or_else(|| Error::MissingTensor {
-            name: name.into(),
-            expected: expected.clone(),
-        })?;
-        if t.dims() != expected.as_slice() {
-            return Err(Error::ShapeMismatch {
-                name: name.into(),
-                found: t.dims().to_vec(),
-                expected,
-            });
-        }
-        let v = self.b.param(name, t)?;
-        self.used.insert(name.into());
-        Ok(v)
+        self.wt.param(&mut self.b, name)
     }
 
     fn linear(&mut self, x: &Value, pre: &str) -> Result<Value> {
-        let w = self.p(&format!("{pre}.weight"))?;
-        let bname = format!("{pre}.bias");
-        if self.shapes.contains_key(&bname) {
-            let b = self.p(&bname)?;
-            self.b.linear(x, &w, Some(&b))
-        } else {
-            self.b.linear(x, &w, None)
-        }
+        self.wt.linear(&mut self.b, x, pre)
     }
 
     fn ln(&mut self, x: &Value, pre: &str, eps: f32) -> Result<Value> {
-        let w = self.p(&format!("{pre}.weight"))?;
-        let b = self.p(&format!("{pre}.bias"))?;
-        self.b.layer_norm(x, &w, &b, eps)
+        self.wt.layer_norm(&mut self.b, x, pre, eps)
     }
 
     fn ln2d(&mut self, x: &Value, pre: &str) -> Result<Value> {
@@ -600,14 +568,15 @@ impl<'a> Ex<'a> {
             );
         }
         let unused: Vec<String> = self
+            .wt
             .w
             .keys()
-            .filter(|k| !self.used.contains(*k))
+            .filter(|k| !self.wt.used.contains(*k))
             .cloned()
             .collect();
         let unused_count = unused
             .iter()
-            .filter_map(|k| self.w.get(k))
+            .filter_map(|k| self.wt.w.get(k))
             .map(|t| t.elem_count())
             .sum();
         let node_count = self.b.node_count();
