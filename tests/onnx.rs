@@ -4,7 +4,7 @@
 //! search order yet, it is fetched from PyPI with pip (as CI does).
 
 use candle_core::{DType, Device, Tensor};
-use gps_seg::infer::runtime::{self, tensor_to_array, OrtModel};
+use gps_seg::infer::runtime::{tensor_to_array, OrtModel};
 use gps_seg::onnx::proto::data_type::FLOAT;
 use gps_seg::onnx::sam::{self, SamExportOptions};
 use gps_seg::onnx::{
@@ -15,9 +15,8 @@ use gps_seg::util::rng::Rng;
 use ndarray::ArrayD;
 use std::path::{Path, PathBuf};
 
-fn ort_ready() {
-    runtime::ensure(None, true).expect("ONNX Runtime library (fetch failed)");
-}
+mod common;
+use common::{max_abs_diff, onnx_checker, ort_ready};
 
 fn rand_tensor(shape: &[usize], seed: u64, scale: f32) -> Tensor {
     let mut rng = Rng::new(seed);
@@ -34,39 +33,6 @@ fn rand_array(shape: &[usize], seed: u64, lo: f32, hi: f32) -> ArrayD<f32> {
         (0..n).map(|_| rng.uniform(lo, hi)).collect(),
     )
     .unwrap()
-}
-
-fn max_abs_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
-    assert_eq!(a.shape(), b.shape());
-    a.iter()
-        .zip(b.iter())
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-/// Run `scripts/check_onnx.py` on `files` if Python's `onnx` is importable.
-fn onnx_checker(files: &[&Path]) {
-    let ok = std::process::Command::new("python3")
-        .args(["-c", "import onnx"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!("NOTICE: python3 `onnx` not importable; skipping onnx.checker (CI installs it)");
-        return;
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check_onnx.py");
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .args(files)
-        .output()
-        .unwrap();
-    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
-    assert!(
-        out.status.success(),
-        "onnx.checker failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Conv → NHWC → Linear → LayerNorm → GELU → Softmax, and a ×2 bilinear Resize branch,

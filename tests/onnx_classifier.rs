@@ -6,7 +6,7 @@
 
 use candle_core::{Device, Tensor};
 use gps_seg::data::synth_cls::{self, SynthKind};
-use gps_seg::infer::runtime::{self, tensor_to_array, OrtModel};
+use gps_seg::infer::runtime::{tensor_to_array, OrtModel};
 use gps_seg::models::{Classifier, ClassifierConfig};
 use gps_seg::nn::ParamStore;
 use gps_seg::onnx::classifier::{self, ClassifierExportOptions};
@@ -16,47 +16,13 @@ use gps_seg::util::tensors::TensorMap;
 use ndarray::ArrayD;
 use std::path::Path;
 
-fn ort_ready() {
-    runtime::ensure(None, true).expect("ONNX Runtime library (fetch failed)");
-}
-
-/// Run `scripts/check_onnx.py` on `files` if Python's `onnx` is importable.
-fn onnx_checker(files: &[&Path]) {
-    let ok = std::process::Command::new("python3")
-        .args(["-c", "import onnx"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!("NOTICE: python3 `onnx` not importable; skipping onnx.checker (CI installs it)");
-        return;
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check_onnx.py");
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .args(files)
-        .output()
-        .unwrap();
-    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
-    assert!(
-        out.status.success(),
-        "onnx.checker failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+mod common;
+use common::{max_abs_diff, onnx_checker, ort_ready};
 
 fn images(n: usize, s: usize, seed: u64) -> Tensor {
     let mut rng = Rng::new(seed);
     let v: Vec<f32> = (0..n * 3 * s * s).map(|_| rng.f32()).collect();
     Tensor::from_vec(v, (n, 3, s, s), &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
-    assert_eq!(a.shape(), b.shape());
-    a.iter()
-        .zip(b.iter())
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 fn max_abs(a: &ArrayD<f32>) -> f32 {
