@@ -61,6 +61,7 @@ fn every_method_trains_writes_its_run_folder_and_lowers_the_loss() {
             "scores.csv",
             "best/params.safetensors",
             "checkpoints/LATEST",
+            "overlays",
         ] {
             assert!(run.join(f).exists(), "{method:?}: missing {f}");
         }

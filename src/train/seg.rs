@@ -343,9 +343,17 @@ impl SegData {
     }
 }
 
+/// One evaluated image kept for overlays: its probability map and ground truth at the
+/// original resolution.
+#[derive(Debug, Clone)]
+pub struct Kept {
+    pub id: String,
+    pub prob: Vec<f32>,
+    pub gt: Vec<u8>,
+}
+
 /// Evaluate `sam` on a loader: per-image Dice/IoU at the ground truth's resolution.
 /// `keep` returns the first `keep` probability maps (original resolution) for overlays.
-#[allow(clippy::type_complexity)]
 pub fn evaluate(
     sam: &Sam,
     loader: &mut Loader<SegSource>,
@@ -353,7 +361,7 @@ pub fn evaluate(
     device: &Device,
     keep: usize,
     obs: &mut dyn Observer,
-) -> Result<(SegReport, SegMetrics, Vec<(String, Vec<f32>)>)> {
+) -> Result<(SegReport, SegMetrics, Vec<Kept>)> {
     let mut metrics = SegMetrics::new(cfg.threshold);
     let mut kept = Vec::new();
     let total = loader.batches_per_epoch();
@@ -400,7 +408,7 @@ fn score_batch(
     probs: &[Vec<f32>],
     cfg: &SegTrainConfig,
     metrics: &mut SegMetrics,
-    kept: &mut Vec<(String, Vec<f32>)>,
+    kept: &mut Vec<Kept>,
     keep: usize,
 ) -> Result<()> {
     let s = cfg.sam.image_size;
@@ -412,7 +420,11 @@ fn score_batch(
             gt: &batch.orig_masks[i],
         });
         if kept.len() < keep {
-            kept.push((batch.ids[i].clone(), orig));
+            kept.push(Kept {
+                id: batch.ids[i].clone(),
+                prob: orig,
+                gt: batch.orig_masks[i].clone(),
+            });
         }
     }
     Ok(())
@@ -832,21 +844,19 @@ fn write_scores(run_dir: &Path, metrics: &SegMetrics) -> Result<()> {
 fn write_overlays(
     run_dir: &Path,
     data: &SegData,
-    kept: &[(String, Vec<f32>)],
+    kept: &[Kept],
     cfg: &SegTrainConfig,
 ) -> Result<()> {
     let dir = run_dir.join("overlays");
-    for (id, prob) in kept {
-        let Some(idx) = data.dataset.ids().iter().position(|x| x == id) else {
+    for k in kept {
+        let Some(entry) = data.dataset.entries.iter().find(|e| e.id == k.id) else {
             continue;
         };
-        let entry = &data.dataset.entries[idx];
         let img = crate::data::imgio::decode_rgb(&entry.image_path)?;
         let (w, h) = img.dimensions();
-        let sample = data.dataset.load(idx, cfg.sam.image_size, cfg.resize)?;
-        let pred: Vec<u8> = prob.iter().map(|&p| (p >= cfg.threshold) as u8).collect();
-        let o = crate::util::draw::overlay(img.as_raw(), w, h, &pred, Some(&sample.orig_mask))?;
-        crate::util::draw::save_png(&dir.join(format!("{id}.png")), &o)?;
+        let pred: Vec<u8> = k.prob.iter().map(|&p| (p >= cfg.threshold) as u8).collect();
+        let o = crate::util::draw::overlay(img.as_raw(), w, h, &pred, Some(&k.gt))?;
+        crate::util::draw::save_png(&dir.join(format!("{}.png", k.id)), &o)?;
     }
     Ok(())
 }
