@@ -264,11 +264,18 @@ pub fn pretrain(
     obs: &mut dyn Observer,
 ) -> Result<PretrainSummary> {
     cfg.sam.validate()?;
-    if cfg.steps == 0 || cfg.batch_size == 0 || cfg.eval_every == 0 {
-        return Err(Error::Config {
-            field: "steps/batch_size/eval_every".into(),
-            msg: "must all be at least 1".into(),
-        });
+    for (field, v) in [
+        ("steps", cfg.steps),
+        ("batch_size", cfg.batch_size),
+        ("eval_every", cfg.eval_every),
+        ("val_scenes", cfg.val_scenes),
+    ] {
+        if v == 0 {
+            return Err(Error::Config {
+                field: field.into(),
+                msg: "must be at least 1".into(),
+            });
+        }
     }
     let run_dir = out.with_extension("run");
     std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
