@@ -23,9 +23,6 @@ pub struct Args {
     /// Run the whole set this many times (interleaved) to show the spread.
     #[arg(long, default_value_t = 1)]
     pub repeat: usize,
-    /// CPU threads (rayon pool and Candle's matmul; `torch.set_num_threads` for PyTorch).
-    #[arg(long, default_value_t = 2)]
-    pub threads: usize,
     /// Python with torch + segment-anything for the PyTorch rows (or `GPS_SEG_TORCH_PYTHON`).
     #[arg(long)]
     pub python: Option<PathBuf>,
@@ -39,8 +36,12 @@ pub struct Args {
     pub device: DeviceArgs,
 }
 
+/// Threads of every row (`--threads`, default 2; `torch.set_num_threads` for PyTorch).
+const DEFAULT_THREADS: usize = 2;
+
 pub fn run(a: Args) -> anyhow::Result<()> {
-    gps_seg::util::threads::set(a.threads)?;
+    let threads = a.device.threads.unwrap_or(DEFAULT_THREADS);
+    gps_seg::util::threads::set(threads)?;
     if let Some(spec) = &a.one {
         let spec: StepSpec = serde_json::from_str(spec)?;
         let dev = a.device.resolve()?;
@@ -93,7 +94,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 spec.kind.as_str()
             );
             let out = std::process::Command::new(&exe)
-                .args(["bench", "train", "--threads", &a.threads.to_string()])
+                .args(["bench", "train", "--threads", &threads.to_string()])
                 .args(["--device", &a.device.device])
                 .args(["--one", &serde_json::to_string(spec)?])
                 .output()?;
@@ -108,13 +109,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             results.push(serde_json::from_str(line)?);
             if let (true, Some(py), false) = (a.compare, &python, spec.reference) {
                 eprintln!("round {round}: torch {} {}", spec.model, spec.kind.as_str());
-                results.push(torch_step(py, &a.torch_script, spec, a.threads)?);
+                results.push(torch_step(py, &a.torch_script, spec, threads)?);
             }
         }
     }
     println!(
         "SAM prompt-free training step, {} threads, {} timed steps per row, {} round(s)",
-        a.threads,
+        threads,
         a.iters,
         a.repeat.max(1)
     );

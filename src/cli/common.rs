@@ -2,17 +2,24 @@
 
 use gps_seg::device::{self, DeviceKind};
 
-/// `--device cpu|cuda|auto`.
+/// `--device cpu|cuda|auto` and `--threads N`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DeviceArgs {
     /// Compute device: cpu, cuda or auto (CUDA when built with it and a GPU is visible).
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// CPU threads for every parallel kernel (rayon pool, Candle's matmul; ONNX Runtime's
+    /// intra-op threads in `infer`). Default: all cores (benchmarks: 2).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 impl DeviceArgs {
-    /// Resolve the device and print the one-line choice.
+    /// Apply `--threads`, resolve the device and print the one-line choice.
     pub fn resolve(&self) -> anyhow::Result<candle_core::Device> {
+        if let Some(n) = self.threads {
+            gps_seg::util::threads::set(n)?;
+        }
         let kind: DeviceKind = self.device.parse()?;
         let (dev, line) = device::resolve(kind)?;
         eprintln!("{line}");

@@ -51,9 +51,6 @@ pub struct Args {
     pub out: Option<PathBuf>,
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-    /// ONNX Runtime intra-op threads (0 = its default).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
     /// Probability threshold for the masks (default 0.5, or the run's).
     #[arg(long)]
     pub threshold: Option<f32>,
@@ -117,7 +114,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             };
             Box::new(OrtEngine::load(
                 &model,
-                args.threads,
+                args.device.threads.unwrap_or(0),
                 args.ort_lib.as_deref(),
                 &mut progress,
             )?)

@@ -7,10 +7,6 @@
 //! forward is a single loop over rows (parallel with rayon), and whose backward is a second
 //! custom op that computes the input gradient in ONE pass from the saved output / input:
 //! - [`softmax_last`]: `dx = y ⊙ (g − Σ g⊙y)`;
-//! - [`rel_pos_softmax`]: SAM's attention softmax with the decomposed relative-position bias
-//!   (`softmax(a + rel_h[.., i] + rel_w[.., j])` over keys `(i, j)`, Meta's
-//!   `add_decomposed_rel_pos` followed by `softmax`) fused, so neither the two broadcast adds
-//!   nor their reductions in backward touch the full score tensor;
 //! - [`layer_norm`]: affine layer norm over the last dim; backward gives `dx`, `dw`, `db`;
 //! - [`gelu`]: `x·Φ(x)`, backward `g·(Φ(x) + x·φ(x))`.
 //!
@@ -53,7 +49,7 @@ pub fn use_fused(x: &Tensor) -> bool {
 }
 
 /// Floating-point scalar of the kernels (f32 and f64).
-trait Fl:
+pub(crate) trait Fl:
     Copy
     + Send
     + Sync
@@ -117,7 +113,7 @@ impl Fl for f64 {
 }
 
 /// The contiguous data of a storage under its layout.
-fn data<'a, T: Fl>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+pub(crate) fn data<'a, T: Fl>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
     let all = s.as_slice::<T>()?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&all[a..b]),
@@ -258,194 +254,6 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
         Ok(x.contiguous()?.apply_op1(Softmax)?)
     } else {
         Ok(candle_nn::ops::softmax(x, candle_core::D::Minus1)?)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Softmax with SAM's decomposed relative-position bias.
-
-struct RelPosSoftmax {
-    kh: usize,
-    kw: usize,
-}
-
-/// Backward of [`RelPosSoftmax`] w.r.t. the scores: `dS = y ⊙ (g − Σ g⊙y)` per row.
-struct RelPosSoftmaxBwd;
-
-/// Per row of `dS [R, kh·kw]`: `[Σ_j dS[i, j] for i < kh, Σ_i dS[i, j] for j < kw]`.
-struct BlockSums {
-    kh: usize,
-    kw: usize,
-}
-
-impl CustomOp3 for RelPosSoftmax {
-    fn name(&self) -> &'static str {
-        "fused-rel-pos-softmax"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        fn k<T: Fl>(
-            op: &RelPosSoftmax,
-            (s1, l1): (&CpuStorage, &Layout),
-            (s2, l2): (&CpuStorage, &Layout),
-            (s3, l3): (&CpuStorage, &Layout),
-        ) -> candle_core::Result<CpuStorage> {
-            let (kh, kw) = (op.kh, op.kw);
-            let n = kh * kw;
-            let a = data::<T>(s1, l1)?;
-            let rh = data::<T>(s2, l2)?;
-            let rw = data::<T>(s3, l3)?;
-            let rows = a.len() / n;
-            if rh.len() != rows * kh || rw.len() != rows * kw {
-                candle_core::bail!("rel-pos softmax: bias sizes do not match the scores");
-            }
-            let mut y = vec![T::ZERO; a.len()];
-            let rpt = rows_per_task(n);
-            y.par_chunks_mut(n * rpt).enumerate().for_each(|(t, yb)| {
-                let r0 = t * rpt;
-                for (dr, yr) in yb.chunks_mut(n).enumerate() {
-                    let r = r0 + dr;
-                    let ar = &a[r * n..(r + 1) * n];
-                    let hr = &rh[r * kh..(r + 1) * kh];
-                    let wr = &rw[r * kw..(r + 1) * kw];
-                    for i in 0..kh {
-                        let hi = hr[i];
-                        for j in 0..kw {
-                            yr[i * kw + j] = ar[i * kw + j] + hi + wr[j];
-                        }
-                    }
-                    let mut m = T::neg_inf();
-                    for &v in yr.iter() {
-                        if v > m {
-                            m = v;
-                        }
-                    }
-                    let mut s = T::ZERO;
-                    for o in yr.iter_mut() {
-                        let e = (*o - m).exp();
-                        *o = e;
-                        s += e;
-                    }
-                    let inv = T::ONE / s;
-                    for o in yr.iter_mut() {
-                        *o *= inv;
-                    }
-                }
-            });
-            Ok(T::to_cpu_storage_owned(y))
-        }
-        let st = by_dtype!(s1, k(self, (s1, l1), (s2, l2), (s3, l3)))?;
-        Ok((st, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _a: &Tensor,
-        _rh: &Tensor,
-        _rw: &Tensor,
-        y: &Tensor,
-        g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let ds = y.apply_op2_no_bwd(&g.contiguous()?, &RelPosSoftmaxBwd)?;
-        let sums = ds.apply_op1_no_bwd(&BlockSums {
-            kh: self.kh,
-            kw: self.kw,
-        })?;
-        let rows = sums.dim(0)?;
-        let dh = sums.narrow(1, 0, self.kh)?.reshape((rows, self.kh))?;
-        let dw = sums.narrow(1, self.kh, self.kw)?.reshape((rows, self.kw))?;
-        Ok((Some(ds), Some(dh), Some(dw)))
-    }
-}
-
-impl CustomOp2 for RelPosSoftmaxBwd {
-    fn name(&self) -> &'static str {
-        "fused-rel-pos-softmax-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        SoftmaxBwd.cpu_fwd(s1, l1, s2, l2)
-    }
-}
-
-impl CustomOp1 for BlockSums {
-    fn name(&self) -> &'static str {
-        "fused-rel-pos-block-sums"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        fn k<T: Fl>(op: &BlockSums, s: &CpuStorage, l: &Layout) -> candle_core::Result<CpuStorage> {
-            let (kh, kw) = (op.kh, op.kw);
-            let n = kh * kw;
-            let d = data::<T>(s, l)?;
-            let m = kh + kw;
-            let mut out = vec![T::ZERO; d.len() / n * m];
-            let rpt = rows_per_task(n);
-            out.par_chunks_mut(m * rpt)
-                .zip(d.par_chunks(n * rpt))
-                .for_each(|(ob, db)| {
-                    for (or, dr) in ob.chunks_mut(m).zip(db.chunks(n)) {
-                        let (oh, ow) = or.split_at_mut(kh);
-                        for i in 0..kh {
-                            let row = &dr[i * kw..(i + 1) * kw];
-                            let mut s = T::ZERO;
-                            for (o, &v) in ow.iter_mut().zip(row) {
-                                s += v;
-                                *o += v;
-                            }
-                            oh[i] = s;
-                        }
-                    }
-                });
-            Ok(T::to_cpu_storage_owned(out))
-        }
-        let rows = l.shape().elem_count() / (self.kh * self.kw);
-        Ok((
-            by_dtype!(s, k(self, s, l))?,
-            Shape::from((rows, self.kh + self.kw)),
-        ))
-    }
-}
-
-/// `softmax(attn + rel_h ⊕ rel_w)` over the keys, fused: `attn: [R, kh·kw]` scores (any
-/// leading dims flattened into `R`), `rel_h: [R, kh]`, `rel_w: [R, kw]`; the key index is
-/// `i·kw + j` and gets `rel_h[r, i] + rel_w[r, j]` (Meta's `add_decomposed_rel_pos`).
-/// Returns the attention weights with the shape of `attn`; differentiable in all three.
-/// Falls back to the composed ops where not [`use_fused`].
-pub fn rel_pos_softmax(attn: &Tensor, rel_h: &Tensor, rel_w: &Tensor) -> Result<Tensor> {
-    let kh = rel_h.dims().last().copied().unwrap_or(1);
-    let kw = rel_w.dims().last().copied().unwrap_or(1);
-    let n = kh * kw;
-    let rows = attn.elem_count() / n.max(1);
-    if use_fused(attn) {
-        let y = attn.reshape((rows, n))?.contiguous()?.apply_op3(
-            &rel_h.reshape((rows, kh))?.contiguous()?,
-            &rel_w.reshape((rows, kw))?.contiguous()?,
-            RelPosSoftmax { kh, kw },
-        )?;
-        Ok(y.reshape(attn.shape())?)
-    } else {
-        let a = attn
-            .reshape((rows, kh, kw))?
-            .broadcast_add(&rel_h.reshape((rows, kh, 1))?)?
-            .broadcast_add(&rel_w.reshape((rows, 1, kw))?)?
-            .reshape((rows, n))?;
-        let y = candle_nn::ops::softmax(&a, candle_core::D::Minus1)?;
-        Ok(y.reshape(attn.shape())?)
     }
 }
 
@@ -794,24 +602,6 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         assert!(s.iter().all(|v| (v - 1.0).abs() < 1e-5));
-    }
-
-    #[test]
-    fn rel_pos_softmax_matches_composed_and_finite_differences() {
-        let (rows, kh, kw) = (6, 3, 4);
-        let a = rand(&[2, 3, kh * kw], 2, 1.5);
-        let rh = rand(&[2, 3, kh], 3, 1.0);
-        let rw = rand(&[2, 3, kw], 4, 1.0);
-        assert_eq!(rows, 6);
-        assert_paths_agree(&[a.clone(), rh.clone(), rw.clone()], |t| {
-            rel_pos_softmax(&t[0], &t[1], &t[2])
-        });
-        let e = gradcheck::check(&a, 30, 0, |a| rel_pos_softmax(a, &rh, &rw)).unwrap();
-        assert!(e < 1e-6, "wrt scores: {e}");
-        let e = gradcheck::check(&rh, 18, 1, |t| rel_pos_softmax(&a, t, &rw)).unwrap();
-        assert!(e < 1e-6, "wrt rel_h: {e}");
-        let e = gradcheck::check(&rw, 24, 2, |t| rel_pos_softmax(&a, &rh, t)).unwrap();
-        assert!(e < 1e-6, "wrt rel_w: {e}");
     }
 
     #[test]

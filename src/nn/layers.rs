@@ -4,7 +4,7 @@
 //! reference (PyTorch) names, so official checkpoints map by name.
 
 use super::param::{Init, Param, ParamStore};
-use super::sparse_grad::{InputGradOnly, SparseWeightGrad};
+use super::sparse_grad::LinearCarrier;
 use crate::error::Result;
 use candle_core::{Device, Tensor, D};
 
@@ -38,11 +38,12 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / in_dim.max(1);
-        let mut y = matmul_weight_t(&x.reshape((rows, in_dim))?, &self.weight)?;
+        let y = matmul_weight_t(
+            &x.reshape((rows, in_dim))?,
+            &self.weight,
+            self.bias.as_ref(),
+        )?;
         let out_dim = y.dim(1)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.tensor()?)?;
-        }
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
             *last = out_dim;
@@ -51,36 +52,52 @@ impl Linear {
     }
 }
 
-/// `x2 · Wᵀ` for `x2: [rows, in]` and a weight param viewed as `[out, in]` (trailing dims
-/// flattened, e.g. a conv kernel `[out, c, kh, kw]` as `[out, c·kh·kw]`) → `[rows, out]`.
-/// On CPU (outside reference mode) a frozen weight gets no weight gradient and a GPS-sparse
-/// one only its selected entries' (see [`super::sparse_grad`]); elsewhere a plain matmul.
-pub fn matmul_weight_t(x2: &Tensor, weight: &Param) -> Result<Tensor> {
+/// `x2 · Wᵀ (+ b)` for `x2: [rows, in]`, a weight param viewed as `[out, in]` (trailing dims
+/// flattened, e.g. a conv kernel `[out, c, kh, kw]` as `[out, c·kh·kw]`) and an optional bias
+/// `[out]` → `[rows, out]`. On CPU (outside reference mode) a frozen weight gets no weight
+/// gradient and a GPS-sparse one only its selected entries' (see [`super::sparse_grad`]), and
+/// a frozen bias is folded into the same op; elsewhere a plain matmul and broadcast add.
+pub fn matmul_weight_t(x2: &Tensor, weight: &Param, bias: Option<&Param>) -> Result<Tensor> {
     let w = weight.tensor()?;
     let out_dim = w.dim(0)?;
     let w = w.reshape((out_dim, w.elem_count() / out_dim.max(1)))?;
-    if !x2.device().is_cpu() || super::fused::reference_path() {
-        return Ok(x2.matmul(&w.t()?)?);
+    let add_bias = |y: Tensor| -> Result<Tensor> {
+        match bias {
+            Some(b) => Ok(y.broadcast_add(&b.tensor()?)?),
+            None => Ok(y),
+        }
+    };
+    if !super::fused::use_fused(x2) || w.dtype() != x2.dtype() {
+        return add_bias(x2.matmul(&w.t()?)?);
     }
-    Ok(match weight {
-        Param::Frozen(_) if x2.track_op() => {
-            let y = x2.detach().matmul(&w.t()?)?;
-            x2.apply_op1(InputGradOnly::new(w.clone(), y))?
+    // Frozen and GPS-sparse weights go through the carrier op, with the bias folded in
+    // (a frozen bias held by the op, a trainable one as an input with its own gradient).
+    let sparse = match weight {
+        Param::Sparse(s) => Some(s),
+        Param::Frozen(_)
+            if x2.track_op() || bias.is_some_and(|b| !matches!(b, Param::Frozen(_))) =>
+        {
+            None
         }
-        Param::Sparse(s) => {
-            let w = w.detach();
-            let y = x2.detach().matmul(&w.t()?)?;
-            x2.apply_op2(
-                s.delta.as_tensor(),
-                SparseWeightGrad {
-                    w,
-                    value: std::sync::Mutex::new(Some(y)),
-                    rows: s.rows.clone(),
-                    cols: s.cols.clone(),
-                },
-            )?
-        }
-        _ => x2.matmul(&w.t()?)?,
+        _ => return add_bias(x2.matmul(&w.t()?)?),
+    };
+    let x2 = x2.contiguous()?;
+    let (frozen_bias, trainable_bias) = match bias {
+        Some(Param::Frozen(b)) => (Some(b.contiguous()?), None),
+        Some(b) => (None, Some(b.tensor()?.contiguous()?)),
+        None => (None, None),
+    };
+    let op = LinearCarrier {
+        w: w.detach().contiguous()?,
+        frozen_bias,
+        sparse: sparse.map(|s| (s.rows.clone(), s.cols.clone())),
+        trainable_bias: trainable_bias.is_some(),
+    };
+    Ok(match (sparse, trainable_bias) {
+        (None, None) => x2.apply_op1(op)?,
+        (Some(s), None) => x2.apply_op2(s.delta.as_tensor(), op)?,
+        (None, Some(b)) => x2.apply_op2(&b, op)?,
+        (Some(s), Some(b)) => x2.apply_op3(s.delta.as_tensor(), &b, op)?,
     })
 }
 
@@ -206,10 +223,7 @@ impl Conv2d {
                 .reshape((n * oh * ow, c * k * k))?;
             (cols, oh, ow)
         };
-        let mut y = matmul_weight_t(&cols, &self.weight)?; // [n·oh·ow, out]
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.tensor()?)?;
-        }
+        let y = matmul_weight_t(&cols, &self.weight, self.bias.as_ref())?; // [n·oh·ow, out]
         Ok(y.reshape((n, oh, ow, out_ch))?
             .permute((0, 3, 1, 2))?
             .contiguous()?)

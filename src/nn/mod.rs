@@ -1,7 +1,8 @@
 //! Differentiable building blocks shared by every model: named params ([`param`]), layers
 //! whose backward is verified ([`layers`]), fused CPU kernels with their own backward
-//! ([`fused`]), and finite-difference checks ([`gradcheck`]).
+//! ([`fused`], and the query-chunked attention of [`attention`]), and finite-difference checks ([`gradcheck`]).
 
+pub mod attention;
 pub mod fused;
 pub mod gradcheck;
 pub mod layers;

@@ -3,9 +3,9 @@
 //!
 //! Candle's matmul backward always computes both operand gradients, so a frozen weight still
 //! pays `dW = dyᵀ·x` — a third of a linear layer's training FLOPs — and GPS, which trains a
-//! handful of entries per row, would pay it for every encoder matrix. Here the value of
-//! `y = x·Wᵀ` is computed on detached inputs and handed to a custom op on `x` (and `δ`) whose
-//! forward returns that value (moved, so the graph holds it once) and whose backward returns
+//! handful of entries per row, would pay it for every encoder matrix. Here `y = x·Wᵀ (+ b)` is
+//! a custom op on `x` (and `δ`) whose forward runs the gemm straight into the output buffer
+//! (a constant bias is folded in: no extra pass or graph node) and whose backward returns
 //! - `dx = dy·W` (dense: backpropagation must continue), and
 //! - for a GPS-sparse weight, `dδ_j = Σ_t dy[t, r_j]·x[t, c_j]` at the selected entries only:
 //!   O(tokens × selected) instead of O(tokens × out × in).
@@ -13,110 +13,332 @@
 //! `y = op(x, δ)` has the value of the dense path and the same gradients; tests compare both against the dense path and finite differences.
 //! Used on CPU; other devices take the dense path.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
-use std::sync::Mutex;
+use super::fused::{data, Fl};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
+use rayon::prelude::*;
 
-/// Move the precomputed value out of `slot` as the op's output (one copy, and the value is
-/// not retained by the graph a second time).
-fn take_value(slot: &Mutex<Option<Tensor>>) -> candle_core::Result<(CpuStorage, Shape)> {
-    let y = slot
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("linear value lock poisoned".into()))?
-        .take()
-        .ok_or_else(|| candle_core::Error::Msg("linear value already used".into()))?
-        .contiguous()?;
-    let (st, l) = y.storage_and_layout();
-    let n = l.shape().elem_count();
-    let out = match (&*st, l.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) if b - a == n => {
-            CpuStorage::F32(v[a..b].to_vec())
+/// `y = x·Wᵀ (+ b)` for `x: [rows, in]`, `W: [out, in]`, `b: [out]`, straight into the output
+/// buffer with the gemm kernels Candle uses (same threads), so the op's value is never copied.
+fn linear_value<T: Fl>(
+    x: &[T],
+    w: &[T],
+    b: Option<&[T]>,
+    (rows, inp, out): (usize, usize, usize),
+) -> Vec<T> {
+    let mut y = match b {
+        Some(b) => {
+            let mut y = Vec::with_capacity(rows * out);
+            for _ in 0..rows {
+                y.extend_from_slice(b);
+            }
+            y
         }
-        (Storage::Cpu(CpuStorage::F64(v)), Some((a, b))) if b - a == n => {
-            CpuStorage::F64(v[a..b].to_vec())
-        }
-        _ => candle_core::bail!("linear fast path: expected a contiguous f32/f64 CPU value"),
+        None => vec![T::ZERO; rows * out],
     };
-    Ok((out, l.shape().clone()))
+    let par = match candle_core::utils::get_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    };
+    // SAFETY: x is rows×in, w is out×in (read as its transpose in×out), y is rows×out, all
+    // row-major and contiguous (checked by the callers).
+    unsafe {
+        gemm::gemm(
+            rows,
+            out,
+            inp,
+            y.as_mut_ptr(),
+            1,
+            out as isize,
+            b.is_some(),
+            x.as_ptr(),
+            1,
+            inp as isize,
+            w.as_ptr(),
+            inp as isize,
+            1,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    y
 }
 
-/// Gradient carrier for `x·Wᵀ` with a constant `W`: its forward returns the value `x·Wᵀ`
-/// computed beforehand on the detached input; backward gives `dx = dy·W` only.
-pub struct InputGradOnly {
-    /// The full weight `[out, in]`, detached.
+/// Run `f` on the contiguous CPU data of `t` (f32/f64).
+fn with_data<T: Fl, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        Storage::Cpu(s) => f(data::<T>(s, l)?),
+        _ => candle_core::bail!("linear fast path: expected a CPU tensor"),
+    }
+}
+
+/// Where the bias of the value comes from.
+enum BiasSrc<'a> {
+    None,
+    /// A constant bias held by the op.
+    Held(&'a Tensor),
+    /// The trainable bias, an input of the op.
+    Input(&'a CpuStorage, &'a Layout),
+}
+
+/// Forward of the carrier: `x·Wᵀ (+ b)` for `x` = the op's first input.
+fn forward_value(
+    w: &Tensor,
+    bias: BiasSrc<'_>,
+    s: &CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (rows, inp) = l.shape().dims2()?;
+    let (out, w_in) = w.dims2()?;
+    if w_in != inp {
+        candle_core::bail!("linear fast path: input has {inp} features, the weight {w_in}");
+    }
+    fn k<T: Fl>(
+        w: &Tensor,
+        bias: BiasSrc<'_>,
+        x: &[T],
+        dims: (usize, usize, usize),
+    ) -> candle_core::Result<CpuStorage> {
+        with_data::<T, _>(w, |w| {
+            let y = match bias {
+                BiasSrc::None => linear_value(x, w, None, dims),
+                BiasSrc::Held(b) => {
+                    with_data::<T, _>(b, |b| Ok(linear_value(x, w, Some(b), dims)))?
+                }
+                BiasSrc::Input(s, l) => linear_value(x, w, Some(data::<T>(s, l)?), dims),
+            };
+            Ok(T::to_cpu_storage_owned(y))
+        })
+    }
+    let dims = (rows, inp, out);
+    let st = match s {
+        CpuStorage::F32(_) => k::<f32>(w, bias, data(s, l)?, dims)?,
+        CpuStorage::F64(_) => k::<f64>(w, bias, data(s, l)?, dims)?,
+        _ => candle_core::bail!("linear fast path: only f32 and f64 are supported"),
+    };
+    Ok((st, Shape::from((rows, out))))
+}
+
+/// `dδ_j = Σ_t dy[t, rows_j]·x[t, cols_j]` for `dy: [T, out]`, `x: [T, in]`: per token, a
+/// gather from two cache-resident rows; parallel over blocks of entries.
+fn sparse_entries_grad<T: Fl>(
+    dy: &[T],
+    x: &[T],
+    rows: &[u32],
+    cols: &[u32],
+    (out, inp): (usize, usize),
+) -> Vec<T> {
+    let n = rows.len();
+    let t = dy.len().checked_div(out).unwrap_or(0);
+    let mut dd = vec![T::ZERO; n];
+    let block = n.div_ceil(4 * rayon::current_num_threads().max(1)).max(256);
+    dd.par_chunks_mut(block).enumerate().for_each(|(bi, acc)| {
+        let j0 = bi * block;
+        let (r, c) = (&rows[j0..j0 + acc.len()], &cols[j0..j0 + acc.len()]);
+        for tok in 0..t {
+            let g = &dy[tok * out..(tok + 1) * out];
+            let xr = &x[tok * inp..(tok + 1) * inp];
+            for ((a, &ri), &ci) in acc.iter_mut().zip(r).zip(c) {
+                *a += g[ri as usize] * xr[ci as usize];
+            }
+        }
+    });
+    dd
+}
+
+/// `db = Σ_t dy[t, :]` for `dy: [T, out]` (rows summed in parallel blocks).
+fn column_sums<T: Fl>(dy: &[T], out: usize) -> Vec<T> {
+    let rows_per = 64;
+    dy.par_chunks(rows_per * out.max(1))
+        .fold(
+            || vec![T::ZERO; out],
+            |mut acc, block| {
+                for row in block.chunks_exact(out) {
+                    for (a, &v) in acc.iter_mut().zip(row) {
+                        *a += v;
+                    }
+                }
+                acc
+            },
+        )
+        .reduce(
+            || vec![T::ZERO; out],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(&b) {
+                    *x += *y;
+                }
+                a
+            },
+        )
+}
+
+/// Gradient carrier for `y = x·Wᵀ (+ b)` with a weight that gets no dense gradient: frozen, or
+/// GPS-sparse (`W = W₀ + S(δ)`). Its forward computes the value with one gemm; its backward
+/// gives `dx = dy·W`, the sparse `dδ` and, for a trainable bias, `db = Σ_t dy`.
+///
+/// The op's inputs are `x`, then `δ` when [`Self::sparse`] is set, then `b` when
+/// [`Self::trainable_bias`] is set — one to three inputs, so it implements `CustomOp1/2/3`.
+pub struct LinearCarrier {
+    /// The full current weight `[out, in]`, detached and contiguous.
     pub w: Tensor,
-    /// The value `x·Wᵀ` `[rows, out]`, moved into the output by the forward.
-    pub value: Mutex<Option<Tensor>>,
+    /// A constant bias `[out]` folded into the value, if any.
+    pub frozen_bias: Option<Tensor>,
+    /// Row and column (u32 `[n]` each) of the selected entries of a GPS-sparse weight.
+    pub sparse: Option<(Tensor, Tensor)>,
+    /// Whether the last input is a trainable bias `[out]`.
+    pub trainable_bias: bool,
 }
 
-impl InputGradOnly {
-    pub fn new(w: Tensor, value: Tensor) -> Self {
-        InputGradOnly {
-            w,
-            value: Mutex::new(Some(value)),
+impl LinearCarrier {
+    /// `(dx, dδ, db)` from the op's input `x` and the output gradient (`dx` only where `x`
+    /// is on the graph: the patch embedding's input image is not).
+    fn grads(
+        &self,
+        x: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = if x.track_op() {
+            Some(grad.matmul(&self.w)?)
+        } else {
+            None
+        };
+        if self.sparse.is_none() && !self.trainable_bias {
+            return Ok((dx, None, None));
+        }
+        let dy = grad.contiguous()?;
+        let x = x.contiguous()?;
+        let (out, inp) = self.w.dims2()?;
+        let idx = match &self.sparse {
+            Some((r, c)) => Some((r.to_vec1::<u32>()?, c.to_vec1::<u32>()?)),
+            None => None,
+        };
+        fn k<T: Fl>(
+            dy: &Tensor,
+            x: &Tensor,
+            idx: &Option<(Vec<u32>, Vec<u32>)>,
+            bias: bool,
+            dims: (usize, usize),
+        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+            with_data::<T, _>(dy, |g| {
+                let dd = match idx {
+                    Some((r, c)) => {
+                        let v =
+                            with_data::<T, _>(x, |x| Ok(sparse_entries_grad(g, x, r, c, dims)))?;
+                        let n = v.len();
+                        Some(Tensor::from_vec(v, n, dy.device())?)
+                    }
+                    None => None,
+                };
+                let db = if bias {
+                    Some(Tensor::from_vec(
+                        column_sums(g, dims.0),
+                        dims.0,
+                        dy.device(),
+                    )?)
+                } else {
+                    None
+                };
+                Ok((dd, db))
+            })
+        }
+        let (dd, db) = match dy.dtype() {
+            candle_core::DType::F32 => k::<f32>(&dy, &x, &idx, self.trainable_bias, (out, inp))?,
+            candle_core::DType::F64 => k::<f64>(&dy, &x, &idx, self.trainable_bias, (out, inp))?,
+            other => candle_core::bail!("linear fast path: unsupported dtype {other:?}"),
+        };
+        Ok((dx, dd, db))
+    }
+
+    fn held_bias(&self) -> BiasSrc<'_> {
+        match &self.frozen_bias {
+            Some(b) => BiasSrc::Held(b),
+            None => BiasSrc::None,
         }
     }
 }
 
-impl CustomOp1 for InputGradOnly {
+impl CustomOp1 for LinearCarrier {
     fn name(&self) -> &'static str {
-        "linear-input-grad"
+        "linear-carrier"
     }
 
-    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        take_value(&self.value)
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        forward_value(&self.w, self.held_bias(), s, l)
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(self.grads(x, grad)?.0)
+    }
+}
+
+impl CustomOp2 for LinearCarrier {
+    fn name(&self) -> &'static str {
+        "linear-carrier"
+    }
+
+    /// Inputs `(x, δ)` (sparse weight) or `(x, b)` (trainable bias).
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let bias = if self.trainable_bias {
+            BiasSrc::Input(s2, l2)
+        } else {
+            self.held_bias()
+        };
+        forward_value(&self.w, bias, s1, l1)
     }
 
     fn bwd(
         &self,
-        _arg: &Tensor,
+        x: &Tensor,
+        _second: &Tensor,
         _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad_res.matmul(&self.w)?))
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dd, db) = self.grads(x, grad)?;
+        Ok((dx, if self.trainable_bias { db } else { dd }))
     }
 }
 
-/// Gradient carrier for `x·(W₀ + S(δ))ᵀ`: its forward returns the value computed beforehand;
-/// backward gives `dx = dy·W` and the sparse `dδ`.
-pub struct SparseWeightGrad {
-    /// The full current weight `[out, in]` (base + delta), detached.
-    pub w: Tensor,
-    /// The value `x·Wᵀ` `[rows, out]`, moved into the output by the forward.
-    pub value: Mutex<Option<Tensor>>,
-    /// Row of each selected entry (u32 `[n]`).
-    pub rows: Tensor,
-    /// Column of each selected entry (u32 `[n]`).
-    pub cols: Tensor,
-}
-
-impl CustomOp2 for SparseWeightGrad {
+impl CustomOp3 for LinearCarrier {
     fn name(&self) -> &'static str {
-        "linear-sparse-weight-grad"
+        "linear-carrier"
     }
 
+    /// Inputs `(x, δ, b)`.
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
         l1: &Layout,
         _s2: &CpuStorage,
         _l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let _ = (s1, l1);
-        take_value(&self.value)
+        forward_value(&self.w, BiasSrc::Input(s3, l3), s1, l1)
     }
 
     fn bwd(
         &self,
         x: &Tensor,
         _delta: &Tensor,
+        _bias: &Tensor,
         _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = grad_res.matmul(&self.w)?;
-        let gy = grad_res.index_select(&self.rows, 1)?; // [T, n]
-        let xs = x.index_select(&self.cols, 1)?; // [T, n]
-        let dd = (gy * xs)?.sum(0)?;
-        Ok((Some(dx), Some(dd)))
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dd, db) = self.grads(x, grad)?;
+        Ok((dx, dd, db))
     }
 }
 
@@ -136,47 +358,57 @@ mod tests {
         crate::nn::gradcheck::max_abs_diff(a, b).unwrap() as f32
     }
 
-    /// Fast path (sparse/input-only gradient) and Candle's dense path agree on values and on
-    /// the gradients of the input and of the selected entries.
+    /// Fast path (carrier op) and Candle's dense path agree on values and on the gradients of
+    /// the input, the selected entries and trainable biases — for every input combination of
+    /// the carrier: sparse weight with trainable (`s`) or frozen (`h`) bias, frozen weight
+    /// without bias (`f`), with a trainable bias (`g`) or a frozen one (`k`).
     #[test]
     fn fast_linear_matches_dense_path() {
         let dev = Device::Cpu;
         let mut src = TensorMap::new();
-        src.insert("s.weight".into(), randn(&[6, 5], 1));
-        src.insert("s.bias".into(), randn(&[6], 2));
-        src.insert("f.weight".into(), randn(&[6, 5], 3));
+        for (i, name) in ["s", "h", "f", "g", "k"].iter().enumerate() {
+            src.insert(format!("{name}.weight"), randn(&[6, 5], 1 + 2 * i as u64));
+            src.insert(format!("{name}.bias"), randn(&[6], 2 + 2 * i as u64));
+        }
         let mut roles = HashMap::new();
         // Two entries in row 0, one in rows 2 and 5 (flat indices into [6, 5]).
         roles.insert("s.weight".to_string(), Role::Sparse(vec![1, 3, 12, 29]));
         roles.insert("s.bias".to_string(), Role::Trainable);
+        roles.insert("h.weight".to_string(), Role::Sparse(vec![0, 7, 8, 20, 21]));
+        roles.insert("g.bias".to_string(), Role::Trainable);
         let store = ParamStore::with_roles(src, roles, &dev);
-        let sparse = Linear::new(&store.pp("s"), 5, 6, true).unwrap();
-        let frozen = Linear::new(&store.pp("f"), 5, 6, false).unwrap();
-        if let crate::nn::Param::Sparse(s) = &sparse.weight {
-            s.delta.set(&randn(&[4], 4)).unwrap();
-        } else {
-            panic!("expected a sparse weight");
+        let layer = |name: &str, bias: bool| Linear::new(&store.pp(name), 5, 6, bias).unwrap();
+        let layers = [
+            layer("s", true),
+            layer("h", true),
+            layer("f", false),
+            layer("g", true),
+            layer("k", true),
+        ];
+        for (l, n) in layers[..2].iter().zip([4, 5]) {
+            if let crate::nn::Param::Sparse(s) = &l.weight {
+                s.delta.set(&randn(&[n], 4 + n as u64)).unwrap();
+            } else {
+                panic!("expected a sparse weight");
+            }
         }
         let proj = randn(&[2, 3, 6], 5);
         let x = Var::from_tensor(&randn(&[2, 3, 5], 6)).unwrap();
         let run = |fast: bool| {
-            let (a, b) = if fast {
-                (
-                    sparse.forward(x.as_tensor()).unwrap(),
-                    frozen.forward(x.as_tensor()).unwrap(),
-                )
-            } else {
-                (
-                    sparse.forward_dense(x.as_tensor()).unwrap(),
-                    frozen.forward_dense(x.as_tensor()).unwrap(),
-                )
-            };
-            let y = (a + b).unwrap();
+            let mut y = x.as_tensor().zeros_like().unwrap().narrow(2, 0, 1).unwrap();
+            for l in &layers {
+                let out = if fast {
+                    l.forward(x.as_tensor()).unwrap()
+                } else {
+                    l.forward_dense(x.as_tensor()).unwrap()
+                };
+                y = y.broadcast_add(&out).unwrap();
+            }
             let g = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
             let vars = store.trainable_vars();
-            let gs: Vec<Tensor> = vars
+            let gs: Vec<(String, Tensor)> = vars
                 .iter()
-                .map(|(_, v)| g.get(v.as_tensor()).unwrap().clone())
+                .map(|(n, v)| (n.clone(), g.get(v.as_tensor()).unwrap().clone()))
                 .collect();
             (y, g.get(x.as_tensor()).unwrap().clone(), gs)
         };
@@ -184,9 +416,15 @@ mod tests {
         let (y2, dx2, g2) = run(false);
         assert!(max_abs_diff(&y1, &y2) < 1e-5);
         assert!(max_abs_diff(&dx1, &dx2) < 1e-5);
-        assert_eq!(g1.len(), 2);
-        for (a, b) in g1.iter().zip(&g2) {
-            assert!(max_abs_diff(a, b) < 1e-5, "{a} vs {b}");
+        // s.weight, s.bias, h.weight, g.bias
+        assert_eq!(
+            g1.len(),
+            4,
+            "{:?}",
+            g1.iter().map(|g| &g.0).collect::<Vec<_>>()
+        );
+        for ((n, a), (_, b)) in g1.iter().zip(&g2) {
+            assert!(max_abs_diff(a, b) < 1e-5, "{n}: {a} vs {b}");
         }
     }
 

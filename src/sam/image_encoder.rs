@@ -3,13 +3,14 @@
 //!
 //! Batched over images; every op has a verified backward (see `shared/notes/candle.md`): the
 //! relative position bias is built from `index_select` + batched matmuls, softmax and layer norm
-//! are the differentiable versions from [`crate::nn::layers`]. On CPU the bias add and the
-//! softmax run as one fused op ([`crate::nn::fused::rel_pos_softmax`]) and linears / the patch
-//! embedding skip dense weight gradients of frozen and GPS-sparse weights.
+//! are the differentiable versions from [`crate::nn::layers`]. On CPU the whole attention core
+//! (scores, bias, softmax, `·v`) is one fused, query-chunked op with its own backward
+//! ([`crate::nn::attention::rel_pos_attention`]; memory linear in tokens), and linears / the
+//! patch embedding skip dense weight gradients of frozen and GPS-sparse weights.
 
 use super::common::{Activation, MlpBlock, LAYER_NORM_2D_EPS};
 use crate::error::{Error, Result};
-use crate::nn::fused::{rel_pos_softmax, use_fused};
+use crate::nn::fused::use_fused;
 use crate::nn::layers::{
     interp_matrix, matmul_weight_t, softmax_last, Conv2d, LayerNorm, LayerNorm2d, Linear,
 };
@@ -221,6 +222,12 @@ pub fn rel_pos_attention(
     scale: f64,
 ) -> Result<Tensor> {
     let (b, h, w, d3) = qkv.dims4()?;
+    if use_fused(qkv) {
+        // One fused, query-chunked op: no [B·heads, N, N] tensor is kept.
+        let rh = get_rel_pos(h, h, rel_pos_h)?;
+        let rw = get_rel_pos(w, w, rel_pos_w)?;
+        return crate::nn::attention::rel_pos_attention(qkv, &rh, &rw, num_heads, scale, None);
+    }
     let dim = d3 / 3;
     let nh = num_heads;
     let hd = dim / nh;
@@ -233,14 +240,8 @@ pub fn rel_pos_attention(
     let k = qkv.get(1)?;
     let v = qkv.get(2)?;
     let attn = (&q * scale)?.matmul(&k.t()?)?;
-    let attn = if use_fused(&attn) {
-        // One fused pass for bias + softmax (and one for their backward).
-        let (rel_h, rel_w) = rel_pos_terms(&q, rel_pos_h, rel_pos_w, (h, w), (h, w))?;
-        rel_pos_softmax(&attn, &rel_h, &rel_w)?
-    } else {
-        let attn = add_decomposed_rel_pos(&attn, &q, rel_pos_h, rel_pos_w, (h, w), (h, w))?;
-        softmax_last(&attn)?
-    };
+    let attn = add_decomposed_rel_pos(&attn, &q, rel_pos_h, rel_pos_w, (h, w), (h, w))?;
+    let attn = softmax_last(&attn)?;
     Ok(attn
         .matmul(&v)?
         .reshape((b, nh, h, w, hd))?
@@ -400,10 +401,11 @@ impl ImageEncoderViT {
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
             .reshape((b * g * g, 3 * p * p))?;
-        let mut y = matmul_weight_t(&patches, &self.patch_embed.weight)?;
-        if let Some(bias) = &self.patch_embed.bias {
-            y = y.broadcast_add(&bias.tensor()?)?;
-        }
+        let y = matmul_weight_t(
+            &patches,
+            &self.patch_embed.weight,
+            self.patch_embed.bias.as_ref(),
+        )?;
         let x = y.reshape((b, g, g, d))?;
         Ok(x.broadcast_add(&self.pos_embed.tensor()?)?)
     }

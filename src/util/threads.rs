@@ -38,6 +38,24 @@ pub fn set(n: usize) -> Result<()> {
     Ok(())
 }
 
+/// Spin iterations after which Candle's element-wise worker threads park (Candle's default
+/// is 25 000). Idle workers spinning that long steal the core from the gemm and rayon
+/// threads on small machines: on 2 cores a vit_b@512 GPS step took 8.4 / 9.4 s with the
+/// default and 6.8 / 6.6 s with 200, alternating runs on a loaded machine (docs/PERF.md).
+pub const BARRIER_SPIN_LIMIT: u32 = 200;
+
+/// Set `CANDLE_BARRIER_POOL_SPIN_LIMIT` to [`BARRIER_SPIN_LIMIT`] unless the user set it.
+/// Call at process start-up, before any tensor work or other threads exist.
+pub fn default_spin_limit() {
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        // Process start-up, single-threaded: the environment is not read concurrently.
+        std::env::set_var(
+            "CANDLE_BARRIER_POOL_SPIN_LIMIT",
+            BARRIER_SPIN_LIMIT.to_string(),
+        );
+    }
+}
+
 /// Threads in use: (rayon's pool, Candle's matmul).
 pub fn current() -> (usize, usize) {
     (
