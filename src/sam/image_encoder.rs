@@ -11,8 +11,8 @@
 //! the blocks compute in that dtype (activations cast once at the input, weights cast where
 //! they are used, layer norms and the attention softmax in f32; see [`crate::nn::precision`]);
 //! the last block's output is cast back to f32 before the neck, so the neck, the prompt
-//! encoder and the mask decoder always run in f32 (the neck is ~2% of ViT-B's encoder FLOPs,
-//! and Candle's conv2d has no bf16 CPU kernel).
+//! encoder and the mask decoder always run in f32 (the neck is under 1% of ViT-B's encoder
+//! FLOPs at 1024 px, and Candle's conv2d has no bf16 CPU kernel).
 
 use super::common::{Activation, MlpBlock, LAYER_NORM_2D_EPS};
 use crate::error::{Error, Result};
