@@ -14,7 +14,7 @@
 #
 # Environment: GPS_SEG_BIN (default target-cuda/release/gps-seg, or that path + .gz),
 # GPU_CHECK_BUDGET_S (seconds from the start after which
-# no further step starts; steps are cut to fit; default 400), STEP_TIMEOUT_S (cap per step).
+# no further step starts; steps are cut to fit; default 460), STEP_TIMEOUT_S (cap per step).
 set -u
 
 START=$(date +%s)
@@ -23,7 +23,7 @@ mkdir -p "$OUT"
 LOG=$OUT/gpu-check.log
 MD=$OUT/gpu-check.md
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
-BUDGET=${GPU_CHECK_BUDGET_S:-400}
+BUDGET=${GPU_CHECK_BUDGET_S:-460}
 STEP_CAP=${STEP_TIMEOUT_S:-240}
 : >"$LOG"
 
@@ -177,8 +177,16 @@ diag "$BIN" --help
 diag "$BIN" bench --help
 step "info --model tiny" 60 "$BIN" info --model tiny
 step "bench sam tiny, cuda" 150 "$BIN" bench sam --model tiny --batch 4 --iters 3 --device cuda
+step "bench sam tiny, cuda bf16" 120 "$BIN" bench sam --model tiny --batch 4 --iters 3 --device cuda --dtype bf16
 step "bench sam tiny, cpu" 120 "$BIN" bench sam --model tiny --batch 4 --iters 3 --device cpu
 step "bench sam vit_b, cuda" 200 "$BIN" bench sam --model vit_b --batch 2 --iters 3 --device cuda
+step "bench sam vit_b, cuda bf16" 200 "$BIN" bench sam --model vit_b --batch 2 --iters 3 --device cuda --dtype bf16
+# GPS training step (K=1, random selection), f32 and bf16 autocast of the image encoder; one child
+# process per row, so the peak-memory column is the row's own.
+step "bench train gps tiny 256 + vit_b 1024, cuda" 200 "$BIN" bench train --configs tiny:256:4,vit_b:1024:1 \
+  --iters 3 --device cuda
+step "bench train gps tiny 256 + vit_b 1024, cuda bf16" 200 "$BIN" bench train --configs tiny:256:4,vit_b:1024:1 \
+  --iters 3 --device cuda --dtype bf16
 DATA_ARGS=()
 if step "data synth-kvasir (16 images)" 90 "$BIN" data synth-kvasir --out "$WORK/synth" --count 16 --max-side 256 --seed 0; then
   DATA_ARGS=(--data-dir "$WORK/synth")
@@ -186,6 +194,9 @@ fi
 step "train seg tiny gps, cuda" 240 "$BIN" train --task seg --data kvasir ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} --model tiny \
   --method gps --topk 1 --epochs 1 --max-steps 5 --train-limit 8 --test-limit 4 --select-batches 2 \
   --out "$WORK/run-cuda" --quiet --device cuda
+step "train seg tiny gps, cuda bf16" 240 "$BIN" train --task seg --data kvasir ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} --model tiny \
+  --method gps --topk 1 --epochs 1 --max-steps 5 --train-limit 8 --test-limit 4 --select-batches 2 \
+  --out "$WORK/run-cuda-bf16" --quiet --device cuda --dtype bf16
 diag nvidia-smi --query-gpu=memory.used,memory.total --format=csv
 
 # ------------------------------------------------------------------ report

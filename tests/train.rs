@@ -3,6 +3,7 @@
 
 use candle_core::Device;
 use gps_seg::data::synth_kvasir::{generate, SynthKvasirConfig};
+use gps_seg::nn::Precision;
 use gps_seg::sam::SamConfig;
 use gps_seg::train::observer::{Event, Observer, Silent};
 use gps_seg::train::seg::{self, Method, SegTrainConfig};
@@ -194,6 +195,76 @@ fn bad_settings_are_refused_before_any_work() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("nowhere"), "{e}");
+    let mut cfg = tiny_cfg(&data);
+    cfg.dtype = Precision::Bf16;
+    let e = seg::train(&cfg, &run, &Device::Cpu, false, &mut Silent)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "--dtype bf16 runs on CUDA only; the CPU path computes in f32"
+    );
+    assert!(!run.exists(), "dtype: work started");
+}
+
+/// A run config written before `dtype` existed loads as f32; a bf16 one round-trips.
+#[test]
+fn run_config_dtype_defaults_to_f32() {
+    let mut cfg = tiny_cfg(Path::new("data"));
+    cfg.dtype = Precision::Bf16;
+    let mut j = serde_json::to_value(&cfg).unwrap();
+    assert_eq!(j["dtype"], "bf16");
+    let back: SegTrainConfig = serde_json::from_value(j.clone()).unwrap();
+    assert_eq!(back.dtype, Precision::Bf16);
+    j.as_object_mut().unwrap().remove("dtype");
+    let old: SegTrainConfig = serde_json::from_value(j).unwrap();
+    assert_eq!(old.dtype, Precision::F32);
+}
+
+/// `--dtype bf16|f16` with a CPU device is a one-line error on every command that has the
+/// flag, before any work; an unknown dtype names the choices.
+#[test]
+fn cli_refuses_low_precision_on_cpu() {
+    let exe = env!("CARGO_BIN_EXE_gps-seg");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let o = out.to_str().unwrap();
+    let commands: [&[&str]; 6] = [
+        &["train", "--task", "seg", "--out", o],
+        &["bench", "sam"],
+        &["bench", "train"],
+        &["eval"],
+        &["experiment", "kvasir", "--out", o],
+        &["train", "--task", "classify", "--data-dir", o, "--out", o],
+    ];
+    for cmd in commands {
+        for dtype in ["bf16", "f16"] {
+            let r = std::process::Command::new(exe)
+                .args(cmd)
+                .args(["--device", "cpu", "--dtype", dtype])
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&r.stderr);
+            assert!(!r.status.success(), "{cmd:?} --dtype {dtype} succeeded");
+            assert_eq!(r.status.code(), Some(1), "{cmd:?}: {err}");
+            assert!(!err.contains("panicked"), "{cmd:?}: {err}");
+            let lines: Vec<&str> = err.lines().filter(|l| !l.starts_with("device:")).collect();
+            let want = if cmd.contains(&"classify") {
+                format!("error: --dtype {dtype}: only `--task seg` (SAM's image encoder) has a bf16/f16 path")
+            } else {
+                format!("error: --dtype {dtype} runs on CUDA only; the CPU path computes in f32")
+            };
+            assert_eq!(lines, [want.as_str()], "{cmd:?}");
+            assert!(!out.exists(), "{cmd:?}: work started");
+        }
+    }
+    let r = std::process::Command::new(exe)
+        .args(["bench", "sam", "--device", "cpu", "--dtype", "f8"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success());
+    assert!(err.contains("f32, bf16, f16"), "{err}");
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! `gps-seg bench <what>`: speed and memory tables. Numbers are measured, never asserted in tests.
 
-use crate::cli::common::DeviceArgs;
+use crate::cli::common::{DeviceArgs, DtypeArgs};
 use clap::Subcommand;
 
 #[derive(Debug, clap::Args)]
@@ -95,6 +95,8 @@ pub struct SamArgs {
     pub image_size: Option<usize>,
     #[command(flatten)]
     pub device: DeviceArgs,
+    #[command(flatten)]
+    pub dtype: DtypeArgs,
 }
 
 fn run_sam(a: SamArgs) -> anyhow::Result<()> {
@@ -103,10 +105,11 @@ fn run_sam(a: SamArgs) -> anyhow::Result<()> {
         cfg = cfg.with_image_size(s);
     }
     let dev = a.device.resolve()?;
-    let r = gps_seg::sam::bench::bench_prompt_free(&cfg, a.batch, a.iters, &dev)?;
+    let dtype = a.dtype.resolve(&dev)?;
+    let r = gps_seg::sam::bench::bench_prompt_free(&cfg, a.batch, a.iters, &dev, dtype)?;
     println!(
-        "SAM `{}` {}px, batch {}, {} iters, {}",
-        r.config, r.image_size, r.batch, r.iters, r.device
+        "SAM `{}` {}px, batch {}, {} iters, {}, image encoder in {}",
+        r.config, r.image_size, r.batch, r.iters, r.device, r.precision
     );
     println!(
         "{:<18} {:>10} {:>10} {:>10}",

@@ -2,7 +2,7 @@
 //! `--python`). Each row runs in a fresh child process (this binary with the hidden `--one`
 //! flag) so that its peak memory is its own.
 
-use crate::cli::common::DeviceArgs;
+use crate::cli::common::{DeviceArgs, DtypeArgs};
 use gps_seg::train::bench::{bench_step, format_table, torch_step, StepKind, StepResult, StepSpec};
 use std::path::PathBuf;
 
@@ -34,6 +34,10 @@ pub struct Args {
     pub one: Option<String>,
     #[command(flatten)]
     pub device: DeviceArgs,
+    /// Image-encoder dtype of the Candle rows (the PyTorch rows run f32 and are skipped
+    /// otherwise).
+    #[command(flatten)]
+    pub dtype: DtypeArgs,
 }
 
 /// Threads of every row (`--threads`, default 2; `torch.set_num_threads` for PyTorch).
@@ -45,10 +49,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if let Some(spec) = &a.one {
         let spec: StepSpec = serde_json::from_str(spec)?;
         let dev = a.device.resolve()?;
+        spec.dtype.check_device(&dev)?;
         let r = bench_step(&spec, &dev)?;
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
+    let dtype = a.dtype.parse_for(&a.device)?;
     let python = a
         .python
         .clone()
@@ -67,6 +73,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             kind,
             reference,
             seed: 0,
+            dtype,
         };
         let s = spec(StepKind::Gps, false);
         if s.image_size == 0 || s.batch == 0 {
@@ -107,7 +114,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let stdout = String::from_utf8_lossy(&out.stdout);
             let line = stdout.lines().last().unwrap_or_default();
             results.push(serde_json::from_str(line)?);
-            if let (true, Some(py), false) = (a.compare, &python, spec.reference) {
+            if let (true, Some(py), false, false) =
+                (a.compare, &python, spec.reference, spec.dtype.is_low())
+            {
                 eprintln!("round {round}: torch {} {}", spec.model, spec.kind.as_str());
                 results.push(torch_step(py, &a.torch_script, spec, threads)?);
             }

@@ -1,6 +1,7 @@
 //! Flags shared by several subcommands.
 
 use gps_seg::device::{self, DeviceKind};
+use gps_seg::nn::Precision;
 
 /// `--device cpu|cuda|auto` and `--threads N`.
 #[derive(Debug, Clone, clap::Args)]
@@ -24,6 +25,39 @@ impl DeviceArgs {
         let (dev, line) = device::resolve(kind)?;
         eprintln!("{line}");
         Ok(dev)
+    }
+}
+
+/// `--dtype f32|bf16|f16`: compute dtype of SAM's image encoder (beside `--device`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct DtypeArgs {
+    /// Compute dtype of SAM's image encoder: f32, or bf16/f16 autocast (CUDA only; master
+    /// weights, optimiser state and the rest of SAM stay f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+impl DtypeArgs {
+    /// Parse the flag and refuse bf16/f16 on a CPU `device` (one line, no panic).
+    pub fn resolve(&self, device: &candle_core::Device) -> anyhow::Result<Precision> {
+        let p = self.parse()?;
+        p.check_device(device)?;
+        Ok(p)
+    }
+
+    /// Parse only (for a process that resolves its device later, e.g. `bench train` rows);
+    /// still refuses bf16/f16 when `device` can only mean the CPU.
+    pub fn parse_for(&self, device: &DeviceArgs) -> anyhow::Result<Precision> {
+        let p = self.parse()?;
+        let kind: DeviceKind = device.device.parse()?;
+        if kind == DeviceKind::Cpu || (kind == DeviceKind::Auto && !device::cuda_compiled()) {
+            p.check_device(&candle_core::Device::Cpu)?;
+        }
+        Ok(p)
+    }
+
+    pub fn parse(&self) -> anyhow::Result<Precision> {
+        Ok(self.dtype.parse::<Precision>()?)
     }
 }
 

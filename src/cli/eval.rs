@@ -2,7 +2,7 @@
 //! numbers in a shipped model's PROVENANCE). For Kvasir-shaped data use
 //! `gps-seg train --method zero-shot` (evaluation only) or `gps-seg infer`.
 
-use super::common::DeviceArgs;
+use super::common::{DeviceArgs, DtypeArgs};
 use gps_seg::nn::RolePolicy;
 use gps_seg::train::pretrain::evaluate_upstream;
 
@@ -19,16 +19,20 @@ pub struct Args {
     pub scenes: usize,
     #[command(flatten)]
     pub device: DeviceArgs,
+    #[command(flatten)]
+    pub dtype: DtypeArgs,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let device = a.device.resolve()?;
+    let dtype = a.dtype.resolve(&device)?;
     let (path, cfg) = gps_seg::sam::registry::resolve(&a.model, None)?;
     let weights = gps_seg::sam::load_weights(&path, &cfg, &device)?;
     let (sam, _) = gps_seg::sam::build(&cfg, Some(weights), RolePolicy::AllFrozen, &device, 0)?;
+    let sam = sam.with_precision(dtype);
     let r = evaluate_upstream(&sam, a.seed, a.scenes, 16, &device)?;
     println!(
-        "{} ({} px) on {} upstream validation scenes (seed {}):",
+        "{} ({} px, encoder in {dtype}) on {} upstream validation scenes (seed {}):",
         path.display(),
         cfg.image_size,
         r.scenes,

@@ -1,7 +1,7 @@
 //! `gps-seg experiment classify`: GPS against its baselines on a downstream synthetic set,
 //! from the shipped pretrained `sam/vit-tiny` → a markdown table and a bar chart.
 
-use super::common::DeviceArgs;
+use super::common::{DeviceArgs, DtypeArgs};
 use super::progress::Progress;
 use gps_seg::train::cls::resolve_model;
 use gps_seg::train::experiment::{run_classify, ClsExperimentConfig};
@@ -49,12 +49,15 @@ pub struct KvasirArgs {
     pub quiet: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
+    #[command(flatten)]
+    pub dtype: DtypeArgs,
 }
 
 fn run_kvasir(a: KvasirArgs) -> anyhow::Result<()> {
     use gps_seg::train::experiment_seg::{default_variants, run_kvasir};
     use gps_seg::train::seg::SegTrainConfig;
     let device = a.device.resolve()?;
+    let dtype = a.dtype.resolve(&device)?;
     let mut p = Progress::new(a.quiet);
     let data_dir = match a.data_dir.clone() {
         Some(d) => d,
@@ -70,6 +73,7 @@ fn run_kvasir(a: KvasirArgs) -> anyhow::Result<()> {
     t.batch_size = a.batch_size;
     t.seed = a.seed;
     t.select_batches = 8;
+    t.dtype = dtype;
     let mut variants = default_variants(a.lr);
     if let Some(only) = &a.only {
         let want: Vec<&str> = only.split(',').map(str::trim).collect();

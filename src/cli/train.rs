@@ -1,6 +1,6 @@
 //! `gps-seg train`: fine-tune SAM on a Kvasir-shaped folder, or a classifier (`--task classify`).
 
-use super::common::DeviceArgs;
+use super::common::{DeviceArgs, DtypeArgs};
 use super::progress::Progress;
 use anyhow::Context;
 use gps_seg::data::classification::ClsLayout;
@@ -96,6 +96,8 @@ pub struct Args {
     pub checkpoint_blocks: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
+    #[command(flatten)]
+    pub dtype: DtypeArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -111,6 +113,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let level: Level = args.level.parse()?;
     let resize = super::common::parse_resize(&args.resize)?;
     let device = args.device.resolve()?;
+    let dtype = args.dtype.resolve(&device)?;
     let mut progress = Progress::new(args.quiet);
     let data_dir = super::common::kvasir_dir(args.data_dir.clone(), args.seed, &mut progress)?;
     let (base, sam) =
@@ -133,6 +136,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     cfg.test_limit = args.test_limit;
     cfg.max_steps_per_epoch = args.max_steps;
     cfg.checkpoint_blocks = args.checkpoint_blocks;
+    cfg.dtype = dtype;
     let s = seg::train(&cfg, &out, &device, args.resume, &mut progress)
         .with_context(|| format!("training run {}", out.display()))?;
     print_summary(&s);
@@ -141,6 +145,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// `--task classify`: flags → [`ClsTrainConfig`] → [`cls::train`] → the summary table.
 fn run_classify(args: Args) -> anyhow::Result<()> {
+    if args.dtype.parse()?.is_low() {
+        anyhow::bail!(
+            "--dtype {}: only `--task seg` (SAM's image encoder) has a bf16/f16 path",
+            args.dtype.dtype
+        );
+    }
     let data_dir = args
         .data_dir
         .clone()

@@ -248,8 +248,12 @@ impl CustomOp2 for SoftmaxBwd {
 }
 
 /// Softmax over the last dim, differentiable: the fused CPU kernel where [`use_fused`],
-/// else Candle's composed `softmax`. Any shape.
+/// else Candle's composed `softmax`. Any shape. A bf16/f16 `x` is upcast to f32 for the
+/// softmax and the result cast back (autocast, [`super::precision`]).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if super::precision::is_low(x.dtype()) {
+        return super::precision::upcast(x, softmax_last);
+    }
     if use_fused(x) {
         Ok(x.contiguous()?.apply_op1(Softmax)?)
     } else {

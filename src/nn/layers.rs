@@ -4,6 +4,7 @@
 //! reference (PyTorch) names, so official checkpoints map by name.
 
 use super::param::{Init, Param, ParamStore};
+use super::precision::{autocast, upcast};
 use super::sparse_grad::LinearCarrier;
 use crate::error::Result;
 use candle_core::{Device, Tensor, D};
@@ -57,17 +58,23 @@ impl Linear {
 /// `[out]` → `[rows, out]`. On CPU (outside reference mode) a frozen weight gets no weight
 /// gradient and a GPS-sparse one only its selected entries' (see [`super::sparse_grad`]), and
 /// a frozen bias is folded into the same op; elsewhere a plain matmul and broadcast add.
+/// A bf16/f16 `x2` gets the weight and bias cast to its dtype ([`autocast`]) and a plain
+/// matmul, whose gradient reaches the f32 weight (or sparse delta) through the cast.
 pub fn matmul_weight_t(x2: &Tensor, weight: &Param, bias: Option<&Param>) -> Result<Tensor> {
     let w = weight.tensor()?;
     let out_dim = w.dim(0)?;
     let w = w.reshape((out_dim, w.elem_count() / out_dim.max(1)))?;
     let add_bias = |y: Tensor| -> Result<Tensor> {
         match bias {
-            Some(b) => Ok(y.broadcast_add(&b.tensor()?)?),
+            Some(b) => Ok(y.broadcast_add(&autocast(b.tensor()?, y.dtype())?)?),
             None => Ok(y),
         }
     };
-    if !super::fused::use_fused(x2) || w.dtype() != x2.dtype() {
+    if w.dtype() != x2.dtype() {
+        let w = autocast(w, x2.dtype())?;
+        return add_bias(x2.matmul(&w.t()?)?);
+    }
+    if !super::fused::use_fused(x2) {
         return add_bias(x2.matmul(&w.t()?)?);
     }
     // Frozen and GPS-sparse weights go through the carrier op, with the bias folded in
@@ -105,10 +112,10 @@ impl Linear {
     /// Plain `x·Wᵀ + b` through Candle's matmul (dense weight gradient always computed): the
     /// reference the fast path is tested and benchmarked against.
     pub fn forward_dense(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.tensor()?;
+        let w = autocast(self.weight.tensor()?, x.dtype())?;
         let y = x.broadcast_matmul(&w.t()?)?;
         match &self.bias {
-            Some(b) => Ok(y.broadcast_add(&b.tensor()?)?),
+            Some(b) => Ok(y.broadcast_add(&autocast(b.tensor()?, y.dtype())?)?),
             None => Ok(y),
         }
     }
@@ -175,11 +182,11 @@ impl Conv2d {
 
     /// Candle's `conv2d` (the reference path).
     pub fn forward_conv(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.tensor()?;
+        let w = autocast(self.weight.tensor()?, x.dtype())?;
         let y = x.conv2d(&w, self.padding, self.stride, 1, self.groups)?;
         match &self.bias {
             Some(b) => {
-                let b = b.tensor()?;
+                let b = autocast(b.tensor()?, y.dtype())?;
                 let c = b.dim(0)?;
                 Ok(y.broadcast_add(&b.reshape((1, c, 1, 1))?)?)
             }
@@ -298,9 +305,11 @@ impl LayerNorm {
         })
     }
 
-    /// `x: [..., C] → [..., C]`.
+    /// `x: [..., C] → [..., C]`. A bf16/f16 `x` is normalised in f32 with the f32 affine
+    /// params and cast back ([`upcast`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        layer_norm(x, &self.weight.tensor()?, &self.bias.tensor()?, self.eps)
+        let (w, b) = (self.weight.tensor()?, self.bias.tensor()?);
+        upcast(x, |x| layer_norm(x, &w, &b, self.eps))
     }
 }
 
@@ -336,8 +345,12 @@ impl LayerNorm2d {
         })
     }
 
-    /// `x: [N, C, H, W] → [N, C, H, W]`.
+    /// `x: [N, C, H, W] → [N, C, H, W]`; a bf16/f16 `x` is normalised in f32 ([`upcast`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        upcast(x, |x| self.forward_same_dtype(x))
+    }
+
+    fn forward_same_dtype(&self, x: &Tensor) -> Result<Tensor> {
         let c = x.dim(1)?;
         let u = x.mean_keepdim(1)?;
         let xc = x.broadcast_sub(&u)?;

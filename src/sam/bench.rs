@@ -4,7 +4,7 @@
 
 use super::sam::{build, Sam};
 use crate::error::Result;
-use crate::nn::RolePolicy;
+use crate::nn::{Precision, RolePolicy};
 use crate::sam::SamConfig;
 use crate::util::Rng;
 use candle_core::{Device, Tensor};
@@ -66,6 +66,8 @@ pub struct SamBench {
     pub batch: usize,
     pub iters: usize,
     pub device: String,
+    /// Compute precision of the image encoder.
+    pub precision: Precision,
     /// Mean seconds per forward (frozen params, no graph kept).
     pub forward_s: f64,
     /// Mean seconds per forward + backward (all params trainable).
@@ -96,6 +98,7 @@ pub fn bench_prompt_free(
     batch: usize,
     iters: usize,
     device: &Device,
+    precision: Precision,
 ) -> Result<SamBench> {
     let iters = iters.max(1);
     let s = cfg.image_size;
@@ -115,7 +118,9 @@ pub fn bench_prompt_free(
         device,
     )?;
     let (frozen, _) = build(cfg, None, RolePolicy::AllFrozen, device, 1)?;
+    let frozen = frozen.with_precision(precision);
     let (trainable, _) = build(cfg, None, RolePolicy::AllTrainable, device, 1)?;
+    let trainable = trainable.with_precision(precision);
     let fwd = |model: &Sam| -> Result<f64> {
         let t0 = Instant::now();
         let y = model.forward_prompt_free(&x)?;
@@ -156,6 +161,7 @@ pub fn bench_prompt_free(
         batch,
         iters,
         device: format!("{device:?}"),
+        precision,
         forward_s,
         forward_backward_s,
         checkpointed_s,

@@ -7,6 +7,13 @@
 //! (scores, bias, softmax, `·v`) is one fused, query-chunked op with its own backward
 //! ([`crate::nn::attention::rel_pos_attention`]; memory linear in tokens), and linears / the
 //! patch embedding skip dense weight gradients of frozen and GPS-sparse weights.
+//!
+//! Precision ([`ImageEncoderViT::precision`], `--dtype`): in bf16/f16 the patch embedding and
+//! the blocks compute in that dtype (activations cast once at the input, weights cast where
+//! they are used, layer norms and the attention softmax in f32; see [`crate::nn::precision`]);
+//! the last block's output is cast back to f32 before the neck, so the neck, the prompt
+//! encoder and the mask decoder always run in f32 (the neck is under 1% of ViT-B's encoder
+//! FLOPs at 1024 px, and Candle's conv2d has no bf16 CPU kernel).
 
 use super::common::{Activation, MlpBlock, LAYER_NORM_2D_EPS};
 use crate::error::{Error, Result};
@@ -14,6 +21,7 @@ use crate::nn::fused::use_fused;
 use crate::nn::layers::{
     interp_matrix, matmul_weight_t, softmax_last, Conv2d, LayerNorm, LayerNorm2d, Linear,
 };
+use crate::nn::precision::{autocast, Precision};
 use crate::nn::{Init, Param, ParamStore};
 use crate::sam::SamConfig;
 use candle_core::backprop::GradStore;
@@ -199,12 +207,12 @@ impl Attention {
         })
     }
 
-    /// `x: [B, H, W, dim] → [B, H, W, dim]`.
+    /// `x: [B, H, W, dim] → [B, H, W, dim]` (the rel-pos tables follow `x`'s dtype).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let out = rel_pos_attention(
             &self.qkv.forward(x)?,
-            &self.rel_pos_h.tensor()?,
-            &self.rel_pos_w.tensor()?,
+            &autocast(self.rel_pos_h.tensor()?, x.dtype())?,
+            &autocast(self.rel_pos_w.tensor()?, x.dtype())?,
             self.num_heads,
             self.scale,
         )?;
@@ -328,6 +336,8 @@ pub struct ImageEncoderViT {
     pub blocks: Vec<Block>,
     pub neck: Neck,
     pub img_size: usize,
+    /// Compute dtype of the patch embedding and the blocks (master weights stay f32).
+    pub precision: Precision,
 }
 
 impl ImageEncoderViT {
@@ -369,6 +379,7 @@ impl ImageEncoderViT {
             blocks,
             neck,
             img_size: cfg.image_size,
+            precision: Precision::F32,
         })
     }
 
@@ -396,6 +407,12 @@ impl ImageEncoderViT {
         };
         let b = x.dim(0)?;
         let g = h / p;
+        // Autocast: the activations enter the compute dtype here.
+        let x = if self.precision.is_low() {
+            x.to_dtype(self.precision.dtype())?
+        } else {
+            x.clone()
+        };
         let patches = x
             .reshape((b, 3, g, p, g, p))?
             .permute((0, 2, 4, 1, 3, 5))?
@@ -407,11 +424,17 @@ impl ImageEncoderViT {
             self.patch_embed.bias.as_ref(),
         )?;
         let x = y.reshape((b, g, g, d))?;
-        Ok(x.broadcast_add(&self.pos_embed.tensor()?)?)
+        Ok(x.broadcast_add(&autocast(self.pos_embed.tensor()?, x.dtype())?)?)
     }
 
-    /// Neck on block output: `[B, g, g, dim] → [B, C, g, g]`.
+    /// Neck on block output: `[B, g, g, dim] → [B, C, g, g]`, always f32 (a bf16/f16 block
+    /// output is cast back first).
     pub fn neck_forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = if crate::nn::precision::is_low(x.dtype()) {
+            x.to_dtype(candle_core::DType::F32)?
+        } else {
+            x.clone()
+        };
         self.neck.forward(&x.permute((0, 3, 1, 2))?.contiguous()?)
     }
 

@@ -17,7 +17,7 @@
 use crate::error::{Error, Result};
 use crate::gps::{select_from_grads, Criterion, Level, Policy, Selection};
 use crate::nn::fused::with_reference_path;
-use crate::nn::ParamStore;
+use crate::nn::{ParamStore, Precision};
 use crate::sam::bench::prompt_free_flops;
 use crate::sam::{Sam, SamConfig};
 use crate::train::optim::{Adam, AdamW, Optimizer};
@@ -62,6 +62,9 @@ pub struct StepSpec {
     pub reference: bool,
     #[serde(default)]
     pub seed: u64,
+    /// Compute dtype of the image encoder (f32, or bf16/f16 autocast).
+    #[serde(default)]
+    pub dtype: Precision,
 }
 
 impl StepSpec {
@@ -218,11 +221,11 @@ pub fn bench_step(spec: &StepSpec, dev: &Device) -> Result<StepResult> {
     let (sam, store, mut opt): (Sam, ParamStore, Box<dyn Optimizer>) = match spec.kind {
         StepKind::Full => {
             let (s, st, o) = full_setup(&cfg, dev, spec.seed)?;
-            (s, st, Box::new(o))
+            (s.with_precision(spec.dtype), st, Box::new(o))
         }
         StepKind::Gps => {
             let (s, st, _, o) = gps_setup(&cfg, dev, spec.seed, 1, 1e-4)?;
-            (s, st, Box::new(o))
+            (s.with_precision(spec.dtype), st, Box::new(o))
         }
     };
     let step = |opt: &mut dyn Optimizer| -> Result<(f64, f64)> {
@@ -246,10 +249,11 @@ pub fn bench_step(spec: &StepSpec, dev: &Device) -> Result<StepResult> {
     }
     let (trainable, total) = store.counts();
     Ok(StepResult {
-        implementation: if spec.reference {
-            "candle-reference".into()
-        } else {
-            "candle".into()
+        implementation: match (spec.reference, spec.dtype) {
+            (true, Precision::F32) => "candle-reference".into(),
+            (false, Precision::F32) => "candle".into(),
+            (true, p) => format!("candle-reference {p}"),
+            (false, p) => format!("candle {p}"),
         },
         spec: spec.clone(),
         threads: candle_core::utils::get_num_threads(),
@@ -324,6 +328,7 @@ pub fn torch_step(
         implementation: format!("torch {}", parsed.torch_version),
         spec: StepSpec {
             reference: false,
+            dtype: Precision::F32,
             ..spec.clone()
         },
         threads: parsed.threads,
@@ -453,6 +458,7 @@ mod tests {
                 kind: StepKind::Gps,
                 reference: false,
                 seed: 0,
+                dtype: Precision::F32,
             },
             threads: 2,
             step_ms: vec![300.0, 100.0, 200.0],

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::gps::artifact::{Artifact, BaseModel, SelectionInfo};
 use crate::gps::policy::{Policy, Treatment};
 use crate::gps::select::{select_from_grads, Criterion, Level, Selection};
-use crate::nn::{ParamStore, Role, RolePolicy};
+use crate::nn::{ParamStore, Precision, Role, RolePolicy};
 use crate::sam::{Sam, SamConfig};
 use crate::train::loss::seg_loss;
 use crate::train::metrics::{Metric, SegInput, SegMetrics, SegReport};
@@ -136,6 +136,11 @@ pub struct SegTrainConfig {
     /// (less memory, same gradients; for large inputs such as ViT-B at 1024 px).
     #[serde(default)]
     pub checkpoint_blocks: bool,
+    /// Compute dtype of SAM's image encoder (`f32`, or `bf16`/`f16` autocast on CUDA; master
+    /// weights, optimiser state and the rest of SAM stay f32). Runs written before this field
+    /// existed load as f32.
+    #[serde(default)]
+    pub dtype: Precision,
 }
 
 impl SegTrainConfig {
@@ -165,6 +170,7 @@ impl SegTrainConfig {
             max_steps_per_epoch: None,
             keep_last: 2,
             checkpoint_blocks: false,
+            dtype: Precision::F32,
         }
     }
 
@@ -459,7 +465,7 @@ fn selection_for(
             crate::gps::grads::grad_roles(base, &policy),
             device,
         );
-        let sam = Sam::new(&cfg.sam, &store)?;
+        let sam = Sam::new(&cfg.sam, &store)?.with_precision(cfg.dtype);
         let vars = store.trainable_vars();
         let mut loader = Loader::new(
             data.source(cfg, 0.0),
@@ -550,6 +556,7 @@ pub fn select(
     obs: &mut dyn Observer,
 ) -> Result<Artifact> {
     cfg.validate()?;
+    cfg.dtype.check_device(device)?;
     if cfg.method.criterion().is_none() {
         return Err(Error::Config {
             field: "method".into(),
@@ -571,6 +578,7 @@ pub fn train(
     obs: &mut dyn Observer,
 ) -> Result<RunSummary> {
     cfg.validate()?;
+    cfg.dtype.check_device(device)?;
     let t_start = Instant::now();
     let (ckpts, latest): (_, Option<(PathBuf, TrainState)>) =
         open_run(run_dir, cfg, cfg.keep_last, resume)?;
@@ -610,7 +618,7 @@ pub fn train(
         ),
     };
     let store = ParamStore::new(Some(base.clone()), roles_policy, device, cfg.seed);
-    let sam = Sam::new(&cfg.sam, &store)?;
+    let sam = Sam::new(&cfg.sam, &store)?.with_precision(cfg.dtype);
     store.check_all_used()?;
     let (trainable, total) = store.counts();
     obs.event(Event::Info(format!(
