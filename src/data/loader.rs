@@ -223,43 +223,93 @@ impl<S: Source> Loader<S> {
     }
 
     fn get_item(&self, index: usize) -> Result<S::Item> {
-        match &self.cache {
-            Some(c) => {
-                if let Some(it) = c[index].get() {
-                    return Ok(it.clone());
-                }
-                let it = self.source.load(index)?;
-                let _ = c[index].set(it.clone());
-                Ok(it)
-            }
-            None => self.source.load(index),
-        }
+        get_item(&self.source, &self.cache, index)
     }
 
     /// The next batch of this epoch, or `None` at its end (the following call starts the
     /// next epoch). Items are decoded/augmented in parallel on the rayon pool.
     pub fn next_batch(&mut self, device: &Device) -> Result<Option<S::Batch>> {
-        let n = self.order.len();
-        let pos = self.state.position;
-        let remaining = n - pos.min(n);
-        if remaining == 0 || (self.cfg.drop_last && remaining < self.cfg.batch_size) {
+        let Some(range) = self.plan(1).pop() else {
             self.next_epoch();
             return Ok(None);
-        }
-        let end = (pos + self.cfg.batch_size).min(n);
-        let epoch = self.state.epoch;
-        let seed = self.cfg.seed;
-        let augment = self.cfg.augment;
-        let ready: Vec<S::Ready> = (pos..end)
-            .into_par_iter()
-            .map(|p| {
-                let item = self.get_item(self.order[p])?;
-                let mut rng = Rng::derive(seed, &format!("augment/{epoch}/{p}"));
-                Ok(self.source.prepare(item, &mut rng, augment))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        self.state.position = end;
+        };
+        let ready = prepare_range(self.parts(), range.clone())?;
+        self.state.position = range.end;
         self.source.collate(ready, device).map(Some)
+    }
+
+    /// The position ranges of the next (up to) `steps` batches of this epoch.
+    fn plan(&self, steps: usize) -> Vec<std::ops::Range<usize>> {
+        let n = self.order.len();
+        let mut pos = self.state.position;
+        let mut out = Vec::new();
+        while out.len() < steps {
+            let remaining = n - pos.min(n);
+            if remaining == 0 || (self.cfg.drop_last && remaining < self.cfg.batch_size) {
+                break;
+            }
+            let end = (pos + self.cfg.batch_size).min(n);
+            out.push(pos..end);
+            pos = end;
+        }
+        out
+    }
+
+    fn parts(&self) -> Parts<'_, S> {
+        Parts {
+            source: &self.source,
+            cache: &self.cache,
+            order: &self.order,
+            epoch: self.state.epoch,
+            seed: self.cfg.seed,
+            augment: self.cfg.augment,
+        }
+    }
+
+    /// Run up to `steps` batches of this epoch through `step(k, batch)`, preparing (decoding,
+    /// resizing, augmenting) batch `k+1` on a background thread while `step` runs on batch
+    /// `k`; stacking onto `device` stays on the calling thread. Returns the number of batches
+    /// run: fewer than `steps` at the end of the epoch, which — unlike [`Self::next_batch`] —
+    /// is not started automatically (call [`Self::next_epoch`]). The position advances by
+    /// exactly the batches handed to `step`, so [`Self::state`] taken afterwards resumes at
+    /// the right batch. Same batches, in the same order, as
+    /// [`Self::next_batch`].
+    pub fn run_batches<F>(&mut self, steps: usize, device: &Device, mut step: F) -> Result<usize>
+    where
+        S: Send,
+        F: FnMut(usize, S::Batch) -> Result<()>,
+    {
+        let ranges = self.plan(steps);
+        let Some(first) = ranges.first() else {
+            return Ok(0);
+        };
+        let mut next = Some(prepare_range(self.parts(), first.clone()));
+        let mut done = 0;
+        for (k, range) in ranges.iter().enumerate() {
+            let ready = match next.take() {
+                Some(r) => r?,
+                None => break,
+            };
+            let parts = self.parts();
+            let after = ranges.get(k + 1).cloned();
+            let source = &self.source;
+            let r = std::thread::scope(|sc| -> Result<Option<Result<Vec<S::Ready>>>> {
+                let pending = after.map(|r| sc.spawn(move || prepare_range(parts, r)));
+                let batch = source.collate(ready, device)?;
+                step(k, batch)?;
+                Ok(pending.map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(Error::Data {
+                            msg: "the data loading thread panicked".into(),
+                        })
+                    })
+                }))
+            });
+            next = r?;
+            self.state.position = range.end;
+            done += 1;
+        }
+        Ok(done)
     }
 
     /// Decode every item into the cache now (in parallel); no-op without a cache.
@@ -271,6 +321,57 @@ impl<S: Source> Loader<S> {
         }
         Ok(())
     }
+}
+
+/// What preparing a batch reads of a [`Loader`] (shared with the prefetch thread).
+struct Parts<'a, S: Source> {
+    source: &'a S,
+    cache: &'a Option<Vec<OnceLock<S::Item>>>,
+    order: &'a [usize],
+    epoch: u64,
+    seed: u64,
+    augment: bool,
+}
+
+impl<S: Source> Clone for Parts<'_, S> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<S: Source> Copy for Parts<'_, S> {}
+
+fn get_item<S: Source>(
+    source: &S,
+    cache: &Option<Vec<OnceLock<S::Item>>>,
+    index: usize,
+) -> Result<S::Item> {
+    match cache {
+        Some(c) => {
+            if let Some(it) = c[index].get() {
+                return Ok(it.clone());
+            }
+            let it = source.load(index)?;
+            let _ = c[index].set(it.clone());
+            Ok(it)
+        }
+        None => source.load(index),
+    }
+}
+
+/// Decode, resize and augment the items at positions `range` of the epoch's order, in
+/// parallel; the augmentation of position `p` uses `Rng::derive(seed, "augment/epoch/p")`.
+fn prepare_range<S: Source>(
+    p: Parts<'_, S>,
+    range: std::ops::Range<usize>,
+) -> Result<Vec<S::Ready>> {
+    range
+        .into_par_iter()
+        .map(|pos| {
+            let item = get_item(p.source, p.cache, p.order[pos])?;
+            let mut rng = Rng::derive(p.seed, &format!("augment/{}/{pos}", p.epoch));
+            Ok(p.source.prepare(item, &mut rng, p.augment))
+        })
+        .collect()
 }
 
 /// Kvasir-SEG samples at input size `size`.
@@ -444,5 +545,87 @@ mod tests {
         assert_eq!(epoch(&mut ev), vec![vec![0, 1], vec![2, 3], vec![4]]);
         assert!(Loader::new(Numbers(5), vec![7], LoaderConfig::eval(2)).is_err());
         assert!(Loader::all(Numbers(5), LoaderConfig::eval(0)).is_err());
+    }
+
+    /// Items paired with a draw from their augmentation generator, so that a batch shows
+    /// both the order and the per-item randomness.
+    struct Drawn(usize);
+
+    impl Source for Drawn {
+        type Item = usize;
+        type Ready = (usize, u64);
+        type Batch = Vec<(usize, u64)>;
+        fn len(&self) -> usize {
+            self.0
+        }
+        fn load(&self, index: usize) -> Result<usize> {
+            if index == 13 {
+                return Err(Error::Data {
+                    msg: "item 13 is unreadable".into(),
+                });
+            }
+            Ok(index)
+        }
+        fn prepare(&self, item: usize, rng: &mut Rng, _augment: bool) -> (usize, u64) {
+            (item, rng.next_u64())
+        }
+        fn collate(&self, items: Vec<(usize, u64)>, _device: &Device) -> Result<Self::Batch> {
+            Ok(items)
+        }
+    }
+
+    /// The prefetching runner hands `step` exactly the batches `next_batch` gives (order and
+    /// augmentation draws), stops at the epoch's end without starting the next, leaves the
+    /// position where a resumed loader continues identically, and passes errors through.
+    #[test]
+    fn run_batches_matches_next_batch_and_resumes() {
+        let cfg = LoaderConfig::train(3, 4);
+        let mut a = Loader::new(Drawn(12), (0..11).collect(), cfg.clone()).unwrap();
+        let mut b = Loader::new(Drawn(12), (0..11).collect(), cfg.clone()).unwrap();
+        let mut seen = Vec::new();
+        let n = b
+            .run_batches(2, &Device::Cpu, |k, batch| {
+                seen.push((k, batch));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(n, 2);
+        for (k, batch) in &seen {
+            assert_eq!(
+                Some(batch.clone()),
+                a.next_batch(&Device::Cpu).unwrap(),
+                "batch {k}"
+            );
+        }
+        assert_eq!(a.state(), b.state());
+        // The rest of the epoch: 11 items in batches of 3 → 2 more (3 and 2 items), then stop.
+        let mut rest = Vec::new();
+        let n = b
+            .run_batches(10, &Device::Cpu, |_, batch| {
+                rest.push(batch);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(rest.iter().map(Vec::len).collect::<Vec<_>>(), vec![3, 2]);
+        for batch in &rest {
+            assert_eq!(Some(batch.clone()), a.next_batch(&Device::Cpu).unwrap());
+        }
+        assert_eq!(b.epoch(), 0, "the next epoch is the caller's call");
+        assert_eq!(b.run_batches(1, &Device::Cpu, |_, _| Ok(())).unwrap(), 0);
+
+        // Errors from loading and from the step come back; nothing past them is counted.
+        let mut c = Loader::new(Drawn(14), (10..14).collect(), LoaderConfig::eval(1)).unwrap();
+        assert!(c.run_batches(4, &Device::Cpu, |_, _| Ok(())).is_err());
+        let mut d = Loader::new(Drawn(12), (0..6).collect(), LoaderConfig::eval(2)).unwrap();
+        let err = d.run_batches(3, &Device::Cpu, |k, _| {
+            if k == 1 {
+                Err(Error::msg("step failed"))
+            } else {
+                Ok(())
+            }
+        });
+        assert!(err.is_err());
+        assert_eq!(d.state().position, 2, "only the batch that finished counts");
     }
 }

@@ -913,10 +913,8 @@ pub fn train(
         let t0 = Instant::now();
         let (mut loss_sum, mut images, mut done) = (0.0, 0usize, 0usize);
         let mut lr = schedule.lr(state.global_step);
-        for step in 0..steps_per_epoch {
-            let Some(batch) = train_loader.next_batch(device)? else {
-                break;
-            };
+        // Batch k+1 is decoded and augmented on a background thread while step k runs.
+        train_loader.run_batches(steps_per_epoch, device, |step, batch| {
             lr = schedule.lr(state.global_step);
             opt.get().set_lr(lr);
             let ts = Instant::now();
@@ -946,7 +944,8 @@ pub fn train(
                 lr: Some(lr),
                 images_per_s: Some(images as f64 / t0.elapsed().as_secs_f64().max(1e-9)),
             });
-        }
+            Ok(())
+        })?;
         train_loader.next_epoch();
         let train_secs = t0.elapsed().as_secs_f64();
         let train_loss = loss_sum / done.max(1) as f64;

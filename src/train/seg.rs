@@ -694,10 +694,8 @@ pub fn train(
         let t0 = Instant::now();
         let mut loss_sum = 0.0;
         let mut images = 0usize;
-        for step in 0..steps {
-            let Some(batch) = train_loader.next_batch(device)? else {
-                break;
-            };
+        // Batch k+1 is decoded and augmented on a background thread while step k runs.
+        train_loader.run_batches(steps, device, |step, batch| {
             let ts = Instant::now();
             let (loss, grads) = if cfg.checkpoint_blocks {
                 sam.prompt_free_backward_checkpointed(&batch.images, |l| seg_loss(l, &batch.masks))?
@@ -731,7 +729,8 @@ pub fn train(
                 lr: Some(lr),
                 images_per_s: Some(images as f64 / t0.elapsed().as_secs_f64().max(1e-9)),
             });
-        }
+            Ok(())
+        })?;
         train_loader.next_epoch();
         let train_secs = t0.elapsed().as_secs_f64();
         let done_steps = steps.max(1);
