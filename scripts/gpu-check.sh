@@ -176,6 +176,9 @@ step "gps-seg --version" 30 "$BIN" --version
 diag "$BIN" --help
 diag "$BIN" bench --help
 step "info --model tiny" 60 "$BIN" info --model tiny
+# Candle-CUDA forward/backward of the shipped tiny SAM against the CPU reference path
+# (logits, loss and every gradient within 1e-3 of their scale; non-zero exit otherwise).
+step "parity tiny, cuda vs cpu (f32, tol 1e-3)" 120 "$BIN" parity --model tiny --batch 2 --device cuda
 step "bench sam tiny, cuda" 150 "$BIN" bench sam --model tiny --batch 4 --iters 3 --device cuda
 step "bench sam tiny, cuda bf16" 120 "$BIN" bench sam --model tiny --batch 4 --iters 3 --device cuda --dtype bf16
 step "bench sam tiny, cpu" 120 "$BIN" bench sam --model tiny --batch 4 --iters 3 --device cpu

@@ -15,6 +15,7 @@ pub mod export;
 pub mod infer;
 pub mod info;
 pub mod merge;
+pub mod parity;
 pub mod pretrain;
 pub mod progress;
 pub mod runtime;
@@ -59,6 +60,9 @@ pub enum Command {
     Infer(infer::Args),
     /// Evidence tables: GPS against its baselines (`experiment classify`).
     Experiment(experiment::Args),
+    /// Check a device against the CPU: forward + backward of the prompt-free SAM, max relative
+    /// error of the logits, the loss and every gradient (non-zero exit above the tolerance).
+    Parity(parity::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -76,5 +80,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pretrain(a) => pretrain::run(a),
         Command::Infer(a) => infer::run(a),
         Command::Experiment(a) => experiment::run(a),
+        Command::Parity(a) => parity::run(a),
     }
 }

@@ -15,6 +15,7 @@ pub mod image_encoder;
 pub mod info;
 pub mod load;
 pub mod mask_decoder;
+pub mod parity;
 pub mod prompt_encoder;
 pub mod registry;
 #[allow(clippy::module_inception)]
