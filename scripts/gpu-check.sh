@@ -191,15 +191,22 @@ step "bench train gps tiny 256 + vit_b 1024, cuda" 200 "$BIN" bench train --conf
 step "bench train gps tiny 256 + vit_b 1024, cuda bf16" 200 "$BIN" bench train --configs tiny:256:4,vit_b:1024:1 \
   --iters 3 --device cuda --dtype bf16
 DATA_ARGS=()
-if step "data synth-kvasir (16 images)" 90 "$BIN" data synth-kvasir --out "$WORK/synth" --count 16 --max-side 256 --seed 0; then
+if step "data synth-kvasir (96 images)" 90 "$BIN" data synth-kvasir --out "$WORK/synth" --count 96 --max-side 256 --seed 0; then
   DATA_ARGS=(--data-dir "$WORK/synth")
 fi
-step "train seg tiny gps, cuda" 240 "$BIN" train --task seg --data kvasir ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} --model tiny \
-  --method gps --topk 1 --epochs 1 --max-steps 5 --train-limit 8 --test-limit 4 --select-batches 2 \
-  --out "$WORK/run-cuda" --quiet --device cuda
-step "train seg tiny gps, cuda bf16" 240 "$BIN" train --task seg --data kvasir ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} --model tiny \
-  --method gps --topk 1 --epochs 1 --max-steps 5 --train-limit 8 --test-limit 4 --select-batches 2 \
-  --out "$WORK/run-cuda-bf16" --quiet --device cuda --dtype bf16
+# GPS training of sam-tiny for a few hundred steps (20 epochs × 16 batches of 4 = 320 steps, eval
+# of 16 held-out images per epoch); the result row (s/step → images/s = 4 / s/step) is recorded.
+train_row() {
+  local label=$1
+  grep -m1 '^| gps ' "$WORK/step.out" >/dev/null 2>&1 &&
+    row "$label: result" "ok" "-" "$(grep -m1 '^| gps ' "$WORK/step.out" | tr '|' '/' | cut -c1-160)"
+}
+step "train seg tiny gps 320 steps, cuda" 240 "$BIN" train --task seg --data kvasir ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} --model tiny \
+  --method gps --topk 1 --epochs 20 --batch-size 4 --train-limit 64 --test-limit 16 --select-batches 2 \
+  --out "$WORK/run-cuda" --quiet --device cuda && train_row "train seg tiny gps, cuda"
+step "train seg tiny gps 320 steps, cuda bf16" 240 "$BIN" train --task seg --data kvasir ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} --model tiny \
+  --method gps --topk 1 --epochs 20 --batch-size 4 --train-limit 64 --test-limit 16 --select-batches 2 \
+  --out "$WORK/run-cuda-bf16" --quiet --device cuda --dtype bf16 && train_row "train seg tiny gps, cuda bf16"
 diag nvidia-smi --query-gpu=memory.used,memory.total --format=csv
 
 # ------------------------------------------------------------------ report
