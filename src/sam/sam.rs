@@ -517,23 +517,9 @@ mod tests {
     /// backward gives the same gradients as the plain bf16 one.
     #[test]
     fn bf16_backward_gives_f32_gradients_to_vars_and_sparse_deltas() {
-        use crate::gps::{select_from_grads, Criterion, Level, Policy};
         let (cfg, x, t) = autocast_setup();
-        let init = ParamStore::init(&Device::Cpu, 4);
-        Sam::new(&cfg, &init).unwrap();
-        let base = init.current_tensors().unwrap();
-        let sel = select_from_grads(
-            &base,
-            None,
-            &Policy::sam(),
-            2,
-            Level::Neuron,
-            Criterion::Random,
-            4,
-        )
-        .unwrap();
-        let vs = ParamStore::with_roles(base, sel.roles(), &Device::Cpu);
-        let sam = Sam::new(&cfg, &vs).unwrap();
+        let (sam, vs, sel, _) =
+            crate::train::bench::gps_setup(&cfg, &Device::Cpu, 4, 2, 1e-3).unwrap();
         let vars = vs.trainable_vars();
         let sparse: Vec<&String> = sel.indices.keys().collect();
         assert!(sparse
