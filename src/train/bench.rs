@@ -230,11 +230,14 @@ pub fn bench_step(spec: &StepSpec, dev: &Device) -> Result<StepResult> {
     };
     let step = |opt: &mut dyn Optimizer| -> Result<(f64, f64)> {
         let t0 = Instant::now();
-        let l = if spec.reference {
-            with_reference_path(|| train_step(&sam, opt, &x, &t))?
-        } else {
-            train_step(&sam, opt, &x, &t)?
-        };
+        // On a rayon worker, as the training loops do (`util::threads::on_worker`).
+        let l = crate::util::threads::on_worker(|| {
+            if spec.reference {
+                with_reference_path(|| train_step(&sam, opt, &x, &t))
+            } else {
+                train_step(&sam, opt, &x, &t)
+            }
+        })?;
         Ok((t0.elapsed().as_secs_f64() * 1e3, l))
     };
     let (_, mut last_loss) = step(opt.as_mut())?;

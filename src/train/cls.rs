@@ -32,6 +32,7 @@ use crate::train::schedule::Schedule;
 use crate::util::fs::{read_json, write_json_atomic};
 use crate::util::mem::peak_rss_mb;
 use crate::util::tensors::{self, TensorMap};
+use crate::util::threads::on_worker;
 use crate::util::Rng;
 use candle_core::{Device, Tensor, D};
 use serde::{Deserialize, Serialize};
@@ -918,7 +919,8 @@ pub fn train(
             lr = schedule.lr(state.global_step);
             opt.get().set_lr(lr);
             let ts = Instant::now();
-            let loss = cross_entropy(&model.forward(&batch.images)?, &batch.labels)?;
+            // Forward, backward and the update run on a rayon worker (`on_worker`).
+            let loss = on_worker(|| cross_entropy(&model.forward(&batch.images)?, &batch.labels))?;
             let lv = loss.to_scalar::<f32>()?;
             if !lv.is_finite() {
                 return Err(Error::NonFinite(format!(
@@ -930,7 +932,8 @@ pub fn train(
                     run_dir.join("checkpoints").display()
                 )));
             }
-            opt.get().step(&loss.backward()?)?;
+            let o = opt.get();
+            on_worker(|| o.step(&loss.backward()?))?;
             steps_time += ts.elapsed().as_secs_f64();
             steps_count += 1;
             state.global_step += 1;

@@ -196,7 +196,7 @@ impl Core {
 }
 
 /// A named-var optimiser.
-pub trait Optimizer {
+pub trait Optimizer: Send {
     /// One update from `grads`; vars without a gradient are skipped (their step count too).
     fn step(&mut self, grads: &GradStore) -> Result<()>;
     fn lr(&self) -> f64;

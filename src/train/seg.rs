@@ -26,6 +26,7 @@ use crate::train::run::{
 use crate::train::schedule::Schedule;
 use crate::util::fs::{write_atomic, write_json_atomic};
 use crate::util::tensors::{self, TensorMap};
+use crate::util::threads::on_worker;
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -697,14 +698,19 @@ pub fn train(
         // Batch k+1 is decoded and augmented on a background thread while step k runs.
         train_loader.run_batches(steps, device, |step, batch| {
             let ts = Instant::now();
-            let (loss, grads) = if cfg.checkpoint_blocks {
-                sam.prompt_free_backward_checkpointed(&batch.images, |l| seg_loss(l, &batch.masks))?
-            } else {
-                let logits = sam.forward_prompt_free(&batch.images)?;
-                let loss = seg_loss(&logits, &batch.masks)?;
-                let grads = loss.backward()?;
-                (loss, grads)
-            };
+            // Forward, backward and the update run on a rayon worker (`on_worker`).
+            let (loss, grads) = on_worker(|| -> Result<_> {
+                if cfg.checkpoint_blocks {
+                    sam.prompt_free_backward_checkpointed(&batch.images, |l| {
+                        seg_loss(l, &batch.masks)
+                    })
+                } else {
+                    let logits = sam.forward_prompt_free(&batch.images)?;
+                    let loss = seg_loss(&logits, &batch.masks)?;
+                    let grads = loss.backward()?;
+                    Ok((loss, grads))
+                }
+            })?;
             let lv = loss.to_scalar::<f32>()?;
             if !lv.is_finite() {
                 return Err(Error::NonFinite(format!(
@@ -716,7 +722,8 @@ pub fn train(
                     run_dir.join("checkpoints").display()
                 )));
             }
-            opt.get().step(&grads)?;
+            let o = opt.get();
+            on_worker(|| o.step(&grads))?;
             steps_time += ts.elapsed().as_secs_f64();
             steps_count += 1;
             state.global_step += 1;
