@@ -273,7 +273,7 @@ impl Engine for CandleEngine {
     fn logits(&self, images: &[f32], n: usize) -> Result<Logits> {
         let s = self.cfg.image_size;
         let x = Tensor::from_slice(images, (n, 3, s, s), &self.device)?;
-        let y = self.sam.forward_prompt_free(&x)?;
+        let y = crate::util::threads::on_worker(|| self.sam.forward_prompt_free(&x))?;
         let arr = runtime::tensor_to_array(&y)?;
         array_to_logits(arr, n, Path::new("candle SAM"))
     }

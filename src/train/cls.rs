@@ -787,7 +787,7 @@ pub fn evaluate(
     let (mut loss_sum, mut n) = (0.0f64, 0usize);
     let mut done = 0;
     while let Some(batch) = loader.next_batch(device)? {
-        let logits = model.forward(&batch.images)?.detach();
+        let logits = on_worker(|| model.forward(&batch.images))?.detach();
         let b = batch.labels.dim(0)?;
         loss_sum += cross_entropy(&logits, &batch.labels)?.to_scalar::<f32>()? as f64 * b as f64;
         n += b;

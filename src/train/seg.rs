@@ -401,7 +401,7 @@ pub fn evaluate(
 
 /// Sigmoid probabilities `[B, S·S]` of the prompt-free logits, on the CPU.
 pub fn predict_probs(sam: &Sam, batch: &SegBatch) -> Result<Vec<Vec<f32>>> {
-    let logits = sam.forward_prompt_free(&batch.images)?.detach();
+    let logits = on_worker(|| sam.forward_prompt_free(&batch.images))?.detach();
     let probs = candle_nn::ops::sigmoid(&logits)?
         .to_device(&Device::Cpu)?
         .to_dtype(DType::F32)?;

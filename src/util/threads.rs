@@ -61,8 +61,9 @@ pub fn default_spin_limit() {
 /// Candle's matmul and our fused kernels split their work with rayon. Called from a thread
 /// outside the pool, every such op hands its job to the pool and puts the caller to sleep until
 /// it is done, which costs two context switches per op. Called from a worker, the work
-/// is split in place. A training step is thousands of ops, so the hot loops (the training steps
-/// in `train::{seg, cls, bench}`) run each step here. Measured side by side on 2 cores: tiny@128
+/// is split in place. A training step is thousands of ops, so the hot loops run here: the
+/// training steps of `train::{seg, cls, bench}`, their evaluation forwards and the Candle
+/// inference engine. Measured side by side on 2 cores: tiny@128
 /// GPS step 59 → 39 ms, vit_b@512 GPS 2.2 → 1.8–2.0 s (docs/PERF.md).
 ///
 /// Thread-locals set on the calling thread (e.g. `nn::fused::with_reference_path`) do not
