@@ -29,7 +29,7 @@
 //! use the composed ops in `sam::image_encoder`, which the tests compare against (outputs and
 //! all gradients), besides finite differences.
 
-use super::fused::{data, Fl};
+use super::fused::{data, has_avx2_fma, Fl};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor, WithDType};
 use rayon::prelude::*;
@@ -153,21 +153,9 @@ trait AFl: Fl {
 }
 
 impl AFl for f32 {
-    /// Cephes-style `expf`: range reduction to `r ∈ [−ln2/2, ln2/2]`, degree-6 polynomial,
-    /// `2ⁿ` from the exponent bits; ≈ 1 ulp, branch-free so loops over it vectorise.
     #[inline(always)]
     fn exp_neg(self) -> f32 {
-        let x = self.clamp(-87.0, 0.0);
-        let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
-        let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
-        let mut p = 1.987_569_1e-4_f32;
-        p = p * r + 1.398_199_9e-3;
-        p = p * r + 8.333_452e-3;
-        p = p * r + 4.166_579_6e-2;
-        p = p * r + 1.666_666_5e-1;
-        p = p * r + 0.5;
-        let y = p * r * r + r + 1.0;
-        y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+        super::fused::exp_neg_f32(self)
     }
 
     fn ln(self) -> f32 {
@@ -192,17 +180,6 @@ struct SharedMut<T>(*mut T);
 // SAFETY: every task writes only the (image, head) region it owns; see the callers.
 unsafe impl<T> Send for SharedMut<T> {}
 unsafe impl<T> Sync for SharedMut<T> {}
-
-fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
 
 /// `Σ a[i]·b[i]` with eight partial sums (vectorises).
 #[inline(always)]
