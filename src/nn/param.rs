@@ -62,10 +62,11 @@ pub struct SparseParam {
     pub index: Tensor,
     /// Trainable values added at `index` (`[n]`), initialised to zero.
     pub delta: Var,
-    /// Row of each selected entry with the tensor viewed as `[out, rest]` (u32, `[n]`).
-    pub rows: Tensor,
-    /// Column of each selected entry in that `[out, rest]` view (u32, `[n]`).
-    pub cols: Tensor,
+    /// Row of each selected entry with the tensor viewed as `[out, rest]` (host memory: read
+    /// by the CPU linear carrier's backward, [`super::sparse_grad::LinearCarrier`]).
+    pub rows: Arc<[u32]>,
+    /// Column of each selected entry in that `[out, rest]` view.
+    pub cols: Arc<[u32]>,
 }
 
 impl SparseParam {
@@ -340,10 +341,8 @@ impl ParamStore {
                     numel / shape[0].max(1)
                 }
                 .max(1);
-                let rows: Vec<u32> = idx.iter().map(|&i| i / rest as u32).collect();
-                let cols: Vec<u32> = idx.iter().map(|&i| i % rest as u32).collect();
-                let rows = Tensor::from_vec(rows, n, &self.inner.device)?;
-                let cols = Tensor::from_vec(cols, n, &self.inner.device)?;
+                let rows: Arc<[u32]> = idx.iter().map(|&i| i / rest as u32).collect();
+                let cols: Arc<[u32]> = idx.iter().map(|&i| i % rest as u32).collect();
                 let index = Tensor::from_vec(idx, n, &self.inner.device)?;
                 let delta = Var::zeros(n, DType::F32, &self.inner.device)?;
                 Param::Sparse(SparseParam {

@@ -16,6 +16,7 @@
 use super::fused::{data, Fl};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// `y = x·Wᵀ (+ b)` for `x: [rows, in]`, `W: [out, in]`, `b: [out]`, straight into the output
 /// buffer with the gemm kernels Candle uses (same threads), so the op's value is never copied.
@@ -179,6 +180,10 @@ fn column_sums<T: Fl>(dy: &[T], out: usize) -> Vec<T> {
         )
 }
 
+/// Row and column (`[n]` each) of a sparse weight's selected entries, shared with its
+/// [`super::param::SparseParam`].
+pub type SelectedEntries = (Arc<[u32]>, Arc<[u32]>);
+
 /// Gradient carrier for `y = x·Wᵀ (+ b)` with a weight that gets no dense gradient: frozen, or
 /// GPS-sparse (`W = W₀ + S(δ)`). Its forward computes the value with one gemm; its backward
 /// gives `dx = dy·W`, the sparse `dδ` and, for a trainable bias, `db = Σ_t dy`.
@@ -190,8 +195,8 @@ pub struct LinearCarrier {
     pub w: Tensor,
     /// A constant bias `[out]` folded into the value, if any.
     pub frozen_bias: Option<Tensor>,
-    /// Row and column (u32 `[n]` each) of the selected entries of a GPS-sparse weight.
-    pub sparse: Option<(Tensor, Tensor)>,
+    /// Rows and columns of the selected entries of a GPS-sparse weight.
+    pub sparse: Option<SelectedEntries>,
     /// Whether the last input is a trainable bias `[out]`.
     pub trainable_bias: bool,
 }
@@ -215,14 +220,11 @@ impl LinearCarrier {
         let dy = grad.contiguous()?;
         let x = x.contiguous()?;
         let (out, inp) = self.w.dims2()?;
-        let idx = match &self.sparse {
-            Some((r, c)) => Some((r.to_vec1::<u32>()?, c.to_vec1::<u32>()?)),
-            None => None,
-        };
+        let idx = self.sparse.as_ref().map(|(r, c)| (&r[..], &c[..]));
         fn k<T: Fl>(
             dy: &Tensor,
             x: &Tensor,
-            idx: &Option<(Vec<u32>, Vec<u32>)>,
+            idx: Option<(&[u32], &[u32])>,
             bias: bool,
             dims: (usize, usize),
         ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
@@ -249,8 +251,8 @@ impl LinearCarrier {
             })
         }
         let (dd, db) = match dy.dtype() {
-            candle_core::DType::F32 => k::<f32>(&dy, &x, &idx, self.trainable_bias, (out, inp))?,
-            candle_core::DType::F64 => k::<f64>(&dy, &x, &idx, self.trainable_bias, (out, inp))?,
+            candle_core::DType::F32 => k::<f32>(&dy, &x, idx, self.trainable_bias, (out, inp))?,
+            candle_core::DType::F64 => k::<f64>(&dy, &x, idx, self.trainable_bias, (out, inp))?,
             other => candle_core::bail!("linear fast path: unsupported dtype {other:?}"),
         };
         Ok((dx, dd, db))
