@@ -65,6 +65,25 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     Ok(d.flatten_all()?.max(0)?.to_scalar::<f64>()?)
 }
 
+/// The largest `|t|` over all entries, as f64.
+pub fn max_abs(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()?)
+}
+
+/// `max|a − b| / max(max|b|, floor)`: the largest difference relative to the reference `b`'s
+/// scale (at least `floor`); with `floor = 0` and `b = 0` the difference is absolute. Both
+/// tensors are compared on the CPU in f64; shapes must match.
+pub fn rel_err_floor(a: &Tensor, b: &Tensor, floor: f64) -> Result<f64> {
+    let (a, b) = (a.to_device(&Device::Cpu)?, b.to_device(&Device::Cpu)?);
+    let diff = max_abs_diff(&a, &b)?;
+    let scale = max_abs(&b)?.max(floor);
+    Ok(if scale > 0.0 { diff / scale } else { diff })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

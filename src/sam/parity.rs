@@ -11,11 +11,12 @@
 use super::sam::Sam;
 use crate::error::{Error, Result};
 use crate::nn::fused::with_reference_path;
+use crate::nn::gradcheck::{max_abs, rel_err_floor};
 use crate::nn::ParamStore;
 use crate::sam::SamConfig;
 use crate::train::loss::bce_with_logits;
 use crate::util::tensors::TensorMap;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 /// What [`device_parity`] measured.
 #[derive(Debug, Clone)]
@@ -44,33 +45,9 @@ impl ParityReport {
     }
 }
 
-/// `max|a − b| / max(max|b|, floor)` (both moved to the CPU in f64); with `floor = 0` and
-/// `max|b| = 0` the difference is absolute.
-pub fn rel_err_floor(a: &Tensor, b: &Tensor, floor: f64) -> Result<f64> {
-    if a.dims() != b.dims() {
-        return Err(Error::msg(format!(
-            "parity: shapes {:?} and {:?} differ",
-            a.dims(),
-            b.dims()
-        )));
-    }
-    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
-    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
-    let diff = (&a - &b)?.abs()?.max_all()?.to_scalar::<f64>()?;
-    let scale = b.abs()?.max_all()?.to_scalar::<f64>()?.max(floor);
-    Ok(if scale > 0.0 { diff / scale } else { diff })
-}
-
 /// `max|a − b| / max|b|` ([`rel_err_floor`] without a floor).
 pub fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
     rel_err_floor(a, b, 0.0)
-}
-
-fn max_abs(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(DType::F64)?
-        .abs()?
-        .max_all()?
-        .to_scalar::<f64>()?)
 }
 
 /// Loss, logits and every parameter's gradient of one prompt-free forward + backward.
