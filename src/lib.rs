@@ -5,8 +5,9 @@
 //! Folders follow the data flow (see `docs/ARCHITECTURE.md`):
 //! [`data`] → [`sam`]/[`models`] (built on [`nn`]) → [`gps`] → [`train`] → [`onnx`] → [`infer`].
 //! Models know nothing of training; [`gps`] never imports a model; inference never imports
-//! training.
+//! training. Benchmarks and device checks live apart in [`bench`], which may import everything.
 
+pub mod bench;
 pub mod data;
 pub mod device;
 pub mod error;

@@ -8,7 +8,10 @@ use crate::error::{Error, Result};
 use crate::infer::{self, InferOptions, OrtEngine, RunFolder};
 use crate::metrics::SegReport;
 use crate::progress::{Event, Observer};
-use crate::train::seg::{self, Method, RunSummary, SegTrainConfig};
+use crate::train::config::Method;
+use crate::train::run::clear_for_run;
+use crate::train::seg::{self, RunSummary, SegTrainConfig};
+use crate::util::fs::IoPaths;
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -34,6 +37,10 @@ pub struct DemoConfig {
     pub max_steps_per_epoch: Option<usize>,
     pub test_limit: Option<usize>,
     pub out: PathBuf,
+    /// Replace the `zero-shot/` and `gps/` runs of an earlier demo in `out` (otherwise an
+    /// earlier run there is refused, never deleted).
+    #[serde(default)]
+    pub overwrite: bool,
 }
 
 impl DemoConfig {
@@ -52,6 +59,7 @@ impl DemoConfig {
             max_steps_per_epoch: None,
             test_limit: None,
             out: PathBuf::from("runs/demo"),
+            overwrite: false,
         }
     }
 
@@ -110,6 +118,17 @@ pub fn ensure_data(cfg: &DemoConfig, obs: &mut dyn Observer) -> Result<()> {
 /// Run the whole chain. Fails if the ONNX Runtime mDice differs from training's by > 1e-3.
 pub fn demo(cfg: &DemoConfig, device: &Device, obs: &mut dyn Observer) -> Result<DemoReport> {
     let t0 = Instant::now();
+    let model_path = std::path::Path::new(&cfg.model);
+    IoPaths::new()
+        .input("the demo data folder", &cfg.data_dir)
+        .input_opt("--model", model_path.exists().then_some(model_path))
+        .output("--out", &cfg.out)
+        .check()?;
+    let zs_dir = cfg.out.join("zero-shot");
+    let gps_dir = cfg.out.join("gps");
+    for d in [&zs_dir, &gps_dir] {
+        clear_for_run(d, cfg.overwrite, "--out")?;
+    }
     ensure_data(cfg, obs)?;
     let (base, sam) = crate::sam::registry::resolve(&cfg.model, None)?;
     obs.event(Event::Info(format!(
@@ -130,21 +149,13 @@ pub fn demo(cfg: &DemoConfig, device: &Device, obs: &mut dyn Observer) -> Result
     tc.select_batches = 8;
 
     // Zero-shot reference: the pretrained model, untouched.
-    let zs_dir = cfg.out.join("zero-shot");
     let mut zc = tc.clone();
     zc.method = Method::ZeroShot;
-    if zs_dir.exists() {
-        std::fs::remove_dir_all(&zs_dir).map_err(|e| Error::io(&zs_dir, e))?;
-    }
     obs.event(Event::Info(
         "zero-shot: evaluating the pretrained model".into(),
     ));
     let zs = seg::train(&zc, &zs_dir, device, false, obs)?;
 
-    let gps_dir = cfg.out.join("gps");
-    if gps_dir.exists() {
-        std::fs::remove_dir_all(&gps_dir).map_err(|e| Error::io(&gps_dir, e))?;
-    }
     obs.event(Event::Info(format!(
         "gps: select K={} per neuron, then masked fine-tuning for {} epoch(s)",
         cfg.topk, cfg.epochs

@@ -50,14 +50,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             batch_size,
             resize,
         } => {
-            let cfg = gps_seg::data::bench::DataBenchConfig {
+            let cfg = gps_seg::bench::data::DataBenchConfig {
                 images,
                 max_side,
                 size,
                 batch_size,
                 resize: resize.parse()?,
             };
-            let rows = gps_seg::data::bench::run(&cfg)?;
+            let rows = gps_seg::bench::data::run(&cfg)?;
             println!(
                 "data pipeline: {images} JPEGs (max side {max_side}) → {size}×{size} ({resize}), batch {batch_size}, flip augment, CPU tensors"
             );
@@ -106,7 +106,7 @@ fn run_sam(a: SamArgs) -> anyhow::Result<()> {
     }
     let dev = a.device.resolve()?;
     let dtype = a.dtype.resolve(&dev)?;
-    let r = gps_seg::sam::bench::bench_prompt_free(&cfg, a.batch, a.iters, &dev, dtype)?;
+    let r = gps_seg::bench::sam::bench_prompt_free(&cfg, a.batch, a.iters, &dev, dtype)?;
     println!(
         "SAM `{}` {}px, batch {}, {} iters, {}, image encoder in {}",
         r.config, r.image_size, r.batch, r.iters, r.device, r.precision
@@ -166,7 +166,7 @@ fn run_infer(a: InferArgs) -> anyhow::Result<()> {
     if let Some(s) = a.image_size {
         sam = sam.with_image_size(s);
     }
-    let cfg = gps_seg::infer::bench::InferBenchConfig {
+    let cfg = gps_seg::bench::infer::InferBenchConfig {
         sam: sam.clone(),
         batches: a.batch,
         iters: a.iters,
@@ -175,7 +175,7 @@ fn run_infer(a: InferArgs) -> anyhow::Result<()> {
         seed: 0,
     };
     let mut progress = super::progress::Progress::new(true);
-    let rows = gps_seg::infer::bench::run(&cfg, &mut progress)?;
+    let rows = gps_seg::bench::infer::run(&cfg, &mut progress)?;
     println!(
         "prompt-free SAM `{}` {}px, random weights, CPU, {} timed iters after 1 warm-up; ORT threads {}",
         sam.name,
@@ -196,6 +196,6 @@ fn run_infer(a: InferArgs) -> anyhow::Result<()> {
             r.max_abs_diff
         );
     }
-    println!("(GFLOP counted analytically by sam::bench::prompt_free_flops: matmuls and convs, 2 per MAC)");
+    println!("(GFLOP counted analytically by bench::sam::prompt_free_flops: matmuls and convs, 2 per MAC)");
     Ok(())
 }

@@ -4,7 +4,8 @@
 //! selected weights, with random gradients.
 
 use gps_seg::gps::counts::thousands;
-use gps_seg::gps::{select_from_grads, Counts, Criterion, Level, Policy, Treatment};
+use gps_seg::gps::select::{select, SelectSpec};
+use gps_seg::gps::{Counts, Criterion, Level, Policy, Treatment};
 use gps_seg::sam::config::SamConfig;
 use gps_seg::util::tensors::TensorMap;
 use std::time::Instant;
@@ -66,15 +67,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     for &k in &a.k {
         for level in [Level::Neuron, Level::Layer, Level::Net] {
             let t0 = Instant::now();
-            let sel = select_from_grads(
-                &grads,
-                Some(&grads),
-                &policy,
+            let spec = SelectSpec {
+                policy: &policy,
                 k,
                 level,
-                Criterion::Gradient,
-                0,
-            )?;
+                criterion: Criterion::Gradient,
+                seed: 0,
+            };
+            let sel = select(&grads, Some(&grads), &spec)?;
             let dt = t0.elapsed().as_secs_f64();
             println!(
                 "{:<8} {:>4} {:>12} {:>10.3}",

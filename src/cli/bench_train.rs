@@ -3,7 +3,7 @@
 //! flag) so that its peak memory is its own.
 
 use crate::cli::common::{DeviceArgs, DtypeArgs};
-use gps_seg::train::bench::{bench_step, format_table, torch_step, StepKind, StepResult, StepSpec};
+use gps_seg::bench::train::{bench_step, format_table, torch_step, StepKind, StepResult, StepSpec};
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]

@@ -20,6 +20,10 @@ pub struct Args {
     pub out: Option<PathBuf>,
     #[arg(long)]
     pub quiet: bool,
+    /// Replace the `zero-shot/` and `gps/` runs of an earlier demo in --out (otherwise an
+    /// earlier run there is refused, never deleted).
+    #[arg(long)]
+    pub overwrite: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -39,6 +43,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(o) = args.out {
         cfg.out = o;
     }
+    cfg.overwrite = args.overwrite;
     let device = args.device.resolve()?;
     let mut p = Progress::new(args.quiet);
     let r = demo(&cfg, &device, &mut p)?;

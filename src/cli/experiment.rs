@@ -45,6 +45,10 @@ pub struct KvasirArgs {
     /// Only these variants (comma-separated labels, e.g. gps-k1,full).
     #[arg(long)]
     pub only: Option<String>,
+    /// Replace variant folders in --out that hold another setting or an unfinished run
+    /// (otherwise they are refused, never deleted).
+    #[arg(long)]
+    pub overwrite: bool,
     #[arg(long)]
     pub quiet: bool,
     #[command(flatten)]
@@ -89,7 +93,7 @@ fn run_kvasir(a: KvasirArgs) -> anyhow::Result<()> {
         }
         variants.retain(|v| want.contains(&v.label.as_str()));
     }
-    let (_, table) = run_kvasir(&t, &variants, &a.out, &device, &mut p)?;
+    let (_, table) = run_kvasir(&t, &variants, &a.out, a.overwrite, &device, &mut p)?;
     println!();
     println!("{table}");
     println!(

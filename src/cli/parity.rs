@@ -26,7 +26,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let device = a.device.resolve()?;
     let (path, cfg) = gps_seg::sam::registry::resolve(&a.model, a.image_size)?;
     let weights = gps_seg::sam::load_weights(&path, &cfg, &candle_core::Device::Cpu)?;
-    let r = gps_seg::sam::parity::device_parity(&cfg, Some(weights), a.batch, &device, a.seed)?;
+    let r = gps_seg::bench::parity::device_parity(&cfg, Some(weights), a.batch, &device, a.seed)?;
     println!(
         "parity: {} ({} px, batch {}) on {} vs the CPU reference path (f32)",
         path.display(),

@@ -8,9 +8,11 @@
 
 use anyhow::Context;
 use gps_seg::gps::artifact::{Artifact, BaseModel, SelectionInfo};
-use gps_seg::gps::{select_from_grads, Counts, Criterion, Level, Policy};
+use gps_seg::gps::select::{select, SelectSpec};
+use gps_seg::gps::{Counts, Criterion, Level, Policy};
+use gps_seg::util::fs::IoPaths;
 use gps_seg::util::tensors;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -33,11 +35,11 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub k: usize,
     /// neuron (GPS), layer or net.
-    #[arg(long, default_value = "neuron")]
-    pub level: String,
+    #[arg(long, value_enum, default_value = "neuron")]
+    pub level: Level,
     /// gradient, magnitude or random.
-    #[arg(long, default_value = "gradient")]
-    pub criterion: String,
+    #[arg(long, value_enum, default_value = "gradient")]
+    pub criterion: Criterion,
     /// Accumulated gradients (safetensors keyed by tensor name); needed for `gradient`.
     #[arg(long)]
     pub grads: Option<PathBuf>,
@@ -56,12 +58,40 @@ pub struct Args {
     /// Print per-tensor counts too.
     #[arg(long)]
     pub verbose: bool,
+    /// Allow --out to replace a folder that already holds a trained artifact
+    /// (`delta.safetensors`, which a new selection would delete).
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+/// Refuse an --out that equals, contains or sits inside an input, or that holds a trained
+/// artifact (unless --overwrite): nothing is written before this passes.
+fn check_out(a: &Args, out: &Path) -> anyhow::Result<()> {
+    let base = Path::new(&a.base);
+    IoPaths::new()
+        .input_opt("--base", base.exists().then_some(base))
+        .input_opt("--data-dir", a.data_dir.as_ref())
+        .input_opt("--grads", a.grads.as_ref())
+        .output("--out", out)
+        .check()?;
+    let delta = out.join("delta.safetensors");
+    if delta.exists() && !a.overwrite {
+        anyhow::bail!(
+            "--out {} holds a trained artifact ({}); a new selection would delete it — \
+             pass --overwrite to replace it or choose another --out",
+            out.display(),
+            delta.display()
+        );
+    }
+    Ok(())
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    if let Some(out) = &a.out {
+        check_out(&a, out)?;
+    }
     let policy = Policy::from_name_or_file(&a.policy)?;
-    let level: Level = a.level.parse()?;
-    let criterion: Criterion = a.criterion.parse()?;
+    let (level, criterion) = (a.level, a.criterion);
     let dev = candle_core::Device::Cpu;
     if let (Some(data), None) = (&a.data_dir, &a.grads) {
         return select_with_data(&a, data, level, criterion);
@@ -75,16 +105,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         ),
         (None, _) => None,
     };
-    let sel = select_from_grads(
-        &base,
-        grads.as_ref(),
-        &policy,
-        a.k,
+    let spec = SelectSpec {
+        policy: &policy,
+        k: a.k,
         level,
         criterion,
-        a.seed,
-    )
-    .with_context(|| format!("selecting in {}", a.base))?;
+        seed: a.seed,
+    };
+    let sel =
+        select(&base, grads.as_ref(), &spec).with_context(|| format!("selecting in {}", a.base))?;
     let shapes: Vec<(String, Vec<usize>)> = base
         .iter()
         .map(|(n, t)| (n.clone(), t.dims().to_vec()))
@@ -125,7 +154,8 @@ fn select_with_data(
     level: Level,
     criterion: Criterion,
 ) -> anyhow::Result<()> {
-    use gps_seg::train::seg::{self, Method, SegTrainConfig};
+    use gps_seg::train::config::Method;
+    use gps_seg::train::seg::{self, SegTrainConfig};
     if a.policy != "sam" {
         anyhow::bail!(
             "--data-dir selection runs SAM with the `sam` policy (got --policy {})",

@@ -4,16 +4,29 @@ use super::common::{DeviceArgs, DtypeArgs};
 use super::progress::Progress;
 use anyhow::Context;
 use gps_seg::data::classification::ClsLayout;
+use gps_seg::data::resize::Resize;
 use gps_seg::gps::select::Level;
-use gps_seg::train::cls::{self, ClsTrainConfig};
-use gps_seg::train::seg::{self, Method, SegTrainConfig};
+use gps_seg::train::cls::{self, ClsTrainConfig, SelectLoss};
+use gps_seg::train::config::{Method, TrainCore};
+use gps_seg::train::seg::{self, SegTrainConfig};
+use gps_seg::util::fs::IoPaths;
 use std::path::PathBuf;
+
+/// `--task`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TaskKind {
+    /// SAM on Kvasir-shaped data.
+    Seg,
+    /// A ViT / ConvNeXt classifier.
+    #[value(alias = "cls")]
+    Classify,
+}
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Task: seg (SAM on Kvasir-shaped data) or classify.
-    #[arg(long, default_value = "seg")]
-    pub task: String,
+    #[arg(long, value_enum, default_value = "seg")]
+    pub task: TaskKind,
     /// Dataset kind: kvasir (seg); vtab, imagefolder, cifar100, fgvc (classify).
     #[arg(long, default_value = "kvasir")]
     pub data: String,
@@ -37,18 +50,18 @@ pub struct Args {
     pub image_size: Option<usize>,
     /// seg: gps | full | decoder | random | magnitude | zero-shot.
     /// classify: gps | full | linear | bias | random | magnitude.
-    #[arg(long, default_value = "gps")]
-    pub method: String,
-    /// classify, GPS: the selection loss, supcon (head-free, the recipe) or ce (through the
-    /// fresh head, the paper's ablation).
-    #[arg(long, default_value = "supcon")]
-    pub select_loss: String,
+    #[arg(long, value_enum, default_value = "gps")]
+    pub method: Method,
+    /// classify, GPS: the selection loss, supcon (head-free, the recipe; default) or ce
+    /// (through the fresh head, the paper's ablation).
+    #[arg(long, value_enum)]
+    pub select_loss: Option<SelectLoss>,
     /// Entries selected per neuron (GPS K).
     #[arg(long, default_value_t = 1)]
     pub topk: usize,
     /// Selection level: neuron (GPS), layer or net (same budget).
-    #[arg(long, default_value = "neuron")]
-    pub level: String,
+    #[arg(long, value_enum, default_value = "neuron")]
+    pub level: Level,
     /// Epochs (seg default 20; classify 100).
     #[arg(long)]
     pub epochs: Option<usize>,
@@ -59,7 +72,7 @@ pub struct Args {
     /// step after warm-up).
     #[arg(long)]
     pub lr: Option<f64>,
-    /// seg default 1e-7; classify 1e-8.
+    /// seg default 1e-7; classify 1e-8 (a default above --lr is lowered to --lr).
     #[arg(long)]
     pub min_lr: Option<f64>,
     /// seg default 1; classify 32.
@@ -70,16 +83,16 @@ pub struct Args {
     /// Batches whose gradients rank the entries.
     #[arg(long, default_value_t = 32)]
     pub select_batches: usize,
-    /// squash (reference) or pad (SAM's longest side + pad).
-    #[arg(long, default_value = "squash")]
-    pub resize: String,
+    /// seg: squash (reference; default) or pad (SAM's longest side + pad).
+    #[arg(long, value_enum)]
+    pub resize: Option<Resize>,
     /// Use at most N training images (quick runs).
     #[arg(long)]
     pub train_limit: Option<usize>,
     /// Use at most N test images (quick runs).
     #[arg(long)]
     pub test_limit: Option<usize>,
-    /// Cap optimiser steps per epoch (quick runs).
+    /// Cap optimiser steps per epoch (quick runs; at least 1).
     #[arg(long)]
     pub max_steps: Option<usize>,
     /// Run folder.
@@ -91,7 +104,8 @@ pub struct Args {
     /// Only plain progress lines.
     #[arg(long)]
     pub quiet: bool,
-    /// Recompute SAM encoder blocks in backward (less memory, same gradients; large inputs).
+    /// seg: recompute SAM encoder blocks in backward (less memory, same gradients; large
+    /// inputs).
     #[arg(long)]
     pub checkpoint_blocks: bool,
     #[command(flatten)]
@@ -100,47 +114,98 @@ pub struct Args {
     pub dtype: DtypeArgs,
 }
 
+/// Refuse the flags that do not apply to the chosen task (instead of ignoring them).
+fn refuse_foreign_flags(args: &Args) -> anyhow::Result<()> {
+    let foreign: Vec<&str> = match args.task {
+        TaskKind::Seg => [
+            (args.select_loss.is_some(), "--select-loss"),
+            (args.warmup_epochs.is_some(), "--warmup-epochs"),
+            (args.arch.is_some(), "--arch"),
+            (args.random_init, "--random-init"),
+        ]
+        .into_iter()
+        .filter_map(|(given, flag)| given.then_some(flag))
+        .collect(),
+        TaskKind::Classify => [
+            (args.checkpoint_blocks, "--checkpoint-blocks"),
+            (args.resize.is_some(), "--resize"),
+        ]
+        .into_iter()
+        .filter_map(|(given, flag)| given.then_some(flag))
+        .collect(),
+    };
+    if let Some(first) = foreign.first() {
+        let (task, other) = match args.task {
+            TaskKind::Seg => ("seg", "classify"),
+            TaskKind::Classify => ("classify", "seg"),
+        };
+        anyhow::bail!(
+            "{first}: applies to `--task {other}` only, not to `--task {task}`{}",
+            if foreign.len() > 1 {
+                format!(" (also {})", foreign[1..].join(", "))
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(())
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
-    match args.task.as_str() {
-        "seg" => {}
-        "classify" | "cls" => return run_classify(args),
-        other => anyhow::bail!("--task {other}: expected `seg` or `classify`"),
+    refuse_foreign_flags(&args)?;
+    if args.task == TaskKind::Classify {
+        return run_classify(args);
     }
     if args.data != "kvasir" {
         anyhow::bail!("--data {}: segmentation supports `kvasir`", args.data);
     }
-    let method: Method = args.method.parse()?;
-    let level: Level = args.level.parse()?;
-    let resize = super::common::parse_resize(&args.resize)?;
     let device = args.device.resolve()?;
     let dtype = args.dtype.resolve(&device)?;
     let mut progress = Progress::new(args.quiet);
-    let data_dir = super::common::kvasir_dir(args.data_dir.clone(), args.seed, &mut progress)?;
     let (base, sam) =
         super::common::resolve_sam(args.model.as_deref().unwrap_or("tiny"), args.image_size)?;
     let out = args.out.clone().unwrap_or_else(|| {
-        PathBuf::from("runs").join(format!("{}-{}-k{}", sam.name, method.name(), args.topk))
+        PathBuf::from("runs").join(format!(
+            "{}-{}-k{}",
+            sam.name,
+            args.method.name(),
+            args.topk
+        ))
     });
+    if let Some(d) = &args.data_dir {
+        IoPaths::new()
+            .input("--data-dir", d)
+            .input_opt("--model", base.as_ref())
+            .output("--out", &out)
+            .check()?;
+    }
+    let data_dir = super::common::kvasir_dir(args.data_dir.clone(), args.seed, &mut progress)?;
     let mut cfg = SegTrainConfig::recipe(data_dir, base, sam);
-    cfg.method = method;
-    cfg.topk = args.topk;
-    cfg.level = level;
-    cfg.epochs = args.epochs.unwrap_or(cfg.epochs);
-    cfg.lr = args.lr.unwrap_or(cfg.lr);
-    cfg.min_lr = args.min_lr.unwrap_or(cfg.min_lr);
-    cfg.batch_size = args.batch_size.unwrap_or(cfg.batch_size);
-    cfg.seed = args.seed;
-    cfg.select_batches = args.select_batches;
-    cfg.resize = resize;
-    cfg.train_limit = args.train_limit;
-    cfg.test_limit = args.test_limit;
-    cfg.max_steps_per_epoch = args.max_steps;
+    set_core(&mut cfg.core, &args);
+    cfg.resize = args.resize.unwrap_or(cfg.resize);
     cfg.checkpoint_blocks = args.checkpoint_blocks;
     cfg.dtype = dtype;
     let s = seg::train(&cfg, &out, &device, args.resume, &mut progress)
         .with_context(|| format!("training run {}", out.display()))?;
     print_summary(&s);
     Ok(())
+}
+
+/// The flags every task shares, onto the recipe's core (the default `min_lr` is lowered to
+/// `--lr` when that is smaller; an explicit `--min-lr` above `--lr` is refused by validation).
+fn set_core(core: &mut TrainCore, args: &Args) {
+    core.method = args.method;
+    core.topk = args.topk;
+    core.level = args.level;
+    core.epochs = args.epochs.unwrap_or(core.epochs);
+    core.lr = args.lr.unwrap_or(core.lr);
+    core.min_lr = core.min_lr_or_default(args.min_lr);
+    core.batch_size = args.batch_size.unwrap_or(core.batch_size);
+    core.seed = args.seed;
+    core.select_batches = args.select_batches;
+    core.train_limit = args.train_limit;
+    core.test_limit = args.test_limit;
+    core.max_steps_per_epoch = args.max_steps;
 }
 
 /// `--task classify`: flags → [`ClsTrainConfig`] → [`cls::train`] → the summary table.
@@ -175,23 +240,12 @@ fn run_classify(args: Args) -> anyhow::Result<()> {
         (m, None) => m,
     };
     let mut cfg = ClsTrainConfig::recipe(data_dir, layout, base, model);
-    cfg.method = args.method.parse()?;
-    cfg.select_loss = args.select_loss.parse()?;
-    cfg.topk = args.topk;
-    cfg.level = args.level.parse()?;
-    cfg.epochs = args.epochs.unwrap_or(cfg.epochs);
+    set_core(&mut cfg.core, &args);
+    cfg.select_loss = args.select_loss.unwrap_or(cfg.select_loss);
     cfg.warmup_epochs = args
         .warmup_epochs
         .unwrap_or(cfg.warmup_epochs)
         .min(cfg.epochs.saturating_sub(1));
-    cfg.lr = args.lr.unwrap_or(cfg.lr);
-    cfg.min_lr = args.min_lr.unwrap_or(cfg.min_lr).min(cfg.lr);
-    cfg.batch_size = args.batch_size.unwrap_or(cfg.batch_size);
-    cfg.seed = args.seed;
-    cfg.select_batches = args.select_batches;
-    cfg.train_limit = args.train_limit;
-    cfg.test_limit = args.test_limit;
-    cfg.max_steps_per_epoch = args.max_steps;
     let device = args.device.resolve()?;
     let out = args.out.clone().unwrap_or_else(|| {
         PathBuf::from("runs").join(format!(

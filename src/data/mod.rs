@@ -12,7 +12,6 @@
 //! This module imports no model.
 
 pub mod augment;
-pub mod bench;
 pub mod classification;
 pub mod imgio;
 pub mod kvasir;

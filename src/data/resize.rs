@@ -12,13 +12,14 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 /// How an image of any size becomes `S × S`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Resize {
     /// Both sides scaled to S independently (GPS reference).
     #[default]
     Squash,
     /// Longest side scaled to S, aspect kept, zero padding bottom/right (SAM).
+    #[value(alias = "pad")]
     LongestSidePad,
 }
 

@@ -21,10 +21,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 
 /// What ranks the entries of a selected tensor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Criterion {
     /// |accumulated gradient of the selection loss| (GPS).
+    #[value(alias = "grad")]
     Gradient,
     /// |pretrained weight|.
     Magnitude,
@@ -33,7 +34,7 @@ pub enum Criterion {
 }
 
 /// Where the top-K budget is spent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Level {
     /// K per output row (GPS).
@@ -271,12 +272,19 @@ fn scores_for(
     Ok(v.into_iter().map(f32::abs).collect())
 }
 
-/// GPS selection over the named tensors of `base`.
-///
-/// Every tensor is classified by `policy`; `Selected` ones get their top-`k` entries per
-/// row (or the same budget at `level`), `Trainable` ones are listed whole. `grads` is needed
-/// only for [`Criterion::Gradient`] (accumulated gradients keyed by tensor name, see
-/// [`super::grads`]); `seed` only for [`Criterion::Random`].
+/// How to select, as one value: the policy, K, the level the budget is spent at, the
+/// criterion and (for [`Criterion::Random`]) the seed.
+#[derive(Debug, Clone, Copy)]
+pub struct SelectSpec<'a> {
+    pub policy: &'a Policy,
+    pub k: usize,
+    pub level: Level,
+    pub criterion: Criterion,
+    pub seed: u64,
+}
+
+/// [`select`] with positional arguments (kept for existing callers; new code passes a
+/// [`SelectSpec`]).
 pub fn select_from_grads(
     base: &TensorMap,
     grads: Option<&TensorMap>,
@@ -286,6 +294,30 @@ pub fn select_from_grads(
     criterion: Criterion,
     seed: u64,
 ) -> Result<Selection> {
+    let spec = SelectSpec {
+        policy,
+        k,
+        level,
+        criterion,
+        seed,
+    };
+    select(base, grads, &spec)
+}
+
+/// GPS selection over the named tensors of `base`.
+///
+/// Every tensor is classified by `spec.policy`; `Selected` ones get their top-`k` entries per
+/// row (or the same budget at `level`), `Trainable` ones are listed whole. `grads` is needed
+/// only for [`Criterion::Gradient`] (accumulated gradients keyed by tensor name, see
+/// [`super::grads`]); the seed only for [`Criterion::Random`].
+pub fn select(base: &TensorMap, grads: Option<&TensorMap>, spec: &SelectSpec) -> Result<Selection> {
+    let SelectSpec {
+        policy,
+        k,
+        level,
+        criterion,
+        seed,
+    } = *spec;
     if k == 0 {
         return Err(Error::Config {
             field: "k".into(),

@@ -1,12 +1,11 @@
 //! Batch inference: ONNX Runtime provisioning and sessions ([`runtime`]), the images of a job
 //! checked up front ([`input`]), engines (ONNX Runtime on an exported graph, or the Candle SAM,
 //! [`engine`]), the batched pre-process → run → post-process job with its reports ([`job`]),
-//! training-run folders ([`run`]) and the engine benchmark ([`bench`]).
+//! training-run folders ([`run`]); the engine benchmark is `crate::bench::infer`.
 //!
 //! Metrics are those of [`crate::metrics`] (shared with training's evaluation, so
 //! `gps-seg infer --run` reproduces training's mDice); inference never imports training.
 
-pub mod bench;
 pub mod engine;
 pub mod input;
 pub mod job;

@@ -6,16 +6,14 @@
 //! - [`prompt_encoder`]: points, boxes, masks → sparse and dense prompt embeddings;
 //! - [`transformer`]: the two-way transformer; [`mask_decoder`]: tokens → masks + IoU;
 //! - [`sam`]: the assembled model, its parameter listing and the prompt-free / prompted paths;
-//! - [`load`]: checkpoint loading with position-table resizing; [`bench`]: speed measurement.
+//! - [`load`]: checkpoint loading with position-table resizing (speed: `crate::bench::sam`).
 
-pub mod bench;
 pub mod common;
 pub mod config;
 pub mod image_encoder;
 pub mod info;
 pub mod load;
 pub mod mask_decoder;
-pub mod parity;
 pub mod prompt_encoder;
 pub mod registry;
 #[allow(clippy::module_inception)]

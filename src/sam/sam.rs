@@ -519,7 +519,7 @@ mod tests {
     fn bf16_backward_gives_f32_gradients_to_vars_and_sparse_deltas() {
         let (cfg, x, t) = autocast_setup();
         let (sam, vs, sel, _) =
-            crate::train::bench::gps_setup(&cfg, &Device::Cpu, 4, 2, 1e-3).unwrap();
+            crate::bench::train::gps_setup(&cfg, &Device::Cpu, 4, 2, 1e-3).unwrap();
         let vars = vs.trainable_vars();
         let sparse: Vec<&String> = sel.indices.keys().collect();
         assert!(sparse

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::models::ClassifierConfig;
 use crate::train::cls::{self, ClsRunSummary, ClsTrainConfig, Method, SelectLoss};
 use crate::train::observer::{Event, Observer};
-use crate::util::fs::{read_json, write_atomic, write_json_atomic};
+use crate::util::fs::{read_json, write_atomic, write_json_atomic, IoPaths};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -225,6 +225,11 @@ pub fn run_classify(
             msg: "no variants to run".into(),
         });
     }
+    IoPaths::new()
+        .input("--data-dir", &cfg.data_dir)
+        .input("--model", &cfg.base)
+        .output("--out", out)
+        .check()?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     write_json_atomic(&out.join("experiment.json"), cfg)?;
     downstream_data(cfg, obs)?;

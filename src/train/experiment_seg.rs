@@ -6,8 +6,10 @@
 
 use crate::error::{Error, Result};
 use crate::progress::{Event, Observer};
-use crate::train::seg::{self, Method, RunSummary, SegTrainConfig};
-use crate::util::fs::{read_json, write_atomic, write_json_atomic};
+use crate::train::config::Method;
+use crate::train::run::clear_for_run;
+use crate::train::seg::{self, RunSummary, SegTrainConfig};
+use crate::util::fs::{read_json, write_atomic, write_json_atomic, IoPaths};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -54,11 +56,14 @@ pub struct SegExperimentRow {
     pub summary: RunSummary,
 }
 
-/// Run every variant of `template` (data, model, epochs, seed) into `out/<label>`.
+/// Run every variant of `template` (data, model, epochs, seed) into `out/<label>`. A finished
+/// variant with the same settings is reused; a variant folder holding anything else (another
+/// setting, an unfinished run) is refused unless `overwrite`, then replaced.
 pub fn run_kvasir(
     template: &SegTrainConfig,
     variants: &[SegVariant],
     out: &Path,
+    overwrite: bool,
     device: &Device,
     obs: &mut dyn Observer,
 ) -> Result<(Vec<SegExperimentRow>, String)> {
@@ -68,6 +73,11 @@ pub fn run_kvasir(
             msg: "no variants to run".into(),
         });
     }
+    IoPaths::new()
+        .input("--data-dir", &template.data_dir)
+        .input_opt("--model", template.base.as_ref())
+        .output("--out", out)
+        .check()?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut rows = Vec::new();
     for v in variants {
@@ -89,9 +99,7 @@ pub fn run_kvasir(
             )));
             read_json::<RunSummary>(&summary_path)?
         } else {
-            if dir.exists() {
-                std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-            }
+            clear_for_run(&dir, overwrite, "--out")?;
             obs.event(Event::Info(format!("── {} ──", v.label)));
             seg::train(&cfg, &dir, device, false, obs)?
         };

@@ -1,11 +1,14 @@
-//! Training: fit/evaluate loops, losses, metrics, schedules, checkpoints and resume.
-//! Models know nothing of training; everything about steps, losses and optimisers lives here.
+//! Training: one loop ([`fit`]) over tasks ([`task::Task`]: segmentation [`seg`], classification
+//! [`cls`]), the shared config core and method vocabulary ([`config`]), losses, metrics,
+//! schedules, checkpoints and resume. Models know nothing of training; everything about steps,
+//! losses and optimisers lives here.
 
-pub mod bench;
 pub mod checkpoint;
 pub mod cls;
+pub mod config;
 pub mod experiment;
 pub mod experiment_seg;
+pub mod fit;
 pub mod loss;
 pub mod optim;
 pub mod pretrain;
@@ -13,6 +16,7 @@ pub mod pretrain_cls;
 pub mod run;
 pub mod schedule;
 pub mod seg;
+pub mod task;
 
 /// Metrics live in [`crate::metrics`] (shared with inference); re-exported for existing users.
 pub use crate::metrics;

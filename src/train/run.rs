@@ -1,10 +1,12 @@
-//! Pieces every trainer shares (segmentation [`super::seg`], classification [`super::cls`]):
-//! opening a run folder for a fresh start or a resume, restoring trainable vars and optimiser
-//! state from a checkpoint, the Adam/AdamW choice, `metrics.jsonl`, the smoothed loss curve,
-//! the delta of a GPS artifact from saved params, and peak memory.
+//! The edges of the training loop ([`super::fit`]): opening a run folder for a fresh start or a
+//! resume, restoring trainable vars and optimiser state from a checkpoint, the Adam/AdamW
+//! choice, `metrics.jsonl`, the smoothed loss curve, whole-tensor roles from a policy, and the
+//! delta of a GPS artifact from saved params.
 
 use crate::error::{Error, Result};
 use crate::gps::artifact::Artifact;
+use crate::gps::policy::{Policy, Treatment};
+use crate::nn::{Role, RolePolicy};
 use crate::train::checkpoint::{Checkpoints, KeepPolicy};
 use crate::train::optim::{Adam, AdamW, Optimizer};
 use crate::util::fs::{read_json, write_atomic, write_json_atomic};
@@ -67,6 +69,27 @@ where
     };
     write_json_atomic(&config_path, cfg)?;
     Ok((ckpts, latest))
+}
+
+/// Make `dir` ready for a new run without deleting anything unasked: an absent or empty
+/// folder is fine; one holding files (an earlier run) is refused unless `overwrite`, in which
+/// case it is removed. `flag` names the option that chose the folder (e.g. `--out`).
+pub fn clear_for_run(dir: &Path, overwrite: bool, flag: &str) -> Result<()> {
+    let holds_files = std::fs::read_dir(dir).is_ok_and(|mut rd| rd.next().is_some());
+    if !holds_files {
+        return Ok(());
+    }
+    if !overwrite {
+        return Err(Error::Config {
+            field: flag.trim_start_matches('-').replace('-', "_"),
+            msg: format!(
+                "{} already holds an earlier run; pass --overwrite to replace it or choose \
+                 another {flag}",
+                dir.display()
+            ),
+        });
+    }
+    std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))
 }
 
 /// Set `vars` from `<dir>/params.safetensors` and the optimiser from
@@ -138,6 +161,17 @@ pub fn smoothed_loss(losses: &[f32]) -> Vec<(f64, f64)> {
         pts.push(((i + 1) as f64, acc / (i + 1).min(win) as f64));
     }
     pts
+}
+
+/// Roles of a whole-tensor method: the tensors `policy` marks `Trainable` train, the rest is
+/// frozen (`Selected` is not used by these policies).
+pub fn roles_from_policy(base: &TensorMap, policy: &Policy) -> RolePolicy {
+    RolePolicy::Map(
+        base.iter()
+            .filter(|(n, t)| policy.treatment(n, t.dims()) == Treatment::Trainable)
+            .map(|(n, _)| (n.clone(), Role::Trainable))
+            .collect(),
+    )
 }
 
 /// The artifact's delta (selected values + trainable tensors) from saved trainable params.

@@ -2,10 +2,10 @@
 //! every parameter), with achieved GFLOP/s from an analytic FLOP count of the config's
 //! matmuls and convolutions. The library measures and returns numbers; the CLI prints them.
 
-use super::sam::{build, Sam};
 use crate::error::Result;
 use crate::nn::{Precision, RolePolicy};
 use crate::sam::SamConfig;
+use crate::sam::{build, Sam};
 use crate::util::Rng;
 use candle_core::{Device, Tensor};
 use std::time::Instant;

@@ -1,10 +1,10 @@
 //! `gps-seg bench infer`: prompt-free SAM throughput of ONNX Runtime vs the Candle SAM on the
 //! same seeded random weights and images, per batch size, with achieved GFLOP/s from
-//! [`crate::sam::bench::prompt_free_flops`] and the largest logit difference between the two
+//! [`crate::bench::sam::prompt_free_flops`] and the largest logit difference between the two
 //! engines (a parity sanity check). The library measures; the CLI prints.
 
-use super::engine::{CandleEngine, Engine, OrtEngine};
 use crate::error::{Error, Result};
+use crate::infer::engine::{CandleEngine, Engine, OrtEngine};
 use crate::onnx::sam::{export_prompt_free, random_sam_weights, SamExportOptions};
 use crate::progress::Observer;
 use crate::sam::SamConfig;
@@ -83,7 +83,7 @@ pub fn run(cfg: &InferBenchConfig, obs: &mut dyn Observer) -> Result<Vec<InferBe
     let mut rows = Vec::new();
     for &b in &cfg.batches {
         let x: Vec<f32> = (0..b * 3 * s * s).map(|_| rng.f32()).collect();
-        let flop = crate::sam::bench::prompt_free_flops(&cfg.sam, b);
+        let flop = crate::bench::sam::prompt_free_flops(&cfg.sam, b);
         let (t_ort, y_ort) = time_engine(&ort, &x, b, iters)?;
         let (t_candle, y_candle) = time_engine(&candle, &x, b, iters)?;
         let diff = y_ort

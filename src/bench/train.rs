@@ -14,11 +14,12 @@
 //! (`VmHWM`) belongs to it; the CLI re-executes itself per row. The library measures and
 //! returns numbers; the CLI prints. Random weights (`ParamStore::init`), random images.
 
+use crate::bench::sam::prompt_free_flops;
 use crate::error::{Error, Result};
-use crate::gps::{select_from_grads, Criterion, Level, Policy, Selection};
+use crate::gps::select::{select, SelectSpec};
+use crate::gps::{Criterion, Level, Policy, Selection};
 use crate::nn::fused::with_reference_path;
 use crate::nn::{ParamStore, Precision};
-use crate::sam::bench::prompt_free_flops;
 use crate::sam::{Sam, SamConfig};
 use crate::train::optim::{Adam, AdamW, Optimizer};
 use crate::util::Rng;
@@ -184,15 +185,14 @@ pub fn gps_setup(
     Sam::new(cfg, &init)?;
     let base = init.current_tensors()?;
     drop(init);
-    let sel = select_from_grads(
-        &base,
-        None,
-        &Policy::sam(),
+    let spec = SelectSpec {
+        policy: &Policy::sam(),
         k,
-        Level::Neuron,
-        Criterion::Random,
+        level: Level::Neuron,
+        criterion: Criterion::Random,
         seed,
-    )?;
+    };
+    let sel = select(&base, None, &spec)?;
     let store = ParamStore::with_roles(base, sel.roles(), dev);
     let sam = Sam::new(cfg, &store)?;
     let opt = Adam::new(store.trainable_vars(), lr)?;

@@ -8,11 +8,11 @@
 //! zero (a key projection's bias under softmax) compare their rounding noise to the model's
 //! gradient scale rather than to itself.
 
-use super::sam::Sam;
 use crate::error::{Error, Result};
 use crate::nn::fused::with_reference_path;
 use crate::nn::gradcheck::{max_abs, rel_err_floor};
 use crate::nn::ParamStore;
+use crate::sam::Sam;
 use crate::sam::SamConfig;
 use crate::train::loss::bce_with_logits;
 use crate::util::tensors::TensorMap;
@@ -109,7 +109,7 @@ pub fn device_parity(
             init.current_tensors()?
         }
     };
-    let (x, t) = crate::train::bench::random_batch(batch, cfg.image_size, seed, &cpu)?;
+    let (x, t) = crate::bench::train::random_batch(batch, cfg.image_size, seed, &cpu)?;
     let (loss_r, logits_r, grads_r) = with_reference_path(|| run(cfg, &weights, &x, &t, &cpu))?;
     let (loss_d, logits_d, grads_d) = run(cfg, &weights, &x, &t, device)?;
     let mut largest = 0f64;

@@ -2,11 +2,11 @@
 //! JPEGs: one thread vs the rayon pool, with and without the in-memory cache. Used by
 //! `gps-seg bench data`; numbers are measured, never asserted.
 
-use super::augment::SegAugment;
-use super::kvasir::KvasirDataset;
-use super::loader::{Loader, LoaderConfig, SegSource};
-use super::resize::Resize;
-use super::synth_kvasir::{self, SynthKvasirConfig};
+use crate::data::augment::SegAugment;
+use crate::data::kvasir::KvasirDataset;
+use crate::data::loader::{Loader, LoaderConfig, SegSource};
+use crate::data::resize::Resize;
+use crate::data::synth_kvasir::{self, SynthKvasirConfig};
 use crate::error::{Error, Result};
 use candle_core::Device;
 use std::path::PathBuf;

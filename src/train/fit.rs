@@ -1,0 +1,585 @@
+//! The one training loop. [`fit`] runs any [`Task`]: run folder (fresh or resumed, config
+//! compared), roles (GPS selection, or the task's baseline roles) → [`ParamStore`], optimiser
+//! (Adam; AdamW for `full`) and schedule, epochs over the prefetching loader
+//! ([`Loader::run_batches`]), the NaN guard, held-out evaluation every epoch, checkpoints (keep
+//! last N and the best; "best" written atomically), the best epoch (highest [`Task::score`]),
+//! curves, `metrics.jsonl`, the final delta + merge and `summary.json`.
+//!
+//! [`evaluate`] scores the base model without training (the `zero-shot` row); [`select`] runs
+//! the GPS selection phase alone. The selection phase is written once, here, for every task.
+
+use crate::data::loader::Loader;
+use crate::error::{Error, Result};
+use crate::gps::artifact::{Artifact, BaseModel, SelectionInfo};
+use crate::gps::grads::{accumulate, grad_roles};
+use crate::gps::select::{select as select_entries, Criterion, SelectSpec};
+use crate::nn::{ParamStore, RolePolicy};
+use crate::progress::{Event, Observer};
+use crate::train::checkpoint::Checkpoints;
+use crate::train::config::Method;
+use crate::train::optim::{Adam, AdamW};
+use crate::train::run::{delta_from_params, open_run, restore, snapshot, write_jsonl, Opt};
+use crate::train::schedule::Schedule;
+use crate::train::task::{EpochRecord, Fitted, ScheduleUnit, Task};
+use crate::util::fs::{write_json_atomic, IoPaths};
+use crate::util::mem::peak_rss_mb;
+use crate::util::tensors::{self, TensorMap};
+use crate::util::threads::on_worker;
+use candle_core::{Device, Var};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// What a checkpoint's `state.json` holds for task `T`.
+pub type StateOf<T> = crate::train::run::TrainState<EpochRecord<<T as Task>::Eval>>;
+
+/// Validation shared by every entry point, before anything is written: the core, the method
+/// against the task's list, the task's own fields, and `out` against the inputs.
+fn check<T: Task>(task: &T, device: &Device, out: &Path) -> Result<()> {
+    let core = task.core();
+    core.validate()?;
+    core.method.check_in(T::METHODS, T::NAME)?;
+    task.validate(device)?;
+    IoPaths::new()
+        .input("--data-dir", &core.data_dir)
+        .input_opt("--model", core.base.as_ref())
+        .output("--out", out)
+        .check()
+}
+
+/// Train (or resume) one run of `task` in `run_dir`.
+pub fn fit<T: Task>(
+    task: &T,
+    run_dir: &Path,
+    device: &Device,
+    resume: bool,
+    obs: &mut dyn Observer,
+) -> Result<T::Summary> {
+    check(task, device, run_dir)?;
+    if task.core().method == Method::ZeroShot {
+        return Err(Error::Config {
+            field: "method".into(),
+            msg: "`zero-shot` trains nothing; evaluate the base model with `fit::evaluate`".into(),
+        });
+    }
+    let mut run = Run::prepare(task, run_dir, device, resume, obs)?;
+    while run.state.epochs_done < task.core().epochs {
+        run.epoch(obs)?;
+    }
+    run.finish()
+}
+
+/// Evaluate the base model on the held-out split without training (the `zero-shot` row):
+/// `config.json`, the split, the best-epoch files of the task and `summary.json` (best epoch
+/// 0, merged = the base checkpoint).
+pub fn evaluate<T: Task>(
+    task: &T,
+    run_dir: &Path,
+    device: &Device,
+    obs: &mut dyn Observer,
+) -> Result<T::Summary> {
+    check(task, device, run_dir)?;
+    let t_start = Instant::now();
+    let core = task.core();
+    open_run::<T, serde_json::Value>(run_dir, task, core.keep_last, false)?;
+    let (data, base) = task.open(run_dir, device, obs)?;
+    let store = ParamStore::new(Some(base), RolePolicy::AllFrozen, device, core.seed);
+    let model = task.build(&data, &store)?;
+    store.check_all_used()?;
+    let (trainable, total) = store.counts();
+    obs.event(Event::Info(format!(
+        "method {}: {trainable} of {total} parameters train ({:.3}%)",
+        task.label(),
+        100.0 * trainable as f64 / total.max(1) as f64
+    )));
+    let (_, mut test) = task.loaders(&data)?;
+    let (eval, kept) = task.evaluate(&model, &mut test, device, obs)?;
+    task.write_best(run_dir, &data, &kept)?;
+    let fitted = Fitted {
+        label: task.label(),
+        trainable,
+        total,
+        best_epoch: Some(0),
+        best: eval.clone(),
+        last: eval,
+        selection_seconds: 0.0,
+        seconds: t_start.elapsed().as_secs_f64(),
+        seconds_per_step: 0.0,
+        peak_rss_mb: peak_rss_mb(),
+        run_dir: run_dir.to_path_buf(),
+        merged: core.base.clone(),
+    };
+    let summary = task.summary(&data, fitted);
+    write_json_atomic(&run_dir.join("summary.json"), &summary)?;
+    Ok(summary)
+}
+
+/// The GPS selection phase alone: the artifact (`gps_config.json` + `selection.safetensors`)
+/// of the task's sparse method in `out`, with the split beside it.
+pub fn select<T: Task>(
+    task: &T,
+    out: &Path,
+    device: &Device,
+    obs: &mut dyn Observer,
+) -> Result<Artifact> {
+    check(task, device, out)?;
+    if task.core().method.criterion().is_none() {
+        return Err(Error::Config {
+            field: "method".into(),
+            msg: format!("`{}` selects nothing", task.core().method.name()),
+        });
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let (data, base) = task.open(out, device, obs)?;
+    selection(task, &data, &base, out, device, obs)
+}
+
+/// Selection for the sparse methods into `art_dir` (read back when it is already there, as on
+/// resume): gradients of the task's selection loss with the pretrained weights (GPS), or
+/// magnitude / random scores, then top-K per row at the configured level.
+fn selection<T: Task>(
+    task: &T,
+    data: &T::Data,
+    base: &TensorMap,
+    art_dir: &Path,
+    device: &Device,
+    obs: &mut dyn Observer,
+) -> Result<Artifact> {
+    if art_dir.join("gps_config.json").exists() {
+        obs.event(Event::Info(format!(
+            "selection: reusing {}",
+            art_dir.display()
+        )));
+        return Artifact::load(art_dir, device);
+    }
+    let core = task.core();
+    let criterion = core
+        .method
+        .criterion()
+        .ok_or_else(|| Error::msg("selection asked for a method without one"))?;
+    let setup = task.selection();
+    let t0 = Instant::now();
+    let (grads, batches) = if criterion == Criterion::Gradient {
+        let (g, n) = gradients(task, data, base, &setup, device, obs)?;
+        (Some(g), n)
+    } else {
+        (None, 0)
+    };
+    let spec = SelectSpec {
+        policy: &setup.policy,
+        k: core.topk,
+        level: core.level,
+        criterion,
+        seed: core.seed,
+    };
+    let selection = select_entries(base, grads.as_ref(), &spec)?;
+    let info = SelectionInfo {
+        k: core.topk,
+        level: core.level,
+        criterion,
+        selection_loss: setup.loss_name,
+        batches,
+        seed: core.seed,
+    };
+    let art = Artifact::new(
+        setup.policy,
+        info,
+        BaseModel::of(base, &core.base_file())?,
+        selection,
+    )?;
+    art.save(art_dir)?;
+    if criterion == Criterion::Gradient {
+        obs.event(Event::PhaseEnd {
+            summary: format!(
+                "gradients over {batches} batches, selection in {:.1}s",
+                t0.elapsed().as_secs_f64()
+            ),
+        });
+    }
+    Ok(art)
+}
+
+/// Selection gradients: a store over `base` whose only vars are the policy's selected tensors,
+/// the selection loss accumulated over the first `select_batches` batches of the task's
+/// selection loader. Returns the gradients and the batches seen.
+fn gradients<T: Task>(
+    task: &T,
+    data: &T::Data,
+    base: &TensorMap,
+    setup: &crate::train::task::SelectionSetup,
+    device: &Device,
+    obs: &mut dyn Observer,
+) -> Result<(TensorMap, usize)> {
+    let store = ParamStore::with_roles(base.clone(), grad_roles(base, &setup.policy), device);
+    let model = task.build(data, &store)?;
+    let vars = store.trainable_vars();
+    let mut loader = task.selection_loader(data)?;
+    let n = task
+        .core()
+        .select_batches
+        .min(loader.batches_per_epoch().max(1));
+    obs.event(Event::PhaseStart {
+        name: setup.phase.clone(),
+        total: n,
+    });
+    let mut batches = Vec::with_capacity(n);
+    for _ in 0..n {
+        match loader.next_batch(device)? {
+            Some(b) => batches.push(b),
+            None => break,
+        }
+    }
+    let mut done = 0;
+    accumulate(&vars, batches, |b| {
+        let loss = task.selection_loss(&model, &b)?;
+        done += 1;
+        obs.event(Event::Step {
+            done,
+            loss: loss.to_scalar::<f32>().ok().map(f64::from),
+            lr: None,
+            images_per_s: None,
+        });
+        Ok(loss)
+    })
+}
+
+/// One run in progress: everything the epochs share.
+struct Run<'a, T: Task> {
+    task: &'a T,
+    run_dir: &'a Path,
+    device: &'a Device,
+    data: T::Data,
+    base: TensorMap,
+    artifact: Option<Artifact>,
+    model: T::Model,
+    vars: Vec<(String, Var)>,
+    opt: Opt,
+    ckpts: Checkpoints,
+    state: StateOf<T>,
+    train: Loader<T::Source>,
+    test: Loader<T::Source>,
+    schedule: Schedule,
+    unit: ScheduleUnit,
+    steps: usize,
+    counts: (usize, usize),
+    started: Instant,
+    selection_seconds: f64,
+    step_secs: f64,
+    step_count: usize,
+}
+
+impl<'a, T: Task> Run<'a, T> {
+    /// Open (or resume) the run folder, select (sparse methods), build the model, the
+    /// optimiser, the loaders and the schedule; restore the latest checkpoint when resuming.
+    fn prepare(
+        task: &'a T,
+        run_dir: &'a Path,
+        device: &'a Device,
+        resume: bool,
+        obs: &mut dyn Observer,
+    ) -> Result<Self> {
+        let started = Instant::now();
+        let core = task.core();
+        let (ckpts, latest) = open_run::<T, StateOf<T>>(run_dir, task, core.keep_last, resume)?;
+        let (data, base) = task.open(run_dir, device, obs)?;
+        let t_sel = Instant::now();
+        let artifact = match core.method.criterion() {
+            Some(_) => Some(selection(
+                task,
+                &data,
+                &base,
+                &run_dir.join("gps"),
+                device,
+                obs,
+            )?),
+            None => None,
+        };
+        let selection_seconds = match artifact {
+            Some(_) => t_sel.elapsed().as_secs_f64(),
+            None => 0.0,
+        };
+        let roles = match &artifact {
+            Some(a) => RolePolicy::Map(a.selection.roles()),
+            None => task.baseline_roles(&base)?,
+        };
+        let store = ParamStore::new(Some(base.clone()), roles, device, core.seed);
+        let model = task.build(&data, &store)?;
+        store.check_all_used()?;
+        let (trainable, total) = store.counts();
+        obs.event(Event::Info(format!(
+            "method {}: {trainable} of {total} parameters train ({:.3}%)",
+            task.label(),
+            100.0 * trainable as f64 / total.max(1) as f64
+        )));
+        let vars = store.trainable_vars();
+        let opt = match core.method {
+            Method::Full => Opt::AdamW(AdamW::new(vars.clone(), core.lr, core.weight_decay)?),
+            _ => Opt::Adam(Adam::new(vars.clone(), core.lr)?),
+        };
+        let (train, test) = task.loaders(&data)?;
+        let steps = steps_per_epoch(task, &train)?;
+        let (schedule, unit) = task.schedule(steps);
+        let state = StateOf::<T> {
+            epochs_done: 0,
+            global_step: 0,
+            loader: train.state(),
+            history: Vec::new(),
+            best_epoch: None,
+            step_losses: Vec::new(),
+        };
+        let mut run = Run {
+            task,
+            run_dir,
+            device,
+            data,
+            base,
+            artifact,
+            model,
+            vars,
+            opt,
+            ckpts,
+            state,
+            train,
+            test,
+            schedule,
+            unit,
+            steps,
+            counts: (trainable, total),
+            started,
+            selection_seconds,
+            step_secs: 0.0,
+            step_count: 0,
+        };
+        if let Some((dir, st)) = latest {
+            run.resume(&dir, st, obs)?;
+        }
+        Ok(run)
+    }
+
+    /// Restore vars, optimiser and loader from checkpoint `dir`, and repair `best/` from the
+    /// best epoch's checkpoint when it is missing or damaged.
+    fn resume(&mut self, dir: &Path, st: StateOf<T>, obs: &mut dyn Observer) -> Result<()> {
+        restore(dir, &self.vars, self.opt.get(), self.device)?;
+        self.train.restore(st.loader.clone())?;
+        obs.event(Event::Info(format!(
+            "resuming {} after epoch {}",
+            self.run_dir.display(),
+            st.epochs_done
+        )));
+        if let Some(b) = st.best_epoch {
+            if self.ckpts.ensure_best(b)? {
+                obs.event(Event::Info(format!(
+                    "best/: rebuilt from the checkpoint of epoch {b}"
+                )));
+            }
+        }
+        self.state = st;
+        Ok(())
+    }
+
+    /// One epoch: train, evaluate, record, checkpoint (best atomically), curves.
+    fn epoch(&mut self, obs: &mut dyn Observer) -> Result<()> {
+        let epoch = self.state.epochs_done;
+        let t0 = Instant::now();
+        let (loss_sum, images, done, lr) = self.train_epoch(epoch, t0, obs)?;
+        if done == 0 {
+            return Err(Error::Data {
+                msg: format!(
+                    "epoch {} ran no optimiser step ({} training images, batch size {})",
+                    epoch + 1,
+                    self.train.len(),
+                    self.task.core().batch_size
+                ),
+            });
+        }
+        self.train.next_epoch();
+        let train_secs = t0.elapsed().as_secs_f64();
+        let train_loss = loss_sum / done as f64;
+        let images_per_s = images as f64 / train_secs.max(1e-9);
+        obs.event(Event::PhaseEnd {
+            summary: format!("loss {train_loss:.4}  {images_per_s:.1} img/s"),
+        });
+        let (eval, kept) = self
+            .task
+            .evaluate(&self.model, &mut self.test, self.device, obs)?;
+        let score = T::score(&eval);
+        let state = &mut self.state;
+        state.history.push(EpochRecord {
+            epoch: epoch + 1,
+            steps: done,
+            train_loss,
+            lr,
+            eval,
+            seconds: t0.elapsed().as_secs_f64(),
+            images_per_s,
+        });
+        state.epochs_done = epoch + 1;
+        state.loader = self.train.state();
+        let is_best = state
+            .best_epoch
+            .and_then(|b| state.history.iter().find(|r| r.epoch == b))
+            .is_none_or(|b| score > T::score(&b.eval));
+        if is_best {
+            state.best_epoch = Some(epoch + 1);
+        }
+        let params = snapshot(&self.vars);
+        let ost = self.opt.get().state()?;
+        let tensors = [("params", &params), ("optimizer", &ost)];
+        let best = state.best_epoch;
+        self.ckpts.save_epoch(epoch + 1, &tensors, &*state, best)?;
+        if is_best {
+            self.task.write_best(self.run_dir, &self.data, &kept)?;
+        }
+        write_jsonl(&self.run_dir.join("metrics.jsonl"), &state.history)?;
+        self.task
+            .draw(self.run_dir, &state.history, &state.step_losses)
+    }
+
+    /// The optimiser steps of one epoch. Returns (loss sum, images, steps, last lr).
+    fn train_epoch(
+        &mut self,
+        epoch: usize,
+        t0: Instant,
+        obs: &mut dyn Observer,
+    ) -> Result<(f64, usize, usize, f64)> {
+        let Run {
+            task,
+            run_dir,
+            device,
+            model,
+            opt,
+            state,
+            train,
+            schedule,
+            unit,
+            steps,
+            step_secs,
+            step_count,
+            ..
+        } = self;
+        let (task, unit, steps) = (*task, *unit, *steps);
+        let mut lr = schedule.lr(match unit {
+            ScheduleUnit::Epoch => epoch,
+            ScheduleUnit::Step => state.global_step,
+        });
+        opt.get().set_lr(lr);
+        obs.event(Event::PhaseStart {
+            name: format!("epoch {}/{}", epoch + 1, task.core().epochs),
+            total: steps,
+        });
+        let (mut loss_sum, mut images, mut done) = (0.0f64, 0usize, 0usize);
+        // Batch k+1 is decoded and augmented on a background thread while step k runs.
+        train.run_batches(steps, device, |step, batch| {
+            if unit == ScheduleUnit::Step {
+                lr = schedule.lr(state.global_step);
+                opt.get().set_lr(lr);
+            }
+            let ts = Instant::now();
+            // Forward, backward and the update run on a rayon worker (`on_worker`).
+            let (loss, grads) = on_worker(|| task.train_step(model, &batch))?;
+            let lv = loss.to_scalar::<f32>()?;
+            if !lv.is_finite() {
+                return Err(Error::NonFinite(format!(
+                    "training loss is {lv} at epoch {} step {} (global step {}); \
+                     the last good checkpoint is kept in {}",
+                    epoch + 1,
+                    step + 1,
+                    state.global_step + 1,
+                    run_dir.join("checkpoints").display()
+                )));
+            }
+            let o = opt.get();
+            on_worker(|| o.step(&grads))?;
+            *step_secs += ts.elapsed().as_secs_f64();
+            *step_count += 1;
+            state.global_step += 1;
+            state.step_losses.push(lv);
+            loss_sum += lv as f64;
+            images += T::batch_len(&batch)?;
+            done += 1;
+            obs.event(Event::Step {
+                done,
+                loss: Some(loss_sum / done as f64),
+                lr: Some(lr),
+                images_per_s: Some(images as f64 / t0.elapsed().as_secs_f64().max(1e-9)),
+            });
+            Ok(())
+        })?;
+        Ok((loss_sum, images, done, lr))
+    }
+
+    /// The best epoch's delta (sparse methods: into `<run>/gps/`) merged into the base →
+    /// `merged.safetensors`; the summary.
+    fn finish(self) -> Result<T::Summary> {
+        let best_params = tensors::load(
+            &self.run_dir.join("best").join("params.safetensors"),
+            self.device,
+        )?;
+        let merged = match &self.artifact {
+            Some(art) => {
+                let mut art = art.clone();
+                art.set_delta(delta_from_params(&art, &best_params)?)?;
+                art.save(&self.run_dir.join("gps"))?;
+                crate::gps::merge::merge(&self.base, &art)?
+            }
+            None => {
+                let mut m = self.base.clone();
+                m.extend(best_params);
+                m
+            }
+        };
+        let merged_path = self.run_dir.join("merged.safetensors");
+        tensors::save_safetensors(&merged_path, &merged, None)?;
+        let history = &self.state.history;
+        let eval_of = |e: Option<&EpochRecord<T::Eval>>| e.map(|r| r.eval.clone());
+        let best = self
+            .state
+            .best_epoch
+            .and_then(|b| history.iter().find(|r| r.epoch == b));
+        let fitted = Fitted {
+            label: self.task.label(),
+            trainable: self.counts.0,
+            total: self.counts.1,
+            best_epoch: self.state.best_epoch,
+            best: eval_of(best).unwrap_or_default(),
+            last: eval_of(history.last()).unwrap_or_default(),
+            selection_seconds: self.selection_seconds,
+            seconds: self.started.elapsed().as_secs_f64(),
+            seconds_per_step: match self.step_count {
+                0 => 0.0,
+                n => self.step_secs / n as f64,
+            },
+            peak_rss_mb: peak_rss_mb(),
+            run_dir: self.run_dir.to_path_buf(),
+            merged: Some(merged_path),
+        };
+        let summary = self.task.summary(&self.data, fitted);
+        write_json_atomic(&self.run_dir.join("summary.json"), &summary)?;
+        Ok(summary)
+    }
+}
+
+/// Optimiser steps per epoch: the loader's batches, capped by `max_steps_per_epoch`; zero is
+/// refused (an epoch without a step would ship the base weights as "trained").
+fn steps_per_epoch<T: Task>(task: &T, train: &Loader<T::Source>) -> Result<usize> {
+    let per_epoch = train.batches_per_epoch();
+    let core = task.core();
+    let steps = core
+        .max_steps_per_epoch
+        .map_or(per_epoch, |m| m.min(per_epoch));
+    if steps == 0 {
+        return Err(Error::Data {
+            msg: format!(
+                "{}: the training split ({} images, batch size {}) gives no optimiser step per epoch",
+                core.data_dir.display(),
+                train.len(),
+                core.batch_size
+            ),
+        });
+    }
+    Ok(steps)
+}
+
+/// `<run>/best/` of a run folder (its best epoch's checkpoint files).
+pub fn best_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("best")
+}

@@ -1,0 +1,166 @@
+//! The [`Task`] trait: what differs between training tasks. The loop ([`super::fit`]) owns
+//! everything else (run folder, roles, optimiser, schedule, epochs, NaN guard, checkpoints,
+//! best epoch, curves, summary, merge) and knows no model. A task *is* its config (the value
+//! written to `config.json`) plus these few behaviours; segmentation ([`super::seg`]) and
+//! classification ([`super::cls`]) implement it, and a new task is a new file implementing it.
+//!
+//! The split follows burn's `TrainStep`/`ValidStep` and Lightning's `LightningModule`: a task
+//! gives the model, the loss of a batch and the evaluation of a loader; the loop does the rest.
+
+use crate::data::loader::{Loader, Source};
+use crate::error::Result;
+use crate::gps::policy::Policy;
+use crate::nn::{ParamStore, RolePolicy};
+use crate::progress::Observer;
+use crate::train::config::{Method, TrainCore};
+use crate::train::schedule::Schedule;
+use crate::util::tensors::TensorMap;
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// A batch of task `T`'s loaders.
+pub type BatchOf<T> = <<T as Task>::Source as Source>::Batch;
+
+/// The training loader and the held-out loader of a task.
+pub type Loaders<S> = (Loader<S>, Loader<S>);
+
+/// Whether the schedule's position is the epoch (set once per epoch) or the global step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScheduleUnit {
+    Epoch,
+    Step,
+}
+
+/// What the GPS selection phase needs from a task besides the model and the data.
+#[derive(Debug, Clone)]
+pub struct SelectionSetup {
+    /// Which tensors are selected per row / trained whole / frozen.
+    pub policy: Policy,
+    /// The loss whose gradients rank entries, as recorded in the artifact (e.g. `bce+iou`).
+    pub loss_name: String,
+    /// The progress phase's name (e.g. `select`, `select (supcon)`).
+    pub phase: String,
+}
+
+/// One training task. `Self` is the run's config (written to and compared with
+/// `<run>/config.json`); everything is read from it and from the opened [`Task::Data`].
+pub trait Task: Serialize + DeserializeOwned + PartialEq + Sync {
+    /// What the loaders read (training, evaluation and selection share it).
+    type Source: Source<Batch: Sync> + Send;
+    /// The model built over a [`ParamStore`].
+    type Model: Sync;
+    /// The opened data (dataset, split) and what the model needs from it.
+    type Data;
+    /// The held-out metrics of one evaluation, flattened into each `metrics.jsonl` record.
+    type Eval: Clone + Default + Serialize + DeserializeOwned;
+    /// What an evaluation keeps for drawing the best epoch (overlays, per-image scores).
+    type Kept;
+    /// The end-of-run summary (`summary.json`).
+    type Summary: Serialize;
+
+    /// The methods this task supports; the others are refused before any work.
+    const METHODS: &'static [Method];
+    /// The task's name in messages (`segmentation`, `classification`).
+    const NAME: &'static str;
+
+    /// The shared settings.
+    fn core(&self) -> &TrainCore;
+    /// The run's label (`gps`, `gps-ce`, `full`, …).
+    fn label(&self) -> String {
+        self.core().method.name().into()
+    }
+    /// Refuse the task's own out-of-range settings (the core is validated by the loop).
+    fn validate(&self, device: &Device) -> Result<()>;
+    /// Open the data (writing the run's split / model files into `run_dir`) and load the base
+    /// weights the model starts from.
+    fn open(
+        &self,
+        run_dir: &Path,
+        device: &Device,
+        obs: &mut dyn Observer,
+    ) -> Result<(Self::Data, TensorMap)>;
+    /// Roles of the whole-tensor methods (`full`, `decoder`, `linear`, `bias`).
+    fn baseline_roles(&self, base: &TensorMap) -> Result<RolePolicy>;
+    /// The model over `store`.
+    fn build(&self, data: &Self::Data, store: &ParamStore) -> Result<Self::Model>;
+    /// The shuffling, augmenting training loader and the fixed-order held-out loader.
+    fn loaders(&self, data: &Self::Data) -> Result<Loaders<Self::Source>>;
+    /// The learning-rate schedule for `steps_per_epoch` optimiser steps per epoch.
+    fn schedule(&self, steps_per_epoch: usize) -> (Schedule, ScheduleUnit);
+    /// Training loss of one batch and its gradients.
+    fn train_step(&self, model: &Self::Model, batch: &BatchOf<Self>)
+        -> Result<(Tensor, GradStore)>;
+    /// Images in a batch (for images/s).
+    fn batch_len(batch: &BatchOf<Self>) -> Result<usize>;
+    /// Evaluate `model` over one pass of `loader`.
+    fn evaluate(
+        &self,
+        model: &Self::Model,
+        loader: &mut Loader<Self::Source>,
+        device: &Device,
+        obs: &mut dyn Observer,
+    ) -> Result<(Self::Eval, Self::Kept)>;
+    /// The one "higher is better" number that picks the best epoch.
+    fn score(eval: &Self::Eval) -> f64;
+    /// Files of the best evaluation (overlays, per-image scores); nothing by default.
+    fn write_best(&self, _run_dir: &Path, _data: &Self::Data, _kept: &Self::Kept) -> Result<()> {
+        Ok(())
+    }
+    /// Curves of the run so far (loss per step, metrics per epoch).
+    fn draw(
+        &self,
+        run_dir: &Path,
+        history: &[EpochRecord<Self::Eval>],
+        step_losses: &[f32],
+    ) -> Result<()>;
+    /// The summary of a finished run.
+    fn summary(&self, data: &Self::Data, fit: Fitted<Self::Eval>) -> Self::Summary;
+    /// The selection policy, loss name and phase name of the sparse methods.
+    fn selection(&self) -> SelectionSetup;
+    /// The loader whose first batches supply the selection gradients.
+    fn selection_loader(&self, data: &Self::Data) -> Result<Loader<Self::Source>>;
+    /// The selection loss of one batch (with the pretrained weights).
+    fn selection_loss(&self, model: &Self::Model, batch: &BatchOf<Self>) -> Result<Tensor>;
+}
+
+/// One epoch's record (a line of `metrics.jsonl`); the task's metrics are flattened in.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EpochRecord<E> {
+    pub epoch: usize,
+    pub steps: usize,
+    pub train_loss: f64,
+    pub lr: f64,
+    #[serde(flatten)]
+    pub eval: E,
+    pub seconds: f64,
+    pub images_per_s: f64,
+}
+
+/// What the loop measured, for the task's summary.
+#[derive(Debug, Clone)]
+pub struct Fitted<E> {
+    pub label: String,
+    pub trainable: usize,
+    pub total: usize,
+    pub best_epoch: Option<usize>,
+    pub best: E,
+    pub last: E,
+    /// Seconds spent selecting (gradient pass + ranking), 0 for whole-tensor methods.
+    pub selection_seconds: f64,
+    pub seconds: f64,
+    pub seconds_per_step: f64,
+    pub peak_rss_mb: f64,
+    pub run_dir: PathBuf,
+    /// Merged weights of the best epoch (a zero-shot evaluation: the base checkpoint).
+    pub merged: Option<PathBuf>,
+}
+
+impl<E> Fitted<E> {
+    /// Trainable share in percent.
+    pub fn trainable_pct(&self) -> f64 {
+        100.0 * self.trainable as f64 / self.total.max(1) as f64
+    }
+}
