@@ -14,7 +14,7 @@
 //! Baselines: full (AdamW), linear (head only), bias (BitFit: every bias + the head).
 
 use crate::data::augment::ClsAugment;
-use crate::data::classification::{ClsDataset, ClsLayout, ClsSplit};
+use crate::data::classification::ClsLayout;
 use crate::data::loader::{ClsBatch, ClsSource, Loader, LoaderConfig};
 use crate::error::{Error, Result};
 use crate::gps::policy::{Policy, Rule, Treatment};
@@ -28,15 +28,17 @@ use crate::train::observer::{Event, Observer};
 use crate::train::run::{roles_from_policy, smoothed_loss};
 use crate::train::schedule::Schedule;
 use crate::train::task::{Fitted, Loaders, ScheduleUnit, SelectionSetup, Task};
-use crate::util::fs::{read_json, write_json_atomic};
+use crate::util::fs::write_json_atomic;
 use crate::util::tensors::TensorMap;
 use crate::util::threads::on_worker;
-use crate::util::Rng;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+pub use crate::train::cls_data::{
+    base_weights, resolve_model, with_classes, ClsData, SeededSplit, CACHE_BYTES,
+};
 pub use crate::train::config::Method;
 
 /// The loss whose gradients rank the entries (GPS only).
@@ -150,86 +152,6 @@ impl ClsTrainConfig {
     }
 }
 
-/// `cfg` with a head of `n` classes.
-pub fn with_classes(cfg: &ClassifierConfig, n: usize) -> ClassifierConfig {
-    match cfg {
-        ClassifierConfig::Vit(c) => ClassifierConfig::Vit(c.clone().with_num_classes(n)),
-        ClassifierConfig::ConvNext(c) => ClassifierConfig::ConvNext(c.clone().with_num_classes(n)),
-    }
-}
-
-/// Resolve a `--model` argument to (base checkpoint, architecture).
-///
-/// - `vit_tiny` / `convnext_tiny` (or their preset names `vit_tiny_cpu`, `convnext_tiny_cpu`,
-///   and `vit_b16`, `convnext_b`): the project's shipped checkpoint `sam/<name>.safetensors`
-///   with its `sam/<name>.json` (e.g. `sam/vit-tiny.*`, written by `gps-seg pretrain vit`);
-///   with `random_init`, the preset with fresh weights instead (no checkpoint).
-/// - a checkpoint path: its architecture from `<stem>.json` beside it, else from `arch`.
-pub fn resolve_model(
-    model: &str,
-    arch: Option<&str>,
-    random_init: bool,
-) -> Result<(Option<PathBuf>, ClassifierConfig)> {
-    let preset = match model {
-        "vit_tiny" | "vit-tiny" | "vit_tiny_cpu" => Some(("vit_tiny_cpu", "vit-tiny")),
-        "convnext_tiny" | "convnext-tiny" | "convnext_tiny_cpu" => {
-            Some(("convnext_tiny_cpu", "convnext-tiny"))
-        }
-        "vit_b16" | "vit-b16" => Some(("vit_b16", "vit-b16")),
-        "convnext_b" | "convnext-b" => Some(("convnext_b", "convnext-b")),
-        _ => None,
-    };
-    if let Some((name, stem)) = preset {
-        if random_init {
-            return Ok((None, ClassifierConfig::preset(name, 2)?));
-        }
-        for d in crate::sam::registry::model_dirs() {
-            let w = d.join(format!("{stem}.safetensors"));
-            let c = d.join(format!("{stem}.json"));
-            if w.is_file() && c.is_file() {
-                let cfg: ClassifierConfig = read_json(&c)?;
-                cfg.validate()?;
-                return Ok((Some(w), cfg));
-            }
-        }
-        return Err(Error::Config {
-            field: "model".into(),
-            msg: format!(
-                "no shipped checkpoint sam/{stem}.safetensors (+ .json) found; create it \
-                 (`gps-seg pretrain vit` for vit_tiny), pass a checkpoint path, or train from \
-                 scratch with --random-init"
-            ),
-        });
-    }
-    let path = PathBuf::from(model);
-    if !path.is_file() {
-        return Err(Error::Config {
-            field: "model".into(),
-            msg: format!(
-                "`{model}` is neither a preset (vit_tiny, convnext_tiny, vit_b16, convnext_b) \
-                 nor an existing checkpoint file"
-            ),
-        });
-    }
-    let beside = path.with_extension("json");
-    let cfg = if beside.is_file() {
-        read_json::<ClassifierConfig>(&beside)?
-    } else {
-        let a = arch.ok_or_else(|| Error::Config {
-            field: "arch".into(),
-            msg: format!(
-                "{} has no {} beside it; name its architecture with --arch ({})",
-                path.display(),
-                beside.display(),
-                ClassifierConfig::PRESETS.join(", ")
-            ),
-        })?;
-        ClassifierConfig::preset(a, 2)?
-    };
-    cfg.validate()?;
-    Ok((Some(path), cfg))
-}
-
 /// The held-out metrics of one epoch (fields of a `metrics.jsonl` record).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ClsEval {
@@ -267,228 +189,6 @@ pub struct ClsRunSummary {
     pub run_dir: PathBuf,
     /// Merged weights of the best epoch (`model.json` beside it holds the config).
     pub merged: PathBuf,
-}
-
-/// Decoded-image cache budget per loader (1 GiB of u8 pixels: VTAB-1k at 224 px is 150 MB;
-/// CIFAR-100's 50 k training images at 224 px are 7.5 GB and stream from disk instead).
-pub const CACHE_BYTES: usize = 1 << 30;
-
-/// The seeded split of an ImageFolder without split folders (`<run>/split.json`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct SeededSplit {
-    pub seed: u64,
-    pub test_fraction: f64,
-    pub train: Vec<String>,
-    pub test: Vec<String>,
-}
-
-fn subset(ds: &ClsDataset, keep: impl Fn(&str) -> bool) -> ClsDataset {
-    ClsDataset {
-        samples: ds.samples.iter().filter(|s| keep(&s.id)).cloned().collect(),
-        class_names: ds.class_names.clone(),
-        num_classes: ds.num_classes,
-    }
-}
-
-/// A seeded subset of at most `n` samples (order kept), so limits do not cut whole classes.
-fn limit(ds: ClsDataset, n: Option<usize>, seed: u64, what: &str) -> ClsDataset {
-    let Some(n) = n else { return ds };
-    if n >= ds.len() {
-        return ds;
-    }
-    let mut idx: Vec<usize> = (0..ds.len()).collect();
-    Rng::derive(seed, &format!("cls-limit/{what}")).shuffle(&mut idx);
-    idx.truncate(n);
-    idx.sort_unstable();
-    ClsDataset {
-        samples: idx.into_iter().map(|i| ds.samples[i].clone()).collect(),
-        class_names: ds.class_names,
-        num_classes: ds.num_classes,
-    }
-}
-
-/// Training and held-out data of a run, and the architecture with the dataset's classes.
-pub struct ClsData {
-    pub train: ClsDataset,
-    pub test: ClsDataset,
-    /// Where the split came from (e.g. `train800val200.txt / test.txt`).
-    pub split: String,
-    /// `cfg.model` with a head of the dataset's class count (`<run>/model.json`).
-    pub model: ClassifierConfig,
-}
-
-/// The seeded split of an ImageFolder without split folders, read from (on resume) or written
-/// to `<run>/split.json`.
-fn seeded_split(cfg: &ClsTrainConfig, run_dir: &Path) -> Result<(ClsDataset, ClsDataset, String)> {
-    let all = ClsDataset::image_folder(&cfg.data_dir)?;
-    let path = run_dir.join("split.json");
-    let sp: SeededSplit = if path.exists() {
-        read_json(&path)?
-    } else {
-        let mut ids: Vec<String> = all.samples.iter().map(|s| s.id.clone()).collect();
-        Rng::derive(cfg.seed, "cls-split").shuffle(&mut ids);
-        let n_test = ((ids.len() as f64 * cfg.test_fraction).round() as usize)
-            .clamp(1, ids.len().saturating_sub(1).max(1));
-        let test = ids.split_off(ids.len().saturating_sub(n_test));
-        let sp = SeededSplit {
-            seed: cfg.seed,
-            test_fraction: cfg.test_fraction,
-            train: ids,
-            test,
-        };
-        write_json_atomic(&path, &sp)?;
-        sp
-    };
-    let tr: std::collections::HashSet<&str> = sp.train.iter().map(String::as_str).collect();
-    let te: std::collections::HashSet<&str> = sp.test.iter().map(String::as_str).collect();
-    let desc = format!(
-        "seeded {:.0}% test split ({})",
-        100.0 * cfg.test_fraction,
-        path.display()
-    );
-    Ok((
-        subset(&all, |id| tr.contains(id)),
-        subset(&all, |id| te.contains(id)),
-        desc,
-    ))
-}
-
-/// The splits of a layout with split files or folders: (train, test, description).
-fn split_files(cfg: &ClsTrainConfig) -> Result<(ClsDataset, ClsDataset, String)> {
-    let root = &cfg.data_dir;
-    let (tr_split, te_split, desc) = match cfg.layout {
-        ClsLayout::ImageFolder => match (root.join("val").is_dir(), root.join("test").is_dir()) {
-            (true, true) => (ClsSplit::TrainVal, ClsSplit::Test, "train+val / test"),
-            (false, true) => (ClsSplit::Train, ClsSplit::Test, "train / test"),
-            (true, false) => (ClsSplit::Train, ClsSplit::Val, "train / val"),
-            (false, false) => {
-                return Err(Error::Data {
-                    msg: format!(
-                        "{}: has train/ but neither val/ nor test/ to evaluate on",
-                        root.display()
-                    ),
-                })
-            }
-        },
-        ClsLayout::Vtab => (
-            ClsSplit::TrainVal,
-            ClsSplit::Test,
-            "train800val200.txt / test.txt",
-        ),
-        ClsLayout::Fgvc if root.join("val.json").is_file() => (
-            ClsSplit::TrainVal,
-            ClsSplit::Test,
-            "train.json+val.json / test.json",
-        ),
-        ClsLayout::Fgvc => (ClsSplit::Train, ClsSplit::Test, "train.json / test.json"),
-        ClsLayout::Cifar100 => (ClsSplit::Train, ClsSplit::Test, "train.bin / test.bin"),
-    };
-    let tr = ClsDataset::open(root, cfg.layout, tr_split, None)?;
-    let n = (cfg.layout != ClsLayout::Cifar100).then_some(tr.num_classes);
-    let te = ClsDataset::open(root, cfg.layout, te_split, n)?;
-    if cfg.layout == ClsLayout::ImageFolder && te.class_names != tr.class_names {
-        return Err(Error::Data {
-            msg: format!(
-                "{}: the training and evaluation splits have different class folders",
-                root.display()
-            ),
-        });
-    }
-    Ok((tr, te, desc.to_string()))
-}
-
-impl ClsData {
-    /// Open the training and held-out splits of `cfg.data_dir` (see the module docs); a
-    /// seeded split is written to (and on resume read from) `<run>/split.json`.
-    pub fn open(cfg: &ClsTrainConfig, run_dir: &Path) -> Result<ClsData> {
-        let root = &cfg.data_dir;
-        let (train, test, split) = match cfg.layout {
-            ClsLayout::ImageFolder if !root.join("train").is_dir() => seeded_split(cfg, run_dir)?,
-            _ => split_files(cfg)?,
-        };
-        let train = limit(train, cfg.train_limit, cfg.seed, "train");
-        let test = limit(test, cfg.test_limit, cfg.seed, "test");
-        if train.is_empty() || test.is_empty() || train.num_classes < 2 {
-            return Err(Error::Data {
-                msg: format!(
-                    "{}: the split leaves {} training and {} test images in {} classes; \
-                     need both non-empty and at least 2 classes",
-                    root.display(),
-                    train.len(),
-                    test.len(),
-                    train.num_classes
-                ),
-            });
-        }
-        let model = with_classes(&cfg.model, train.num_classes);
-        Ok(ClsData {
-            train,
-            test,
-            split,
-            model,
-        })
-    }
-
-    fn source(
-        &self,
-        ds: &ClsDataset,
-        cfg: &ClsTrainConfig,
-        augment: ClsAugment,
-        views: usize,
-    ) -> ClsSource {
-        ClsSource {
-            dataset: ds.clone(),
-            size: cfg.model.image_size(),
-            augment,
-            views,
-        }
-    }
-
-    /// Whether `ds` resized to the model's input fits the in-memory cache budget
-    /// ([`CACHE_BYTES`]; u8 CHW per image).
-    fn cacheable(ds: &ClsDataset, cfg: &ClsTrainConfig) -> bool {
-        let s = cfg.model.image_size();
-        ds.len().saturating_mul(3 * s * s) <= CACHE_BYTES
-    }
-
-    /// Shuffling, augmenting loader over the training images (cached when small).
-    pub fn train_loader(&self, cfg: &ClsTrainConfig) -> Result<Loader<ClsSource>> {
-        let mut lc = LoaderConfig::train(cfg.batch_size, cfg.seed);
-        lc.cache = Self::cacheable(&self.train, cfg);
-        Loader::all(self.source(&self.train, cfg, cfg.augment, 1), lc)
-    }
-
-    /// Fixed-order loader over the held-out images (no augmentation).
-    pub fn test_loader(&self, cfg: &ClsTrainConfig) -> Result<Loader<ClsSource>> {
-        let mut lc = LoaderConfig::eval(cfg.eval_batch_size);
-        lc.cache = Self::cacheable(&self.test, cfg);
-        Loader::all(self.source(&self.test, cfg, cfg.augment, 1), lc)
-    }
-}
-
-/// Base weights adapted to `model` (head re-initialised when the class count differs; the
-/// changes are reported as info events), or a fresh seeded set when `base` is `None`.
-pub fn base_weights(
-    model: &ClassifierConfig,
-    base: Option<&Path>,
-    seed: u64,
-    device: &Device,
-    obs: &mut dyn Observer,
-) -> Result<TensorMap> {
-    match base {
-        Some(p) => {
-            let (map, report) = model.load_checkpoint(p, device, seed)?;
-            for l in report.lines() {
-                obs.event(Event::Info(format!("{}: {l}", p.display())));
-            }
-            Ok(map)
-        }
-        None => {
-            let store = ParamStore::init(device, seed);
-            Classifier::new(model, &store)?;
-            store.current_tensors()
-        }
-    }
 }
 
 /// The selection loss of one batch. SupCon: `batch` holds two views (`[2B, 3, S, S]`,

@@ -26,7 +26,7 @@ use crate::util::mem::peak_rss_mb;
 use crate::util::tensors::{self, TensorMap};
 use crate::util::threads::on_worker;
 use candle_core::{Device, Var};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 /// What a checkpoint's `state.json` holds for task `T`.
@@ -44,6 +44,28 @@ fn check<T: Task>(task: &T, device: &Device, out: &Path) -> Result<()> {
         .input_opt("--model", core.base.as_ref())
         .output("--out", out)
         .check()
+}
+
+/// The task's model over a store of `base` with `roles`; checks that every tensor is used and
+/// reports the trainable count. Returns the model, its trainable vars and (trainable, total).
+fn model_over<T: Task>(
+    task: &T,
+    data: &T::Data,
+    base: &TensorMap,
+    roles: RolePolicy,
+    device: &Device,
+    obs: &mut dyn Observer,
+) -> Result<(T::Model, Vec<(String, Var)>, (usize, usize))> {
+    let store = ParamStore::new(Some(base.clone()), roles, device, task.core().seed);
+    let model = task.build(data, &store)?;
+    store.check_all_used()?;
+    let (trainable, total) = store.counts();
+    obs.event(Event::Info(format!(
+        "method {}: {trainable} of {total} parameters train ({:.3}%)",
+        task.label(),
+        100.0 * trainable as f64 / total.max(1) as f64
+    )));
+    Ok((model, store.trainable_vars(), (trainable, total)))
 }
 
 /// Train (or resume) one run of `task` in `run_dir`.
@@ -82,15 +104,8 @@ pub fn evaluate<T: Task>(
     let core = task.core();
     open_run::<T, serde_json::Value>(run_dir, task, core.keep_last, false)?;
     let (data, base) = task.open(run_dir, device, obs)?;
-    let store = ParamStore::new(Some(base), RolePolicy::AllFrozen, device, core.seed);
-    let model = task.build(&data, &store)?;
-    store.check_all_used()?;
-    let (trainable, total) = store.counts();
-    obs.event(Event::Info(format!(
-        "method {}: {trainable} of {total} parameters train ({:.3}%)",
-        task.label(),
-        100.0 * trainable as f64 / total.max(1) as f64
-    )));
+    let (model, _, (trainable, total)) =
+        model_over(task, &data, &base, RolePolicy::AllFrozen, device, obs)?;
     let (_, mut test) = task.loaders(&data)?;
     let (eval, kept) = task.evaluate(&model, &mut test, device, obs)?;
     task.write_best(run_dir, &data, &kept)?;
@@ -301,16 +316,7 @@ impl<'a, T: Task> Run<'a, T> {
             Some(a) => RolePolicy::Map(a.selection.roles()),
             None => task.baseline_roles(&base)?,
         };
-        let store = ParamStore::new(Some(base.clone()), roles, device, core.seed);
-        let model = task.build(&data, &store)?;
-        store.check_all_used()?;
-        let (trainable, total) = store.counts();
-        obs.event(Event::Info(format!(
-            "method {}: {trainable} of {total} parameters train ({:.3}%)",
-            task.label(),
-            100.0 * trainable as f64 / total.max(1) as f64
-        )));
-        let vars = store.trainable_vars();
+        let (model, vars, counts) = model_over(task, &data, &base, roles, device, obs)?;
         let opt = match core.method {
             Method::Full => Opt::AdamW(AdamW::new(vars.clone(), core.lr, core.weight_decay)?),
             _ => Opt::Adam(Adam::new(vars.clone(), core.lr)?),
@@ -326,28 +332,11 @@ impl<'a, T: Task> Run<'a, T> {
             best_epoch: None,
             step_losses: Vec::new(),
         };
+        #[rustfmt::skip]
         let mut run = Run {
-            task,
-            run_dir,
-            device,
-            data,
-            base,
-            artifact,
-            model,
-            vars,
-            opt,
-            ckpts,
-            state,
-            train,
-            test,
-            schedule,
-            unit,
-            steps,
-            counts: (trainable, total),
-            started,
-            selection_seconds,
-            step_secs: 0.0,
-            step_count: 0,
+            task, run_dir, device, data, base, artifact, model, vars, opt, ckpts, state, train,
+            test, schedule, unit, steps, counts, started, selection_seconds,
+            step_secs: 0.0, step_count: 0,
         };
         if let Some((dir, st)) = latest {
             run.resume(&dir, st, obs)?;
@@ -577,9 +566,4 @@ fn steps_per_epoch<T: Task>(task: &T, train: &Loader<T::Source>) -> Result<usize
         });
     }
     Ok(steps)
-}
-
-/// `<run>/best/` of a run folder (its best epoch's checkpoint files).
-pub fn best_dir(run_dir: &Path) -> PathBuf {
-    run_dir.join("best")
 }

@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod cls;
+pub mod cls_data;
 pub mod config;
 pub mod experiment;
 pub mod experiment_seg;
@@ -16,6 +17,7 @@ pub mod pretrain_cls;
 pub mod run;
 pub mod schedule;
 pub mod seg;
+pub mod seg_data;
 pub mod task;
 
 /// Metrics live in [`crate::metrics`] (shared with inference); re-exported for existing users.

@@ -8,8 +8,7 @@
 //! ground truth's resolution (mDice picks the best epoch), overlays and `scores.csv`.
 //! Methods: gps / random / magnitude (sparse), full, decoder, zero-shot ([`fit::evaluate`]).
 
-use crate::data::augment::SegAugment;
-use crate::data::kvasir::{KvasirDataset, SegBatch, Split};
+use crate::data::kvasir::SegBatch;
 use crate::data::loader::{Loader, LoaderConfig, SegSource};
 use crate::data::resize::{to_original, Resize};
 use crate::error::{Error, Result};
@@ -34,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub use crate::train::config::Method;
+pub use crate::train::seg_data::{base_weights, SegData};
 
 /// Everything a segmentation run depends on; written to `<run>/config.json` (one flat object:
 /// the core's fields, then these).
@@ -135,18 +135,6 @@ pub struct RunSummary {
     pub run_dir: PathBuf,
     /// Merged weights of the best epoch (full checkpoint of the base architecture).
     pub merged: Option<PathBuf>,
-}
-
-/// Load the base weights (or make a fresh seeded set for tests).
-pub fn base_weights(cfg: &SegTrainConfig, device: &Device) -> Result<TensorMap> {
-    match &cfg.base {
-        Some(p) => crate::sam::load_weights(p, &cfg.sam, device),
-        None => {
-            let store = ParamStore::init(device, cfg.seed);
-            Sam::new(&cfg.sam, &store)?;
-            store.current_tensors()
-        }
-    }
 }
 
 /// Train (or resume) one segmentation run in `run_dir`; `zero-shot` evaluates the base model
@@ -336,83 +324,6 @@ impl Task for SegTrainConfig {
 
 /// Probability maps kept per evaluation for the best epoch's overlays.
 const KEEP_OVERLAYS: usize = 4;
-
-/// The data of a run: dataset, split (read from the run folder when resuming) and loaders.
-pub struct SegData {
-    pub dataset: KvasirDataset,
-    pub split: Split,
-    pub train_idx: Vec<usize>,
-    pub test_idx: Vec<usize>,
-}
-
-impl SegData {
-    /// Open the dataset and decide the split: the run's own `split.json` when it exists, else
-    /// the data folder's split files, else a seeded split. The split is written to the run.
-    pub fn open(cfg: &SegTrainConfig, run_dir: &Path) -> Result<SegData> {
-        let dataset = KvasirDataset::open(&cfg.data_dir)?;
-        let split_path = run_dir.join("split.json");
-        let split = if split_path.exists() {
-            Split::read_json(&split_path)?
-        } else {
-            match Split::from_root(&cfg.data_dir)? {
-                Some(s) => s,
-                None => Split::seeded(&dataset.ids(), cfg.seed, cfg.test_fraction),
-            }
-        };
-        if !split_path.exists() {
-            split.write_json(&split_path)?;
-        }
-        let mut train_idx = dataset.indices_of(&split.train, "split train list")?;
-        let mut test_idx = dataset.indices_of(&split.test, "split test list")?;
-        if let Some(n) = cfg.train_limit {
-            train_idx.truncate(n);
-        }
-        if let Some(n) = cfg.test_limit {
-            test_idx.truncate(n);
-        }
-        if train_idx.is_empty() || test_idx.is_empty() {
-            return Err(Error::Data {
-                msg: format!(
-                    "{}: the split leaves {} training and {} test images; both must be non-empty",
-                    cfg.data_dir.display(),
-                    train_idx.len(),
-                    test_idx.len()
-                ),
-            });
-        }
-        Ok(SegData {
-            dataset,
-            split,
-            train_idx,
-            test_idx,
-        })
-    }
-
-    fn source(&self, cfg: &SegTrainConfig, hflip: f64) -> SegSource {
-        SegSource {
-            dataset: self.dataset.clone(),
-            size: cfg.sam.image_size,
-            resize: cfg.resize,
-            augment: SegAugment { hflip },
-        }
-    }
-
-    /// Shuffling, augmenting, caching loader over the training images.
-    pub fn train_loader(&self, cfg: &SegTrainConfig) -> Result<Loader<SegSource>> {
-        Loader::new(
-            self.source(cfg, cfg.hflip),
-            self.train_idx.clone(),
-            LoaderConfig::train(cfg.batch_size, cfg.seed),
-        )
-    }
-
-    /// Fixed-order loader over the test images (no augmentation).
-    pub fn test_loader(&self, cfg: &SegTrainConfig) -> Result<Loader<SegSource>> {
-        let mut lc = LoaderConfig::eval(cfg.eval_batch_size);
-        lc.cache = true;
-        Loader::new(self.source(cfg, 0.0), self.test_idx.clone(), lc)
-    }
-}
 
 /// One evaluated image kept for overlays: its probability map and ground truth at the
 /// original resolution.

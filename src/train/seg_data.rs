@@ -1,0 +1,103 @@
+//! The data side of the segmentation task ([`super::seg`]): a Kvasir-shaped dataset, its split
+//! (the run's own `split.json` on resume, else the data folder's split files, else a seeded
+//! split, written into the run), limits and the loaders; and the base weights.
+
+use super::seg::SegTrainConfig;
+use crate::data::augment::SegAugment;
+use crate::data::kvasir::{KvasirDataset, Split};
+use crate::data::loader::{Loader, LoaderConfig, SegSource};
+use crate::error::{Error, Result};
+use crate::nn::ParamStore;
+use crate::sam::Sam;
+use crate::util::tensors::TensorMap;
+use candle_core::Device;
+use std::path::Path;
+
+/// The data of a run: dataset, split (read from the run folder when resuming) and loaders.
+pub struct SegData {
+    pub dataset: KvasirDataset,
+    pub split: Split,
+    pub train_idx: Vec<usize>,
+    pub test_idx: Vec<usize>,
+}
+
+impl SegData {
+    /// Open the dataset and decide the split: the run's own `split.json` when it exists, else
+    /// the data folder's split files, else a seeded split. The split is written to the run.
+    pub fn open(cfg: &SegTrainConfig, run_dir: &Path) -> Result<SegData> {
+        let dataset = KvasirDataset::open(&cfg.data_dir)?;
+        let split_path = run_dir.join("split.json");
+        let split = if split_path.exists() {
+            Split::read_json(&split_path)?
+        } else {
+            match Split::from_root(&cfg.data_dir)? {
+                Some(s) => s,
+                None => Split::seeded(&dataset.ids(), cfg.seed, cfg.test_fraction),
+            }
+        };
+        if !split_path.exists() {
+            split.write_json(&split_path)?;
+        }
+        let mut train_idx = dataset.indices_of(&split.train, "split train list")?;
+        let mut test_idx = dataset.indices_of(&split.test, "split test list")?;
+        if let Some(n) = cfg.train_limit {
+            train_idx.truncate(n);
+        }
+        if let Some(n) = cfg.test_limit {
+            test_idx.truncate(n);
+        }
+        if train_idx.is_empty() || test_idx.is_empty() {
+            return Err(Error::Data {
+                msg: format!(
+                    "{}: the split leaves {} training and {} test images; both must be non-empty",
+                    cfg.data_dir.display(),
+                    train_idx.len(),
+                    test_idx.len()
+                ),
+            });
+        }
+        Ok(SegData {
+            dataset,
+            split,
+            train_idx,
+            test_idx,
+        })
+    }
+
+    pub(crate) fn source(&self, cfg: &SegTrainConfig, hflip: f64) -> SegSource {
+        SegSource {
+            dataset: self.dataset.clone(),
+            size: cfg.sam.image_size,
+            resize: cfg.resize,
+            augment: SegAugment { hflip },
+        }
+    }
+
+    /// Shuffling, augmenting, caching loader over the training images.
+    pub fn train_loader(&self, cfg: &SegTrainConfig) -> Result<Loader<SegSource>> {
+        Loader::new(
+            self.source(cfg, cfg.hflip),
+            self.train_idx.clone(),
+            LoaderConfig::train(cfg.batch_size, cfg.seed),
+        )
+    }
+
+    /// Fixed-order loader over the test images (no augmentation).
+    pub fn test_loader(&self, cfg: &SegTrainConfig) -> Result<Loader<SegSource>> {
+        let mut lc = LoaderConfig::eval(cfg.eval_batch_size);
+        lc.cache = true;
+        Loader::new(self.source(cfg, 0.0), self.test_idx.clone(), lc)
+    }
+}
+
+/// Load the base weights (or make a fresh seeded set for tests).
+pub fn base_weights(cfg: &SegTrainConfig, device: &Device) -> Result<TensorMap> {
+    match &cfg.base {
+        Some(p) => crate::sam::load_weights(p, &cfg.sam, device),
+        None => {
+            let store = ParamStore::init(device, cfg.seed);
+            Sam::new(&cfg.sam, &store)?;
+            store.current_tensors()
+        }
+    }
+}
