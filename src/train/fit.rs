@@ -29,6 +29,9 @@ use candle_core::{Device, Var};
 use std::path::Path;
 use std::time::Instant;
 
+/// Trainable vars by name (GPS: the deltas).
+type Vars = Vec<(String, Var)>;
+
 /// What a checkpoint's `state.json` holds for task `T`.
 pub type StateOf<T> = crate::train::run::TrainState<EpochRecord<<T as Task>::Eval>>;
 
@@ -55,7 +58,7 @@ fn model_over<T: Task>(
     roles: RolePolicy,
     device: &Device,
     obs: &mut dyn Observer,
-) -> Result<(T::Model, Vec<(String, Var)>, (usize, usize))> {
+) -> Result<(T::Model, Vars, (usize, usize))> {
     let store = ParamStore::new(Some(base.clone()), roles, device, task.core().seed);
     let model = task.build(data, &store)?;
     store.check_all_used()?;
@@ -266,7 +269,7 @@ struct Run<'a, T: Task> {
     base: TensorMap,
     artifact: Option<Artifact>,
     model: T::Model,
-    vars: Vec<(String, Var)>,
+    vars: Vars,
     opt: Opt,
     ckpts: Checkpoints,
     state: StateOf<T>,
