@@ -288,3 +288,258 @@ fn checkpointed_blocks_train_like_the_plain_path() {
         assert!(d < 1e-4, "{name}: {d}");
     }
 }
+
+/// "Best" survives a kill: after a run killed mid-way, a deleted, truncated or stale `best/`
+/// is rebuilt on resume from the best epoch's checkpoint (kept from pruning), and the run
+/// finishes with the uninterrupted run's summary and merged weights.
+#[test]
+fn resume_repairs_a_missing_damaged_or_stale_best_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("kvasir");
+    dataset(&data);
+    let mut cfg = tiny_cfg(&data);
+    cfg.epochs = 3;
+    cfg.keep_last = 1;
+    let a = tmp.path().join("a");
+    let sa = seg::train(&cfg, &a, &Device::Cpu, false, &mut Silent).unwrap();
+    for damage in ["delete", "truncate", "stale"] {
+        let b = tmp.path().join(format!("b-{damage}"));
+        let killed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = seg::train(
+                &cfg,
+                &b,
+                &Device::Cpu,
+                false,
+                &mut KillAt("epoch 3/3".into()),
+            );
+        }));
+        assert!(killed.is_err(), "the run should have been killed");
+        let best = b.join("best");
+        assert!(best.join("params.safetensors").is_file(), "{damage}");
+        match damage {
+            "delete" => std::fs::remove_dir_all(&best).unwrap(),
+            "truncate" => {
+                let p = best.join("params.safetensors");
+                let bytes = std::fs::read(&p).unwrap();
+                std::fs::write(&p, &bytes[..bytes.len() / 3]).unwrap();
+            }
+            _ => {
+                // A complete but stale best/: other values, naming another epoch (a kill
+                // between the state that names the new best and the copy).
+                let p = best.join("params.safetensors");
+                let m = gps_seg::util::tensors::load(&p, &Device::Cpu).unwrap();
+                let zeroed: gps_seg::util::tensors::TensorMap = m
+                    .iter()
+                    .map(|(n, t)| (n.clone(), t.zeros_like().unwrap()))
+                    .collect();
+                gps_seg::util::tensors::save_safetensors(&p, &zeroed, None).unwrap();
+                std::fs::write(best.join("EPOCH"), "epoch-0009\n").unwrap();
+            }
+        }
+        let sb = seg::train(&cfg, &b, &Device::Cpu, true, &mut Silent).unwrap();
+        assert_eq!(sb.best_epoch, sa.best_epoch, "{damage}");
+        assert_eq!(sb.best, sa.best, "{damage}");
+        assert_eq!(sb.last, sa.last, "{damage}");
+        let wa = std::fs::read(a.join("merged.safetensors")).unwrap();
+        let wb = std::fs::read(b.join("merged.safetensors")).unwrap();
+        assert!(wa == wb, "{damage}: merged weights differ after the repair");
+    }
+}
+
+fn cli(args: &[&str]) -> (Option<i32>, String) {
+    let r = std::process::Command::new(env!("CARGO_BIN_EXE_gps-seg"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        r.status.code(),
+        String::from_utf8_lossy(&r.stderr).into_owned(),
+    )
+}
+
+/// `--max-steps 0` is a config error; `--lr` below the default floor without `--min-lr`
+/// trains (the default floor follows `--lr`), while an explicit `--min-lr` above `--lr` is
+/// refused naming both flags; flags of the other task are refused, not ignored.
+#[test]
+fn cli_settings_are_checked_once_and_foreign_flags_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("kvasir");
+    dataset(&data);
+    let d = data.to_str().unwrap();
+    let out = tmp.path().join("out");
+    let o = out.to_str().unwrap();
+    let quick = [
+        "--epochs",
+        "1",
+        "--train-limit",
+        "2",
+        "--test-limit",
+        "2",
+        "--select-batches",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+    ];
+    let run = |extra: &[&str]| {
+        let mut a = vec!["train", "--data-dir", d, "--out", o];
+        a.extend_from_slice(&quick);
+        a.extend_from_slice(extra);
+        cli(&a)
+    };
+    let (code, err) = run(&["--max-steps", "0"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("max_steps_per_epoch") && err.contains("--max-steps"),
+        "{err}"
+    );
+    assert!(!out.exists(), "--max-steps 0: work started");
+    let (code, err) = run(&["--lr", "1e-9", "--min-lr", "1e-3"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--min-lr") && err.contains("--lr"), "{err}");
+    assert!(!out.exists(), "--min-lr > --lr: work started");
+    for (flag, value) in [
+        ("--select-loss", Some("ce")),
+        ("--warmup-epochs", Some("1")),
+        ("--arch", Some("vit_tiny_cpu")),
+        ("--random-init", None),
+    ] {
+        let mut extra = vec![flag];
+        extra.extend(value);
+        let (code, err) = run(&extra);
+        assert_eq!(code, Some(1), "{flag}: {err}");
+        assert!(
+            err.contains(flag) && err.contains("--task classify"),
+            "{flag}: {err}"
+        );
+    }
+    for (flag, value) in [("--checkpoint-blocks", None), ("--resize", Some("pad"))] {
+        let mut a = vec![
+            "train",
+            "--task",
+            "classify",
+            "--data-dir",
+            d,
+            "--out",
+            o,
+            flag,
+        ];
+        a.extend(value);
+        let (code, err) = cli(&a);
+        assert_eq!(code, Some(1), "{flag}: {err}");
+        assert!(
+            err.contains(flag) && err.contains("--task seg"),
+            "{flag}: {err}"
+        );
+    }
+    assert!(!out.exists(), "a refused flag started work");
+    let (code, err) = run(&["--lr", "1e-9", "--max-steps", "1"]);
+    assert_eq!(code, Some(0), "--lr 1e-9 without --min-lr: {err}");
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert!(saved["min_lr"].as_f64().unwrap() <= 1e-9, "{saved}");
+}
+
+/// Outputs never overwrite inputs, and nothing a command did not create is deleted unasked:
+/// `train --out` inside the data folder, `select --out` onto a trained artifact, and `demo`
+/// onto an earlier run are refused naming the paths (select and demo accept `--overwrite`).
+#[test]
+fn outputs_never_replace_inputs_or_earlier_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("kvasir");
+    dataset(&data);
+    let images = data.join("images");
+    let before = std::fs::read_dir(&images).unwrap().count();
+    let (code, err) = cli(&[
+        "train",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--out",
+        images.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(images.to_str().unwrap()), "{err}");
+    assert!(
+        err.contains(&format!("input --data-dir {}", data.display())),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(&images).unwrap().count(), before);
+
+    // select --out onto a folder holding a trained delta.
+    let art = tmp.path().join("art");
+    std::fs::create_dir_all(&art).unwrap();
+    std::fs::write(art.join("delta.safetensors"), b"trained").unwrap();
+    let base = concat!(env!("CARGO_MANIFEST_DIR"), "/sam/sam-tiny.safetensors");
+    let sel = |extra: &[&str]| {
+        let mut a = vec![
+            "select",
+            "--base",
+            base,
+            "--criterion",
+            "magnitude",
+            "--out",
+            art.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        cli(&a)
+    };
+    let (code, err) = sel(&[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("--overwrite") && err.contains("delta.safetensors"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(art.join("delta.safetensors")).unwrap(),
+        b"trained"
+    );
+    let (code, err) = sel(&["--overwrite"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(art.join("gps_config.json").is_file());
+
+    // demo --out onto an earlier run keeps it.
+    let demo = tmp.path().join("demo");
+    std::fs::create_dir_all(demo.join("gps")).unwrap();
+    std::fs::write(demo.join("gps/keep.txt"), b"mine").unwrap();
+    let (code, err) = cli(&[
+        "demo",
+        "--quick",
+        "--out",
+        demo.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--overwrite") && err.contains("gps"), "{err}");
+    assert_eq!(std::fs::read(demo.join("gps/keep.txt")).unwrap(), b"mine");
+}
+
+/// `experiment kvasir` reuses a finished variant, refuses a variant folder holding anything
+/// else unless told to overwrite, and then replaces it.
+#[test]
+fn experiment_variant_folders_are_replaced_only_when_asked() {
+    use gps_seg::train::experiment_seg::{default_variants, run_kvasir};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("kvasir");
+    dataset(&data);
+    let cfg = tiny_cfg(&data);
+    let mut variants = default_variants(1e-3);
+    variants.retain(|v| v.label == "zero-shot");
+    let out = tmp.path().join("exp");
+    let junk = out.join("zero-shot/notes.txt");
+    std::fs::create_dir_all(junk.parent().unwrap()).unwrap();
+    std::fs::write(&junk, b"mine").unwrap();
+    let e = run_kvasir(&cfg, &variants, &out, false, &Device::Cpu, &mut Silent)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--overwrite") && e.contains("zero-shot"), "{e}");
+    assert!(junk.is_file(), "refused, yet deleted");
+    let (rows, _) = run_kvasir(&cfg, &variants, &out, true, &Device::Cpu, &mut Silent).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!(!junk.exists() && out.join("zero-shot/summary.json").is_file());
+    // Finished with the same settings: reused without --overwrite.
+    let (again, _) = run_kvasir(&cfg, &variants, &out, false, &Device::Cpu, &mut Silent).unwrap();
+    assert_eq!(again[0].summary.best, rows[0].summary.best);
+}
