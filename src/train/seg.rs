@@ -219,7 +219,6 @@ impl Task for SegTrainConfig {
         match self.method {
             Method::Full => Ok(RolePolicy::AllTrainable),
             Method::Decoder => Ok(roles_from_policy(base, &Policy::decoder())),
-            Method::ZeroShot => Ok(RolePolicy::AllFrozen),
             m => Err(Error::msg(format!(
                 "`{}` has no whole-tensor roles",
                 m.name()
