@@ -393,18 +393,28 @@ fn score_batch(
     keep: usize,
 ) -> Result<()> {
     let s = cfg.sam.image_size;
-    for (i, p) in probs.iter().enumerate() {
-        let orig = to_original(p, s, cfg.resize, batch.orig_sizes[i])?;
+    let n = batch.ids.len();
+    if probs.len() != n || batch.orig_sizes.len() != n || batch.orig_masks.len() != n {
+        return Err(Error::msg(format!(
+            "evaluation batch: {} probability maps for {n} images ({} sizes, {} masks)",
+            probs.len(),
+            batch.orig_sizes.len(),
+            batch.orig_masks.len()
+        )));
+    }
+    let items = probs.iter().zip(&batch.ids);
+    for ((p, id), (&size, gt)) in items.zip(batch.orig_sizes.iter().zip(&batch.orig_masks)) {
+        let orig = to_original(p, s, cfg.resize, size)?;
         metrics.update(SegInput {
-            id: &batch.ids[i],
+            id,
             prob: &orig,
-            gt: &batch.orig_masks[i],
+            gt,
         });
         if kept.len() < keep {
             kept.push(Kept {
-                id: batch.ids[i].clone(),
+                id: id.clone(),
                 prob: orig,
-                gt: batch.orig_masks[i].clone(),
+                gt: gt.clone(),
             });
         }
     }
