@@ -148,21 +148,22 @@ pub fn select<T: Task>(
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let (data, base) = task.open(out, device, obs)?;
-    selection(task, &data, &base, out, device, obs)
+    selection(task, &data, &base, out, false, device, obs)
 }
 
-/// Selection for the sparse methods into `art_dir` (read back when it is already there, as on
-/// resume): gradients of the task's selection loss with the pretrained weights (GPS), or
+/// Selection for the sparse methods into `art_dir` (with `reuse`, read back when it is already
+/// there, as on resume): gradients of the task's selection loss with the pretrained weights (GPS), or
 /// magnitude / random scores, then top-K per row at the configured level.
 fn selection<T: Task>(
     task: &T,
     data: &T::Data,
     base: &TensorMap,
     art_dir: &Path,
+    reuse: bool,
     device: &Device,
     obs: &mut dyn Observer,
 ) -> Result<Artifact> {
-    if art_dir.join("gps_config.json").exists() {
+    if reuse && art_dir.join("gps_config.json").exists() {
         obs.event(Event::Info(format!(
             "selection: reusing {}",
             art_dir.display()
@@ -306,6 +307,7 @@ impl<'a, T: Task> Run<'a, T> {
                 &data,
                 &base,
                 &run_dir.join("gps"),
+                true,
                 device,
                 obs,
             )?),
