@@ -521,6 +521,13 @@ fn toy_mlp_select_train_save_load_merge_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let adir = dir.path().join("art");
     art.save(&adir).unwrap();
+    // An untrained selection never replaces (or deletes) a trained artifact's delta.
+    let delta_before = std::fs::read(adir.join(DELTA_FILE)).unwrap();
+    let mut untrained = art.clone();
+    untrained.delta = None;
+    let e = untrained.save(&adir).unwrap_err().to_string();
+    assert!(e.contains(DELTA_FILE) && e.contains("trained"), "{e}");
+    assert_eq!(std::fs::read(adir.join(DELTA_FILE)).unwrap(), delta_before);
     let loaded = Artifact::load(&adir, &dev).unwrap();
     assert_eq!(loaded.selection, sel);
     assert_eq!(loaded.config, art.config);

@@ -100,9 +100,11 @@ fn run_classifier(args: &Args, cfg: ClassifierConfig) -> anyhow::Result<()> {
     let map = match (&args.model, args.random_init) {
         (Some(m), _) => {
             let w = weights_path(m)?;
+            check_paths(args, Some(&w))?;
             gps_seg::util::tensors::load(&w, &candle_core::Device::Cpu)?
         }
         (None, Some(seed)) => {
+            check_paths(args, None)?;
             let vs = gps_seg::nn::ParamStore::init(&candle_core::Device::Cpu, seed);
             gps_seg::models::Classifier::new(&cfg, &vs)?;
             vs.current_tensors()?
@@ -155,6 +157,52 @@ fn resolve(args: &Args) -> anyhow::Result<(SamConfig, Option<PathBuf>)> {
     Ok((cfg, weights))
 }
 
+/// Refuse before any work when an output (`--out`, its `.data`, the prompted decoder and its
+/// `.data`) would equal, contain or sit inside a file the export reads (the weights, the config
+/// files). A run folder as `--model` is read only through those files, so `RUN/model.onnx` is a
+/// fine output.
+fn check_paths(args: &Args, weights: Option<&Path>) -> anyhow::Result<()> {
+    let with_data = |p: &Path| {
+        let mut d = p.as_os_str().to_owned();
+        d.push(".data");
+        PathBuf::from(d)
+    };
+    let mut io = gps_seg::util::fs::IoPaths::new()
+        .input_opt("--model", weights)
+        .output("--out", &args.out)
+        .output("--out (external data)", with_data(&args.out));
+    if let Some(c) = args
+        .config
+        .as_deref()
+        .map(Path::new)
+        .filter(|p| p.is_file())
+    {
+        io = io.input("--config", c);
+    }
+    if let Some(m) = args.model.as_deref().filter(|m| m.is_dir()) {
+        for c in ["config.json", "sam_config.json", "model.json"] {
+            io = io.input("--model", m.join(c));
+        }
+    }
+    if args.prompted {
+        let dec = decoder_path(&args.out);
+        io = io
+            .output("--out (prompted decoder)", &dec)
+            .output("--out (prompted decoder data)", with_data(&dec));
+    }
+    io.check()?;
+    Ok(())
+}
+
+/// `<stem>_decoder.onnx` beside the prompted image encoder's `--out`.
+fn decoder_path(out: &Path) -> PathBuf {
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "sam".into());
+    out.with_file_name(format!("{stem}_decoder.onnx"))
+}
+
 fn write(path: &Path, model: ModelProto, external: bool, s: &ExportSummary) -> anyhow::Result<()> {
     let ext = if external {
         ExternalData::Always {
@@ -191,6 +239,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return run_classifier(&args, cfg);
     }
     let (cfg, weights) = resolve(&args)?;
+    check_paths(&args, weights.as_deref())?;
     let map = match (weights, args.random_init) {
         (Some(w), _) => gps_seg::util::tensors::load(&w, &candle_core::Device::Cpu)?,
         (None, Some(seed)) => sam::random_sam_weights(&cfg, seed)?,
@@ -202,12 +251,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.prompted {
         let (m, s) = sam::export_image_encoder(&cfg, &map, opts)?;
         write(&args.out, m, args.external_data, &s)?;
-        let stem = args
-            .out
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "sam".into());
-        let dec = args.out.with_file_name(format!("{stem}_decoder.onnx"));
+        let dec = decoder_path(&args.out);
         let (m, s) = sam::export_prompted_decoder(&cfg, &map)?;
         write(&dec, m, args.external_data, &s)?;
     } else {

@@ -95,10 +95,17 @@ pub struct InferReport {
 
 use crate::util::mem::peak_rss_mb;
 
+/// Images up to this many pixels keep their decoded RGB between decoding and writing the
+/// overlay; larger ones are decoded again for the overlay, so a batch of large images never
+/// holds more than the decoded images the workers are processing (Kvasir's largest, 2.06 MP,
+/// stays in memory).
+const KEEP_DECODED_PIXELS: usize = 4_000_000;
+
 /// One decoded, resized input.
 struct Prepared {
     item: InputItem,
-    rgb: image::RgbImage,
+    /// The decoded image, kept for the overlay when small (see [`KEEP_DECODED_PIXELS`]).
+    rgb: Option<image::RgbImage>,
     /// `[3, S, S]` in [0, 1].
     chw: Vec<f32>,
     /// Ground truth at the original resolution, {0, 1}.
@@ -138,11 +145,19 @@ fn prepare(item: &InputItem, s: usize, resize: Resize) -> std::result::Result<Pr
         .collect();
     let mut item = item.clone();
     item.size = (h, w);
+    let rgb = (h.saturating_mul(w) <= KEEP_DECODED_PIXELS).then_some(rgb);
     Ok(Prepared { item, rgb, chw, gt })
 }
 
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
+}
+
+/// What post-processing one image gave: a result, or a model output that cannot be scored.
+enum Outcome {
+    Done(Done),
+    /// The model's logits for this image hold NaN/Inf (nothing was written for it).
+    NonFinite(BadInput),
 }
 
 /// Per-image result after post-processing.
@@ -160,7 +175,18 @@ fn postprocess(
     opts: &InferOptions,
     masks_dir: &Path,
     overlays_dir: &Path,
-) -> Result<Done> {
+) -> Result<Outcome> {
+    let bad = logits.iter().filter(|l| !l.is_finite()).count();
+    if bad > 0 {
+        return Ok(Outcome::NonFinite(BadInput {
+            path: p.item.image.clone(),
+            reason: format!(
+                "the model gave {bad} non-finite logit(s) of {} for this image (NaN/Inf weights \
+                 or input); not scored",
+                logits.len()
+            ),
+        }));
+    }
     let probs: Vec<f32> = logits.iter().map(|&l| sigmoid(l)).collect();
     let orig = to_original(&probs, size, opts.resize, p.item.size)?;
     let (h, w) = p.item.size;
@@ -177,16 +203,20 @@ fn postprocess(
         })?;
     imgio::write_png(&masks_dir.join(format!("{}.png", p.item.id)), &png)?;
     if opts.overlays {
+        let rgb = match p.rgb {
+            Some(rgb) => rgb,
+            None => imgio::decode_rgb(&p.item.image)?,
+        };
         let o =
-            crate::util::draw::overlay(p.rgb.as_raw(), w as u32, h as u32, &pred, p.gt.as_deref())?;
+            crate::util::draw::overlay(rgb.as_raw(), w as u32, h as u32, &pred, p.gt.as_deref())?;
         crate::util::draw::save_png(&overlays_dir.join(format!("{}.png", p.item.id)), &o)?;
     }
     let scoring = p.gt.is_some();
-    Ok(Done {
+    Ok(Outcome::Done(Done {
         id: p.item.id,
         prob: scoring.then_some(orig),
         gt: p.gt,
-    })
+    }))
 }
 
 /// Run `engine` over `inputs`, writing into `opts.out`. Returns the report (also written to
@@ -285,7 +315,7 @@ pub fn infer(
                 model_secs += tm.elapsed().as_secs_f64();
                 drop(x);
                 let size = logits.size;
-                let done: Vec<Result<Done>> = batch
+                let done: Vec<Result<Outcome>> = batch
                     .into_par_iter()
                     .enumerate()
                     .map(|(i, p)| {
@@ -293,7 +323,25 @@ pub fn infer(
                     })
                     .collect();
                 for d in done {
-                    let d = d?;
+                    let d = match d? {
+                        Outcome::Done(d) => d,
+                        Outcome::NonFinite(b) if opts.skip_bad => {
+                            obs.event(Event::Info(format!(
+                                "skipping {}: {}",
+                                b.path.display(),
+                                b.reason
+                            )));
+                            skipped.push(b);
+                            continue;
+                        }
+                        Outcome::NonFinite(b) => {
+                            return Err(Error::NonFinite(format!(
+                                "{}: {} (pass --skip-bad to skip and list such images)",
+                                b.path.display(),
+                                b.reason
+                            )))
+                        }
+                    };
                     if scoring {
                         if let (Some(prob), Some(gt)) = (&d.prob, &d.gt) {
                             metrics.update(SegInput {
@@ -315,6 +363,14 @@ pub fn infer(
         }
         Ok(())
     })?;
+    if images == 0 {
+        return Err(Error::Data {
+            msg: format!(
+                "no image could be segmented ({} skipped; see the lines above)",
+                skipped.len()
+            ),
+        });
+    }
     let seconds = t0.elapsed().as_secs_f64();
     let seg = scoring.then(|| metrics.compute());
     obs.event(Event::PhaseEnd {
@@ -395,6 +451,59 @@ mod tests {
                 data,
             })
         }
+    }
+
+    /// [`Bright`], but the second image of every batch gets one NaN logit.
+    struct NanSecond(usize);
+
+    impl Engine for NanSecond {
+        fn name(&self) -> &'static str {
+            "nan-second"
+        }
+        fn input_size(&self) -> usize {
+            self.0
+        }
+        fn describe(&self) -> String {
+            "test engine".into()
+        }
+        fn logits(&self, images: &[f32], n: usize) -> Result<Logits> {
+            let mut l = Bright(self.0).logits(images, n)?;
+            if n > 1 {
+                l.data[self.0 * self.0 + 5] = f32::NAN;
+            }
+            Ok(l)
+        }
+    }
+
+    #[test]
+    fn non_finite_logits_fail_the_job_or_are_skipped_and_listed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (img, msk) = (tmp.path().join("images"), tmp.path().join("masks"));
+        std::fs::create_dir_all(&img).unwrap();
+        std::fs::create_dir_all(&msk).unwrap();
+        for id in ["a", "b", "c"] {
+            imgio::write_png(&img.join(format!("{id}.png")), &RgbImage::new(20, 10)).unwrap();
+            imgio::write_png(&msk.join(format!("{id}.png")), &GrayImage::new(20, 10)).unwrap();
+        }
+        let (c, bad) = from_folders(&img, Some(&msk)).unwrap();
+        let inputs = check(c, bad);
+        let mut opts = InferOptions::new(tmp.path().join("out"));
+        opts.batch_size = 2;
+        let e = infer(&NanSecond(16), &inputs, &opts, &mut Silent)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("b.png") && e.contains("non-finite"), "{e}");
+        assert!(!tmp.path().join("out/masks/b.png").exists());
+        opts.skip_bad = true;
+        let (r, scores) = infer(&NanSecond(16), &inputs, &opts, &mut Silent).unwrap();
+        assert_eq!(r.images, 2);
+        assert_eq!(
+            scores.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+            ["a", "c"]
+        );
+        assert_eq!(r.skipped.len(), 1);
+        assert!(r.skipped[0].path.ends_with("b.png"));
+        assert!(r.metrics.unwrap().mdice.is_finite());
     }
 
     #[test]
