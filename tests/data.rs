@@ -119,6 +119,53 @@ fn kvasir_collects_every_problem_and_names_files() {
 }
 
 #[test]
+fn kvasir_skip_bad_keeps_the_clean_pairs_and_lists_the_rest() {
+    use gps_seg::data::kvasir::OpenOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for (i, s) in ["p1", "p2", "p3"].iter().enumerate() {
+        write_pair(root, s, "jpg", "jpg", (8, 8), i as u8);
+    }
+    save_rgb(&root.join("images/lonely.jpg"), &RgbImage::new(8, 8));
+    std::fs::write(root.join("images/broken.jpg"), b"this is not a jpeg").unwrap();
+    save_gray(&root.join("masks/broken.jpg"), &GrayImage::new(8, 8));
+    std::fs::create_dir(root.join("images/folder.png")).unwrap();
+    // A split that names a bad pair: the pair is dropped from it, the rest is kept.
+    std::fs::write(root.join("train.txt"), "p1\np2\nbroken\n").unwrap();
+    std::fs::write(root.join("val.txt"), "p3\n").unwrap();
+    // Refused as a whole without the flag, naming every problem.
+    let msg = data_err(KvasirDataset::open(root));
+    assert!(
+        msg.contains("4 problem(s)") && msg.contains("split names id `broken`"),
+        "{msg}"
+    );
+    let opts = OpenOptions {
+        skip_bad: true,
+        ..Default::default()
+    };
+    let ds = KvasirDataset::open_with(root, &opts).unwrap();
+    assert_eq!(ds.ids(), vec!["p1", "p2", "p3"]);
+    assert_eq!(ds.skipped.len(), 3, "{:?}", ds.skipped);
+    for needle in ["lonely.jpg", "broken.jpg", "folder.png"] {
+        assert!(
+            ds.skipped.iter().any(|l| l.contains(needle)),
+            "{needle}: {:?}",
+            ds.skipped
+        );
+    }
+    let sp = ds.root_split.clone().unwrap();
+    assert_eq!(
+        (sp.train, sp.test),
+        (vec!["p1".to_string(), "p2".into()], vec!["p3".into()])
+    );
+    // Nothing clean left is still an error.
+    let empty = tempfile::tempdir().unwrap();
+    save_rgb(&empty.path().join("images/a.jpg"), &RgbImage::new(8, 8));
+    save_gray(&empty.path().join("masks/a.jpg"), &GrayImage::new(9, 8));
+    assert!(KvasirDataset::open_with(empty.path(), &opts).is_err());
+}
+
+#[test]
 fn kvasir_empty_and_missing_folders_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let msg = data_err(KvasirDataset::open(dir.path()));
@@ -152,6 +199,7 @@ fn kvasir_truncated_jpeg_is_reported_by_name() {
         root,
         &OpenOptions {
             verify_decode: true,
+            ..Default::default()
         },
     ));
     assert!(msg.contains("images/cut.jpg"), "{msg}");
@@ -246,6 +294,7 @@ fn synth_kvasir_is_readable_and_masks_are_the_polyp_pixels() {
         root,
         &OpenOptions {
             verify_decode: true,
+            ..Default::default()
         },
     )
     .unwrap();

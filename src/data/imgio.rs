@@ -291,6 +291,11 @@ impl Problems {
         self.lines.len()
     }
 
+    /// The recorded lines.
+    pub fn lines(&self) -> &[String] {
+        &self.lines
+    }
+
     /// `Ok(())` when nothing was recorded, else one [`Error::Data`] whose first line says what was
     /// being loaded and how many problems, followed by one line per problem.
     pub fn into_result(self, what: &str) -> Result<()> {

@@ -122,6 +122,11 @@ pub struct OpenOptions {
     /// header check misses). Without it, only headers are read and a corrupt body is reported
     /// by name when the sample is loaded.
     pub verify_decode: bool,
+    /// Leave out the pairs with a problem (unpaired files, unreadable or mis-sized images,
+    /// files that cannot be keyed) instead of refusing the folder; each is listed in
+    /// [`KvasirDataset::skipped`]. Folder-level problems (no `images/`, an unreadable split or
+    /// box file) still refuse it.
+    pub skip_bad: bool,
 }
 
 /// A Kvasir-SEG folder.
@@ -130,8 +135,13 @@ pub struct KvasirDataset {
     pub root: PathBuf,
     /// Entries sorted by id.
     pub entries: Vec<KvasirEntry>,
-    /// The split found in the root (`train.txt` + `val.txt`/`test.txt`), if any.
+    /// The split found in the root (`train.txt` + `val.txt`/`test.txt`), if any (without the
+    /// skipped ids when opened with `skip_bad`).
     pub root_split: Option<Split>,
+    /// With [`OpenOptions::skip_bad`]: one line per problem whose pair was left out (naming
+    /// the file), and the ids left out.
+    pub skipped: Vec<String>,
+    pub skipped_ids: BTreeSet<String>,
 }
 
 /// Image files of `dir` by stem; problems for duplicates, bad names and an unreadable dir.
@@ -170,8 +180,11 @@ impl KvasirDataset {
         }
         problems.into_result(&format!("Kvasir-SEG at {}", root.display()))?;
         let mut problems = Problems::new();
-        let images = list_by_stem(&img_dir, &mut problems);
-        let masks = list_by_stem(&mask_dir, &mut problems);
+        // Problems of single pairs: fatal, or (skip_bad) the pair is left out and listed.
+        let mut pair_problems = Problems::new();
+        let mut skipped_ids = BTreeSet::new();
+        let images = list_by_stem(&img_dir, &mut pair_problems);
+        let masks = list_by_stem(&mask_dir, &mut pair_problems);
         if images.is_empty() {
             problems.push(format!(
                 "{}: no images (.jpg/.jpeg/.png) found",
@@ -186,7 +199,8 @@ impl KvasirDataset {
         }
         for (id, p) in &images {
             if !masks.contains_key(id) {
-                problems.push(format!(
+                skipped_ids.insert(id.clone());
+                pair_problems.push(format!(
                     "{}: image has no mask (expected {}/{id}.jpg)",
                     p.display(),
                     mask_dir.display()
@@ -195,7 +209,8 @@ impl KvasirDataset {
         }
         for (id, p) in &masks {
             if !images.contains_key(id) {
-                problems.push(format!(
+                skipped_ids.insert(id.clone());
+                pair_problems.push(format!(
                     "{}: mask has no image (expected {}/{id}.jpg)",
                     p.display(),
                     img_dir.display()
@@ -235,25 +250,55 @@ impl KvasirDataset {
                         boxes,
                     });
                 }
-                Err(lines) => lines.into_iter().for_each(|l| problems.push(l)),
+                Err(lines) => {
+                    skipped_ids.insert(id);
+                    lines.into_iter().for_each(|l| pair_problems.push(l));
+                }
             }
         }
-        let root_split = match Split::from_root(root) {
+        let skipped = if opts.skip_bad {
+            let lines = pair_problems.lines().to_vec();
+            if entries.is_empty() && !lines.is_empty() {
+                problems.push(format!(
+                    "every pair has a problem ({} line(s)); nothing left to use",
+                    lines.len()
+                ));
+            }
+            lines
+        } else {
+            pair_problems
+                .lines()
+                .iter()
+                .for_each(|l| problems.push(l.clone()));
+            Vec::new()
+        };
+        let mut root_split = match Split::from_root(root) {
             Ok(s) => s,
             Err(e) => {
                 problems.push_err(&e);
                 None
             }
         };
+        if opts.skip_bad {
+            if let Some(sp) = root_split.as_mut() {
+                sp.train.retain(|id| !skipped_ids.contains(id));
+                sp.test.retain(|id| !skipped_ids.contains(id));
+            }
+        }
         if let Some(split) = &root_split {
             let known: BTreeSet<&str> = entries.iter().map(|e| e.id.as_str()).collect();
             split.check_against(&known, &split.source, &mut problems);
         }
         problems.into_result(&format!("Kvasir-SEG at {}", root.display()))?;
+        if !opts.skip_bad {
+            skipped_ids.clear();
+        }
         Ok(KvasirDataset {
             root: root.to_path_buf(),
             entries,
             root_split,
+            skipped,
+            skipped_ids,
         })
     }
 

@@ -66,6 +66,9 @@ impl InferOptions {
     }
 }
 
+/// Largest model input + output of one batch, in bytes (8 GiB).
+const MAX_BATCH_BYTES: u128 = 8 << 30;
+
 /// What a job did; written to `report.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InferReport {
@@ -239,6 +242,20 @@ pub fn infer(
     }
     let scoring = inputs.has_masks();
     let s = engine.input_size();
+    // The model's input and output of one batch (f32), bounded before anything is allocated.
+    let n_max = opts.batch_size.min(inputs.items.len());
+    let batch_bytes = (n_max as u128) * 4 * 4 * (s as u128) * (s as u128);
+    if batch_bytes > MAX_BATCH_BYTES {
+        return Err(Error::Config {
+            field: "batch_size".into(),
+            msg: format!(
+                "a batch of {n_max} images at {s}×{s} needs {:.1} GiB of model input and output; \
+                 the limit is {} GiB: lower --batch-size",
+                batch_bytes as f64 / (1u64 << 30) as f64,
+                MAX_BATCH_BYTES >> 30
+            ),
+        });
+    }
     let masks_dir = opts.out.join("masks");
     let overlays_dir = opts.out.join("overlays");
     for d in [&masks_dir, &overlays_dir] {
