@@ -94,9 +94,149 @@ pub fn average_over_seeds(runs: &[Vec<f64>]) -> Result<Vec<f64>> {
         .collect())
 }
 
+/// One variant's test results at one training-set size, over seeds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VariantRuns {
+    pub name: String,
+    /// Training images used (`"all"` or a count), the low-data axis.
+    pub train_size: String,
+    pub trainable: usize,
+    /// `per_image[seed][i]`: the test score of image `i` (Dice, or 1/0 for a correct class) in
+    /// one fixed image order shared by every variant at this size.
+    pub per_image: Vec<Vec<f64>>,
+}
+
+/// A row of an evidence table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvidenceRow {
+    pub name: String,
+    pub train_size: String,
+    pub trainable: usize,
+    pub seeds: usize,
+    /// Mean and standard deviation over seeds of the per-seed test metric (the mean of the
+    /// per-image scores).
+    pub mean: f64,
+    pub std: f64,
+    /// This variant minus the reference variant at the same size (paired over test images,
+    /// each image averaged over seeds); `None` for the reference itself.
+    pub vs_reference: Option<PairedDiff>,
+}
+
+/// Evidence rows with `reference` (e.g. `gps-k1`) as the baseline of every paired difference.
+pub fn evidence_rows(
+    runs: &[VariantRuns],
+    reference: &str,
+    resamples: usize,
+    seed: u64,
+) -> Result<Vec<EvidenceRow>> {
+    let mut rows = Vec::with_capacity(runs.len());
+    for r in runs {
+        let per_seed: Vec<f64> = r
+            .per_image
+            .iter()
+            .filter(|v| !v.is_empty())
+            .map(|v| v.iter().sum::<f64>() / v.len() as f64)
+            .collect();
+        let Some((mean, std)) = mean_std(&per_seed) else {
+            return Err(Error::msg(format!(
+                "variant `{}` ({} images) has no scored run",
+                r.name, r.train_size
+            )));
+        };
+        let vs_reference = if r.name == reference {
+            None
+        } else {
+            match runs
+                .iter()
+                .find(|b| b.name == reference && b.train_size == r.train_size)
+            {
+                Some(b) => Some(paired_bootstrap(
+                    &average_over_seeds(&r.per_image)?,
+                    &average_over_seeds(&b.per_image)?,
+                    resamples,
+                    seed,
+                )?),
+                None => None,
+            }
+        };
+        rows.push(EvidenceRow {
+            name: r.name.clone(),
+            train_size: r.train_size.clone(),
+            trainable: r.trainable,
+            seeds: per_seed.len(),
+            mean,
+            std,
+            vs_reference,
+        });
+    }
+    Ok(rows)
+}
+
+/// A Markdown table of `rows`: metric mean ± std over seeds, and the paired difference to
+/// `reference` with its 95% interval, marked `*` where the interval excludes 0.
+pub fn evidence_markdown(rows: &[EvidenceRow], metric: &str, reference: &str) -> String {
+    let mut s = format!(
+        "| train images | variant | trainable | seeds | test {metric} (mean ± std) | Δ vs {reference} [95% CI] |\n\
+         |---|---|---:|---:|---:|---|\n"
+    );
+    for r in rows {
+        let d = match &r.vs_reference {
+            Some(d) => format!(
+                "{:+.4} [{:+.4}, {:+.4}]{}",
+                d.mean,
+                d.lo,
+                d.hi,
+                if d.significant() { " *" } else { "" }
+            ),
+            None if r.name == reference => "(reference)".into(),
+            None => "—".into(),
+        };
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {:.4} ± {:.4} | {d} |\n",
+            r.train_size, r.name, r.trainable, r.seeds, r.mean, r.std
+        ));
+    }
+    s.push_str(&format!(
+        "\nΔ: paired bootstrap over the test images (each averaged over the seeds), 95% \
+         interval; `*` = the interval excludes 0 (a significant difference from {reference}).\n"
+    ));
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn evidence_rows_pair_each_variant_with_the_reference_at_its_size() {
+        let mk = |name: &str, size: &str, shift: f64| VariantRuns {
+            name: name.into(),
+            train_size: size.into(),
+            trainable: 10,
+            per_image: (0..3)
+                .map(|s| (0..50).map(|i| (i % 7) as f64 / 10.0 + shift + s as f64 * 1e-3).collect())
+                .collect(),
+        };
+        let runs = vec![
+            mk("gps-k1", "all", 0.0),
+            mk("full", "all", 0.1),
+            mk("random-k1", "all", 0.0),
+            mk("gps-k1", "16", -0.2),
+            mk("full", "16", -0.2),
+        ];
+        let rows = evidence_rows(&runs, "gps-k1", 1000, 1).unwrap();
+        assert!(rows[0].vs_reference.is_none());
+        let full = rows[1].vs_reference.unwrap();
+        assert!((full.mean - 0.1).abs() < 1e-9 && full.significant(), "{full:?}");
+        assert!(!rows[2].vs_reference.unwrap().significant());
+        // At 16 images, full is paired with gps-k1 at 16 (same values): no difference.
+        assert!(rows[4].vs_reference.unwrap().mean.abs() < 1e-12);
+        assert_eq!(rows[1].seeds, 3);
+        assert!((rows[0].std - 1e-3).abs() < 1e-9, "{}", rows[0].std);
+        let md = evidence_markdown(&rows, "mDice", "gps-k1");
+        assert!(md.contains("(reference)") && md.contains(" *"), "{md}");
+        assert_eq!(md.lines().filter(|l| l.starts_with("| ")).count(), 6);
+    }
 
     #[test]
     fn mean_std_matches_the_textbook_formula() {
