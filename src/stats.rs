@@ -214,7 +214,11 @@ mod tests {
             train_size: size.into(),
             trainable: 10,
             per_image: (0..3)
-                .map(|s| (0..50).map(|i| (i % 7) as f64 / 10.0 + shift + s as f64 * 1e-3).collect())
+                .map(|s| {
+                    (0..50)
+                        .map(|i| (i % 7) as f64 / 10.0 + shift + s as f64 * 1e-3)
+                        .collect()
+                })
                 .collect(),
         };
         let runs = vec![
@@ -227,7 +231,10 @@ mod tests {
         let rows = evidence_rows(&runs, "gps-k1", 1000, 1).unwrap();
         assert!(rows[0].vs_reference.is_none());
         let full = rows[1].vs_reference.unwrap();
-        assert!((full.mean - 0.1).abs() < 1e-9 && full.significant(), "{full:?}");
+        assert!(
+            (full.mean - 0.1).abs() < 1e-9 && full.significant(),
+            "{full:?}"
+        );
         assert!(!rows[2].vs_reference.unwrap().significant());
         // At 16 images, full is paired with gps-k1 at 16 (same values): no difference.
         assert!(rows[4].vs_reference.unwrap().mean.abs() < 1e-12);

@@ -77,6 +77,11 @@ pub struct Args {
     /// decoding.
     #[arg(long, default_value_t = gps_seg::data::imgio::DEFAULT_MAX_PIXELS)]
     pub max_pixels: u64,
+    /// Run only shard I of N (0 ≤ I < N): input i goes to shard i mod N, so N jobs cover every
+    /// input once; `gps-seg report merge` joins their reports. Default: from
+    /// SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT (minus SLURM_ARRAY_TASK_MIN) when set.
+    #[arg(long)]
+    pub shard: Option<String>,
     /// Don't write overlays/.
     #[arg(long)]
     pub no_overlays: bool,
@@ -188,7 +193,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     progress.event(Event::Info(engine.describe()));
 
+    let shard = match &args.shard {
+        Some(s) => Some(infer::job::Shard::parse(s)?),
+        None => infer::job::Shard::from_slurm_env()?,
+    };
+    if let Some(s) = shard {
+        progress.event(Event::Info(format!(
+            "shard {}/{}: every {}th input from number {}",
+            s.index, s.count, s.count, s.index
+        )));
+    }
     let opts = InferOptions {
+        shard,
         out,
         batch_size: args.batch_size,
         threshold,

@@ -13,7 +13,7 @@ use super::input::{bad_from, BadInput, InputItem, Inputs};
 use crate::data::imgio;
 use crate::data::resize::{self, to_original, Resize};
 use crate::error::{Error, Result};
-use crate::metrics::{ImageScore, Metric, SegInput, SegMetrics, SegReport};
+use crate::metrics::{ImageScore, Metric, PooledCounts, SegInput, SegMetrics, SegReport};
 use crate::progress::{Event, Observer};
 use crate::util::fs::{write_atomic, write_json_atomic};
 use image::GrayImage;
@@ -35,6 +35,74 @@ pub struct InferOptions {
     pub skip_bad: bool,
     /// Write `overlays/<id>.png`.
     pub overlays: bool,
+    /// Run only this shard of the inputs (see [`Shard`]).
+    pub shard: Option<Shard>,
+}
+
+/// One of `count` disjoint parts of a job's inputs: input `i` (in the job's order) belongs to
+/// shard `i % count`. Every input is in exactly one shard, whatever the count, and a shard's
+/// images keep their order, so merged shard reports equal an unsharded run's exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    /// 0-based.
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    /// `I/N` with 0 ≤ I < N (as `--shard` takes it).
+    pub fn parse(s: &str) -> Result<Shard> {
+        let bad = |m: &str| Error::Config {
+            field: "shard".into(),
+            msg: format!("`{s}`: {m} (expected I/N with 0 ≤ I < N, e.g. 0/3)"),
+        };
+        let (i, n) = s.split_once('/').ok_or_else(|| bad("no `/`"))?;
+        let index: usize = i.trim().parse().map_err(|_| bad("I is not a number"))?;
+        let count: usize = n.trim().parse().map_err(|_| bad("N is not a number"))?;
+        Shard::new(index, count).map_err(|_| bad("out of range"))
+    }
+
+    pub fn new(index: usize, count: usize) -> Result<Shard> {
+        if count == 0 || index >= count || count > 100_000 {
+            return Err(Error::Config {
+                field: "shard".into(),
+                msg: format!("{index}/{count}: need 0 ≤ I < N ≤ 100000"),
+            });
+        }
+        Ok(Shard { index, count })
+    }
+
+    /// The shard of a Slurm array task (`SLURM_ARRAY_TASK_ID` − `SLURM_ARRAY_TASK_MIN` of
+    /// `SLURM_ARRAY_TASK_COUNT`), when those variables are set.
+    pub fn from_slurm_env() -> Result<Option<Shard>> {
+        let get = |k: &str| std::env::var(k).ok();
+        let (Some(id), Some(count)) = (get("SLURM_ARRAY_TASK_ID"), get("SLURM_ARRAY_TASK_COUNT"))
+        else {
+            return Ok(None);
+        };
+        let num = |k: &str, v: &str| {
+            v.trim().parse::<usize>().map_err(|_| Error::Config {
+                field: k.into(),
+                msg: format!("`{v}` is not a whole number"),
+            })
+        };
+        let id = num("SLURM_ARRAY_TASK_ID", &id)?;
+        let count = num("SLURM_ARRAY_TASK_COUNT", &count)?;
+        let min = match get("SLURM_ARRAY_TASK_MIN") {
+            Some(m) => num("SLURM_ARRAY_TASK_MIN", &m)?,
+            None => 0,
+        };
+        let index = id.checked_sub(min).ok_or_else(|| Error::Config {
+            field: "SLURM_ARRAY_TASK_ID".into(),
+            msg: format!("{id} is below SLURM_ARRAY_TASK_MIN {min}"),
+        })?;
+        Shard::new(index, count).map(Some)
+    }
+
+    /// True when input number `i` (in the job's order) belongs to this shard.
+    pub fn contains(&self, i: usize) -> bool {
+        i % self.count == self.index
+    }
 }
 
 impl InferOptions {
@@ -46,6 +114,7 @@ impl InferOptions {
             resize: Resize::Squash,
             skip_bad: false,
             overlays: true,
+            shard: None,
         }
     }
 
@@ -94,6 +163,27 @@ pub struct InferReport {
     /// mDice/mIoU (and the GPS reference's pooled numbers, labelled) when masks were given.
     pub metrics: Option<SegReport>,
     pub out: PathBuf,
+    /// The shard this job ran (`None`: all inputs).
+    #[serde(default)]
+    pub shard: Option<Shard>,
+    /// Usable inputs of the whole job before sharding.
+    #[serde(default)]
+    pub total_inputs: usize,
+    /// Per-image scores at full precision, each with its position in the whole job's input
+    /// order (what `report merge` needs to reproduce an unsharded run exactly).
+    #[serde(default)]
+    pub scores: Vec<IndexedScore>,
+    /// Pooled pixel counts behind the reference numbers.
+    #[serde(default)]
+    pub pooled: Option<PooledCounts>,
+}
+
+/// One image's scores and its position in the job's input order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IndexedScore {
+    pub index: usize,
+    #[serde(flatten)]
+    pub score: ImageScore,
 }
 
 use crate::util::mem::peak_rss_mb;
@@ -232,6 +322,22 @@ pub fn infer(
 ) -> Result<(InferReport, Vec<ImageScore>)> {
     opts.validate()?;
     inputs.require_clean(opts.skip_bad)?;
+    let total_inputs = inputs.items.len();
+    // (position in the whole job, item) of this shard, in the job's order.
+    let positions: Vec<usize> = (0..total_inputs)
+        .filter(|&i| opts.shard.is_none_or(|s| s.contains(i)))
+        .collect();
+    let owned;
+    let inputs = match opts.shard {
+        None => inputs,
+        Some(_) => {
+            owned = Inputs {
+                items: positions.iter().map(|&i| inputs.items[i].clone()).collect(),
+                bad: inputs.bad.clone(),
+            };
+            &owned
+        }
+    };
     if inputs.items.is_empty() {
         return Err(Error::Data {
             msg: format!(
@@ -427,6 +533,25 @@ pub fn infer(
         peak_rss_mb: peak_rss_mb(),
         metrics: seg,
         out: opts.out.clone(),
+        shard: opts.shard,
+        total_inputs,
+        scores: {
+            let pos: std::collections::HashMap<&str, usize> = inputs
+                .items
+                .iter()
+                .zip(&positions)
+                .map(|(it, &p)| (it.id.as_str(), p))
+                .collect();
+            metrics
+                .scores
+                .iter()
+                .map(|sc| IndexedScore {
+                    index: pos.get(sc.id.as_str()).copied().unwrap_or(usize::MAX),
+                    score: sc.clone(),
+                })
+                .collect()
+        },
+        pooled: scoring.then(|| metrics.pooled()),
     };
     write_json_atomic(&opts.out.join("report.json"), &report)?;
     Ok((report, metrics.scores))
@@ -521,6 +646,74 @@ mod tests {
         assert_eq!(r.skipped.len(), 1);
         assert!(r.skipped[0].path.ends_with("b.png"));
         assert!(r.metrics.unwrap().mdice.is_finite());
+    }
+
+    #[test]
+    fn three_shards_merged_equal_the_unsharded_job_exactly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (img, msk) = (tmp.path().join("images"), tmp.path().join("masks"));
+        std::fs::create_dir_all(&img).unwrap();
+        std::fs::create_dir_all(&msk).unwrap();
+        // 8 images with squares of different sizes and masks that overlap them partly.
+        for k in 0..8u32 {
+            let (w, h) = (20 + 3 * k, 17 + 2 * k);
+            let mut im = RgbImage::new(w, h);
+            let mut m = GrayImage::new(w, h);
+            for y in 0..h {
+                for x in 0..w {
+                    if x < w / 2 + k && y < h / 2 {
+                        im.put_pixel(x, y, image::Rgb([250, 240, 255]));
+                    }
+                    if x + k >= w / 3 && y < h / 2 + k / 2 {
+                        m.put_pixel(x, y, image::Luma([255]));
+                    }
+                }
+            }
+            imgio::write_png(&img.join(format!("i{k}.png")), &im).unwrap();
+            imgio::write_png(&msk.join(format!("i{k}.png")), &m).unwrap();
+        }
+        let (c, bad) = from_folders(&img, Some(&msk)).unwrap();
+        let inputs = check(c, bad);
+        let mut opts = InferOptions::new(tmp.path().join("all"));
+        opts.batch_size = 3;
+        opts.overlays = false;
+        let (whole, _) = infer(&Bright(24), &inputs, &opts, &mut Silent).unwrap();
+        let mut dirs = Vec::new();
+        let mut covered = Vec::new();
+        for i in 0..3 {
+            let d = tmp.path().join(format!("shard{i}"));
+            let mut o = opts.clone();
+            o.out = d.clone();
+            o.shard = Some(Shard::new(i, 3).unwrap());
+            let (r, _) = infer(&Bright(24), &inputs, &o, &mut Silent).unwrap();
+            covered.extend(r.scores.iter().map(|s| s.index));
+            dirs.push(d);
+        }
+        covered.sort();
+        assert_eq!(covered, (0..8).collect::<Vec<_>>(), "disjoint and covering");
+        let merged =
+            crate::infer::report::merge_reports(&dirs, &tmp.path().join("merged")).unwrap();
+        let (a, b) = (whole.metrics.unwrap(), merged.metrics.unwrap());
+        assert_eq!(a.mdice.to_bits(), b.mdice.to_bits(), "{a:?} vs {b:?}");
+        assert_eq!(a.miou.to_bits(), b.miou.to_bits());
+        assert_eq!(
+            a.ref_dice_ignore_bg.to_bits(),
+            b.ref_dice_ignore_bg.to_bits()
+        );
+        assert_eq!(whole.scores, merged.scores);
+        assert_eq!(merged.images, 8);
+        // A missing or doubled shard is refused.
+        let e = crate::infer::report::merge_reports(&dirs[..2], &tmp.path().join("m2"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("2/3") && e.contains("missing"), "{e}");
+        let twice = vec![dirs[0].clone(), dirs[0].clone(), dirs[1].clone()];
+        assert!(crate::infer::report::merge_reports(&twice, &tmp.path().join("m3")).is_err());
+        // Shard specs.
+        assert_eq!(Shard::parse("2/3").unwrap(), Shard::new(2, 3).unwrap());
+        for bad in ["3/3", "0/0", "a/3", "1-3", "-1/3"] {
+            assert!(Shard::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Batch inference: ONNX Runtime provisioning and sessions ([`runtime`]), the images of a job
 //! checked up front ([`input`]), engines (ONNX Runtime on an exported graph, or the Candle SAM,
 //! [`engine`]), the batched pre-process → run → post-process job with its reports ([`job`]),
-//! training-run folders ([`run`]) and the engine benchmark ([`bench`]).
+//! merged shard reports ([`report`]), training-run folders ([`run`]) and the engine benchmark ([`bench`]).
 //!
 //! Metrics are those of [`crate::metrics`] (shared with training's evaluation, so
 //! `gps-seg infer --run` reproduces training's mDice); inference never imports training.
@@ -10,6 +10,7 @@ pub mod bench;
 pub mod engine;
 pub mod input;
 pub mod job;
+pub mod report;
 pub mod run;
 pub mod runtime;
 
