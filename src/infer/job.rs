@@ -4,8 +4,9 @@
 //! ([`crate::metrics`]: threshold on the probability at the ground truth's resolution, false
 //! positives counted, means over images).
 //!
-//! Output folder: `masks/<id>.png`, `overlays/<id>.png`, `scores.csv` (with masks) and
-//! `report.json`; every file is written atomically. Bad inputs stop the job before anything is
+//! Output folder: `masks/<id>.png`, `overlays/<id>.png`, `scores.csv` (with masks),
+//! `report.json` and `report.html` (summary, Dice histogram, per-image table with overlay
+//! thumbnails); every file is written atomically. Bad inputs stop the job before anything is
 //! written unless `skip_bad` is set (then they are listed in the report).
 
 use super::engine::Engine;
@@ -554,6 +555,7 @@ pub fn infer(
         pooled: scoring.then(|| metrics.pooled()),
     };
     write_json_atomic(&opts.out.join("report.json"), &report)?;
+    super::report::write_html(&report, &opts.out, opts.overlays)?;
     Ok((report, metrics.scores))
 }
 

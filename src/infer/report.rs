@@ -149,5 +149,115 @@ pub fn merge_reports(dirs: &[PathBuf], out: &Path) -> Result<InferReport> {
         write_atomic(&out.join("scores.csv"), csv.as_bytes())?;
     }
     write_json_atomic(&out.join("report.json"), &merged)?;
+    // The overlays stay in the shard folders: the merged page shows the scores only.
+    write_html(&merged, out, false)?;
     Ok(merged)
+}
+
+/// Write `<out>/report.html` for a job's report: the summary, a Dice histogram and the
+/// per-image table (worst Dice first; click a header to sort) with overlay thumbnails when
+/// `thumbnails` (overlays live in `<out>/overlays/`).
+pub fn write_html(r: &InferReport, out: &Path, thumbnails: bool) -> Result<()> {
+    use crate::util::html::{histogram_svg, Cell, Page, Table};
+    let mut p = Page::new(&format!("gps-seg inference report: {}", out.display()));
+    let mut kv = vec![
+        ("engine".to_string(), r.engine.clone()),
+        ("model".to_string(), r.model.clone()),
+        (
+            "input".to_string(),
+            format!(
+                "{0}×{0}, {1:?}, threshold {2}",
+                r.input_size, r.resize, r.threshold
+            ),
+        ),
+        (
+            "images".to_string(),
+            format!("{} segmented, {} skipped", r.images, r.skipped.len()),
+        ),
+    ];
+    if let Some(s) = r.shard {
+        kv.push((
+            "shard".into(),
+            format!("{}/{} of {} inputs", s.index, s.count, r.total_inputs),
+        ));
+    }
+    if let Some(m) = &r.metrics {
+        kv.push(("mDice".into(), format!("{:.4}", m.mdice)));
+        kv.push(("mIoU".into(), format!("{:.4}", m.miou)));
+        kv.push((
+            "GPS reference convention (pooled, background ignored)".into(),
+            format!(
+                "Dice {:.4}, IoU {:.4} (for comparison with published GPS numbers only)",
+                m.ref_dice_ignore_bg, m.ref_iou_ignore_bg
+            ),
+        ));
+    }
+    kv.push((
+        "throughput".into(),
+        format!(
+            "{:.2} images/s end to end, {:.2} in the model; peak memory {:.0} MB",
+            r.images_per_s, r.model_images_per_s, r.peak_rss_mb
+        ),
+    ));
+    p.h2("Summary");
+    p.key_values(&kv);
+    if r.metrics.is_some() {
+        p.h2("Dice per image");
+        let d: Vec<f64> = r.scores.iter().map(|s| s.score.dice).collect();
+        p.raw(&histogram_svg(&d, 0.0, 1.0, 20, "Dice"));
+        p.note("Dice and IoU per image at the ground truth's resolution, false positives counted.");
+    }
+    let mut scores: Vec<&IndexedScore> = r.scores.iter().collect();
+    scores.sort_by(|a, b| a.score.dice.total_cmp(&b.score.dice));
+    let mut headers = vec!["id".to_string(), "Dice".into(), "IoU".into()];
+    if thumbnails {
+        headers.push("overlay".into());
+    }
+    let rows = scores
+        .iter()
+        .map(|s| {
+            let mut row = vec![
+                Cell::Text(s.score.id.clone()),
+                Cell::Num(s.score.dice, 4),
+                Cell::Num(s.score.iou, 4),
+            ];
+            if thumbnails {
+                row.push(Cell::Img(format!("overlays/{}.png", s.score.id)));
+            }
+            row
+        })
+        .collect();
+    if !r.scores.is_empty() {
+        p.h2("Images (worst Dice first)");
+        p.raw(
+            &Table {
+                id: "images".into(),
+                headers,
+                rows,
+            }
+            .html(),
+        );
+    }
+    if !r.skipped.is_empty() {
+        p.h2("Skipped inputs");
+        let rows = r
+            .skipped
+            .iter()
+            .map(|b| {
+                vec![
+                    Cell::Text(b.path.display().to_string()),
+                    Cell::Text(b.reason.clone()),
+                ]
+            })
+            .collect();
+        p.raw(
+            &Table {
+                id: "skipped".into(),
+                headers: vec!["file".into(), "reason".into()],
+                rows,
+            }
+            .html(),
+        );
+    }
+    write_atomic(&out.join("report.html"), p.finish().as_bytes())
 }

@@ -2,6 +2,7 @@
 
 pub mod draw;
 pub mod fs;
+pub mod html;
 pub mod mem;
 pub mod rng;
 pub mod tensors;
