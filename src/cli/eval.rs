@@ -24,6 +24,9 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    if a.scenes == 0 {
+        anyhow::bail!("--scenes 0: evaluate at least one scene (a mean over none is undefined)");
+    }
     let device = a.device.resolve()?;
     let dtype = a.dtype.resolve(&device)?;
     let (path, cfg) = gps_seg::sam::registry::resolve(&a.model, None)?;
