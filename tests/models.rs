@@ -372,3 +372,61 @@ fn sparse_gps_roles_get_gradients_through_both_models() {
         }
     }
 }
+
+/// Out-of-range classifier config fields are refused by `validate` (and by construction,
+/// before anything is allocated), naming the field; every preset validates.
+#[test]
+fn bad_classifier_configs_name_the_field() {
+    type VitEdit = fn(&mut VitConfig);
+    let vit: [(&str, VitEdit); 10] = [
+        ("image_size", |c| c.image_size = 0),
+        ("image_size", |c| c.image_size = 1 << 40),
+        ("image_size", |c| {
+            c.image_size = 4096;
+            c.patch_size = 1
+        }),
+        ("patch_size", |c| c.patch_size = 0),
+        ("embed_dim", |c| c.embed_dim = 0),
+        ("num_heads", |c| c.num_heads = 5),
+        ("depth", |c| c.depth = 100_000),
+        ("mlp_dim", |c| c.mlp_dim = 0),
+        ("num_classes", |c| c.num_classes = usize::MAX),
+        ("layer_norm_eps", |c| c.layer_norm_eps = f64::NAN),
+    ];
+    for (field, edit) in vit {
+        let mut c = VitConfig::tiny();
+        edit(&mut c);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains(&format!("`{field}`")), "{field}: {e}");
+        let vs = ParamStore::init(&Device::Cpu, 0);
+        assert!(Classifier::new(&ClassifierConfig::Vit(c), &vs).is_err());
+    }
+    type CnEdit = fn(&mut ConvNextConfig);
+    let convnext: [(&str, CnEdit); 8] = [
+        ("dims", |c| c.dims = vec![]),
+        ("dims", |c| c.dims[1] = 0),
+        ("dims", |c| {
+            c.dims = vec![8; 64];
+            c.depths = vec![1; 64]
+        }),
+        ("depths", |c| c.depths[0] = 1_000_000),
+        ("kernel_size", |c| c.kernel_size = 4),
+        ("mlp_ratio", |c| c.mlp_ratio = 0),
+        ("image_size", |c| c.image_size = 1 << 40),
+        ("std", |c| c.std = [0.2, f32::INFINITY, 0.2]),
+    ];
+    for (field, edit) in convnext {
+        let mut c = ConvNextConfig::tiny();
+        edit(&mut c);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains(&format!("`{field}`")), "{field}: {e}");
+        let vs = ParamStore::init(&Device::Cpu, 0);
+        assert!(Classifier::new(&ClassifierConfig::ConvNext(c), &vs).is_err());
+    }
+    for p in ClassifierConfig::PRESETS {
+        ClassifierConfig::preset(p, 1000)
+            .unwrap()
+            .validate()
+            .unwrap();
+    }
+}

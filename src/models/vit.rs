@@ -18,6 +18,23 @@ use crate::util::tensors::TensorMap;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
+/// Largest accepted `image_size` (ViT and ConvNeXt).
+pub const MAX_IMAGE_SIZE: usize = 4096;
+/// Largest accepted `patch_size`.
+pub const MAX_PATCH: usize = 64;
+/// Largest accepted patch count (ViT-B/16 at 2048 px).
+pub const MAX_TOKENS: usize = 16384;
+/// Largest accepted token / stage width.
+pub const MAX_WIDTH: usize = 4096;
+/// Largest accepted head count.
+pub const MAX_HEADS: usize = 64;
+/// Largest accepted block count.
+pub const MAX_DEPTH: usize = 64;
+/// Largest accepted MLP hidden width.
+pub const MAX_MLP_DIM: usize = 16384;
+/// Largest accepted number of classes (ImageNet-21k has 21 843).
+pub const MAX_CLASSES: usize = 100_000;
+
 /// Every number that differs between ViT sizes; names follow timm's constructor arguments.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VitConfig {
@@ -125,7 +142,10 @@ impl VitConfig {
         self.grid_size() * self.grid_size() + 1
     }
 
-    /// Check internal consistency; errors name the field.
+    /// Check internal consistency and bounds; errors name the field. Bounds are what real
+    /// ViTs reach with room above (ViT-H/14: width 1280, 32 blocks, 16 heads, MLP 5120;
+    /// ImageNet-21k: 21 843 classes), and at most [`MAX_TOKENS`] patches (global attention
+    /// is quadratic in them).
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &str, msg: String| {
             Err(Error::Config {
@@ -133,10 +153,21 @@ impl VitConfig {
                 msg,
             })
         };
-        if self.patch_size == 0
-            || self.image_size == 0
-            || !self.image_size.is_multiple_of(self.patch_size)
-        {
+        let range = |field: &str, v: usize, lo: usize, hi: usize| {
+            if v < lo || v > hi {
+                bad(field, format!("{v} is outside {lo}..={hi}"))
+            } else {
+                Ok(())
+            }
+        };
+        range("patch_size", self.patch_size, 1, MAX_PATCH)?;
+        range(
+            "image_size",
+            self.image_size,
+            self.patch_size,
+            MAX_IMAGE_SIZE,
+        )?;
+        if !self.image_size.is_multiple_of(self.patch_size) {
             return bad(
                 "image_size",
                 format!(
@@ -145,7 +176,19 @@ impl VitConfig {
                 ),
             );
         }
-        if self.num_heads == 0 || !self.embed_dim.is_multiple_of(self.num_heads) {
+        let g = self.grid_size();
+        if g.saturating_mul(g) > MAX_TOKENS {
+            return bad(
+                "image_size",
+                format!(
+                    "{} px in patches of {} is a {g}×{g} grid; at most {MAX_TOKENS} patches",
+                    self.image_size, self.patch_size
+                ),
+            );
+        }
+        range("embed_dim", self.embed_dim, 1, MAX_WIDTH)?;
+        range("num_heads", self.num_heads, 1, MAX_HEADS)?;
+        if !self.embed_dim.is_multiple_of(self.num_heads) {
             return bad(
                 "num_heads",
                 format!(
@@ -154,10 +197,19 @@ impl VitConfig {
                 ),
             );
         }
-        if self.depth == 0 || self.mlp_dim == 0 || self.num_classes == 0 {
-            return bad("depth/mlp_dim/num_classes", "must all be > 0".to_string());
+        range("depth", self.depth, 1, MAX_DEPTH)?;
+        range("mlp_dim", self.mlp_dim, 1, MAX_MLP_DIM)?;
+        range("num_classes", self.num_classes, 1, MAX_CLASSES)?;
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
+            return bad(
+                "layer_norm_eps",
+                format!("{} is not a finite positive number", self.layer_norm_eps),
+            );
         }
-        if self.std.iter().any(|&s| s <= 0.0) {
+        if self.mean.iter().any(|m| !m.is_finite()) {
+            return bad("mean", format!("{:?} has a non-finite entry", self.mean));
+        }
+        if self.std.iter().any(|&s| !(s.is_finite() && s > 0.0)) {
             return bad("std", format!("{:?} has a non-positive entry", self.std));
         }
         Ok(())

@@ -94,29 +94,24 @@ pub fn read_config(path: &Path) -> Result<SamConfig> {
             known.keys().cloned().collect::<Vec<_>>().join(", ")
         )));
     }
+    // serde_json names the field only for missing ones: find a value at fault by putting
+    // each field, alone, into a known-good config.
+    for (k, val) in obj {
+        let mut probe = reference.clone();
+        if let Some(slot) = probe.get_mut(k) {
+            *slot = val.clone();
+        }
+        if let Err(e) = serde_json::from_value::<SamConfig>(probe) {
+            return Err(bad(format!("config field `{k}`: {e}")));
+        }
+    }
     if let Some(k) = known.keys().find(|k| !obj.contains_key(*k)) {
         return Err(bad(format!("config field `{k}`: missing")));
     }
-    match serde_json::from_value::<SamConfig>(v.clone()) {
-        Ok(cfg) => {
-            cfg.validate().map_err(|e| bad(e.to_string()))?;
-            Ok(cfg)
-        }
-        Err(e) => {
-            // serde_json names the field only for missing ones: find the value at fault by
-            // putting each field, alone, into a known-good config.
-            for (k, val) in obj {
-                let mut probe = reference.clone();
-                if let Some(slot) = probe.get_mut(k) {
-                    *slot = val.clone();
-                }
-                if let Err(fe) = serde_json::from_value::<SamConfig>(probe) {
-                    return Err(bad(format!("config field `{k}`: {fe}")));
-                }
-            }
-            Err(bad(format!("not a SAM config: {e}")))
-        }
-    }
+    let cfg = serde_json::from_value::<SamConfig>(v.clone())
+        .map_err(|e| bad(format!("not a SAM config: {e}")))?;
+    cfg.validate().map_err(|e| bad(e.to_string()))?;
+    Ok(cfg)
 }
 
 /// Infer the config from a checkpoint's tensor shapes ([`super::info::infer_config`]).
