@@ -513,7 +513,7 @@ const DECLARED: [u32; 6] = [0, 1, 2, 255, 4096, 3];
 
 fn mutate_png(rng: &mut XorShift, base: &[u8]) -> (Vec<u8>, String) {
     let mut out = base.to_vec();
-    match rng.below(4) {
+    match rng.below(5) {
         0 => {
             // IHDR (data at 16..29): width, height, bit depth, colour type; CRC fixed.
             let (w, h) = (*rng.pick(&DECLARED), *rng.pick(&DECLARED));
@@ -535,11 +535,51 @@ fn mutate_png(rng: &mut XorShift, base: &[u8]) -> (Vec<u8>, String) {
             let r = mutate_region(rng, &mut out, 0, 33);
             (out, format!("header: {r}"))
         }
-        _ => {
+        2 | 3 => {
             let len = out.len();
             let r = mutate_region(rng, &mut out, 33, len);
             (out, format!("body: {r}"))
         }
+        _ => {
+            // An in-place edit of a chunk's data with every CRC recomputed, so the decoder
+            // gets past its checksums to the data itself.
+            let len = out.len();
+            let at = 33 + rng.below(len.saturating_sub(45).max(1));
+            let r = match rng.below(3) {
+                0 => {
+                    let bit = rng.below(8);
+                    out[at] ^= 1 << bit;
+                    format!("flip bit {bit} of byte {at}")
+                }
+                1 => {
+                    let v = *rng.pick(&INTERESTING_U8);
+                    out[at] = v;
+                    format!("byte {at} = {v:#x}")
+                }
+                _ => {
+                    let end = (at + 1 + rng.below(16)).min(len);
+                    out[at..end].fill(0);
+                    format!("zero bytes {at}..{end}")
+                }
+            };
+            fix_png_crcs(&mut out);
+            (out, format!("body: {r} (CRCs fixed)"))
+        }
+    }
+}
+
+/// Recompute the CRC of every chunk whose length field still fits the file.
+fn fix_png_crcs(data: &mut [u8]) {
+    let mut pos = 8;
+    while pos + 12 <= data.len() {
+        let len = u32::from_be_bytes(data[pos..pos + 4].try_into().unwrap()) as usize;
+        let end = pos + 8 + len;
+        if end + 4 > data.len() {
+            break;
+        }
+        let crc = crc32(&data[pos + 4..end]);
+        data[end..end + 4].copy_from_slice(&crc.to_be_bytes());
+        pos = end + 4;
     }
 }
 
