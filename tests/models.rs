@@ -429,4 +429,24 @@ fn bad_classifier_configs_name_the_field() {
             .validate()
             .unwrap();
     }
+    // Within every bound but far beyond memory: refused before allocating, saying how much.
+    let mut huge = VitConfig::tiny();
+    huge.embed_dim = 4096;
+    huge.num_heads = 64;
+    huge.depth = 64;
+    huge.mlp_dim = 16384;
+    huge.validate().unwrap();
+    assert!(huge.estimate_bytes(1) > 40 << 30);
+    let avail = gps_seg::util::mem::available_bytes().unwrap_or(u64::MAX);
+    if huge.estimate_bytes(1) > avail {
+        let vs = ParamStore::init(&Device::Cpu, 0);
+        let e = Classifier::new(&ClassifierConfig::Vit(huge), &vs)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("would need about"), "{e}");
+    }
+    let tiny = VitConfig::tiny().estimate_bytes(1);
+    assert!(tiny > 4 * 2_000_000 && tiny < 100 << 20, "{tiny}");
+    assert!(ConvNextConfig::tiny().estimate_bytes(1) < 100 << 20);
 }

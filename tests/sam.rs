@@ -559,6 +559,13 @@ fn bad_config_json_beside_a_checkpoint_names_the_file_and_field() {
         ),
         (
             {
+                good["image_size"] = serde_json::json!(1u64 << 40);
+                good.to_string()
+            },
+            "`image_size`",
+        ),
+        (
+            {
                 good["image_size"] = serde_json::json!(256);
                 good["mlp_ratio"] = serde_json::json!(-4.0);
                 good.to_string()

@@ -208,6 +208,35 @@ impl ConvNextConfig {
         Ok(())
     }
 
+    /// Bytes a forward pass of `batch` images needs, roughly (saturating): the f32
+    /// parameters plus, per image, the largest stage's feature map times its MLP expansion
+    /// (+ 4 for the block's other tensors). Checked before a model is built on the CPU.
+    pub fn estimate_bytes(&self, batch: usize) -> u64 {
+        let u = |v: usize| v as u64;
+        let params = self
+            .param_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().fold(1u64, |p, &d| p.saturating_mul(u(d))))
+            .fold(0u64, u64::saturating_add);
+        let mut per_image = u(self.image_size)
+            .saturating_mul(u(self.image_size))
+            .saturating_mul(6);
+        let mut side = u(self.image_size / 4);
+        let mut largest = 0u64;
+        for &c in &self.dims {
+            let map = side
+                .saturating_mul(side)
+                .saturating_mul(u(c))
+                .saturating_mul(u(self.mlp_ratio).saturating_add(4));
+            largest = largest.max(map);
+            side /= 2;
+        }
+        per_image = per_image.saturating_add(largest);
+        params
+            .saturating_add(per_image.saturating_mul(u(batch.max(1))))
+            .saturating_mul(4)
+    }
+
     /// Every parameter's timm name and shape, in construction order, without allocating.
     pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let mut v: Vec<(String, Vec<usize>)> = Vec::new();
@@ -314,6 +343,12 @@ impl ConvNext {
     /// errors naming the tensor.
     pub fn new(cfg: &ConvNextConfig, vs: &ParamStore) -> Result<Self> {
         cfg.validate()?;
+        if vs.device().is_cpu() {
+            crate::util::mem::check_fits(
+                &format!("ConvNeXt `{}` at {} px, batch 1", cfg.name, cfg.image_size),
+                cfg.estimate_bytes(1),
+            )?;
+        }
         let eps = cfg.layer_norm_eps;
         let d0 = cfg.dims[0];
         let stem = (

@@ -215,6 +215,32 @@ impl VitConfig {
         Ok(())
     }
 
+    /// Bytes a forward pass of `batch` images needs, roughly (saturating): the f32
+    /// parameters plus one block's activations per image (tokens × (7 × width + MLP)) and
+    /// one head's attention scores. Checked before a model is built on the CPU.
+    pub fn estimate_bytes(&self, batch: usize) -> u64 {
+        let u = |v: usize| v as u64;
+        let params = self
+            .param_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().fold(1u64, |p, &d| p.saturating_mul(u(d))))
+            .fold(0u64, u64::saturating_add);
+        let t = u(self.num_tokens());
+        let block = t.saturating_mul(
+            u(self.embed_dim)
+                .saturating_mul(7)
+                .saturating_add(u(self.mlp_dim)),
+        );
+        let scores = t.saturating_mul(t).saturating_mul(u(self.num_heads));
+        let image = u(self.image_size)
+            .saturating_mul(u(self.image_size))
+            .saturating_mul(6);
+        let per_image = block.saturating_add(scores).saturating_add(image);
+        params
+            .saturating_add(per_image.saturating_mul(u(batch.max(1))))
+            .saturating_mul(4)
+    }
+
     /// Every parameter's timm name and shape, in construction order, without allocating.
     pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let d = self.embed_dim;
@@ -355,6 +381,12 @@ impl Vit {
     /// naming the tensor.
     pub fn new(cfg: &VitConfig, vs: &ParamStore) -> Result<Self> {
         cfg.validate()?;
+        if vs.device().is_cpu() {
+            crate::util::mem::check_fits(
+                &format!("ViT `{}` at {} px, batch 1", cfg.name, cfg.image_size),
+                cfg.estimate_bytes(1),
+            )?;
+        }
         let d = cfg.embed_dim;
         let p = cfg.patch_size;
         let patch_embed = Conv2d::new(&vs.pp("patch_embed").pp("proj"), 3, d, p, p, 0, 1, true)?;
