@@ -151,8 +151,7 @@ impl IoPaths {
 
     /// A file or folder the command writes.
     pub fn output(mut self, what: &str, path: impl AsRef<Path>) -> Self {
-        self.outputs
-            .push((what.into(), path.as_ref().to_path_buf()));
+        self.outputs.push((what.into(), path.as_ref().to_path_buf()));
         self
     }
 
@@ -271,17 +270,9 @@ mod tests {
                 .check()
         };
         // equal (through another spelling), containing, inside
-        let e = io(d.join("data/./images/../images"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("same path") && e.contains("--images") && e.contains("--out"),
-            "{e}"
-        );
-        assert!(io(d.join("data"))
-            .unwrap_err()
-            .to_string()
-            .contains("contains"));
+        let e = io(d.join("data/./images/../images")).unwrap_err().to_string();
+        assert!(e.contains("same path") && e.contains("--images") && e.contains("--out"), "{e}");
+        assert!(io(d.join("data")).unwrap_err().to_string().contains("contains"));
         let e = io(d.join("data/images/preds")).unwrap_err().to_string();
         assert!(e.contains("lies inside"), "{e}");
         assert!(io(d.join("base.safetensors")).is_err());
@@ -301,19 +292,12 @@ mod tests {
         });
         assert!(r.is_err());
         assert!(!dest.exists());
-        assert_eq!(
-            std::fs::read_dir(dir.path()).unwrap().count(),
-            0,
-            "temp folder left"
-        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "temp folder left");
         atomic_dir(&dest, |t| {
             std::fs::write(t.join("a"), b"1").map_err(|e| Error::io(t, e))
         })
         .unwrap();
         assert_eq!(std::fs::read(dest.join("a")).unwrap(), b"1");
-        assert!(
-            atomic_dir(&dest, |_| Ok(())).is_err(),
-            "an existing folder is never replaced"
-        );
+        assert!(atomic_dir(&dest, |_| Ok(())).is_err(), "an existing folder is never replaced");
     }
 }
