@@ -321,6 +321,7 @@ const JSON_NUMBERS: [&str; 10] = [
 /// raw bytes.
 fn mutate_safetensors(
     rng: &mut XorShift,
+    keys: &[&str],
     base: &TensorMap,
     base_bytes: &[u8],
 ) -> (Vec<u8>, String) {
@@ -329,8 +330,9 @@ fn mutate_safetensors(
     if kind < 4 {
         let mut m = base.clone();
         // Half the time one of the tensors whose shapes define the config.
-        let name = if rng.below(2) == 0 {
-            rng.pick(&KEY_TENSORS).to_string()
+        let key = rng.pick(keys).to_string();
+        let name = if rng.below(2) == 0 && base.contains_key(&key) {
+            key
         } else {
             (*rng.pick(&names)).clone()
         };
@@ -470,7 +472,7 @@ fn fuzz_safetensors_checkpoints() {
     let mut tally = Tally::default();
     for seed in 0..500u64 {
         let mut rng = XorShift::new(seed);
-        let (data, recipe) = mutate_safetensors(&mut rng, &base, &bytes);
+        let (data, recipe) = mutate_safetensors(&mut rng, &KEY_TENSORS, &base, &bytes);
         let p = dir.path().join(format!("case{seed}.safetensors"));
         std::fs::write(&p, &data).unwrap();
         tally.run(seed, &recipe, true, || use_checkpoint(&p, &cfg));
@@ -482,6 +484,83 @@ fn fuzz_safetensors_checkpoints() {
         tally.errors
     );
     tally.finish("safetensors", started);
+}
+
+/// Classifiers small enough for milliseconds per case: a ViT (16 px, patch 8, width 16,
+/// two blocks) and a ConvNeXt (two stages of width 8 and 16, 32 px).
+fn micro_classifiers() -> Vec<gps_seg::models::ClassifierConfig> {
+    use gps_seg::models::{ClassifierConfig, ConvNextConfig, VitConfig};
+    let mut v = VitConfig::tiny().with_num_classes(3);
+    v.image_size = 16;
+    v.embed_dim = 16;
+    v.depth = 2;
+    v.num_heads = 2;
+    v.mlp_dim = 32;
+    let mut c = ConvNextConfig::tiny().with_num_classes(3);
+    c.image_size = 32;
+    c.dims = vec![8, 16];
+    c.depths = vec![1, 1];
+    vec![ClassifierConfig::Vit(v), ClassifierConfig::ConvNext(c)]
+}
+
+const CLASSIFIER_KEYS: [&str; 8] = [
+    "pos_embed",
+    "cls_token",
+    "patch_embed.proj.weight",
+    "head.weight",
+    "head.fc.weight",
+    "stem.0.weight",
+    "stages.1.downsample.1.weight",
+    "blocks.0.attn.qkv.weight",
+];
+
+fn use_classifier_checkpoint(
+    path: &Path,
+    cfg: &gps_seg::models::ClassifierConfig,
+) -> Result<(), String> {
+    let dev = Device::Cpu;
+    let e = |e: gps_seg::Error| e.to_string();
+    let (map, _) = cfg.load_checkpoint(path, &dev, 0).map_err(e)?;
+    let vs = ParamStore::frozen(map, &dev);
+    let model = gps_seg::models::Classifier::new(cfg, &vs).map_err(e)?;
+    vs.check_all_used().map_err(e)?;
+    let s = cfg.image_size();
+    let x = Tensor::zeros((1, 3, s, s), DType::F32, &dev).map_err(|c| c.to_string())?;
+    model.forward(&x).map_err(e)?;
+    Ok(())
+}
+
+#[test]
+fn fuzz_classifier_checkpoints() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    install_hook();
+    let dir = tempfile::tempdir().unwrap();
+    for (k, cfg) in micro_classifiers().into_iter().enumerate() {
+        let vs = ParamStore::init(&Device::Cpu, 5);
+        gps_seg::models::Classifier::new(&cfg, &vs).unwrap();
+        let base = vs.current_tensors().unwrap();
+        let bytes = tensors::to_safetensors_bytes(&base, None).unwrap();
+        let good = dir.path().join("good.safetensors");
+        std::fs::write(&good, &bytes).unwrap();
+        use_classifier_checkpoint(&good, &cfg).unwrap();
+        let started = Instant::now();
+        let mut tally = Tally::default();
+        for seed in 0..200u64 {
+            let mut rng = XorShift::new(seed ^ (0xC1A5 + k as u64));
+            let (data, recipe) = mutate_safetensors(&mut rng, &CLASSIFIER_KEYS, &base, &bytes);
+            let p = dir.path().join(format!("case{seed}.safetensors"));
+            std::fs::write(&p, &data).unwrap();
+            tally.run(seed, &recipe, true, || use_classifier_checkpoint(&p, &cfg));
+            let _ = std::fs::remove_file(&p);
+        }
+        assert!(
+            tally.errors > 60,
+            "{}: only {} refused",
+            cfg.name(),
+            tally.errors
+        );
+        tally.finish(&format!("{} checkpoints", cfg.name()), started);
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -446,6 +446,19 @@ fn bad_classifier_configs_name_the_field() {
             .to_string();
         assert!(e.contains("would need about"), "{e}");
     }
+    // A checkpoint with an empty or non-square position table is refused by name.
+    let cfg = ClassifierConfig::Vit(VitConfig::tiny());
+    let vs = ParamStore::init(&Device::Cpu, 1);
+    Classifier::new(&cfg, &vs).unwrap();
+    for shape in [[1usize, 0, 192], [1, 7, 192]] {
+        let mut map = vs.current_tensors().unwrap();
+        map.insert(
+            "pos_embed".into(),
+            Tensor::zeros(&shape[..], DType::F32, &Device::Cpu).unwrap(),
+        );
+        let e = cfg.adapt_checkpoint(map, 0).unwrap_err().to_string();
+        assert!(e.contains("pos_embed"), "{shape:?}: {e}");
+    }
     let tiny = VitConfig::tiny().estimate_bytes(1);
     assert!(tiny > 4 * 2_000_000 && tiny < 100 << 20, "{tiny}");
     assert!(ConvNextConfig::tiny().estimate_bytes(1) < 100 << 20);

@@ -481,7 +481,7 @@ pub fn adapt_checkpoint(
         })?;
         if one == 1 && d == cfg.embed_dim && n != want {
             let resized = resize_pos_embed(pe, cfg.grid_size())?;
-            let g0 = ((n - 1) as f64).sqrt().round() as usize;
+            let g0 = (n.saturating_sub(1) as f64).sqrt().round() as usize;
             report.resized.push(format!(
                 "`pos_embed` grid {g0}×{g0} → {g}×{g} (bilinear, class token kept)",
                 g = cfg.grid_size()
