@@ -47,6 +47,25 @@ pub struct Args {
     /// Classifiers: export only `logits` (no second `features` output).
     #[arg(long)]
     pub no_features: bool,
+    /// Dynamic int8 quantization of the MatMul and Conv weights (per output channel,
+    /// symmetric; activations quantized at run time).
+    #[arg(long, value_enum)]
+    pub quantize: Option<Quantize>,
+    /// Weight and compute precision: f32, or fp16 (f32 inputs/outputs; for GPU execution
+    /// providers).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: Precision,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Quantize {
+    Int8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    F32,
+    Fp16,
 }
 
 /// The weights file of `--model` (a run folder's merged.safetensors / model.safetensors).
@@ -124,7 +143,7 @@ fn run_classifier(args: &Args, cfg: ClassifierConfig) -> anyhow::Result<()> {
         cfg.image_size(),
         cfg.image_size()
     );
-    write(&args.out, m, args.external_data, &s)
+    write(&args.out, m, &args, &s)
 }
 
 fn resolve(args: &Args) -> anyhow::Result<(SamConfig, Option<PathBuf>)> {
@@ -203,8 +222,23 @@ fn decoder_path(out: &Path) -> PathBuf {
     out.with_file_name(format!("{stem}_decoder.onnx"))
 }
 
-fn write(path: &Path, model: ModelProto, external: bool, s: &ExportSummary) -> anyhow::Result<()> {
-    let ext = if external {
+fn write(path: &Path, mut model: ModelProto, args: &Args, s: &ExportSummary) -> anyhow::Result<()> {
+    use gps_seg::onnx::quantize::{quantize_int8, to_fp16};
+    let pass = match (args.quantize, args.precision) {
+        (Some(_), Precision::Fp16) => {
+            bail!("--quantize int8 and --precision fp16 exclude each other")
+        }
+        (Some(Quantize::Int8), Precision::F32) => Some(("int8", quantize_int8(&mut model)?)),
+        (None, Precision::Fp16) => Some(("fp16", to_fp16(&mut model)?)),
+        (None, Precision::F32) => None,
+    };
+    if let Some((what, r)) = &pass {
+        println!(
+            "{what}: {} MatMul and {} Conv weights; initializers {} → {} bytes",
+            r.matmuls, r.convs, r.bytes_before, r.bytes_after
+        );
+    }
+    let ext = if args.external_data {
         ExternalData::Always {
             threshold_bytes: 1024,
         }
@@ -250,13 +284,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     if args.prompted {
         let (m, s) = sam::export_image_encoder(&cfg, &map, opts)?;
-        write(&args.out, m, args.external_data, &s)?;
+        write(&args.out, m, &args, &s)?;
         let dec = decoder_path(&args.out);
         let (m, s) = sam::export_prompted_decoder(&cfg, &map)?;
-        write(&dec, m, args.external_data, &s)?;
+        write(&dec, m, &args, &s)?;
     } else {
         let (m, s) = sam::export_prompt_free(&cfg, &map, opts)?;
-        write(&args.out, m, args.external_data, &s)?;
+        write(&args.out, m, &args, &s)?;
     }
     Ok(())
 }

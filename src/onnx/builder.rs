@@ -894,6 +894,7 @@ fn replace_pair(path: &Path, model_bytes: &[u8], staged: &Path, data_path: &Path
             use std::io::Write;
             let f = tmp.as_file_mut();
             f.write_all(model_bytes)
+                .and_then(|()| crate::util::fs::set_usual_mode(f, path, 0o644))
                 .and_then(|()| f.sync_all())
                 .map_err(|e| Error::io(path, e))?;
         }

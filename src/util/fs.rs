@@ -54,10 +54,27 @@ pub fn write_atomic_with(
         .tempfile_in(parent)
         .map_err(|e| Error::io(parent, e))?;
     write(tmp.as_file_mut())
+        .and_then(|()| set_usual_mode(tmp.as_file(), path, 0o644))
         .and_then(|()| tmp.as_file().sync_all())
         .map_err(|e| Error::io(path, e))?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     sync_dir(parent)
+}
+
+/// Temp files are created private (0600); the file that replaces `dest` gets `dest`'s mode, or
+/// `new_mode` (what a plain `File::create` gives under the usual umask) when it is new.
+pub fn set_usual_mode(f: &std::fs::File, dest: &Path, new_mode: u32) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dest)
+            .map(|m| m.permissions().mode() & 0o7777)
+            .unwrap_or(new_mode);
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    }
+    #[cfg(not(unix))]
+    let _ = (f, dest, new_mode);
+    Ok(())
 }
 
 /// Build a folder atomically: `fill` writes into a fresh temp folder beside `dest`, which is
@@ -82,6 +99,12 @@ pub fn atomic_dir<T>(dest: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> Resu
         .tempdir_in(parent)
         .map_err(|e| Error::io(parent, e))?;
     let out = fill(tmp.path())?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| Error::io(tmp.path(), e))?;
+    }
     let tmp_path = tmp.keep();
     std::fs::rename(&tmp_path, dest).map_err(|e| {
         let _ = std::fs::remove_dir_all(&tmp_path);
@@ -253,6 +276,15 @@ mod tests {
         });
         let b = std::fs::read(&p).unwrap();
         assert_eq!(b.len(), 4096);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(
+                mode, 0o644,
+                "a new file is readable like a File::create one"
+            );
+        }
         assert!(b.iter().all(|&x| x == b[0]), "a write was interleaved");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
