@@ -143,7 +143,7 @@ fn run_classifier(args: &Args, cfg: ClassifierConfig) -> anyhow::Result<()> {
         cfg.image_size(),
         cfg.image_size()
     );
-    write(&args.out, m, &args, &s)
+    write(&args.out, m, args, &s)
 }
 
 fn resolve(args: &Args) -> anyhow::Result<(SamConfig, Option<PathBuf>)> {
