@@ -1,5 +1,6 @@
 //! Small shared helpers: seeded RNG, atomic file writes, tensor files.
 
+pub mod cpu;
 pub mod draw;
 pub mod fs;
 pub mod html;
