@@ -20,6 +20,7 @@ pub mod onnx;
 pub mod pipeline;
 pub mod progress;
 pub mod sam;
+pub mod stats;
 pub mod train;
 pub mod util;
 

@@ -21,21 +21,44 @@ pub trait Metric {
     fn clear(&mut self);
 }
 
+/// One image's pixel counts: predicted ∩ ground truth, predicted, ground truth.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PixelCounts {
+    pub tp: u64,
+    pub pred: u64,
+    pub gt: u64,
+}
+
+impl PixelCounts {
+    /// Count a probability map against a binary mask (same length) at `threshold`.
+    pub fn of(prob: &[f32], gt: &[u8], threshold: f32) -> Self {
+        let mut c = PixelCounts::default();
+        for (&x, &t) in prob.iter().zip(gt) {
+            let pi = x >= threshold;
+            let ti = t != 0;
+            c.tp += (pi && ti) as u64;
+            c.pred += pi as u64;
+            c.gt += ti as u64;
+        }
+        c
+    }
+
+    /// Dice and IoU (both 1 when prediction and ground truth are empty).
+    pub fn dice_iou(&self) -> (f64, f64) {
+        let union = (self.pred + self.gt).saturating_sub(self.tp);
+        if union == 0 {
+            return (1.0, 1.0);
+        }
+        (
+            2.0 * self.tp as f64 / (self.pred + self.gt) as f64,
+            self.tp as f64 / union as f64,
+        )
+    }
+}
+
 /// Per-image Dice and IoU of a probability map against a binary mask (same length).
 pub fn dice_iou(prob: &[f32], gt: &[u8], threshold: f32) -> (f64, f64) {
-    let (mut tp, mut p, mut g) = (0u64, 0u64, 0u64);
-    for (&x, &t) in prob.iter().zip(gt) {
-        let pi = x >= threshold;
-        let ti = t != 0;
-        tp += (pi && ti) as u64;
-        p += pi as u64;
-        g += ti as u64;
-    }
-    let union = p + g - tp;
-    if union == 0 {
-        return (1.0, 1.0);
-    }
-    (2.0 * tp as f64 / (p + g) as f64, tp as f64 / union as f64)
+    PixelCounts::of(prob, gt, threshold).dice_iou()
 }
 
 /// One image's scores.
@@ -44,6 +67,23 @@ pub struct ImageScore {
     pub id: String,
     pub dice: f64,
     pub iou: f64,
+    /// The counts the scores come from (exact, so scores can be recomputed bit for bit after
+    /// a round trip through JSON).
+    #[serde(default)]
+    pub counts: PixelCounts,
+}
+
+impl ImageScore {
+    /// The score recomputed from its counts (equal to the original to the last bit).
+    pub fn recomputed(&self) -> ImageScore {
+        let (dice, iou) = self.counts.dice_iou();
+        ImageScore {
+            id: self.id.clone(),
+            dice,
+            iou,
+            counts: self.counts,
+        }
+    }
 }
 
 /// Summary of a segmentation evaluation.
@@ -77,6 +117,33 @@ impl SegMetrics {
             ..Default::default()
         }
     }
+
+    /// The pooled reference counts (ground-truth pixels predicted / missed).
+    pub fn pooled(&self) -> PooledCounts {
+        PooledCounts {
+            tp: self.tp,
+            fn_: self.fn_,
+        }
+    }
+
+    /// Rebuild from per-image scores (in order) and pooled counts, e.g. to merge shards: the
+    /// result computes exactly what one run over the same images in the same order computes.
+    pub fn from_parts(threshold: f32, scores: Vec<ImageScore>, pooled: PooledCounts) -> Self {
+        SegMetrics {
+            threshold,
+            scores,
+            tp: pooled.tp,
+            fn_: pooled.fn_,
+        }
+    }
+}
+
+/// Pixel counts behind the GPS reference's pooled numbers (sums over images, so shards add).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PooledCounts {
+    pub tp: u64,
+    #[serde(rename = "fn")]
+    pub fn_: u64,
 }
 
 /// Input of [`SegMetrics::update`]: image id, probability map and ground truth at the same
@@ -92,7 +159,8 @@ impl Metric for SegMetrics {
     type Output = SegReport;
 
     fn update(&mut self, input: SegInput<'_>) {
-        let (dice, iou) = dice_iou(input.prob, input.gt, self.threshold);
+        let counts = PixelCounts::of(input.prob, input.gt, self.threshold);
+        let (dice, iou) = counts.dice_iou();
         for (&x, &t) in input.prob.iter().zip(input.gt) {
             if t != 0 {
                 if x >= self.threshold {
@@ -106,6 +174,7 @@ impl Metric for SegMetrics {
             id: input.id.to_string(),
             dice,
             iou,
+            counts,
         });
     }
 

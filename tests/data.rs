@@ -119,6 +119,123 @@ fn kvasir_collects_every_problem_and_names_files() {
 }
 
 #[test]
+fn kvasir_skip_bad_keeps_the_clean_pairs_and_lists_the_rest() {
+    use gps_seg::data::kvasir::OpenOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for (i, s) in ["p1", "p2", "p3"].iter().enumerate() {
+        write_pair(root, s, "jpg", "jpg", (8, 8), i as u8);
+    }
+    save_rgb(&root.join("images/lonely.jpg"), &RgbImage::new(8, 8));
+    std::fs::write(root.join("images/broken.jpg"), b"this is not a jpeg").unwrap();
+    save_gray(&root.join("masks/broken.jpg"), &GrayImage::new(8, 8));
+    std::fs::create_dir(root.join("images/folder.png")).unwrap();
+    // A split that names a bad pair: the pair is dropped from it, the rest is kept.
+    std::fs::write(root.join("train.txt"), "p1\np2\nbroken\n").unwrap();
+    std::fs::write(root.join("val.txt"), "p3\n").unwrap();
+    // Refused as a whole without the flag, naming every problem.
+    let msg = data_err(KvasirDataset::open(root));
+    assert!(
+        msg.contains("4 problem(s)") && msg.contains("split names id `broken`"),
+        "{msg}"
+    );
+    let opts = OpenOptions {
+        skip_bad: true,
+        ..Default::default()
+    };
+    let ds = KvasirDataset::open_with(root, &opts).unwrap();
+    assert_eq!(ds.ids(), vec!["p1", "p2", "p3"]);
+    assert_eq!(ds.skipped.len(), 3, "{:?}", ds.skipped);
+    for needle in ["lonely.jpg", "broken.jpg", "folder.png"] {
+        assert!(
+            ds.skipped.iter().any(|l| l.contains(needle)),
+            "{needle}: {:?}",
+            ds.skipped
+        );
+    }
+    let sp = ds.root_split.clone().unwrap();
+    assert_eq!(
+        (sp.train, sp.test),
+        (vec!["p1".to_string(), "p2".into()], vec!["p3".into()])
+    );
+    // Nothing clean left is still an error.
+    let empty = tempfile::tempdir().unwrap();
+    save_rgb(&empty.path().join("images/a.jpg"), &RgbImage::new(8, 8));
+    save_gray(&empty.path().join("masks/a.jpg"), &GrayImage::new(9, 8));
+    assert!(KvasirDataset::open_with(empty.path(), &opts).is_err());
+}
+
+#[test]
+fn kvasir_run_split_has_train_val_test_and_a_stale_one_is_refused() {
+    use gps_seg::data::kvasir::{Split, SplitSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    let ids: Vec<String> = (0..40).map(|i| format!("p{i:02}")).collect();
+    for (i, s) in ids.iter().enumerate() {
+        write_pair(&root, s, "jpg", "jpg", (8, 8), (i % 5) as u8);
+    }
+    let ds = KvasirDataset::open(&root).unwrap();
+    let spec = SplitSpec {
+        seed: 3,
+        test_fraction: 0.2,
+        val_fraction: 0.25,
+    };
+    let run = dir.path().join("run");
+    let sp = ds.split3_for_run(&run, spec).unwrap();
+    assert_eq!((sp.train.len(), sp.val.len(), sp.test.len()), (24, 8, 8));
+    let all: std::collections::BTreeSet<&String> =
+        sp.train.iter().chain(&sp.val).chain(&sp.test).collect();
+    assert_eq!(all.len(), 40, "lists overlap or lose ids");
+    // The test list is the plain seeded split's: carving validation never touches it.
+    assert_eq!(sp.test, Split::seeded(&ids, 3, 0.2).test);
+    // split.json has the three lists and is read back unchanged.
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("split.json")).unwrap()).unwrap();
+    for k in ["train", "val", "test"] {
+        assert!(j[k].is_array(), "split.json lacks `{k}`");
+    }
+    assert_eq!(ds.split3_for_run(&run, spec).unwrap(), sp);
+    // Another seed or fraction is a stale split.json: refused, naming the field.
+    for (field, other) in [
+        ("seed", SplitSpec { seed: 4, ..spec }),
+        (
+            "val_fraction",
+            SplitSpec {
+                val_fraction: 0.1,
+                ..spec
+            },
+        ),
+        (
+            "test_fraction",
+            SplitSpec {
+                test_fraction: 0.3,
+                ..spec
+            },
+        ),
+    ] {
+        let e = ds.split3_for_run(&run, other).unwrap_err().to_string();
+        assert!(
+            e.contains(field) && e.contains("split.json"),
+            "{field}: {e}"
+        );
+    }
+    // Overlapping lists in a split.json are refused.
+    let mut bad = sp.clone();
+    bad.val.push(sp.test[0].clone());
+    bad.write_json(&run.join("split.json")).unwrap();
+    let e = ds.split3_for_run(&run, spec).unwrap_err().to_string();
+    assert!(e.contains("both the val and the test list"), "{e}");
+    // Data with train.txt + val.txt + test.txt keeps all three as given.
+    std::fs::write(root.join("train.txt"), ids[..30].join("\n")).unwrap();
+    std::fs::write(root.join("val.txt"), ids[30..34].join("\n")).unwrap();
+    std::fs::write(root.join("test.txt"), ids[34..].join("\n")).unwrap();
+    let ds = KvasirDataset::open(&root).unwrap();
+    let sp = ds.split3_for_run(&dir.path().join("run2"), spec).unwrap();
+    assert_eq!((sp.train.len(), sp.val.len(), sp.test.len()), (30, 4, 6));
+    assert_eq!(sp.val, ids[30..34].to_vec());
+}
+
+#[test]
 fn kvasir_empty_and_missing_folders_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let msg = data_err(KvasirDataset::open(dir.path()));
@@ -152,6 +269,7 @@ fn kvasir_truncated_jpeg_is_reported_by_name() {
         root,
         &OpenOptions {
             verify_decode: true,
+            ..Default::default()
         },
     ));
     assert!(msg.contains("images/cut.jpg"), "{msg}");
@@ -246,6 +364,7 @@ fn synth_kvasir_is_readable_and_masks_are_the_polyp_pixels() {
         root,
         &OpenOptions {
             verify_decode: true,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -463,6 +582,46 @@ fn classification_layouts_map_labels() {
     let img = cf.load_rgb(0).unwrap();
     assert_eq!((img.width(), img.height()), (32, 32));
     assert_eq!(img.get_pixel(31, 31).0, [200, 50, 90]);
+}
+
+#[test]
+fn classification_overlap_is_refused_and_validation_is_carved_per_class() {
+    use gps_seg::data::classification::check_disjoint;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    // ImageFolder with train/ only: "test" falls back to the root, i.e. the same images.
+    for c in ["cat", "dog"] {
+        for i in 0..10 {
+            save_rgb(
+                &root.join(format!("train/{c}/{i}.png")),
+                &RgbImage::new(4, 4),
+            );
+        }
+    }
+    let tr = ClsDataset::open(root, ClsLayout::ImageFolder, ClsSplit::Train, None).unwrap();
+    let te = ClsDataset::open(
+        &root.join("train"),
+        ClsLayout::ImageFolder,
+        ClsSplit::Test,
+        None,
+    )
+    .unwrap();
+    let e = check_disjoint(&[("train", &tr), ("test", &te)])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("both the train and the test split"), "{e}");
+    assert!(e.contains("20 overlap(s)"), "{e}");
+    // A carved validation part: disjoint, seeded, every class present.
+    let (a, v) = tr.clone().carve_val(5, 0.2).unwrap();
+    assert_eq!((a.samples.len(), v.samples.len()), (16, 4));
+    for label in 0..2 {
+        assert_eq!(v.samples.iter().filter(|s| s.label == label).count(), 2);
+    }
+    check_disjoint(&[("train", &a), ("val", &v)]).unwrap();
+    let (_, v2) = tr.clone().carve_val(5, 0.2).unwrap();
+    let ids = |d: &ClsDataset| d.samples.iter().map(|s| s.id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&v), ids(&v2));
+    assert!(tr.carve_val(5, 1.0).is_err());
 }
 
 #[test]

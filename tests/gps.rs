@@ -164,8 +164,10 @@ fn sam_vit_b_counts_at_k1_match_the_reference_numbers() {
     let c = Counts::from_shapes(&shapes, &Policy::sam(), 1);
     let enc = c.totals_with_prefix("image_encoder.");
     assert_eq!(enc.selected, 84_224);
-    assert_eq!(enc.trainable, 83_712);
-    assert_eq!(enc.tuned(), 167_936);
+    // Every encoder bias trains, the neck LayerNorm2d biases (2 × 256) included, as in the
+    // reference: 168,448 encoder entries at K = 1 (gps-method.md).
+    assert_eq!(enc.trainable, 84_224);
+    assert_eq!(enc.tuned(), 168_448);
     let pe = c.totals_with_prefix("prompt_encoder.");
     let md = c.totals_with_prefix("mask_decoder.");
     assert_eq!(pe.trainable, 6_220);
@@ -173,7 +175,7 @@ fn sam_vit_b_counts_at_k1_match_the_reference_numbers() {
     assert_eq!(pe.selected + md.selected, 0);
     // The 2×128 positional-encoding buffer is frozen, not a parameter that trains.
     assert_eq!(pe.frozen, 256);
-    assert_eq!(c.totals().tuned(), 167_936 + 4_064_560);
+    assert_eq!(c.totals().tuned(), 168_448 + 4_064_560);
     // Larger K only grows the per-neuron part.
     let c2 = Counts::from_shapes(&shapes, &Policy::sam(), 2).totals_with_prefix("image_encoder.");
     assert_eq!(c2.selected, 2 * 84_224);
@@ -521,6 +523,13 @@ fn toy_mlp_select_train_save_load_merge_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let adir = dir.path().join("art");
     art.save(&adir).unwrap();
+    // An untrained selection never replaces (or deletes) a trained artifact's delta.
+    let delta_before = std::fs::read(adir.join(DELTA_FILE)).unwrap();
+    let mut untrained = art.clone();
+    untrained.delta = None;
+    let e = untrained.save(&adir).unwrap_err().to_string();
+    assert!(e.contains(DELTA_FILE) && e.contains("trained"), "{e}");
+    assert_eq!(std::fs::read(adir.join(DELTA_FILE)).unwrap(), delta_before);
     let loaded = Artifact::load(&adir, &dev).unwrap();
     assert_eq!(loaded.selection, sel);
     assert_eq!(loaded.config, art.config);

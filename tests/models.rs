@@ -372,3 +372,94 @@ fn sparse_gps_roles_get_gradients_through_both_models() {
         }
     }
 }
+
+/// Out-of-range classifier config fields are refused by `validate` (and by construction,
+/// before anything is allocated), naming the field; every preset validates.
+#[test]
+fn bad_classifier_configs_name_the_field() {
+    type VitEdit = fn(&mut VitConfig);
+    let vit: [(&str, VitEdit); 10] = [
+        ("image_size", |c| c.image_size = 0),
+        ("image_size", |c| c.image_size = 1 << 40),
+        ("image_size", |c| {
+            c.image_size = 4096;
+            c.patch_size = 1
+        }),
+        ("patch_size", |c| c.patch_size = 0),
+        ("embed_dim", |c| c.embed_dim = 0),
+        ("num_heads", |c| c.num_heads = 5),
+        ("depth", |c| c.depth = 100_000),
+        ("mlp_dim", |c| c.mlp_dim = 0),
+        ("num_classes", |c| c.num_classes = usize::MAX),
+        ("layer_norm_eps", |c| c.layer_norm_eps = f64::NAN),
+    ];
+    for (field, edit) in vit {
+        let mut c = VitConfig::tiny();
+        edit(&mut c);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains(&format!("`{field}`")), "{field}: {e}");
+        let vs = ParamStore::init(&Device::Cpu, 0);
+        assert!(Classifier::new(&ClassifierConfig::Vit(c), &vs).is_err());
+    }
+    type CnEdit = fn(&mut ConvNextConfig);
+    let convnext: [(&str, CnEdit); 8] = [
+        ("dims", |c| c.dims = vec![]),
+        ("dims", |c| c.dims[1] = 0),
+        ("dims", |c| {
+            c.dims = vec![8; 64];
+            c.depths = vec![1; 64]
+        }),
+        ("depths", |c| c.depths[0] = 1_000_000),
+        ("kernel_size", |c| c.kernel_size = 4),
+        ("mlp_ratio", |c| c.mlp_ratio = 0),
+        ("image_size", |c| c.image_size = 1 << 40),
+        ("std", |c| c.std = [0.2, f32::INFINITY, 0.2]),
+    ];
+    for (field, edit) in convnext {
+        let mut c = ConvNextConfig::tiny();
+        edit(&mut c);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains(&format!("`{field}`")), "{field}: {e}");
+        let vs = ParamStore::init(&Device::Cpu, 0);
+        assert!(Classifier::new(&ClassifierConfig::ConvNext(c), &vs).is_err());
+    }
+    for p in ClassifierConfig::PRESETS {
+        ClassifierConfig::preset(p, 1000)
+            .unwrap()
+            .validate()
+            .unwrap();
+    }
+    // Within every bound but far beyond memory: refused before allocating, saying how much.
+    let mut huge = VitConfig::tiny();
+    huge.embed_dim = 4096;
+    huge.num_heads = 64;
+    huge.depth = 64;
+    huge.mlp_dim = 16384;
+    huge.validate().unwrap();
+    assert!(huge.estimate_bytes(1) > 40 << 30);
+    let avail = gps_seg::util::mem::available_bytes().unwrap_or(u64::MAX);
+    if huge.estimate_bytes(1) > avail {
+        let vs = ParamStore::init(&Device::Cpu, 0);
+        let e = Classifier::new(&ClassifierConfig::Vit(huge), &vs)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("would need about"), "{e}");
+    }
+    // A checkpoint with an empty or non-square position table is refused by name.
+    let cfg = ClassifierConfig::Vit(VitConfig::tiny());
+    let vs = ParamStore::init(&Device::Cpu, 1);
+    Classifier::new(&cfg, &vs).unwrap();
+    for shape in [[1usize, 0, 192], [1, 7, 192]] {
+        let mut map = vs.current_tensors().unwrap();
+        map.insert(
+            "pos_embed".into(),
+            Tensor::zeros(&shape[..], DType::F32, &Device::Cpu).unwrap(),
+        );
+        let e = cfg.adapt_checkpoint(map, 0).unwrap_err().to_string();
+        assert!(e.contains("pos_embed"), "{shape:?}: {e}");
+    }
+    let tiny = VitConfig::tiny().estimate_bytes(1);
+    assert!(tiny > 4 * 2_000_000 && tiny < 100 << 20, "{tiny}");
+    assert!(ConvNextConfig::tiny().estimate_bytes(1) < 100 << 20);
+}

@@ -367,3 +367,437 @@ fn prompted_path_trains_the_prompt_embeddings_and_multimask_heads() {
     assert!(has_grad("mask_decoder.iou_prediction_head.layers.0.weight"));
     assert!(!has_grad("prompt_encoder.mask_downscaling.0.weight"));
 }
+
+/// The fixture's tensors with `name` replaced by `t`, saved as `file` in `dir`.
+fn with_tensor(dir: &Path, file: &str, name: &str, t: Tensor) -> PathBuf {
+    let mut m = tensors::load(&fixture("weights.safetensors"), &Device::Cpu).unwrap();
+    m.insert(name.into(), t);
+    let p = dir.join(file);
+    tensors::save_safetensors(&p, &m, None).unwrap();
+    p
+}
+
+/// Malformed shapes read from a file are refused before use, naming the tensor and the file:
+/// `info` on a 1-D patch embedding, a scalar / zero-grid `pos_embed`, a zero-length rel-pos
+/// table (info, and loading for another size, where it used to panic in the interpolation).
+#[test]
+fn malformed_shapes_are_errors_naming_the_tensor_and_file() {
+    let dev = Device::Cpu;
+    let dir = tempfile::tempdir().unwrap();
+    let z = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &dev).unwrap();
+    let cases: [(&str, &str, Tensor); 5] = [
+        (
+            "pe1d.safetensors",
+            "image_encoder.patch_embed.proj.weight",
+            z(&[192]),
+        ),
+        (
+            "pescalar.safetensors",
+            "image_encoder.pos_embed",
+            Tensor::new(1f32, &dev).unwrap(),
+        ),
+        (
+            "pe0.safetensors",
+            "image_encoder.pos_embed",
+            z(&[1, 0, 0, 192]),
+        ),
+        (
+            "rel0.safetensors",
+            "image_encoder.blocks.0.attn.rel_pos_h",
+            z(&[0, 64]),
+        ),
+        (
+            "relodd.safetensors",
+            "image_encoder.blocks.1.attn.rel_pos_w",
+            z(&[15, 0]),
+        ),
+    ];
+    for (file, name, t) in cases {
+        let bad = with_tensor(dir.path(), file, name, t);
+        let spec = bad.to_str().unwrap();
+        let shown_name = if name.ends_with("rel_pos_w") {
+            // info reads rel_pos_h only; the zero-width rel_pos_w is found at build time.
+            None
+        } else {
+            Some(name)
+        };
+        match sam::info::model_info(spec) {
+            Ok(i) => assert!(
+                shown_name.is_none(),
+                "{file}: info accepted it: {:?}",
+                i.config
+            ),
+            Err(e) => {
+                let e = e.to_string();
+                assert!(e.contains(file), "{file}: {e}");
+                assert!(e.contains(shown_name.unwrap_or(name)), "{file}: {e}");
+            }
+        }
+        // Loading for the tiny config and for another input size (tables resized).
+        for cfg in [SamConfig::tiny(), SamConfig::tiny().with_image_size(128)] {
+            let e = match sam::load_weights(&bad, &cfg, &dev) {
+                Err(e) => e.to_string(),
+                Ok(w) => sam::build(&cfg, Some(w), RolePolicy::AllFrozen, &dev, 0)
+                    .map(|_| ())
+                    .unwrap_err()
+                    .to_string(),
+            };
+            assert!(e.contains(name), "{file} at {}: {e}", cfg.image_size);
+        }
+    }
+}
+
+/// Out-of-range config fields are refused by `validate`, naming the field.
+#[test]
+fn bad_config_values_name_the_field() {
+    type Edit = fn(&mut SamConfig);
+    let cases: [(&str, Edit); 14] = [
+        ("image_size", |c| c.image_size = 0),
+        ("image_size", |c| c.image_size = 1 << 40),
+        ("image_size", |c| c.image_size = 1_048_576),
+        ("image_size", |c| c.image_size = 250),
+        ("patch_size", |c| c.patch_size = 0),
+        ("encoder_embed_dim", |c| c.encoder_embed_dim = 0),
+        ("encoder_num_heads", |c| c.encoder_num_heads = 5),
+        ("mlp_ratio", |c| c.mlp_ratio = 0.0),
+        ("mlp_ratio", |c| c.mlp_ratio = -1.0),
+        ("mlp_ratio", |c| c.mlp_ratio = f64::NAN),
+        ("mlp_ratio", |c| c.mlp_ratio = 1e9),
+        ("encoder_depth", |c| c.encoder_depth = 1000),
+        ("encoder_global_attn_indexes", |c| {
+            c.encoder_global_attn_indexes = vec![6]
+        }),
+        ("pixel_std", |c| c.pixel_std = [1.0, 0.0, 1.0]),
+    ];
+    for (field, edit) in cases {
+        let mut c = SamConfig::tiny();
+        edit(&mut c);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains(&format!("`{field}`")), "{field}: {e}");
+        // Building refuses it too, before allocating anything.
+        let vs = gps_seg::nn::ParamStore::init(&Device::Cpu, 0);
+        assert!(Sam::new(&c, &vs).is_err(), "{field}");
+    }
+    for p in SamConfig::PRESETS {
+        SamConfig::preset(p).unwrap().validate().unwrap();
+    }
+    // The largest accepted size of the largest preset still validates.
+    SamConfig::vit_h().with_image_size(4096).validate().unwrap();
+}
+
+/// Oversized requests are refused with how much memory they would need: an image size the
+/// bounds allow but a batch no machine holds, and the `--image-size` override of `resolve`.
+#[test]
+fn oversized_sizes_are_refused() {
+    let c = SamConfig::vit_h().with_image_size(4096);
+    let one = c.estimate_bytes(1).unwrap();
+    let many = c.estimate_bytes(100_000).unwrap();
+    assert!(many > 1000 * one, "{one} vs {many}");
+    assert!(c.estimate_training_bytes(1).unwrap() > one);
+    let e = c.check_memory(100, true).unwrap_err().to_string();
+    assert!(
+        e.contains("vit_h") && e.contains("would need about") && e.contains("TiB"),
+        "{e}"
+    );
+    assert!(c.estimate_bytes(usize::MAX).is_err());
+    // The tiny model's estimate is small and fits.
+    let t = SamConfig::tiny();
+    assert!(t.estimate_bytes(1).unwrap() < 1 << 30);
+    t.check_memory(1, false).unwrap();
+    let w = fixture("weights.safetensors");
+    let w = w.to_str().unwrap();
+    for s in [0usize, 8, 1_048_576, 1 << 40] {
+        let e = sam::registry::resolve(w, Some(s)).unwrap_err().to_string();
+        assert!(e.contains("image_size"), "{s}: {e}");
+    }
+    assert_eq!(
+        sam::registry::resolve(w, Some(128)).unwrap().1.image_size,
+        128
+    );
+}
+
+/// A config JSON beside a checkpoint that does not parse or validate is an error naming the
+/// file (and the field); a run folder's `config.json` (a training config) is not taken for one.
+#[test]
+fn bad_config_json_beside_a_checkpoint_names_the_file_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path().join("model.safetensors");
+    std::fs::copy(fixture("weights.safetensors"), &w).unwrap();
+    let ws = w.to_str().unwrap();
+    let mut good = serde_json::to_value(SamConfig::tiny()).unwrap();
+    // No config: inferred from shapes.
+    assert_eq!(sam::registry::resolve(ws, None).unwrap().1.image_size, 256);
+    // A training config.json is ignored.
+    let cj = dir.path().join("config.json");
+    std::fs::write(&cj, r#"{"method": "gps", "sam": {"image_size": 64}}"#).unwrap();
+    assert_eq!(sam::registry::resolve(ws, None).unwrap().1.image_size, 256);
+    // ... but one with SAM's keys must parse.
+    std::fs::write(&cj, r#"{"encoder_embed_dim": "wide"}"#).unwrap();
+    let e = sam::registry::resolve(ws, None).unwrap_err().to_string();
+    assert!(
+        e.contains("config.json") && e.contains("encoder_embed_dim"),
+        "{e}"
+    );
+    std::fs::remove_file(&cj).unwrap();
+
+    let stem = dir.path().join("model.json");
+    let cases: Vec<(String, &str)> = vec![
+        ("{ not json".into(), "model.json"),
+        (
+            {
+                good["image_size"] = serde_json::json!("big");
+                good.to_string()
+            },
+            "`image_size`",
+        ),
+        (
+            {
+                good["image_size"] = serde_json::json!(0);
+                good.to_string()
+            },
+            "`image_size`",
+        ),
+        (
+            {
+                good["image_size"] = serde_json::json!(1u64 << 40);
+                good.to_string()
+            },
+            "`image_size`",
+        ),
+        (
+            {
+                good["image_size"] = serde_json::json!(256);
+                good["mlp_ratio"] = serde_json::json!(-4.0);
+                good.to_string()
+            },
+            "`mlp_ratio`",
+        ),
+        (
+            {
+                good["mlp_ratio"] = serde_json::json!(4.0);
+                good["image_sise"] = serde_json::json!(512);
+                good.to_string()
+            },
+            "`image_sise`",
+        ),
+        (
+            {
+                let mut g = good.clone();
+                g.as_object_mut().unwrap().remove("image_sise");
+                g.as_object_mut().unwrap().remove("window_size");
+                g.to_string()
+            },
+            "`window_size`",
+        ),
+    ];
+    for (text, want) in cases {
+        std::fs::write(&stem, &text).unwrap();
+        let e = sam::registry::resolve(ws, None).unwrap_err().to_string();
+        assert!(e.contains("model.json") && e.contains(want), "{text}: {e}");
+    }
+    good.as_object_mut().unwrap().remove("image_sise");
+    good["image_size"] = serde_json::json!(128);
+    std::fs::write(&stem, good.to_string()).unwrap();
+    assert_eq!(sam::registry::resolve(ws, None).unwrap().1.image_size, 128);
+}
+
+fn bin() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_gps-seg"))
+}
+
+/// The binary exits with 1 and a one-line reason (no panic, no abort) on malformed models and
+/// sizes.
+#[test]
+fn cli_refuses_malformed_models_and_sizes_with_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let z = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+    let pe = with_tensor(
+        dir.path(),
+        "pe1d.safetensors",
+        "image_encoder.patch_embed.proj.weight",
+        z(&[192]),
+    );
+    let zero = with_tensor(
+        dir.path(),
+        "pe0.safetensors",
+        "image_encoder.pos_embed",
+        z(&[1, 0, 0, 192]),
+    );
+    let fx = fixture("weights.safetensors");
+    let nodata = dir.path().join("no-data");
+    let runs: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["info".into(), "--model".into(), pe.display().to_string()],
+            "patch_embed.proj.weight",
+        ),
+        (
+            vec!["info".into(), "--model".into(), zero.display().to_string()],
+            "pos_embed",
+        ),
+        (
+            vec![
+                "train".into(),
+                "--model".into(),
+                fx.display().to_string(),
+                "--image-size".into(),
+                "0".into(),
+                "--data-dir".into(),
+                nodata.display().to_string(),
+                "--device".into(),
+                "cpu".into(),
+            ],
+            "image_size",
+        ),
+        (
+            vec![
+                "train".into(),
+                "--model".into(),
+                fx.display().to_string(),
+                "--image-size".into(),
+                "1048576".into(),
+                "--data-dir".into(),
+                nodata.display().to_string(),
+                "--device".into(),
+                "cpu".into(),
+            ],
+            "image_size",
+        ),
+        (
+            vec![
+                "data".into(),
+                "synth-kvasir".into(),
+                "--out".into(),
+                dir.path().join("k").display().to_string(),
+                "--max-side".into(),
+                "100000".into(),
+            ],
+            "max_side",
+        ),
+        (
+            vec![
+                "eval".into(),
+                "--model".into(),
+                fx.display().to_string(),
+                "--scenes".into(),
+                "0".into(),
+                "--device".into(),
+                "cpu".into(),
+            ],
+            "--scenes",
+        ),
+    ];
+    for (args, want) in runs {
+        let out = bin().args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    assert!(!dir.path().join("k").exists());
+}
+
+/// Files under `dir` with their bytes, sorted (a folder's full content).
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// (Beside the other command-line checks.) A synthetic-data generation killed half-way
+/// leaves no set at `--out` (a later run does not take a partial set for a complete one);
+/// a complete set is never overwritten by a second generation.
+#[test]
+fn interrupted_synthetic_generation_leaves_no_partial_set() {
+    use gps_seg::data::{synth_cls, synth_kvasir};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("kvasir");
+    let mut child = bin()
+        .args([
+            "data",
+            "synth-kvasir",
+            "--count",
+            "5000",
+            "--max-side",
+            "720",
+            "--out",
+        ])
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until it has written images (in its temp folder), then kill it.
+    let started = std::time::Instant::now();
+    let partial = loop {
+        let found = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| {
+                p.join("images")
+                    .read_dir()
+                    .is_ok_and(|mut r| r.next().is_some())
+            });
+        if let Some(p) = found {
+            break p;
+        }
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "generation wrote nothing in 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_ne!(partial, out, "images were written into --out directly");
+    assert!(!out.exists(), "a killed generation left {}", out.display());
+
+    let cfg = synth_kvasir::SynthKvasirConfig {
+        count: 3,
+        seed: 1,
+        max_side: 64,
+        jpeg_quality: 90,
+    };
+    synth_kvasir::generate(&out, &cfg).unwrap();
+    let before = snapshot(&out);
+    assert_eq!(before.len(), 3 + 3 + 1);
+    let again = synth_kvasir::SynthKvasirConfig { seed: 2, ..cfg };
+    let e = synth_kvasir::generate(&out, &again)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not empty"), "{e}");
+    assert_eq!(snapshot(&out), before, "an existing set was changed");
+
+    let cls = dir.path().join("cls");
+    let c = synth_cls::SynthClsConfig {
+        classes: 2,
+        per_class: 2,
+        test_per_class: 1,
+        layout: synth_cls::SynthLayout::Vtab,
+        kind: synth_cls::SynthKind::Upstream,
+        size: 8,
+        seed: 0,
+    };
+    assert_eq!(synth_cls::generate(&cls, &c).unwrap(), 6);
+    let before = snapshot(&cls);
+    assert!(cls.join(synth_cls::SETTINGS_FILE).is_file());
+    assert!(synth_cls::generate(&cls, &c).is_err());
+    assert_eq!(snapshot(&cls), before);
+    // Nothing else was left beside the sets but the killed run's hidden temp folder.
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+}

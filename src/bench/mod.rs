@@ -10,5 +10,6 @@
 pub mod data;
 pub mod infer;
 pub mod parity;
+pub mod precision;
 pub mod sam;
 pub mod train;

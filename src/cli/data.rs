@@ -58,6 +58,10 @@ pub enum What {
         /// Fully decode every image (Kvasir; slower, finds corrupt files).
         #[arg(long)]
         decode: bool,
+        /// Kvasir: report the pairs with problems and count the clean ones, instead of failing
+        /// (`train --skip-bad` trains on those clean pairs).
+        #[arg(long)]
+        skip_bad: bool,
         root: PathBuf,
     },
 }
@@ -125,13 +129,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             layout,
             split,
             decode,
+            skip_bad,
             root,
         } => {
             if layout == "kvasir" {
                 let opts = gps_seg::data::kvasir::OpenOptions {
                     verify_decode: decode,
+                    skip_bad,
                 };
                 let ds = KvasirDataset::open_with(&root, &opts)?;
+                for l in &ds.skipped {
+                    println!("skipped: {l}");
+                }
                 let (mut lo, mut hi) = ((usize::MAX, usize::MAX), (0, 0));
                 for e in &ds.entries {
                     lo = (lo.0.min(e.size.0), lo.1.min(e.size.1));

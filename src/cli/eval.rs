@@ -3,6 +3,7 @@
 //! `gps-seg train --method zero-shot` (evaluation only) or `gps-seg infer`.
 
 use super::common::{DeviceArgs, DtypeArgs};
+use anyhow::Context;
 use gps_seg::nn::RolePolicy;
 use gps_seg::train::pretrain::evaluate_upstream;
 
@@ -24,11 +25,15 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    if a.scenes == 0 {
+        anyhow::bail!("--scenes 0: evaluate at least one scene (a mean over none is undefined)");
+    }
     let device = a.device.resolve()?;
     let dtype = a.dtype.resolve(&device)?;
     let (path, cfg) = gps_seg::sam::registry::resolve(&a.model, None)?;
     let weights = gps_seg::sam::load_weights(&path, &cfg, &device)?;
-    let (sam, _) = gps_seg::sam::build(&cfg, Some(weights), RolePolicy::AllFrozen, &device, 0)?;
+    let (sam, _) = gps_seg::sam::build(&cfg, Some(weights), RolePolicy::AllFrozen, &device, 0)
+        .with_context(|| format!("{}: not a SAM for this config", path.display()))?;
     let sam = sam.with_precision(dtype);
     let r = evaluate_upstream(&sam, a.seed, a.scenes, 16, &device)?;
     println!(

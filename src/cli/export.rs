@@ -47,6 +47,25 @@ pub struct Args {
     /// Classifiers: export only `logits` (no second `features` output).
     #[arg(long)]
     pub no_features: bool,
+    /// Dynamic int8 quantization of the MatMul and Conv weights (per output channel,
+    /// symmetric; activations quantized at run time).
+    #[arg(long, value_enum)]
+    pub quantize: Option<Quantize>,
+    /// Weight and compute precision: f32, or fp16 (f32 inputs/outputs; for GPU execution
+    /// providers).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: Precision,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Quantize {
+    Int8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    F32,
+    Fp16,
 }
 
 /// The weights file of `--model` (a run folder's merged.safetensors / model.safetensors).
@@ -100,9 +119,11 @@ fn run_classifier(args: &Args, cfg: ClassifierConfig) -> anyhow::Result<()> {
     let map = match (&args.model, args.random_init) {
         (Some(m), _) => {
             let w = weights_path(m)?;
+            check_paths(args, Some(&w))?;
             gps_seg::util::tensors::load(&w, &candle_core::Device::Cpu)?
         }
         (None, Some(seed)) => {
+            check_paths(args, None)?;
             let vs = gps_seg::nn::ParamStore::init(&candle_core::Device::Cpu, seed);
             gps_seg::models::Classifier::new(&cfg, &vs)?;
             vs.current_tensors()?
@@ -122,7 +143,7 @@ fn run_classifier(args: &Args, cfg: ClassifierConfig) -> anyhow::Result<()> {
         cfg.image_size(),
         cfg.image_size()
     );
-    write(&args.out, m, args.external_data, &s)
+    write(&args.out, m, args, &s)
 }
 
 fn resolve(args: &Args) -> anyhow::Result<(SamConfig, Option<PathBuf>)> {
@@ -155,8 +176,69 @@ fn resolve(args: &Args) -> anyhow::Result<(SamConfig, Option<PathBuf>)> {
     Ok((cfg, weights))
 }
 
-fn write(path: &Path, model: ModelProto, external: bool, s: &ExportSummary) -> anyhow::Result<()> {
-    let ext = if external {
+/// Refuse before any work when an output (`--out`, its `.data`, the prompted decoder and its
+/// `.data`) would equal, contain or sit inside a file the export reads (the weights, the config
+/// files). A run folder as `--model` is read only through those files, so `RUN/model.onnx` is a
+/// fine output.
+fn check_paths(args: &Args, weights: Option<&Path>) -> anyhow::Result<()> {
+    let with_data = |p: &Path| {
+        let mut d = p.as_os_str().to_owned();
+        d.push(".data");
+        PathBuf::from(d)
+    };
+    let mut io = gps_seg::util::fs::IoPaths::new()
+        .input_opt("--model", weights)
+        .output("--out", &args.out)
+        .output("--out (external data)", with_data(&args.out));
+    if let Some(c) = args
+        .config
+        .as_deref()
+        .map(Path::new)
+        .filter(|p| p.is_file())
+    {
+        io = io.input("--config", c);
+    }
+    if let Some(m) = args.model.as_deref().filter(|m| m.is_dir()) {
+        for c in ["config.json", "sam_config.json", "model.json"] {
+            io = io.input("--model", m.join(c));
+        }
+    }
+    if args.prompted {
+        let dec = decoder_path(&args.out);
+        io = io
+            .output("--out (prompted decoder)", &dec)
+            .output("--out (prompted decoder data)", with_data(&dec));
+    }
+    io.check()?;
+    Ok(())
+}
+
+/// `<stem>_decoder.onnx` beside the prompted image encoder's `--out`.
+fn decoder_path(out: &Path) -> PathBuf {
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "sam".into());
+    out.with_file_name(format!("{stem}_decoder.onnx"))
+}
+
+fn write(path: &Path, mut model: ModelProto, args: &Args, s: &ExportSummary) -> anyhow::Result<()> {
+    use gps_seg::onnx::quantize::{quantize_int8, to_fp16};
+    let pass = match (args.quantize, args.precision) {
+        (Some(_), Precision::Fp16) => {
+            bail!("--quantize int8 and --precision fp16 exclude each other")
+        }
+        (Some(Quantize::Int8), Precision::F32) => Some(("int8", quantize_int8(&mut model)?)),
+        (None, Precision::Fp16) => Some(("fp16", to_fp16(&mut model)?)),
+        (None, Precision::F32) => None,
+    };
+    if let Some((what, r)) = &pass {
+        println!(
+            "{what}: {} MatMul and {} Conv weights; initializers {} → {} bytes",
+            r.matmuls, r.convs, r.bytes_before, r.bytes_after
+        );
+    }
+    let ext = if args.external_data {
         ExternalData::Always {
             threshold_bytes: 1024,
         }
@@ -191,6 +273,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return run_classifier(&args, cfg);
     }
     let (cfg, weights) = resolve(&args)?;
+    check_paths(&args, weights.as_deref())?;
     let map = match (weights, args.random_init) {
         (Some(w), _) => gps_seg::util::tensors::load(&w, &candle_core::Device::Cpu)?,
         (None, Some(seed)) => sam::random_sam_weights(&cfg, seed)?,
@@ -201,18 +284,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     if args.prompted {
         let (m, s) = sam::export_image_encoder(&cfg, &map, opts)?;
-        write(&args.out, m, args.external_data, &s)?;
-        let stem = args
-            .out
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "sam".into());
-        let dec = args.out.with_file_name(format!("{stem}_decoder.onnx"));
+        write(&args.out, m, &args, &s)?;
+        let dec = decoder_path(&args.out);
         let (m, s) = sam::export_prompted_decoder(&cfg, &map)?;
-        write(&dec, m, args.external_data, &s)?;
+        write(&dec, m, &args, &s)?;
     } else {
         let (m, s) = sam::export_prompt_free(&cfg, &map, opts)?;
-        write(&args.out, m, args.external_data, &s)?;
+        write(&args.out, m, &args, &s)?;
     }
     Ok(())
 }

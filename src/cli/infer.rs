@@ -17,6 +17,16 @@ pub enum EngineKind {
     Candle,
 }
 
+impl EngineKind {
+    /// The engine's name as in `<run>/infer-<name>` (= [`Engine::name`]).
+    fn dir_name(self) -> &'static str {
+        match self {
+            EngineKind::Ort => "onnxruntime",
+            EngineKind::Candle => "candle",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DataKind {
     /// Kvasir-SEG layout (the only one `--run` evaluates).
@@ -63,6 +73,15 @@ pub struct Args {
     /// Skip (and list) unreadable images instead of stopping before writing anything.
     #[arg(long)]
     pub skip_bad: bool,
+    /// Largest image accepted, in pixels (width × height), checked from the header before
+    /// decoding.
+    #[arg(long, default_value_t = gps_seg::data::imgio::DEFAULT_MAX_PIXELS)]
+    pub max_pixels: u64,
+    /// Run only shard I of N (0 ≤ I < N): input i goes to shard i mod N, so N jobs cover every
+    /// input once; `gps-seg report merge` joins their reports. Default: from
+    /// SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT (minus SLURM_ARRAY_TASK_MIN) when set.
+    #[arg(long)]
+    pub shard: Option<String>,
     /// Don't write overlays/.
     #[arg(long)]
     pub no_overlays: bool,
@@ -82,6 +101,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    gps_seg::data::imgio::set_max_pixels(args.max_pixels)?;
     let mut progress = Progress::new(args.quiet);
     let run = args.run.as_deref().map(RunFolder::open).transpose()?;
     let resize = match (&args.resize, &run) {
@@ -104,6 +124,40 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (None, None) => bail!("give --images DIR or --run RUN"),
     };
     inputs.require_clean(args.skip_bad)?;
+
+    let out = match (&args.out, &run) {
+        (Some(o), _) => o.clone(),
+        (None, Some(r)) => r.dir.join(format!("infer-{}", args.engine.dir_name())),
+        (None, None) => bail!("--out is required"),
+    };
+    // The output folder may not equal, contain or sit inside anything this job reads.
+    let mut io = gps_seg::util::fs::IoPaths::new()
+        .input_opt("--model", args.model.as_deref())
+        .input_opt("--checkpoint", args.checkpoint.as_deref())
+        .input_opt("--images", args.images.as_deref())
+        .input_opt("--masks", args.masks.as_deref());
+    if let Some(c) = args.config.as_deref().map(std::path::Path::new) {
+        if c.is_file() {
+            io = io.input("--config", c);
+        }
+    }
+    let mut read_dirs = std::collections::BTreeSet::new();
+    for it in &inputs.items {
+        for p in std::iter::once(&it.image).chain(it.mask.as_ref()) {
+            if let Some(d) = p.parent() {
+                read_dirs.insert(d.to_path_buf());
+            }
+        }
+    }
+    for d in &read_dirs {
+        io = io.input("(input images)", d);
+    }
+    if let Some(r) = &run {
+        if let Ok(w) = r.weights() {
+            io = io.input("--run (weights)", w);
+        }
+    }
+    io.output("--out", &out).check()?;
 
     let engine: Box<dyn Engine> = match args.engine {
         EngineKind::Ort => {
@@ -139,12 +193,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     progress.event(Event::Info(engine.describe()));
 
-    let out = match (&args.out, &run) {
-        (Some(o), _) => o.clone(),
-        (None, Some(r)) => r.dir.join(format!("infer-{}", engine.name())),
-        (None, None) => bail!("--out is required"),
+    let shard = match &args.shard {
+        Some(s) => Some(infer::job::Shard::parse(s)?),
+        None => infer::job::Shard::from_slurm_env()?,
     };
+    if let Some(s) = shard {
+        progress.event(Event::Info(format!(
+            "shard {}/{}: every {}th input from number {}",
+            s.index, s.count, s.count, s.index
+        )));
+    }
     let opts = InferOptions {
+        shard,
         out,
         batch_size: args.batch_size,
         threshold,

@@ -22,6 +22,11 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    gps_seg::util::fs::IoPaths::new()
+        .input("--base", &a.base)
+        .input("--delta", &a.delta)
+        .output("--out", &a.out)
+        .check()?;
     let dev = candle_core::Device::Cpu;
     let base = tensors::load(&a.base, &dev)?;
     let art = Artifact::load(&a.delta, &dev)?;

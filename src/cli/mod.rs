@@ -18,6 +18,7 @@ pub mod merge;
 pub mod parity;
 pub mod pretrain;
 pub mod progress;
+pub mod report;
 pub mod runtime;
 pub mod select;
 pub mod train;
@@ -58,6 +59,8 @@ pub enum Command {
     Merge(merge::Args),
     /// Batch segmentation with ONNX Runtime (or Candle): masks, overlays, mDice/mIoU, images/s.
     Infer(infer::Args),
+    /// Inference reports: `report merge` joins sharded `infer --shard I/N` outputs.
+    Report(report::Args),
     /// Evidence tables: GPS against its baselines (`experiment classify`).
     Experiment(experiment::Args),
     /// Check a device against the CPU: forward + backward of the prompt-free SAM, max relative
@@ -78,6 +81,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Merge(a) => merge::run(a),
         Command::Train(a) => train::run(*a),
         Command::Pretrain(a) => pretrain::run(a),
+        Command::Report(a) => report::run(a),
         Command::Infer(a) => infer::run(a),
         Command::Experiment(a) => experiment::run(a),
         Command::Parity(a) => parity::run(a),

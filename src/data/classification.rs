@@ -222,6 +222,43 @@ impl ClsDataset {
         }
     }
 
+    /// A seeded, stratified validation part carved from this set: about `fraction` of each
+    /// class (at least one image of every class with two or more) goes to the second set.
+    /// Used when the data brings no validation split of its own.
+    pub fn carve_val(self, seed: u64, fraction: f64) -> Result<(ClsDataset, ClsDataset)> {
+        if !(fraction > 0.0 && fraction < 1.0) {
+            return Err(Error::Config {
+                field: "val_fraction".into(),
+                msg: format!("{fraction} must be in (0, 1)"),
+            });
+        }
+        let mut rng = crate::util::rng::Rng::derive(seed, "cls-val-split");
+        let mut by_class: std::collections::BTreeMap<u32, Vec<ClsSample>> = Default::default();
+        for smp in self.samples {
+            by_class.entry(smp.label).or_default().push(smp);
+        }
+        let (mut train, mut val) = (Vec::new(), Vec::new());
+        for (_, mut v) in by_class {
+            v.sort_by(|a, b| a.id.cmp(&b.id));
+            rng.shuffle(&mut v);
+            let n = v.len();
+            let k = (((n as f64) * fraction).round() as usize)
+                .max(usize::from(n >= 2))
+                .min(n.saturating_sub(1));
+            let rest = v.split_off(k);
+            val.extend(v);
+            train.extend(rest);
+        }
+        train.sort_by(|a, b| a.id.cmp(&b.id));
+        val.sort_by(|a, b| a.id.cmp(&b.id));
+        let part = |samples| ClsDataset {
+            samples,
+            class_names: self.class_names.clone(),
+            num_classes: self.num_classes,
+        };
+        Ok((part(train), part(val)))
+    }
+
     /// ImageFolder: every sub-folder of `root` is a class (sorted by name → label).
     pub fn image_folder(root: &Path) -> Result<ClsDataset> {
         let mut problems = Problems::new();
@@ -496,6 +533,44 @@ impl ClsDataset {
         })?;
         load_image_ref(&s.image)
     }
+}
+
+/// What makes two samples the same image: the canonical file path, or the CIFAR record.
+fn identity(r: &ImageRef, id: &str) -> String {
+    match r {
+        ImageRef::File(p) => p
+            .canonicalize()
+            .unwrap_or_else(|_| p.clone())
+            .display()
+            .to_string(),
+        ImageRef::Cifar { .. } => format!("cifar:{id}"),
+    }
+}
+
+/// Refuse any image that appears in two of the named parts (e.g. train / val / test): an
+/// error listing the first overlaps with the parts they are in. Every run checks its parts.
+pub fn check_disjoint(parts: &[(&str, &ClsDataset)]) -> Result<()> {
+    let mut owner: std::collections::HashMap<String, &str> = Default::default();
+    let mut problems = Problems::new();
+    let mut total = 0usize;
+    for (name, ds) in parts {
+        for smp in &ds.samples {
+            let key = identity(&smp.image, &smp.id);
+            if let Some(prev) = owner.insert(key, name) {
+                total += 1;
+                if problems.len() < 10 {
+                    problems.push(format!(
+                        "`{}` is in both the {prev} and the {name} split",
+                        smp.id
+                    ));
+                }
+            }
+        }
+    }
+    if total > problems.len() {
+        problems.push(format!("… {} overlap(s) in all", total));
+    }
+    problems.into_result("classification splits overlap")
 }
 
 /// Decode an [`ImageRef`] as 8-bit RGB.

@@ -122,6 +122,11 @@ pub struct OpenOptions {
     /// header check misses). Without it, only headers are read and a corrupt body is reported
     /// by name when the sample is loaded.
     pub verify_decode: bool,
+    /// Leave out the pairs with a problem (unpaired files, unreadable or mis-sized images,
+    /// files that cannot be keyed) instead of refusing the folder; each is listed in
+    /// [`KvasirDataset::skipped`]. Folder-level problems (no `images/`, an unreadable split or
+    /// box file) still refuse it.
+    pub skip_bad: bool,
 }
 
 /// A Kvasir-SEG folder.
@@ -130,8 +135,13 @@ pub struct KvasirDataset {
     pub root: PathBuf,
     /// Entries sorted by id.
     pub entries: Vec<KvasirEntry>,
-    /// The split found in the root (`train.txt` + `val.txt`/`test.txt`), if any.
+    /// The split found in the root (`train.txt` + `val.txt`/`test.txt`), if any (without the
+    /// skipped ids when opened with `skip_bad`).
     pub root_split: Option<Split>,
+    /// With [`OpenOptions::skip_bad`]: one line per problem whose pair was left out (naming
+    /// the file), and the ids left out.
+    pub skipped: Vec<String>,
+    pub skipped_ids: BTreeSet<String>,
 }
 
 /// Image files of `dir` by stem; problems for duplicates, bad names and an unreadable dir.
@@ -170,8 +180,11 @@ impl KvasirDataset {
         }
         problems.into_result(&format!("Kvasir-SEG at {}", root.display()))?;
         let mut problems = Problems::new();
-        let images = list_by_stem(&img_dir, &mut problems);
-        let masks = list_by_stem(&mask_dir, &mut problems);
+        // Problems of single pairs: fatal, or (skip_bad) the pair is left out and listed.
+        let mut pair_problems = Problems::new();
+        let mut skipped_ids = BTreeSet::new();
+        let images = list_by_stem(&img_dir, &mut pair_problems);
+        let masks = list_by_stem(&mask_dir, &mut pair_problems);
         if images.is_empty() {
             problems.push(format!(
                 "{}: no images (.jpg/.jpeg/.png) found",
@@ -186,7 +199,8 @@ impl KvasirDataset {
         }
         for (id, p) in &images {
             if !masks.contains_key(id) {
-                problems.push(format!(
+                skipped_ids.insert(id.clone());
+                pair_problems.push(format!(
                     "{}: image has no mask (expected {}/{id}.jpg)",
                     p.display(),
                     mask_dir.display()
@@ -195,7 +209,8 @@ impl KvasirDataset {
         }
         for (id, p) in &masks {
             if !images.contains_key(id) {
-                problems.push(format!(
+                skipped_ids.insert(id.clone());
+                pair_problems.push(format!(
                     "{}: mask has no image (expected {}/{id}.jpg)",
                     p.display(),
                     img_dir.display()
@@ -235,25 +250,56 @@ impl KvasirDataset {
                         boxes,
                     });
                 }
-                Err(lines) => lines.into_iter().for_each(|l| problems.push(l)),
+                Err(lines) => {
+                    skipped_ids.insert(id);
+                    lines.into_iter().for_each(|l| pair_problems.push(l));
+                }
             }
         }
-        let root_split = match Split::from_root(root) {
+        let skipped = if opts.skip_bad {
+            let lines = pair_problems.lines().to_vec();
+            if entries.is_empty() && !lines.is_empty() {
+                problems.push(format!(
+                    "every pair has a problem ({} line(s)); nothing left to use",
+                    lines.len()
+                ));
+            }
+            lines
+        } else {
+            pair_problems
+                .lines()
+                .iter()
+                .for_each(|l| problems.push(l.clone()));
+            Vec::new()
+        };
+        let mut root_split = match Split::from_root(root) {
             Ok(s) => s,
             Err(e) => {
                 problems.push_err(&e);
                 None
             }
         };
+        if opts.skip_bad {
+            if let Some(sp) = root_split.as_mut() {
+                sp.train.retain(|id| !skipped_ids.contains(id));
+                sp.val.retain(|id| !skipped_ids.contains(id));
+                sp.test.retain(|id| !skipped_ids.contains(id));
+            }
+        }
         if let Some(split) = &root_split {
             let known: BTreeSet<&str> = entries.iter().map(|e| e.id.as_str()).collect();
             split.check_against(&known, &split.source, &mut problems);
         }
         problems.into_result(&format!("Kvasir-SEG at {}", root.display()))?;
+        if !opts.skip_bad {
+            skipped_ids.clear();
+        }
         Ok(KvasirDataset {
             root: root.to_path_buf(),
             entries,
             root_split,
+            skipped,
+            skipped_ids,
         })
     }
 
@@ -292,6 +338,83 @@ impl KvasirDataset {
             return Ok(split);
         }
         let split = self.split(seed, test_fraction);
+        split.write_json(&path)?;
+        Ok(split)
+    }
+
+    /// The train/val/test split of a training run in `run_dir`. A `run_dir/split.json` is read
+    /// back (every id must exist, the lists must be disjoint, and it must have been made with
+    /// the same `spec`: a stale one is an error naming the differing field). Otherwise the
+    /// data's split files or a seeded split, with validation carved from train when the data
+    /// has none, is written to `run_dir/split.json`.
+    pub fn split3_for_run(&self, run_dir: &Path, spec: SplitSpec) -> Result<Split> {
+        spec.validate()?;
+        let path = run_dir.join("split.json");
+        if path.is_file() {
+            let split = Split::read_json(&path)?;
+            let stale = |field: &str, was: String, now: String| Error::Config {
+                field: field.into(),
+                msg: format!(
+                    "{} was made with {field} {was}, this run asks for {now}; use a new --out \
+                     (or delete that split.json to make a new split)",
+                    path.display()
+                ),
+            };
+            match split.spec {
+                None => {
+                    return Err(stale(
+                        "val_fraction",
+                        "no validation split".into(),
+                        spec.val_fraction.to_string(),
+                    ))
+                }
+                Some(old) => {
+                    if old.seed != spec.seed {
+                        return Err(stale("seed", old.seed.to_string(), spec.seed.to_string()));
+                    }
+                    if old.test_fraction != spec.test_fraction {
+                        return Err(stale(
+                            "test_fraction",
+                            old.test_fraction.to_string(),
+                            spec.test_fraction.to_string(),
+                        ));
+                    }
+                    if old.val_fraction != spec.val_fraction {
+                        return Err(stale(
+                            "val_fraction",
+                            old.val_fraction.to_string(),
+                            spec.val_fraction.to_string(),
+                        ));
+                    }
+                }
+            }
+            let known: BTreeSet<&str> = self.entries.iter().map(|e| e.id.as_str()).collect();
+            let mut problems = Problems::new();
+            split.check_against(&known, &path.display().to_string(), &mut problems);
+            if split.val.is_empty() || split.test.is_empty() || split.train.is_empty() {
+                problems.push(format!(
+                    "{}: train, val and test must each hold at least one id",
+                    path.display()
+                ));
+            }
+            problems.into_result(&format!("split for {}", self.root.display()))?;
+            return Ok(split);
+        }
+        let mut split = self
+            .split(spec.seed, spec.test_fraction)
+            .with_val_carved(spec.seed, spec.val_fraction);
+        if split.val.is_empty() || split.test.is_empty() || split.train.is_empty() {
+            return Err(Error::Data {
+                msg: format!(
+                    "{}: {} train / {} val / {} test ids; each split needs at least one image",
+                    self.root.display(),
+                    split.train.len(),
+                    split.val.len(),
+                    split.test.len()
+                ),
+            });
+        }
+        split.spec = Some(spec);
         split.write_json(&path)?;
         Ok(split)
     }
@@ -452,13 +575,57 @@ pub fn load_entry_packed(e: &KvasirEntry, s: usize, resize: Resize) -> Result<Pa
     })
 }
 
-/// A train/test split by sample id. `source` says where it came from (a file or a seed).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A train/val/test split by sample id. `source` says where it came from (files or a seed).
+///
+/// Training uses `train`; the epoch, checkpoint and every other choice are made on `val`
+/// (carved from the training data when the data brings none); `test` is only ever scored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Split {
     pub train: Vec<String>,
+    /// Validation ids (empty in splits written before validation existed).
+    #[serde(default)]
+    pub val: Vec<String>,
     pub test: Vec<String>,
     #[serde(default)]
     pub source: String,
+    /// How a run's split was made (seed and fractions), to refuse a stale `split.json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<SplitSpec>,
+}
+
+/// The settings a run's split depends on; a `split.json` made with others is stale.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SplitSpec {
+    pub seed: u64,
+    /// Test fraction of a seeded split (unused when the data brings its own test list).
+    pub test_fraction: f64,
+    /// Validation fraction carved from the training ids (unused when the data brings `val.txt`
+    /// beside `test.txt`).
+    pub val_fraction: f64,
+}
+
+impl SplitSpec {
+    /// Refuse fractions outside (0, 1) and a val + test share that leaves no training data.
+    pub fn validate(&self) -> Result<()> {
+        for (field, v) in [
+            ("test_fraction", self.test_fraction),
+            ("val_fraction", self.val_fraction),
+        ] {
+            if !(v > 0.0 && v < 1.0) {
+                return Err(Error::Config {
+                    field: field.into(),
+                    msg: format!("{v} must be in (0, 1)"),
+                });
+            }
+        }
+        if self.test_fraction + self.val_fraction * (1.0 - self.test_fraction) >= 0.95 {
+            return Err(Error::Config {
+                field: "val_fraction".into(),
+                msg: "test and validation together leave almost no training data".into(),
+            });
+        }
+        Ok(())
+    }
 }
 
 fn read_id_list(path: &Path) -> Result<Vec<String>> {
@@ -498,9 +665,37 @@ impl Split {
         train.sort();
         Split {
             train,
+            val: Vec::new(),
             test,
             source: format!("seeded(seed={seed}, test_fraction={test_fraction})"),
+            spec: None,
         }
+    }
+
+    /// This split with a validation list carved from its training ids (seeded, at least one id
+    /// when there are two or more training ids); an existing validation list is kept as it is.
+    pub fn with_val_carved(mut self, seed: u64, val_fraction: f64) -> Split {
+        if !self.val.is_empty() {
+            return self;
+        }
+        let mut v = self.train.clone();
+        let mut rng = Rng::derive(seed, "kvasir-val-split");
+        rng.shuffle(&mut v);
+        let n = v.len();
+        let n_val = (((n as f64) * val_fraction.clamp(0.0, 1.0)).round() as usize)
+            .max(usize::from(n >= 2))
+            .min(n.saturating_sub(1));
+        let mut val = v[..n_val].to_vec();
+        let mut train = v[n_val..].to_vec();
+        val.sort();
+        train.sort();
+        self.train = train;
+        self.val = val;
+        self.source = format!(
+            "{}; val carved from train (seed={seed}, val_fraction={val_fraction})",
+            self.source
+        );
+        self
     }
 
     /// `train.txt` + `val.txt` (or `test.txt`) in `dir`, if `train.txt` exists.
@@ -512,22 +707,43 @@ impl Split {
         Self::read_txt(dir).map(Some)
     }
 
-    /// Read `train.txt` and `val.txt`/`test.txt` from `dir` (one id or file name per line).
+    /// Read the split files of `dir` (one id or file name per line): `train.txt` with
+    /// `test.txt` (and optionally `val.txt`), or `train.txt` with `val.txt` alone, the layout
+    /// where `val.txt` is the held-out set (Medico 2020's naming): then it is the test list and
+    /// validation is carved from train later.
     pub fn read_txt(dir: &Path) -> Result<Split> {
         let train_p = dir.join("train.txt");
-        let test_p = [dir.join("val.txt"), dir.join("test.txt")]
-            .into_iter()
-            .find(|p| p.is_file())
-            .ok_or_else(|| Error::Data {
-                msg: format!(
-                    "{}: found train.txt but neither val.txt nor test.txt",
-                    dir.display()
-                ),
-            })?;
+        let (val_p, test_p) = (dir.join("val.txt"), dir.join("test.txt"));
+        let (val_p, test_p) = match (val_p.is_file(), test_p.is_file()) {
+            (true, true) => (Some(val_p), test_p),
+            (false, true) => (None, test_p),
+            (true, false) => (None, val_p),
+            (false, false) => {
+                return Err(Error::Data {
+                    msg: format!(
+                        "{}: found train.txt but neither val.txt nor test.txt",
+                        dir.display()
+                    ),
+                })
+            }
+        };
         let split = Split {
             train: read_id_list(&train_p)?,
+            val: match &val_p {
+                Some(p) => read_id_list(p)?,
+                None => Vec::new(),
+            },
             test: read_id_list(&test_p)?,
-            source: format!("{} + {}", train_p.display(), test_p.display()),
+            source: match &val_p {
+                Some(v) => format!(
+                    "{} + {} + {}",
+                    train_p.display(),
+                    v.display(),
+                    test_p.display()
+                ),
+                None => format!("{} + {}", train_p.display(), test_p.display()),
+            },
+            spec: None,
         };
         let mut problems = Problems::new();
         split.check_disjoint(&mut problems);
@@ -561,24 +777,30 @@ impl Split {
     }
 
     fn check_disjoint(&self, problems: &mut Problems) {
-        let train: BTreeSet<&String> = self.train.iter().collect();
-        let mut seen = BTreeSet::new();
-        for id in &self.test {
-            if train.contains(id) {
-                problems.push(format!("id `{id}` is in both the train and the test list"));
+        let lists = [
+            ("train", &self.train),
+            ("val", &self.val),
+            ("test", &self.test),
+        ];
+        let mut owner: std::collections::BTreeMap<&str, &str> = Default::default();
+        for (name, list) in lists {
+            for id in list.iter() {
+                match owner.insert(id.as_str(), name) {
+                    Some(prev) if prev == name => {
+                        problems.push(format!("id `{id}` is listed twice in the {name} list"))
+                    }
+                    Some(prev) => problems.push(format!(
+                        "id `{id}` is in both the {prev} and the {name} list"
+                    )),
+                    None => {}
+                }
             }
-            if !seen.insert(id) {
-                problems.push(format!("id `{id}` is listed twice in the test list"));
-            }
-        }
-        if train.len() != self.train.len() {
-            problems.push("the train list names some id more than once".to_string());
         }
     }
 
     /// Report every id of this split that is not in `known`.
     pub fn check_against(&self, known: &BTreeSet<&str>, source: &str, problems: &mut Problems) {
-        for id in self.train.iter().chain(&self.test) {
+        for id in self.train.iter().chain(&self.val).chain(&self.test) {
             if !known.contains(id.as_str()) {
                 problems.push(format!(
                     "{source}: split names id `{id}`, which has no image/mask pair"

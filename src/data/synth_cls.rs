@@ -226,7 +226,10 @@ pub fn render(
     img
 }
 
-/// Write the set; returns the number of images written.
+/// Write the set (with its settings in [`SETTINGS_FILE`]); returns the number of images
+/// written. The set is generated in a temporary folder beside `out` and renamed to `out`
+/// only when complete, so an interrupted run leaves no partial set; `out` must not exist or
+/// be empty.
 pub fn generate(out: &Path, cfg: &SynthClsConfig) -> Result<usize> {
     let max = max_classes(cfg.kind);
     if cfg.classes == 0 || cfg.classes > max {
@@ -244,6 +247,26 @@ pub fn generate(out: &Path, cfg: &SynthClsConfig) -> Result<usize> {
             msg: "need per_class ≥ 2, test_per_class ≥ 1 and 8 ≤ size ≤ 512".into(),
         });
     }
+    if cfg.per_class > MAX_PER_CLASS || cfg.test_per_class > MAX_PER_CLASS {
+        return Err(Error::Config {
+            field: "per_class".into(),
+            msg: format!(
+                "{} train+val and {} test images per class; at most {MAX_PER_CLASS} each",
+                cfg.per_class, cfg.test_per_class
+            ),
+        });
+    }
+    super::synth_kvasir::prepare_dest(out)?;
+    crate::util::fs::atomic_dir(out, |tmp| fill(tmp, cfg))
+}
+
+/// Largest accepted `per_class` / `test_per_class`.
+pub const MAX_PER_CLASS: usize = 100_000;
+
+/// Name of the settings file written into every set (the trainers' re-use marker).
+pub const SETTINGS_FILE: &str = "synth.json";
+
+fn fill(out: &Path, cfg: &SynthClsConfig) -> Result<usize> {
     let names = class_names(cfg.kind, cfg.classes);
     let n_val = (cfg.per_class / 5).max(1);
     // (split, class, index within split)
@@ -302,5 +325,6 @@ pub fn generate(out: &Path, cfg: &SynthClsConfig) -> Result<usize> {
         }
         SynthLayout::ImageFolder => {}
     }
+    crate::util::fs::write_json_atomic(&out.join(SETTINGS_FILE), cfg)?;
     Ok(rels.len())
 }

@@ -572,14 +572,86 @@ pub struct SynthSummary {
     pub mean_polyp_fraction: f64,
 }
 
-/// Write `cfg.count` images into `out/images`, `out/masks` and `out/kavsir_bboxes.json`.
-pub fn generate(out: &Path, cfg: &SynthKvasirConfig) -> Result<SynthSummary> {
-    if cfg.count == 0 {
-        return Err(Error::Config {
-            field: "count".into(),
-            msg: "must be at least 1".into(),
-        });
+/// Largest accepted `max_side` (Kvasir's largest side is 1920).
+pub const MAX_SIDE_LIMIT: usize = 8192;
+/// Smallest accepted `max_side`.
+pub const MIN_SIDE: usize = 16;
+/// Largest accepted `count` (Kvasir-SEG has 1000 images).
+pub const MAX_COUNT: usize = 1_000_000;
+/// Bytes of working memory per pixel while one image renders (f32 RGB planes, blur buffer,
+/// noise, mask and the encoded output), measured loosely from `render`.
+const RENDER_BYTES_PER_PIXEL: u64 = 48;
+
+impl SynthKvasirConfig {
+    /// Check the settings; errors name the field.
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=MAX_COUNT).contains(&self.count) {
+            return Err(Error::Config {
+                field: "count".into(),
+                msg: format!("{} is outside 1..={MAX_COUNT}", self.count),
+            });
+        }
+        if !(MIN_SIDE..=MAX_SIDE_LIMIT).contains(&self.max_side) {
+            return Err(Error::Config {
+                field: "max_side".into(),
+                msg: format!(
+                    "{} is outside {MIN_SIDE}..={MAX_SIDE_LIMIT} (Kvasir's largest side is 1920)",
+                    self.max_side
+                ),
+            });
+        }
+        Ok(())
     }
+
+    /// Memory the parallel renderers need at most: one `max_side²` image per worker thread.
+    pub fn estimate_bytes(&self) -> u64 {
+        let side = self.max_side as u64;
+        let workers = rayon::current_num_threads().max(1) as u64;
+        side.saturating_mul(side)
+            .saturating_mul(RENDER_BYTES_PER_PIXEL)
+            .saturating_mul(workers)
+    }
+}
+
+/// Make ready to build a data set at `out` with [`crate::util::fs::atomic_dir`]: a missing
+/// folder is fine, an empty one is removed (it is re-created complete), one that holds
+/// anything is refused — an existing set is never overwritten or completed in place.
+pub(crate) fn prepare_dest(out: &Path) -> Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    let mut entries = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?;
+    if entries.next().is_some() {
+        return Err(Error::io(
+            out,
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "already exists and is not empty; a data set is never overwritten: remove it \
+                 or choose another folder",
+            ),
+        ));
+    }
+    std::fs::remove_dir(out).map_err(|e| Error::io(out, e))
+}
+
+/// Write `cfg.count` images into `out/images`, `out/masks` and `out/kavsir_bboxes.json`.
+/// The set is generated in a temporary folder beside `out` and renamed to `out` only when
+/// complete, so an interrupted run leaves no partial set; `out` must not exist or be empty.
+pub fn generate(out: &Path, cfg: &SynthKvasirConfig) -> Result<SynthSummary> {
+    cfg.validate()?;
+    crate::util::mem::check_fits(
+        &format!(
+            "synthetic Kvasir rendering at max_side {} ({} threads)",
+            cfg.max_side,
+            rayon::current_num_threads()
+        ),
+        cfg.estimate_bytes(),
+    )?;
+    prepare_dest(out)?;
+    crate::util::fs::atomic_dir(out, |tmp| fill(tmp, cfg))
+}
+
+fn fill(out: &Path, cfg: &SynthKvasirConfig) -> Result<SynthSummary> {
     let (img_dir, mask_dir) = (out.join("images"), out.join("masks"));
     for d in [&img_dir, &mask_dir] {
         std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
@@ -687,6 +759,13 @@ pub fn contact_sheet(seed: u64, n: usize, max_side: usize, row_h: u32) -> RgbIma
 
 /// Write [`contact_sheet`] as a PNG.
 pub fn write_preview(path: &Path, seed: u64, n: usize, max_side: usize) -> Result<()> {
+    SynthKvasirConfig {
+        count: n.max(1),
+        seed,
+        max_side,
+        ..Default::default()
+    }
+    .validate()?;
     imgio::write_png(path, &contact_sheet(seed, n, max_side, 180))
 }
 

@@ -155,21 +155,27 @@ impl Artifact {
         Ok(())
     }
 
-    /// Write the folder: selection, delta (if any; a stale one is removed), config last.
+    /// Write the folder: selection, delta (if any), config last. A folder that already holds a
+    /// trained delta is never overwritten by a selection without one (the delta would be lost,
+    /// or left indexing another selection): that is an error naming the file.
     pub fn save(&self, dir: &Path) -> Result<()> {
+        let delta_path = dir.join(DELTA_FILE);
+        if self.delta.is_none() && delta_path.exists() {
+            return Err(Error::Checkpoint {
+                path: delta_path,
+                msg: "this folder holds a trained GPS artifact; refusing to replace it with an \
+                      untrained selection (choose another output folder)"
+                    .into(),
+            });
+        }
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         save_safetensors(
             &dir.join(SELECTION_FILE),
             &indices_to_tensors(&self.selection)?,
             None,
         )?;
-        let delta_path = dir.join(DELTA_FILE);
-        match &self.delta {
-            Some(d) => save_safetensors(&delta_path, d, None)?,
-            None if delta_path.exists() => {
-                std::fs::remove_file(&delta_path).map_err(|e| Error::io(&delta_path, e))?
-            }
-            None => {}
+        if let Some(d) = &self.delta {
+            save_safetensors(&delta_path, d, None)?;
         }
         write_json_atomic(&dir.join(CONFIG_FILE), &self.config)
     }

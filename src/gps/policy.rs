@@ -188,8 +188,8 @@ impl Policy {
     }
 
     /// SAM (Meta's names): inside `image_encoder.` the weight matrices (patch embedding, qkv,
-    /// attention projection, MLP, neck convs) are selected, biases train, norms / pos_embed /
-    /// rel_pos stay frozen; the prompt encoder and mask decoder train fully, except the
+    /// attention projection, MLP, neck convs) are selected, biases train (the neck LayerNorm2d
+    /// biases too), norms / pos_embed / rel_pos stay frozen; the prompt encoder and mask decoder train fully, except the
     /// positional-encoding buffer.
     pub fn sam() -> Self {
         use Treatment::*;
@@ -212,6 +212,11 @@ impl Policy {
             "neck.2.weight",
         ] {
             rules.push(Rule::new(&format!("{enc}{p}"), Selected));
+        }
+        // The neck's LayerNorm2d biases train, as in the reference (its `bias` rule comes
+        // before its 1-D neck rule, and their names hold no "norm"); their weights stay frozen.
+        for p in ["neck.1.bias", "neck.3.bias"] {
+            rules.push(Rule::new(&format!("{enc}{p}"), Trainable));
         }
         for p in ["*norm*", "neck.1.*", "neck.3.*", "pos_embed", "*rel_pos*"] {
             rules.push(Rule::new(&format!("{enc}{p}"), Frozen));
@@ -324,7 +329,9 @@ mod tests {
         assert_eq!(t(&format!("{e}pos_embed"), &[1, 4, 4, 8]), Frozen);
         assert_eq!(t(&format!("{e}neck.0.weight"), &[4, 8, 1, 1]), Selected);
         assert_eq!(t(&format!("{e}neck.1.weight"), &[4]), Frozen);
-        assert_eq!(t(&format!("{e}neck.3.bias"), &[4]), Frozen);
+        assert_eq!(t(&format!("{e}neck.3.bias"), &[4]), Trainable);
+        assert_eq!(t(&format!("{e}neck.1.bias"), &[4]), Trainable);
+        assert_eq!(t(&format!("{e}neck.3.weight"), &[4]), Frozen);
         assert_eq!(t("mask_decoder.iou_token.weight", &[1, 4]), Trainable);
         assert_eq!(t("prompt_encoder.no_mask_embed.weight", &[1, 4]), Trainable);
         assert_eq!(

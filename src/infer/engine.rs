@@ -44,6 +44,9 @@ pub trait Engine {
 /// The input signature gps-seg's SAM graphs have: `image` of rank 4 with 3 channels.
 pub const EXPECTED_INPUTS: [(&str, usize, Option<i64>); 1] = [("image", 4, Some(3))];
 
+/// Largest square input a model may declare (bounded before any batch is allocated).
+pub const MAX_INPUT_SIZE: usize = 4096;
+
 /// Metadata key (written by `onnx::sam`) saying whether normalisation is in-graph.
 const META_INPUT: &str = "gps_seg.input";
 /// Metadata key holding the exporter's `SamConfig` as JSON.
@@ -107,6 +110,12 @@ impl OrtEngine {
                 ))
             })?,
         };
+        if size > MAX_INPUT_SIZE {
+            return Err(Error::Onnx(format!(
+                "{p}: input `image` is {size}×{size}; gps-seg accepts at most \
+                 {MAX_INPUT_SIZE}×{MAX_INPUT_SIZE} (SAM's own size is 1024)"
+            )));
+        }
         let out = model
             .outputs
             .first()

@@ -4,8 +4,9 @@
 //! ([`crate::metrics`]: threshold on the probability at the ground truth's resolution, false
 //! positives counted, means over images).
 //!
-//! Output folder: `masks/<id>.png`, `overlays/<id>.png`, `scores.csv` (with masks) and
-//! `report.json`; every file is written atomically. Bad inputs stop the job before anything is
+//! Output folder: `masks/<id>.png`, `overlays/<id>.png`, `scores.csv` (with masks),
+//! `report.json` and `report.html` (summary, Dice histogram, per-image table with overlay
+//! thumbnails); every file is written atomically. Bad inputs stop the job before anything is
 //! written unless `skip_bad` is set (then they are listed in the report).
 
 use super::engine::Engine;
@@ -13,7 +14,7 @@ use super::input::{bad_from, BadInput, InputItem, Inputs};
 use crate::data::imgio;
 use crate::data::resize::{self, to_original, Resize};
 use crate::error::{Error, Result};
-use crate::metrics::{ImageScore, Metric, SegInput, SegMetrics, SegReport};
+use crate::metrics::{ImageScore, Metric, PooledCounts, SegInput, SegMetrics, SegReport};
 use crate::progress::{Event, Observer};
 use crate::util::fs::{write_atomic, write_json_atomic};
 use image::GrayImage;
@@ -35,6 +36,74 @@ pub struct InferOptions {
     pub skip_bad: bool,
     /// Write `overlays/<id>.png`.
     pub overlays: bool,
+    /// Run only this shard of the inputs (see [`Shard`]).
+    pub shard: Option<Shard>,
+}
+
+/// One of `count` disjoint parts of a job's inputs: input `i` (in the job's order) belongs to
+/// shard `i % count`. Every input is in exactly one shard, whatever the count, and a shard's
+/// images keep their order, so merged shard reports equal an unsharded run's exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    /// 0-based.
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    /// `I/N` with 0 ≤ I < N (as `--shard` takes it).
+    pub fn parse(s: &str) -> Result<Shard> {
+        let bad = |m: &str| Error::Config {
+            field: "shard".into(),
+            msg: format!("`{s}`: {m} (expected I/N with 0 ≤ I < N, e.g. 0/3)"),
+        };
+        let (i, n) = s.split_once('/').ok_or_else(|| bad("no `/`"))?;
+        let index: usize = i.trim().parse().map_err(|_| bad("I is not a number"))?;
+        let count: usize = n.trim().parse().map_err(|_| bad("N is not a number"))?;
+        Shard::new(index, count).map_err(|_| bad("out of range"))
+    }
+
+    pub fn new(index: usize, count: usize) -> Result<Shard> {
+        if count == 0 || index >= count || count > 100_000 {
+            return Err(Error::Config {
+                field: "shard".into(),
+                msg: format!("{index}/{count}: need 0 ≤ I < N ≤ 100000"),
+            });
+        }
+        Ok(Shard { index, count })
+    }
+
+    /// The shard of a Slurm array task (`SLURM_ARRAY_TASK_ID` − `SLURM_ARRAY_TASK_MIN` of
+    /// `SLURM_ARRAY_TASK_COUNT`), when those variables are set.
+    pub fn from_slurm_env() -> Result<Option<Shard>> {
+        let get = |k: &str| std::env::var(k).ok();
+        let (Some(id), Some(count)) = (get("SLURM_ARRAY_TASK_ID"), get("SLURM_ARRAY_TASK_COUNT"))
+        else {
+            return Ok(None);
+        };
+        let num = |k: &str, v: &str| {
+            v.trim().parse::<usize>().map_err(|_| Error::Config {
+                field: k.into(),
+                msg: format!("`{v}` is not a whole number"),
+            })
+        };
+        let id = num("SLURM_ARRAY_TASK_ID", &id)?;
+        let count = num("SLURM_ARRAY_TASK_COUNT", &count)?;
+        let min = match get("SLURM_ARRAY_TASK_MIN") {
+            Some(m) => num("SLURM_ARRAY_TASK_MIN", &m)?,
+            None => 0,
+        };
+        let index = id.checked_sub(min).ok_or_else(|| Error::Config {
+            field: "SLURM_ARRAY_TASK_ID".into(),
+            msg: format!("{id} is below SLURM_ARRAY_TASK_MIN {min}"),
+        })?;
+        Shard::new(index, count).map(Some)
+    }
+
+    /// True when input number `i` (in the job's order) belongs to this shard.
+    pub fn contains(&self, i: usize) -> bool {
+        i % self.count == self.index
+    }
 }
 
 impl InferOptions {
@@ -46,6 +115,7 @@ impl InferOptions {
             resize: Resize::Squash,
             skip_bad: false,
             overlays: true,
+            shard: None,
         }
     }
 
@@ -65,6 +135,9 @@ impl InferOptions {
         Ok(())
     }
 }
+
+/// Largest model input + output of one batch, in bytes (8 GiB).
+const MAX_BATCH_BYTES: u128 = 8 << 30;
 
 /// What a job did; written to `report.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -91,14 +164,42 @@ pub struct InferReport {
     /// mDice/mIoU (and the GPS reference's pooled numbers, labelled) when masks were given.
     pub metrics: Option<SegReport>,
     pub out: PathBuf,
+    /// The shard this job ran (`None`: all inputs).
+    #[serde(default)]
+    pub shard: Option<Shard>,
+    /// Usable inputs of the whole job before sharding.
+    #[serde(default)]
+    pub total_inputs: usize,
+    /// Per-image scores at full precision, each with its position in the whole job's input
+    /// order (what `report merge` needs to reproduce an unsharded run exactly).
+    #[serde(default)]
+    pub scores: Vec<IndexedScore>,
+    /// Pooled pixel counts behind the reference numbers.
+    #[serde(default)]
+    pub pooled: Option<PooledCounts>,
+}
+
+/// One image's scores and its position in the job's input order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IndexedScore {
+    pub index: usize,
+    #[serde(flatten)]
+    pub score: ImageScore,
 }
 
 use crate::util::mem::peak_rss_mb;
 
+/// Images up to this many pixels keep their decoded RGB between decoding and writing the
+/// overlay; larger ones are decoded again for the overlay, so a batch of large images never
+/// holds more than the decoded images the workers are processing (Kvasir's largest, 2.06 MP,
+/// stays in memory).
+const KEEP_DECODED_PIXELS: usize = 4_000_000;
+
 /// One decoded, resized input.
 struct Prepared {
     item: InputItem,
-    rgb: image::RgbImage,
+    /// The decoded image, kept for the overlay when small (see [`KEEP_DECODED_PIXELS`]).
+    rgb: Option<image::RgbImage>,
     /// `[3, S, S]` in [0, 1].
     chw: Vec<f32>,
     /// Ground truth at the original resolution, {0, 1}.
@@ -138,11 +239,19 @@ fn prepare(item: &InputItem, s: usize, resize: Resize) -> std::result::Result<Pr
         .collect();
     let mut item = item.clone();
     item.size = (h, w);
+    let rgb = (h.saturating_mul(w) <= KEEP_DECODED_PIXELS).then_some(rgb);
     Ok(Prepared { item, rgb, chw, gt })
 }
 
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
+}
+
+/// What post-processing one image gave: a result, or a model output that cannot be scored.
+enum Outcome {
+    Done(Done),
+    /// The model's logits for this image hold NaN/Inf (nothing was written for it).
+    NonFinite(BadInput),
 }
 
 /// Per-image result after post-processing.
@@ -160,7 +269,18 @@ fn postprocess(
     opts: &InferOptions,
     masks_dir: &Path,
     overlays_dir: &Path,
-) -> Result<Done> {
+) -> Result<Outcome> {
+    let bad = logits.iter().filter(|l| !l.is_finite()).count();
+    if bad > 0 {
+        return Ok(Outcome::NonFinite(BadInput {
+            path: p.item.image.clone(),
+            reason: format!(
+                "the model gave {bad} non-finite logit(s) of {} for this image (NaN/Inf weights \
+                 or input); not scored",
+                logits.len()
+            ),
+        }));
+    }
     let probs: Vec<f32> = logits.iter().map(|&l| sigmoid(l)).collect();
     let orig = to_original(&probs, size, opts.resize, p.item.size)?;
     let (h, w) = p.item.size;
@@ -177,16 +297,20 @@ fn postprocess(
         })?;
     imgio::write_png(&masks_dir.join(format!("{}.png", p.item.id)), &png)?;
     if opts.overlays {
+        let rgb = match p.rgb {
+            Some(rgb) => rgb,
+            None => imgio::decode_rgb(&p.item.image)?,
+        };
         let o =
-            crate::util::draw::overlay(p.rgb.as_raw(), w as u32, h as u32, &pred, p.gt.as_deref())?;
+            crate::util::draw::overlay(rgb.as_raw(), w as u32, h as u32, &pred, p.gt.as_deref())?;
         crate::util::draw::save_png(&overlays_dir.join(format!("{}.png", p.item.id)), &o)?;
     }
     let scoring = p.gt.is_some();
-    Ok(Done {
+    Ok(Outcome::Done(Done {
         id: p.item.id,
         prob: scoring.then_some(orig),
         gt: p.gt,
-    })
+    }))
 }
 
 /// Run `engine` over `inputs`, writing into `opts.out`. Returns the report (also written to
@@ -199,6 +323,22 @@ pub fn infer(
 ) -> Result<(InferReport, Vec<ImageScore>)> {
     opts.validate()?;
     inputs.require_clean(opts.skip_bad)?;
+    let total_inputs = inputs.items.len();
+    // (position in the whole job, item) of this shard, in the job's order.
+    let positions: Vec<usize> = (0..total_inputs)
+        .filter(|&i| opts.shard.is_none_or(|s| s.contains(i)))
+        .collect();
+    let owned;
+    let inputs = match opts.shard {
+        None => inputs,
+        Some(_) => {
+            owned = Inputs {
+                items: positions.iter().map(|&i| inputs.items[i].clone()).collect(),
+                bad: inputs.bad.clone(),
+            };
+            &owned
+        }
+    };
     if inputs.items.is_empty() {
         return Err(Error::Data {
             msg: format!(
@@ -209,6 +349,20 @@ pub fn infer(
     }
     let scoring = inputs.has_masks();
     let s = engine.input_size();
+    // The model's input and output of one batch (f32), bounded before anything is allocated.
+    let n_max = opts.batch_size.min(inputs.items.len());
+    let batch_bytes = (n_max as u128) * 4 * 4 * (s as u128) * (s as u128);
+    if batch_bytes > MAX_BATCH_BYTES {
+        return Err(Error::Config {
+            field: "batch_size".into(),
+            msg: format!(
+                "a batch of {n_max} images at {s}×{s} needs {:.1} GiB of model input and output; \
+                 the limit is {} GiB: lower --batch-size",
+                batch_bytes as f64 / (1u64 << 30) as f64,
+                MAX_BATCH_BYTES >> 30
+            ),
+        });
+    }
     let masks_dir = opts.out.join("masks");
     let overlays_dir = opts.out.join("overlays");
     for d in [&masks_dir, &overlays_dir] {
@@ -285,7 +439,7 @@ pub fn infer(
                 model_secs += tm.elapsed().as_secs_f64();
                 drop(x);
                 let size = logits.size;
-                let done: Vec<Result<Done>> = batch
+                let done: Vec<Result<Outcome>> = batch
                     .into_par_iter()
                     .enumerate()
                     .map(|(i, p)| {
@@ -293,7 +447,25 @@ pub fn infer(
                     })
                     .collect();
                 for d in done {
-                    let d = d?;
+                    let d = match d? {
+                        Outcome::Done(d) => d,
+                        Outcome::NonFinite(b) if opts.skip_bad => {
+                            obs.event(Event::Info(format!(
+                                "skipping {}: {}",
+                                b.path.display(),
+                                b.reason
+                            )));
+                            skipped.push(b);
+                            continue;
+                        }
+                        Outcome::NonFinite(b) => {
+                            return Err(Error::NonFinite(format!(
+                                "{}: {} (pass --skip-bad to skip and list such images)",
+                                b.path.display(),
+                                b.reason
+                            )))
+                        }
+                    };
                     if scoring {
                         if let (Some(prob), Some(gt)) = (&d.prob, &d.gt) {
                             metrics.update(SegInput {
@@ -315,6 +487,14 @@ pub fn infer(
         }
         Ok(())
     })?;
+    if images == 0 {
+        return Err(Error::Data {
+            msg: format!(
+                "no image could be segmented ({} skipped; see the lines above)",
+                skipped.len()
+            ),
+        });
+    }
     let seconds = t0.elapsed().as_secs_f64();
     let seg = scoring.then(|| metrics.compute());
     obs.event(Event::PhaseEnd {
@@ -354,8 +534,28 @@ pub fn infer(
         peak_rss_mb: peak_rss_mb(),
         metrics: seg,
         out: opts.out.clone(),
+        shard: opts.shard,
+        total_inputs,
+        scores: {
+            let pos: std::collections::HashMap<&str, usize> = inputs
+                .items
+                .iter()
+                .zip(&positions)
+                .map(|(it, &p)| (it.id.as_str(), p))
+                .collect();
+            metrics
+                .scores
+                .iter()
+                .map(|sc| IndexedScore {
+                    index: pos.get(sc.id.as_str()).copied().unwrap_or(usize::MAX),
+                    score: sc.clone(),
+                })
+                .collect()
+        },
+        pooled: scoring.then(|| metrics.pooled()),
     };
     write_json_atomic(&opts.out.join("report.json"), &report)?;
+    super::report::write_html(&report, &opts.out, opts.overlays)?;
     Ok((report, metrics.scores))
 }
 
@@ -394,6 +594,127 @@ mod tests {
                 size: self.0,
                 data,
             })
+        }
+    }
+
+    /// [`Bright`], but the second image of every batch gets one NaN logit.
+    struct NanSecond(usize);
+
+    impl Engine for NanSecond {
+        fn name(&self) -> &'static str {
+            "nan-second"
+        }
+        fn input_size(&self) -> usize {
+            self.0
+        }
+        fn describe(&self) -> String {
+            "test engine".into()
+        }
+        fn logits(&self, images: &[f32], n: usize) -> Result<Logits> {
+            let mut l = Bright(self.0).logits(images, n)?;
+            if n > 1 {
+                l.data[self.0 * self.0 + 5] = f32::NAN;
+            }
+            Ok(l)
+        }
+    }
+
+    #[test]
+    fn non_finite_logits_fail_the_job_or_are_skipped_and_listed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (img, msk) = (tmp.path().join("images"), tmp.path().join("masks"));
+        std::fs::create_dir_all(&img).unwrap();
+        std::fs::create_dir_all(&msk).unwrap();
+        for id in ["a", "b", "c"] {
+            imgio::write_png(&img.join(format!("{id}.png")), &RgbImage::new(20, 10)).unwrap();
+            imgio::write_png(&msk.join(format!("{id}.png")), &GrayImage::new(20, 10)).unwrap();
+        }
+        let (c, bad) = from_folders(&img, Some(&msk)).unwrap();
+        let inputs = check(c, bad);
+        let mut opts = InferOptions::new(tmp.path().join("out"));
+        opts.batch_size = 2;
+        let e = infer(&NanSecond(16), &inputs, &opts, &mut Silent)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("b.png") && e.contains("non-finite"), "{e}");
+        assert!(!tmp.path().join("out/masks/b.png").exists());
+        opts.skip_bad = true;
+        let (r, scores) = infer(&NanSecond(16), &inputs, &opts, &mut Silent).unwrap();
+        assert_eq!(r.images, 2);
+        assert_eq!(
+            scores.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+            ["a", "c"]
+        );
+        assert_eq!(r.skipped.len(), 1);
+        assert!(r.skipped[0].path.ends_with("b.png"));
+        assert!(r.metrics.unwrap().mdice.is_finite());
+    }
+
+    #[test]
+    fn three_shards_merged_equal_the_unsharded_job_exactly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (img, msk) = (tmp.path().join("images"), tmp.path().join("masks"));
+        std::fs::create_dir_all(&img).unwrap();
+        std::fs::create_dir_all(&msk).unwrap();
+        // 8 images with squares of different sizes and masks that overlap them partly.
+        for k in 0..8u32 {
+            let (w, h) = (20 + 3 * k, 17 + 2 * k);
+            let mut im = RgbImage::new(w, h);
+            let mut m = GrayImage::new(w, h);
+            for y in 0..h {
+                for x in 0..w {
+                    if x < w / 2 + k && y < h / 2 {
+                        im.put_pixel(x, y, image::Rgb([250, 240, 255]));
+                    }
+                    if x + k >= w / 3 && y < h / 2 + k / 2 {
+                        m.put_pixel(x, y, image::Luma([255]));
+                    }
+                }
+            }
+            imgio::write_png(&img.join(format!("i{k}.png")), &im).unwrap();
+            imgio::write_png(&msk.join(format!("i{k}.png")), &m).unwrap();
+        }
+        let (c, bad) = from_folders(&img, Some(&msk)).unwrap();
+        let inputs = check(c, bad);
+        let mut opts = InferOptions::new(tmp.path().join("all"));
+        opts.batch_size = 3;
+        opts.overlays = false;
+        let (whole, _) = infer(&Bright(24), &inputs, &opts, &mut Silent).unwrap();
+        let mut dirs = Vec::new();
+        let mut covered = Vec::new();
+        for i in 0..3 {
+            let d = tmp.path().join(format!("shard{i}"));
+            let mut o = opts.clone();
+            o.out = d.clone();
+            o.shard = Some(Shard::new(i, 3).unwrap());
+            let (r, _) = infer(&Bright(24), &inputs, &o, &mut Silent).unwrap();
+            covered.extend(r.scores.iter().map(|s| s.index));
+            dirs.push(d);
+        }
+        covered.sort();
+        assert_eq!(covered, (0..8).collect::<Vec<_>>(), "disjoint and covering");
+        let merged =
+            crate::infer::report::merge_reports(&dirs, &tmp.path().join("merged")).unwrap();
+        let (a, b) = (whole.metrics.unwrap(), merged.metrics.unwrap());
+        assert_eq!(a.mdice.to_bits(), b.mdice.to_bits(), "{a:?} vs {b:?}");
+        assert_eq!(a.miou.to_bits(), b.miou.to_bits());
+        assert_eq!(
+            a.ref_dice_ignore_bg.to_bits(),
+            b.ref_dice_ignore_bg.to_bits()
+        );
+        assert_eq!(whole.scores, merged.scores);
+        assert_eq!(merged.images, 8);
+        // A missing or doubled shard is refused.
+        let e = crate::infer::report::merge_reports(&dirs[..2], &tmp.path().join("m2"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("2/3") && e.contains("missing"), "{e}");
+        let twice = vec![dirs[0].clone(), dirs[0].clone(), dirs[1].clone()];
+        assert!(crate::infer::report::merge_reports(&twice, &tmp.path().join("m3")).is_err());
+        // Shard specs.
+        assert_eq!(Shard::parse("2/3").unwrap(), Shard::new(2, 3).unwrap());
+        for bad in ["3/3", "0/0", "a/3", "1-3", "-1/3"] {
+            assert!(Shard::parse(bad).is_err(), "{bad}");
         }
     }
 

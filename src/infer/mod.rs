@@ -1,7 +1,8 @@
 //! Batch inference: ONNX Runtime provisioning and sessions ([`runtime`]), the images of a job
 //! checked up front ([`input`]), engines (ONNX Runtime on an exported graph, or the Candle SAM,
 //! [`engine`]), the batched pre-process → run → post-process job with its reports ([`job`]),
-//! training-run folders ([`run`]); the engine benchmark is `crate::bench::infer`.
+//! merged shard reports ([`report`]) and training-run folders ([`run`]); the engine benchmark is
+//! `crate::bench::infer`.
 //!
 //! Metrics are those of [`crate::metrics`] (shared with training's evaluation, so
 //! `gps-seg infer --run` reproduces training's mDice); inference never imports training.
@@ -9,6 +10,7 @@
 pub mod engine;
 pub mod input;
 pub mod job;
+pub mod report;
 pub mod run;
 pub mod runtime;
 

@@ -22,6 +22,13 @@ use crate::util::tensors::TensorMap;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
+/// Largest accepted number of stages (timm: 4).
+pub const MAX_STAGES: usize = 8;
+/// Largest accepted depthwise kernel (timm: 7).
+pub const MAX_KERNEL: usize = 31;
+/// Largest accepted MLP ratio (timm: 4).
+pub const MAX_MLP_RATIO: usize = 16;
+
 /// Every number that differs between ConvNeXt sizes; names follow timm's arguments.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConvNextConfig {
@@ -111,18 +118,29 @@ impl ConvNextConfig {
 
     /// Total downsampling factor (stem 4 × 2 per later stage).
     pub fn stride(&self) -> usize {
-        4 << self.dims.len().saturating_sub(1)
+        4usize
+            .checked_shl(self.dims.len().saturating_sub(1) as u32)
+            .unwrap_or(usize::MAX)
     }
 
-    /// Check internal consistency; errors name the field.
+    /// Check internal consistency and bounds; errors name the field. Bounds are what real
+    /// ConvNeXts reach with room above (XXLarge: widths up to 3072, a 27- or 30-block
+    /// stage; 4 stages, kernel 7, MLP ratio 4).
     pub fn validate(&self) -> Result<()> {
+        use super::vit::{MAX_CLASSES, MAX_DEPTH, MAX_IMAGE_SIZE, MAX_WIDTH};
         let bad = |field: &str, msg: String| {
             Err(Error::Config {
                 field: field.into(),
                 msg,
             })
         };
-        if self.dims.is_empty() || self.dims.len() != self.depths.len() {
+        if self.dims.is_empty() || self.dims.len() > MAX_STAGES {
+            return bad(
+                "dims",
+                format!("{} stages; expected 1..={MAX_STAGES}", self.dims.len()),
+            );
+        }
+        if self.dims.len() != self.depths.len() {
             return bad(
                 "dims",
                 format!(
@@ -132,26 +150,91 @@ impl ConvNextConfig {
                 ),
             );
         }
-        if self.dims.contains(&0) || self.num_classes == 0 || self.mlp_ratio == 0 {
-            return bad("dims/num_classes/mlp_ratio", "must all be > 0".into());
+        if let Some(d) = self.dims.iter().find(|&&d| d == 0 || d > MAX_WIDTH) {
+            return bad("dims", format!("width {d} is outside 1..={MAX_WIDTH}"));
         }
-        if self.kernel_size.is_multiple_of(2) {
-            return bad("kernel_size", format!("{} is not odd", self.kernel_size));
+        if let Some(d) = self.depths.iter().find(|&&d| d > MAX_DEPTH) {
+            return bad("depths", format!("{d} blocks is more than {MAX_DEPTH}"));
         }
-        if self.image_size == 0 || !self.image_size.is_multiple_of(self.stride()) {
+        if self.num_classes == 0 || self.num_classes > MAX_CLASSES {
+            return bad(
+                "num_classes",
+                format!("{} is outside 1..={MAX_CLASSES}", self.num_classes),
+            );
+        }
+        if self.mlp_ratio == 0 || self.mlp_ratio > MAX_MLP_RATIO {
+            return bad(
+                "mlp_ratio",
+                format!("{} is outside 1..={MAX_MLP_RATIO}", self.mlp_ratio),
+            );
+        }
+        if self.kernel_size.is_multiple_of(2) || self.kernel_size > MAX_KERNEL {
+            return bad(
+                "kernel_size",
+                format!("{} is not odd and at most {MAX_KERNEL}", self.kernel_size),
+            );
+        }
+        if self.image_size == 0
+            || self.image_size > MAX_IMAGE_SIZE
+            || !self.image_size.is_multiple_of(self.stride())
+        {
             return bad(
                 "image_size",
                 format!(
-                    "{} is not a positive multiple of {}",
+                    "{} is not a multiple of {} in 1..={MAX_IMAGE_SIZE}",
                     self.image_size,
                     self.stride()
                 ),
             );
         }
-        if self.std.iter().any(|&s| s <= 0.0) {
+        if !self.layer_scale_init.is_finite() {
+            return bad(
+                "layer_scale_init",
+                format!("{} is not finite", self.layer_scale_init),
+            );
+        }
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
+            return bad(
+                "layer_norm_eps",
+                format!("{} is not a finite positive number", self.layer_norm_eps),
+            );
+        }
+        if self.mean.iter().any(|m| !m.is_finite()) {
+            return bad("mean", format!("{:?} has a non-finite entry", self.mean));
+        }
+        if self.std.iter().any(|&s| !(s.is_finite() && s > 0.0)) {
             return bad("std", format!("{:?} has a non-positive entry", self.std));
         }
         Ok(())
+    }
+
+    /// Bytes a forward pass of `batch` images needs, roughly (saturating): the f32
+    /// parameters plus, per image, the largest stage's feature map times its MLP expansion
+    /// (+ 4 for the block's other tensors). Checked before a model is built on the CPU.
+    pub fn estimate_bytes(&self, batch: usize) -> u64 {
+        let u = |v: usize| v as u64;
+        let params = self
+            .param_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().fold(1u64, |p, &d| p.saturating_mul(u(d))))
+            .fold(0u64, u64::saturating_add);
+        let mut per_image = u(self.image_size)
+            .saturating_mul(u(self.image_size))
+            .saturating_mul(6);
+        let mut side = u(self.image_size / 4);
+        let mut largest = 0u64;
+        for &c in &self.dims {
+            let map = side
+                .saturating_mul(side)
+                .saturating_mul(u(c))
+                .saturating_mul(u(self.mlp_ratio).saturating_add(4));
+            largest = largest.max(map);
+            side /= 2;
+        }
+        per_image = per_image.saturating_add(largest);
+        params
+            .saturating_add(per_image.saturating_mul(u(batch.max(1))))
+            .saturating_mul(4)
     }
 
     /// Every parameter's timm name and shape, in construction order, without allocating.
@@ -260,6 +343,12 @@ impl ConvNext {
     /// errors naming the tensor.
     pub fn new(cfg: &ConvNextConfig, vs: &ParamStore) -> Result<Self> {
         cfg.validate()?;
+        if vs.device().is_cpu() {
+            crate::util::mem::check_fits(
+                &format!("ConvNeXt `{}` at {} px, batch 1", cfg.name, cfg.image_size),
+                cfg.estimate_bytes(1),
+            )?;
+        }
         let eps = cfg.layer_norm_eps;
         let d0 = cfg.dims[0];
         let stem = (

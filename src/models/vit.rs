@@ -18,6 +18,23 @@ use crate::util::tensors::TensorMap;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
+/// Largest accepted `image_size` (ViT and ConvNeXt).
+pub const MAX_IMAGE_SIZE: usize = 4096;
+/// Largest accepted `patch_size`.
+pub const MAX_PATCH: usize = 64;
+/// Largest accepted patch count (ViT-B/16 at 2048 px).
+pub const MAX_TOKENS: usize = 16384;
+/// Largest accepted token / stage width.
+pub const MAX_WIDTH: usize = 4096;
+/// Largest accepted head count.
+pub const MAX_HEADS: usize = 64;
+/// Largest accepted block count.
+pub const MAX_DEPTH: usize = 64;
+/// Largest accepted MLP hidden width.
+pub const MAX_MLP_DIM: usize = 16384;
+/// Largest accepted number of classes (ImageNet-21k has 21 843).
+pub const MAX_CLASSES: usize = 100_000;
+
 /// Every number that differs between ViT sizes; names follow timm's constructor arguments.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VitConfig {
@@ -125,7 +142,10 @@ impl VitConfig {
         self.grid_size() * self.grid_size() + 1
     }
 
-    /// Check internal consistency; errors name the field.
+    /// Check internal consistency and bounds; errors name the field. Bounds are what real
+    /// ViTs reach with room above (ViT-H/14: width 1280, 32 blocks, 16 heads, MLP 5120;
+    /// ImageNet-21k: 21 843 classes), and at most [`MAX_TOKENS`] patches (global attention
+    /// is quadratic in them).
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &str, msg: String| {
             Err(Error::Config {
@@ -133,10 +153,21 @@ impl VitConfig {
                 msg,
             })
         };
-        if self.patch_size == 0
-            || self.image_size == 0
-            || !self.image_size.is_multiple_of(self.patch_size)
-        {
+        let range = |field: &str, v: usize, lo: usize, hi: usize| {
+            if v < lo || v > hi {
+                bad(field, format!("{v} is outside {lo}..={hi}"))
+            } else {
+                Ok(())
+            }
+        };
+        range("patch_size", self.patch_size, 1, MAX_PATCH)?;
+        range(
+            "image_size",
+            self.image_size,
+            self.patch_size,
+            MAX_IMAGE_SIZE,
+        )?;
+        if !self.image_size.is_multiple_of(self.patch_size) {
             return bad(
                 "image_size",
                 format!(
@@ -145,7 +176,19 @@ impl VitConfig {
                 ),
             );
         }
-        if self.num_heads == 0 || !self.embed_dim.is_multiple_of(self.num_heads) {
+        let g = self.grid_size();
+        if g.saturating_mul(g) > MAX_TOKENS {
+            return bad(
+                "image_size",
+                format!(
+                    "{} px in patches of {} is a {g}×{g} grid; at most {MAX_TOKENS} patches",
+                    self.image_size, self.patch_size
+                ),
+            );
+        }
+        range("embed_dim", self.embed_dim, 1, MAX_WIDTH)?;
+        range("num_heads", self.num_heads, 1, MAX_HEADS)?;
+        if !self.embed_dim.is_multiple_of(self.num_heads) {
             return bad(
                 "num_heads",
                 format!(
@@ -154,13 +197,48 @@ impl VitConfig {
                 ),
             );
         }
-        if self.depth == 0 || self.mlp_dim == 0 || self.num_classes == 0 {
-            return bad("depth/mlp_dim/num_classes", "must all be > 0".to_string());
+        range("depth", self.depth, 1, MAX_DEPTH)?;
+        range("mlp_dim", self.mlp_dim, 1, MAX_MLP_DIM)?;
+        range("num_classes", self.num_classes, 1, MAX_CLASSES)?;
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
+            return bad(
+                "layer_norm_eps",
+                format!("{} is not a finite positive number", self.layer_norm_eps),
+            );
         }
-        if self.std.iter().any(|&s| s <= 0.0) {
+        if self.mean.iter().any(|m| !m.is_finite()) {
+            return bad("mean", format!("{:?} has a non-finite entry", self.mean));
+        }
+        if self.std.iter().any(|&s| !(s.is_finite() && s > 0.0)) {
             return bad("std", format!("{:?} has a non-positive entry", self.std));
         }
         Ok(())
+    }
+
+    /// Bytes a forward pass of `batch` images needs, roughly (saturating): the f32
+    /// parameters plus one block's activations per image (tokens × (7 × width + MLP)) and
+    /// one head's attention scores. Checked before a model is built on the CPU.
+    pub fn estimate_bytes(&self, batch: usize) -> u64 {
+        let u = |v: usize| v as u64;
+        let params = self
+            .param_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().fold(1u64, |p, &d| p.saturating_mul(u(d))))
+            .fold(0u64, u64::saturating_add);
+        let t = u(self.num_tokens());
+        let block = t.saturating_mul(
+            u(self.embed_dim)
+                .saturating_mul(7)
+                .saturating_add(u(self.mlp_dim)),
+        );
+        let scores = t.saturating_mul(t).saturating_mul(u(self.num_heads));
+        let image = u(self.image_size)
+            .saturating_mul(u(self.image_size))
+            .saturating_mul(6);
+        let per_image = block.saturating_add(scores).saturating_add(image);
+        params
+            .saturating_add(per_image.saturating_mul(u(batch.max(1))))
+            .saturating_mul(4)
     }
 
     /// Every parameter's timm name and shape, in construction order, without allocating.
@@ -303,6 +381,12 @@ impl Vit {
     /// naming the tensor.
     pub fn new(cfg: &VitConfig, vs: &ParamStore) -> Result<Self> {
         cfg.validate()?;
+        if vs.device().is_cpu() {
+            crate::util::mem::check_fits(
+                &format!("ViT `{}` at {} px, batch 1", cfg.name, cfg.image_size),
+                cfg.estimate_bytes(1),
+            )?;
+        }
         let d = cfg.embed_dim;
         let p = cfg.patch_size;
         let patch_embed = Conv2d::new(&vs.pp("patch_embed").pp("proj"), 3, d, p, p, 0, 1, true)?;
@@ -397,7 +481,7 @@ pub fn adapt_checkpoint(
         })?;
         if one == 1 && d == cfg.embed_dim && n != want {
             let resized = resize_pos_embed(pe, cfg.grid_size())?;
-            let g0 = ((n - 1) as f64).sqrt().round() as usize;
+            let g0 = (n.saturating_sub(1) as f64).sqrt().round() as usize;
             report.resized.push(format!(
                 "`pos_embed` grid {g0}×{g0} → {g}×{g} (bilinear, class token kept)",
                 g = cfg.grid_size()

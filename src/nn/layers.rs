@@ -394,8 +394,13 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 }
 
 /// 1-D linear interpolation matrix `[out, in]` with PyTorch's `align_corners=False`
-/// convention (source index `(i + 0.5)·in/out − 0.5`, clamped at 0).
+/// convention (source index `(i + 0.5)·in/out − 0.5`, clamped at 0). An empty source or
+/// target gives the empty matrix (callers with sizes from a file check them first, see
+/// [`resize_bilinear`]).
 pub fn interp_matrix(in_len: usize, out_len: usize) -> Vec<f32> {
+    if in_len == 0 || out_len == 0 {
+        return Vec::new();
+    }
     let mut m = vec![0f32; out_len * in_len];
     let scale = in_len as f64 / out_len as f64;
     for i in 0..out_len {
@@ -414,7 +419,19 @@ pub fn interp_matrix(in_len: usize, out_len: usize) -> Vec<f32> {
 pub fn resize_bilinear(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let n = dims.len();
-    let (h, w) = (dims[n - 2], dims[n - 1]);
+    let (h, w) = match dims.as_slice() {
+        [.., h, w] => (*h, *w),
+        _ => {
+            return Err(crate::error::Error::msg(format!(
+                "bilinear resize needs at least 2 dims, got shape {dims:?}"
+            )))
+        }
+    };
+    if h == 0 || w == 0 || oh == 0 || ow == 0 {
+        return Err(crate::error::Error::msg(format!(
+            "bilinear resize of shape {dims:?} to {oh}×{ow}: every size must be positive"
+        )));
+    }
     if (h, w) == (oh, ow) {
         return Ok(x.clone());
     }

@@ -283,6 +283,13 @@ impl GraphBuilder {
                 data.len()
             )));
         }
+        if let Some((i, v)) = data.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            let bad = data.iter().filter(|v| !v.is_finite()).count();
+            return Err(Error::NonFinite(format!(
+                "weight `{name}` has {bad} non-finite value(s) (first: {v} at flat index {i}); \
+                 refusing to export a model that would compute NaN/Inf"
+            )));
+        }
         self.define(name, &format!("initializer `{name}`"))?;
         self.initializers.push(TensorProto {
             dims: dims.iter().map(|&d| d as i64).collect(),
@@ -740,8 +747,8 @@ pub fn write_model(path: &Path, model: ModelProto) -> Result<WriteReport> {
     write_model_with(path, model, ExternalData::Auto)
 }
 
-/// Write `model` to `path` atomically with the given external-data policy. The data file (if
-/// any) is written first, then the model file; each is written to a temp file and renamed.
+/// Write `model` to `path` atomically with the given external-data policy. Both files are
+/// written in full under temp names first; see [`replace_pair`] for how they are put in place.
 pub fn write_model_with(
     path: &Path,
     mut model: ModelProto,
@@ -799,7 +806,8 @@ pub fn write_model_with(
     let data_written = if blobs.is_empty() {
         None
     } else {
-        crate::util::fs::write_atomic_with(&data_path, |f| {
+        // The data goes to a temp file now; [`replace_pair`] puts both files in place.
+        let staged = staged_data(&data_path, |f| {
             use std::io::Write;
             let mut pos = 0usize;
             let mut w = std::io::BufWriter::new(f);
@@ -813,11 +821,20 @@ pub fn write_model_with(
             w.flush()
         })?;
         data_bytes = blobs.last().map(|(o, d)| (o + d.len()) as u64).unwrap_or(0);
-        Some(data_path)
+        Some((staged, data_path))
     };
     drop(blobs);
     let bytes = model.encode_to_vec();
-    crate::util::fs::write_atomic(path, &bytes)?;
+    let data_written = match data_written {
+        None => {
+            crate::util::fs::write_atomic(path, &bytes)?;
+            None
+        }
+        Some((staged, data_path)) => {
+            replace_pair(path, &bytes, &staged, &data_path)?;
+            Some(data_path)
+        }
+    };
     Ok(WriteReport {
         model_path: path.to_path_buf(),
         model_bytes: bytes.len() as u64,
@@ -825,6 +842,75 @@ pub fn write_model_with(
         data_bytes,
         external_tensors,
     })
+}
+
+fn data_staging_path(data_path: &Path) -> PathBuf {
+    let name = data_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model.onnx.data".into());
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    data_path.with_file_name(format!(".{name}.{}-{n}.staged", std::process::id()))
+}
+
+/// Write the external data of a model to its staging name (fsynced); [`replace_pair`] renames it.
+fn staged_data(
+    data_path: &Path,
+    write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> Result<PathBuf> {
+    let staged = data_staging_path(data_path);
+    let r = (|| {
+        let mut f = std::fs::File::create(&staged)?;
+        write(&mut f)?;
+        f.sync_all()
+    })();
+    match r {
+        Ok(()) => Ok(staged),
+        Err(e) => {
+            let _ = std::fs::remove_file(&staged);
+            Err(Error::io(data_path, e))
+        }
+    }
+}
+
+/// Put a model and its staged external data in place so that no reader ever sees a model next
+/// to data it was not written with: the old model (being replaced) is moved away first, then
+/// the data is renamed into place, then the model. A crash leaves the old pair, no model, or
+/// the new pair; never a model with the wrong data.
+fn replace_pair(path: &Path, model_bytes: &[u8], staged: &Path, data_path: &Path) -> Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let result = (|| -> Result<()> {
+        // The new model, fully written under a temp name first.
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".onnx-model.")
+            .suffix(".tmp")
+            .tempfile_in(&parent)
+            .map_err(|e| Error::io(&parent, e))?;
+        {
+            use std::io::Write;
+            let f = tmp.as_file_mut();
+            f.write_all(model_bytes)
+                .and_then(|()| crate::util::fs::set_usual_mode(f, path, 0o644))
+                .and_then(|()| f.sync_all())
+                .map_err(|e| Error::io(path, e))?;
+        }
+        if path.exists() {
+            std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
+            crate::util::fs::sync_dir(&parent)?;
+        }
+        std::fs::rename(staged, data_path).map_err(|e| Error::io(data_path, e))?;
+        crate::util::fs::sync_dir(&parent)?;
+        tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+        crate::util::fs::sync_dir(&parent)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(staged);
+    }
+    result
 }
 
 /// Read a model file back (initializers stay external if they were).

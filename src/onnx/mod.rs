@@ -4,6 +4,7 @@
 pub mod builder;
 pub mod classifier;
 pub mod proto;
+pub mod quantize;
 pub mod sam;
 pub mod weights;
 

@@ -143,10 +143,14 @@ impl SamConfig {
 
     /// Side of the image-embedding grid (`image_size / patch_size`).
     pub fn grid_size(&self) -> usize {
-        self.image_size / self.patch_size
+        self.image_size / self.patch_size.max(1)
     }
 
-    /// Check internal consistency; errors name the field.
+    /// Check internal consistency and bounds; errors name the field.
+    ///
+    /// Bounds are what a real SAM reaches, with room above (ViT-H: width 1280, 32 blocks,
+    /// 16 heads, window 14, 1024 px): see the `MAX_*` constants. Everything that sizes a
+    /// tensor is bounded, so no product of these numbers can overflow or ask for terabytes.
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &str, msg: String| {
             Err(Error::Config {
@@ -154,7 +158,21 @@ impl SamConfig {
                 msg,
             })
         };
-        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
+        let range = |field: &str, v: usize, lo: usize, hi: usize| {
+            if v < lo || v > hi {
+                bad(field, format!("{v} is outside {lo}..={hi}"))
+            } else {
+                Ok(())
+            }
+        };
+        range("patch_size", self.patch_size, 1, MAX_PATCH_SIZE)?;
+        range(
+            "image_size",
+            self.image_size,
+            self.patch_size,
+            MAX_IMAGE_SIZE,
+        )?;
+        if !self.image_size.is_multiple_of(self.patch_size) {
             return bad(
                 "image_size",
                 format!(
@@ -163,28 +181,18 @@ impl SamConfig {
                 ),
             );
         }
-        if self.encoder_num_heads == 0
-            || !self
-                .encoder_embed_dim
-                .is_multiple_of(self.encoder_num_heads)
+        range("encoder_embed_dim", self.encoder_embed_dim, 1, MAX_WIDTH)?;
+        range("encoder_depth", self.encoder_depth, 1, MAX_DEPTH)?;
+        range("encoder_num_heads", self.encoder_num_heads, 1, MAX_HEADS)?;
+        if !self
+            .encoder_embed_dim
+            .is_multiple_of(self.encoder_num_heads)
         {
             return bad(
                 "encoder_num_heads",
                 format!(
                     "{} does not divide encoder_embed_dim {}",
                     self.encoder_num_heads, self.encoder_embed_dim
-                ),
-            );
-        }
-        if self.decoder_num_heads == 0
-            || !(self.prompt_embed_dim / 2).is_multiple_of(self.decoder_num_heads)
-        {
-            return bad(
-                "decoder_num_heads",
-                format!(
-                    "{} does not divide prompt_embed_dim / 2 = {} (cross-attention width)",
-                    self.decoder_num_heads,
-                    self.prompt_embed_dim / 2
                 ),
             );
         }
@@ -198,27 +206,197 @@ impl SamConfig {
                 format!("block {i} >= encoder_depth {}", self.encoder_depth),
             );
         }
-        if self.window_size == 0 {
-            return bad("window_size", "must be > 0".into());
+        range("window_size", self.window_size, 1, MAX_WINDOW)?;
+        if !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0 && self.mlp_ratio <= MAX_MLP_RATIO)
+        {
+            return bad(
+                "mlp_ratio",
+                format!(
+                    "{} is not a finite number in (0, {MAX_MLP_RATIO}]",
+                    self.mlp_ratio
+                ),
+            );
         }
-        if self.prompt_embed_dim == 0 || !self.prompt_embed_dim.is_multiple_of(8) {
+        if self.mlp_dim() == 0 {
+            return bad(
+                "mlp_ratio",
+                format!(
+                    "{} × encoder_embed_dim {} gives an empty MLP",
+                    self.mlp_ratio, self.encoder_embed_dim
+                ),
+            );
+        }
+        range("prompt_embed_dim", self.prompt_embed_dim, 8, MAX_WIDTH)?;
+        if !self.prompt_embed_dim.is_multiple_of(8) {
             return bad(
                 "prompt_embed_dim",
-                format!("{} is not a positive multiple of 8", self.prompt_embed_dim),
+                format!("{} is not a multiple of 8", self.prompt_embed_dim),
             );
         }
-        if self.mask_in_chans == 0 || !self.mask_in_chans.is_multiple_of(4) {
+        range("mask_in_chans", self.mask_in_chans, 4, MAX_WIDTH)?;
+        if !self.mask_in_chans.is_multiple_of(4) {
             return bad(
                 "mask_in_chans",
-                format!("{} is not a positive multiple of 4", self.mask_in_chans),
+                format!("{} is not a multiple of 4", self.mask_in_chans),
             );
         }
-        if self.iou_head_depth == 0 {
-            return bad("iou_head_depth", "must be > 0".into());
+        range("decoder_depth", self.decoder_depth, 1, MAX_DECODER_DEPTH)?;
+        range("decoder_mlp_dim", self.decoder_mlp_dim, 1, MAX_MLP_DIM)?;
+        range("decoder_num_heads", self.decoder_num_heads, 1, MAX_HEADS)?;
+        if !(self.prompt_embed_dim / 2).is_multiple_of(self.decoder_num_heads) {
+            return bad(
+                "decoder_num_heads",
+                format!(
+                    "{} does not divide prompt_embed_dim / 2 = {} (cross-attention width)",
+                    self.decoder_num_heads,
+                    self.prompt_embed_dim / 2
+                ),
+            );
+        }
+        range(
+            "num_multimask_outputs",
+            self.num_multimask_outputs,
+            1,
+            MAX_MASKS,
+        )?;
+        range("iou_head_depth", self.iou_head_depth, 1, MAX_DECODER_DEPTH)?;
+        range(
+            "iou_head_hidden_dim",
+            self.iou_head_hidden_dim,
+            1,
+            MAX_MLP_DIM,
+        )?;
+        if self.pixel_mean.iter().any(|m| !m.is_finite()) {
+            return bad(
+                "pixel_mean",
+                format!("{:?} has a non-finite entry", self.pixel_mean),
+            );
+        }
+        if self.pixel_std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return bad(
+                "pixel_std",
+                format!(
+                    "{:?} has an entry that is not a finite positive number",
+                    self.pixel_std
+                ),
+            );
         }
         Ok(())
     }
+
+    /// Hidden width of the encoder MLPs (`encoder_embed_dim × mlp_ratio`, truncated as
+    /// Meta's `int(dim * mlp_ratio)`); 0 for a non-finite or non-positive ratio.
+    pub fn mlp_dim(&self) -> usize {
+        let v = self.encoder_embed_dim as f64 * self.mlp_ratio;
+        if v.is_finite() && v >= 1.0 {
+            v as usize
+        } else {
+            0
+        }
+    }
+
+    /// Bytes a forward pass of `batch` images needs, roughly: the f32 parameters and buffers
+    /// plus the dominant activations of inference — input and normalised images, the
+    /// block that is running (residual stream, qkv, attention output, MLP hidden, over
+    /// window-padded tokens), one query chunk of attention scores, and the decoder's
+    /// upscaled embedding, masks and full-size logits. An under- rather than an
+    /// over-estimate (allocator slack and Candle temporaries come on top): it is there to
+    /// refuse a size that cannot fit, not to promise that one does. Validates first;
+    /// an overflow is an error naming the batch.
+    pub fn estimate_bytes(&self, batch: usize) -> Result<u64> {
+        self.estimate(batch, false)
+    }
+
+    /// As [`estimate_bytes`](Self::estimate_bytes) for one training step: parameters with
+    /// their gradient and two Adam moments, and every block's activations kept for backward.
+    pub fn estimate_training_bytes(&self, batch: usize) -> Result<u64> {
+        self.estimate(batch, true)
+    }
+
+    fn estimate(&self, batch: usize, training: bool) -> Result<u64> {
+        self.validate()?;
+        let over = || Error::Config {
+            field: "batch".into(),
+            msg: format!(
+                "a batch of {batch} at image_size {} overflows a memory estimate",
+                self.image_size
+            ),
+        };
+        let mul = |a: u64, b: u64| a.checked_mul(b).ok_or_else(over);
+        let add = |a: u64, b: u64| a.checked_add(b).ok_or_else(over);
+        let u = |v: usize| v as u64;
+        let params = super::sam::Sam::param_shapes(self)
+            .iter()
+            .try_fold(0u64, |acc, s| {
+                let n = s.shape.iter().try_fold(1u64, |p, &d| mul(p, u(d)))?;
+                add(acc, n)
+            })?;
+        let s = u(self.image_size);
+        let g = u(self.grid_size());
+        let d = u(self.encoder_embed_dim);
+        let ws = u(self.window_size);
+        // Tokens of one image after window padding (windowed blocks pad the grid up).
+        let padded = mul(g.div_ceil(ws), ws)?;
+        let tokens = mul(padded, padded)?.max(mul(g, g)?);
+        // Residual stream, norm, qkv (3), attention output, projection + MLP hidden.
+        let per_token = add(mul(d, 7)?, u(self.mlp_dim()))?;
+        let block = mul(tokens, per_token)?;
+        let chunk = tokens.min(1024);
+        let scores = mul(mul(u(self.encoder_num_heads), chunk)?, tokens)?;
+        let c = u(self.prompt_embed_dim);
+        let low = mul(g, 4)?;
+        let decoder = add(
+            mul(
+                mul(low, low)?,
+                add(c / 8, u(self.num_multimask_outputs) + 1)?,
+            )?,
+            mul(mul(g, g)?, mul(c, 4)?)?,
+        )?;
+        let image = add(mul(mul(s, s)?, 6)?, mul(s, s)?)?;
+        let kept_blocks = if training { u(self.encoder_depth) } else { 1 };
+        let per_image = add(add(add(image, mul(block, kept_blocks)?)?, scores)?, decoder)?;
+        let weights = mul(params, if training { 4 } else { 1 })?;
+        let floats = add(weights, mul(per_image, u(batch.max(1)))?)?;
+        mul(floats, 4)
+    }
+
+    /// Refuse `batch` images of this config when [`estimate_bytes`](Self::estimate_bytes)
+    /// (or, `training`, the training estimate) exceeds the memory the system has available
+    /// ([`crate::util::mem::check_fits`]).
+    pub fn check_memory(&self, batch: usize, training: bool) -> Result<()> {
+        let need = self.estimate(batch, training)?;
+        crate::util::mem::check_fits(
+            &format!(
+                "SAM `{}` at {} px, batch {batch}{}",
+                self.name,
+                self.image_size,
+                if training { ", training" } else { "" }
+            ),
+            need,
+        )
+    }
 }
+
+/// Largest accepted `image_size` (SAM's 1024 × 4).
+pub const MAX_IMAGE_SIZE: usize = 4096;
+/// Largest accepted `patch_size` (SAM: 16).
+pub const MAX_PATCH_SIZE: usize = 64;
+/// Largest accepted encoder / prompt width and `mask_in_chans` (ViT-H: 1280).
+pub const MAX_WIDTH: usize = 4096;
+/// Largest accepted `encoder_depth` (ViT-H: 32).
+pub const MAX_DEPTH: usize = 64;
+/// Largest accepted head count, encoder or decoder (ViT-H: 16; decoder 8).
+pub const MAX_HEADS: usize = 64;
+/// Largest accepted `window_size` (SAM: 14).
+pub const MAX_WINDOW: usize = 64;
+/// Largest accepted `mlp_ratio` (SAM: 4).
+pub const MAX_MLP_RATIO: f64 = 16.0;
+/// Largest accepted decoder MLP / IoU head width (SAM: 2048 / 256).
+pub const MAX_MLP_DIM: usize = 16384;
+/// Largest accepted two-way transformer and IoU head depth (SAM: 2 / 3).
+pub const MAX_DECODER_DEPTH: usize = 16;
+/// Largest accepted `num_multimask_outputs` (SAM: 3).
+pub const MAX_MASKS: usize = 16;
 
 #[cfg(test)]
 mod tests {

@@ -23,6 +23,7 @@ use crate::nn::layers::{
 };
 use crate::nn::precision::{autocast, Precision};
 use crate::nn::{Init, Param, ParamStore};
+use crate::sam::sam::rel_pos_len;
 use crate::sam::SamConfig;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
@@ -35,8 +36,15 @@ pub const ENCODER_LN_EPS: f64 = 1e-6;
 /// `rel_pos: [L, C]` → `[q_size, k_size, C]`. When `L != 2·max(q_size, k_size) − 1` the table
 /// is linearly interpolated first, as Meta's `F.interpolate(mode="linear")` does.
 pub fn get_rel_pos(q_size: usize, k_size: usize, rel_pos: &Tensor) -> Result<Tensor> {
-    let max_rel_dist = 2 * q_size.max(k_size) - 1;
+    let max_rel_dist = rel_pos_len(q_size.max(k_size));
     let (l, c) = rel_pos.dims2()?;
+    if l == 0 || c == 0 || q_size == 0 || k_size == 0 {
+        return Err(Error::msg(format!(
+            "relative-position table of shape {:?} for {q_size} query × {k_size} key \
+             positions: every size must be positive",
+            rel_pos.dims()
+        )));
+    }
     let table = if l != max_rel_dist {
         let m = Tensor::from_vec(
             interp_matrix(l, max_rel_dist),
@@ -188,17 +196,23 @@ impl Attention {
         num_heads: usize,
         input_size: (usize, usize),
     ) -> Result<Self> {
+        if num_heads == 0 || dim == 0 || input_size.0 == 0 || input_size.1 == 0 {
+            return Err(Error::msg(format!(
+                "attention: width {dim}, {num_heads} heads and token grid {input_size:?} \
+                 must all be positive"
+            )));
+        }
         let head_dim = dim / num_heads;
         Ok(Attention {
             qkv: Linear::new(&vs.pp("qkv"), dim, dim * 3, true)?,
             proj: Linear::new(&vs.pp("proj"), dim, dim, true)?,
             rel_pos_h: vs.get(
-                &[2 * input_size.0 - 1, head_dim],
+                &[rel_pos_len(input_size.0), head_dim],
                 "rel_pos_h",
                 Init::TruncNormal(0.02),
             )?,
             rel_pos_w: vs.get(
-                &[2 * input_size.1 - 1, head_dim],
+                &[rel_pos_len(input_size.1), head_dim],
                 "rel_pos_w",
                 Init::TruncNormal(0.02),
             )?,
@@ -336,6 +350,8 @@ pub struct ImageEncoderViT {
     pub blocks: Vec<Block>,
     pub neck: Neck,
     pub img_size: usize,
+    /// The config built from, for the memory check of a batch ([`SamConfig::check_memory`]).
+    pub config: SamConfig,
     /// Compute dtype of the patch embedding and the blocks (master weights stay f32).
     pub precision: Precision,
 }
@@ -347,7 +363,7 @@ impl ImageEncoderViT {
         let p = cfg.patch_size;
         let patch_embed = Conv2d::new(&vs.pp("patch_embed").pp("proj"), 3, d, p, p, 0, 1, true)?;
         let pos_embed = vs.get(&[1, g, g, d], "pos_embed", Init::TruncNormal(0.02))?;
-        let mlp_dim = (d as f64 * cfg.mlp_ratio) as usize;
+        let mlp_dim = cfg.mlp_dim();
         let blocks = (0..cfg.encoder_depth)
             .map(|i| {
                 let ws = if cfg.encoder_global_attn_indexes.contains(&i) {
@@ -379,6 +395,7 @@ impl ImageEncoderViT {
             blocks,
             neck,
             img_size: cfg.image_size,
+            config: cfg.clone(),
             precision: Precision::F32,
         })
     }
@@ -406,6 +423,14 @@ impl ImageEncoderViT {
             }
         };
         let b = x.dim(0)?;
+        if p == 0 || h % p != 0 {
+            return Err(Error::msg(format!(
+                "patch_embed.proj.weight: patch size {p} does not divide the input side {h}"
+            )));
+        }
+        if b > 1 && x.device().is_cpu() {
+            self.config.check_memory(b, false)?;
+        }
         let g = h / p;
         // Autocast: the activations enter the compute dtype here.
         let x = if self.precision.is_low() {

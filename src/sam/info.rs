@@ -61,45 +61,161 @@ pub fn model_info(spec: &str) -> Result<ModelInfo> {
 
 /// Read a [`SamConfig`] back from checkpoint tensor shapes. Heads of the decoder are not
 /// visible in shapes: they are taken from the preset with the same widths (else 8, Meta's).
+/// Every shape is checked (rank, non-zero sizes, agreement with the others) before it is
+/// used; an error names the tensor (callers add the file).
 pub fn infer_config(map: &TensorMap) -> Result<(SamConfig, Vec<String>)> {
-    let dims = |name: &str| -> Result<Vec<usize>> {
-        map.get(name)
-            .map(|t| t.dims().to_vec())
-            .ok_or_else(|| Error::MissingTensor {
+    let shape = |name: &str, rank: usize| -> Result<Vec<usize>> {
+        let t = map.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.into(),
+            expected: vec![],
+        })?;
+        let d = t.dims().to_vec();
+        if d.len() != rank {
+            return Err(Error::Tensor {
                 name: name.into(),
-                expected: vec![],
-            })
+                msg: format!("expected {rank} dims, found shape {d:?}"),
+            });
+        }
+        if d.contains(&0) {
+            return Err(Error::Tensor {
+                name: name.into(),
+                msg: format!("shape {d:?} has a zero-length dim"),
+            });
+        }
+        Ok(d)
+    };
+    let wrong = |name: &str, found: &[usize], want: String| Error::Tensor {
+        name: name.into(),
+        msg: format!("shape {found:?} does not fit the model: {want}"),
     };
     let count = |prefix: &str, suffix: &str| {
-        (0..)
+        (0..map.len())
             .take_while(|i| map.contains_key(&format!("{prefix}.{i}.{suffix}")))
             .count()
     };
-    let pe = dims("image_encoder.patch_embed.proj.weight")?;
-    let (d, p) = (pe[0], pe[2]);
-    let g = dims("image_encoder.pos_embed")?[1];
+    let pe_name = "image_encoder.patch_embed.proj.weight";
+    let pe = shape(pe_name, 4)?;
+    let &[d, c_in, p, p2] = pe.as_slice() else {
+        return Err(wrong(
+            pe_name,
+            &pe,
+            "expected [dim, 3, patch, patch]".into(),
+        ));
+    };
+    if c_in != 3 || p != p2 {
+        return Err(wrong(
+            pe_name,
+            &pe,
+            "expected [dim, 3, patch, patch]".into(),
+        ));
+    }
+    let pos_name = "image_encoder.pos_embed";
+    let pos = shape(pos_name, 4)?;
+    let &[one, g, g2, d2] = pos.as_slice() else {
+        return Err(wrong(
+            pos_name,
+            &pos,
+            format!("expected [1, grid, grid, {d}]"),
+        ));
+    };
+    if one != 1 || g != g2 || d2 != d {
+        return Err(wrong(
+            pos_name,
+            &pos,
+            format!("expected [1, grid, grid, {d}]"),
+        ));
+    }
+    let image_size = g
+        .checked_mul(p)
+        .ok_or_else(|| wrong(pos_name, &pos, format!("grid × patch size {p} overflows")))?;
     let depth = count("image_encoder.blocks", "norm1.weight");
     let mut global = vec![];
-    let mut window = 14;
-    let mut head_dim = d;
+    let mut window: Option<usize> = None;
+    let mut head_dim: Option<usize> = None;
+    let global_len = super::sam::rel_pos_len(g);
     for i in 0..depth {
-        let r = dims(&format!("image_encoder.blocks.{i}.attn.rel_pos_h"))?;
-        head_dim = r[1];
-        if r[0] == 2 * g - 1 {
+        let name = format!("image_encoder.blocks.{i}.attn.rel_pos_h");
+        let r = shape(&name, 2)?;
+        let &[l, hd] = r.as_slice() else {
+            return Err(wrong(&name, &r, "expected [2·side − 1, head_dim]".into()));
+        };
+        if l % 2 == 0 || !d.is_multiple_of(hd) || head_dim.is_some_and(|h| h != hd) {
+            return Err(wrong(
+                &name,
+                &r,
+                format!(
+                    "expected [2·side − 1, head_dim] with head_dim dividing {d}{}",
+                    head_dim.map_or(String::new(), |h| format!(" and equal to block 0's {h}"))
+                ),
+            ));
+        }
+        head_dim = Some(hd);
+        if l == global_len {
             global.push(i);
         } else {
-            window = r[0].div_ceil(2);
+            let w = l.div_ceil(2);
+            if window.is_some_and(|w0| w0 != w) {
+                return Err(wrong(
+                    &name,
+                    &r,
+                    format!(
+                        "window blocks disagree: an earlier one has window {}",
+                        window.unwrap_or(0)
+                    ),
+                ));
+            }
+            window = Some(w);
         }
     }
-    let mlp = dims("image_encoder.blocks.0.mlp.lin1.weight")?[0];
-    let c = dims("image_encoder.neck.0.weight")?[0];
-    let mask_in = dims("prompt_encoder.mask_downscaling.3.weight")?[0];
+    let head_dim = head_dim.unwrap_or(d);
+    let window = window.unwrap_or(14);
+    let mlp_name = "image_encoder.blocks.0.mlp.lin1.weight";
+    let mlp_shape = shape(mlp_name, 2)?;
+    let &[mlp, mlp_in] = mlp_shape.as_slice() else {
+        return Err(wrong(
+            mlp_name,
+            &mlp_shape,
+            format!("expected [hidden, {d}]"),
+        ));
+    };
+    if mlp_in != d {
+        return Err(wrong(
+            mlp_name,
+            &mlp_shape,
+            format!("expected [hidden, {d}]"),
+        ));
+    }
+    let neck_name = "image_encoder.neck.0.weight";
+    let neck = shape(neck_name, 4)?;
+    let &[c, neck_in, ..] = neck.as_slice() else {
+        return Err(wrong(neck_name, &neck, format!("expected [C, {d}, 1, 1]")));
+    };
+    if neck_in != d || neck[2..] != [1, 1] {
+        return Err(wrong(neck_name, &neck, format!("expected [C, {d}, 1, 1]")));
+    }
+    let mask_name = "prompt_encoder.mask_downscaling.3.weight";
+    let mask_in = shape(mask_name, 4)?[0];
     let t = "mask_decoder.transformer.layers";
     let dec_depth = count(t, "norm1.weight");
-    let dec_mlp = dims(&format!("{t}.0.mlp.lin1.weight"))?[0];
-    let n_masks = dims("mask_decoder.mask_tokens.weight")?[0];
+    let dec_name = format!("{t}.0.mlp.lin1.weight");
+    let dec = shape(&dec_name, 2)?;
+    if dec[1] != c {
+        return Err(wrong(&dec_name, &dec, format!("expected [hidden, {c}]")));
+    }
+    let dec_mlp = dec[0];
+    let tok_name = "mask_decoder.mask_tokens.weight";
+    let tok = shape(tok_name, 2)?;
+    if tok[1] != c {
+        return Err(wrong(tok_name, &tok, format!("expected [masks, {c}]")));
+    }
+    let n_masks = tok[0];
     let iou_depth = count("mask_decoder.iou_prediction_head.layers", "weight");
-    let iou_hidden = dims("mask_decoder.iou_prediction_head.layers.0.weight")?[0];
+    let iou_name = "mask_decoder.iou_prediction_head.layers.0.weight";
+    let iou = shape(iou_name, 2)?;
+    if iou[1] != c {
+        return Err(wrong(iou_name, &iou, format!("expected [hidden, {c}]")));
+    }
+    let iou_hidden = iou[0];
     let base = SamConfig::PRESETS
         .iter()
         .filter_map(|n| SamConfig::preset(n).ok())
@@ -120,11 +236,11 @@ pub fn infer_config(map: &TensorMap) -> Result<(SamConfig, Vec<String>)> {
     };
     let cfg = SamConfig {
         name: "checkpoint".into(),
-        image_size: g * p,
+        image_size,
         patch_size: p,
         encoder_embed_dim: d,
         encoder_depth: depth,
-        encoder_num_heads: d / head_dim.max(1),
+        encoder_num_heads: d / head_dim,
         encoder_global_attn_indexes: global,
         window_size: window,
         mlp_ratio: mlp as f64 / d as f64,

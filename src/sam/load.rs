@@ -12,9 +12,16 @@ use candle_core::{Device, Tensor};
 use std::path::Path;
 
 /// Load a checkpoint file for `cfg` onto `device` (f32), resizing position tables to `cfg`.
+/// Errors name the file (and the tensor at fault).
 pub fn load_weights(path: &Path, cfg: &SamConfig, device: &Device) -> Result<TensorMap> {
     let map = tensors::load(path, device)?;
-    adapt_to_config(map, cfg)
+    adapt_to_config(map, cfg).map_err(|e| match e {
+        e @ (Error::Io { .. } | Error::Checkpoint { .. }) => e,
+        other => Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg: other.to_string(),
+        },
+    })
 }
 
 /// Resize `pos_embed` and `rel_pos_*` tables in `map` to the sizes `cfg` expects; any other
@@ -33,24 +40,29 @@ pub fn adapt_to_config(mut map: TensorMap, cfg: &SamConfig) -> Result<TensorMap>
         };
         let resized = if s.name == "image_encoder.pos_embed" {
             // [1, g0, g0', D] → [1, g, g, D], bilinear (align_corners=False).
-            let &[one, _, _, d0] = t.dims() else {
+            let &[one, h0, w0, d0] = t.dims() else {
                 return Err(mismatch());
             };
-            if one != 1 || d0 != s.shape[3] {
+            if one != 1 || h0 == 0 || w0 == 0 || Some(&d0) != s.shape.get(3) {
                 return Err(mismatch());
             }
             let x = t.permute((0, 3, 1, 2))?.contiguous()?; // [1, D, h0, w0]
-            resize_bilinear(&x, s.shape[1], s.shape[2])?
+            let (Some(&h), Some(&w)) = (s.shape.get(1), s.shape.get(2)) else {
+                return Err(mismatch());
+            };
+            resize_bilinear(&x, h, w)?
                 .permute((0, 2, 3, 1))?
                 .contiguous()?
         } else if s.name.ends_with(".attn.rel_pos_h") || s.name.ends_with(".attn.rel_pos_w") {
             let &[l0, c0] = t.dims() else {
                 return Err(mismatch());
             };
-            if c0 != s.shape[1] {
+            let (Some(&l), Some(&c)) = (s.shape.first(), s.shape.get(1)) else {
+                return Err(mismatch());
+            };
+            if l0 == 0 || c0 != c {
                 return Err(mismatch());
             }
-            let l = s.shape[0];
             let m = Tensor::from_vec(interp_matrix(l0, l), (l, l0), t.device())?;
             m.matmul(t)?
         } else {

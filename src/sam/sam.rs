@@ -22,9 +22,15 @@ pub struct ParamShape {
 }
 
 impl ParamShape {
+    /// Number of entries (saturating: a shape from an unvalidated config cannot overflow).
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        self.shape.iter().fold(1usize, |p, &d| p.saturating_mul(d))
     }
+}
+
+/// Length of a relative-position table for a `side`-token axis: `2·side − 1` (0 for 0).
+pub fn rel_pos_len(side: usize) -> usize {
+    side.saturating_mul(2).saturating_sub(1)
 }
 
 /// Parameter counts per component, as Meta's `parameters()` counts them (buffers excluded).
@@ -72,8 +78,14 @@ pub struct Sam {
 impl Sam {
     /// Build from `vs` (root store). Without a checkpoint, params get explicit seeded init
     /// (PyTorch defaults for linear/conv, N(0,1) embeddings, trunc-normal 0.02 positions).
+    /// The config is validated and, on the CPU, the memory of the model and a one-image
+    /// forward ([`SamConfig::estimate_bytes`]) is checked against the available memory
+    /// before anything is allocated.
     pub fn new(cfg: &SamConfig, vs: &ParamStore) -> Result<Sam> {
         cfg.validate()?;
+        if vs.device().is_cpu() {
+            cfg.check_memory(1, false)?;
+        }
         Ok(Sam {
             image_encoder: ImageEncoderViT::new(cfg, &vs.pp("image_encoder"))?,
             prompt_encoder: PromptEncoder::new(cfg, vs)?,
@@ -124,7 +136,7 @@ impl Sam {
         let g = cfg.grid_size();
         let p = cfg.patch_size;
         let hd = d / cfg.encoder_num_heads.max(1);
-        let mlp = (d as f64 * cfg.mlp_ratio) as usize;
+        let mlp = cfg.mlp_dim();
         add(
             "image_encoder.patch_embed.proj.weight".into(),
             &[d, 3, p, p],
@@ -139,10 +151,10 @@ impl Sam {
                 cfg.window_size
             };
             norm(&mut add, &format!("{b}.norm1"), d);
-            lin(&mut add, &format!("{b}.attn.qkv"), d, 3 * d);
+            lin(&mut add, &format!("{b}.attn.qkv"), d, d.saturating_mul(3));
             lin(&mut add, &format!("{b}.attn.proj"), d, d);
-            add(format!("{b}.attn.rel_pos_h"), &[2 * s - 1, hd]);
-            add(format!("{b}.attn.rel_pos_w"), &[2 * s - 1, hd]);
+            add(format!("{b}.attn.rel_pos_h"), &[rel_pos_len(s), hd]);
+            add(format!("{b}.attn.rel_pos_w"), &[rel_pos_len(s), hd]);
             norm(&mut add, &format!("{b}.norm2"), d);
             lin(&mut add, &format!("{b}.mlp.lin1"), d, mlp);
             lin(&mut add, &format!("{b}.mlp.lin2"), mlp, d);

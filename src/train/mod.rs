@@ -14,6 +14,7 @@ pub mod loss;
 pub mod optim;
 pub mod pretrain;
 pub mod pretrain_cls;
+pub mod report;
 pub mod run;
 pub mod schedule;
 pub mod seg;

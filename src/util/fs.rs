@@ -54,10 +54,27 @@ pub fn write_atomic_with(
         .tempfile_in(parent)
         .map_err(|e| Error::io(parent, e))?;
     write(tmp.as_file_mut())
+        .and_then(|()| set_usual_mode(tmp.as_file(), path, 0o644))
         .and_then(|()| tmp.as_file().sync_all())
         .map_err(|e| Error::io(path, e))?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     sync_dir(parent)
+}
+
+/// Temp files are created private (0600); the file that replaces `dest` gets `dest`'s mode, or
+/// `new_mode` (what a plain `File::create` gives under the usual umask) when it is new.
+pub fn set_usual_mode(f: &std::fs::File, dest: &Path, new_mode: u32) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dest)
+            .map(|m| m.permissions().mode() & 0o7777)
+            .unwrap_or(new_mode);
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    }
+    #[cfg(not(unix))]
+    let _ = (f, dest, new_mode);
+    Ok(())
 }
 
 /// Build a folder atomically: `fill` writes into a fresh temp folder beside `dest`, which is
@@ -82,6 +99,12 @@ pub fn atomic_dir<T>(dest: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> Resu
         .tempdir_in(parent)
         .map_err(|e| Error::io(parent, e))?;
     let out = fill(tmp.path())?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| Error::io(tmp.path(), e))?;
+    }
     let tmp_path = tmp.keep();
     std::fs::rename(&tmp_path, dest).map_err(|e| {
         let _ = std::fs::remove_dir_all(&tmp_path);
@@ -151,7 +174,8 @@ impl IoPaths {
 
     /// A file or folder the command writes.
     pub fn output(mut self, what: &str, path: impl AsRef<Path>) -> Self {
-        self.outputs.push((what.into(), path.as_ref().to_path_buf()));
+        self.outputs
+            .push((what.into(), path.as_ref().to_path_buf()));
         self
     }
 
@@ -252,6 +276,15 @@ mod tests {
         });
         let b = std::fs::read(&p).unwrap();
         assert_eq!(b.len(), 4096);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(
+                mode, 0o644,
+                "a new file is readable like a File::create one"
+            );
+        }
         assert!(b.iter().all(|&x| x == b[0]), "a write was interleaved");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
@@ -270,9 +303,17 @@ mod tests {
                 .check()
         };
         // equal (through another spelling), containing, inside
-        let e = io(d.join("data/./images/../images")).unwrap_err().to_string();
-        assert!(e.contains("same path") && e.contains("--images") && e.contains("--out"), "{e}");
-        assert!(io(d.join("data")).unwrap_err().to_string().contains("contains"));
+        let e = io(d.join("data/./images/../images"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("same path") && e.contains("--images") && e.contains("--out"),
+            "{e}"
+        );
+        assert!(io(d.join("data"))
+            .unwrap_err()
+            .to_string()
+            .contains("contains"));
         let e = io(d.join("data/images/preds")).unwrap_err().to_string();
         assert!(e.contains("lies inside"), "{e}");
         assert!(io(d.join("base.safetensors")).is_err());
@@ -292,12 +333,19 @@ mod tests {
         });
         assert!(r.is_err());
         assert!(!dest.exists());
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "temp folder left");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "temp folder left"
+        );
         atomic_dir(&dest, |t| {
             std::fs::write(t.join("a"), b"1").map_err(|e| Error::io(t, e))
         })
         .unwrap();
         assert_eq!(std::fs::read(dest.join("a")).unwrap(), b"1");
-        assert!(atomic_dir(&dest, |_| Ok(())).is_err(), "an existing folder is never replaced");
+        assert!(
+            atomic_dir(&dest, |_| Ok(())).is_err(),
+            "an existing folder is never replaced"
+        );
     }
 }

@@ -33,3 +33,76 @@ pub fn peak_rss_bytes() -> Option<u64> {
 pub fn peak_rss_mb() -> f64 {
     peak_rss_bytes().map_or(0.0, |b| b as f64 / (1024.0 * 1024.0))
 }
+
+/// Memory the system can still give this process without swapping, in bytes:
+/// `MemAvailable` of `/proc/meminfo`; `None` where it cannot be read (not Linux).
+pub fn available_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_meminfo_available(&s)
+}
+
+fn parse_meminfo_available(s: &str) -> Option<u64> {
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}
+
+/// `bytes` in the largest binary unit that keeps it ≥ 1 (`1.5 GiB`).
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Refuse an allocation of about `need` bytes for `what` when it exceeds
+/// [`available_bytes`]; the error says how much it would need and how much there is. Where
+/// the available memory cannot be read, nothing is refused.
+pub fn check_fits(what: &str, need: u64) -> crate::error::Result<()> {
+    check_fits_in(what, need, available_bytes())
+}
+
+/// [`check_fits`] against an explicit amount of available memory (`None`: unknown).
+pub fn check_fits_in(what: &str, need: u64, available: Option<u64>) -> crate::error::Result<()> {
+    match available {
+        Some(avail) if need > avail => Err(crate::error::Error::Msg(format!(
+            "{what} would need about {} of memory, but only {} is available \
+             (MemAvailable in /proc/meminfo); use a smaller size or batch",
+            human_bytes(need),
+            human_bytes(avail)
+        ))),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meminfo_is_parsed_and_oversized_requests_are_refused() {
+        let s = "MemTotal:  32000000 kB\nMemFree: 100 kB\nMemAvailable:   2048 kB\n";
+        assert_eq!(parse_meminfo_available(s), Some(2048 * 1024));
+        assert_eq!(parse_meminfo_available("MemTotal: 1 kB\n"), None);
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+        let e = check_fits_in("a test model", 5 << 40, Some(1 << 30))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("a test model") && e.contains("5.0 TiB") && e.contains("1.0 GiB"),
+            "{e}"
+        );
+        check_fits_in("small", 1 << 20, Some(1 << 30)).unwrap();
+        check_fits_in("unknown", u64::MAX, None).unwrap();
+        assert!(available_bytes().is_some_and(|b| b > 0) || !cfg!(target_os = "linux"));
+    }
+}

@@ -37,7 +37,7 @@ pub fn load(path: &Path, device: &Device) -> Result<TensorMap> {
             for (name, view) in st.tensors() {
                 let t = tensor_from_view(&name, &view, device).map_err(|e| match e {
                     Error::Candle(c) => bad(format!("tensor `{name}`: {c}")),
-                    other => other,
+                    other => bad(other.to_string()),
                 })?;
                 out.push((name, t));
             }
