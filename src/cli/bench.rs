@@ -34,6 +34,9 @@ pub enum What {
     Sam(SamArgs),
     /// Inference: images/s of ONNX Runtime vs Candle on the prompt-free SAM, with GFLOP/s.
     Infer(InferArgs),
+    /// Export precisions side by side in ONNX Runtime: f32 vs int8 vs fp16 file size, ms per
+    /// batch, ratio to f32, max |Δ logit| and (with --data) mDice.
+    Export(ExportArgs),
     /// Training step: Candle full vs GPS step (vs PyTorch with --compare --python).
     Train(super::bench_train::Args),
 }
@@ -42,6 +45,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     match args.what {
         What::Sam(a) => run_sam(a),
         What::Infer(a) => run_infer(a),
+        What::Export(a) => run_export(a),
         What::Gps(a) => super::bench_gps::run(a),
         What::Data {
             images,
@@ -197,5 +201,84 @@ fn run_infer(a: InferArgs) -> anyhow::Result<()> {
         );
     }
     println!("(GFLOP counted analytically by bench::sam::prompt_free_flops: matmuls and convs, 2 per MAC)");
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// SAM preset, or a checkpoint (with its config beside it, as `--model` elsewhere).
+    #[arg(long, default_value = "tiny")]
+    pub model: String,
+    /// Seeded random weights instead of the preset's / checkpoint's.
+    #[arg(long)]
+    pub random_init: bool,
+    /// Input size (default: the model's).
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Kvasir-shaped folder (images/, masks/) to score each precision on.
+    #[arg(long)]
+    pub data: Option<std::path::PathBuf>,
+    /// Batch sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 8])]
+    pub batch: Vec<usize>,
+    /// Interleaved timing rounds (after one warm-up each).
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// ONNX Runtime intra-op threads (0 = its default).
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    #[arg(long)]
+    pub ort_lib: Option<std::path::PathBuf>,
+}
+
+fn run_export(a: ExportArgs) -> anyhow::Result<()> {
+    let (checkpoint, sam) = if a.random_init {
+        let mut s = gps_seg::sam::SamConfig::preset(&a.model)?;
+        if let Some(n) = a.image_size {
+            s = s.with_image_size(n);
+        }
+        (None, s)
+    } else {
+        super::common::resolve_sam(&a.model, a.image_size)?
+    };
+    let cfg = gps_seg::bench::precision::PrecisionBenchConfig {
+        sam: sam.clone(),
+        checkpoint: checkpoint.clone(),
+        data: a.data.clone(),
+        batches: a.batch,
+        rounds: a.rounds,
+        threads: a.threads,
+        ort_lib: a.ort_lib,
+        seed: 0,
+    };
+    let mut progress = super::progress::Progress::new(true);
+    let rows = gps_seg::bench::precision::run(&cfg, &mut progress)?;
+    println!(
+        "prompt-free SAM `{}` {}px, {}; ONNX Runtime on {}; median of {} interleaved rounds",
+        sam.name,
+        sam.image_size,
+        match &checkpoint {
+            Some(p) => format!("weights {}", p.display()),
+            None => "random weights (seed 0)".into(),
+        },
+        gps_seg::util::cpu::describe(a.threads),
+        cfg.rounds
+    );
+    println!("| precision | file MB | batch | ms/batch (min–max) | × f32 time | max abs Δ logit | mDice |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        println!(
+            "| {} | {:.1} | {} | {:.1} ({:.1}–{:.1}) | {:.2} | {:.3} | {} |",
+            r.precision,
+            r.file_bytes as f64 / 1e6,
+            r.batch,
+            r.ms,
+            r.ms_min,
+            r.ms_max,
+            r.ratio_vs_f32,
+            r.max_abs_dlogit,
+            r.mdice.map_or("—".to_string(), |m| format!("{m:.4}"))
+        );
+    }
     Ok(())
 }
