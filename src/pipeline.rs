@@ -146,7 +146,7 @@ pub fn demo(cfg: &DemoConfig, device: &Device, obs: &mut dyn Observer) -> Result
     tc.seed = cfg.seed;
     tc.max_steps_per_epoch = cfg.max_steps_per_epoch;
     tc.test_limit = cfg.test_limit;
-    tc.select_batches = 8;
+    tc.select_batches = None;
 
     // Zero-shot reference: the pretrained model, untouched.
     let mut zc = tc.clone();

@@ -48,7 +48,7 @@ fn tiny_cfg(data: &Path, layout: ClsLayout) -> ClsTrainConfig {
     c.warmup_epochs = 0;
     c.batch_size = 8;
     c.eval_batch_size = 16;
-    c.select_batches = 2;
+    c.select_batches = Some(2);
     c.max_steps_per_epoch = Some(2);
     c.lr = 3e-3;
     c.min_lr = 1e-4;
@@ -366,7 +366,7 @@ fn experiment_writes_its_table_and_chart() {
     cfg.test_per_class = 2;
     cfg.epochs = 1;
     cfg.batch_size = 4;
-    cfg.select_batches = 1;
+    cfg.select_batches = Some(1);
     cfg.variants
         .retain(|v| v.label == "linear" || v.label == "gps-k1");
     let out = tmp.path().join("exp");

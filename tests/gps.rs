@@ -510,6 +510,7 @@ fn toy_mlp_select_train_save_load_merge_round_trip() {
         criterion: Criterion::Gradient,
         selection_loss: "mse".into(),
         batches: nb,
+        selection_images: 0,
         seed: 0,
     };
     let mut art = Artifact::new(

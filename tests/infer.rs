@@ -50,7 +50,7 @@ fn train_export_infer_reproduces_training_mdice_at_original_resolution() {
     cfg.train_limit = Some(4);
     cfg.test_limit = Some(5);
     cfg.test_fraction = 0.4;
-    cfg.select_batches = 1;
+    cfg.select_batches = Some(1);
     cfg.max_steps_per_epoch = Some(3);
     cfg.lr = 1e-4;
     cfg.hflip = 0.0;

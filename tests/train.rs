@@ -17,7 +17,7 @@ fn tiny_cfg(data: &Path) -> SegTrainConfig {
     c.eval_batch_size = 4;
     c.train_limit = Some(4);
     c.test_limit = Some(4);
-    c.select_batches = 1;
+    c.select_batches = Some(1);
     c.hflip = 0.0;
     c.lr = 1e-3;
     c.max_steps_per_epoch = Some(2);

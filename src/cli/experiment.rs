@@ -76,7 +76,7 @@ fn run_kvasir(a: KvasirArgs) -> anyhow::Result<()> {
     t.epochs = a.epochs;
     t.batch_size = a.batch_size;
     t.seed = a.seed;
-    t.select_batches = 8;
+    t.select_batches = None;
     t.dtype = dtype;
     let mut variants = default_variants(a.lr);
     if let Some(only) = &a.only {

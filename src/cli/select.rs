@@ -22,9 +22,10 @@ pub struct Args {
     /// Kvasir-shaped data whose training split supplies the selection gradients (SAM).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Batches of gradients to accumulate (with --data-dir).
-    #[arg(long, default_value_t = 32)]
-    pub select_batches: usize,
+    /// At most this many batches of gradients (with --data-dir); default: the whole training
+    /// split, one pass.
+    #[arg(long)]
+    pub select_batches: Option<usize>,
     /// Batch size for gradient accumulation (with --data-dir).
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,
@@ -138,6 +139,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             criterion,
             selection_loss: a.selection_loss.clone(),
             batches: a.batches,
+            selection_images: 0,
             seed: a.seed,
         };
         let art = Artifact::new(policy, info, BaseModel::of(&base, &file)?, sel)?;

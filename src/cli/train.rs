@@ -80,9 +80,10 @@ pub struct Args {
     pub batch_size: Option<usize>,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Batches whose gradients rank the entries.
-    #[arg(long, default_value_t = 32)]
-    pub select_batches: usize,
+    /// At most this many training batches for the selection gradients; default: the whole
+    /// training split, one pass (as the paper accumulates over the training data).
+    #[arg(long)]
+    pub select_batches: Option<usize>,
     /// seg: squash (reference; default) or pad (SAM's longest side + pad).
     #[arg(long, value_enum)]
     pub resize: Option<Resize>,

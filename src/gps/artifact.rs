@@ -66,6 +66,9 @@ pub struct SelectionInfo {
     pub selection_loss: String,
     /// Number of batches the gradients were accumulated over.
     pub batches: usize,
+    /// Number of training images the gradients came from (0 for magnitude / random).
+    #[serde(default)]
+    pub selection_images: usize,
     pub seed: u64,
 }
 
@@ -100,6 +103,49 @@ pub struct Artifact {
 }
 
 impl Artifact {
+    /// Refuse to reuse this artifact for a run whose settings differ: an error naming the
+    /// first differing field (K, level, criterion, selection loss, seed, base content hash).
+    pub fn check_reusable(&self, dir: &Path, want: &SelectionInfo, base: &BaseModel) -> Result<()> {
+        let have = &self.config.info;
+        let diff: Option<(&str, String, String)> = if have.k != want.k {
+            Some(("k", have.k.to_string(), want.k.to_string()))
+        } else if have.level != want.level {
+            Some(("level", format!("{:?}", have.level), format!("{:?}", want.level)))
+        } else if have.criterion != want.criterion {
+            Some((
+                "criterion",
+                format!("{:?}", have.criterion),
+                format!("{:?}", want.criterion),
+            ))
+        } else if have.selection_loss != want.selection_loss {
+            Some((
+                "selection_loss",
+                have.selection_loss.clone(),
+                want.selection_loss.clone(),
+            ))
+        } else if have.seed != want.seed {
+            Some(("seed", have.seed.to_string(), want.seed.to_string()))
+        } else if self.config.base.content_hash != base.content_hash {
+            Some((
+                "base.content_hash",
+                self.config.base.content_hash.clone(),
+                base.content_hash.clone(),
+            ))
+        } else {
+            None
+        };
+        match diff {
+            None => Ok(()),
+            Some((field, was, now)) => Err(Error::Checkpoint {
+                path: dir.join(CONFIG_FILE),
+                msg: format!(
+                    "stale selection: field `{field}` is {was} there but {now} for this run; \
+                     start a new --out (a selection is never silently reused)"
+                ),
+            }),
+        }
+    }
+
     /// A fresh (untrained) artifact for `selection` made on `base`.
     pub fn new(
         policy: Policy,

@@ -127,8 +127,9 @@ impl ClsTrainConfig {
                 batch_size: 32,
                 eval_batch_size: 64,
                 seed: 42,
-                select_batches: 32,
+                select_batches: None,
                 test_fraction: 0.2,
+                val_fraction: crate::train::config::default_val_fraction(),
                 train_limit: None,
                 test_limit: None,
                 max_steps_per_epoch: None,
@@ -176,10 +177,17 @@ pub struct ClsRunSummary {
     pub trainable: usize,
     pub total: usize,
     pub trainable_pct: f64,
+    /// Where the best epoch was chosen: always `"val"` (the test split never chooses).
+    pub selected_on: String,
+    /// The epoch with the best validation top-1.
     pub best_epoch: Option<usize>,
+    /// Validation top-1 at the chosen epoch.
+    pub val_acc: f64,
+    /// Test top-1 at the chosen epoch (the shipped model) and at the last epoch.
     pub best_acc: f64,
     pub last_acc: f64,
     pub train_images: usize,
+    pub val_images: usize,
     pub test_images: usize,
     /// Seconds spent selecting (gradient pass + ranking), 0 for whole-tensor methods.
     pub selection_seconds: f64,
@@ -326,7 +334,11 @@ impl Task for ClsTrainConfig {
     }
 
     fn loaders(&self, data: &ClsData) -> Result<Loaders<ClsSource>> {
-        Ok((data.train_loader(self)?, data.test_loader(self)?))
+        Ok(Loaders {
+            train: data.train_loader(self)?,
+            val: data.val_loader(self)?,
+            test: data.test_loader(self)?,
+        })
     }
 
     fn schedule(&self, steps_per_epoch: usize) -> (Schedule, ScheduleUnit) {
@@ -381,10 +393,13 @@ impl Task for ClsTrainConfig {
             trainable: f.trainable,
             total: f.total,
             trainable_pct: f.trainable_pct(),
+            selected_on: "val".into(),
             best_epoch: f.best_epoch,
+            val_acc: f.best_val.test_acc,
             best_acc: f.best.test_acc,
             last_acc: f.last.test_acc,
             train_images: data.train.len(),
+            val_images: data.val.len(),
             test_images: data.test.len(),
             selection_seconds: f.selection_seconds,
             seconds: f.seconds,
@@ -482,15 +497,24 @@ fn write_curves(run_dir: &Path, history: &[EpochRecord], step_losses: &[f32]) ->
     );
     save_png(&run_dir.join("loss.png"), &loss)?;
     let acc = line_chart(
-        "HELD-OUT TOP-1 ACCURACY",
+        "TOP-1 PER EPOCH (VAL CHOOSES; TEST IS ONLY SCORED)",
         "EPOCH",
-        &[Series {
-            name: "top-1",
-            points: history
-                .iter()
-                .map(|r| (r.epoch as f64, r.eval.test_acc))
-                .collect(),
-        }],
+        &[
+            Series {
+                name: "val top-1",
+                points: history
+                    .iter()
+                    .map(|r| (r.epoch as f64, r.val.test_acc))
+                    .collect(),
+            },
+            Series {
+                name: "test top-1",
+                points: history
+                    .iter()
+                    .map(|r| (r.epoch as f64, r.test.test_acc))
+                    .collect(),
+            },
+        ],
         720,
         400,
     );

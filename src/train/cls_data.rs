@@ -60,6 +60,8 @@ fn limit(ds: ClsDataset, n: Option<usize>, seed: u64, what: &str) -> ClsDataset 
 /// Training and held-out data of a run, and the architecture with the dataset's classes.
 pub struct ClsData {
     pub train: ClsDataset,
+    /// Validation data (the data's own split, or carved from training): chooses the epoch.
+    pub val: ClsDataset,
     pub test: ClsDataset,
     /// Where the split came from (e.g. `train800val200.txt / test.txt`).
     pub split: String,
@@ -73,7 +75,22 @@ fn seeded_split(cfg: &ClsTrainConfig, run_dir: &Path) -> Result<(ClsDataset, Cls
     let all = ClsDataset::image_folder(&cfg.data_dir)?;
     let path = run_dir.join("split.json");
     let sp: SeededSplit = if path.exists() {
-        read_json(&path)?
+        let sp: SeededSplit = read_json(&path)?;
+        if sp.seed != cfg.seed || sp.test_fraction != cfg.test_fraction {
+            return Err(Error::Config {
+                field: if sp.seed != cfg.seed { "seed" } else { "test_fraction" }.into(),
+                msg: format!(
+                    "{} was made with seed {} / test_fraction {}, this run asks for {} / {}; \
+                     use a new --out",
+                    path.display(),
+                    sp.seed,
+                    sp.test_fraction,
+                    cfg.seed,
+                    cfg.test_fraction
+                ),
+            });
+        }
+        sp
     } else {
         let mut ids: Vec<String> = all.samples.iter().map(|s| s.id.clone()).collect();
         Rng::derive(cfg.seed, "cls-split").shuffle(&mut ids);
@@ -103,14 +120,29 @@ fn seeded_split(cfg: &ClsTrainConfig, run_dir: &Path) -> Result<(ClsDataset, Cls
     ))
 }
 
-/// The splits of a layout with split files or folders: (train, test, description).
-fn split_files(cfg: &ClsTrainConfig) -> Result<(ClsDataset, ClsDataset, String)> {
+/// The splits of a layout with split files or folders: (train, its own validation split if
+/// the data has one, test, description).
+///
+/// - ImageFolder: `train/` + `val/` + `test/`; `train/` + `test/`; or `train/` + `val/` alone,
+///   where `val/` is the held-out set (scored as test) and validation is carved from `train/`.
+/// - VTAB-1k: `train800` / `val200` / `test` (the protocol's model-selection stage).
+/// - FGVC: `train.json` / `val.json` / `test.json` (validation carved when `val.json` is absent).
+/// - CIFAR-100: `train.bin` (validation carved from it) / `test.bin`.
+#[allow(clippy::type_complexity)]
+fn split_files(
+    cfg: &ClsTrainConfig,
+) -> Result<(ClsDataset, Option<ClsDataset>, ClsDataset, String)> {
     let root = &cfg.data_dir;
-    let (tr_split, te_split, desc) = match cfg.layout {
+    let (tr_split, va_split, te_split, desc) = match cfg.layout {
         ClsLayout::ImageFolder => match (root.join("val").is_dir(), root.join("test").is_dir()) {
-            (true, true) => (ClsSplit::TrainVal, ClsSplit::Test, "train+val / test"),
-            (false, true) => (ClsSplit::Train, ClsSplit::Test, "train / test"),
-            (true, false) => (ClsSplit::Train, ClsSplit::Val, "train / val"),
+            (true, true) => (
+                ClsSplit::Train,
+                Some(ClsSplit::Val),
+                ClsSplit::Test,
+                "train / val / test",
+            ),
+            (false, true) => (ClsSplit::Train, None, ClsSplit::Test, "train / test"),
+            (true, false) => (ClsSplit::Train, None, ClsSplit::Val, "train / val (as test)"),
             (false, false) => {
                 return Err(Error::Data {
                     msg: format!(
@@ -120,23 +152,38 @@ fn split_files(cfg: &ClsTrainConfig) -> Result<(ClsDataset, ClsDataset, String)>
                 })
             }
         },
+        ClsLayout::Vtab if root.join("train800.txt").is_file() && root.join("val200.txt").is_file() => (
+            ClsSplit::Train,
+            Some(ClsSplit::Val),
+            ClsSplit::Test,
+            "train800.txt / val200.txt / test.txt",
+        ),
         ClsLayout::Vtab => (
             ClsSplit::TrainVal,
+            None,
             ClsSplit::Test,
             "train800val200.txt / test.txt",
         ),
         ClsLayout::Fgvc if root.join("val.json").is_file() => (
-            ClsSplit::TrainVal,
+            ClsSplit::Train,
+            Some(ClsSplit::Val),
             ClsSplit::Test,
-            "train.json+val.json / test.json",
+            "train.json / val.json / test.json",
         ),
-        ClsLayout::Fgvc => (ClsSplit::Train, ClsSplit::Test, "train.json / test.json"),
-        ClsLayout::Cifar100 => (ClsSplit::Train, ClsSplit::Test, "train.bin / test.bin"),
+        ClsLayout::Fgvc => (ClsSplit::Train, None, ClsSplit::Test, "train.json / test.json"),
+        ClsLayout::Cifar100 => (ClsSplit::Train, None, ClsSplit::Test, "train.bin / test.bin"),
     };
     let tr = ClsDataset::open(root, cfg.layout, tr_split, None)?;
     let n = (cfg.layout != ClsLayout::Cifar100).then_some(tr.num_classes);
+    let va = match va_split {
+        Some(v) => Some(ClsDataset::open(root, cfg.layout, v, n)?),
+        None => None,
+    };
     let te = ClsDataset::open(root, cfg.layout, te_split, n)?;
-    if cfg.layout == ClsLayout::ImageFolder && te.class_names != tr.class_names {
+    if cfg.layout == ClsLayout::ImageFolder
+        && (te.class_names != tr.class_names
+            || va.as_ref().is_some_and(|v| v.class_names != tr.class_names))
+    {
         return Err(Error::Data {
             msg: format!(
                 "{}: the training and evaluation splits have different class folders",
@@ -144,7 +191,7 @@ fn split_files(cfg: &ClsTrainConfig) -> Result<(ClsDataset, ClsDataset, String)>
             ),
         });
     }
-    Ok((tr, te, desc.to_string()))
+    Ok((tr, va, te, desc.to_string()))
 }
 
 impl ClsData {
@@ -152,19 +199,40 @@ impl ClsData {
     /// seeded split is written to (and on resume read from) `<run>/split.json`.
     pub fn open(cfg: &ClsTrainConfig, run_dir: &Path) -> Result<ClsData> {
         let root = &cfg.data_dir;
-        let (train, test, split) = match cfg.layout {
-            ClsLayout::ImageFolder if !root.join("train").is_dir() => seeded_split(cfg, run_dir)?,
+        let (train, val, test, mut split) = match cfg.layout {
+            ClsLayout::ImageFolder if !root.join("train").is_dir() => {
+                let (a, b, d) = seeded_split(cfg, run_dir)?;
+                (a, None, b, d)
+            }
             _ => split_files(cfg)?,
         };
+        // Validation: the data's own, else a seeded, stratified part of the training data.
+        let (train, val) = match val {
+            Some(v) => (train, v),
+            None => {
+                split.push_str(&format!(
+                    "; val carved from train ({:.0}%, seed {})",
+                    100.0 * cfg.val_fraction,
+                    cfg.seed
+                ));
+                train.carve_val(cfg.seed, cfg.val_fraction)?
+            }
+        };
+        crate::data::classification::check_disjoint(&[
+            ("train", &train),
+            ("val", &val),
+            ("test", &test),
+        ])?;
         let train = limit(train, cfg.train_limit, cfg.seed, "train");
         let test = limit(test, cfg.test_limit, cfg.seed, "test");
-        if train.is_empty() || test.is_empty() || train.num_classes < 2 {
+        if train.is_empty() || val.is_empty() || test.is_empty() || train.num_classes < 2 {
             return Err(Error::Data {
                 msg: format!(
-                    "{}: the split leaves {} training and {} test images in {} classes; \
-                     need both non-empty and at least 2 classes",
+                    "{}: the split leaves {} training, {} validation and {} test images in {} \
+                     classes; need all non-empty and at least 2 classes",
                     root.display(),
                     train.len(),
+                    val.len(),
                     test.len(),
                     train.num_classes
                 ),
@@ -173,6 +241,7 @@ impl ClsData {
         let model = with_classes(&cfg.model, train.num_classes);
         Ok(ClsData {
             train,
+            val,
             test,
             split,
             model,
@@ -208,11 +277,20 @@ impl ClsData {
         Loader::all(self.source(&self.train, cfg, cfg.augment, 1), lc)
     }
 
-    /// Fixed-order loader over the held-out images (no augmentation).
+    /// Fixed-order loader over the test images (no augmentation).
     pub fn test_loader(&self, cfg: &ClsTrainConfig) -> Result<Loader<ClsSource>> {
+        self.eval_loader(&self.test, cfg)
+    }
+
+    /// Fixed-order loader over the validation images (no augmentation).
+    pub fn val_loader(&self, cfg: &ClsTrainConfig) -> Result<Loader<ClsSource>> {
+        self.eval_loader(&self.val, cfg)
+    }
+
+    fn eval_loader(&self, ds: &ClsDataset, cfg: &ClsTrainConfig) -> Result<Loader<ClsSource>> {
         let mut lc = LoaderConfig::eval(cfg.eval_batch_size);
-        lc.cache = Self::cacheable(&self.test, cfg);
-        Loader::all(self.source(&self.test, cfg, cfg.augment, 1), lc)
+        lc.cache = Self::cacheable(ds, cfg);
+        Loader::all(self.source(ds, cfg, cfg.augment, 1), lc)
     }
 }
 

@@ -119,9 +119,13 @@ pub struct TrainCore {
     pub eval_batch_size: usize,
     pub seed: u64,
     /// Batches whose gradients rank entries (capped at one pass over the training set).
-    pub select_batches: usize,
+    pub select_batches: Option<usize>,
     /// Test fraction of a seeded split (data without split files).
     pub test_fraction: f64,
+    /// Validation fraction carved (seeded) from the training data when the data brings no
+    /// validation split of its own; the best epoch is chosen on it.
+    #[serde(default = "default_val_fraction")]
+    pub val_fraction: f64,
     /// Use at most this many training / test images (quick runs).
     pub train_limit: Option<usize>,
     pub test_limit: Option<usize>,
@@ -129,6 +133,11 @@ pub struct TrainCore {
     pub max_steps_per_epoch: Option<usize>,
     /// How many epoch checkpoints to keep (the best epoch's is kept too).
     pub keep_last: usize,
+}
+
+/// The default validation share of the training data (10%).
+pub fn default_val_fraction() -> f64 {
+    0.1
 }
 
 fn bad(field: &str, msg: impl Into<String>) -> Result<()> {
@@ -169,7 +178,7 @@ impl TrainCore {
         if self.epochs == 0 && self.method != Method::ZeroShot {
             return bad("epochs", "must be at least 1");
         }
-        if self.select_batches == 0 {
+        if self.select_batches == Some(0) {
             return bad("select_batches", "must be at least 1");
         }
         if self.max_steps_per_epoch == Some(0) {
@@ -177,6 +186,9 @@ impl TrainCore {
                 "max_steps_per_epoch",
                 "--max-steps must be at least 1 (an epoch without a step trains nothing)",
             );
+        }
+        if !(self.val_fraction > 0.0 && self.val_fraction < 1.0) {
+            return bad("val_fraction", "must be in (0, 1)");
         }
         if !(self.test_fraction > 0.0 && self.test_fraction < 1.0) {
             return bad("test_fraction", "must be in (0, 1)");

@@ -60,7 +60,7 @@ pub struct ClsExperimentConfig {
     pub epochs: usize,
     pub warmup_epochs: usize,
     pub batch_size: usize,
-    pub select_batches: usize,
+    pub select_batches: Option<usize>,
     pub seed: u64,
     pub variants: Vec<Variant>,
 }
@@ -83,7 +83,7 @@ impl ClsExperimentConfig {
             epochs: 6,
             warmup_epochs: 0,
             batch_size: 16,
-            select_batches: 4,
+            select_batches: None,
             seed: 42,
             variants: vec![
                 Variant::new("linear", Linear, SupCon, 1, lr),

@@ -1,8 +1,9 @@
 //! The one training loop. [`fit`] runs any [`Task`]: run folder (fresh or resumed, config
 //! compared), roles (GPS selection, or the task's baseline roles) → [`ParamStore`], optimiser
 //! (Adam; AdamW for `full`) and schedule, epochs over the prefetching loader
-//! ([`Loader::run_batches`]), the NaN guard, held-out evaluation every epoch, checkpoints (keep
-//! last N and the best; "best" written atomically), the best epoch (highest [`Task::score`]),
+//! ([`Loader::run_batches`]), the NaN guard, validation and test evaluation every epoch,
+//! checkpoints (keep last N and the best; "best" written atomically), the best epoch (highest
+//! [`Task::score`] on the *validation* split; the test split is scored, never used to choose),
 //! curves, `metrics.jsonl`, the final delta + merge and `summary.json`.
 //!
 //! [`evaluate`] scores the base model without training (the `zero-shot` row); [`select`] runs
@@ -20,7 +21,7 @@ use crate::train::config::Method;
 use crate::train::optim::{Adam, AdamW};
 use crate::train::run::{delta_from_params, open_run, restore, snapshot, write_jsonl, Opt};
 use crate::train::schedule::Schedule;
-use crate::train::task::{EpochRecord, Fitted, ScheduleUnit, Task};
+use crate::train::task::{EpochRecord, Fitted, Loaders, ScheduleUnit, Task};
 use crate::util::fs::{write_json_atomic, IoPaths};
 use crate::util::mem::peak_rss_mb;
 use crate::util::tensors::{self, TensorMap};
@@ -109,7 +110,8 @@ pub fn evaluate<T: Task>(
     let (data, base) = task.open(run_dir, device, obs)?;
     let (model, _, (trainable, total)) =
         model_over(task, &data, &base, RolePolicy::AllFrozen, device, obs)?;
-    let (_, mut test) = task.loaders(&data)?;
+    let Loaders { mut val, mut test, .. } = task.loaders(&data)?;
+    let (val_eval, _) = task.evaluate(&model, &mut val, device, obs)?;
     let (eval, kept) = task.evaluate(&model, &mut test, device, obs)?;
     task.write_best(run_dir, &data, &kept)?;
     let fitted = Fitted {
@@ -117,6 +119,7 @@ pub fn evaluate<T: Task>(
         trainable,
         total,
         best_epoch: Some(0),
+        best_val: val_eval,
         best: eval.clone(),
         last: eval,
         selection_seconds: 0.0,
@@ -163,25 +166,36 @@ fn selection<T: Task>(
     device: &Device,
     obs: &mut dyn Observer,
 ) -> Result<Artifact> {
-    if reuse && art_dir.join("gps_config.json").exists() {
-        obs.event(Event::Info(format!(
-            "selection: reusing {}",
-            art_dir.display()
-        )));
-        return Artifact::load(art_dir, device);
-    }
     let core = task.core();
     let criterion = core
         .method
         .criterion()
         .ok_or_else(|| Error::msg("selection asked for a method without one"))?;
     let setup = task.selection();
+    if reuse && art_dir.join("gps_config.json").exists() {
+        obs.event(Event::Info(format!(
+            "selection: reusing {}",
+            art_dir.display()
+        )));
+        let art = Artifact::load(art_dir, device)?;
+        let want = SelectionInfo {
+            k: core.topk,
+            level: core.level,
+            criterion,
+            selection_loss: setup.loss_name.clone(),
+            batches: 0,
+            selection_images: 0,
+            seed: core.seed,
+        };
+        art.check_reusable(art_dir, &want, &BaseModel::of(base, &core.base_file())?)?;
+        return Ok(art);
+    }
     let t0 = Instant::now();
-    let (grads, batches) = if criterion == Criterion::Gradient {
-        let (g, n) = gradients(task, data, base, &setup, device, obs)?;
-        (Some(g), n)
+    let (grads, batches, images) = if criterion == Criterion::Gradient {
+        let (g, n, i) = gradients(task, data, base, &setup, device, obs)?;
+        (Some(g), n, i)
     } else {
-        (None, 0)
+        (None, 0, 0)
     };
     let spec = SelectSpec {
         policy: &setup.policy,
@@ -197,6 +211,7 @@ fn selection<T: Task>(
         criterion,
         selection_loss: setup.loss_name,
         batches,
+        selection_images: images,
         seed: core.seed,
     };
     let art = Artifact::new(
@@ -209,7 +224,7 @@ fn selection<T: Task>(
     if criterion == Criterion::Gradient {
         obs.event(Event::PhaseEnd {
             summary: format!(
-                "gradients over {batches} batches, selection in {:.1}s",
+                "gradients over {batches} batches ({images} images), selection in {:.1}s",
                 t0.elapsed().as_secs_f64()
             ),
         });
@@ -218,8 +233,9 @@ fn selection<T: Task>(
 }
 
 /// Selection gradients: a store over `base` whose only vars are the policy's selected tensors,
-/// the selection loss accumulated over the first `select_batches` batches of the task's
-/// selection loader. Returns the gradients and the batches seen.
+/// the selection loss accumulated over one pass of the task's selection loader (the whole
+/// training split, or its first `select_batches` batches when capped), batches streamed one at
+/// a time. Returns the gradients, the batches and the images seen.
 fn gradients<T: Task>(
     task: &T,
     data: &T::Data,
@@ -227,28 +243,22 @@ fn gradients<T: Task>(
     setup: &crate::train::task::SelectionSetup,
     device: &Device,
     obs: &mut dyn Observer,
-) -> Result<(TensorMap, usize)> {
+) -> Result<(TensorMap, usize, usize)> {
     let store = ParamStore::with_roles(base.clone(), grad_roles(base, &setup.policy), device);
     let model = task.build(data, &store)?;
     let vars = store.trainable_vars();
     let mut loader = task.selection_loader(data)?;
-    let n = task
-        .core()
-        .select_batches
-        .min(loader.batches_per_epoch().max(1));
+    let all = loader.batches_per_epoch().max(1);
+    let n = task.core().select_batches.map_or(all, |c| c.min(all));
     obs.event(Event::PhaseStart {
         name: setup.phase.clone(),
         total: n,
     });
-    let mut batches = Vec::with_capacity(n);
-    for _ in 0..n {
-        match loader.next_batch(device)? {
-            Some(b) => batches.push(b),
-            None => break,
-        }
-    }
-    let mut done = 0;
-    accumulate(&vars, batches, |b| {
+    let batches = (0..n).map_while(|_| loader.next_batch(device).transpose());
+    let (mut done, mut images) = (0usize, 0usize);
+    let (grads, seen) = accumulate(&vars, batches, |b| {
+        let b = b?;
+        images += T::batch_len(&b)?;
         let loss = task.selection_loss(&model, &b)?;
         done += 1;
         obs.event(Event::Step {
@@ -258,7 +268,8 @@ fn gradients<T: Task>(
             images_per_s: None,
         });
         Ok(loss)
-    })
+    })?;
+    Ok((grads, seen, images))
 }
 
 /// One run in progress: everything the epochs share.
@@ -275,6 +286,7 @@ struct Run<'a, T: Task> {
     ckpts: Checkpoints,
     state: StateOf<T>,
     train: Loader<T::Source>,
+    val: Loader<T::Source>,
     test: Loader<T::Source>,
     schedule: Schedule,
     unit: ScheduleUnit,
@@ -326,7 +338,7 @@ impl<'a, T: Task> Run<'a, T> {
             Method::Full => Opt::AdamW(AdamW::new(vars.clone(), core.lr, core.weight_decay)?),
             _ => Opt::Adam(Adam::new(vars.clone(), core.lr)?),
         };
-        let (train, test) = task.loaders(&data)?;
+        let Loaders { train, val, test } = task.loaders(&data)?;
         let steps = steps_per_epoch(task, &train)?;
         let (schedule, unit) = task.schedule(steps);
         let state = StateOf::<T> {
@@ -340,7 +352,7 @@ impl<'a, T: Task> Run<'a, T> {
         #[rustfmt::skip]
         let mut run = Run {
             task, run_dir, device, data, base, artifact, model, vars, opt, ckpts, state, train,
-            test, schedule, unit, steps, counts, started, selection_seconds,
+            val, test, schedule, unit, steps, counts, started, selection_seconds,
             step_secs: 0.0, step_count: 0,
         };
         if let Some((dir, st)) = latest {
@@ -392,17 +404,23 @@ impl<'a, T: Task> Run<'a, T> {
         obs.event(Event::PhaseEnd {
             summary: format!("loss {train_loss:.4}  {images_per_s:.1} img/s"),
         });
-        let (eval, kept) = self
+        // The best epoch is chosen on validation data only; the test split is scored every
+        // epoch (logged, labelled) and never consulted for a choice.
+        let (val, _) = self
+            .task
+            .evaluate(&self.model, &mut self.val, self.device, obs)?;
+        let (test, kept) = self
             .task
             .evaluate(&self.model, &mut self.test, self.device, obs)?;
-        let score = T::score(&eval);
+        let score = T::score(&val);
         let state = &mut self.state;
         state.history.push(EpochRecord {
             epoch: epoch + 1,
             steps: done,
             train_loss,
             lr,
-            eval,
+            val,
+            test,
             seconds: t0.elapsed().as_secs_f64(),
             images_per_s,
         });
@@ -411,7 +429,7 @@ impl<'a, T: Task> Run<'a, T> {
         let is_best = state
             .best_epoch
             .and_then(|b| state.history.iter().find(|r| r.epoch == b))
-            .is_none_or(|b| score > T::score(&b.eval));
+            .is_none_or(|b| score > T::score(&b.val));
         if is_best {
             state.best_epoch = Some(epoch + 1);
         }
@@ -524,7 +542,7 @@ impl<'a, T: Task> Run<'a, T> {
         let merged_path = self.run_dir.join("merged.safetensors");
         tensors::save_safetensors(&merged_path, &merged, None)?;
         let history = &self.state.history;
-        let eval_of = |e: Option<&EpochRecord<T::Eval>>| e.map(|r| r.eval.clone());
+        let test_of = |e: Option<&EpochRecord<T::Eval>>| e.map(|r| r.test.clone());
         let best = self
             .state
             .best_epoch
@@ -534,8 +552,9 @@ impl<'a, T: Task> Run<'a, T> {
             trainable: self.counts.0,
             total: self.counts.1,
             best_epoch: self.state.best_epoch,
-            best: eval_of(best).unwrap_or_default(),
-            last: eval_of(history.last()).unwrap_or_default(),
+            best_val: best.map(|r| r.val.clone()).unwrap_or_default(),
+            best: test_of(best).unwrap_or_default(),
+            last: test_of(history.last()).unwrap_or_default(),
             selection_seconds: self.selection_seconds,
             seconds: self.started.elapsed().as_secs_f64(),
             seconds_per_step: match self.step_count {

@@ -52,6 +52,10 @@ pub struct SegTrainConfig {
     /// (less memory, same gradients; for large inputs such as ViT-B at 1024 px).
     #[serde(default)]
     pub checkpoint_blocks: bool,
+    /// Leave out (and list in `<run>/skipped.txt`) the image/mask pairs with a problem instead
+    /// of refusing the data folder.
+    #[serde(default)]
+    pub skip_bad: bool,
     /// Compute dtype of SAM's image encoder (`f32`, or `bf16`/`f16` autocast on CUDA; master
     /// weights, optimiser state and the rest of SAM stay f32). Runs written before this field
     /// existed load as f32.
@@ -90,8 +94,9 @@ impl SegTrainConfig {
                 batch_size: 1,
                 eval_batch_size: 8,
                 seed: 42,
-                select_batches: 32,
+                select_batches: None,
                 test_fraction: 0.12,
+                val_fraction: crate::train::config::default_val_fraction(),
                 train_limit: None,
                 test_limit: None,
                 max_steps_per_epoch: None,
@@ -102,6 +107,7 @@ impl SegTrainConfig {
             hflip: 0.5,
             threshold: 0.5,
             checkpoint_blocks: false,
+            skip_bad: false,
             dtype: Precision::F32,
         }
     }
@@ -126,9 +132,19 @@ pub struct RunSummary {
     pub trainable: usize,
     pub total: usize,
     pub trainable_pct: f64,
+    /// Where the best epoch was chosen: always `"val"` (the test split never chooses).
+    pub selected_on: String,
+    /// The epoch with the best validation mDice (0: the base model, untrained).
     pub best_epoch: Option<usize>,
+    /// Validation metrics at the chosen epoch.
+    pub val: SegReport,
+    /// Test metrics at the chosen epoch: the shipped model's numbers.
     pub best: SegReport,
+    /// Test metrics at the last epoch.
     pub last: SegReport,
+    pub train_images: usize,
+    pub val_images: usize,
+    pub test_images: usize,
     pub seconds: f64,
     pub seconds_per_step: f64,
     pub peak_rss_mb: f64,
@@ -231,7 +247,11 @@ impl Task for SegTrainConfig {
     }
 
     fn loaders(&self, data: &SegData) -> Result<Loaders<SegSource>> {
-        Ok((data.train_loader(self)?, data.test_loader(self)?))
+        Ok(Loaders {
+            train: data.train_loader(self)?,
+            val: data.val_loader(self)?,
+            test: data.test_loader(self)?,
+        })
     }
 
     fn schedule(&self, _steps_per_epoch: usize) -> (Schedule, ScheduleUnit) {
@@ -281,15 +301,20 @@ impl Task for SegTrainConfig {
         write_curves(run_dir, history, step_losses)
     }
 
-    fn summary(&self, _data: &SegData, f: Fitted<SegEval>) -> RunSummary {
+    fn summary(&self, data: &SegData, f: Fitted<SegEval>) -> RunSummary {
         RunSummary {
             method: f.label.clone(),
             trainable: f.trainable,
             total: f.total,
             trainable_pct: f.trainable_pct(),
+            selected_on: "val".into(),
             best_epoch: f.best_epoch,
+            val: f.best_val.eval,
             best: f.best.eval,
             last: f.last.eval,
+            train_images: data.train_idx.len(),
+            val_images: data.val_idx.len(),
+            test_images: data.test_idx.len(),
             seconds: f.seconds,
             seconds_per_step: f.seconds_per_step,
             peak_rss_mb: f.peak_rss_mb,
@@ -468,16 +493,16 @@ fn write_curves(run_dir: &Path, history: &[EpochRecord], step_losses: &[f32]) ->
         history.iter().map(|r| (r.epoch as f64, f(r))).collect()
     };
     let m = line_chart(
-        "HELD-OUT METRICS",
+        "MDICE PER EPOCH (VAL CHOOSES; TEST IS ONLY SCORED)",
         "EPOCH",
         &[
             Series {
-                name: "mDice",
-                points: ep(|r| r.eval.eval.mdice),
+                name: "val mDice",
+                points: ep(|r| r.val.eval.mdice),
             },
             Series {
-                name: "mIoU",
-                points: ep(|r| r.eval.eval.miou),
+                name: "test mDice",
+                points: ep(|r| r.test.eval.mdice),
             },
         ],
         720,

@@ -4,7 +4,7 @@
 
 use super::seg::SegTrainConfig;
 use crate::data::augment::SegAugment;
-use crate::data::kvasir::{KvasirDataset, Split};
+use crate::data::kvasir::{KvasirDataset, OpenOptions, Split, SplitSpec};
 use crate::data::loader::{Loader, LoaderConfig, SegSource};
 use crate::error::{Error, Result};
 use crate::nn::ParamStore;
@@ -18,27 +18,43 @@ pub struct SegData {
     pub dataset: KvasirDataset,
     pub split: Split,
     pub train_idx: Vec<usize>,
+    pub val_idx: Vec<usize>,
     pub test_idx: Vec<usize>,
 }
 
 impl SegData {
-    /// Open the dataset and decide the split: the run's own `split.json` when it exists, else
-    /// the data folder's split files, else a seeded split. The split is written to the run.
+    /// Open the dataset (`skip_bad`: leaving out and listing the bad pairs in
+    /// `<run>/skipped.txt`) and decide the train/val/test split: the run's own `split.json`
+    /// when it exists (a stale one is refused, naming the field), else the data folder's split
+    /// files or a seeded split, with validation carved from train when the data has none.
     pub fn open(cfg: &SegTrainConfig, run_dir: &Path) -> Result<SegData> {
-        let dataset = KvasirDataset::open(&cfg.data_dir)?;
-        let split_path = run_dir.join("split.json");
-        let split = if split_path.exists() {
-            Split::read_json(&split_path)?
-        } else {
-            match Split::from_root(&cfg.data_dir)? {
-                Some(s) => s,
-                None => Split::seeded(&dataset.ids(), cfg.seed, cfg.test_fraction),
-            }
+        let opts = OpenOptions {
+            skip_bad: cfg.skip_bad,
+            ..Default::default()
         };
-        if !split_path.exists() {
-            split.write_json(&split_path)?;
+        let dataset = KvasirDataset::open_with(&cfg.data_dir, &opts)?;
+        if !dataset.skipped.is_empty() {
+            let mut text = format!(
+                "# {} problem(s) in {}; these pairs were left out (--skip-bad)\n",
+                dataset.skipped.len(),
+                cfg.data_dir.display()
+            );
+            for l in &dataset.skipped {
+                text.push_str(l);
+                text.push('\n');
+            }
+            crate::util::fs::write_atomic(&run_dir.join("skipped.txt"), text.as_bytes())?;
         }
+        let split = dataset.split3_for_run(
+            run_dir,
+            SplitSpec {
+                seed: cfg.seed,
+                test_fraction: cfg.test_fraction,
+                val_fraction: cfg.val_fraction,
+            },
+        )?;
         let mut train_idx = dataset.indices_of(&split.train, "split train list")?;
+        let val_idx = dataset.indices_of(&split.val, "split val list")?;
         let mut test_idx = dataset.indices_of(&split.test, "split test list")?;
         if let Some(n) = cfg.train_limit {
             train_idx.truncate(n);
@@ -46,12 +62,14 @@ impl SegData {
         if let Some(n) = cfg.test_limit {
             test_idx.truncate(n);
         }
-        if train_idx.is_empty() || test_idx.is_empty() {
+        if train_idx.is_empty() || val_idx.is_empty() || test_idx.is_empty() {
             return Err(Error::Data {
                 msg: format!(
-                    "{}: the split leaves {} training and {} test images; both must be non-empty",
+                    "{}: the split leaves {} training, {} validation and {} test images; \
+                     all must be non-empty",
                     cfg.data_dir.display(),
                     train_idx.len(),
+                    val_idx.len(),
                     test_idx.len()
                 ),
             });
@@ -60,6 +78,7 @@ impl SegData {
             dataset,
             split,
             train_idx,
+            val_idx,
             test_idx,
         })
     }
@@ -84,9 +103,18 @@ impl SegData {
 
     /// Fixed-order loader over the test images (no augmentation).
     pub fn test_loader(&self, cfg: &SegTrainConfig) -> Result<Loader<SegSource>> {
+        self.eval_loader(cfg, &self.test_idx)
+    }
+
+    /// Fixed-order loader over the validation images (no augmentation).
+    pub fn val_loader(&self, cfg: &SegTrainConfig) -> Result<Loader<SegSource>> {
+        self.eval_loader(cfg, &self.val_idx)
+    }
+
+    fn eval_loader(&self, cfg: &SegTrainConfig, idx: &[usize]) -> Result<Loader<SegSource>> {
         let mut lc = LoaderConfig::eval(cfg.eval_batch_size);
         lc.cache = true;
-        Loader::new(self.source(cfg, 0.0), self.test_idx.clone(), lc)
+        Loader::new(self.source(cfg, 0.0), idx.to_vec(), lc)
     }
 }
 

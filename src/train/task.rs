@@ -24,8 +24,13 @@ use std::path::{Path, PathBuf};
 /// A batch of task `T`'s loaders.
 pub type BatchOf<T> = <<T as Task>::Source as Source>::Batch;
 
-/// The training loader and the held-out loader of a task.
-pub type Loaders<S> = (Loader<S>, Loader<S>);
+/// A task's loaders: shuffled training data, and the fixed-order validation and test sets.
+/// Every choice (best epoch, the shipped checkpoint) is made on `val`; `test` is only scored.
+pub struct Loaders<S: Source> {
+    pub train: Loader<S>,
+    pub val: Loader<S>,
+    pub test: Loader<S>,
+}
 
 /// Whether the schedule's position is the epoch (set once per epoch) or the global step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +91,8 @@ pub trait Task: Serialize + DeserializeOwned + PartialEq + Sync {
     fn baseline_roles(&self, base: &TensorMap) -> Result<RolePolicy>;
     /// The model over `store`.
     fn build(&self, data: &Self::Data, store: &ParamStore) -> Result<Self::Model>;
-    /// The shuffling, augmenting training loader and the fixed-order held-out loader.
+    /// The shuffling, augmenting training loader and the fixed-order validation and test
+    /// loaders.
     fn loaders(&self, data: &Self::Data) -> Result<Loaders<Self::Source>>;
     /// The learning-rate schedule for `steps_per_epoch` optimiser steps per epoch.
     fn schedule(&self, steps_per_epoch: usize) -> (Schedule, ScheduleUnit);
@@ -126,15 +132,16 @@ pub trait Task: Serialize + DeserializeOwned + PartialEq + Sync {
     fn selection_loss(&self, model: &Self::Model, batch: &BatchOf<Self>) -> Result<Tensor>;
 }
 
-/// One epoch's record (a line of `metrics.jsonl`); the task's metrics are flattened in.
+/// One epoch's record (a line of `metrics.jsonl`): the validation metrics (what the best
+/// epoch is chosen on) and the test metrics (logged and labelled, never used to choose).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EpochRecord<E> {
     pub epoch: usize,
     pub steps: usize,
     pub train_loss: f64,
     pub lr: f64,
-    #[serde(flatten)]
-    pub eval: E,
+    pub val: E,
+    pub test: E,
     pub seconds: f64,
     pub images_per_s: f64,
 }
@@ -145,8 +152,13 @@ pub struct Fitted<E> {
     pub label: String,
     pub trainable: usize,
     pub total: usize,
+    /// The epoch with the best validation score (0: the base model, not trained).
     pub best_epoch: Option<usize>,
+    /// Validation metrics at the best epoch (what chose it).
+    pub best_val: E,
+    /// Test metrics at the best epoch: the shipped model's reported numbers.
     pub best: E,
+    /// Test metrics at the last epoch.
     pub last: E,
     /// Seconds spent selecting (gradient pass + ranking), 0 for whole-tensor methods.
     pub selection_seconds: f64,
