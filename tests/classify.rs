@@ -97,8 +97,11 @@ fn every_method_runs_and_writes_its_run_folder() {
             cfg.label()
         );
         assert_eq!(s.test_images, 16, "VTAB test.txt: 4 classes × 4");
-        assert_eq!(s.train_images, 40, "VTAB train800val200: 4 classes × 10");
-        assert!((0.0..=1.0).contains(&s.best_acc) && s.best_acc >= s.last_acc);
+        // VTAB's model-selection stage: train on train800, choose on val200, score test.
+        assert_eq!(s.train_images, 32, "VTAB train800: 4 classes × 8");
+        assert_eq!(s.val_images, 8, "VTAB val200: 4 classes × 2");
+        assert_eq!(s.selected_on, "val");
+        assert!((0.0..=1.0).contains(&s.best_acc) && (0.0..=1.0).contains(&s.val_acc));
         let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
         assert_eq!(lines.lines().count(), 2, "one record per epoch");
         // The merged checkpoint loads into the architecture of model.json.

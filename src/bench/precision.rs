@@ -82,7 +82,11 @@ pub fn run(cfg: &PrecisionBenchConfig, obs: &mut dyn Observer) -> Result<Vec<Pre
         let p = dir.path().join(format!("{name}.onnx"));
         let r = crate::onnx::write_model(&p, m)?;
         let bytes = r.model_bytes + r.data_bytes;
-        engines.push((name, bytes, OrtEngine::load(&p, cfg.threads, cfg.ort_lib.as_deref(), obs)?));
+        engines.push((
+            name,
+            bytes,
+            OrtEngine::load(&p, cfg.threads, cfg.ort_lib.as_deref(), obs)?,
+        ));
     }
     let s = cfg.sam.image_size;
     let mut rng = Rng::new(cfg.seed ^ 0x9e37);

@@ -84,6 +84,11 @@ fn check_out(a: &Args, out: &Path) -> anyhow::Result<()> {
             delta.display()
         );
     }
+    if delta.exists() {
+        // --overwrite: the user asked to replace the trained artifact; its delta would index a
+        // selection that no longer exists, so it goes (the library never deletes it by itself).
+        std::fs::remove_file(&delta).with_context(|| format!("removing {}", delta.display()))?;
+    }
     Ok(())
 }
 

@@ -110,7 +110,11 @@ impl Artifact {
         let diff: Option<(&str, String, String)> = if have.k != want.k {
             Some(("k", have.k.to_string(), want.k.to_string()))
         } else if have.level != want.level {
-            Some(("level", format!("{:?}", have.level), format!("{:?}", want.level)))
+            Some((
+                "level",
+                format!("{:?}", have.level),
+                format!("{:?}", want.level),
+            ))
         } else if have.criterion != want.criterion {
             Some((
                 "criterion",

@@ -861,6 +861,9 @@ fn staged_data(
 ) -> Result<PathBuf> {
     let staged = data_staging_path(data_path);
     let r = (|| {
+        if let Some(parent) = data_path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)?;
+        }
         let mut f = std::fs::File::create(&staged)?;
         write(&mut f)?;
         f.sync_all()

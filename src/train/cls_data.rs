@@ -78,7 +78,12 @@ fn seeded_split(cfg: &ClsTrainConfig, run_dir: &Path) -> Result<(ClsDataset, Cls
         let sp: SeededSplit = read_json(&path)?;
         if sp.seed != cfg.seed || sp.test_fraction != cfg.test_fraction {
             return Err(Error::Config {
-                field: if sp.seed != cfg.seed { "seed" } else { "test_fraction" }.into(),
+                field: if sp.seed != cfg.seed {
+                    "seed"
+                } else {
+                    "test_fraction"
+                }
+                .into(),
                 msg: format!(
                     "{} was made with seed {} / test_fraction {}, this run asks for {} / {}; \
                      use a new --out",
@@ -142,7 +147,12 @@ fn split_files(
                 "train / val / test",
             ),
             (false, true) => (ClsSplit::Train, None, ClsSplit::Test, "train / test"),
-            (true, false) => (ClsSplit::Train, None, ClsSplit::Val, "train / val (as test)"),
+            (true, false) => (
+                ClsSplit::Train,
+                None,
+                ClsSplit::Val,
+                "train / val (as test)",
+            ),
             (false, false) => {
                 return Err(Error::Data {
                     msg: format!(
@@ -152,12 +162,16 @@ fn split_files(
                 })
             }
         },
-        ClsLayout::Vtab if root.join("train800.txt").is_file() && root.join("val200.txt").is_file() => (
-            ClsSplit::Train,
-            Some(ClsSplit::Val),
-            ClsSplit::Test,
-            "train800.txt / val200.txt / test.txt",
-        ),
+        ClsLayout::Vtab
+            if root.join("train800.txt").is_file() && root.join("val200.txt").is_file() =>
+        {
+            (
+                ClsSplit::Train,
+                Some(ClsSplit::Val),
+                ClsSplit::Test,
+                "train800.txt / val200.txt / test.txt",
+            )
+        }
         ClsLayout::Vtab => (
             ClsSplit::TrainVal,
             None,
@@ -170,8 +184,18 @@ fn split_files(
             ClsSplit::Test,
             "train.json / val.json / test.json",
         ),
-        ClsLayout::Fgvc => (ClsSplit::Train, None, ClsSplit::Test, "train.json / test.json"),
-        ClsLayout::Cifar100 => (ClsSplit::Train, None, ClsSplit::Test, "train.bin / test.bin"),
+        ClsLayout::Fgvc => (
+            ClsSplit::Train,
+            None,
+            ClsSplit::Test,
+            "train.json / test.json",
+        ),
+        ClsLayout::Cifar100 => (
+            ClsSplit::Train,
+            None,
+            ClsSplit::Test,
+            "train.bin / test.bin",
+        ),
     };
     let tr = ClsDataset::open(root, cfg.layout, tr_split, None)?;
     let n = (cfg.layout != ClsLayout::Cifar100).then_some(tr.num_classes);

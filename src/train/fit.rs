@@ -110,7 +110,9 @@ pub fn evaluate<T: Task>(
     let (data, base) = task.open(run_dir, device, obs)?;
     let (model, _, (trainable, total)) =
         model_over(task, &data, &base, RolePolicy::AllFrozen, device, obs)?;
-    let Loaders { mut val, mut test, .. } = task.loaders(&data)?;
+    let Loaders {
+        mut val, mut test, ..
+    } = task.loaders(&data)?;
     let (val_eval, _) = task.evaluate(&model, &mut val, device, obs)?;
     let (eval, kept) = task.evaluate(&model, &mut test, device, obs)?;
     task.write_best(run_dir, &data, &kept)?;

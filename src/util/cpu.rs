@@ -57,7 +57,10 @@ mod tests {
     #[test]
     fn describes_model_and_isa() {
         let d = super::describe(2);
-        assert!(d.contains(super::isa()) && d.ends_with("(2 threads)"), "{d}");
+        assert!(
+            d.contains(super::isa()) && d.ends_with("(2 threads)"),
+            "{d}"
+        );
         assert!(!super::model_name().is_empty());
     }
 }
