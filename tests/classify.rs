@@ -80,6 +80,7 @@ fn every_method_runs_and_writes_its_run_folder() {
             "config.json",
             "model.json",
             "metrics.jsonl",
+            "report.html",
             "summary.json",
             "merged.safetensors",
             "loss.png",

@@ -55,6 +55,7 @@ fn every_method_trains_writes_its_run_folder_and_lowers_the_loss() {
             "config.json",
             "split.json",
             "metrics.jsonl",
+            "report.html",
             "summary.json",
             "merged.safetensors",
             "loss.png",

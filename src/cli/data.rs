@@ -62,6 +62,9 @@ pub enum What {
         /// (`train --skip-bad` trains on those clean pairs).
         #[arg(long)]
         skip_bad: bool,
+        /// Largest image accepted, in pixels (width × height), checked from the header.
+        #[arg(long, default_value_t = gps_seg::data::imgio::DEFAULT_MAX_PIXELS)]
+        max_pixels: u64,
         root: PathBuf,
     },
 }
@@ -130,8 +133,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             split,
             decode,
             skip_bad,
+            max_pixels,
             root,
         } => {
+            gps_seg::data::imgio::set_max_pixels(max_pixels)?;
             if layout == "kvasir" {
                 let opts = gps_seg::data::kvasir::OpenOptions {
                     verify_decode: decode,

@@ -109,6 +109,17 @@ pub struct Args {
     /// inputs).
     #[arg(long)]
     pub checkpoint_blocks: bool,
+    /// seg: leave out the image/mask pairs with a problem (listed in <out>/skipped.txt)
+    /// instead of refusing the data folder.
+    #[arg(long)]
+    pub skip_bad: bool,
+    /// Validation share carved (seeded) from the training data when the data has no
+    /// validation split; the best epoch is chosen on it, never on the test split.
+    #[arg(long, default_value_t = gps_seg::train::config::default_val_fraction())]
+    pub val_fraction: f64,
+    /// Largest image accepted, in pixels (width × height), checked from the header.
+    #[arg(long, default_value_t = gps_seg::data::imgio::DEFAULT_MAX_PIXELS)]
+    pub max_pixels: u64,
     #[command(flatten)]
     pub device: DeviceArgs,
     #[command(flatten)]
@@ -130,6 +141,7 @@ fn refuse_foreign_flags(args: &Args) -> anyhow::Result<()> {
         TaskKind::Classify => [
             (args.checkpoint_blocks, "--checkpoint-blocks"),
             (args.resize.is_some(), "--resize"),
+            (args.skip_bad, "--skip-bad"),
         ]
         .into_iter()
         .filter_map(|(given, flag)| given.then_some(flag))
@@ -154,6 +166,7 @@ fn refuse_foreign_flags(args: &Args) -> anyhow::Result<()> {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     refuse_foreign_flags(&args)?;
+    gps_seg::data::imgio::set_max_pixels(args.max_pixels)?;
     if args.task == TaskKind::Classify {
         return run_classify(args);
     }
@@ -185,6 +198,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     set_core(&mut cfg.core, &args);
     cfg.resize = args.resize.unwrap_or(cfg.resize);
     cfg.checkpoint_blocks = args.checkpoint_blocks;
+    cfg.skip_bad = args.skip_bad;
     cfg.dtype = dtype;
     let s = seg::train(&cfg, &out, &device, args.resume, &mut progress)
         .with_context(|| format!("training run {}", out.display()))?;
@@ -204,6 +218,7 @@ fn set_core(core: &mut TrainCore, args: &Args) {
     core.batch_size = args.batch_size.unwrap_or(core.batch_size);
     core.seed = args.seed;
     core.select_batches = args.select_batches;
+    core.val_fraction = args.val_fraction;
     core.train_limit = args.train_limit;
     core.test_limit = args.test_limit;
     core.max_steps_per_epoch = args.max_steps;

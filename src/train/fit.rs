@@ -445,7 +445,18 @@ impl<'a, T: Task> Run<'a, T> {
         }
         write_jsonl(&self.run_dir.join("metrics.jsonl"), &state.history)?;
         self.task
-            .draw(self.run_dir, &state.history, &state.step_losses)
+            .draw(self.run_dir, &state.history, &state.step_losses)?;
+        crate::train::report::write_run_html::<_, ()>(
+            self.run_dir,
+            &format!(
+                "gps-seg run {} ({})",
+                self.run_dir.display(),
+                self.task.label()
+            ),
+            &state.history,
+            &state.step_losses,
+            None,
+        )
     }
 
     /// The optimiser steps of one epoch. Returns (loss sum, images, steps, last lr).
@@ -569,6 +580,17 @@ impl<'a, T: Task> Run<'a, T> {
         };
         let summary = self.task.summary(&self.data, fitted);
         write_json_atomic(&self.run_dir.join("summary.json"), &summary)?;
+        crate::train::report::write_run_html(
+            self.run_dir,
+            &format!(
+                "gps-seg run {} ({})",
+                self.run_dir.display(),
+                self.task.label()
+            ),
+            &self.state.history,
+            &self.state.step_losses,
+            Some(&summary),
+        )?;
         Ok(summary)
     }
 }
