@@ -49,30 +49,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let r = demo(&cfg, &device, &mut p)?;
     let g = &r.gps;
     println!();
-    println!("| stage | trainable | mDice | mIoU | ref. Dice (bg ignored) |");
-    println!("|---|---|---|---|---|");
     println!(
-        "| zero-shot (pretrained sam-tiny) | 0 | {:.4} | {:.4} | {:.4} |",
+        "| stage | trainable | val mDice | test mDice | test mIoU | test ref. Dice (bg ignored) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| zero-shot (pretrained sam-tiny) | 0 | — | {:.4} | {:.4} | {:.4} |",
         r.zero_shot.mdice, r.zero_shot.miou, r.zero_shot.ref_dice_ignore_bg
     );
     println!(
-        "| GPS K={} (Candle eval, best epoch {}) | {} ({:.3}%) | {:.4} | {:.4} | {:.4} |",
+        "| GPS K={} (Candle eval, epoch {} chosen on val) | {} ({:.3}%) | {:.4} | {:.4} | {:.4} | {:.4} |",
         cfg.topk,
         g.best_epoch.map_or("-".into(), |e| e.to_string()),
         g.trainable,
         g.trainable_pct,
+        g.val.mdice,
         g.best.mdice,
         g.best.miou,
         g.best.ref_dice_ignore_bg
     );
     println!(
-        "| GPS merged → ONNX → ONNX Runtime | — | {:.4} | {:.4} | {:.4} |",
+        "| GPS merged → ONNX → ONNX Runtime | — | — | {:.4} | {:.4} | {:.4} |",
         r.ort.mdice, r.ort.miou, r.ort.ref_dice_ignore_bg
     );
     println!();
     println!(
-        "{} held-out images; per-image Dice/IoU at the original resolution, FP counted.",
-        r.ort.images
+        "{} train / {} val / {} test images; the epoch is chosen on val, test is only scored; \
+         per-image Dice/IoU at the original resolution, FP counted.",
+        g.train_images, g.val_images, r.ort.images
     );
     println!(
         "ONNX model: {} ({:.1} images/s in ONNX Runtime end to end)",

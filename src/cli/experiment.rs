@@ -40,8 +40,15 @@ pub struct KvasirArgs {
     /// Learning rate of the sparse and decoder variants (full uses lr/5).
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
+    /// The first seed (seeds are seed, seed+1, …; the data split is always made with this one).
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// Seeds per variant (mean ± std and paired bootstrap intervals over them).
+    #[arg(long, default_value_t = 3)]
+    pub seeds: usize,
+    /// Training-set sizes, comma-separated counts or `all` (the low-data axis), e.g. 16,64,all.
+    #[arg(long, default_value = "all")]
+    pub train_sizes: String,
     /// Only these variants (comma-separated labels, e.g. gps-k1,full).
     #[arg(long)]
     pub only: Option<String>,
@@ -93,7 +100,17 @@ fn run_kvasir(a: KvasirArgs) -> anyhow::Result<()> {
         }
         variants.retain(|v| want.contains(&v.label.as_str()));
     }
-    let (_, table) = run_kvasir(&t, &variants, &a.out, a.overwrite, &device, &mut p)?;
+    let sizes = gps_seg::train::experiment_seg::parse_sizes(&a.train_sizes)?;
+    let (_, table) = run_kvasir(
+        &t,
+        &variants,
+        a.seeds,
+        &sizes,
+        &a.out,
+        a.overwrite,
+        &device,
+        &mut p,
+    )?;
     println!();
     println!("{table}");
     println!(

@@ -288,18 +288,19 @@ fn run_classify(args: Args) -> anyhow::Result<()> {
 
 /// Header of the classification summary table.
 pub fn cls_table_header() -> String {
-    "| method | K | trainable | % | best epoch | best top-1 | last top-1 | time | s/step | peak RSS |\n|---|---|---|---|---|---|---|---|---|---|".into()
+    "| method | K | trainable | % | epoch (chosen on val) | val top-1 | test top-1 at that epoch | test top-1, last epoch | time | s/step | peak RSS |\n|---|---|---|---|---|---|---|---|---|---|---|".into()
 }
 
 /// One row of the classification summary table.
 pub fn cls_table_row(s: &cls::ClsRunSummary) -> String {
     format!(
-        "| {} | {} | {} | {:.3}% | {} | {:.2}% | {:.2}% | {:.0}s | {:.3} | {:.0} MB |",
+        "| {} | {} | {} | {:.3}% | {} | {:.2}% | {:.2}% | {:.2}% | {:.0}s | {:.3} | {:.0} MB |",
         s.method,
         s.topk,
         s.trainable,
         s.trainable_pct,
         s.best_epoch.map_or("-".into(), |e| e.to_string()),
+        100.0 * s.val_acc,
         100.0 * s.best_acc,
         100.0 * s.last_acc,
         s.seconds,
@@ -311,14 +312,15 @@ pub fn cls_table_row(s: &cls::ClsRunSummary) -> String {
 /// The end-of-run table.
 pub fn print_summary(s: &seg::RunSummary) {
     println!();
-    println!("| method | trainable | % | best epoch | mDice | mIoU | ref. Dice (bg ignored) | time | s/step | peak RSS |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| method | trainable | % | epoch (chosen on val) | val mDice | test mDice | test mIoU | test ref. Dice (bg ignored) | time | s/step | peak RSS |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {} | {} | {:.3}% | {} | {:.4} | {:.4} | {:.4} | {:.0}s | {:.3} | {:.0} MB |",
+        "| {} | {} | {:.3}% | {} | {:.4} | {:.4} | {:.4} | {:.4} | {:.0}s | {:.3} | {:.0} MB |",
         s.method,
         s.trainable,
         s.trainable_pct,
         s.best_epoch.map_or("-".into(), |e| e.to_string()),
+        s.val.mdice,
         s.best.mdice,
         s.best.miou,
         s.best.ref_dice_ignore_bg,

@@ -191,6 +191,32 @@ impl Policy {
     /// attention projection, MLP, neck convs) are selected, biases train (the neck LayerNorm2d
     /// biases too), norms / pos_embed / rel_pos stay frozen; the prompt encoder and mask decoder train fully, except the
     /// positional-encoding buffer.
+    /// [`Policy::sam`] without the selected entries: what GPS trains fully (mask decoder,
+    /// prompt encoder, encoder biases), the rest frozen (`decoder+bias`).
+    pub fn sam_decoder_bias() -> Self {
+        let mut p = Policy::sam();
+        for r in p.rules.iter_mut() {
+            if r.treat == Treatment::Selected {
+                r.treat = Treatment::Frozen;
+            }
+        }
+        p.name = "sam-decoder-bias".into();
+        p
+    }
+
+    /// [`Policy::sam`] with the prompt encoder and mask decoder frozen: only the selected
+    /// encoder entries and the encoder biases train (`gps-encoder`).
+    pub fn sam_encoder_only() -> Self {
+        let mut p = Policy::sam();
+        for r in p.rules.iter_mut() {
+            if r.pattern.starts_with("prompt_encoder.") || r.pattern.starts_with("mask_decoder.") {
+                r.treat = Treatment::Frozen;
+            }
+        }
+        p.name = "sam-encoder-only".into();
+        p
+    }
+
     pub fn sam() -> Self {
         use Treatment::*;
         let enc = "image_encoder.";

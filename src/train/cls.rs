@@ -127,6 +127,7 @@ impl ClsTrainConfig {
                 batch_size: 32,
                 eval_batch_size: 64,
                 seed: 42,
+                split_seed: None,
                 select_batches: None,
                 test_fraction: 0.2,
                 val_fraction: crate::train::config::default_val_fraction(),

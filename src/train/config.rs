@@ -33,10 +33,19 @@ pub enum Method {
     /// Classification: BitFit, every bias plus the head.
     #[value(alias = "bitfit")]
     Bias,
+    /// SAM: everything GPS trains except the selected entries (mask decoder, prompt encoder,
+    /// encoder biases): the baseline that isolates what the selected entries add.
+    #[value(name = "decoder+bias", alias = "decoder-bias")]
+    #[serde(rename = "decoder+bias")]
+    DecoderBias,
+    /// SAM: GPS's selected encoder entries and encoder biases only (decoder frozen).
+    #[value(name = "gps-encoder", alias = "gps-encoder-only")]
+    #[serde(rename = "gps-encoder")]
+    GpsEncoder,
 }
 
 impl Method {
-    pub const ALL: [&'static str; 8] = [
+    pub const ALL: [&'static str; 10] = [
         "gps",
         "full",
         "random",
@@ -45,12 +54,14 @@ impl Method {
         "decoder",
         "linear",
         "bias",
+        "decoder+bias",
+        "gps-encoder",
     ];
 
     /// The selection criterion of the sparse methods.
     pub fn criterion(self) -> Option<Criterion> {
         match self {
-            Method::Gps => Some(Criterion::Gradient),
+            Method::Gps | Method::GpsEncoder => Some(Criterion::Gradient),
             Method::Random => Some(Criterion::Random),
             Method::Magnitude => Some(Criterion::Magnitude),
             _ => None,
@@ -67,6 +78,8 @@ impl Method {
             Method::Decoder => "decoder",
             Method::Linear => "linear",
             Method::Bias => "bias",
+            Method::DecoderBias => "decoder+bias",
+            Method::GpsEncoder => "gps-encoder",
         }
     }
 
@@ -118,6 +131,10 @@ pub struct TrainCore {
     pub batch_size: usize,
     pub eval_batch_size: usize,
     pub seed: u64,
+    /// Seed of the data split when it must stay fixed while `seed` varies (experiments over
+    /// seeds score every seed on the same test images); `None`: `seed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split_seed: Option<u64>,
     /// Batches whose gradients rank entries (capped at one pass over the training set).
     pub select_batches: Option<usize>,
     /// Test fraction of a seeded split (data without split files).

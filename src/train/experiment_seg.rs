@@ -1,8 +1,13 @@
 //! `gps-seg experiment kvasir`: GPS against its baselines on a Kvasir-shaped set, same data,
-//! seed and epochs for every variant: zero-shot (no tuning), decoder only, full fine-tuning,
-//! GPS at K = 1, 2, 4, and random / magnitude selection at the GPS K = 1 budget.
-//! Writes `table.md`, `results.json`, `mdice.png` and one run folder per variant; a finished
-//! variant whose settings did not change is reused.
+//! split and epochs for every variant: zero-shot (no tuning), decoder only, decoder+bias (what
+//! GPS trains fully, without the selected entries), full fine-tuning, GPS at K = 1, 2, 4, GPS
+//! in the encoder only, and random / magnitude selection at the GPS K = 1 budget; over several
+//! seeds (the split stays fixed, so every seed scores the same test images) and training-set
+//! sizes (the low-data axis). Every epoch is chosen on validation data; the test split is only
+//! scored. The table gives mean ± std over seeds and a paired bootstrap 95% interval of each
+//! variant minus GPS K=1 on the same test images ([`crate::stats`]).
+//! Writes `table.md`, `results.json`, `mdice.png` and one run folder per (size, seed,
+//! variant); a finished run whose settings did not change is reused.
 
 use crate::error::{Error, Result};
 use crate::progress::{Event, Observer};
@@ -40,8 +45,10 @@ pub fn default_variants(lr: f64) -> Vec<SegVariant> {
     vec![
         SegVariant::new("zero-shot", Method::ZeroShot, 1, lr),
         SegVariant::new("decoder", Method::Decoder, 1, lr),
+        SegVariant::new("decoder+bias", Method::DecoderBias, 1, lr),
         SegVariant::new("full", Method::Full, 1, lr / 5.0),
         SegVariant::new("gps-k1", Method::Gps, 1, lr),
+        SegVariant::new("gps-encoder-k1", Method::GpsEncoder, 1, lr),
         SegVariant::new("gps-k2", Method::Gps, 2, lr),
         SegVariant::new("gps-k4", Method::Gps, 4, lr),
         SegVariant::new("random-k1", Method::Random, 1, lr),
@@ -49,28 +56,70 @@ pub fn default_variants(lr: f64) -> Vec<SegVariant> {
     ]
 }
 
-/// A result row.
+/// A result row: one variant at one training-set size and seed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SegExperimentRow {
     pub variant: SegVariant,
+    /// Training images (`all` or the limit).
+    pub train_size: String,
+    pub seed: u64,
     pub summary: RunSummary,
+    /// Per-image test Dice at the val-chosen epoch (`scores.csv`), in the test split's order.
+    pub test_dice: Vec<f64>,
+}
+
+/// The training-set sizes of the low-data axis: `None` = all training images.
+pub fn parse_sizes(s: &str) -> Result<Vec<Option<usize>>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| match t {
+            "all" => Ok(None),
+            n => match n.parse::<usize>() {
+                Ok(v) if v > 0 => Ok(Some(v)),
+                _ => Err(Error::Config {
+                    field: "train_sizes".into(),
+                    msg: format!("`{n}` is neither `all` nor a positive count"),
+                }),
+            },
+        })
+        .collect()
+}
+
+fn read_test_dice(path: &Path) -> Result<Vec<f64>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    text.lines()
+        .skip(1)
+        .map(|l| {
+            l.split(',')
+                .nth(1)
+                .and_then(|v| v.parse::<f64>().ok())
+                .ok_or_else(|| Error::Checkpoint {
+                    path: path.to_path_buf(),
+                    msg: format!("bad line `{l}` (expected id,dice,iou)"),
+                })
+        })
+        .collect()
 }
 
 /// Run every variant of `template` (data, model, epochs, seed) into `out/<label>`. A finished
 /// variant with the same settings is reused; a variant folder holding anything else (another
 /// setting, an unfinished run) is refused unless `overwrite`, then replaced.
+#[allow(clippy::too_many_arguments)]
 pub fn run_kvasir(
     template: &SegTrainConfig,
     variants: &[SegVariant],
+    seeds: usize,
+    sizes: &[Option<usize>],
     out: &Path,
     overwrite: bool,
     device: &Device,
     obs: &mut dyn Observer,
 ) -> Result<(Vec<SegExperimentRow>, String)> {
-    if variants.is_empty() {
+    if variants.is_empty() || seeds == 0 || sizes.is_empty() {
         return Err(Error::Config {
             field: "only".into(),
-            msg: "no variants to run".into(),
+            msg: "no variants, seeds or training sizes to run".into(),
         });
     }
     IoPaths::new()
@@ -80,56 +129,77 @@ pub fn run_kvasir(
         .check()?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut rows = Vec::new();
-    for v in variants {
-        let mut cfg = template.clone();
-        cfg.method = v.method;
-        cfg.topk = v.topk;
-        cfg.lr = v.lr;
-        cfg.min_lr = cfg.min_lr.min(cfg.lr);
-        cfg.keep_last = 1;
-        let dir = out.join(&v.label);
-        let summary_path = dir.join("summary.json");
-        let reusable = summary_path.is_file()
-            && read_json::<SegTrainConfig>(&dir.join("config.json")).ok() == Some(cfg.clone());
-        let summary = if reusable {
-            obs.event(Event::Info(format!(
-                "{}: reusing {}",
-                v.label,
-                dir.display()
-            )));
-            read_json::<RunSummary>(&summary_path)?
-        } else {
-            clear_for_run(&dir, overwrite, "--out")?;
-            obs.event(Event::Info(format!("── {} ──", v.label)));
-            seg::train(&cfg, &dir, device, false, obs)?
-        };
-        rows.push(SegExperimentRow {
-            variant: v.clone(),
-            summary,
-        });
+    for size in sizes {
+        let size_name = size.map_or("all".to_string(), |n| n.to_string());
+        for k in 0..seeds {
+            let seed = template.seed + k as u64;
+            for v in variants {
+                let mut cfg = template.clone();
+                cfg.method = v.method;
+                cfg.topk = v.topk;
+                cfg.lr = v.lr;
+                cfg.min_lr = cfg.min_lr.min(cfg.lr);
+                cfg.keep_last = 1;
+                cfg.seed = seed;
+                cfg.split_seed = Some(template.seed);
+                cfg.train_limit = *size;
+                let dir = out
+                    .join(format!("train-{size_name}"))
+                    .join(format!("seed-{seed}"))
+                    .join(&v.label);
+                let summary_path = dir.join("summary.json");
+                let reusable = summary_path.is_file()
+                    && read_json::<SegTrainConfig>(&dir.join("config.json")).ok()
+                        == Some(cfg.clone());
+                let summary = if reusable {
+                    obs.event(Event::Info(format!(
+                        "{}: reusing {}",
+                        v.label,
+                        dir.display()
+                    )));
+                    read_json::<RunSummary>(&summary_path)?
+                } else {
+                    clear_for_run(&dir, overwrite, "--out")?;
+                    obs.event(Event::Info(format!(
+                        "── {} · {size_name} train images · seed {seed} ──",
+                        v.label
+                    )));
+                    seg::train(&cfg, &dir, device, false, obs)?
+                };
+                rows.push(SegExperimentRow {
+                    variant: v.clone(),
+                    train_size: size_name.clone(),
+                    seed,
+                    test_dice: read_test_dice(&dir.join("scores.csv"))?,
+                    summary,
+                });
+            }
+        }
     }
-    let table = table(template, &rows);
+    let table = table(template, &rows)?;
     write_atomic(&out.join("table.md"), table.as_bytes())?;
     write_json_atomic(&out.join("results.json"), &rows)?;
     let bars: Vec<(String, f64)> = rows
         .iter()
+        .filter(|r| r.train_size == rows[0].train_size && r.seed == rows[0].seed)
         .map(|r| (r.variant.label.to_uppercase(), r.summary.best.mdice))
         .collect();
     crate::util::draw::save_png(
         &out.join("mdice.png"),
-        &crate::util::draw::bar_chart("HELD-OUT MDICE BY METHOD", &bars, 640),
+        &crate::util::draw::bar_chart("TEST MDICE BY METHOD (FIRST SEED)", &bars, 640),
     )?;
     Ok((rows, table))
 }
 
-/// The markdown table.
-pub fn table(t: &SegTrainConfig, rows: &[SegExperimentRow]) -> String {
+/// The markdown table: the evidence rows (mean ± std over seeds, paired bootstrap vs GPS
+/// K=1 at each size), then the per-run details.
+pub fn table(t: &SegTrainConfig, rows: &[SegExperimentRow]) -> Result<String> {
     let mut s = format!(
-        "Data `{}`; base `{}` ({} px); {} epoch(s), batch {}, seed {}, Adam (full: AdamW), \
-         cosine to {:.0e}. mDice/mIoU: per image at the ground truth's resolution, threshold 0.5, \
-         false positives counted, mean over the held-out images; \"ref.\" = the GPS reference \
-         repository's pooled background-ignored Dice (for comparison with published GPS numbers \
-         only).\n\n",
+        "Data `{}`; base `{}` ({} px); {} epoch(s), batch {}, seeds from {} (the split is fixed \
+         by seed {}), Adam (full: AdamW), cosine to {:.0e}. The epoch of every run is chosen on \
+         validation data carved from train; the test split is only scored. mDice: per image at \
+         the ground truth's resolution, threshold 0.5, false positives counted, mean over the \
+         test images.\n\n",
         t.data_dir.display(),
         t.base
             .as_ref()
@@ -139,25 +209,44 @@ pub fn table(t: &SegTrainConfig, rows: &[SegExperimentRow]) -> String {
         t.epochs,
         t.batch_size,
         t.seed,
+        t.seed,
         t.min_lr
     );
-    s.push_str("| variant | lr | trainable | trainable % | mDice | mIoU | ref. Dice | best epoch | s/step | time |\n");
-    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    let mut runs: Vec<crate::stats::VariantRuns> = Vec::new();
+    for r in rows {
+        match runs
+            .iter_mut()
+            .find(|v| v.name == r.variant.label && v.train_size == r.train_size)
+        {
+            Some(v) => v.per_image.push(r.test_dice.clone()),
+            None => runs.push(crate::stats::VariantRuns {
+                name: r.variant.label.clone(),
+                train_size: r.train_size.clone(),
+                trainable: r.summary.trainable,
+                per_image: vec![r.test_dice.clone()],
+            }),
+        }
+    }
+    let ev = crate::stats::evidence_rows(&runs, "gps-k1", 2000, t.seed)?;
+    s.push_str(&crate::stats::evidence_markdown(&ev, "mDice", "gps-k1"));
+    s.push_str("\nPer run:\n\n| train images | seed | variant | lr | trainable % | epoch (val) | val mDice | test mDice | test mIoU | s/step | time |\n");
+    s.push_str("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in rows {
         let m = &r.summary;
         s.push_str(&format!(
-            "| {} | {:.0e} | {} | {:.3}% | {:.4} | {:.4} | {:.4} | {} | {:.3} | {:.0}s |\n",
+            "| {} | {} | {} | {:.0e} | {:.3}% | {} | {:.4} | {:.4} | {:.4} | {:.3} | {:.0}s |\n",
+            r.train_size,
+            r.seed,
             r.variant.label,
             r.variant.lr,
-            m.trainable,
             m.trainable_pct,
+            m.best_epoch.map_or("-".into(), |e| e.to_string()),
+            m.val.mdice,
             m.best.mdice,
             m.best.miou,
-            m.best.ref_dice_ignore_bg,
-            m.best_epoch.map_or("-".into(), |e| e.to_string()),
             m.seconds_per_step,
             m.seconds
         ));
     }
-    s
+    Ok(s)
 }

@@ -30,6 +30,26 @@ use candle_core::{Device, Var};
 use std::path::Path;
 use std::time::Instant;
 
+/// An observer that names an evaluation phase after the split it scores (`val`, `test`).
+struct SplitLabel<'o> {
+    inner: &'o mut dyn Observer,
+    split: &'static str,
+}
+
+impl Observer for SplitLabel<'_> {
+    fn event(&mut self, e: Event) {
+        match e {
+            Event::PhaseStart { name, total } if name == "eval" => {
+                self.inner.event(Event::PhaseStart {
+                    name: self.split.into(),
+                    total,
+                })
+            }
+            e => self.inner.event(e),
+        }
+    }
+}
+
 /// Trainable vars by name (GPS: the deltas).
 type Vars = Vec<(String, Var)>;
 
@@ -113,8 +133,16 @@ pub fn evaluate<T: Task>(
     let Loaders {
         mut val, mut test, ..
     } = task.loaders(&data)?;
-    let (val_eval, _) = task.evaluate(&model, &mut val, device, obs)?;
-    let (eval, kept) = task.evaluate(&model, &mut test, device, obs)?;
+    let mut on_val = SplitLabel {
+        inner: obs,
+        split: "val",
+    };
+    let (val_eval, _) = task.evaluate(&model, &mut val, device, &mut on_val)?;
+    let mut on_test = SplitLabel {
+        inner: obs,
+        split: "test",
+    };
+    let (eval, kept) = task.evaluate(&model, &mut test, device, &mut on_test)?;
     task.write_best(run_dir, &data, &kept)?;
     let fitted = Fitted {
         label: task.label(),
@@ -408,12 +436,20 @@ impl<'a, T: Task> Run<'a, T> {
         });
         // The best epoch is chosen on validation data only; the test split is scored every
         // epoch (logged, labelled) and never consulted for a choice.
+        let mut on_val = SplitLabel {
+            inner: obs,
+            split: "val",
+        };
         let (val, _) = self
             .task
-            .evaluate(&self.model, &mut self.val, self.device, obs)?;
-        let (test, kept) = self
-            .task
-            .evaluate(&self.model, &mut self.test, self.device, obs)?;
+            .evaluate(&self.model, &mut self.val, self.device, &mut on_val)?;
+        let mut on_test = SplitLabel {
+            inner: obs,
+            split: "test (not used to choose)",
+        };
+        let (test, kept) =
+            self.task
+                .evaluate(&self.model, &mut self.test, self.device, &mut on_test)?;
         let score = T::score(&val);
         let state = &mut self.state;
         state.history.push(EpochRecord {

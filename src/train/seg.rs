@@ -94,6 +94,7 @@ impl SegTrainConfig {
                 batch_size: 1,
                 eval_batch_size: 8,
                 seed: 42,
+                split_seed: None,
                 select_batches: None,
                 test_fraction: 0.12,
                 val_fraction: crate::train::config::default_val_fraction(),
@@ -190,8 +191,10 @@ impl Task for SegTrainConfig {
 
     const METHODS: &'static [Method] = &[
         Method::Gps,
+        Method::GpsEncoder,
         Method::Full,
         Method::Decoder,
+        Method::DecoderBias,
         Method::Random,
         Method::Magnitude,
         Method::ZeroShot,
@@ -235,6 +238,7 @@ impl Task for SegTrainConfig {
         match self.method {
             Method::Full => Ok(RolePolicy::AllTrainable),
             Method::Decoder => Ok(roles_from_policy(base, &Policy::decoder())),
+            Method::DecoderBias => Ok(roles_from_policy(base, &Policy::sam_decoder_bias())),
             m => Err(Error::msg(format!(
                 "`{}` has no whole-tensor roles",
                 m.name()
@@ -325,7 +329,10 @@ impl Task for SegTrainConfig {
 
     fn selection(&self) -> SelectionSetup {
         SelectionSetup {
-            policy: Policy::sam(),
+            policy: match self.method {
+                Method::GpsEncoder => Policy::sam_encoder_only(),
+                _ => Policy::sam(),
+            },
             loss_name: "bce+iou".into(),
             phase: "select".into(),
         }

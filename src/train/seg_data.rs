@@ -48,7 +48,7 @@ impl SegData {
         let split = dataset.split3_for_run(
             run_dir,
             SplitSpec {
-                seed: cfg.seed,
+                seed: cfg.split_seed.unwrap_or(cfg.seed),
                 test_fraction: cfg.test_fraction,
                 val_fraction: cfg.val_fraction,
             },
