@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# Browser check of the report page: a few synthetic Kvasir-shaped images are segmented by the
+# Browser check of the report pages: a few synthetic Kvasir-shaped images are segmented by the
 # shipped sam-tiny (Candle engine, no ONNX Runtime needed), then headless Chromium (Debian's
 # `chromium` package) loads <out>/report.html from disk, takes a screenshot, and the DOM it
-# ends up with must hold the summary, the Dice histogram and one table row per image.
+# ends up with must hold the summary, the Dice histogram and one table row per image; then a
+# two-epoch training run's report.html must show its curves and one row per epoch.
 #
-#   scripts/browser-check.sh [WORKDIR]      # needs target/release/gps-seg and chromium
+#   scripts/browser-check.sh [WORKDIR]      # WORKDIR new or empty; needs chromium
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:-$(mktemp -d)}
+if [ -n "$(ls -A "$work" 2>/dev/null)" ]; then
+  echo "browser-check: $work is not empty; give a new or empty folder" >&2; exit 2
+fi
+mkdir -p "$work"
 bin=./target/release/gps-seg
 [ -x "$bin" ] || cargo build --release --locked
 command -v chromium >/dev/null || { echo "browser-check: chromium not installed (apt-get install chromium)" >&2; exit 2; }
 n=6
-rm -rf "$work/data" "$work/out"
 "$bin" data synth-kvasir --out "$work/data" --count $n --seed 3 --max-side 160 >/dev/null
 "$bin" infer --engine candle --checkpoint sam/sam-tiny.safetensors --config sam/sam-tiny.json \
   --images "$work/data/images" --masks "$work/data/masks" --out "$work/out" --quiet >/dev/null
@@ -35,4 +39,18 @@ grep -q '>mDice<' "$work/dom.html" || { echo "browser-check: no mDice in the sum
 if [ "$rows" != "$n" ]; then
   echo "browser-check: the table has $rows rows, expected one per image ($n)" >&2; exit 1
 fi
-echo "browser-check: ok ($rows rows, histogram, summary; screenshot $work/report.png)"
+# A training run folder's report.html: one row per epoch in the epoch table, curves drawn.
+"$bin" train --model tiny --data-dir "$work/data" --out "$work/run" --epochs 2 --batch-size 2 \
+  --max-steps 1 --select-batches 1 --quiet >/dev/null 2>&1
+chromium "${flags[@]}" --screenshot="$work/run.png" "file://$(realpath "$work/run/report.html")" 2>/dev/null
+chromium "${flags[@]}" --dump-dom "file://$(realpath "$work/run/report.html")" 2>/dev/null >"$work/run-dom.html"
+epochs=$(python3 - "$work/run-dom.html" <<'PY'
+import re, sys
+dom = open(sys.argv[1]).read()
+m = re.search(r'<table class="sortable" id="epochs">.*?<tbody>(.*?)</tbody>', dom, re.S)
+print(len(re.findall(r'<tr>', m.group(1))) if m else -1)
+PY
+)
+grep -q '>val.eval.mdice</text>' "$work/run-dom.html" || { echo "browser-check: run page lacks the val curve" >&2; exit 1; }
+[ "$epochs" = 2 ] || { echo "browser-check: the run page's epoch table has $epochs rows, expected 2" >&2; exit 1; }
+echo "browser-check: ok (infer page: $rows rows, histogram, summary; run page: $epochs epochs, curves; screenshots $work/report.png, $work/run.png)"

@@ -7,7 +7,7 @@
 //! with cross-entropy selection through the fresh head, and random / magnitude selection at
 //! GPS's K = 1 budget. Each run is an ordinary [`super::cls::train`] run folder under the
 //! experiment folder; the experiment writes `table.md`, `results.json` and a bar chart
-//! `accuracy.png` (best held-out top-1 per variant).
+//! `accuracy.png` (test top-1 at the val-chosen epoch per variant).
 
 use crate::data::classification::ClsLayout;
 use crate::data::synth_cls::{self, SynthClsConfig, SynthKind, SynthLayout};
@@ -171,10 +171,12 @@ fn downstream_data(cfg: &ClsExperimentConfig, obs: &mut dyn Observer) -> Result<
 /// The markdown table of `rows`.
 pub fn table(cfg: &ClsExperimentConfig, rows: &[ExperimentRow]) -> String {
     let mut s = format!(
-        "Downstream synthetic set: {} classes (texture × shape), {} train / {} test images; \
-         backbone `{}` ({}); {} epochs, batch {}, seed {}.\n\n",
+        "Downstream synthetic set: {} classes (texture × shape), {} train / {} val / {} test \
+         images; backbone `{}` ({}); {} epochs, batch {}, seed {}. The epoch is chosen on val; \
+         test is only scored (at that epoch and at the last).\n\n",
         cfg.classes,
         rows.first().map_or(0, |r| r.summary.train_images),
+        rows.first().map_or(0, |r| r.summary.val_images),
         rows.first().map_or(0, |r| r.summary.test_images),
         cfg.base.display(),
         cfg.model.name(),
@@ -182,8 +184,8 @@ pub fn table(cfg: &ClsExperimentConfig, rows: &[ExperimentRow]) -> String {
         cfg.batch_size,
         cfg.seed
     );
-    s.push_str("| variant | selection | lr | trainable | trainable % | best test top-1 | last test top-1 | s/step | selection s |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| variant | selection | lr | trainable | trainable % | epoch (val) | val top-1 | test top-1 at that epoch | test top-1, last epoch | s/step | selection s |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         let sel = match (r.variant.method.criterion(), r.variant.select_loss) {
             (Some(crate::gps::Criterion::Gradient), SelectLoss::SupCon) => {
@@ -196,12 +198,14 @@ pub fn table(cfg: &ClsExperimentConfig, rows: &[ExperimentRow]) -> String {
             (None, _) => "-".into(),
         };
         s.push_str(&format!(
-            "| {} | {} | {:.0e} | {} | {:.3}% | {:.2}% | {:.2}% | {:.3} | {:.1} |\n",
+            "| {} | {} | {:.0e} | {} | {:.3}% | {} | {:.2}% | {:.2}% | {:.2}% | {:.3} | {:.1} |\n",
             r.variant.label,
             sel,
             r.variant.lr,
             r.summary.trainable,
             r.summary.trainable_pct,
+            r.summary.best_epoch.map_or("-".into(), |e| e.to_string()),
+            100.0 * r.summary.val_acc,
             100.0 * r.summary.best_acc,
             100.0 * r.summary.last_acc,
             r.summary.seconds_per_step,

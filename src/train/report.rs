@@ -122,7 +122,9 @@ pub fn write_run_html<R: Serialize, S: Serialize>(
     }
     let metric_names: Vec<&String> = names
         .iter()
-        .filter(|n| !NOT_METRICS.contains(&n.as_str()) && !n.ends_with("images"))
+        .filter(|n| {
+            !NOT_METRICS.contains(&n.as_str()) && !n.ends_with("images") && !n.contains("ref_")
+        })
         .collect();
     let series: Vec<(&str, Vec<(f64, f64)>)> = metric_names
         .iter()

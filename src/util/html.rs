@@ -143,6 +143,8 @@ const ML: f64 = 52.0;
 const MR: f64 = 16.0;
 const MT: f64 = 14.0;
 const MB: f64 = 40.0;
+/// Room right of a line chart for its legend.
+const LEGEND_W: f64 = 240.0;
 
 fn axis_frame(s: &mut String, x_label: &str, y_label: &str, x: (f64, f64), y: (f64, f64)) {
     let (pw, ph) = (W - ML - MR, H - MT - MB);
@@ -247,13 +249,17 @@ pub fn lines_svg(series: &[(&str, Vec<(f64, f64)>)], x_label: &str, y_label: &st
     if y1 - y0 < 1e-12 {
         y1 = y0 + 1.0;
     }
+    // The legend sits to the right of the plot, one line per series.
+    let wl = W + LEGEND_W;
+    let hl = H.max(MT + 16.0 * series.len() as f64 + 8.0);
     let mut s = format!(
-        "<svg class=\"chart\" role=\"img\" width=\"{W}\" height=\"{H}\" viewBox=\"0 0 {W} {H}\">"
+        "<svg class=\"chart\" role=\"img\" width=\"{wl}\" height=\"{hl}\" viewBox=\"0 0 {wl} {hl}\">"
     );
     axis_frame(&mut s, x_label, y_label, (x0, x1), (y0, y1));
     let (pw, ph) = (W - ML - MR, H - MT - MB);
     for (k, (name, p)) in series.iter().enumerate() {
         let c = COLOURS[k % COLOURS.len()];
+        let (lx, ly) = (W + 4.0, MT + 8.0 + 16.0 * k as f64);
         let path: Vec<String> = p
             .iter()
             .filter(|(x, y)| x.is_finite() && y.is_finite())
@@ -268,11 +274,13 @@ pub fn lines_svg(series: &[(&str, Vec<(f64, f64)>)], x_label: &str, y_label: &st
         let _ = write!(
             s,
             "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\" points=\"{}\"/>\
-             <text x=\"{}\" y=\"{}\" fill=\"{c}\">{}</text>",
+             <line x1=\"{lx}\" x2=\"{}\" y1=\"{ly}\" y2=\"{ly}\" stroke=\"{c}\" stroke-width=\"3\"/>\
+             <text x=\"{}\" y=\"{}\">{}</text>",
             path.join(" "),
-            ML + 8.0,
-            MT + 16.0 + 15.0 * k as f64,
-            esc(name)
+            lx + 18.0,
+            lx + 24.0,
+            ly + 4.0,
+            esc(name),
         );
     }
     s.push_str("</svg>");
