@@ -534,18 +534,29 @@ fn experiment_variant_folders_are_replaced_only_when_asked() {
     let mut variants = default_variants(1e-3);
     variants.retain(|v| v.label == "zero-shot");
     let out = tmp.path().join("exp");
-    let junk = out.join("zero-shot/notes.txt");
+    let vdir = out.join(format!("train-all/seed-{}/zero-shot", cfg.seed));
+    let junk = vdir.join("notes.txt");
     std::fs::create_dir_all(junk.parent().unwrap()).unwrap();
     std::fs::write(&junk, b"mine").unwrap();
-    let e = run_kvasir(&cfg, &variants, &out, false, &Device::Cpu, &mut Silent)
-        .unwrap_err()
-        .to_string();
+    let run = |overwrite| {
+        run_kvasir(
+            &cfg,
+            &variants,
+            1,
+            &[None],
+            &out,
+            overwrite,
+            &Device::Cpu,
+            &mut Silent,
+        )
+    };
+    let e = run(false).unwrap_err().to_string();
     assert!(e.contains("--overwrite") && e.contains("zero-shot"), "{e}");
     assert!(junk.is_file(), "refused, yet deleted");
-    let (rows, _) = run_kvasir(&cfg, &variants, &out, true, &Device::Cpu, &mut Silent).unwrap();
+    let (rows, _) = run(true).unwrap();
     assert_eq!(rows.len(), 1);
-    assert!(!junk.exists() && out.join("zero-shot/summary.json").is_file());
+    assert!(!junk.exists() && vdir.join("summary.json").is_file());
     // Finished with the same settings: reused without --overwrite.
-    let (again, _) = run_kvasir(&cfg, &variants, &out, false, &Device::Cpu, &mut Silent).unwrap();
+    let (again, _) = run(false).unwrap();
     assert_eq!(again[0].summary.best, rows[0].summary.best);
 }
