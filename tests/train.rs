@@ -560,3 +560,93 @@ fn experiment_variant_folders_are_replaced_only_when_asked() {
     let (again, _) = run(false).unwrap();
     assert_eq!(again[0].summary.best, rows[0].summary.best);
 }
+
+/// The shipped epoch is the validation-best one, and the summary reports the *test* metrics at
+/// that epoch (`selected_on: val`); the split holds disjoint train / val / test lists.
+#[test]
+fn the_summary_ships_the_val_best_epoch_and_reports_test_there() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("kvasir");
+    dataset(&data);
+    let mut cfg = tiny_cfg(&data);
+    cfg.epochs = 4;
+    let run = tmp.path().join("run");
+    let s = seg::train(&cfg, &run, &Device::Cpu, false, &mut Silent).unwrap();
+    let recs: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recs.len(), 4);
+    let val = |r: &serde_json::Value| r["val"]["eval"]["mdice"].as_f64().unwrap();
+    let mut best = 0;
+    for (i, r) in recs.iter().enumerate() {
+        if val(r) > val(&recs[best]) {
+            best = i;
+        }
+    }
+    assert_eq!(
+        s.best_epoch,
+        Some(best + 1),
+        "not the validation-best epoch"
+    );
+    assert_eq!(s.selected_on, "val");
+    assert_eq!(
+        s.best.mdice,
+        recs[best]["test"]["eval"]["mdice"].as_f64().unwrap()
+    );
+    assert_eq!(s.val.mdice, val(&recs[best]));
+    let split: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("split.json")).unwrap()).unwrap();
+    let ids = |k: &str| -> std::collections::BTreeSet<String> {
+        split[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    let (tr, va, te) = (ids("train"), ids("val"), ids("test"));
+    assert!(!va.is_empty() && !te.is_empty());
+    assert!(tr.is_disjoint(&va) && tr.is_disjoint(&te) && va.is_disjoint(&te));
+    // gps_config.json records how many images the selection gradients came from.
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("gps/gps_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        g["selection_images"].as_u64(),
+        Some(4),
+        "select_batches 1 × batch 4"
+    );
+}
+
+/// A fresh run never reuses a selection made with other settings (here K = 1 for a K = 2 run):
+/// an error naming the field; and by default selection covers every training image.
+#[test]
+fn a_stale_selection_is_refused_and_selection_covers_the_training_split() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("kvasir");
+    dataset(&data);
+    let mut cfg = tiny_cfg(&data);
+    cfg.select_batches = None;
+    cfg.train_limit = None;
+    cfg.epochs = 1;
+    let run = tmp.path().join("run");
+    seg::select(&cfg, &run.join("gps"), &Device::Cpu, &mut Silent).unwrap();
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("gps/gps_config.json")).unwrap())
+            .unwrap();
+    let split: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("gps/split.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        g["selection_images"].as_u64(),
+        Some(split["train"].as_array().unwrap().len() as u64),
+        "the default selection pass sees every training image"
+    );
+    cfg.topk = 2;
+    let e = seg::train(&cfg, &run, &Device::Cpu, false, &mut Silent)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("stale selection") && e.contains("`k`"), "{e}");
+}

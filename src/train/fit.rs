@@ -450,7 +450,6 @@ impl<'a, T: Task> Run<'a, T> {
         let (test, kept) =
             self.task
                 .evaluate(&self.model, &mut self.test, self.device, &mut on_test)?;
-        let score = T::score(&val);
         let state = &mut self.state;
         state.history.push(EpochRecord {
             epoch: epoch + 1,
@@ -464,13 +463,9 @@ impl<'a, T: Task> Run<'a, T> {
         });
         state.epochs_done = epoch + 1;
         state.loader = self.train.state();
-        let is_best = state
-            .best_epoch
-            .and_then(|b| state.history.iter().find(|r| r.epoch == b))
-            .is_none_or(|b| score > T::score(&b.val));
-        if is_best {
-            state.best_epoch = Some(epoch + 1);
-        }
+        let chosen = best_epoch(&state.history, T::score);
+        let is_best = chosen == Some(epoch + 1) && state.best_epoch != chosen;
+        state.best_epoch = chosen;
         let params = snapshot(&self.vars);
         let ost = self.opt.get().state()?;
         let tensors = [("params", &params), ("optimizer", &ost)];
@@ -631,6 +626,19 @@ impl<'a, T: Task> Run<'a, T> {
     }
 }
 
+/// The epoch with the highest *validation* score (the earliest on ties). The test metrics of a
+/// record are never read here: the test split cannot choose anything.
+pub fn best_epoch<E>(history: &[EpochRecord<E>], score: impl Fn(&E) -> f64) -> Option<usize> {
+    let mut best: Option<(usize, f64)> = None;
+    for r in history {
+        let s = score(&r.val);
+        if best.is_none_or(|(_, b)| s > b) {
+            best = Some((r.epoch, s));
+        }
+    }
+    best.map(|(e, _)| e)
+}
+
 /// Optimiser steps per epoch: the loader's batches, capped by `max_steps_per_epoch`; zero is
 /// refused (an epoch without a step would ship the base weights as "trained").
 fn steps_per_epoch<T: Task>(task: &T, train: &Loader<T::Source>) -> Result<usize> {
@@ -650,4 +658,38 @@ fn steps_per_epoch<T: Task>(task: &T, train: &Loader<T::Source>) -> Result<usize
         });
     }
     Ok(steps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(epoch: usize, val: f64, test: f64) -> EpochRecord<f64> {
+        EpochRecord {
+            epoch,
+            steps: 1,
+            train_loss: 0.0,
+            lr: 0.0,
+            val,
+            test,
+            seconds: 0.0,
+            images_per_s: 0.0,
+        }
+    }
+
+    #[test]
+    fn the_best_epoch_is_chosen_on_validation_never_on_test() {
+        // Validation peaks at epoch 2, test at epoch 4: epoch 2 ships.
+        let h = vec![
+            rec(1, 0.5, 0.5),
+            rec(2, 0.8, 0.6),
+            rec(3, 0.7, 0.7),
+            rec(4, 0.6, 0.9),
+        ];
+        assert_eq!(best_epoch(&h, |e| *e), Some(2));
+        // Ties keep the earliest; an empty history chooses nothing.
+        let t = vec![rec(1, 0.5, 0.1), rec(2, 0.5, 0.9)];
+        assert_eq!(best_epoch(&t, |e| *e), Some(1));
+        assert_eq!(best_epoch::<f64>(&[], |e| *e), None);
+    }
 }
