@@ -371,11 +371,18 @@ fn experiment_writes_its_table_and_chart() {
     cfg.epochs = 1;
     cfg.batch_size = 4;
     cfg.select_batches = Some(1);
+    cfg.seeds = 2;
     cfg.variants
         .retain(|v| v.label == "linear" || v.label == "gps-k1");
     let out = tmp.path().join("exp");
     let (rows, table) = run_classify(&cfg, &out, &Device::Cpu, &mut Silent).unwrap();
-    assert_eq!(rows.len(), 2);
+    assert_eq!(rows.len(), 4, "2 variants × 2 seeds");
+    // The evidence rows: mean ± std over the seeds, linear paired with gps-k1.
+    assert!(
+        table.contains("(reference)") && table.contains("[95% CI]"),
+        "{table}"
+    );
+    assert_eq!(rows[0].test_correct.len(), 6, "one 0/1 per test image");
     assert!(
         table.contains("| linear |") && table.contains("| gps-k1 |"),
         "{table}"
@@ -384,8 +391,8 @@ fn experiment_writes_its_table_and_chart() {
         "table.md",
         "results.json",
         "accuracy.png",
-        "linear/summary.json",
-        "gps-k1/gps/delta.safetensors",
+        "train-all/seed-42/linear/summary.json",
+        "train-all/seed-43/gps-k1/gps/delta.safetensors",
     ] {
         assert!(out.join(f).exists(), "missing {f}");
     }

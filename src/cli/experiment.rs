@@ -144,8 +144,15 @@ pub struct ClassifyArgs {
     pub epochs: usize,
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
+    /// The first seed (seeds are seed, seed+1, …; the test set is the same for all).
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Seeds per variant (mean ± std and paired bootstrap intervals over them).
+    #[arg(long, default_value_t = 3)]
+    pub seeds: usize,
+    /// Training-set sizes, comma-separated counts or `all` (the low-data axis), e.g. 32,all.
+    #[arg(long, default_value = "all")]
+    pub train_sizes: String,
     /// Only these variants (comma-separated labels, e.g. gps-k1,full).
     #[arg(long)]
     pub only: Option<String>,
@@ -175,6 +182,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             cfg.epochs = a.epochs;
             cfg.batch_size = a.batch_size;
             cfg.seed = a.seed;
+            cfg.seeds = a.seeds;
+            cfg.train_sizes = gps_seg::train::experiment_seg::parse_sizes(&a.train_sizes)?;
             if let Some(only) = &a.only {
                 let want: Vec<&str> = only.split(',').map(str::trim).collect();
                 if let Some(bad) = want

@@ -265,7 +265,8 @@ impl Task for ClsTrainConfig {
     type Model = Classifier;
     type Data = ClsData;
     type Eval = ClsEval;
-    type Kept = ();
+    /// 1 / 0 per evaluated image (correct or not), in the loader's order.
+    type Kept = Vec<u8>;
     type Summary = ClsRunSummary;
 
     const METHODS: &'static [Method] = &[
@@ -368,15 +369,24 @@ impl Task for ClsTrainConfig {
         loader: &mut Loader<ClsSource>,
         device: &Device,
         obs: &mut dyn Observer,
-    ) -> Result<(ClsEval, ())> {
-        let (test_acc, test_loss) = evaluate(model, loader, device, obs)?;
+    ) -> Result<(ClsEval, Vec<u8>)> {
+        let (test_acc, test_loss, correct) = evaluate_per_image(model, loader, device, obs)?;
         Ok((
             ClsEval {
                 test_acc,
                 test_loss,
             },
-            (),
+            correct,
         ))
+    }
+
+    /// `scores.csv`: one line per test image at the chosen epoch (`index,correct`).
+    fn write_best(&self, run_dir: &Path, _data: &ClsData, kept: &Vec<u8>) -> Result<()> {
+        let mut s = String::from("index,correct\n");
+        for (i, c) in kept.iter().enumerate() {
+            s.push_str(&format!("{i},{c}\n"));
+        }
+        crate::util::fs::write_atomic(&run_dir.join("scores.csv"), s.as_bytes())
     }
 
     fn score(eval: &ClsEval) -> f64 {
@@ -450,6 +460,17 @@ pub fn evaluate(
     device: &Device,
     obs: &mut dyn Observer,
 ) -> Result<(f64, f64)> {
+    evaluate_per_image(model, loader, device, obs).map(|(a, l, _)| (a, l))
+}
+
+/// [`evaluate`], also returning 1 / 0 per image (correct or not) in the loader's order.
+pub fn evaluate_per_image(
+    model: &Classifier,
+    loader: &mut Loader<ClsSource>,
+    device: &Device,
+    obs: &mut dyn Observer,
+) -> Result<(f64, f64, Vec<u8>)> {
+    let mut correct = Vec::with_capacity(loader.len());
     let mut acc = Accuracy::default();
     let total = loader.batches_per_epoch();
     obs.event(Event::PhaseStart {
@@ -466,6 +487,7 @@ pub fn evaluate(
         let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
         let truth = batch.labels.to_vec1::<u32>()?;
         let pairs: Vec<(u32, u32)> = pred.into_iter().zip(truth).collect();
+        correct.extend(pairs.iter().map(|(p, t)| u8::from(p == t)));
         acc.update(&pairs);
         done += 1;
         obs.event(Event::Step {
@@ -481,7 +503,7 @@ pub fn evaluate(
     obs.event(Event::PhaseEnd {
         summary: format!("top-1 {:.2}%  loss {l:.4}  ({n} images)", 100.0 * a),
     });
-    Ok((a, l))
+    Ok((a, l, correct))
 }
 
 fn write_curves(run_dir: &Path, history: &[EpochRecord], step_losses: &[f32]) -> Result<()> {

@@ -61,8 +61,24 @@ pub struct ClsExperimentConfig {
     pub warmup_epochs: usize,
     pub batch_size: usize,
     pub select_batches: Option<usize>,
+    /// The first seed; seeds are `seed`, `seed + 1`, … (the test set is the data's own, the
+    /// same for every seed).
     pub seed: u64,
+    /// Seeds per variant (mean ± std and paired bootstrap intervals over them).
+    #[serde(default = "one")]
+    pub seeds: usize,
+    /// Training-set sizes (`None` = all): the low-data axis.
+    #[serde(default = "all_sizes")]
+    pub train_sizes: Vec<Option<usize>>,
     pub variants: Vec<Variant>,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn all_sizes() -> Vec<Option<usize>> {
+    vec![None]
 }
 
 impl ClsExperimentConfig {
@@ -81,6 +97,8 @@ impl ClsExperimentConfig {
             per_class: 32,
             test_per_class: 16,
             epochs: 6,
+            seeds: 3,
+            train_sizes: vec![None],
             warmup_epochs: 0,
             batch_size: 16,
             select_batches: None,
@@ -134,11 +152,31 @@ impl ClsExperimentConfig {
     }
 }
 
-/// One result row.
+/// One result row: a variant at one training-set size and seed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExperimentRow {
     pub variant: Variant,
+    pub train_size: String,
+    pub seed: u64,
     pub summary: ClsRunSummary,
+    /// 1 / 0 per test image at the val-chosen epoch (`scores.csv`), in the test set's order.
+    pub test_correct: Vec<f64>,
+}
+
+fn read_correct(path: &Path) -> Result<Vec<f64>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    text.lines()
+        .skip(1)
+        .map(|l| {
+            l.split(',')
+                .nth(1)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .ok_or_else(|| Error::Checkpoint {
+                    path: path.to_path_buf(),
+                    msg: format!("bad line `{l}` (expected index,correct)"),
+                })
+        })
+        .collect()
 }
 
 /// Generate the downstream set unless a matching one exists.
@@ -168,8 +206,9 @@ fn downstream_data(cfg: &ClsExperimentConfig, obs: &mut dyn Observer) -> Result<
     Ok(())
 }
 
-/// The markdown table of `rows`.
-pub fn table(cfg: &ClsExperimentConfig, rows: &[ExperimentRow]) -> String {
+/// The markdown table of `rows`: evidence (mean ± std over seeds, paired bootstrap vs GPS
+/// K=1 at each size), then one line per run.
+pub fn table(cfg: &ClsExperimentConfig, rows: &[ExperimentRow]) -> Result<String> {
     let mut s = format!(
         "Downstream synthetic set: {} classes (texture × shape), {} train / {} val / {} test \
          images; backbone `{}` ({}); {} epochs, batch {}, seed {}. The epoch is chosen on val; \
@@ -184,8 +223,26 @@ pub fn table(cfg: &ClsExperimentConfig, rows: &[ExperimentRow]) -> String {
         cfg.batch_size,
         cfg.seed
     );
-    s.push_str("| variant | selection | lr | trainable | trainable % | epoch (val) | val top-1 | test top-1 at that epoch | test top-1, last epoch | s/step | selection s |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+    let mut runs: Vec<crate::stats::VariantRuns> = Vec::new();
+    for r in rows {
+        match runs
+            .iter_mut()
+            .find(|v| v.name == r.variant.label && v.train_size == r.train_size)
+        {
+            Some(v) => v.per_image.push(r.test_correct.clone()),
+            None => runs.push(crate::stats::VariantRuns {
+                name: r.variant.label.clone(),
+                train_size: r.train_size.clone(),
+                trainable: r.summary.trainable,
+                per_image: vec![r.test_correct.clone()],
+            }),
+        }
+    }
+    let ev = crate::stats::evidence_rows(&runs, "gps-k1", 2000, cfg.seed)?;
+    s.push_str(&crate::stats::evidence_markdown(&ev, "top-1", "gps-k1"));
+    s.push_str("\nPer run:\n\n");
+    s.push_str("| train images | seed | variant | selection | lr | trainable | trainable % | epoch (val) | val top-1 | test top-1 at that epoch | test top-1, last epoch | s/step | selection s |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         let sel = match (r.variant.method.criterion(), r.variant.select_loss) {
             (Some(crate::gps::Criterion::Gradient), SelectLoss::SupCon) => {
@@ -198,7 +255,9 @@ pub fn table(cfg: &ClsExperimentConfig, rows: &[ExperimentRow]) -> String {
             (None, _) => "-".into(),
         };
         s.push_str(&format!(
-            "| {} | {} | {:.0e} | {} | {:.3}% | {} | {:.2}% | {:.2}% | {:.2}% | {:.3} | {:.1} |\n",
+            "| {} | {} | {} | {} | {:.0e} | {} | {:.3}% | {} | {:.2}% | {:.2}% | {:.2}% | {:.3} | {:.1} |\n",
+            r.train_size,
+            r.seed,
             r.variant.label,
             sel,
             r.variant.lr,
@@ -212,7 +271,7 @@ pub fn table(cfg: &ClsExperimentConfig, rows: &[ExperimentRow]) -> String {
             r.summary.selection_seconds
         ));
     }
-    s
+    Ok(s)
 }
 
 /// Run every variant into `out/<label>/` (a finished variant, one with `summary.json`, is
@@ -238,40 +297,64 @@ pub fn run_classify(
     write_json_atomic(&out.join("experiment.json"), cfg)?;
     downstream_data(cfg, obs)?;
     let mut rows = Vec::new();
-    for v in &cfg.variants {
-        let run = out.join(&v.label);
-        let rc = cfg.run_config(v);
-        let done = run.join("summary.json");
-        let summary: ClsRunSummary = if done.is_file()
-            && read_json::<ClsTrainConfig>(&run.join("config.json"))
-                .ok()
-                .as_ref()
-                == Some(&rc)
-        {
-            obs.event(Event::Info(format!(
-                "{}: re-using {}",
-                v.label,
-                run.display()
-            )));
-            read_json(&done)?
-        } else {
-            obs.event(Event::Info(format!("=== {} ===", v.label)));
-            let resume = run.join("checkpoints").join("LATEST").is_file();
-            cls::train(&rc, &run, device, resume, obs)?
-        };
-        rows.push(ExperimentRow {
-            variant: v.clone(),
-            summary,
+    if cfg.seeds == 0 || cfg.train_sizes.is_empty() {
+        return Err(Error::Config {
+            field: "seeds".into(),
+            msg: "at least one seed and one training size".into(),
         });
     }
-    let t = table(cfg, &rows);
+    for size in &cfg.train_sizes {
+        let size_name = size.map_or("all".to_string(), |n| n.to_string());
+        for k in 0..cfg.seeds {
+            let seed = cfg.seed + k as u64;
+            for v in &cfg.variants {
+                let run = out
+                    .join(format!("train-{size_name}"))
+                    .join(format!("seed-{seed}"))
+                    .join(&v.label);
+                let mut rc = cfg.run_config(v);
+                rc.seed = seed;
+                rc.train_limit = *size;
+                let done = run.join("summary.json");
+                let summary: ClsRunSummary = if done.is_file()
+                    && read_json::<ClsTrainConfig>(&run.join("config.json"))
+                        .ok()
+                        .as_ref()
+                        == Some(&rc)
+                {
+                    obs.event(Event::Info(format!(
+                        "{}: re-using {}",
+                        v.label,
+                        run.display()
+                    )));
+                    read_json(&done)?
+                } else {
+                    obs.event(Event::Info(format!(
+                        "=== {} · {size_name} train images · seed {seed} ===",
+                        v.label
+                    )));
+                    let resume = run.join("checkpoints").join("LATEST").is_file();
+                    cls::train(&rc, &run, device, resume, obs)?
+                };
+                rows.push(ExperimentRow {
+                    variant: v.clone(),
+                    train_size: size_name.clone(),
+                    seed,
+                    test_correct: read_correct(&run.join("scores.csv"))?,
+                    summary,
+                });
+            }
+        }
+    }
+    let t = table(cfg, &rows)?;
     write_atomic(&out.join("table.md"), t.as_bytes())?;
     write_json_atomic(&out.join("results.json"), &rows)?;
     let bars: Vec<(String, f64)> = rows
         .iter()
+        .filter(|r| r.train_size == rows[0].train_size && r.seed == rows[0].seed)
         .map(|r| (r.variant.label.clone(), 100.0 * r.summary.best_acc))
         .collect();
-    let img = crate::util::draw::bar_chart("BEST HELD-OUT TOP-1 (%)", &bars, 720);
+    let img = crate::util::draw::bar_chart("TEST TOP-1 (%), FIRST SEED", &bars, 720);
     crate::util::draw::save_png(&out.join("accuracy.png"), &img)?;
     Ok((rows, t))
 }
