@@ -23,6 +23,8 @@ pub struct PrecisionBenchConfig {
     pub checkpoint: Option<PathBuf>,
     /// A Kvasir-shaped folder (`images/`, `masks/`) to score each precision on.
     pub data: Option<PathBuf>,
+    /// Or checked inputs to score on (e.g. a training run's test split); wins over `data`.
+    pub inputs: Option<input::Inputs>,
     pub batches: Vec<usize>,
     /// Interleaved timing rounds (each times every precision once per batch size).
     pub rounds: usize,
@@ -133,9 +135,15 @@ pub fn run(cfg: &PrecisionBenchConfig, obs: &mut dyn Observer) -> Result<Vec<Pre
             });
         }
     }
-    if let Some(data) = &cfg.data {
-        let (c, bad) = input::from_folders(&data.join("images"), Some(&data.join("masks")))?;
-        let inputs = input::check(c, bad);
+    let inputs = match (&cfg.inputs, &cfg.data) {
+        (Some(i), _) => Some(i.clone()),
+        (None, Some(data)) => {
+            let (c, bad) = input::from_folders(&data.join("images"), Some(&data.join("masks")))?;
+            Some(input::check(c, bad))
+        }
+        (None, None) => None,
+    };
+    if let Some(inputs) = inputs {
         for (k, (name, _, e)) in engines.iter().enumerate() {
             let mut opts = InferOptions::new(dir.path().join(format!("out-{k}")));
             opts.overlays = false;

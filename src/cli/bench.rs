@@ -218,6 +218,10 @@ pub struct ExportArgs {
     /// Kvasir-shaped folder (images/, masks/) to score each precision on.
     #[arg(long)]
     pub data: Option<std::path::PathBuf>,
+    /// A training run: its merged weights and config, scored on its test split (overrides
+    /// --model and --data).
+    #[arg(long)]
+    pub run: Option<std::path::PathBuf>,
     /// Batch sizes, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 8])]
     pub batch: Vec<usize>,
@@ -232,7 +236,12 @@ pub struct ExportArgs {
 }
 
 fn run_export(a: ExportArgs) -> anyhow::Result<()> {
-    let (checkpoint, sam) = if a.random_init {
+    let mut inputs = None;
+    let (checkpoint, sam) = if let Some(r) = &a.run {
+        let run = gps_seg::infer::RunFolder::open(r)?;
+        inputs = Some(run.test_inputs(None)?);
+        (Some(run.weights()?), run.view.sam.clone())
+    } else if a.random_init {
         let mut s = gps_seg::sam::SamConfig::preset(&a.model)?;
         if let Some(n) = a.image_size {
             s = s.with_image_size(n);
@@ -245,6 +254,7 @@ fn run_export(a: ExportArgs) -> anyhow::Result<()> {
         sam: sam.clone(),
         checkpoint: checkpoint.clone(),
         data: a.data.clone(),
+        inputs,
         batches: a.batch,
         rounds: a.rounds,
         threads: a.threads,
@@ -279,6 +289,11 @@ fn run_export(a: ExportArgs) -> anyhow::Result<()> {
             r.max_abs_dlogit,
             r.mdice.map_or("—".to_string(), |m| format!("{m:.4}"))
         );
+    }
+    match (&a.run, &a.data) {
+        (Some(r), _) => println!("mDice: the test split of run {}", r.display()),
+        (None, Some(d)) => println!("mDice: every image of {}", d.display()),
+        (None, None) => {}
     }
     Ok(())
 }
