@@ -106,6 +106,29 @@ pub struct VariantRuns {
     pub per_image: Vec<Vec<f64>>,
 }
 
+/// Group runs by (variant, training size): `items` yields (name, train size, trainable count,
+/// per-image scores) once per seed, in any order.
+pub fn group_runs<'a>(
+    items: impl IntoIterator<Item = (&'a str, &'a str, usize, &'a [f64])>,
+) -> Vec<VariantRuns> {
+    let mut runs: Vec<VariantRuns> = Vec::new();
+    for (name, size, trainable, scores) in items {
+        match runs
+            .iter_mut()
+            .find(|v| v.name == name && v.train_size == size)
+        {
+            Some(v) => v.per_image.push(scores.to_vec()),
+            None => runs.push(VariantRuns {
+                name: name.into(),
+                train_size: size.into(),
+                trainable,
+                per_image: vec![scores.to_vec()],
+            }),
+        }
+    }
+    runs
+}
+
 /// A row of an evidence table.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvidenceRow {

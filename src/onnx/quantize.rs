@@ -87,6 +87,50 @@ fn ints_of(n: &NodeProto, name: &str) -> Option<Vec<i64>> {
         .map(|a| a.ints.clone())
 }
 
+/// The nodes around one integer op (`MatMulInteger` / `ConvInteger` with `attrs`) that replace
+/// the float op `n`: quantize its input at run time, run the integer op on the int8 weight
+/// `qname`, cast the int32 result back and scale it by `x_scale · w_scale` (`sname`). Returns
+/// the nodes and the name of the scaled output (`<prefix>.ys`), for the caller to finish.
+fn integer_op(
+    n: &NodeProto,
+    index: usize,
+    op: &str,
+    attrs: Vec<AttributeProto>,
+    qname: &str,
+    sname: &str,
+) -> (Vec<NodeProto>, String) {
+    let p = if n.name.is_empty() {
+        format!("q{index}")
+    } else {
+        n.name.clone()
+    };
+    let (xq, xs, xz) = (format!("{p}.xq"), format!("{p}.xs"), format!("{p}.xz"));
+    let (yi, yf, sc, ys) = (
+        format!("{p}.yi"),
+        format!("{p}.yf"),
+        format!("{p}.sc"),
+        format!("{p}.ys"),
+    );
+    let input = n.input.first().map(String::as_str).unwrap_or_default();
+    let mut int_op = node(op, format!("{p}/{op}"), &[&xq, qname, &xz], &[&yi]);
+    int_op.attribute = attrs;
+    let mut cast = node("Cast", format!("{p}/Cast"), &[&yi], &[&yf]);
+    cast.attribute.push(int_attr("to", data_type::FLOAT as i64));
+    let nodes = vec![
+        node(
+            "DynamicQuantizeLinear",
+            format!("{p}/DynamicQuantizeLinear"),
+            &[input],
+            &[&xq, &xs, &xz],
+        ),
+        int_op,
+        cast,
+        node("Mul", format!("{p}/ScaleMul"), &[&xs, sname], &[&sc]),
+        node("Mul", format!("{p}/Mul"), &[&yf, &sc], &[&ys]),
+    ];
+    (nodes, ys)
+}
+
 /// Symmetric int8 per output channel: `w[o][i]` with `rows` channels of `cols` entries each
 /// (`channel_major`), or `w[i][o]` (`!channel_major`). Returns (int8 bytes in the same layout,
 /// scale per channel).
@@ -208,35 +252,12 @@ pub fn quantize_int8(model: &mut ModelProto) -> Result<PrecisionReport> {
                 if let Some(ti) = tr {
                     dropped_nodes.insert(ti);
                 }
-                let p = if n.name.is_empty() {
-                    format!("q{ni}")
-                } else {
-                    n.name.clone()
-                };
-                let (xq, xs, xz) = (format!("{p}.xq"), format!("{p}.xs"), format!("{p}.xz"));
-                let (yi, yf, sc) = (format!("{p}.yi"), format!("{p}.yf"), format!("{p}.sc"));
-                out_nodes.push(node(
-                    "DynamicQuantizeLinear",
-                    format!("{p}/DynamicQuantizeLinear"),
-                    &[&n.input[0]],
-                    &[&xq, &xs, &xz],
-                ));
-                out_nodes.push(node(
-                    "MatMulInteger",
-                    format!("{p}/MatMulInteger"),
-                    &[&xq, &qname, &xz],
-                    &[&yi],
-                ));
-                let mut cast = node("Cast", format!("{p}/Cast"), &[&yi], &[&yf]);
-                cast.attribute.push(int_attr("to", data_type::FLOAT as i64));
-                out_nodes.push(cast);
-                out_nodes.push(node("Mul", format!("{p}/ScaleMul"), &[&xs, &sname], &[&sc]));
-                out_nodes.push(node(
-                    "Mul",
-                    format!("{p}/Mul"),
-                    &[&yf, &sc],
-                    &[&n.output[0]],
-                ));
+                let (nodes, _) = integer_op(n, ni, "MatMulInteger", vec![], &qname, &sname);
+                out_nodes.extend(nodes);
+                // The scaled product takes the MatMul's output name.
+                if let Some(last) = out_nodes.last_mut() {
+                    last.output = vec![n.output[0].clone()];
+                }
                 rep.matmuls += 1;
             }
             "Conv" if n.input.len() >= 2 && inits.contains_key(&n.input[1]) => {
@@ -260,31 +281,9 @@ pub fn quantize_int8(model: &mut ModelProto) -> Result<PrecisionReport> {
                     });
                     new_inits.push(init_f32(&sname, &[1, m as i64, 1, 1], &s));
                 }
-                let p = if n.name.is_empty() {
-                    format!("q{ni}")
-                } else {
-                    n.name.clone()
-                };
-                let (xq, xs, xz) = (format!("{p}.xq"), format!("{p}.xs"), format!("{p}.xz"));
-                let (yi, yf, sc) = (format!("{p}.yi"), format!("{p}.yf"), format!("{p}.sc"));
-                out_nodes.push(node(
-                    "DynamicQuantizeLinear",
-                    format!("{p}/DynamicQuantizeLinear"),
-                    &[&n.input[0]],
-                    &[&xq, &xs, &xz],
-                ));
-                let mut ci = node(
-                    "ConvInteger",
-                    format!("{p}/ConvInteger"),
-                    &[&xq, &qname, &xz],
-                    &[&yi],
-                );
-                ci.attribute = n.attribute.clone();
-                out_nodes.push(ci);
-                let mut cast = node("Cast", format!("{p}/Cast"), &[&yi], &[&yf]);
-                cast.attribute.push(int_attr("to", data_type::FLOAT as i64));
-                out_nodes.push(cast);
-                out_nodes.push(node("Mul", format!("{p}/ScaleMul"), &[&xs, &sname], &[&sc]));
+                let (nodes, ys) =
+                    integer_op(n, ni, "ConvInteger", n.attribute.clone(), &qname, &sname);
+                out_nodes.extend(nodes);
                 match n.input.get(2).filter(|b| !b.is_empty()) {
                     Some(b) => {
                         let bt = inits.get(b).map(|&i| &g.initializer[i]).ok_or_else(|| {
@@ -294,21 +293,19 @@ pub fn quantize_int8(model: &mut ModelProto) -> Result<PrecisionReport> {
                         if made.insert(bname.clone()) {
                             new_inits.push(init_f32(&bname, &[1, m as i64, 1, 1], &f32s(bt)?));
                         }
-                        let ys = format!("{p}.ys");
-                        out_nodes.push(node("Mul", format!("{p}/Mul"), &[&yf, &sc], &[&ys]));
                         out_nodes.push(node(
                             "Add",
-                            format!("{p}/BiasAdd"),
+                            format!("{}/BiasAdd", n.name),
                             &[&ys, &bname],
                             &[&n.output[0]],
                         ));
                     }
-                    None => out_nodes.push(node(
-                        "Mul",
-                        format!("{p}/Mul"),
-                        &[&yf, &sc],
-                        &[&n.output[0]],
-                    )),
+                    None => {
+                        // No bias: the scaled product takes the Conv's output name.
+                        if let Some(last) = out_nodes.last_mut() {
+                            last.output = vec![n.output[0].clone()];
+                        }
+                    }
                 }
                 rep.convs += 1;
             }

@@ -223,21 +223,14 @@ pub fn table(cfg: &ClsExperimentConfig, rows: &[ExperimentRow]) -> Result<String
         cfg.batch_size,
         cfg.seed
     );
-    let mut runs: Vec<crate::stats::VariantRuns> = Vec::new();
-    for r in rows {
-        match runs
-            .iter_mut()
-            .find(|v| v.name == r.variant.label && v.train_size == r.train_size)
-        {
-            Some(v) => v.per_image.push(r.test_correct.clone()),
-            None => runs.push(crate::stats::VariantRuns {
-                name: r.variant.label.clone(),
-                train_size: r.train_size.clone(),
-                trainable: r.summary.trainable,
-                per_image: vec![r.test_correct.clone()],
-            }),
-        }
-    }
+    let runs = crate::stats::group_runs(rows.iter().map(|r| {
+        (
+            r.variant.label.as_str(),
+            r.train_size.as_str(),
+            r.summary.trainable,
+            r.test_correct.as_slice(),
+        )
+    }));
     let ev = crate::stats::evidence_rows(&runs, "gps-k1", 2000, cfg.seed)?;
     s.push_str(&crate::stats::evidence_markdown(&ev, "top-1", "gps-k1"));
     s.push_str("\nPer run:\n\n");

@@ -212,21 +212,14 @@ pub fn table(t: &SegTrainConfig, rows: &[SegExperimentRow]) -> Result<String> {
         t.seed,
         t.min_lr
     );
-    let mut runs: Vec<crate::stats::VariantRuns> = Vec::new();
-    for r in rows {
-        match runs
-            .iter_mut()
-            .find(|v| v.name == r.variant.label && v.train_size == r.train_size)
-        {
-            Some(v) => v.per_image.push(r.test_dice.clone()),
-            None => runs.push(crate::stats::VariantRuns {
-                name: r.variant.label.clone(),
-                train_size: r.train_size.clone(),
-                trainable: r.summary.trainable,
-                per_image: vec![r.test_dice.clone()],
-            }),
-        }
-    }
+    let runs = crate::stats::group_runs(rows.iter().map(|r| {
+        (
+            r.variant.label.as_str(),
+            r.train_size.as_str(),
+            r.summary.trainable,
+            r.test_dice.as_slice(),
+        )
+    }));
     let ev = crate::stats::evidence_rows(&runs, "gps-k1", 2000, t.seed)?;
     s.push_str(&crate::stats::evidence_markdown(&ev, "mDice", "gps-k1"));
     s.push_str("\nPer run:\n\n| train images | seed | variant | lr | trainable % | epoch (val) | val mDice | test mDice | test mIoU | s/step | time |\n");
