@@ -401,3 +401,39 @@ fn experiment_writes_its_table_and_chart() {
     let (_, again) = run_classify(&cfg, &out, &Device::Cpu, &mut Silent).unwrap();
     assert_eq!(again, table);
 }
+
+/// VTAB-1k's two stages: settings are chosen on train800 → val200 (the default run), and the
+/// final stage (`final_stage`) trains on train800val200 and ships the *last* epoch, scored on
+/// test, without a validation split to choose on. Elsewhere the final stage is refused.
+#[test]
+fn vtab_final_stage_trains_on_train800val200_and_ships_the_last_epoch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("vtab");
+    dataset(&data, SynthLayout::Vtab);
+    let mut cfg = tiny_cfg(&data, ClsLayout::Vtab);
+    cfg.method = Method::Linear;
+    cfg.epochs = 3;
+    cfg.final_stage = true;
+    let s = cls::train(
+        &cfg,
+        &tmp.path().join("final"),
+        &Device::Cpu,
+        false,
+        &mut Silent,
+    )
+    .unwrap();
+    assert_eq!(s.train_images, 40, "train800val200: 4 classes × 10");
+    assert_eq!(s.val_images, 0);
+    assert_eq!(s.selected_on, "last");
+    assert_eq!(s.best_epoch, Some(3), "the last epoch ships");
+    assert_eq!(s.best_acc, s.last_acc);
+    // An ImageFolder has no such stage: refused, naming the field.
+    let folder = tmp.path().join("folder");
+    dataset(&folder, SynthLayout::ImageFolder);
+    let mut f = tiny_cfg(&folder, ClsLayout::ImageFolder);
+    f.final_stage = true;
+    let e = cls::train(&f, &tmp.path().join("f"), &Device::Cpu, false, &mut Silent)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("final_stage"), "{e}");
+}

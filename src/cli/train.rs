@@ -45,6 +45,10 @@ pub struct Args {
     /// classify: start the preset from fresh random weights (no checkpoint).
     #[arg(long)]
     pub random_init: bool,
+    /// classify, VTAB-1k: the protocol's final stage — train on train800val200 and ship the
+    /// last epoch, scored on test (choose settings first without it: train800 → val200).
+    #[arg(long = "final")]
+    pub final_stage: bool,
     /// Input size override (pos_embed and rel_pos tables are resized at load).
     #[arg(long)]
     pub image_size: Option<usize>,
@@ -134,6 +138,7 @@ fn refuse_foreign_flags(args: &Args) -> anyhow::Result<()> {
             (args.warmup_epochs.is_some(), "--warmup-epochs"),
             (args.arch.is_some(), "--arch"),
             (args.random_init, "--random-init"),
+            (args.final_stage, "--final"),
         ]
         .into_iter()
         .filter_map(|(given, flag)| given.then_some(flag))
@@ -258,6 +263,7 @@ fn run_classify(args: Args) -> anyhow::Result<()> {
     let mut cfg = ClsTrainConfig::recipe(data_dir, layout, base, model);
     set_core(&mut cfg.core, &args);
     cfg.select_loss = args.select_loss.unwrap_or(cfg.select_loss);
+    cfg.final_stage = args.final_stage;
     cfg.warmup_epochs = args
         .warmup_epochs
         .unwrap_or(cfg.warmup_epochs)

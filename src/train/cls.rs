@@ -88,6 +88,10 @@ pub struct ClsTrainConfig {
     pub warmup_epochs: usize,
     /// Training augmentation.
     pub augment: ClsAugment,
+    /// VTAB-1k's final stage: train on `train800val200`, choose nothing, score the *last*
+    /// epoch on test (after settings were chosen on `train800` → `val200`).
+    #[serde(default)]
+    pub final_stage: bool,
 }
 
 /// The core's fields read and set as the config's own (`cfg.epochs`, `cfg.lr = …`).
@@ -142,6 +146,7 @@ impl ClsTrainConfig {
             temperature: 0.07,
             warmup_epochs: 10,
             augment: ClsAugment::default(),
+            final_stage: false,
         }
     }
 
@@ -178,7 +183,8 @@ pub struct ClsRunSummary {
     pub trainable: usize,
     pub total: usize,
     pub trainable_pct: f64,
-    /// Where the best epoch was chosen: always `"val"` (the test split never chooses).
+    /// How the epoch was chosen: `"val"`, or `"last"` in VTAB's final stage (`--final`: trained
+    /// on train800val200, nothing chosen). The test split never chooses.
     pub selected_on: String,
     /// The epoch with the best validation top-1.
     pub best_epoch: Option<usize>,
@@ -404,13 +410,13 @@ impl Task for ClsTrainConfig {
             trainable: f.trainable,
             total: f.total,
             trainable_pct: f.trainable_pct(),
-            selected_on: "val".into(),
+            selected_on: f.selected_on.clone(),
             best_epoch: f.best_epoch,
             val_acc: f.best_val.test_acc,
             best_acc: f.best.test_acc,
             last_acc: f.last.test_acc,
             train_images: data.train.len(),
-            val_images: data.val.len(),
+            val_images: data.val.as_ref().map_or(0, |v| v.len()),
             test_images: data.test.len(),
             selection_seconds: f.selection_seconds,
             seconds: f.seconds,

@@ -61,7 +61,8 @@ fn limit(ds: ClsDataset, n: Option<usize>, seed: u64, what: &str) -> ClsDataset 
 pub struct ClsData {
     pub train: ClsDataset,
     /// Validation data (the data's own split, or carved from training): chooses the epoch.
-    pub val: ClsDataset,
+    /// `None` in VTAB's final stage (`final_stage`: train800val200 trains, the last epoch ships).
+    pub val: Option<ClsDataset>,
     pub test: ClsDataset,
     /// Where the split came from (e.g. `train800val200.txt / test.txt`).
     pub split: String,
@@ -223,6 +224,9 @@ impl ClsData {
     /// seeded split is written to (and on resume read from) `<run>/split.json`.
     pub fn open(cfg: &ClsTrainConfig, run_dir: &Path) -> Result<ClsData> {
         let root = &cfg.data_dir;
+        if cfg.final_stage {
+            return Self::open_final(cfg);
+        }
         let (train, val, test, mut split) = match cfg.layout {
             ClsLayout::ImageFolder if !root.join("train").is_dir() => {
                 let (a, b, d) = seeded_split(cfg, run_dir)?;
@@ -265,9 +269,53 @@ impl ClsData {
         let model = with_classes(&cfg.model, train.num_classes);
         Ok(ClsData {
             train,
-            val,
+            val: Some(val),
             test,
             split,
+            model,
+        })
+    }
+
+    /// VTAB-1k's final stage: `train800val200` trains, `test` is scored at the last epoch,
+    /// no validation split (the settings were chosen beforehand on train800 → val200).
+    fn open_final(cfg: &ClsTrainConfig) -> Result<ClsData> {
+        let root = &cfg.data_dir;
+        if cfg.layout != ClsLayout::Vtab {
+            return Err(Error::Config {
+                field: "final_stage".into(),
+                msg: format!(
+                    "--final is VTAB-1k's second stage (train800val200 → last epoch on test); \
+                     {} is {:?}",
+                    root.display(),
+                    cfg.layout
+                ),
+            });
+        }
+        let train = ClsDataset::open(root, cfg.layout, ClsSplit::TrainVal, None)?;
+        let test = ClsDataset::open(root, cfg.layout, ClsSplit::Test, Some(train.num_classes))?;
+        crate::data::classification::check_disjoint(&[
+            ("train800val200", &train),
+            ("test", &test),
+        ])?;
+        let train = limit(train, cfg.train_limit, cfg.seed, "train");
+        let test = limit(test, cfg.test_limit, cfg.seed, "test");
+        if train.is_empty() || test.is_empty() || train.num_classes < 2 {
+            return Err(Error::Data {
+                msg: format!(
+                    "{}: {} training and {} test images in {} classes",
+                    root.display(),
+                    train.len(),
+                    test.len(),
+                    train.num_classes
+                ),
+            });
+        }
+        let model = with_classes(&cfg.model, train.num_classes);
+        Ok(ClsData {
+            train,
+            val: None,
+            test,
+            split: "train800val200.txt / test.txt (final stage: the last epoch ships)".into(),
             model,
         })
     }
@@ -306,9 +354,13 @@ impl ClsData {
         self.eval_loader(&self.test, cfg)
     }
 
-    /// Fixed-order loader over the validation images (no augmentation).
-    pub fn val_loader(&self, cfg: &ClsTrainConfig) -> Result<Loader<ClsSource>> {
-        self.eval_loader(&self.val, cfg)
+    /// Fixed-order loader over the validation images (no augmentation); `None` in the final
+    /// stage.
+    pub fn val_loader(&self, cfg: &ClsTrainConfig) -> Result<Option<Loader<ClsSource>>> {
+        self.val
+            .as_ref()
+            .map(|v| self.eval_loader(v, cfg))
+            .transpose()
     }
 
     fn eval_loader(&self, ds: &ClsDataset, cfg: &ClsTrainConfig) -> Result<Loader<ClsSource>> {

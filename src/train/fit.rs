@@ -133,11 +133,16 @@ pub fn evaluate<T: Task>(
     let Loaders {
         mut val, mut test, ..
     } = task.loaders(&data)?;
-    let mut on_val = SplitLabel {
-        inner: obs,
-        split: "val",
+    let val_eval = match val.as_mut() {
+        Some(v) => {
+            let mut on_val = SplitLabel {
+                inner: obs,
+                split: "val",
+            };
+            task.evaluate(&model, v, device, &mut on_val)?.0
+        }
+        None => Default::default(),
     };
-    let (val_eval, _) = task.evaluate(&model, &mut val, device, &mut on_val)?;
     let mut on_test = SplitLabel {
         inner: obs,
         split: "test",
@@ -149,6 +154,7 @@ pub fn evaluate<T: Task>(
         trainable,
         total,
         best_epoch: Some(0),
+        selected_on: "val".into(),
         best_val: val_eval,
         best: eval.clone(),
         last: eval,
@@ -316,7 +322,7 @@ struct Run<'a, T: Task> {
     ckpts: Checkpoints,
     state: StateOf<T>,
     train: Loader<T::Source>,
-    val: Loader<T::Source>,
+    val: Option<Loader<T::Source>>,
     test: Loader<T::Source>,
     schedule: Schedule,
     unit: ScheduleUnit,
@@ -436,13 +442,18 @@ impl<'a, T: Task> Run<'a, T> {
         });
         // The best epoch is chosen on validation data only; the test split is scored every
         // epoch (logged, labelled) and never consulted for a choice.
-        let mut on_val = SplitLabel {
-            inner: obs,
-            split: "val",
+        let val = match self.val.as_mut() {
+            Some(v) => {
+                let mut on_val = SplitLabel {
+                    inner: obs,
+                    split: "val",
+                };
+                self.task
+                    .evaluate(&self.model, v, self.device, &mut on_val)?
+                    .0
+            }
+            None => T::Eval::default(),
         };
-        let (val, _) = self
-            .task
-            .evaluate(&self.model, &mut self.val, self.device, &mut on_val)?;
         let mut on_test = SplitLabel {
             inner: obs,
             split: "test (not used to choose)",
@@ -463,7 +474,12 @@ impl<'a, T: Task> Run<'a, T> {
         });
         state.epochs_done = epoch + 1;
         state.loader = self.train.state();
-        let chosen = best_epoch(&state.history, T::score);
+        // Without a validation split (a protocol's final stage) nothing is chosen: the last
+        // epoch ships.
+        let chosen = match self.val {
+            Some(_) => best_epoch(&state.history, T::score),
+            None => Some(epoch + 1),
+        };
         let is_best = chosen == Some(epoch + 1) && state.best_epoch != chosen;
         state.best_epoch = chosen;
         let params = snapshot(&self.vars);
@@ -596,6 +612,7 @@ impl<'a, T: Task> Run<'a, T> {
             trainable: self.counts.0,
             total: self.counts.1,
             best_epoch: self.state.best_epoch,
+            selected_on: if self.val.is_some() { "val" } else { "last" }.into(),
             best_val: best.map(|r| r.val.clone()).unwrap_or_default(),
             best: test_of(best).unwrap_or_default(),
             last: test_of(history.last()).unwrap_or_default(),

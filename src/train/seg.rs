@@ -133,7 +133,7 @@ pub struct RunSummary {
     pub trainable: usize,
     pub total: usize,
     pub trainable_pct: f64,
-    /// Where the best epoch was chosen: always `"val"` (the test split never chooses).
+    /// How the epoch was chosen: `"val"` (the test split never chooses).
     pub selected_on: String,
     /// The epoch with the best validation mDice (0: the base model, untrained).
     pub best_epoch: Option<usize>,
@@ -253,7 +253,7 @@ impl Task for SegTrainConfig {
     fn loaders(&self, data: &SegData) -> Result<Loaders<SegSource>> {
         Ok(Loaders {
             train: data.train_loader(self)?,
-            val: data.val_loader(self)?,
+            val: Some(data.val_loader(self)?),
             test: data.test_loader(self)?,
         })
     }
@@ -311,7 +311,7 @@ impl Task for SegTrainConfig {
             trainable: f.trainable,
             total: f.total,
             trainable_pct: f.trainable_pct(),
-            selected_on: "val".into(),
+            selected_on: f.selected_on.clone(),
             best_epoch: f.best_epoch,
             val: f.best_val.eval,
             best: f.best.eval,

@@ -28,7 +28,9 @@ pub type BatchOf<T> = <<T as Task>::Source as Source>::Batch;
 /// Every choice (best epoch, the shipped checkpoint) is made on `val`; `test` is only scored.
 pub struct Loaders<S: Source> {
     pub train: Loader<S>,
-    pub val: Loader<S>,
+    /// `None` only for a protocol's final stage that trains on train+val (VTAB-1k's
+    /// `train800val200`): nothing is chosen then, the *last* epoch ships.
+    pub val: Option<Loader<S>>,
     pub test: Loader<S>,
 }
 
@@ -152,8 +154,11 @@ pub struct Fitted<E> {
     pub label: String,
     pub trainable: usize,
     pub total: usize,
-    /// The epoch with the best validation score (0: the base model, not trained).
+    /// The epoch with the best validation score (0: the base model, not trained), or the last
+    /// epoch when the run has no validation split.
     pub best_epoch: Option<usize>,
+    /// How the epoch was chosen: `val`, or `last` (no validation split: nothing was chosen).
+    pub selected_on: String,
     /// Validation metrics at the best epoch (what chose it).
     pub best_val: E,
     /// Test metrics at the best epoch: the shipped model's reported numbers.
