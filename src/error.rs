@@ -80,3 +80,47 @@ impl Error {
         Error::Msg(m.into())
     }
 }
+
+/// Config checks shared by every model config; each error names its field.
+pub mod check {
+    use super::{Error, Result};
+
+    /// `v` must lie in `lo..=hi`.
+    pub fn range(field: &str, v: usize, lo: usize, hi: usize) -> Result<()> {
+        if v < lo || v > hi {
+            return Err(Error::Config {
+                field: field.into(),
+                msg: format!("{v} is outside {lo}..={hi}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// `v` must be finite and positive (an epsilon, a scale).
+    pub fn positive_finite(field: &str, v: f64) -> Result<()> {
+        if !(v.is_finite() && v > 0.0) {
+            return Err(Error::Config {
+                field: field.into(),
+                msg: format!("{v} is not a finite positive number"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Input normalisation: every `mean` finite, every `std` finite and positive.
+    pub fn norm_stats(mean: &[f32], std: &[f32]) -> Result<()> {
+        if mean.iter().any(|m| !m.is_finite()) {
+            return Err(Error::Config {
+                field: "mean".into(),
+                msg: format!("{mean:?} has a non-finite entry"),
+            });
+        }
+        if std.iter().any(|&s| !(s.is_finite() && s > 0.0)) {
+            return Err(Error::Config {
+                field: "std".into(),
+                msg: format!("{std:?} has a non-positive entry"),
+            });
+        }
+        Ok(())
+    }
+}

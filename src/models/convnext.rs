@@ -193,19 +193,8 @@ impl ConvNextConfig {
                 format!("{} is not finite", self.layer_scale_init),
             );
         }
-        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
-            return bad(
-                "layer_norm_eps",
-                format!("{} is not a finite positive number", self.layer_norm_eps),
-            );
-        }
-        if self.mean.iter().any(|m| !m.is_finite()) {
-            return bad("mean", format!("{:?} has a non-finite entry", self.mean));
-        }
-        if self.std.iter().any(|&s| !(s.is_finite() && s > 0.0)) {
-            return bad("std", format!("{:?} has a non-positive entry", self.std));
-        }
-        Ok(())
+        crate::error::check::positive_finite("layer_norm_eps", self.layer_norm_eps)?;
+        crate::error::check::norm_stats(&self.mean, &self.std)
     }
 
     /// Bytes a forward pass of `batch` images needs, roughly (saturating): the f32

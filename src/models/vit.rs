@@ -153,13 +153,7 @@ impl VitConfig {
                 msg,
             })
         };
-        let range = |field: &str, v: usize, lo: usize, hi: usize| {
-            if v < lo || v > hi {
-                bad(field, format!("{v} is outside {lo}..={hi}"))
-            } else {
-                Ok(())
-            }
-        };
+        use crate::error::check::range;
         range("patch_size", self.patch_size, 1, MAX_PATCH)?;
         range(
             "image_size",
@@ -200,19 +194,8 @@ impl VitConfig {
         range("depth", self.depth, 1, MAX_DEPTH)?;
         range("mlp_dim", self.mlp_dim, 1, MAX_MLP_DIM)?;
         range("num_classes", self.num_classes, 1, MAX_CLASSES)?;
-        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
-            return bad(
-                "layer_norm_eps",
-                format!("{} is not a finite positive number", self.layer_norm_eps),
-            );
-        }
-        if self.mean.iter().any(|m| !m.is_finite()) {
-            return bad("mean", format!("{:?} has a non-finite entry", self.mean));
-        }
-        if self.std.iter().any(|&s| !(s.is_finite() && s > 0.0)) {
-            return bad("std", format!("{:?} has a non-positive entry", self.std));
-        }
-        Ok(())
+        crate::error::check::positive_finite("layer_norm_eps", self.layer_norm_eps)?;
+        crate::error::check::norm_stats(&self.mean, &self.std)
     }
 
     /// Bytes a forward pass of `batch` images needs, roughly (saturating): the f32

@@ -158,13 +158,7 @@ impl SamConfig {
                 msg,
             })
         };
-        let range = |field: &str, v: usize, lo: usize, hi: usize| {
-            if v < lo || v > hi {
-                bad(field, format!("{v} is outside {lo}..={hi}"))
-            } else {
-                Ok(())
-            }
-        };
+        use crate::error::check::range;
         range("patch_size", self.patch_size, 1, MAX_PATCH_SIZE)?;
         range(
             "image_size",
