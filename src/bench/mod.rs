@@ -12,4 +12,5 @@ pub mod infer;
 pub mod parity;
 pub mod precision;
 pub mod sam;
+pub mod tasks;
 pub mod train;

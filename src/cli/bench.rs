@@ -39,6 +39,9 @@ pub enum What {
     Export(ExportArgs),
     /// Training step: Candle full vs GPS step (vs PyTorch with --compare --python).
     Train(super::bench_train::Args),
+    /// One base, many tasks: delta ONNX files vs merged models (size, session creation,
+    /// parity, what ONNX Runtime runs) and Candle task switching (time, memory).
+    Tasks(super::bench_tasks::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -80,6 +83,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Ok(())
         }
         What::Train(a) => super::bench_train::run(a),
+        What::Tasks(a) => super::bench_tasks::run(a),
     }
 }
 

@@ -55,6 +55,13 @@ pub struct Args {
     /// providers).
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: Precision,
+    /// One base, many tasks: with `--model RUN` (a GPS training run), write `--out` as a small
+    /// task file on this shared base (written here first if missing, with every weight in
+    /// `<base>.data`): unchanged weights reference the base's data, GPS-changed ones are
+    /// folded ScatterND patches, the fully trained decoder is stored in the task file.
+    /// `--out` must sit in the base's folder.
+    #[arg(long, conflicts_with_all = ["random_init", "quantize", "external_data"])]
+    pub base_onnx: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -268,7 +275,113 @@ fn write(path: &Path, mut model: ModelProto, args: &Args, s: &ExportSummary) -> 
     Ok(())
 }
 
+/// `--base-onnx`: the task file(s) of a GPS run on a shared base (see the flag's help).
+fn run_delta(args: &Args, base_onnx: &Path) -> anyhow::Result<()> {
+    use gps_seg::onnx::delta::{data_file_name, export_sam_task, SamGraph};
+    let run = args.model.as_deref().filter(|m| m.is_dir()).context(
+        "--base-onnx needs --model RUN: a GPS training run folder (with gps/ and config.json)",
+    )?;
+    if args.precision != Precision::F32 {
+        bail!("--base-onnx writes f32 task files; --precision fp16 is not supported with it");
+    }
+    if args.config.is_some() {
+        bail!("--base-onnx takes the SAM config from the run's config.json; drop --config");
+    }
+    let cfg_path = run.join("config.json");
+    let gps_dir = run.join("gps");
+    let with_data =
+        |p: &Path| -> anyhow::Result<PathBuf> { Ok(p.with_file_name(data_file_name(p)?)) };
+    let mut graphs = vec![(
+        SamGraph::PromptFree,
+        base_onnx.to_path_buf(),
+        args.out.clone(),
+    )];
+    if args.prompted {
+        graphs = vec![
+            (
+                SamGraph::ImageEncoder,
+                base_onnx.to_path_buf(),
+                args.out.clone(),
+            ),
+            (
+                SamGraph::PromptedDecoder,
+                decoder_path(base_onnx),
+                decoder_path(&args.out),
+            ),
+        ];
+    }
+    let mut io = gps_seg::util::fs::IoPaths::new()
+        .input("--model", &cfg_path)
+        .input("--model (GPS artifact)", &gps_dir);
+    for (_, base, out) in &graphs {
+        io = io
+            .output("--out", out)
+            .output("--out (external data)", with_data(out)?);
+        if base.exists() {
+            io = io
+                .input("--base-onnx", base)
+                .input("--base-onnx (external data)", with_data(base)?);
+        }
+    }
+    let cfg: gps_seg::train::seg::SegTrainConfig = gps_seg::util::fs::read_json(&cfg_path)
+        .with_context(|| {
+            format!(
+                "{}: --base-onnx supports SAM segmentation runs",
+                cfg_path.display()
+            )
+        })?;
+    if let Some(b) = &cfg.base {
+        io = io.input("--model (base checkpoint)", b);
+    }
+    io.check()?;
+    let dev = candle_core::Device::Cpu;
+    let artifact = gps_seg::gps::Artifact::load(&gps_dir, &dev)
+        .with_context(|| format!("{}: not a GPS run (no artifact)", gps_dir.display()))?;
+    let base = gps_seg::train::seg::base_weights(&cfg, &dev)?;
+    let opts = SamExportOptions {
+        normalize: !args.no_normalize,
+    };
+    for (graph, base_path, out) in &graphs {
+        let e = export_sam_task(*graph, &cfg.sam, &base, &artifact, opts, base_path, out)
+            .with_context(|| format!("exporting the {} task file", graph.name()))?;
+        let r = &e.report;
+        println!(
+            "{} base {} ({} bytes with its data)",
+            if e.base_written { "wrote" } else { "reusing" },
+            e.base_path.display(),
+            e.base_bytes
+        );
+        println!(
+            "wrote task {} ({} bytes = {:.2}% of a merged model): {} GPS tensors ({} entries) \
+             as folded ScatterND, {} fully trained tensors ({} entries) inline, {} weights \
+             shared with the base",
+            e.task.model_path.display(),
+            e.task.model_bytes,
+            100.0 * e.task.model_bytes as f64 / e.base_bytes.max(1) as f64,
+            r.sparse_tensors,
+            r.sparse_entries,
+            r.full_tensors,
+            r.full_entries,
+            r.shared_tensors
+        );
+        if !r.not_in_graph.is_empty() {
+            println!(
+                "  {} tuned tensors are not used by this graph (e.g. {})",
+                r.not_in_graph.len(),
+                r.not_in_graph
+                    .first()
+                    .map(String::as_str)
+                    .unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(b) = args.base_onnx.clone() {
+        return run_delta(&args, &b);
+    }
     if let Some(cfg) = classifier_config(&args)? {
         return run_classifier(&args, cfg);
     }

@@ -15,6 +15,7 @@ pub mod grads;
 pub mod merge;
 pub mod policy;
 pub mod select;
+pub mod switch;
 
 pub use artifact::{delta_from_store, Artifact, BaseModel, GpsConfig, SelectionInfo};
 pub use counts::{CountTotals, Counts, TensorCount};
@@ -22,3 +23,4 @@ pub use grads::{accumulate, grad_roles, GradAccumulator};
 pub use merge::{merge, merge_with_report, MergeReport};
 pub use policy::{Policy, Rule, Treatment};
 pub use select::{select_by_gradient, select_from_grads, Criterion, Level, Selection};
+pub use switch::{TaskSet, TaskSetMemory};

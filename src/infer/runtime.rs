@@ -286,6 +286,44 @@ pub fn environment(
         .ok_or_else(|| Error::Onnx("ONNX Runtime environment not stored".into()))
 }
 
+/// Create a session on `model` with every graph optimisation ONNX Runtime applies by default
+/// and write the optimized model it runs to `out` (for inspecting what ORT folded and fused).
+/// Returns the session creation time in seconds.
+pub fn write_optimized(model: &Path, out: &Path) -> Result<f64> {
+    let (env, _) = environment(None)?;
+    let err = |e: String| Error::Onnx(format!("{}: {e}", model.display()));
+    let t = std::time::Instant::now();
+    let b = Session::builder(env)
+        .map_err(|e| err(e.to_string()))?
+        .with_intra_threads(1)
+        .map_err(|e| err(e.to_string()))?
+        .with_optimized_model_path(out)
+        .map_err(|e| err(e.to_string()))?;
+    let session = {
+        let mut b = b;
+        b.commit_from_file(model)
+    }
+    .map_err(|e| err(e.to_string()))?;
+    let secs = t.elapsed().as_secs_f64();
+    drop(session);
+    Ok(secs)
+}
+
+/// Op types (with counts) of the graph ONNX Runtime actually runs for `model_path`: its
+/// optimized model, written to a temp folder by [`write_optimized`] and read back. The check
+/// that a task file's ScatterND nodes were folded into plain weights.
+pub fn optimized_ops(model_path: &Path) -> Result<std::collections::BTreeMap<String, usize>> {
+    let dir = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+    let out = dir.path().join("optimized.onnx");
+    write_optimized(model_path, &out)?;
+    let m = crate::onnx::read_model(&out)?;
+    let mut ops = std::collections::BTreeMap::new();
+    for n in m.graph.iter().flat_map(|g| g.node.iter()) {
+        *ops.entry(n.op_type.clone()).or_insert(0usize) += 1;
+    }
+    Ok(ops)
+}
+
 /// A graph input or output: name, element type and shape (`-1` = dynamic, e.g. batch).
 #[derive(Debug, Clone, PartialEq)]
 pub struct IoInfo {

@@ -749,16 +749,26 @@ pub fn write_model(path: &Path, model: ModelProto) -> Result<WriteReport> {
 
 /// Write `model` to `path` atomically with the given external-data policy. Both files are
 /// written in full under temp names first; see [`replace_pair`] for how they are put in place.
-pub fn write_model_with(
-    path: &Path,
-    mut model: ModelProto,
-    ext: ExternalData,
-) -> Result<WriteReport> {
+pub fn write_model_with(path: &Path, model: ModelProto, ext: ExternalData) -> Result<WriteReport> {
     let threshold = match ext {
         ExternalData::Never => None,
         ExternalData::Always { threshold_bytes } => Some(threshold_bytes),
         ExternalData::Auto => (model.encoded_len() >= PROTO_LIMIT).then_some(1024),
     };
+    match threshold {
+        None => write_model_external(path, model, |_| false),
+        Some(th) => write_model_external(path, model, |t| t.raw_data.len() >= th),
+    }
+}
+
+/// Write `model` to `path` atomically, moving every initializer with inline data for which
+/// `external` says so to `<path>.data` (4 KiB-aligned offsets). Initializers that already
+/// reference external data are kept as they are (a task file pointing into a base's data).
+pub fn write_model_external(
+    path: &Path,
+    mut model: ModelProto,
+    external: impl Fn(&TensorProto) -> bool,
+) -> Result<WriteReport> {
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -767,10 +777,10 @@ pub fn write_model_with(
     let data_path = path.with_file_name(&data_name);
     let mut blobs: Vec<(usize, Vec<u8>)> = Vec::new();
     let mut offset = 0usize;
-    if let Some(th) = threshold {
+    {
         if let Some(g) = model.graph.as_mut() {
             for t in g.initializer.iter_mut() {
-                if t.raw_data.len() >= th && !t.raw_data.is_empty() {
+                if !t.raw_data.is_empty() && external(t) {
                     let data = std::mem::take(&mut t.raw_data);
                     let len = data.len();
                     t.data_location = data_location::EXTERNAL;

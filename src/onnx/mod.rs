@@ -3,13 +3,14 @@
 
 pub mod builder;
 pub mod classifier;
+pub mod delta;
 pub mod proto;
 pub mod quantize;
 pub mod sam;
 pub mod weights;
 
 pub use builder::{
-    read_model, write_model, write_model_with, Dim, ExternalData, GraphBuilder, Value, WriteReport,
-    IR_VERSION, OPSET,
+    read_model, write_model, write_model_external, write_model_with, Dim, ExternalData,
+    GraphBuilder, Value, WriteReport, IR_VERSION, OPSET,
 };
 pub use proto::ModelProto;

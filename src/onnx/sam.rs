@@ -558,14 +558,7 @@ impl<'a> Ex<'a> {
         self.b.add_metadata("gps_seg.graph", graph);
         self.b.add_metadata("gps_seg.sam_config", &cfg_json);
         if let Some(o) = opts {
-            self.b.add_metadata(
-                "gps_seg.input",
-                if o.normalize {
-                    "RGB f32 in [0,1]; SAM pixel normalisation is applied in-graph"
-                } else {
-                    "SAM-normalised: (rgb255 - pixel_mean) / pixel_std"
-                },
-            );
+            self.b.add_metadata("gps_seg.input", input_metadata(o));
         }
         let unused: Vec<String> = self
             .wt
@@ -599,6 +592,15 @@ impl<'a> Ex<'a> {
             unused_count,
         };
         Ok((model, summary))
+    }
+}
+
+/// The `gps_seg.input` metadata value an export with `opts` writes.
+pub fn input_metadata(opts: SamExportOptions) -> &'static str {
+    if opts.normalize {
+        "RGB f32 in [0,1]; SAM pixel normalisation is applied in-graph"
+    } else {
+        "SAM-normalised: (rgb255 - pixel_mean) / pixel_std"
     }
 }
 

@@ -1,0 +1,285 @@
+//! One base, many tasks: delta ONNX task files on a shared base equal the merged models in
+//! ONNX Runtime (and ORT folds the patches away), bad bases are refused naming the problem, and
+//! Candle task switching is exact in both directions.
+
+mod common;
+
+use common::{max_abs_diff, onnx_checker, ort_ready};
+use gps_seg::bench::tasks::{maps_equal, synthetic_task};
+use gps_seg::gps::TaskSet;
+use gps_seg::infer::runtime::{optimized_ops, OrtModel};
+use gps_seg::onnx::delta::{export_sam_task, SamGraph};
+use gps_seg::onnx::sam::{export_prompt_free, random_sam_weights, SamExportOptions};
+use gps_seg::sam::SamConfig;
+use ndarray::ArrayD;
+use std::path::Path;
+
+fn images(n: usize, s: usize, seed: u64) -> ArrayD<f32> {
+    let mut rng = gps_seg::util::rng::Rng::new(seed);
+    let v: Vec<f32> = (0..n * 3 * s * s).map(|_| rng.f32()).collect();
+    ArrayD::from_shape_vec(vec![n, 3, s, s], v).unwrap()
+}
+
+/// Export two tasks as deltas on one base and as merged models; outputs must agree within 1e-6
+/// at batch 1 and 3, ORT's optimized task graph must hold no ScatterND and as many nodes as the
+/// merged one, and the task file must be a small fraction of the merged one.
+fn delta_equals_merged(cfg: &SamConfig, dir: &Path) {
+    ort_ready();
+    let base = random_sam_weights(cfg, 11).unwrap();
+    let opts = SamExportOptions::default();
+    let base_path = dir.join("base.onnx");
+    let s = cfg.image_size;
+    let (x1, x3) = (images(1, s, 1), images(3, s, 2));
+    let mut outs = Vec::new();
+    for seed in [5u64, 6] {
+        let art = synthetic_task(&base, seed).unwrap();
+        let task = dir.join(format!("task{seed}.onnx"));
+        let e = export_sam_task(
+            SamGraph::PromptFree,
+            cfg,
+            &base,
+            &art,
+            opts,
+            &base_path,
+            &task,
+        )
+        .unwrap();
+        assert_eq!(e.base_written, seed == 5, "the base is written once");
+        assert!(e.report.sparse_tensors > 0 && e.report.full_tensors > 0);
+        let merged = gps_seg::gps::merge(&base, &art).unwrap();
+        let mpath = dir.join(format!("merged{seed}.onnx"));
+        gps_seg::onnx::write_model(&mpath, export_prompt_free(cfg, &merged, opts).unwrap().0)
+            .unwrap();
+        let merged_bytes = std::fs::metadata(&mpath).unwrap().len();
+        assert!(
+            e.task.model_bytes * 4 < merged_bytes,
+            "task file {} B vs merged {merged_bytes} B",
+            e.task.model_bytes
+        );
+        let t = OrtModel::load(&task, 2).unwrap();
+        let m = OrtModel::load(&mpath, 2).unwrap();
+        for x in [&x1, &x3] {
+            let (a, b) = (t.run_f32(x).unwrap(), m.run_f32(x).unwrap());
+            let d = max_abs_diff(&a, &b);
+            assert!(
+                d <= 1e-6,
+                "{} batch {}: max |Δ| {d}",
+                cfg.name,
+                x.shape()[0]
+            );
+        }
+        outs.push(t.run_f32(&x1).unwrap());
+        if seed == 5 {
+            onnx_checker(&[&base_path, &task]);
+        }
+        let ops_t = optimized_ops(&task).unwrap();
+        let ops_m = optimized_ops(&mpath).unwrap();
+        assert!(
+            !ops_t.contains_key("ScatterND"),
+            "ORT did not fold: {ops_t:?}"
+        );
+        assert_eq!(ops_t, ops_m, "ORT runs a different graph for the task file");
+    }
+    // Two tasks give their own outputs.
+    assert!(max_abs_diff(&outs[0], &outs[1]) > 1e-4);
+}
+
+#[test]
+fn delta_onnx_equals_merged_tiny() {
+    let dir = tempfile::tempdir().unwrap();
+    delta_equals_merged(&SamConfig::tiny(), dir.path());
+}
+
+/// ViT-B's architecture (12 blocks, 768 wide, 93.7 M parameters) at a small input so the test
+/// stays cheap; the 1024-px figures are `gps-seg bench tasks --model vit_b`.
+#[test]
+fn delta_onnx_equals_merged_vit_b() {
+    let dir = tempfile::tempdir().unwrap();
+    delta_equals_merged(&SamConfig::vit_b().with_image_size(128), dir.path());
+}
+
+#[test]
+fn bad_bases_and_places_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SamConfig::tiny();
+    let base = random_sam_weights(&cfg, 11).unwrap();
+    let art = synthetic_task(&base, 5).unwrap();
+    let opts = SamExportOptions::default();
+    let base_path = dir.path().join("base.onnx");
+    let task = dir.path().join("t.onnx");
+    export_sam_task(
+        SamGraph::PromptFree,
+        &cfg,
+        &base,
+        &art,
+        opts,
+        &base_path,
+        &task,
+    )
+    .unwrap();
+
+    // An artifact of another base: the base file's hash is named.
+    let other = random_sam_weights(&cfg, 12).unwrap();
+    let foreign = synthetic_task(&other, 5).unwrap();
+    let e = export_sam_task(
+        SamGraph::PromptFree,
+        &cfg,
+        &other,
+        &foreign,
+        opts,
+        &base_path,
+        &dir.path().join("t2.onnx"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("content hash") && e.contains("base.onnx"), "{e}");
+
+    // A task file outside the base's folder.
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let e = export_sam_task(
+        SamGraph::PromptFree,
+        &cfg,
+        &base,
+        &art,
+        opts,
+        &base_path,
+        &sub.join("t.onnx"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("base's folder"), "{e}");
+
+    // A task file (or any non-base model) given as the base.
+    let e = export_sam_task(
+        SamGraph::PromptFree,
+        &cfg,
+        &base,
+        &art,
+        opts,
+        &task,
+        &dir.path().join("t3.onnx"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("not `base`"), "{e}");
+    let plain = dir.path().join("plain.onnx");
+    gps_seg::onnx::write_model(&plain, export_prompt_free(&cfg, &base, opts).unwrap().0).unwrap();
+    let e = export_sam_task(
+        SamGraph::PromptFree,
+        &cfg,
+        &base,
+        &art,
+        opts,
+        &plain,
+        &dir.path().join("t4.onnx"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("not a gps-seg base file"), "{e}");
+
+    // A prompt-free base for the prompted image encoder; another input normalisation.
+    let e = export_sam_task(
+        SamGraph::ImageEncoder,
+        &cfg,
+        &base,
+        &art,
+        opts,
+        &base_path,
+        &dir.path().join("t5.onnx"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("sam_prompt_free"), "{e}");
+    let e = export_sam_task(
+        SamGraph::PromptFree,
+        &cfg,
+        &base,
+        &art,
+        SamExportOptions { normalize: false },
+        &base_path,
+        &dir.path().join("t6.onnx"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("gps_seg.input"), "{e}");
+}
+
+/// Switching in place: after every switch the live weights equal the merged checkpoint bit for
+/// bit, the base comes back bit-identical, a model built on the live tensors computes the
+/// merged model's output, and foreign or untrained artifacts are refused.
+#[test]
+fn candle_task_switching_is_exact() {
+    let cfg = SamConfig::tiny().with_image_size(64);
+    let base = random_sam_weights(&cfg, 3).unwrap();
+    let base_copy: gps_seg::util::tensors::TensorMap = base
+        .iter()
+        .map(|(n, t)| (n.clone(), t.copy().unwrap()))
+        .collect();
+    let arts: Vec<_> = (0..3)
+        .map(|i| synthetic_task(&base, 40 + i).unwrap())
+        .collect();
+    let merged: Vec<_> = arts
+        .iter()
+        .map(|a| gps_seg::gps::merge(&base_copy, a).unwrap())
+        .collect();
+    let dev = candle_core::Device::Cpu;
+    let engine =
+        gps_seg::infer::engine::CandleEngine::from_weights(base.clone(), &cfg, &dev, "live".into())
+            .unwrap();
+    let mut set = TaskSet::new(base).unwrap();
+    for (i, a) in arts.iter().enumerate() {
+        set.add(&format!("t{i}"), a).unwrap();
+    }
+    use gps_seg::infer::engine::Engine;
+    let x = images(1, 64, 9);
+    let x = x.as_slice().unwrap();
+    let seq = [
+        Some(0usize),
+        Some(1),
+        None,
+        Some(2),
+        Some(0),
+        Some(0),
+        Some(1),
+        Some(2),
+        None,
+    ];
+    for step in seq {
+        let name = step.map(|i| format!("t{i}"));
+        set.activate(name.as_deref()).unwrap();
+        let want = match step {
+            Some(i) => &merged[i],
+            None => &base_copy,
+        };
+        assert!(maps_equal(set.live(), want).unwrap(), "after {name:?}");
+        if let Some(i) = step {
+            let reference = gps_seg::infer::engine::CandleEngine::from_weights(
+                merged[i].clone(),
+                &cfg,
+                &dev,
+                "merged".into(),
+            )
+            .unwrap();
+            let a = engine.logits(x, 1).unwrap();
+            let b = reference.logits(x, 1).unwrap();
+            assert_eq!(
+                a.data, b.data,
+                "the model on the live weights ≠ merged, task {i}"
+            );
+        }
+    }
+    assert_eq!(set.active(), None);
+    let e = set.activate(Some("nope")).unwrap_err().to_string();
+    assert!(e.contains("nope") && e.contains("t0"), "{e}");
+    let other = random_sam_weights(&cfg, 4).unwrap();
+    let foreign = synthetic_task(&other, 1).unwrap();
+    let e = set.add("x", &foreign).unwrap_err().to_string();
+    assert!(e.contains("content hash"), "{e}");
+    let mut untrained = arts[0].clone();
+    untrained.delta = None;
+    let e = set.add("u", &untrained).unwrap_err().to_string();
+    assert!(e.contains("never trained"), "{e}");
+    let m = set.memory();
+    assert_eq!(m.merged_copies_bytes, 3 * m.base_bytes);
+}
