@@ -283,3 +283,146 @@ fn candle_task_switching_is_exact() {
     let m = set.memory();
     assert_eq!(m.merged_copies_bytes, 3 * m.base_bytes);
 }
+
+fn gps_seg(args: &[&str]) -> (bool, String) {
+    let r = std::process::Command::new(env!("CARGO_BIN_EXE_gps-seg"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&r.stdout),
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(!text.contains("panicked"), "{args:?}: {text}");
+    (r.status.success(), text)
+}
+
+/// The user's path: two GPS runs → `export --base-onnx` (base written once, then reused) →
+/// `infer` with each task file writes the same masks as `infer` with that run's merged export.
+#[test]
+fn cli_base_and_two_task_files_infer_like_merged_models() {
+    ort_ready();
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |s: &str| tmp.path().join(s).to_string_lossy().into_owned();
+    let (ok, t) = gps_seg(&[
+        "data",
+        "synth-kvasir",
+        "--out",
+        &p("data"),
+        "--count",
+        "10",
+        "--seed",
+        "4",
+        "--max-side",
+        "96",
+    ]);
+    assert!(ok, "{t}");
+    std::fs::create_dir(p("models")).unwrap();
+    for run in ["a", "b"] {
+        let seed = if run == "a" { "1" } else { "2" };
+        let (ok, t) = gps_seg(&[
+            "train",
+            "--model",
+            "tiny",
+            "--image-size",
+            "64",
+            "--data-dir",
+            &p("data"),
+            "--out",
+            &p(run),
+            "--epochs",
+            "1",
+            "--max-steps",
+            "2",
+            "--select-batches",
+            "1",
+            "--seed",
+            seed,
+            "--quiet",
+        ]);
+        assert!(ok, "{t}");
+        let (ok, t) = gps_seg(&[
+            "export",
+            "--model",
+            &p(run),
+            "--base-onnx",
+            &p("models/base.onnx"),
+            "--out",
+            &p(&format!("models/{run}.onnx")),
+        ]);
+        assert!(ok, "{t}");
+        let verb = if run == "a" {
+            "wrote base"
+        } else {
+            "reusing base"
+        };
+        assert!(t.contains(verb), "{t}");
+        let (ok, t) = gps_seg(&[
+            "export",
+            "--model",
+            &p(run),
+            "--out",
+            &p(&format!("{run}-merged.onnx")),
+        ]);
+        assert!(ok, "{t}");
+        for (model, out) in [
+            (
+                p(&format!("models/{run}.onnx")),
+                p(&format!("out-{run}-task")),
+            ),
+            (
+                p(&format!("{run}-merged.onnx")),
+                p(&format!("out-{run}-merged")),
+            ),
+        ] {
+            let (ok, t) = gps_seg(&[
+                "infer",
+                "--model",
+                &model,
+                "--images",
+                &p("data/images"),
+                "--out",
+                &out,
+                "--no-overlays",
+                "--quiet",
+            ]);
+            assert!(ok, "{t}");
+        }
+        let masks = |d: String| -> Vec<(String, Vec<u8>)> {
+            let mut v: Vec<_> = std::fs::read_dir(Path::new(&d).join("masks"))
+                .unwrap()
+                .map(|e| {
+                    let e = e.unwrap();
+                    (
+                        e.file_name().to_string_lossy().into_owned(),
+                        std::fs::read(e.path()).unwrap(),
+                    )
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        let (a, b) = (
+            masks(p(&format!("out-{run}-task"))),
+            masks(p(&format!("out-{run}-merged"))),
+        );
+        assert_eq!(a.len(), 10);
+        assert!(
+            a == b,
+            "run {run}: task-file masks differ from the merged model's"
+        );
+    }
+    // The base is an input now: it may not be overwritten, and a task may not replace it.
+    let (ok, t) = gps_seg(&[
+        "export",
+        "--model",
+        &p("a"),
+        "--base-onnx",
+        &p("models/base.onnx"),
+        "--out",
+        &p("models/base.onnx"),
+    ]);
+    assert!(!ok && t.contains("--base-onnx"), "{t}");
+}
