@@ -77,11 +77,16 @@ impl Client {
         }
         head.push_str("\r\n");
         let s = self.reader.get_mut();
-        s.write_all(head.as_bytes())
+        let sent = s
+            .write_all(head.as_bytes())
             .and_then(|_| s.write_all(body))
-            .and_then(|_| s.flush())
-            .map_err(|e| io(addr, "send", e))?;
-        self.read_response()
+            .and_then(|_| s.flush());
+        match sent {
+            Ok(()) => self.read_response(),
+            // A server may answer (413, 503) and close before the whole body is sent: read
+            // that answer if there is one.
+            Err(e) => self.read_response().map_err(|_| io(addr, "send", e)),
+        }
     }
 
     fn line(&mut self, budget: &mut usize) -> Result<String> {
