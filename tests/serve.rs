@@ -43,8 +43,7 @@ fn fixture() -> &'static Fixture {
         common::ort_ready();
         let dir = tempfile::tempdir().unwrap();
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let cfg: SamConfig =
-            gps_seg::util::fs::read_json(&root.join("sam/sam-tiny.json")).unwrap();
+        let cfg: SamConfig = gps_seg::util::fs::read_json(&root.join("sam/sam-tiny.json")).unwrap();
         let w = gps_seg::util::tensors::load(
             &root.join("sam/sam-tiny.safetensors"),
             &candle_core::Device::Cpu,
@@ -138,7 +137,11 @@ fn each_task_serves_the_mask_infer_writes_byte_for_byte() {
             let r = post(addr, &format!("/v1/segment?task={task}"), &[], &bytes);
             assert_eq!(r.status, 200, "{}", r.text());
             assert_eq!(r.header("content-type"), Some("image/png"));
-            assert!(r.body == want, "task {task}, {}: served mask differs from infer's", img.display());
+            assert!(
+                r.body == want,
+                "task {task}, {}: served mask differs from infer's",
+                img.display()
+            );
             // The summary headers describe this mask.
             let decoded = image::load_from_memory(&r.body).unwrap().to_luma8();
             let (w, h) = imgio::decode_rgb(img).unwrap().dimensions();
@@ -193,7 +196,10 @@ fn each_task_serves_the_mask_infer_writes_byte_for_byte() {
     assert_eq!(t["tasks"][1]["input_size"], 128);
     assert_eq!(t["tasks"][0]["input_size"], 64);
     let m = get(addr, "/metrics").text();
-    assert!(m.contains("gps_seg_requests_total{task=\"polyp\",code=\"200\"} 4"), "{m}");
+    assert!(
+        m.contains("gps_seg_requests_total{task=\"polyp\",code=\"200\"} 4"),
+        "{m}"
+    );
     assert!(m.contains("gps_seg_request_duration_seconds{task=\"other\",quantile=\"0.99\"}"));
     assert!(m.contains("gps_seg_in_flight{task=\"polyp\"} 0"));
     let page = get(addr, "/");
@@ -210,7 +216,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         c ^= u32::from(b);
         for _ in 0..8 {
-            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
         }
     }
     !c
@@ -259,7 +269,12 @@ fn bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving() {
         assert_eq!(r.status, 200, "{}", r.text());
     };
     let cases: Vec<(&str, Response, u16, &str)> = vec![
-        ("empty body", post(addr, seg, &[], b""), 400, "empty request body"),
+        (
+            "empty body",
+            post(addr, seg, &[], b""),
+            400,
+            "empty request body",
+        ),
         (
             "garbage",
             post(addr, seg, &[], b"this is not an image at all"),
@@ -290,7 +305,12 @@ fn bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving() {
             404,
             "unknown task `nope` (tasks: `a`)",
         ),
-        ("no task", post(addr, "/v1/segment", &[], &png), 400, "missing ?task=NAME"),
+        (
+            "no task",
+            post(addr, "/v1/segment", &[], &png),
+            400,
+            "missing ?task=NAME",
+        ),
         (
             "bad format",
             post(addr, "/v1/segment?task=a&format=tiff", &[], &png),
@@ -349,12 +369,25 @@ fn bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving() {
             405,
             "(use GET)",
         ),
-        ("unknown route", get(addr, "/v2/whatever"), 404, "no route GET /v2/whatever"),
+        (
+            "unknown route",
+            get(addr, "/v2/whatever"),
+            404,
+            "no route GET /v2/whatever",
+        ),
     ];
     for (what, r, code, msg) in &cases {
         assert_eq!(r.status, *code, "{what}: {}", r.text());
-        assert!(r.text().contains(msg), "{what}: `{}` lacks `{msg}`", r.text());
-        assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"), "{what}");
+        assert!(
+            r.text().contains(msg),
+            "{what}: `{}` lacks `{msg}`",
+            r.text()
+        );
+        assert_eq!(
+            r.header("content-type"),
+            Some("text/plain; charset=utf-8"),
+            "{what}"
+        );
     }
     ok();
     // A declared body over the limit is refused before it is read.
@@ -363,7 +396,10 @@ fn bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving() {
         format!("POST {seg} HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n").as_bytes(),
     );
     assert_eq!(code, 413, "{text}");
-    assert!(text.contains("over the limit of 1048576 bytes (--max-body-bytes)"), "{text}");
+    assert!(
+        text.contains("over the limit of 1048576 bytes (--max-body-bytes)"),
+        "{text}"
+    );
     // Chunked body over the limit (no Content-Length to refuse up front).
     let mut chunked = format!(
         "POST {seg} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
@@ -385,7 +421,11 @@ fn bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving() {
     // Seeded mutations of a valid PNG and JPEG: an answer below 500 every time.
     let mut rng = gps_seg::util::Rng::new(11);
     for i in 0..40 {
-        let mut b = if i % 2 == 0 { png.clone() } else { jpeg.clone() };
+        let mut b = if i % 2 == 0 {
+            png.clone()
+        } else {
+            jpeg.clone()
+        };
         for _ in 0..1 + rng.below(8) {
             let at = rng.below(b.len());
             b[at] = rng.below(256) as u8;
@@ -395,7 +435,12 @@ fn bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving() {
             b.truncate(cut);
         }
         let r = post(addr, seg, &[], &b);
-        assert!(r.status < 500 && r.status != 0, "mutation {i}: {} {}", r.status, r.text());
+        assert!(
+            r.status < 500 && r.status != 0,
+            "mutation {i}: {} {}",
+            r.status,
+            r.text()
+        );
         if r.status != 200 {
             assert!(!r.text().trim().is_empty(), "mutation {i}: no message");
         }
@@ -437,7 +482,10 @@ fn finish_upload(mut s: TcpStream, rest: &[u8]) -> (u16, String) {
 fn wait_metric(addr: SocketAddr, line: &str) {
     let t0 = Instant::now();
     while !get(addr, "/metrics").text().contains(line) {
-        assert!(t0.elapsed() < Duration::from_secs(20), "metrics never showed `{line}`");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "metrics never showed `{line}`"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -464,8 +512,14 @@ fn a_full_task_answers_503_with_retry_after_and_recovers() {
     assert_eq!(code, 200, "{text}");
     assert_eq!(post(addr, "/v1/segment?task=a", &[], &png).status, 200);
     let m = get(addr, "/metrics").text();
-    assert!(m.contains("gps_seg_requests_total{task=\"a\",code=\"503\"} 1"), "{m}");
-    assert!(m.contains("gps_seg_requests_total{task=\"a\",code=\"200\"} 2"), "{m}");
+    assert!(
+        m.contains("gps_seg_requests_total{task=\"a\",code=\"503\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("gps_seg_requests_total{task=\"a\",code=\"200\"} 2"),
+        "{m}"
+    );
     server.shutdown().unwrap();
 }
 
@@ -483,7 +537,10 @@ fn a_stalled_request_times_out_with_504_and_shutdown_finishes_in_flight_requests
     let _ = s.read_to_end(&mut out);
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 504"), "{text}");
-    assert!(text.contains("no answer within 0.8 s (--timeout-s)"), "{text}");
+    assert!(
+        text.contains("no answer within 0.8 s (--timeout-s)"),
+        "{text}"
+    );
 
     // An upload in flight when shutdown starts still gets its answer.
     let inflight = start_upload(addr, "/v1/segment?task=a", &png, 50);

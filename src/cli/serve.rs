@@ -63,7 +63,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map(|t| TaskSpec::parse(t))
         .collect::<gps_seg::Result<Vec<_>>>()?;
     if !(args.timeout_s.is_finite() && args.timeout_s > 0.0 && args.timeout_s <= 3600.0) {
-        anyhow::bail!("--timeout-s {}: must be above 0 and at most 3600", args.timeout_s);
+        anyhow::bail!(
+            "--timeout-s {}: must be above 0 and at most 3600",
+            args.timeout_s
+        );
     }
     let mut cfg = ServeConfig::new(tasks);
     cfg.host = args.host;

@@ -262,7 +262,8 @@ fn postprocess(
     masks_dir: &Path,
     overlays_dir: &Path,
 ) -> Result<Outcome> {
-    let m = match super::mask::postprocess(logits, size, opts.resize, p.item.size, opts.threshold)? {
+    let m = match super::mask::postprocess(logits, size, opts.resize, p.item.size, opts.threshold)?
+    {
         Ok(m) => m,
         Err(nf) => {
             return Ok(Outcome::NonFinite(BadInput {

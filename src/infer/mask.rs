@@ -107,8 +107,12 @@ pub fn mask_image(pred: &[u8], (h, w): (usize, usize)) -> Result<GrayImage> {
         u32::try_from(w).map_err(|_| Error::msg(format!("mask width {w} too large")))?,
         u32::try_from(h).map_err(|_| Error::msg(format!("mask height {h} too large")))?,
     );
-    GrayImage::from_raw(wu, hu, pred.iter().map(|&v| v * 255).collect())
-        .ok_or_else(|| Error::msg(format!("mask buffer of {} does not match {w}×{h}", pred.len())))
+    GrayImage::from_raw(wu, hu, pred.iter().map(|&v| v * 255).collect()).ok_or_else(|| {
+        Error::msg(format!(
+            "mask buffer of {} does not match {w}×{h}",
+            pred.len()
+        ))
+    })
 }
 
 #[cfg(test)]
@@ -118,7 +122,9 @@ mod tests {
     #[test]
     fn postprocess_maps_back_and_refuses_non_finite() {
         let s = 4;
-        let logits: Vec<f32> = (0..s * s).map(|i| if i % s < 2 { 5.0 } else { -5.0 }).collect();
+        let logits: Vec<f32> = (0..s * s)
+            .map(|i| if i % s < 2 { 5.0 } else { -5.0 })
+            .collect();
         let m = postprocess(&logits, s, Resize::Squash, (3, 8), 0.5)
             .unwrap()
             .unwrap();

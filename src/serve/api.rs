@@ -107,11 +107,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 const PAGE: &str = include_str!("page.html");
 
 async fn page() -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        PAGE,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE).into_response()
 }
 
 async fn healthz() -> &'static str {
@@ -120,18 +116,17 @@ async fn healthz() -> &'static str {
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         st.metrics.render(&st.gauges()),
     )
         .into_response()
 }
 
 async fn sample(State(st): State<Arc<AppState>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "image/png")],
-        st.sample_png.clone(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "image/png")], st.sample_png.clone()).into_response()
 }
 
 /// One entry of `GET /v1/tasks`.
@@ -172,11 +167,7 @@ async fn tasks(State(st): State<Arc<AppState>>) -> Response {
 }
 
 fn json_response(v: &serde_json::Value) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        v.to_string(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
 }
 
 const ROUTES: &str = "GET /, GET /healthz, GET /metrics, GET /v1/tasks, GET /v1/sample.png, \
@@ -283,10 +274,7 @@ async fn segment_inner(
     let Some(task) = task else {
         return Err(err(
             StatusCode::BAD_REQUEST,
-            format!(
-                "missing ?task=NAME (tasks: {})",
-                st.task_names()
-            ),
+            format!("missing ?task=NAME (tasks: {})", st.task_names()),
         ));
     };
     let pool = st.tasks.get(task).cloned().ok_or_else(|| {
@@ -342,7 +330,8 @@ async fn segment_inner(
             body,
             st.max_body_bytes,
             declared.and_then(|n| usize::try_from(n).ok()).unwrap_or(0),
-        ).await?;
+        )
+        .await?;
         run_segment(st, &pool, admission, bytes, content_type, t0).await
     };
     let result = tokio::time::timeout(st.timeout, work).await.map_err(|_| {
@@ -418,7 +407,12 @@ fn content_type(h: &HeaderMap) -> Result<BodyKind, ApiError> {
     let s = v
         .to_str()
         .map_err(|_| err(StatusCode::BAD_REQUEST, "Content-Type is not ASCII"))?;
-    let mime = s.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let mime = s
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     if mime == "multipart/form-data" {
         return Ok(BodyKind::Multipart(s.to_string()));
     }
@@ -461,8 +455,9 @@ async fn run_segment(
     let prep = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
         let img = match &kind {
             BodyKind::Raw => &bytes[..],
-            BodyKind::Multipart(ct) => wire::multipart_image(ct, &bytes)
-                .map_err(|m| err(StatusCode::BAD_REQUEST, m))?,
+            BodyKind::Multipart(ct) => {
+                wire::multipart_image(ct, &bytes).map_err(|m| err(StatusCode::BAD_REQUEST, m))?
+            }
         };
         if img.is_empty() {
             return Err(err(StatusCode::BAD_REQUEST, "the image field is empty"));
@@ -538,7 +533,10 @@ fn png_response((summary, png): (SegmentResult, Vec<u8>)) -> Response {
         }
     };
     put("x-mask-area", summary.mask_area.to_string());
-    put("x-mean-probability", format!("{:.6}", summary.mean_probability));
+    put(
+        "x-mean-probability",
+        format!("{:.6}", summary.mean_probability),
+    );
     put("x-inference-ms", format!("{:.3}", summary.inference_ms));
     put("x-total-ms", format!("{:.3}", summary.total_ms));
     put(

@@ -145,7 +145,9 @@ impl Client {
                     break;
                 }
                 if r.body.len().saturating_add(n) > MAX_BODY {
-                    return Err(Error::msg(format!("http://{addr}: response body too large")));
+                    return Err(Error::msg(format!(
+                        "http://{addr}: response body too large"
+                    )));
                 }
                 let start = r.body.len();
                 r.body.resize(start + n, 0);
@@ -159,7 +161,9 @@ impl Client {
                 .parse()
                 .map_err(|_| Error::msg(format!("http://{addr}: bad Content-Length `{len}`")))?;
             if n > MAX_BODY {
-                return Err(Error::msg(format!("http://{addr}: response body too large")));
+                return Err(Error::msg(format!(
+                    "http://{addr}: response body too large"
+                )));
             }
             r.body.resize(n, 0);
             self.reader

@@ -170,7 +170,10 @@ impl ServeConfig {
             return bad("threshold", "must be a probability in (0, 1)".into());
         }
         if !(1..=64).contains(&self.io_threads) {
-            return bad("io_threads", format!("{}: must be 1 to 64", self.io_threads));
+            return bad(
+                "io_threads",
+                format!("{}: must be 1 to 64", self.io_threads),
+            );
         }
         Ok(())
     }
@@ -314,8 +317,9 @@ impl Server {
             .as_ref()
             .ok_or_else(|| Error::msg("server already stopped"))?;
         let which = rt.block_on(async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .map_err(|e| Error::msg(format!("cannot watch SIGTERM: {e}")))?;
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .map_err(|e| Error::msg(format!("cannot watch SIGTERM: {e}")))?;
             tokio::select! {
                 _ = term.recv() => Ok::<_, Error>("SIGTERM"),
                 r = tokio::signal::ctrl_c() => {

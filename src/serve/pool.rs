@@ -162,7 +162,9 @@ impl TaskPool {
 
     /// One line describing the model (first session).
     pub fn describe(&self) -> String {
-        self.engines.first().map_or_else(String::new, |e| e.describe())
+        self.engines
+            .first()
+            .map_or_else(String::new, |e| e.describe())
     }
 
     /// Requests running on a session now.

@@ -47,9 +47,7 @@ pub fn parse_query(q: Option<&str>) -> Result<Vec<(String, String)>, String> {
     let Some(q) = q else { return Ok(out) };
     for kv in q.split('&').filter(|s| !s.is_empty()) {
         if out.len() == MAX_QUERY_PARAMS {
-            return Err(format!(
-                "more than {MAX_QUERY_PARAMS} query parameters"
-            ));
+            return Err(format!("more than {MAX_QUERY_PARAMS} query parameters"));
         }
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
         let (k, v) = (percent_decode(k)?, percent_decode(v)?);
@@ -127,8 +125,9 @@ pub fn multipart_parts<'a>(boundary: &str, body: &'a [u8]) -> Result<Vec<Part<'a
         let start = hend + 4;
         let mut next_delim = b"\r\n".to_vec();
         next_delim.extend_from_slice(delim);
-        let end = find(body, &next_delim, start)
-            .ok_or_else(|| "multipart part is not closed by its boundary (truncated?)".to_string())?;
+        let end = find(body, &next_delim, start).ok_or_else(|| {
+            "multipart part is not closed by its boundary (truncated?)".to_string()
+        })?;
         parts.push(Part {
             name: disposition_param(headers, "name").unwrap_or_default(),
             filename: disposition_param(headers, "filename"),
