@@ -3,7 +3,9 @@
 # shipped sam-tiny (Candle engine, no ONNX Runtime needed), then headless Chromium (Debian's
 # `chromium` package) loads <out>/report.html from disk, takes a screenshot, and the DOM it
 # ends up with must hold the summary, the Dice histogram and one table row per image; then a
-# two-epoch training run's report.html must show its curves and one row per epoch.
+# two-epoch training run's report.html must show its curves and one row per epoch; last,
+# `gps-seg serve` runs the shipped sam-tiny (exported to ONNX in WORKDIR) on a free port and
+# the page at `/?sample=1` must segment the server's sample image and show the overlay.
 #
 #   scripts/browser-check.sh [WORKDIR]      # WORKDIR new or empty; needs chromium
 set -euo pipefail
@@ -53,4 +55,27 @@ PY
 )
 grep -q '>val.eval.mdice</text>' "$work/run-dom.html" || { echo "browser-check: run page lacks the val curve" >&2; exit 1; }
 [ "$epochs" = 2 ] || { echo "browser-check: the run page's epoch table has $epochs rows, expected 2" >&2; exit 1; }
-echo "browser-check: ok (infer page: $rows rows, histogram, summary; run page: $epochs epochs, curves; screenshots $work/report.png, $work/run.png)"
+# The serve page: `/?sample=1&task=polyp` fetches /v1/sample.png, segments it and draws the
+# overlay (`<img id="overlay">` gets a PNG data URL, `#status` data-state="done").
+"$bin" export --model sam/sam-tiny.safetensors --config sam/sam-tiny.json --out "$work/polyp.onnx" >/dev/null
+"$bin" serve --task polyp="$work/polyp.onnx" --port 0 --threads 1 >"$work/serve.out" 2>"$work/serve.err" &
+serve_pid=$!
+trap 'kill "$serve_pid" 2>/dev/null || true' EXIT
+addr=""
+for _ in $(seq 100); do
+  addr=$(sed -n 's/^listening on //p' "$work/serve.out")
+  [ -n "$addr" ] && break
+  kill -0 "$serve_pid" 2>/dev/null || { cat "$work/serve.err" >&2; echo "browser-check: serve exited" >&2; exit 1; }
+  sleep 0.1
+done
+[ -n "$addr" ] || { echo "browser-check: serve printed no address" >&2; exit 1; }
+url="$addr/?sample=1&task=polyp"
+chromium "${flags[@]}" --virtual-time-budget=15000 --screenshot="$work/serve.png" "$url" 2>/dev/null
+chromium "${flags[@]}" --virtual-time-budget=15000 --dump-dom "$url" 2>/dev/null >"$work/serve-dom.html"
+grep -q 'id="status" data-state="done"' "$work/serve-dom.html" \
+  || { echo "browser-check: the serve page did not finish: $(grep -o 'id="status"[^<]*' "$work/serve-dom.html")" >&2; exit 1; }
+grep -q '<img id="overlay"[^>]*src="data:image/png;base64,' "$work/serve-dom.html" \
+  || { echo "browser-check: the serve page shows no overlay" >&2; exit 1; }
+[ -s "$work/serve.png" ] || { echo "browser-check: no serve screenshot" >&2; exit 1; }
+kill -TERM "$serve_pid"; wait "$serve_pid" || true; trap - EXIT
+echo "browser-check: ok (infer page: $rows rows, histogram, summary; run page: $epochs epochs, curves; serve page: overlay drawn; screenshots $work/report.png, $work/run.png, $work/serve.png)"

@@ -5,7 +5,7 @@
 //! Folders follow the data flow (see `docs/ARCHITECTURE.md`):
 //! [`data`] → [`sam`]/[`models`] (built on [`nn`]) → [`gps`] → [`train`] → [`onnx`] → [`infer`].
 //! Models know nothing of training; [`gps`] never imports a model; inference never imports
-//! training. Benchmarks and device checks live apart in [`bench`], which may import everything.
+//! training; [`serve`] is the HTTP server over inference. Benchmarks and device checks live apart in [`bench`], which may import everything.
 
 pub mod bench;
 pub mod data;
@@ -20,6 +20,7 @@ pub mod onnx;
 pub mod pipeline;
 pub mod progress;
 pub mod sam;
+pub mod serve;
 pub mod stats;
 pub mod train;
 pub mod util;

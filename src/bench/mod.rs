@@ -5,6 +5,7 @@
 //! - [`sam`]: prompt-free SAM forward / forward + backward speed and the analytic FLOP count;
 //! - [`train`]: a full fine-tuning step against a GPS step (Candle, and PyTorch via a script);
 //! - [`data`]: data-pipeline throughput; [`infer`]: ONNX Runtime against the Candle SAM;
+//! - [`serve`]: the HTTP server under closed-loop load against plain ONNX Runtime;
 //! - [`parity`]: forward + backward of a device against the CPU reference path.
 
 pub mod data;
@@ -13,4 +14,5 @@ pub mod parity;
 pub mod precision;
 pub mod sam;
 pub mod tasks;
+pub mod serve;
 pub mod train;

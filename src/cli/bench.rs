@@ -42,6 +42,10 @@ pub enum What {
     /// One base, many tasks: delta ONNX files vs merged models (size, session creation,
     /// parity, what ONNX Runtime runs) and Candle task switching (time, memory).
     Tasks(super::bench_tasks::Args),
+    /// `gps-seg serve` under closed-loop load (N clients, fixed request count) for 1 vs 3
+    /// tasks: throughput, p50/p95/p99 latency, errors, memory, and the serving overhead
+    /// against plain ONNX Runtime on the same engine and images (batch 1, no HTTP).
+    Serve(ServeArgs),
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -84,7 +88,98 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         What::Train(a) => super::bench_train::run(a),
         What::Tasks(a) => super::bench_tasks::run(a),
+        What::Serve(a) => run_serve(a),
     }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// SAM preset or checkpoint for task 0 (as `--model` elsewhere; `tiny` = the shipped
+    /// sam-tiny); the other tasks get seeded random weights of the same architecture.
+    #[arg(long, default_value = "tiny")]
+    pub model: String,
+    /// Input size (default: the model's).
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Task counts, comma-separated (one set of rows each).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 3])]
+    pub tasks: Vec<usize>,
+    /// Concurrent clients, comma-separated (one row each per task count).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 4])]
+    pub clients: Vec<usize>,
+    /// Requests per row.
+    #[arg(long, default_value_t = 200)]
+    pub requests: usize,
+    /// Sessions per task.
+    #[arg(long, default_value_t = 1)]
+    pub sessions: usize,
+    /// ONNX Runtime intra-op threads per session (and for plain ONNX Runtime).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Distinct synthetic images cycled through.
+    #[arg(long, default_value_t = 8)]
+    pub images: usize,
+    /// Largest image side.
+    #[arg(long, default_value_t = 320)]
+    pub max_side: usize,
+    #[arg(long)]
+    pub ort_lib: Option<std::path::PathBuf>,
+}
+
+fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
+    let (checkpoint, sam) = super::common::resolve_sam(&a.model, a.image_size)?;
+    let cfg = gps_seg::bench::serve::ServeBenchConfig {
+        sam: sam.clone(),
+        checkpoint: checkpoint.clone(),
+        task_counts: a.tasks,
+        clients: a.clients,
+        requests: a.requests,
+        sessions: a.sessions,
+        threads: a.threads,
+        images: a.images,
+        max_side: a.max_side,
+        ort_lib: a.ort_lib,
+    };
+    let mut progress = super::progress::Progress::new(true);
+    let r = gps_seg::bench::serve::run(&cfg, &mut progress)?;
+    let command: Vec<String> = std::env::args().collect();
+    println!("{}", gps_seg::util::cpu::describe(cfg.threads));
+    println!(
+        "{} UTC; `{}`",
+        gps_seg::bench::serve::utc_now(),
+        command.join(" ")
+    );
+    println!(
+        "prompt-free SAM `{}` {}px ({}, {:.1} MB per task file); {} synthetic PNGs up to {} px; \
+         {} session(s) per task, {} intra-op thread(s) each; clients in the same process",
+        sam.name,
+        sam.image_size,
+        checkpoint
+            .as_ref()
+            .map_or("random weights".to_string(), |p| p.display().to_string()),
+        r.model_bytes as f64 / 1e6,
+        r.image_sizes.len(),
+        cfg.max_side,
+        cfg.sessions,
+        cfg.threads
+    );
+    println!("| mode | tasks | clients | requests | errors | req/s | mean ms | p50 ms | p95 ms | p99 ms | model ms | RSS MB | peak RSS MB |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for w in &r.rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} |",
+            w.mode, w.tasks, w.clients, w.requests, w.errors, w.per_s, w.mean_ms, w.p50_ms,
+            w.p95_ms, w.p99_ms, w.model_ms, w.rss_mb, w.peak_rss_mb
+        );
+    }
+    for (t, o) in &r.overhead_pct {
+        println!(
+            "serving overhead, {t} task(s), 1 client: {o:+.1} % of model time \
+             ((serve p50 − plain infer-pipeline p50) / plain model-only p50)"
+        );
+    }
+    println!("(peak RSS is the process's VmHWM so far, so it only grows down the table)");
+    Ok(())
 }
 
 #[derive(Debug, clap::Args)]

@@ -22,6 +22,7 @@ pub mod progress;
 pub mod report;
 pub mod runtime;
 pub mod select;
+pub mod serve;
 pub mod train;
 
 /// Fine-tune big pretrained vision models by changing a tiny, gradient-chosen subset of their
@@ -64,6 +65,9 @@ pub enum Command {
     Report(report::Args),
     /// Evidence tables: GPS against its baselines (`experiment classify`).
     Experiment(experiment::Args),
+    /// HTTP server over ONNX Runtime sessions: `--task NAME=FILE.onnx` (repeatable);
+    /// `POST /v1/segment?task=NAME` answers the mask PNG.
+    Serve(serve::Args),
     /// Check a device against the CPU: forward + backward of the prompt-free SAM, max relative
     /// error of the logits, the loss and every gradient (non-zero exit above the tolerance).
     Parity(parity::Args),
@@ -86,5 +90,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Infer(a) => infer::run(a),
         Command::Experiment(a) => experiment::run(a),
         Command::Parity(a) => parity::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }

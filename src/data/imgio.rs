@@ -207,8 +207,17 @@ pub fn dimensions(path: &Path) -> Result<(usize, usize)> {
 
 fn decode(path: &Path) -> Result<image::DynamicImage> {
     let bytes = read_bounded(path)?;
-    let (w, h) = checked_header(path, &bytes)?;
-    let mut reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
+    decode_checked(path, &bytes)
+}
+
+/// The checks of a file read ([`MAX_FILE_BYTES`], pixel cap from the header, JPEG structure),
+/// then decoding with the decoder's allocations bounded by the header's size.
+fn decode_checked(path: &Path, bytes: &[u8]) -> Result<image::DynamicImage> {
+    if bytes.is_empty() {
+        return Err(bad_image(path, "empty (0 bytes)"));
+    }
+    let (w, h) = checked_header(path, bytes)?;
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| Error::io(path, e))?;
     // The decoder may allocate what the (checked) header declares, in 16-bit RGBA at most.
@@ -223,6 +232,23 @@ fn decode(path: &Path) -> Result<image::DynamicImage> {
 /// Decode any supported image as 8-bit RGB.
 pub fn decode_rgb(path: &Path) -> Result<RgbImage> {
     Ok(decode(path)?.to_rgb8())
+}
+
+/// Decode an image held in memory (an HTTP request body) as 8-bit RGB, with the same checks
+/// as a file ([`MAX_FILE_BYTES`], the pixel cap read from the header before decoding, JPEG
+/// truncation and zeroed bodies); errors name `label` where a file's would name its path.
+pub fn decode_rgb_bytes(label: &str, bytes: &[u8]) -> Result<RgbImage> {
+    let name = Path::new(label);
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(bad_image(
+            name,
+            format!(
+                "{} bytes, over the {MAX_FILE_BYTES}-byte limit for an image",
+                bytes.len()
+            ),
+        ));
+    }
+    Ok(decode_checked(name, bytes)?.to_rgb8())
 }
 
 /// Decode any supported image as 8-bit grey (RGB masks are converted by luma).
@@ -253,12 +279,21 @@ pub fn write_png<P>(path: &Path, img: &image::ImageBuffer<P, Vec<u8>>) -> Result
 where
     P: image::PixelWithColorType<Subpixel = u8>,
 {
+    let buf = encode_png(img).map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
+    crate::util::fs::write_atomic(path, &buf)
+}
+
+/// The PNG bytes [`write_png`] writes (one encoder, so a served mask equals a written one).
+pub fn encode_png<P>(img: &image::ImageBuffer<P, Vec<u8>>) -> Result<Vec<u8>>
+where
+    P: image::PixelWithColorType<Subpixel = u8>,
+{
     use image::ImageEncoder;
     let mut buf = Vec::new();
     image::codecs::png::PngEncoder::new(&mut buf)
         .write_image(img.as_raw(), img.width(), img.height(), P::COLOR_TYPE)
-        .map_err(|e| Error::msg(format!("{}: PNG encoding failed: {e}", path.display())))?;
-    crate::util::fs::write_atomic(path, &buf)
+        .map_err(|e| Error::msg(format!("PNG encoding failed: {e}")))?;
+    Ok(buf)
 }
 
 /// Collects every problem found while opening a dataset, one line each, and turns them into a

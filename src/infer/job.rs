@@ -12,12 +12,11 @@
 use super::engine::Engine;
 use super::input::{bad_from, BadInput, InputItem, Inputs};
 use crate::data::imgio;
-use crate::data::resize::{self, to_original, Resize};
+use crate::data::resize::Resize;
 use crate::error::{Error, Result};
 use crate::metrics::{ImageScore, Metric, PooledCounts, SegInput, SegMetrics, SegReport};
 use crate::progress::{Event, Observer};
 use crate::util::fs::{write_atomic, write_json_atomic};
-use image::GrayImage;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -233,18 +232,11 @@ fn prepare(item: &InputItem, s: usize, resize: Resize) -> std::result::Result<Pr
         None => None,
     };
     // Same path as the training loader: u8 resize, then / 255.
-    let chw = resize::resize_rgb_chw_u8(&rgb, s, resize)
-        .into_iter()
-        .map(|v| v as f32 / 255.0)
-        .collect();
+    let chw = super::mask::preprocess(&rgb, s, resize);
     let mut item = item.clone();
     item.size = (h, w);
     let rgb = (h.saturating_mul(w) <= KEEP_DECODED_PIXELS).then_some(rgb);
     Ok(Prepared { item, rgb, chw, gt })
-}
-
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
 }
 
 /// What post-processing one image gave: a result, or a model output that cannot be scored.
@@ -270,31 +262,20 @@ fn postprocess(
     masks_dir: &Path,
     overlays_dir: &Path,
 ) -> Result<Outcome> {
-    let bad = logits.iter().filter(|l| !l.is_finite()).count();
-    if bad > 0 {
-        return Ok(Outcome::NonFinite(BadInput {
-            path: p.item.image.clone(),
-            reason: format!(
-                "the model gave {bad} non-finite logit(s) of {} for this image (NaN/Inf weights \
-                 or input); not scored",
-                logits.len()
-            ),
-        }));
-    }
-    let probs: Vec<f32> = logits.iter().map(|&l| sigmoid(l)).collect();
-    let orig = to_original(&probs, size, opts.resize, p.item.size)?;
+    let m = match super::mask::postprocess(logits, size, opts.resize, p.item.size, opts.threshold)?
+    {
+        Ok(m) => m,
+        Err(nf) => {
+            return Ok(Outcome::NonFinite(BadInput {
+                path: p.item.image.clone(),
+                reason: format!("{nf}; not scored"),
+            }))
+        }
+    };
     let (h, w) = p.item.size;
-    let pred: Vec<u8> = orig
-        .iter()
-        .map(|&v| u8::from(v >= opts.threshold))
-        .collect();
-    let png = GrayImage::from_raw(w as u32, h as u32, pred.iter().map(|&v| v * 255).collect())
-        .ok_or_else(|| {
-            Error::msg(format!(
-                "mask buffer for {} does not match {w}×{h}",
-                p.item.id
-            ))
-        })?;
+    let (orig, pred) = (m.prob, m.pred);
+    let png = super::mask::mask_image(&pred, (h, w))
+        .map_err(|e| Error::msg(format!("{}: {e}", p.item.id)))?;
     imgio::write_png(&masks_dir.join(format!("{}.png", p.item.id)), &png)?;
     if opts.overlays {
         let rgb = match p.rgb {
@@ -565,7 +546,7 @@ mod tests {
     use crate::infer::engine::Logits;
     use crate::infer::input::{check, from_folders};
     use crate::progress::Silent;
-    use image::RgbImage;
+    use image::{GrayImage, RgbImage};
 
     /// Predicts "bright": logit = 8·(mean RGB − 0.5), so a white square on black is found.
     struct Bright(usize);

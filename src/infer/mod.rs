@@ -1,6 +1,6 @@
 //! Batch inference: ONNX Runtime provisioning and sessions ([`runtime`]), the images of a job
 //! checked up front ([`input`]), engines (ONNX Runtime on an exported graph, or the Candle SAM,
-//! [`engine`]), the batched pre-process → run → post-process job with its reports ([`job`]),
+//! [`engine`]), one image's pre- and post-processing shared with the server ([`mask`]), the batched pre-process → run → post-process job with its reports ([`job`]),
 //! merged shard reports ([`report`]) and training-run folders ([`run`]); the engine benchmark is
 //! `crate::bench::infer`.
 //!
@@ -10,6 +10,7 @@
 pub mod engine;
 pub mod input;
 pub mod job;
+pub mod mask;
 pub mod report;
 pub mod run;
 pub mod runtime;

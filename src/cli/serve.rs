@@ -1,0 +1,95 @@
+//! `gps-seg serve --task NAME=FILE.onnx [--task NAME2=…]`: the HTTP server of `gps_seg::serve`
+//! until SIGTERM/SIGINT.
+
+use super::progress::Progress;
+use gps_seg::progress::{Event, Observer};
+use gps_seg::serve::{ServeConfig, Server, TaskSpec};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A task: NAME=FILE.onnx (a prompt-free export, `gps-seg export`); repeat for more tasks.
+    #[arg(long = "task", required = true, value_name = "NAME=FILE")]
+    pub tasks: Vec<String>,
+    /// Address to listen on (127.0.0.1: this machine only).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port (0: any free port, printed at start).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// ONNX Runtime sessions per task (requests of one task run in parallel up to this).
+    #[arg(long, default_value_t = 1)]
+    pub sessions: usize,
+    /// Intra-op threads per session (0: ONNX Runtime's default, all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Requests per task that may wait beyond its busy sessions; the next gets 503 +
+    /// Retry-After.
+    #[arg(long, default_value_t = 8)]
+    pub queue: usize,
+    /// Largest request body (bytes).
+    #[arg(long, default_value_t = 32 << 20)]
+    pub max_body_bytes: usize,
+    /// Largest image (width × height), checked from the header before decoding.
+    #[arg(long, default_value_t = gps_seg::data::imgio::DEFAULT_MAX_PIXELS)]
+    pub max_pixels: u64,
+    /// Seconds from a request's arrival to its answer (else 504).
+    #[arg(long, default_value_t = 30.0)]
+    pub timeout_s: f64,
+    /// Probability threshold of the masks.
+    #[arg(long, default_value_t = 0.5)]
+    pub threshold: f32,
+    /// squash (GPS reference) or pad (SAM's longest side + padding), as `infer --resize`.
+    #[arg(long, default_value = "squash")]
+    pub resize: String,
+    /// libonnxruntime.so to use (otherwise searched, and fetched once when missing).
+    #[arg(long)]
+    pub ort_lib: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    // A client that goes away mid-answer must not stop the server (main restores SIGPIPE's
+    // default for command-line pipes).
+    #[cfg(unix)]
+    // SAFETY: changes only the SIGPIPE disposition, before the server's threads start.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    gps_seg::data::imgio::set_max_pixels(args.max_pixels)?;
+    let tasks = args
+        .tasks
+        .iter()
+        .map(|t| TaskSpec::parse(t))
+        .collect::<gps_seg::Result<Vec<_>>>()?;
+    if !(args.timeout_s.is_finite() && args.timeout_s > 0.0 && args.timeout_s <= 3600.0) {
+        anyhow::bail!(
+            "--timeout-s {}: must be above 0 and at most 3600",
+            args.timeout_s
+        );
+    }
+    let mut cfg = ServeConfig::new(tasks);
+    cfg.host = args.host;
+    cfg.port = args.port;
+    cfg.sessions = args.sessions;
+    cfg.threads = args.threads;
+    cfg.queue = args.queue;
+    cfg.max_body_bytes = args.max_body_bytes;
+    cfg.timeout = Duration::from_secs_f64(args.timeout_s);
+    cfg.threshold = args.threshold;
+    cfg.resize = super::common::parse_resize(&args.resize)?;
+    cfg.ort_lib = args.ort_lib;
+    let mut progress = Progress::new(true);
+    let server = Server::bind(&cfg, &mut progress)?;
+    for t in server.tasks() {
+        progress.event(Event::Info(format!(
+            "task `{}`: {} ({}×{}, {} session(s))",
+            t.name, t.model, t.input_size, t.input_size, t.sessions
+        )));
+    }
+    // One line on stdout with the address (scripts read it; port 0 picks a free one).
+    println!("listening on http://{}", server.addr());
+    server.run_until_signal(&mut progress)?;
+    eprintln!("stopped");
+    Ok(())
+}

@@ -1,0 +1,547 @@
+//! The routes (see the module docs of [`super`]) and the segmentation handler: query → task →
+//! admission (503 + `Retry-After` when the task is full) → body (size-capped) → decode with the
+//! inference checks → session → `infer::mask` pre/post-processing → PNG or JSON. Every error
+//! is a status code with a one-line plain-text message naming what was wrong.
+
+use super::metrics::{Metrics, TaskGauges, UNKNOWN_TASK};
+use super::pool::TaskPool;
+use super::wire;
+use crate::data::imgio;
+use crate::data::resize::Resize;
+use crate::infer::engine::Engine;
+use crate::infer::mask;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What the handlers share.
+pub struct AppState {
+    pub tasks: BTreeMap<String, Arc<TaskPool>>,
+    pub metrics: Metrics,
+    pub max_body_bytes: usize,
+    pub timeout: Duration,
+    pub resize: Resize,
+    pub threshold: f32,
+    /// `Retry-After` seconds of a 503.
+    pub retry_after_s: u64,
+    /// `GET /v1/sample.png`.
+    pub sample_png: Vec<u8>,
+}
+
+impl AppState {
+    pub fn gauges(&self) -> Vec<TaskGauges> {
+        self.tasks
+            .values()
+            .map(|p| TaskGauges {
+                task: p.name.clone(),
+                sessions: p.sessions(),
+                queued: p.queued(),
+                in_flight: p.in_flight(),
+                queue_capacity: p.queue(),
+            })
+            .collect()
+    }
+
+    fn task_names(&self) -> String {
+        self.tasks
+            .keys()
+            .map(|k| format!("`{k}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// An error answer: status + one-line message (text/plain).
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub msg: String,
+    pub retry_after_s: Option<u64>,
+}
+
+fn err(status: StatusCode, msg: impl Into<String>) -> ApiError {
+    ApiError {
+        status,
+        msg: msg.into(),
+        retry_after_s: None,
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (
+            self.status,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("{}\n", self.msg),
+        )
+            .into_response();
+        if let Some(s) = self.retry_after_s {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}
+
+/// The router over `state`.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/tasks", get(tasks))
+        .route("/v1/sample.png", get(sample))
+        .route("/v1/segment", post(segment))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+const PAGE: &str = include_str!("page.html");
+
+async fn page() -> Response {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE).into_response()
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        st.metrics.render(&st.gauges()),
+    )
+        .into_response()
+}
+
+async fn sample(State(st): State<Arc<AppState>>) -> Response {
+    ([(header::CONTENT_TYPE, "image/png")], st.sample_png.clone()).into_response()
+}
+
+/// One entry of `GET /v1/tasks`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct TaskInfo {
+    pub name: String,
+    pub model: String,
+    pub input_size: usize,
+    pub sessions: usize,
+    /// Intra-op threads per session (0: ONNX Runtime's default).
+    pub threads: usize,
+    pub queue: usize,
+    pub resize: Resize,
+    pub threshold: f32,
+    pub engine: String,
+}
+
+/// The tasks as `GET /v1/tasks` lists them.
+pub fn task_infos(st: &AppState) -> Vec<TaskInfo> {
+    st.tasks
+        .values()
+        .map(|p| TaskInfo {
+            name: p.name.clone(),
+            model: p.model.display().to_string(),
+            input_size: p.input_size(),
+            sessions: p.sessions(),
+            threads: p.threads(),
+            queue: p.queue(),
+            resize: st.resize,
+            threshold: st.threshold,
+            engine: p.describe(),
+        })
+        .collect()
+}
+
+async fn tasks(State(st): State<Arc<AppState>>) -> Response {
+    json_response(&serde_json::json!({ "tasks": task_infos(&st) }))
+}
+
+fn json_response(v: &serde_json::Value) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
+}
+
+const ROUTES: &str = "GET /, GET /healthz, GET /metrics, GET /v1/tasks, GET /v1/sample.png, \
+                      POST /v1/segment?task=NAME";
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    err(
+        StatusCode::NOT_FOUND,
+        format!("no route {method} {}; routes: {ROUTES}", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    let allowed = if uri.path() == "/v1/segment" {
+        "POST"
+    } else {
+        "GET"
+    };
+    let mut e = err(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "method {method} is not allowed on {} (use {allowed})",
+            uri.path()
+        ),
+    );
+    e.retry_after_s = None;
+    e
+}
+
+/// The summary of one segmentation (the `X-Result` header and the JSON body).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct SegmentResult {
+    pub task: String,
+    pub width: usize,
+    pub height: usize,
+    /// Pixels in the mask (probability ≥ threshold), at the original resolution.
+    pub mask_area: usize,
+    /// `mask_area / (width · height)`.
+    pub mask_fraction: f64,
+    /// Mean probability over the image at the original resolution.
+    pub mean_probability: f64,
+    pub threshold: f32,
+    /// Time in the ONNX Runtime session.
+    pub inference_ms: f64,
+    /// Time waiting for a free session.
+    pub queue_ms: f64,
+    /// Server time from the request's arrival to the answer (body read included).
+    pub total_ms: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Png,
+    Json,
+}
+
+async fn segment(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    let t0 = Instant::now();
+    let mut label = UNKNOWN_TASK.to_string();
+    let r = segment_inner(&st, req, t0, &mut label).await;
+    let resp = match r {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    st.metrics
+        .record(&label, resp.status().as_u16(), t0.elapsed().as_secs_f64());
+    resp
+}
+
+async fn segment_inner(
+    st: &Arc<AppState>,
+    req: Request,
+    t0: Instant,
+    label: &mut String,
+) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let query = wire::parse_query(parts.uri.query())
+        .map_err(|m| err(StatusCode::BAD_REQUEST, format!("query string: {m}")))?;
+    let mut task = None;
+    let mut format = None;
+    for (k, v) in &query {
+        match k.as_str() {
+            "task" => task = Some(v.as_str()),
+            "format" => {
+                format = Some(match v.as_str() {
+                    "png" => Format::Png,
+                    "json" => Format::Json,
+                    _ => {
+                        return Err(err(
+                            StatusCode::BAD_REQUEST,
+                            format!("format `{v}`: expected png or json"),
+                        ))
+                    }
+                })
+            }
+            _ => {
+                return Err(err(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown query parameter `{k}` (expected task, format)"),
+                ))
+            }
+        }
+    }
+    let Some(task) = task else {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            format!("missing ?task=NAME (tasks: {})", st.task_names()),
+        ));
+    };
+    let pool = st.tasks.get(task).cloned().ok_or_else(|| {
+        err(
+            StatusCode::NOT_FOUND,
+            format!(
+                "unknown task `{}` (tasks: {})",
+                task.chars().take(64).collect::<String>(),
+                st.task_names()
+            ),
+        )
+    })?;
+    *label = pool.name.clone();
+    let format = format.unwrap_or_else(|| {
+        let wants_json = parts
+            .headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("application/json"));
+        if wants_json {
+            Format::Json
+        } else {
+            Format::Png
+        }
+    });
+    let content_type = content_type(&parts.headers)?;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared {
+        if n > st.max_body_bytes as u64 {
+            return Err(too_large(n, st.max_body_bytes));
+        }
+    }
+    let Some(admission) = pool.admit() else {
+        return Err(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            msg: format!(
+                "task `{}` is full: {} session(s) busy and {} request(s) queued (--queue); \
+                 retry after {} s",
+                pool.name,
+                pool.sessions(),
+                pool.queue(),
+                st.retry_after_s
+            ),
+            retry_after_s: Some(st.retry_after_s),
+        });
+    };
+    let work = async {
+        let bytes = read_body(
+            body,
+            st.max_body_bytes,
+            declared.and_then(|n| usize::try_from(n).ok()).unwrap_or(0),
+        )
+        .await?;
+        run_segment(st, &pool, admission, bytes, content_type, t0).await
+    };
+    let result = tokio::time::timeout(st.timeout, work).await.map_err(|_| {
+        err(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "task `{}`: no answer within {} s (--timeout-s)",
+                pool.name,
+                st.timeout.as_secs_f64()
+            ),
+        )
+    })??;
+    Ok(match format {
+        Format::Png => png_response(result),
+        Format::Json => {
+            let (summary, png) = result;
+            let mut v = serde_json::to_value(&summary).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.insert(
+                    "mask_png_base64".into(),
+                    serde_json::Value::String(wire::base64(&png)),
+                );
+            }
+            json_response(&v)
+        }
+    })
+}
+
+fn too_large(n: u64, max: usize) -> ApiError {
+    err(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("request body of {n} bytes is over the limit of {max} bytes (--max-body-bytes)"),
+    )
+}
+
+/// The whole body, refused with 413 as soon as it grows past `max` bytes.
+async fn read_body(mut body: Body, max: usize, hint: usize) -> Result<Vec<u8>, ApiError> {
+    use axum::body::HttpBody;
+    let mut buf = Vec::with_capacity(hint.min(max));
+    while let Some(frame) =
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+    {
+        let frame = frame.map_err(|e| {
+            err(
+                StatusCode::BAD_REQUEST,
+                format!("could not read the request body: {e}"),
+            )
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len().saturating_add(data.len()) > max {
+                return Err(err(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body is over the limit of {max} bytes (--max-body-bytes)"),
+                ));
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf)
+}
+
+/// How the body carries the image.
+#[derive(Debug, Clone)]
+enum BodyKind {
+    Raw,
+    Multipart(String),
+}
+
+fn content_type(h: &HeaderMap) -> Result<BodyKind, ApiError> {
+    let Some(v) = h.get(header::CONTENT_TYPE) else {
+        return Ok(BodyKind::Raw);
+    };
+    let s = v
+        .to_str()
+        .map_err(|_| err(StatusCode::BAD_REQUEST, "Content-Type is not ASCII"))?;
+    let mime = s
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if mime == "multipart/form-data" {
+        return Ok(BodyKind::Multipart(s.to_string()));
+    }
+    // `application/x-www-form-urlencoded` is what `curl --data-binary` sends by default.
+    if mime.starts_with("image/")
+        || mime == "application/octet-stream"
+        || mime == "application/x-www-form-urlencoded"
+        || mime.is_empty()
+    {
+        return Ok(BodyKind::Raw);
+    }
+    Err(err(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        format!(
+            "Content-Type `{}`: send the image as the raw body (image/png, image/jpeg) or as \
+             multipart/form-data with a field `file`",
+            mime.chars().take(80).collect::<String>()
+        ),
+    ))
+}
+
+/// Decode + preprocess (blocking pool) → session (async wait) → model (blocking pool, session
+/// held) → mask + PNG (blocking pool).
+async fn run_segment(
+    st: &Arc<AppState>,
+    pool: &Arc<TaskPool>,
+    admission: super::pool::Admission,
+    bytes: Vec<u8>,
+    kind: BodyKind,
+    t0: Instant,
+) -> Result<(SegmentResult, Vec<u8>), ApiError> {
+    if bytes.is_empty() {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            "empty request body: send a PNG or JPEG image (raw body, or multipart field `file`)",
+        ));
+    }
+    let s = pool.input_size();
+    let resize = st.resize;
+    let prep = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+        let img = match &kind {
+            BodyKind::Raw => &bytes[..],
+            BodyKind::Multipart(ct) => {
+                wire::multipart_image(ct, &bytes).map_err(|m| err(StatusCode::BAD_REQUEST, m))?
+            }
+        };
+        if img.is_empty() {
+            return Err(err(StatusCode::BAD_REQUEST, "the image field is empty"));
+        }
+        let rgb = imgio::decode_rgb_bytes("request body", img)
+            .map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
+        let size = (rgb.height() as usize, rgb.width() as usize);
+        Ok((mask::preprocess(&rgb, s, resize), size))
+    })
+    .await
+    .map_err(internal)??;
+    let (chw, size) = prep;
+    let tq = Instant::now();
+    let session = pool
+        .session()
+        .await
+        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let queue_ms = tq.elapsed().as_secs_f64() * 1e3;
+    let threshold = st.threshold;
+    let name = pool.name.clone();
+    let (m, inference_ms) = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+        let tm = Instant::now();
+        let logits = session.engine().logits(&chw, 1);
+        let inference_ms = tm.elapsed().as_secs_f64() * 1e3;
+        drop(session);
+        drop(admission);
+        let logits = logits.map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let m = mask::postprocess(logits.image(0), logits.size, resize, size, threshold)
+            .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(|nf| {
+                err(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("task `{name}`: {nf}"),
+                )
+            })?;
+        let png = m
+            .png()
+            .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        Ok(((m.area(), m.mean_probability(), png), inference_ms))
+    })
+    .await
+    .map_err(internal)??;
+    let (area, mean_probability, png) = m;
+    let (h, w) = size;
+    let summary = SegmentResult {
+        task: pool.name.clone(),
+        width: w,
+        height: h,
+        mask_area: area,
+        mask_fraction: area as f64 / (w.saturating_mul(h)).max(1) as f64,
+        mean_probability,
+        threshold,
+        inference_ms,
+        queue_ms,
+        total_ms: t0.elapsed().as_secs_f64() * 1e3,
+    };
+    Ok((summary, png))
+}
+
+fn internal(e: tokio::task::JoinError) -> ApiError {
+    err(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("internal error while segmenting ({e}); the server keeps serving"),
+    )
+}
+
+fn png_response((summary, png): (SegmentResult, Vec<u8>)) -> Response {
+    let mut r = ([(header::CONTENT_TYPE, "image/png")], Body::from(png)).into_response();
+    let h = r.headers_mut();
+    let mut put = |k: &'static str, v: String| {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            h.insert(k, v);
+        }
+    };
+    put("x-mask-area", summary.mask_area.to_string());
+    put(
+        "x-mean-probability",
+        format!("{:.6}", summary.mean_probability),
+    );
+    put("x-inference-ms", format!("{:.3}", summary.inference_ms));
+    put("x-total-ms", format!("{:.3}", summary.total_ms));
+    put(
+        "x-result",
+        serde_json::to_string(&summary).unwrap_or_default(),
+    );
+    r
+}

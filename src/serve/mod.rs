@@ -1,0 +1,369 @@
+//! `gps-seg serve`: an HTTP/1.1 server (axum on tokio) over ONNX Runtime sessions, one pool
+//! of sessions per task, several tasks in one process (and one ONNX Runtime environment).
+//!
+//! Routes:
+//! - `POST /v1/segment?task=NAME` with a PNG/JPEG body (raw, or `multipart/form-data` field
+//!   `file`) → `image/png`: the mask at the image's original resolution, byte-identical to the
+//!   `masks/<id>.png` `gps-seg infer` writes with the same model, resize and threshold
+//!   (both use [`crate::infer::mask`]); the summary in `X-Mask-Area`, `X-Mean-Probability`,
+//!   `X-Inference-Ms`, `X-Total-Ms` and one `X-Result` JSON header. With `?format=json` (or
+//!   `Accept: application/json`) a JSON body holding the summary and `mask_png_base64`.
+//! - `GET /v1/tasks` (names, model files, input size, sessions), `GET /healthz`,
+//!   `GET /metrics` (Prometheus text: [`metrics`]), `GET /v1/sample.png` (a synthetic
+//!   Kvasir-shaped image), `GET /` (a page to try it: pick a task, drop an image, see the
+//!   overlay; `/?sample=1&task=NAME` segments the sample on load).
+//!
+//! Limits: a request is admitted to its task only while fewer than `sessions + queue` are
+//! ([`pool`]), else 503 with `Retry-After`; bodies over `max_body_bytes` are refused (413, from
+//! `Content-Length` before reading or as soon as the body grows past it); images go through
+//! the inference checks ([`crate::data::imgio::decode_rgb_bytes`]: pixel cap from the header
+//! before decoding, truncated and zeroed JPEGs); every request has `timeout` (504) from its
+//! arrival to its answer. Decoding and the model run on tokio's blocking pool; a session is
+//! held only while the model runs. Bad input gets a 4xx with a one-line message; a panic in a
+//! request's work becomes a 500 for that request alone. On SIGTERM/SIGINT (or
+//! [`Server::shutdown`]) the listener closes and in-flight requests finish.
+
+pub mod api;
+pub mod client;
+pub mod metrics;
+pub mod pool;
+pub mod wire;
+
+pub use api::{SegmentResult, TaskInfo};
+
+use crate::data::resize::Resize;
+use crate::error::{Error, Result};
+use crate::progress::{Event, Observer};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `NAME=FILE.onnx` of `--task`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskSpec {
+    pub name: String,
+    pub model: PathBuf,
+}
+
+impl TaskSpec {
+    /// Parse `NAME=FILE`: NAME of 1–64 characters from `A-Z a-z 0-9 _ - .`.
+    pub fn parse(s: &str) -> Result<TaskSpec> {
+        let bad = |m: String| Error::Config {
+            field: "task".into(),
+            msg: format!("`{s}`: {m} (expected NAME=FILE.onnx)"),
+        };
+        let (name, file) = s.split_once('=').ok_or_else(|| bad("no `=`".into()))?;
+        let name = name.trim();
+        if name.is_empty() || name.len() > 64 {
+            return Err(bad("NAME must have 1 to 64 characters".into()));
+        }
+        if let Some(c) = name
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+        {
+            return Err(bad(format!(
+                "NAME may hold only letters, digits, `_`, `-`, `.` (found `{c}`)"
+            )));
+        }
+        if file.is_empty() {
+            return Err(bad("FILE is empty".into()));
+        }
+        Ok(TaskSpec {
+            name: name.to_string(),
+            model: PathBuf::from(file),
+        })
+    }
+}
+
+/// How to serve.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub tasks: Vec<TaskSpec>,
+    pub host: String,
+    /// 0: an ephemeral port (see [`Server::addr`]).
+    pub port: u16,
+    /// Sessions per task.
+    pub sessions: usize,
+    /// ONNX Runtime intra-op threads per session (0: its default).
+    pub threads: usize,
+    /// Requests per task that may wait beyond its sessions before 503.
+    pub queue: usize,
+    pub max_body_bytes: usize,
+    /// From a request's arrival to its answer (else 504).
+    pub timeout: Duration,
+    pub resize: Resize,
+    pub threshold: f32,
+    /// `Retry-After` of a 503, seconds.
+    pub retry_after_s: u64,
+    /// Tokio worker threads for the HTTP side (the model runs on the blocking pool).
+    pub io_threads: usize,
+    pub ort_lib: Option<PathBuf>,
+}
+
+/// Largest `--max-body-bytes`.
+pub const MAX_BODY_LIMIT: usize = 512 << 20;
+
+impl ServeConfig {
+    /// Defaults: 127.0.0.1:8080, one session per task, queue 8, 32 MiB bodies, 30 s timeout,
+    /// squash resize, threshold 0.5 (those of `gps-seg infer`).
+    pub fn new(tasks: Vec<TaskSpec>) -> ServeConfig {
+        ServeConfig {
+            tasks,
+            host: "127.0.0.1".into(),
+            port: 8080,
+            sessions: 1,
+            threads: 0,
+            queue: 8,
+            max_body_bytes: 32 << 20,
+            timeout: Duration::from_secs(30),
+            resize: Resize::Squash,
+            threshold: 0.5,
+            retry_after_s: 1,
+            io_threads: 2,
+            ort_lib: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, msg: String| {
+            Err(Error::Config {
+                field: field.into(),
+                msg,
+            })
+        };
+        if self.tasks.is_empty() {
+            return bad("task", "give at least one --task NAME=FILE.onnx".into());
+        }
+        if self.tasks.len() > 64 {
+            return bad("task", format!("{} tasks; at most 64", self.tasks.len()));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for t in &self.tasks {
+            if !seen.insert(&t.name) {
+                return bad("task", format!("task name `{}` given twice", t.name));
+            }
+        }
+        if !(1..=64).contains(&self.sessions) {
+            return bad("sessions", format!("{}: must be 1 to 64", self.sessions));
+        }
+        if self.threads > 256 {
+            return bad("threads", format!("{}: at most 256", self.threads));
+        }
+        if self.queue > 10_000 {
+            return bad("queue", format!("{}: at most 10000", self.queue));
+        }
+        if self.max_body_bytes == 0 || self.max_body_bytes > MAX_BODY_LIMIT {
+            return bad(
+                "max_body_bytes",
+                format!("{}: must be 1 to {MAX_BODY_LIMIT}", self.max_body_bytes),
+            );
+        }
+        if self.timeout.is_zero() || self.timeout > Duration::from_secs(3600) {
+            return bad(
+                "timeout_s",
+                format!("{:?}: must be above 0 and at most 3600 s", self.timeout),
+            );
+        }
+        if !(self.threshold > 0.0 && self.threshold < 1.0) {
+            return bad("threshold", "must be a probability in (0, 1)".into());
+        }
+        if !(1..=64).contains(&self.io_threads) {
+            return bad(
+                "io_threads",
+                format!("{}: must be 1 to 64", self.io_threads),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Bytes of a model file and its external data (`<file>.data`), for the memory estimate.
+fn model_bytes(p: &Path) -> u64 {
+    let f = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let mut data = p.as_os_str().to_owned();
+    data.push(".data");
+    f + std::fs::metadata(PathBuf::from(data))
+        .map(|m| m.len())
+        .unwrap_or(0)
+}
+
+/// A running server: its runtime, address and shutdown handle.
+pub struct Server {
+    addr: SocketAddr,
+    state: Arc<api::AppState>,
+    runtime: Option<tokio::runtime::Runtime>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    grace: Duration,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("addr", &self.addr).finish()
+    }
+}
+
+impl Server {
+    /// Load every task's sessions, bind `host:port` and start serving on a background runtime.
+    /// Returns once the listener is bound ([`Server::addr`] is the real address, also for
+    /// port 0). Call from outside any async runtime.
+    pub fn bind(cfg: &ServeConfig, obs: &mut dyn Observer) -> Result<Server> {
+        cfg.validate()?;
+        for t in &cfg.tasks {
+            if !t.model.is_file() {
+                return Err(Error::io(
+                    &t.model,
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("task `{}`: no such model file", t.name),
+                    ),
+                ));
+            }
+        }
+        // Each session holds its weights (ONNX Runtime's copy plus working memory).
+        let need: u64 = cfg
+            .tasks
+            .iter()
+            .map(|t| model_bytes(&t.model).saturating_mul(2))
+            .sum::<u64>()
+            .saturating_mul(cfg.sessions as u64);
+        crate::util::mem::check_fits("the serving sessions (2 × model size each)", need)?;
+        let mut tasks = BTreeMap::new();
+        for t in &cfg.tasks {
+            obs.event(Event::Info(format!(
+                "task `{}`: loading {} session(s) of {}",
+                t.name,
+                cfg.sessions,
+                t.model.display()
+            )));
+            let p = pool::TaskPool::load(
+                &t.name,
+                &t.model,
+                cfg.sessions,
+                cfg.queue,
+                cfg.threads,
+                cfg.ort_lib.as_deref(),
+                obs,
+            )?;
+            tasks.insert(t.name.clone(), Arc::new(p));
+        }
+        let sample = crate::data::synth_kvasir::render(0, 0, 320);
+        let state = Arc::new(api::AppState {
+            tasks,
+            metrics: metrics::Metrics::default(),
+            max_body_bytes: cfg.max_body_bytes,
+            timeout: cfg.timeout,
+            resize: cfg.resize,
+            threshold: cfg.threshold,
+            retry_after_s: cfg.retry_after_s,
+            sample_png: crate::data::imgio::encode_png(&sample.image)?,
+        });
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cfg.io_threads)
+            .thread_name("gps-seg-serve")
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| Error::msg(format!("cannot start the async runtime: {e}")))?;
+        let host_port = format!("{}:{}", cfg.host, cfg.port);
+        let std_listener = std::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
+            .map_err(|e| Error::msg(format!("cannot listen on {host_port}: {e}")))?;
+        std_listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::msg(format!("{host_port}: {e}")))?;
+        let addr = std_listener
+            .local_addr()
+            .map_err(|e| Error::msg(format!("{host_port}: {e}")))?;
+        let listener = {
+            let _g = runtime.enter();
+            tokio::net::TcpListener::from_std(std_listener)
+                .map_err(|e| Error::msg(format!("{host_port}: {e}")))?
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let app = api::router(state.clone());
+        let done = runtime.spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        Ok(Server {
+            addr,
+            state,
+            runtime: Some(runtime),
+            stop: Some(stop),
+            done: Some(done),
+            grace: cfg.timeout + Duration::from_secs(5),
+        })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The tasks as `GET /v1/tasks` lists them.
+    pub fn tasks(&self) -> Vec<TaskInfo> {
+        api::task_infos(&self.state)
+    }
+
+    /// Block until SIGTERM or SIGINT, then shut down gracefully ([`Server::shutdown`]).
+    pub fn run_until_signal(self, obs: &mut dyn Observer) -> Result<()> {
+        let rt = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| Error::msg("server already stopped"))?;
+        let which = rt.block_on(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .map_err(|e| Error::msg(format!("cannot watch SIGTERM: {e}")))?;
+            tokio::select! {
+                _ = term.recv() => Ok::<_, Error>("SIGTERM"),
+                r = tokio::signal::ctrl_c() => {
+                    r.map_err(|e| Error::msg(format!("cannot watch SIGINT: {e}")))?;
+                    Ok("SIGINT")
+                }
+            }
+        })?;
+        obs.event(Event::Info(format!(
+            "{which}: finishing in-flight requests, then stopping"
+        )));
+        self.shutdown()
+    }
+
+    /// Stop accepting connections, let in-flight requests finish (at most the request timeout
+    /// plus 5 s), then stop the runtime.
+    pub fn shutdown(mut self) -> Result<()> {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let (Some(rt), Some(done)) = (self.runtime.take(), self.done.take()) else {
+            return Ok(());
+        };
+        let grace = self.grace;
+        let r = rt.block_on(async move { tokio::time::timeout(grace, done).await });
+        rt.shutdown_timeout(Duration::from_secs(1));
+        match r {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(Error::msg(format!("server error: {e}"))),
+            Ok(Err(e)) => Err(Error::msg(format!("server task failed: {e}"))),
+            Err(_) => Err(Error::msg(format!(
+                "in-flight requests did not finish within {} s; stopped anyway",
+                grace.as_secs()
+            ))),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.stop_inner();
+    }
+}

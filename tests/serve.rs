@@ -1,0 +1,578 @@
+//! `gps-seg serve` against servers started in-process on ephemeral 127.0.0.1 ports with tiny
+//! models: the served mask is byte-identical to the PNG `infer` writes for the same image and
+//! model (each of two tasks its own); bad input gets a 4xx with a message and the server keeps
+//! serving; a full task answers 503 + Retry-After; a stalled request 504; shutdown lets an
+//! in-flight request finish. Requests go through the library's minimal HTTP/1.1 client or raw
+//! `TcpStream` writes (partial bodies, garbage).
+//!
+//! The ONNX Runtime library is found in the runtime's search order and fetched once when
+//! missing (as `gps-seg infer` does).
+
+#[allow(dead_code)]
+mod common;
+
+use gps_seg::data::imgio;
+use gps_seg::data::synth_kvasir::render;
+use gps_seg::infer::{self, input, InferOptions, OrtEngine};
+use gps_seg::onnx::sam::{export_prompt_free, random_sam_weights, SamExportOptions};
+use gps_seg::onnx::write_model;
+use gps_seg::progress::Silent;
+use gps_seg::sam::SamConfig;
+use gps_seg::serve::client::{self, Response};
+use gps_seg::serve::wire::base64;
+use gps_seg::serve::{ServeConfig, Server, TaskSpec};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Two prompt-free models (the shipped pretrained sam-tiny at 128 px, a random-init tiny SAM
+/// at 64 px) and test images (PNG and JPEG, odd sizes), made once per test process.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    pretrained: PathBuf,
+    random: PathBuf,
+    png: PathBuf,
+    jpeg: PathBuf,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        common::ort_ready();
+        let dir = tempfile::tempdir().unwrap();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let cfg: SamConfig = gps_seg::util::fs::read_json(&root.join("sam/sam-tiny.json")).unwrap();
+        let w = gps_seg::util::tensors::load(
+            &root.join("sam/sam-tiny.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let (m, _) = export_prompt_free(&cfg, &w, SamExportOptions::default()).unwrap();
+        let pretrained = dir.path().join("pretrained.onnx");
+        write_model(&pretrained, m).unwrap();
+        let rcfg = SamConfig::tiny().with_image_size(64);
+        let (m, _) = export_prompt_free(
+            &rcfg,
+            &random_sam_weights(&rcfg, 7).unwrap(),
+            SamExportOptions::default(),
+        )
+        .unwrap();
+        let random = dir.path().join("random.onnx");
+        write_model(&random, m).unwrap();
+        let imgs = dir.path().join("images");
+        std::fs::create_dir_all(&imgs).unwrap();
+        let a = render(3, 0, 200);
+        let b = render(3, 1, 180);
+        let png = imgs.join("a.png");
+        let jpeg = imgs.join("b.jpg");
+        imgio::write_png(&png, &a.image).unwrap();
+        imgio::write_jpeg_rgb(&jpeg, &b.image, 90).unwrap();
+        Fixture {
+            _dir: dir,
+            pretrained,
+            random,
+            png,
+            jpeg,
+        }
+    })
+}
+
+fn config(tasks: &[(&str, &Path)]) -> ServeConfig {
+    let mut c = ServeConfig::new(
+        tasks
+            .iter()
+            .map(|(n, p)| TaskSpec {
+                name: n.to_string(),
+                model: p.to_path_buf(),
+            })
+            .collect(),
+    );
+    c.port = 0;
+    c.threads = 1;
+    c
+}
+
+fn post(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+    client::request(addr, "POST", path, headers, body).unwrap()
+}
+
+fn get(addr: SocketAddr, path: &str) -> Response {
+    client::request(addr, "GET", path, &[], &[]).unwrap()
+}
+
+/// The mask PNG `gps_seg::infer::infer` writes for `image` with `model` (batch 1).
+fn infer_mask(model: &Path, image: &Path, out: &Path) -> Vec<u8> {
+    let dir = out.join("in");
+    std::fs::create_dir_all(&dir).unwrap();
+    let name = image.file_name().unwrap();
+    std::fs::copy(image, dir.join(name)).unwrap();
+    let (c, bad) = input::from_folders(&dir, None).unwrap();
+    let inputs = input::check(c, bad);
+    let engine = OrtEngine::load(model, 1, None, &mut Silent).unwrap();
+    let mut opts = InferOptions::new(out.join("out"));
+    opts.batch_size = 1;
+    opts.overlays = false;
+    infer::infer(&engine, &inputs, &opts, &mut Silent).unwrap();
+    let stem = image.file_stem().unwrap().to_str().unwrap();
+    std::fs::read(out.join("out/masks").join(format!("{stem}.png"))).unwrap()
+}
+
+#[test]
+fn each_task_serves_the_mask_infer_writes_byte_for_byte() {
+    let f = fixture();
+    let server = Server::bind(
+        &config(&[("polyp", &f.pretrained), ("other", &f.random)]),
+        &mut Silent,
+    )
+    .unwrap();
+    let addr = server.addr();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut served = Vec::new();
+    for (task, model) in [("polyp", &f.pretrained), ("other", &f.random)] {
+        for (k, img) in [&f.png, &f.jpeg].into_iter().enumerate() {
+            let bytes = std::fs::read(img).unwrap();
+            let want = infer_mask(model, img, &tmp.path().join(format!("{task}-{k}")));
+            let r = post(addr, &format!("/v1/segment?task={task}"), &[], &bytes);
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert_eq!(r.header("content-type"), Some("image/png"));
+            assert!(
+                r.body == want,
+                "task {task}, {}: served mask differs from infer's",
+                img.display()
+            );
+            // The summary headers describe this mask.
+            let decoded = image::load_from_memory(&r.body).unwrap().to_luma8();
+            let (w, h) = imgio::decode_rgb(img).unwrap().dimensions();
+            assert_eq!(decoded.dimensions(), (w, h), "original resolution");
+            let area = decoded.as_raw().iter().filter(|&&v| v == 255).count();
+            assert_eq!(r.header("x-mask-area"), Some(area.to_string().as_str()));
+            let res: serde_json::Value =
+                serde_json::from_str(r.header("x-result").unwrap()).unwrap();
+            assert_eq!(res["mask_area"], area);
+            assert_eq!(res["task"], task);
+            let p: f64 = r.header("x-mean-probability").unwrap().parse().unwrap();
+            assert!((0.0..=1.0).contains(&p));
+            assert!(r.header("x-inference-ms").unwrap().parse::<f64>().unwrap() > 0.0);
+            // Multipart carries the same image to the same mask; JSON holds it in base64.
+            let boundary = "gpsSegBoundary7";
+            let mut mp = format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x\"\r\n\
+                 Content-Type: application/octet-stream\r\n\r\n"
+            )
+            .into_bytes();
+            mp.extend_from_slice(&bytes);
+            mp.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+            let ct = format!("multipart/form-data; boundary={boundary}");
+            let r = post(
+                addr,
+                &format!("/v1/segment?task={task}&format=json"),
+                &[("Content-Type", &ct)],
+                &mp,
+            );
+            assert_eq!(r.status, 200, "{}", r.text());
+            let j: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            assert_eq!(j["mask_png_base64"], base64(&want));
+            assert_eq!(j["mask_area"], area);
+            assert_eq!(j["width"], w);
+            served.push(want);
+        }
+    }
+    // Different models, different masks (the pretrained one finds the polyp).
+    assert_ne!(served[0], served[2]);
+    assert_ne!(served[1], served[3]);
+
+    // The other routes.
+    assert_eq!(get(addr, "/healthz").text(), "ok\n");
+    let t: serde_json::Value = serde_json::from_slice(&get(addr, "/v1/tasks").body).unwrap();
+    let names: Vec<&str> = t["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["other", "polyp"]);
+    assert_eq!(t["tasks"][1]["input_size"], 128);
+    assert_eq!(t["tasks"][0]["input_size"], 64);
+    let m = get(addr, "/metrics").text();
+    assert!(
+        m.contains("gps_seg_requests_total{task=\"polyp\",code=\"200\"} 4"),
+        "{m}"
+    );
+    assert!(m.contains("gps_seg_request_duration_seconds{task=\"other\",quantile=\"0.99\"}"));
+    assert!(m.contains("gps_seg_in_flight{task=\"polyp\"} 0"));
+    let page = get(addr, "/");
+    assert!(page.text().contains("id=\"overlay\""));
+    let sample = get(addr, "/v1/sample.png");
+    assert_eq!(sample.header("content-type"), Some("image/png"));
+    assert!(image::load_from_memory(&sample.body).is_ok());
+    server.shutdown().unwrap();
+}
+
+/// Little-endian-free CRC-32 (PNG's) for patching a chunk.
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = 0xFFFF_FFFFu32;
+    for &b in data {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+/// `png` with its IHDR saying `w × h` (CRC fixed, pixel data unchanged).
+fn png_declaring(png: &[u8], w: u32, h: u32) -> Vec<u8> {
+    let mut p = png.to_vec();
+    // signature (8) + length (4) + "IHDR" (4) → width at 16, height at 20, CRC at 29.
+    p[16..20].copy_from_slice(&w.to_be_bytes());
+    p[20..24].copy_from_slice(&h.to_be_bytes());
+    let crc = crc32(&p[12..29]);
+    p[29..33].copy_from_slice(&crc.to_be_bytes());
+    p
+}
+
+/// Raw bytes on a fresh connection; the status code of the answer (0: closed without one).
+fn raw(addr: SocketAddr, bytes: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let _ = s.write_all(bytes);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, text)
+}
+
+#[test]
+fn bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving() {
+    let f = fixture();
+    let mut cfg = config(&[("a", &f.random)]);
+    cfg.max_body_bytes = 1 << 20;
+    let server = Server::bind(&cfg, &mut Silent).unwrap();
+    let addr = server.addr();
+    let png = std::fs::read(&f.png).unwrap();
+    let jpeg = std::fs::read(&f.jpeg).unwrap();
+    let seg = "/v1/segment?task=a";
+    let ok = || {
+        let r = post(addr, seg, &[("Content-Type", "image/png")], &png);
+        assert_eq!(r.status, 200, "{}", r.text());
+    };
+    let cases: Vec<(&str, Response, u16, &str)> = vec![
+        (
+            "empty body",
+            post(addr, seg, &[], b""),
+            400,
+            "empty request body",
+        ),
+        (
+            "garbage",
+            post(addr, seg, &[], b"this is not an image at all"),
+            400,
+            "unreadable or corrupt image",
+        ),
+        (
+            "truncated PNG",
+            post(addr, seg, &[], &png[..png.len() / 2]),
+            400,
+            "request body",
+        ),
+        (
+            "truncated JPEG",
+            post(addr, seg, &[], &jpeg[..jpeg.len() - 300]),
+            400,
+            "truncated JPEG",
+        ),
+        (
+            "huge declared size",
+            post(addr, seg, &[], &png_declaring(&png, 100_000, 100_000)),
+            400,
+            "refused before decoding",
+        ),
+        (
+            "unknown task",
+            post(addr, "/v1/segment?task=nope", &[], &png),
+            404,
+            "unknown task `nope` (tasks: `a`)",
+        ),
+        (
+            "no task",
+            post(addr, "/v1/segment", &[], &png),
+            400,
+            "missing ?task=NAME",
+        ),
+        (
+            "bad format",
+            post(addr, "/v1/segment?task=a&format=tiff", &[], &png),
+            400,
+            "format `tiff`",
+        ),
+        (
+            "unknown parameter",
+            post(addr, "/v1/segment?task=a&points=1,2", &[], &png),
+            400,
+            "unknown query parameter `points`",
+        ),
+        (
+            "bad escape",
+            post(addr, "/v1/segment?task=%zz", &[], &png),
+            400,
+            "percent escape",
+        ),
+        (
+            "JSON body",
+            post(addr, seg, &[("Content-Type", "application/json")], b"{}"),
+            415,
+            "Content-Type `application/json`",
+        ),
+        (
+            "multipart without the file",
+            post(
+                addr,
+                seg,
+                &[("Content-Type", "multipart/form-data; boundary=B")],
+                b"--B\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n1\r\n--B--\r\n",
+            ),
+            400,
+            "no field `file`",
+        ),
+        (
+            "multipart truncated",
+            post(
+                addr,
+                seg,
+                &[("Content-Type", "multipart/form-data; boundary=B")],
+                b"--B\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\n\x89PNG",
+            ),
+            400,
+            "not closed by its boundary",
+        ),
+        (
+            "wrong method",
+            get(addr, seg),
+            405,
+            "method GET is not allowed on /v1/segment (use POST)",
+        ),
+        (
+            "wrong method on a GET route",
+            post(addr, "/v1/tasks", &[], b""),
+            405,
+            "(use GET)",
+        ),
+        (
+            "unknown route",
+            get(addr, "/v2/whatever"),
+            404,
+            "no route GET /v2/whatever",
+        ),
+    ];
+    for (what, r, code, msg) in &cases {
+        assert_eq!(r.status, *code, "{what}: {}", r.text());
+        assert!(
+            r.text().contains(msg),
+            "{what}: `{}` lacks `{msg}`",
+            r.text()
+        );
+        assert_eq!(
+            r.header("content-type"),
+            Some("text/plain; charset=utf-8"),
+            "{what}"
+        );
+    }
+    ok();
+    // A declared body over the limit is refused before it is read.
+    let (code, text) = raw(
+        addr,
+        format!("POST {seg} HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n").as_bytes(),
+    );
+    assert_eq!(code, 413, "{text}");
+    assert!(
+        text.contains("over the limit of 1048576 bytes (--max-body-bytes)"),
+        "{text}"
+    );
+    // Chunked body over the limit (no Content-Length to refuse up front).
+    let mut chunked = format!(
+        "POST {seg} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    for _ in 0..2 {
+        chunked.extend_from_slice(format!("{:x}\r\n", 600_000).as_bytes());
+        chunked.extend(std::iter::repeat_n(b'z', 600_000));
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let (code, text) = raw(addr, &chunked);
+    assert_eq!(code, 413, "{text}");
+    // Not HTTP at all, and a request cut off mid-headers: answered or closed, never a crash.
+    let (code, _) = raw(addr, b"\x16\x03\x01\x02\x00garbage\r\n\r\n");
+    assert!(code == 0 || (400..500).contains(&code), "{code}");
+    let (code, _) = raw(addr, b"POST /v1/segment?task=a HTTP/1.1\r\nContent-Le");
+    assert!(code == 0 || (400..500).contains(&code), "{code}");
+    // Seeded mutations of a valid PNG and JPEG: an answer below 500 every time.
+    let mut rng = gps_seg::util::Rng::new(11);
+    for i in 0..40 {
+        let mut b = if i % 2 == 0 {
+            png.clone()
+        } else {
+            jpeg.clone()
+        };
+        for _ in 0..1 + rng.below(8) {
+            let at = rng.below(b.len());
+            b[at] = rng.below(256) as u8;
+        }
+        if i % 5 == 0 {
+            let cut = rng.below(b.len());
+            b.truncate(cut);
+        }
+        let r = post(addr, seg, &[], &b);
+        assert!(
+            r.status < 500 && r.status != 0,
+            "mutation {i}: {} {}",
+            r.status,
+            r.text()
+        );
+        if r.status != 200 {
+            assert!(!r.text().trim().is_empty(), "mutation {i}: no message");
+        }
+    }
+    // Still serving.
+    ok();
+    assert_eq!(get(addr, "/healthz").status, 200);
+    server.shutdown().unwrap();
+}
+
+/// Send the head of a POST and the first `sent` bytes of `body`; the rest is sent later.
+fn start_upload(addr: SocketAddr, path: &str, body: &[u8], sent: usize) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(&body[..sent]).unwrap();
+    s.flush().unwrap();
+    s
+}
+
+fn finish_upload(mut s: TcpStream, rest: &[u8]) -> (u16, String) {
+    let _ = s.write_all(rest);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, text)
+}
+
+/// Wait until `/metrics` shows `line`.
+fn wait_metric(addr: SocketAddr, line: &str) {
+    let t0 = Instant::now();
+    while !get(addr, "/metrics").text().contains(line) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "metrics never showed `{line}`"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_full_task_answers_503_with_retry_after_and_recovers() {
+    let f = fixture();
+    let mut cfg = config(&[("a", &f.random), ("b", &f.pretrained)]);
+    cfg.sessions = 1;
+    cfg.queue = 0;
+    let server = Server::bind(&cfg, &mut Silent).unwrap();
+    let addr = server.addr();
+    let png = std::fs::read(&f.png).unwrap();
+    // Request 1 is admitted (it holds task a's one place while its body arrives).
+    let held = start_upload(addr, "/v1/segment?task=a", &png, 100);
+    wait_metric(addr, "gps_seg_queue_depth{task=\"a\"} 1");
+    let r = post(addr, "/v1/segment?task=a", &[], &png);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(r.text().contains("task `a` is full"), "{}", r.text());
+    // Another task is not affected.
+    assert_eq!(post(addr, "/v1/segment?task=b", &[], &png).status, 200);
+    let (code, text) = finish_upload(held, &png[100..]);
+    assert_eq!(code, 200, "{text}");
+    assert_eq!(post(addr, "/v1/segment?task=a", &[], &png).status, 200);
+    let m = get(addr, "/metrics").text();
+    assert!(
+        m.contains("gps_seg_requests_total{task=\"a\",code=\"503\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("gps_seg_requests_total{task=\"a\",code=\"200\"} 2"),
+        "{m}"
+    );
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn a_stalled_request_times_out_with_504_and_shutdown_finishes_in_flight_requests() {
+    let f = fixture();
+    let mut cfg = config(&[("a", &f.random)]);
+    cfg.timeout = Duration::from_millis(800);
+    let server = Server::bind(&cfg, &mut Silent).unwrap();
+    let addr = server.addr();
+    let png = std::fs::read(&f.png).unwrap();
+    let stalled = start_upload(addr, "/v1/segment?task=a", &png, 10);
+    let mut out = Vec::new();
+    let mut s = stalled;
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 504"), "{text}");
+    assert!(
+        text.contains("no answer within 0.8 s (--timeout-s)"),
+        "{text}"
+    );
+
+    // An upload in flight when shutdown starts still gets its answer.
+    let inflight = start_upload(addr, "/v1/segment?task=a", &png, 50);
+    wait_metric(addr, "gps_seg_queue_depth{task=\"a\"} 1");
+    let stopper = std::thread::spawn(move || server.shutdown());
+    std::thread::sleep(Duration::from_millis(200));
+    let (code, text) = finish_upload(inflight, &png[50..]);
+    assert_eq!(code, 200, "{text}");
+    stopper.join().unwrap().unwrap();
+    assert!(TcpStream::connect(addr).is_err(), "the listener is closed");
+}
+
+#[test]
+fn task_specs_and_configs_are_checked() {
+    assert_eq!(
+        TaskSpec::parse("polyp=m.onnx").unwrap(),
+        TaskSpec {
+            name: "polyp".into(),
+            model: "m.onnx".into()
+        }
+    );
+    for bad in ["polyp", "=m.onnx", "a b=m.onnx", "a="] {
+        assert!(TaskSpec::parse(bad).is_err(), "{bad}");
+    }
+    let t = TaskSpec::parse("a=missing.onnx").unwrap();
+    let e = Server::bind(&config(&[("a", &t.model)]), &mut Silent)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing.onnx") && e.contains("task `a`"), "{e}");
+    let mut c = config(&[("a", Path::new("x.onnx")), ("a", Path::new("y.onnx"))]);
+    assert!(c.validate().unwrap_err().to_string().contains("twice"));
+    c.tasks.pop();
+    c.sessions = 0;
+    assert!(c.validate().is_err());
+}
