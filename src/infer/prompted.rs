@@ -162,11 +162,13 @@ impl PromptedOrtEngine {
             let shape = masks.shape().to_vec();
             let (m, lh, lw) = match shape.as_slice() {
                 [1, m, h, w] if *m >= 1 && iou.len() == *m => (*m, *h, *w),
-                _ => return Err(Error::Onnx(format!(
+                _ => {
+                    return Err(Error::Onnx(format!(
                     "{}: masks {shape:?} / iou_predictions {:?}, expected [1, M, l, l] / [1, M]",
                     dp.display(),
                     iou.shape()
-                ))),
+                )))
+                }
             };
             let pick = if is_ambiguous(o) && m > 1 {
                 let iou: Vec<f32> = iou.iter().copied().collect();
