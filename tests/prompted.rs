@@ -438,3 +438,80 @@ fn bad_prompt_files_are_refused_naming_the_entry() {
         assert!(e.contains(name) && e.contains(want), "{name}: {e}");
     }
 }
+
+fn cli(args: &[&str]) -> (Option<i32>, String) {
+    let r = std::process::Command::new(env!("CARGO_BIN_EXE_gps-seg"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        r.status.code(),
+        String::from_utf8_lossy(&r.stderr).into_owned(),
+    )
+}
+
+/// Prompt flags are checked before any work: point settings without point prompts, a jitter
+/// without boxes, prompts for the classification task, block checkpointing with prompts, and
+/// prompts for the Candle engine are each refused in one line naming the flag.
+#[test]
+fn cli_refuses_prompt_flags_that_do_not_apply() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("kvasir");
+    dataset(&data, 6);
+    let d = data.to_str().unwrap();
+    let o = tmp.path().join("out");
+    let o = o.to_str().unwrap();
+    let base = [
+        "train",
+        "--data-dir",
+        d,
+        "--out",
+        o,
+        "--device",
+        "cpu",
+        "--quiet",
+    ];
+    for (extra, want) in [
+        (&["--points", "2"][..], "--points"),
+        (
+            &["--prompt", "box", "--neg-points", "2"][..],
+            "--neg-points",
+        ),
+        (
+            &["--prompt", "points", "--prompt-jitter", "5"][..],
+            "--prompt-jitter",
+        ),
+        (&["--prompt", "points", "--points", "0"][..], "points"),
+        (
+            &["--prompt", "box", "--checkpoint-blocks"][..],
+            "checkpoint_blocks",
+        ),
+        (&["--task", "classify", "--prompt", "box"][..], "--prompt"),
+    ] {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        let (code, err) = cli(&a);
+        assert_eq!(code, Some(1), "{extra:?}: {err}");
+        assert!(err.contains(want), "{extra:?}: {err}");
+    }
+    assert!(
+        !Path::new(o).join("config.json").exists(),
+        "nothing was trained"
+    );
+    let (code, err) = cli(&[
+        "infer",
+        "--images",
+        &format!("{d}/images"),
+        "--masks",
+        &format!("{d}/masks"),
+        "--out",
+        o,
+        "--engine",
+        "candle",
+        "--prompt-from-masks",
+        "--prompt",
+        "box",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--engine ort"), "{err}");
+}
