@@ -515,3 +515,58 @@ fn cli_refuses_prompt_flags_that_do_not_apply() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("--engine ort"), "{err}");
 }
+
+struct KillAt(String);
+
+impl gps_seg::train::observer::Observer for KillAt {
+    fn event(&mut self, e: gps_seg::train::observer::Event) {
+        if let gps_seg::train::observer::Event::PhaseStart { name, .. } = &e {
+            if *name == self.0 {
+                panic!("simulated kill at {name}");
+            }
+        }
+    }
+}
+
+/// A prompted (box+points, flips on) run killed before its last epoch resumes to the same
+/// metrics and bit-identical merged weights: the training prompts are redrawn exactly.
+#[test]
+fn a_killed_prompted_run_resumes_to_the_same_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("kvasir");
+    dataset(&data, 24);
+    let mut cfg = tiny_cfg(&data);
+    cfg.hflip = 0.5;
+    cfg.prompt = box_points_spec();
+    let a = tmp.path().join("a");
+    seg::train(&cfg, &a, &Device::Cpu, false, &mut Silent).unwrap();
+    let b = tmp.path().join("b");
+    let killed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = seg::train(
+            &cfg,
+            &b,
+            &Device::Cpu,
+            false,
+            &mut KillAt("epoch 3/3".into()),
+        );
+    }));
+    assert!(killed.is_err(), "the run should have been killed");
+    seg::train(&cfg, &b, &Device::Cpu, true, &mut Silent).unwrap();
+    let strip = |p: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let o = v.as_object_mut().unwrap();
+                o.remove("seconds");
+                o.remove("images_per_s");
+                v
+            })
+            .collect()
+    };
+    assert_eq!(strip(&a), strip(&b));
+    let wa = std::fs::read(a.join("merged.safetensors")).unwrap();
+    let wb = std::fs::read(b.join("merged.safetensors")).unwrap();
+    assert!(wa == wb, "merged weights differ after resume");
+}
