@@ -247,6 +247,28 @@ pub fn table(t: &SegTrainConfig, rows: &[SegExperimentRow]) -> Result<String> {
     }));
     let ev = crate::stats::evidence_rows(&runs, "gps-k1", 2000, t.seed)?;
     s.push_str(&crate::stats::evidence_markdown(&ev, "mDice", "gps-k1"));
+    // The prompted rows also against the prompted GPS (same prompts per test image).
+    const PROMPTED_REF: &str = "gps-k1-box";
+    if rows.iter().any(|r| r.variant.label == PROMPTED_REF) {
+        let prompted = crate::stats::group_runs(
+            rows.iter()
+                .filter(|r| r.variant.prompt != PromptKind::None)
+                .map(|r| {
+                    (
+                        r.variant.label.as_str(),
+                        r.train_size.as_str(),
+                        r.summary.trainable,
+                        r.test_dice.as_slice(),
+                    )
+                }),
+        );
+        let ev = crate::stats::evidence_rows(&prompted, PROMPTED_REF, 2000, t.seed)?;
+        s.push_str(&format!(
+            "\nBox-prompted variants against {PROMPTED_REF} (one jittered box per ground-truth \
+             object, the same boxes per test image for every method of a seed):\n\n"
+        ));
+        s.push_str(&crate::stats::evidence_markdown(&ev, "mDice", PROMPTED_REF));
+    }
     s.push_str("\nPer run:\n\n| train images | seed | variant | lr | trainable % | epoch (val) | val mDice | test mDice | test mIoU | s/step | time |\n");
     s.push_str("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in rows {
