@@ -448,6 +448,7 @@ fn seg_loader_batches_resume_and_cache_are_consistent() {
         size: 16,
         resize: Resize::Squash,
         augment: SegAugment::default(),
+        prompts: None,
     };
     let dev = Device::Cpu;
     let mk = |cache: bool| {

@@ -74,6 +74,7 @@ pub fn run(cfg: &DataBenchConfig) -> Result<Vec<DataBenchRow>> {
         size: cfg.size,
         resize: cfg.resize,
         augment: SegAugment::default(),
+        prompts: None,
     };
     let dev = Device::Cpu;
     let mut rows = Vec::new();

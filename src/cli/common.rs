@@ -1,5 +1,6 @@
 //! Flags shared by several subcommands.
 
+use gps_seg::data::prompts::{PromptKind, PromptSpec};
 use gps_seg::device::{self, DeviceKind};
 use gps_seg::nn::Precision;
 
@@ -58,6 +59,64 @@ impl DtypeArgs {
 
     pub fn parse(&self) -> anyhow::Result<Precision> {
         Ok(self.dtype.parse::<Precision>()?)
+    }
+}
+
+/// `--prompt none|box|points|box+points`, `--points N`, `--neg-points M`, `--prompt-jitter`:
+/// prompts sampled from the ground-truth masks (`gps_seg::data::prompts`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct PromptArgs {
+    /// Prompts sampled per object from the ground truth: none (prompt-free, GPS's recipe),
+    /// box (jittered bounding box), points (positives inside, negatives in a band outside),
+    /// box+points.
+    #[arg(long, value_enum, default_value = "none")]
+    pub prompt: PromptKind,
+    /// Positive points per object (points, box+points; default 1).
+    #[arg(long)]
+    pub points: Option<usize>,
+    /// Negative points per object (points, box+points; default 1). `--points 1
+    /// --neg-points 0` is the ambiguous single click: multimask output, min-over-masks loss.
+    #[arg(long)]
+    pub neg_points: Option<usize>,
+    /// Largest outward shift of each box side, in pixels at a 1024-px input (scaled to the
+    /// input size; MedSAM: 20).
+    #[arg(long)]
+    pub prompt_jitter: Option<f32>,
+}
+
+impl PromptArgs {
+    /// The spec, refusing point flags without point prompts and a jitter without boxes.
+    pub fn spec(&self) -> anyhow::Result<PromptSpec> {
+        let k = self.prompt;
+        if !k.has_points() {
+            if let Some(f) = [
+                (self.points.is_some(), "--points"),
+                (self.neg_points.is_some(), "--neg-points"),
+            ]
+            .into_iter()
+            .find_map(|(g, f)| g.then_some(f))
+            {
+                anyhow::bail!(
+                    "{f}: needs --prompt points or box+points (got {})",
+                    k.name()
+                );
+            }
+        }
+        if !k.has_box() && self.prompt_jitter.is_some() {
+            anyhow::bail!(
+                "--prompt-jitter: needs --prompt box or box+points (got {})",
+                k.name()
+            );
+        }
+        let d = PromptSpec::of(k);
+        let spec = PromptSpec {
+            points: self.points.unwrap_or(d.points),
+            neg_points: self.neg_points.unwrap_or(d.neg_points),
+            jitter_1024: self.prompt_jitter.unwrap_or(d.jitter_1024),
+            ..d
+        };
+        spec.validate()?;
+        Ok(spec)
     }
 }
 

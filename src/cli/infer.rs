@@ -5,7 +5,11 @@
 use super::common::{parse_resize, DeviceArgs};
 use super::progress::Progress;
 use anyhow::{bail, Context};
-use gps_seg::infer::{self, input, CandleEngine, Engine, InferOptions, OrtEngine, RunFolder};
+use gps_seg::data::prompts::PromptKind;
+use gps_seg::infer::{
+    self, input, CandleEngine, Engine, InferOptions, JobPrompts, OrtEngine, PromptedOrtEngine,
+    RunFolder,
+};
 use gps_seg::progress::{Event, Observer};
 use std::path::PathBuf;
 
@@ -93,11 +97,57 @@ pub struct Args {
     /// --engine candle: SAM preset name or config.json. With --run: the run's.
     #[arg(long)]
     pub config: Option<String>,
+    /// The prompted decoder graph (`gps-seg export --prompted` writes it as
+    /// `<stem>_decoder.onnx`); --model is then the image encoder. A prompted --run uses its own
+    /// pair (`<run>/model_prompted*.onnx`, exported on first use).
+    #[arg(long)]
+    pub decoder: Option<PathBuf>,
+    /// Prompts per image: JSON `{"<id>": [{"box": [x0,y0,x1,y1], "points": [[x,y]],
+    /// "labels": [1]}]}` or CSV rows `id,box,x0,y0,x1,y1` / `id,pos|neg,x,y`, in original
+    /// pixel coordinates.
+    #[arg(long, conflicts_with = "prompt_from_masks")]
+    pub prompts: Option<PathBuf>,
+    /// Sample the prompts from the ground-truth masks (evaluation), with the fixed per-image
+    /// generator of --prompt-seed: a prompted --run's own settings reproduce its evaluation.
+    #[arg(long)]
+    pub prompt_from_masks: bool,
+    /// Seed of --prompt-from-masks (default: the run's seed, else 42).
+    #[arg(long)]
+    pub prompt_seed: Option<u64>,
+    #[command(flatten)]
+    pub prompt: super::common::PromptArgs,
     #[command(flatten)]
     pub device: DeviceArgs,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// The prompts of a prompted job: the file, or sampled from the masks (the flags' spec, else
+/// a prompted run's; the seed from --prompt-seed, else the run's, else 42). A prompted run
+/// without either flag is evaluated with its own prompts from the masks.
+fn job_prompts(args: &Args, run: Option<&RunFolder>) -> anyhow::Result<JobPrompts> {
+    if let Some(p) = &args.prompts {
+        if args.prompt.prompt != PromptKind::None {
+            bail!("--prompt: sampling settings do not apply to --prompts FILE");
+        }
+        return Ok(JobPrompts::File(gps_seg::data::prompts::read_prompt_file(
+            p,
+        )?));
+    }
+    let run_spec = run.map(|r| r.view.prompt).filter(|p| p.is_prompted());
+    if !args.prompt_from_masks && run_spec.is_none() {
+        bail!("the prompted graphs need prompts: give --prompts FILE or --prompt-from-masks");
+    }
+    let spec = if args.prompt.prompt != PromptKind::None {
+        args.prompt.spec()?
+    } else {
+        run_spec.context(
+            "--prompt-from-masks needs --prompt box|points|box+points (or a prompted --run)",
+        )?
+    };
+    let seed = args.prompt_seed.or(run.map(|r| r.view.seed)).unwrap_or(42);
+    Ok(JobPrompts::FromMasks { spec, seed })
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -125,14 +175,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     inputs.require_clean(args.skip_bad)?;
 
+    let run_prompted = run.as_ref().is_some_and(|r| r.view.prompt.is_prompted());
+    let prompted = args.decoder.is_some()
+        || args.prompts.is_some()
+        || args.prompt_from_masks
+        || args.prompt.prompt != PromptKind::None
+        || run_prompted;
+    if prompted && args.engine != EngineKind::Ort {
+        bail!("prompted inference runs the exported prompted graphs: use --engine ort");
+    }
+    let job_prompts = if prompted {
+        Some(job_prompts(&args, run.as_ref())?)
+    } else {
+        None
+    };
     let out = match (&args.out, &run) {
         (Some(o), _) => o.clone(),
+        (None, Some(r)) if prompted => r.dir.join("infer-onnxruntime-prompted"),
         (None, Some(r)) => r.dir.join(format!("infer-{}", args.engine.dir_name())),
         (None, None) => bail!("--out is required"),
     };
     // The output folder may not equal, contain or sit inside anything this job reads.
     let mut io = gps_seg::util::fs::IoPaths::new()
         .input_opt("--model", args.model.as_deref())
+        .input_opt("--decoder", args.decoder.as_deref())
+        .input_opt("--prompts", args.prompts.as_deref())
         .input_opt("--checkpoint", args.checkpoint.as_deref())
         .input_opt("--images", args.images.as_deref())
         .input_opt("--masks", args.masks.as_deref());
@@ -160,6 +227,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     io.output("--out", &out).check()?;
 
     let engine: Box<dyn Engine> = match args.engine {
+        EngineKind::Ort if prompted => {
+            let (enc, dec) = match (&args.model, &args.decoder, &run) {
+                (Some(m), Some(d), _) => (m.clone(), d.clone()),
+                (None, None, Some(r)) => r.ensure_prompted_onnx(&mut progress)?,
+                _ => bail!(
+                    "prompted inference needs --model ENCODER.onnx and --decoder DECODER.onnx \
+                     (`gps-seg export --prompted`), or a --run RUN"
+                ),
+            };
+            Box::new(PromptedOrtEngine::load(
+                &enc,
+                &dec,
+                args.device.threads.unwrap_or(0),
+                args.ort_lib.as_deref(),
+                &mut progress,
+            )?)
+        }
         EngineKind::Ort => {
             let model = match (&args.model, &run) {
                 (Some(m), _) => m.clone(),
@@ -211,6 +295,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         resize,
         skip_bad: args.skip_bad,
         overlays: !args.no_overlays,
+        prompts: job_prompts,
     };
     let (r, _) =
         infer::infer(engine.as_ref(), &inputs, &opts, &mut progress).context("inference failed")?;

@@ -60,7 +60,7 @@ pub enum Command {
     /// Merge a trained GPS artifact into its base → a full checkpoint.
     Merge(merge::Args),
     /// Batch segmentation with ONNX Runtime (or Candle): masks, overlays, mDice/mIoU, images/s.
-    Infer(infer::Args),
+    Infer(Box<infer::Args>),
     /// Inference reports: `report merge` joins sharded `infer --shard I/N` outputs.
     Report(report::Args),
     /// Evidence tables: GPS against its baselines (`experiment classify`).
@@ -87,7 +87,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(a) => train::run(*a),
         Command::Pretrain(a) => pretrain::run(a),
         Command::Report(a) => report::run(a),
-        Command::Infer(a) => infer::run(a),
+        Command::Infer(a) => infer::run(*a),
         Command::Experiment(a) => experiment::run(a),
         Command::Parity(a) => parity::run(a),
         Command::Serve(a) => serve::run(a),

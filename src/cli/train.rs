@@ -4,6 +4,7 @@ use super::common::{DeviceArgs, DtypeArgs};
 use super::progress::Progress;
 use anyhow::Context;
 use gps_seg::data::classification::ClsLayout;
+use gps_seg::data::prompts::PromptKind;
 use gps_seg::data::resize::Resize;
 use gps_seg::gps::select::Level;
 use gps_seg::train::cls::{self, ClsTrainConfig, SelectLoss};
@@ -128,6 +129,9 @@ pub struct Args {
     pub device: DeviceArgs,
     #[command(flatten)]
     pub dtype: DtypeArgs,
+    /// seg: prompted fine-tuning (prompts sampled from the ground truth).
+    #[command(flatten)]
+    pub prompt: super::common::PromptArgs,
 }
 
 /// Refuse the flags that do not apply to the chosen task (instead of ignoring them).
@@ -146,6 +150,10 @@ fn refuse_foreign_flags(args: &Args) -> anyhow::Result<()> {
         TaskKind::Classify => [
             (args.checkpoint_blocks, "--checkpoint-blocks"),
             (args.resize.is_some(), "--resize"),
+            (args.prompt.prompt != PromptKind::None, "--prompt"),
+            (args.prompt.points.is_some(), "--points"),
+            (args.prompt.neg_points.is_some(), "--neg-points"),
+            (args.prompt.prompt_jitter.is_some(), "--prompt-jitter"),
             (args.skip_bad, "--skip-bad"),
         ]
         .into_iter()
@@ -184,8 +192,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (base, sam) =
         super::common::resolve_sam(args.model.as_deref().unwrap_or("tiny"), args.image_size)?;
     let out = args.out.clone().unwrap_or_else(|| {
+        let prompt = match args.prompt.prompt {
+            PromptKind::None => String::new(),
+            k => format!("-{}", k.name().replace('+', "-")),
+        };
         PathBuf::from("runs").join(format!(
-            "{}-{}-k{}",
+            "{}-{}-k{}{prompt}",
             sam.name,
             args.method.name(),
             args.topk
@@ -205,6 +217,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     cfg.checkpoint_blocks = args.checkpoint_blocks;
     cfg.skip_bad = args.skip_bad;
     cfg.dtype = dtype;
+    cfg.prompt = args.prompt.spec()?;
     let s = seg::train(&cfg, &out, &device, args.resume, &mut progress)
         .with_context(|| format!("training run {}", out.display()))?;
     print_summary(&s);

@@ -262,6 +262,7 @@ mod tests {
             orig_size: (2, 3),
             orig_mask: vec![1, 0, 0, 0, 0, 1],
             boxes: vec![[0.0, 0.0, 1.0, 1.0]],
+            prompts: Vec::new(),
         };
         flip_seg_sample(&mut smp);
         assert_eq!(smp.mask[s + 3], 1.0);

@@ -6,6 +6,7 @@
 //! written beside the run so evaluation never sees training images.
 
 use super::imgio::{self, Problems};
+use super::prompts::ObjectPrompt;
 use super::resize::{self, Resize};
 use crate::error::{Error, Result};
 use crate::util::Rng;
@@ -66,6 +67,9 @@ pub struct SegSample {
     pub orig_mask: Vec<u8>,
     /// Boxes `[x0, y0, x1, y1]` in input-frame (`S × S`) pixel coordinates.
     pub boxes: Vec<[f32; 4]>,
+    /// Prompt sets sampled from `mask` (one per object; empty unless the source samples
+    /// prompts, see [`crate::data::prompts`]).
+    pub prompts: Vec<ObjectPrompt>,
 }
 
 /// A batch of [`SegSample`]s as tensors.
@@ -78,6 +82,8 @@ pub struct SegBatch {
     pub masks: Tensor,
     pub orig_sizes: Vec<(usize, usize)>,
     pub orig_masks: Vec<Vec<u8>>,
+    /// Per image, its prompt sets (empty without prompt sampling).
+    pub prompts: Vec<Vec<ObjectPrompt>>,
 }
 
 impl SegBatch {
@@ -111,6 +117,7 @@ impl SegBatch {
             masks: Tensor::from_vec(masks, (b, 1, s, s), device)?,
             orig_sizes: samples.iter().map(|x| x.orig_size).collect(),
             orig_masks: samples.iter().map(|x| x.orig_mask.clone()).collect(),
+            prompts: samples.iter().map(|x| x.prompts.clone()).collect(),
         })
     }
 }
@@ -520,6 +527,7 @@ impl PackedSegSample {
             orig_size: self.orig_size,
             orig_mask: self.orig_mask.clone(),
             boxes: self.boxes.clone(),
+            prompts: Vec::new(),
         }
     }
 }

@@ -10,6 +10,7 @@
 use super::augment::{ClsAugment, SegAugment};
 use super::classification::ClsDataset;
 use super::kvasir::{self, KvasirDataset, PackedSegSample, SegBatch, SegSample};
+use super::prompts::{self, PromptSpec};
 use super::resize::{self, Resize};
 use crate::error::{Error, Result};
 use crate::util::Rng;
@@ -381,6 +382,18 @@ pub struct SegSource {
     pub size: usize,
     pub resize: Resize,
     pub augment: SegAugment,
+    /// Prompt sets to sample from each (augmented) mask; `None`: prompt-free, nothing drawn.
+    pub prompts: Option<PromptSampling>,
+}
+
+/// How a [`SegSource`] seeds its prompt sampling (see [`super::prompts`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PromptSampling {
+    pub spec: PromptSpec,
+    /// `Some(seed)`: fixed per image ([`prompts::fixed_rng`]`(seed, id)`, evaluation);
+    /// `None`: drawn from the loader's per-(seed, epoch, position) generator after the
+    /// augmentation (training: fresh prompts every epoch, resumable with the loader).
+    pub fixed_seed: Option<u64>,
 }
 
 impl Source for SegSource {
@@ -397,6 +410,19 @@ impl Source for SegSource {
         let mut item = item.unpack();
         if augment {
             self.augment.apply(&mut item, rng);
+        }
+        if let Some(ps) = &self.prompts {
+            let mask: Vec<u8> = item.mask.iter().map(|&v| u8::from(v >= 0.5)).collect();
+            let mut fixed;
+            let r = match ps.fixed_seed {
+                Some(seed) => {
+                    fixed = prompts::fixed_rng(seed, &item.id);
+                    &mut fixed
+                }
+                None => rng,
+            };
+            // The only failure is a mask that is not S×S, which `collate` refuses by name.
+            item.prompts = prompts::sample(&mask, self.size, &ps.spec, r).unwrap_or_default();
         }
         item
     }

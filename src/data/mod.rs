@@ -16,6 +16,7 @@ pub mod classification;
 pub mod imgio;
 pub mod kvasir;
 pub mod loader;
+pub mod prompts;
 pub mod resize;
 pub mod synth_cls;
 pub mod synth_kvasir;

@@ -4,6 +4,7 @@
 //! logits `[N, 1, S', S']` (S' = S for gps-seg's prompt-free export).
 
 use super::runtime::{self, OrtModel};
+use crate::data::prompts::ObjectPrompt;
 use crate::error::{Error, Result};
 use crate::nn::RolePolicy;
 use crate::progress::{Event, Observer};
@@ -39,6 +40,27 @@ pub trait Engine {
     fn describe(&self) -> String;
     /// `images`: `[n, 3, S, S]` RGB in [0, 1], row-major → logits `[n, 1, S', S']`.
     fn logits(&self, images: &[f32], n: usize) -> Result<Logits>;
+    /// Whether the engine segments from prompts ([`Engine::logits_prompted`]).
+    fn takes_prompts(&self) -> bool {
+        false
+    }
+    /// Prompted segmentation: `prompts[i]` are image `i`'s prompt sets (input-frame pixels)
+    /// → united logits `[n, 1, S', S']`. Engines without prompts refuse.
+    fn logits_prompted(
+        &self,
+        _images: &[f32],
+        _n: usize,
+        _prompts: &[&[ObjectPrompt]],
+    ) -> Result<Logits> {
+        Err(Error::Config {
+            field: "prompts".into(),
+            msg: format!(
+                "the {} engine runs a prompt-free model; prompts need the prompted graphs \
+                 (`gps-seg export --prompted`, then infer --model ENCODER --decoder DECODER)",
+                self.name()
+            ),
+        })
+    }
 }
 
 /// The input signature gps-seg's SAM graphs have: `image` of rank 4 with 3 channels.

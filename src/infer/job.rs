@@ -12,7 +12,8 @@
 use super::engine::Engine;
 use super::input::{bad_from, BadInput, InputItem, Inputs};
 use crate::data::imgio;
-use crate::data::resize::Resize;
+use crate::data::prompts::{self, ObjectPrompt, PromptFile, PromptSpec};
+use crate::data::resize::{self, Resize};
 use crate::error::{Error, Result};
 use crate::metrics::{ImageScore, Metric, PooledCounts, SegInput, SegMetrics, SegReport};
 use crate::progress::{Event, Observer};
@@ -37,6 +38,20 @@ pub struct InferOptions {
     pub overlays: bool,
     /// Run only this shard of the inputs (see [`Shard`]).
     pub shard: Option<Shard>,
+    /// Prompts for a prompted engine ([`Engine::takes_prompts`]); `None`: prompt-free.
+    pub prompts: Option<JobPrompts>,
+}
+
+/// Where a prompted job's prompts come from.
+#[derive(Debug, Clone)]
+pub enum JobPrompts {
+    /// Read from a file, per image id, in original pixel coordinates
+    /// ([`prompts::read_prompt_file`]); an image missing from the file is a bad input.
+    File(PromptFile),
+    /// Sampled from each image's ground-truth mask resized to the input frame, with the fixed
+    /// per-image generator [`prompts::fixed_rng`]`(seed, id)` — exactly the prompts training's
+    /// evaluation used when `seed` is the run's (`--prompt-from-masks`, for evaluation).
+    FromMasks { spec: PromptSpec, seed: u64 },
 }
 
 /// One of `count` disjoint parts of a job's inputs: input `i` (in the job's order) belongs to
@@ -115,6 +130,7 @@ impl InferOptions {
             skip_bad: false,
             overlays: true,
             shard: None,
+            prompts: None,
         }
     }
 
@@ -203,9 +219,16 @@ struct Prepared {
     chw: Vec<f32>,
     /// Ground truth at the original resolution, {0, 1}.
     gt: Option<Vec<u8>>,
+    /// The image's prompt sets in the input frame (prompted jobs).
+    prompts: Vec<ObjectPrompt>,
 }
 
-fn prepare(item: &InputItem, s: usize, resize: Resize) -> std::result::Result<Prepared, BadInput> {
+fn prepare(
+    item: &InputItem,
+    s: usize,
+    resize: Resize,
+    job_prompts: Option<&JobPrompts>,
+) -> std::result::Result<Prepared, BadInput> {
     let rgb = imgio::decode_rgb(&item.image).map_err(|e| bad_from(&item.image, &e))?;
     let (h, w) = (rgb.height() as usize, rgb.width() as usize);
     if h == 0 || w == 0 {
@@ -227,16 +250,49 @@ fn prepare(item: &InputItem, s: usize, resize: Resize) -> std::result::Result<Pr
                     ),
                 });
             }
-            Some(m.as_raw().iter().map(|&v| u8::from(v >= 128)).collect())
+            Some(
+                m.as_raw()
+                    .iter()
+                    .map(|&v| u8::from(v >= 128))
+                    .collect::<Vec<u8>>(),
+            )
         }
         None => None,
     };
     // Same path as the training loader: u8 resize, then / 255.
     let chw = super::mask::preprocess(&rgb, s, resize);
+    let prompts = match job_prompts {
+        None => Vec::new(),
+        Some(JobPrompts::File(file)) => match file.get(&item.id) {
+            Some(objs) => prompts::to_input_frame(objs, resize.scale((h, w), s), s),
+            None => {
+                return Err(BadInput {
+                    path: item.image.clone(),
+                    reason: format!("no prompts for image `{}` in the prompt file", item.id),
+                })
+            }
+        },
+        Some(JobPrompts::FromMasks { spec, seed }) => {
+            let g = gt.as_ref().ok_or_else(|| BadInput {
+                path: item.image.clone(),
+                reason: "no ground-truth mask to sample prompts from (--prompt-from-masks)".into(),
+            })?;
+            // The training loader's path: nearest resize of the {0, 1} mask to S × S.
+            let m = resize::resize_mask_nearest_u8(g, (h, w), s, resize);
+            let mut rng = prompts::fixed_rng(*seed, &item.id);
+            prompts::sample(&m, s, spec, &mut rng).map_err(|e| bad_from(&item.image, &e))?
+        }
+    };
     let mut item = item.clone();
     item.size = (h, w);
     let rgb = (h.saturating_mul(w) <= KEEP_DECODED_PIXELS).then_some(rgb);
-    Ok(Prepared { item, rgb, chw, gt })
+    Ok(Prepared {
+        item,
+        rgb,
+        chw,
+        gt,
+        prompts,
+    })
 }
 
 /// What post-processing one image gave: a result, or a model output that cannot be scored.
@@ -304,6 +360,27 @@ pub fn infer(
 ) -> Result<(InferReport, Vec<ImageScore>)> {
     opts.validate()?;
     inputs.require_clean(opts.skip_bad)?;
+    match (&opts.prompts, engine.takes_prompts()) {
+        (Some(_), false) => {
+            return Err(Error::Config {
+                field: "prompts".into(),
+                msg: format!(
+                    "the {} engine runs a prompt-free model; prompts need the prompted graphs \
+                     (`gps-seg export --prompted`, then --model ENCODER --decoder DECODER)",
+                    engine.name()
+                ),
+            })
+        }
+        (None, true) => {
+            return Err(Error::Config {
+                field: "prompts".into(),
+                msg: "the prompted graphs need prompts: give --prompts FILE or \
+                      --prompt-from-masks"
+                    .into(),
+            })
+        }
+        _ => {}
+    }
     let total_inputs = inputs.items.len();
     // (position in the whole job, item) of this shard, in the job's order.
     let positions: Vec<usize> = (0..total_inputs)
@@ -371,8 +448,12 @@ pub fn infer(
     let mut images = 0usize;
     // Decoding of batch k+1 (rayon) overlaps the engine's run of batch k.
     let resize = opts.resize;
+    let job_prompts = opts.prompts.as_ref();
     let prep = move |chunk: &[InputItem]| -> Vec<std::result::Result<Prepared, BadInput>> {
-        chunk.par_iter().map(|it| prepare(it, s, resize)).collect()
+        chunk
+            .par_iter()
+            .map(|it| prepare(it, s, resize, job_prompts))
+            .collect()
     };
     std::thread::scope(|scope| -> Result<()> {
         let mut pending = batches.first().map(|&c| scope.spawn(move || prep(c)));
@@ -416,7 +497,13 @@ pub fn infer(
                     x.extend_from_slice(&p.chw);
                 }
                 let tm = Instant::now();
-                let logits = engine.logits(&x, n)?;
+                let logits = if opts.prompts.is_some() {
+                    let ps: Vec<&[ObjectPrompt]> =
+                        batch.iter().map(|p| p.prompts.as_slice()).collect();
+                    engine.logits_prompted(&x, n, &ps)?
+                } else {
+                    engine.logits(&x, n)?
+                };
                 model_secs += tm.elapsed().as_secs_f64();
                 drop(x);
                 let size = logits.size;

@@ -11,11 +11,13 @@ pub mod engine;
 pub mod input;
 pub mod job;
 pub mod mask;
+pub mod prompted;
 pub mod report;
 pub mod run;
 pub mod runtime;
 
 pub use engine::{CandleEngine, Engine, Logits, OrtEngine};
 pub use input::{BadInput, InputItem, Inputs};
-pub use job::{infer, InferOptions, InferReport};
+pub use job::{infer, InferOptions, InferReport, JobPrompts};
+pub use prompted::PromptedOrtEngine;
 pub use run::RunFolder;

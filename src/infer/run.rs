@@ -8,9 +8,12 @@
 
 use super::input::{self, Candidate, Inputs};
 use crate::data::kvasir::{KvasirDataset, Split};
+use crate::data::prompts::PromptSpec;
 use crate::data::resize::Resize;
 use crate::error::{Error, Result};
-use crate::onnx::sam::{export_prompt_free, SamExportOptions};
+use crate::onnx::sam::{
+    export_image_encoder, export_prompt_free, export_prompted_decoder, SamExportOptions,
+};
 use crate::progress::{Event, Observer};
 use crate::sam::SamConfig;
 use crate::util::fs::read_json;
@@ -32,6 +35,12 @@ pub struct RunView {
     pub threshold: f32,
     #[serde(default)]
     pub test_limit: Option<usize>,
+    /// The run's prompts (`none` for prompt-free runs and runs written before prompts).
+    #[serde(default)]
+    pub prompt: PromptSpec,
+    /// The run's seed: its fixed evaluation prompts are drawn with it.
+    #[serde(default)]
+    pub seed: u64,
 }
 
 /// An opened run folder.
@@ -133,6 +142,41 @@ impl RunFolder {
         )));
         export_onnx(&weights, &self.view.sam, &model)?;
         Ok(model)
+    }
+}
+
+impl RunFolder {
+    /// `<run>/model_prompted.onnx` (image encoder, normalisation in-graph) and
+    /// `<run>/model_prompted_decoder.onnx` (prompted decoder), exported from
+    /// [`RunFolder::weights`] when missing or older than the weights.
+    pub fn ensure_prompted_onnx(&self, obs: &mut dyn Observer) -> Result<(PathBuf, PathBuf)> {
+        let enc = self.dir.join("model_prompted.onnx");
+        let dec = self.dir.join("model_prompted_decoder.onnx");
+        let weights = self.weights()?;
+        let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let fresh = |m: &Path| {
+            m.is_file()
+                && match (mtime(m), mtime(&weights)) {
+                    (Some(m), Some(w)) => m >= w,
+                    _ => true,
+                }
+        };
+        if fresh(&enc) && fresh(&dec) {
+            return Ok((enc, dec));
+        }
+        obs.event(Event::Info(format!(
+            "exporting {} → {} + {} (prompted SAM: image encoder + prompted decoder)",
+            weights.display(),
+            enc.display(),
+            dec.display()
+        )));
+        let cfg = &self.view.sam;
+        let map = crate::sam::load_weights(&weights, cfg, &candle_core::Device::Cpu)?;
+        let (m, _) = export_image_encoder(cfg, &map, SamExportOptions::default())?;
+        crate::onnx::write_model(&enc, m)?;
+        let (m, _) = export_prompted_decoder(cfg, &map)?;
+        crate::onnx::write_model(&dec, m)?;
+        Ok((enc, dec))
     }
 }
 

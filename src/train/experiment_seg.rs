@@ -1,7 +1,9 @@
 //! `gps-seg experiment kvasir`: GPS against its baselines on a Kvasir-shaped set, same data,
 //! split and epochs for every variant: zero-shot (no tuning), decoder only, decoder+bias (what
 //! GPS trains fully, without the selected entries), full fine-tuning, GPS at K = 1, 2, 4, GPS
-//! in the encoder only, and random / magnitude selection at the GPS K = 1 budget; over several
+//! in the encoder only, random / magnitude selection at the GPS K = 1 budget, and box-prompted
+//! zero-shot / GPS K = 1 / full (one jittered box per ground-truth object, sampled by
+//! [`crate::data::prompts`], fixed per test image and the same for every method); over several
 //! seeds (the split stays fixed, so every seed scores the same test images) and training-set
 //! sizes (the low-data axis). Every epoch is chosen on validation data; the test split is only
 //! scored. The table gives mean ± std over seeds and a paired bootstrap 95% interval of each
@@ -9,6 +11,7 @@
 //! Writes `table.md`, `results.json`, `mdice.png` and one run folder per (size, seed,
 //! variant); a finished run whose settings did not change is reused.
 
+use crate::data::prompts::{PromptKind, PromptSpec};
 use crate::error::{Error, Result};
 use crate::progress::{Event, Observer};
 use crate::train::config::Method;
@@ -27,6 +30,14 @@ pub struct SegVariant {
     pub topk: usize,
     /// Learning rate (full fine-tuning takes a smaller one, as is usual).
     pub lr: f64,
+    /// Prompts sampled from the ground truth (`none`: prompt-free, GPS's recipe; not written
+    /// then, so earlier `results.json` files read unchanged).
+    #[serde(default, skip_serializing_if = "is_prompt_free")]
+    pub prompt: PromptKind,
+}
+
+fn is_prompt_free(k: &PromptKind) -> bool {
+    *k == PromptKind::None
 }
 
 impl SegVariant {
@@ -36,7 +47,13 @@ impl SegVariant {
             method,
             topk,
             lr,
+            prompt: PromptKind::None,
         }
+    }
+
+    fn prompted(mut self, kind: PromptKind) -> Self {
+        self.prompt = kind;
+        self
     }
 }
 
@@ -53,6 +70,11 @@ pub fn default_variants(lr: f64) -> Vec<SegVariant> {
         SegVariant::new("gps-k4", Method::Gps, 4, lr),
         SegVariant::new("random-k1", Method::Random, 1, lr),
         SegVariant::new("magnitude-k1", Method::Magnitude, 1, lr),
+        // Box-prompted (one jittered box per ground-truth object, fixed per test image and the
+        // same for every method), beside the prompt-free rows.
+        SegVariant::new("zero-shot-box", Method::ZeroShot, 1, lr).prompted(PromptKind::Box),
+        SegVariant::new("gps-k1-box", Method::Gps, 1, lr).prompted(PromptKind::Box),
+        SegVariant::new("full-box", Method::Full, 1, lr / 5.0).prompted(PromptKind::Box),
     ]
 }
 
@@ -143,6 +165,9 @@ pub fn run_kvasir(
                 cfg.seed = seed;
                 cfg.split_seed = Some(template.seed);
                 cfg.train_limit = *size;
+                if v.prompt != PromptKind::None {
+                    cfg.prompt = PromptSpec::of(v.prompt);
+                }
                 let dir = out
                     .join(format!("train-{size_name}"))
                     .join(format!("seed-{seed}"))
@@ -222,6 +247,28 @@ pub fn table(t: &SegTrainConfig, rows: &[SegExperimentRow]) -> Result<String> {
     }));
     let ev = crate::stats::evidence_rows(&runs, "gps-k1", 2000, t.seed)?;
     s.push_str(&crate::stats::evidence_markdown(&ev, "mDice", "gps-k1"));
+    // The prompted rows also against the prompted GPS (same prompts per test image).
+    const PROMPTED_REF: &str = "gps-k1-box";
+    if rows.iter().any(|r| r.variant.label == PROMPTED_REF) {
+        let prompted = crate::stats::group_runs(
+            rows.iter()
+                .filter(|r| r.variant.prompt != PromptKind::None)
+                .map(|r| {
+                    (
+                        r.variant.label.as_str(),
+                        r.train_size.as_str(),
+                        r.summary.trainable,
+                        r.test_dice.as_slice(),
+                    )
+                }),
+        );
+        let ev = crate::stats::evidence_rows(&prompted, PROMPTED_REF, 2000, t.seed)?;
+        s.push_str(&format!(
+            "\nBox-prompted variants against {PROMPTED_REF} (one jittered box per ground-truth \
+             object, the same boxes per test image for every method of a seed):\n\n"
+        ));
+        s.push_str(&crate::stats::evidence_markdown(&ev, "mDice", PROMPTED_REF));
+    }
     s.push_str("\nPer run:\n\n| train images | seed | variant | lr | trainable % | epoch (val) | val mDice | test mDice | test mIoU | s/step | time |\n");
     s.push_str("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in rows {

@@ -19,6 +19,7 @@ pub mod run;
 pub mod schedule;
 pub mod seg;
 pub mod seg_data;
+pub mod seg_prompted;
 pub mod task;
 
 /// Metrics live in [`crate::metrics`] (shared with inference); re-exported for existing users.

@@ -10,6 +10,7 @@
 
 use crate::data::kvasir::SegBatch;
 use crate::data::loader::{Loader, LoaderConfig, SegSource};
+use crate::data::prompts::PromptSpec;
 use crate::data::resize::{to_original, Resize};
 use crate::error::{Error, Result};
 use crate::gps::artifact::Artifact;
@@ -23,6 +24,7 @@ use crate::train::metrics::{Metric, SegInput, SegMetrics, SegReport};
 use crate::train::observer::{Event, Observer};
 use crate::train::run::{roles_from_policy, smoothed_loss};
 use crate::train::schedule::Schedule;
+use crate::train::seg_prompted;
 use crate::train::task::{Fitted, Loaders, ScheduleUnit, SelectionSetup, Task};
 use crate::util::fs::{write_atomic, write_json_atomic};
 use crate::util::tensors::TensorMap;
@@ -61,6 +63,11 @@ pub struct SegTrainConfig {
     /// existed load as f32.
     #[serde(default)]
     pub dtype: Precision,
+    /// Prompts sampled from the ground truth (`--prompt`, [`crate::data::prompts`]); `none`
+    /// (the default, GPS's own recipe) is prompt-free and is not written to `config.json`, so
+    /// prompt-free runs keep their config byte for byte. See [`super::seg_prompted`].
+    #[serde(default, skip_serializing_if = "PromptSpec::is_prompt_free")]
+    pub prompt: PromptSpec,
 }
 
 /// The core's fields read and set as the config's own (`cfg.epochs`, `cfg.lr = …`).
@@ -110,7 +117,14 @@ impl SegTrainConfig {
             checkpoint_blocks: false,
             skip_bad: false,
             dtype: Precision::F32,
+            prompt: PromptSpec::default(),
         }
+    }
+
+    /// The seed of the fixed evaluation prompts (val and test): the run's seed, so every
+    /// method trained or evaluated with one seed sees the same prompts per image.
+    pub fn eval_prompt_seed(&self) -> u64 {
+        self.seed
     }
 }
 
@@ -213,6 +227,15 @@ impl Task for SegTrainConfig {
             });
         }
         self.sam.validate()?;
+        self.prompt.validate()?;
+        if self.prompt.is_prompted() && self.checkpoint_blocks {
+            return Err(Error::Config {
+                field: "checkpoint_blocks".into(),
+                msg: "block checkpointing is implemented for the prompt-free path only; \
+                      drop --checkpoint-blocks or --prompt"
+                    .into(),
+            });
+        }
         self.dtype.check_device(device)
     }
 
@@ -268,7 +291,11 @@ impl Task for SegTrainConfig {
     }
 
     fn train_step(&self, sam: &Sam, batch: &SegBatch) -> Result<(Tensor, GradStore)> {
-        if self.checkpoint_blocks {
+        if self.prompt.is_prompted() {
+            let loss = seg_prompted::prompted_loss(sam, batch, &self.prompt)?;
+            let grads = loss.backward()?;
+            Ok((loss, grads))
+        } else if self.checkpoint_blocks {
             sam.prompt_free_backward_checkpointed(&batch.images, |l| seg_loss(l, &batch.masks))
         } else {
             let loss = seg_loss(&sam.forward_prompt_free(&batch.images)?, &batch.masks)?;
@@ -333,7 +360,11 @@ impl Task for SegTrainConfig {
                 Method::GpsEncoder => Policy::sam_encoder_only(),
                 _ => Policy::sam(),
             },
-            loss_name: "bce+iou".into(),
+            loss_name: if self.prompt.is_prompted() {
+                format!("prompted ({}) bce+iou", self.prompt.kind.name())
+            } else {
+                "bce+iou".into()
+            },
             phase: "select".into(),
         }
     }
@@ -349,6 +380,9 @@ impl Task for SegTrainConfig {
     }
 
     fn selection_loss(&self, sam: &Sam, batch: &SegBatch) -> Result<Tensor> {
+        if self.prompt.is_prompted() {
+            return seg_prompted::prompted_loss(sam, batch, &self.prompt);
+        }
         seg_loss(&sam.forward_prompt_free(&batch.images)?, &batch.masks)
     }
 }
@@ -384,7 +418,11 @@ pub fn evaluate(
     });
     let mut done = 0;
     while let Some(batch) = loader.next_batch(device)? {
-        let probs = predict_probs(sam, &batch)?;
+        let probs = if cfg.prompt.is_prompted() {
+            seg_prompted::predict_probs(sam, &batch, &cfg.prompt)?
+        } else {
+            predict_probs(sam, &batch)?
+        };
         score_batch(&batch, &probs, cfg, &mut metrics, &mut kept, keep)?;
         done += 1;
         obs.event(Event::Step {

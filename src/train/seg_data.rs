@@ -5,7 +5,7 @@
 use super::seg::SegTrainConfig;
 use crate::data::augment::SegAugment;
 use crate::data::kvasir::{KvasirDataset, OpenOptions, Split, SplitSpec};
-use crate::data::loader::{Loader, LoaderConfig, SegSource};
+use crate::data::loader::{Loader, LoaderConfig, PromptSampling, SegSource};
 use crate::error::{Error, Result};
 use crate::nn::ParamStore;
 use crate::sam::Sam;
@@ -89,6 +89,10 @@ impl SegData {
             size: cfg.sam.image_size,
             resize: cfg.resize,
             augment: SegAugment { hflip },
+            prompts: cfg.prompt.is_prompted().then_some(PromptSampling {
+                spec: cfg.prompt,
+                fixed_seed: None,
+            }),
         }
     }
 
@@ -114,7 +118,12 @@ impl SegData {
     fn eval_loader(&self, cfg: &SegTrainConfig, idx: &[usize]) -> Result<Loader<SegSource>> {
         let mut lc = LoaderConfig::eval(cfg.eval_batch_size);
         lc.cache = true;
-        Loader::new(self.source(cfg, 0.0), idx.to_vec(), lc)
+        let mut src = self.source(cfg, 0.0);
+        if let Some(p) = &mut src.prompts {
+            // Fixed prompts per image: the same every epoch and for every method.
+            p.fixed_seed = Some(cfg.eval_prompt_seed());
+        }
+        Loader::new(src, idx.to_vec(), lc)
     }
 }
 
