@@ -331,6 +331,18 @@ fn run_delta(args: &Args, base_onnx: &Path) -> anyhow::Result<()> {
             )
         })?;
     if let Some(b) = &cfg.base {
+        if !b.exists() {
+            bail!(
+                "{}: the run's base checkpoint `{}` (field `base`) is not found from here{}",
+                cfg_path.display(),
+                b.display(),
+                if b.is_relative() {
+                    "; it is relative to the folder training ran in: run export from there"
+                } else {
+                    ""
+                }
+            );
+        }
         io = io.input("--model (base checkpoint)", b);
     }
     io.check()?;
