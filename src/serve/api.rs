@@ -18,6 +18,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -434,8 +435,18 @@ fn content_type(h: &HeaderMap) -> Result<BodyKind, ApiError> {
     ))
 }
 
-/// Decode + preprocess (blocking pool) → session (async wait) → model (blocking pool, session
-/// held) → mask + PNG (blocking pool).
+/// Sets its flag when dropped: the request's future is gone (answered, or timed out).
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// One job on tokio's blocking pool (one thread hand-off each way, which matters on a busy
+/// machine): decode + preprocess → wait for a session → model (the session held for this
+/// alone) → mask + PNG. A request that timed out while waiting is not run.
 async fn run_segment(
     st: &Arc<AppState>,
     pool: &Arc<TaskPool>,
@@ -451,8 +462,12 @@ async fn run_segment(
         ));
     }
     let s = pool.input_size();
-    let resize = st.resize;
-    let prep = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+    let (resize, threshold) = (st.resize, st.threshold);
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let _cancel = CancelOnDrop(cancelled.clone());
+    let handle = tokio::runtime::Handle::current();
+    let job_pool = pool.clone();
+    let job = move || -> Result<_, ApiError> {
         let img = match &kind {
             BodyKind::Raw => &bytes[..],
             BodyKind::Multipart(ct) => {
@@ -465,20 +480,16 @@ async fn run_segment(
         let rgb = imgio::decode_rgb_bytes("request body", img)
             .map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
         let size = (rgb.height() as usize, rgb.width() as usize);
-        Ok((mask::preprocess(&rgb, s, resize), size))
-    })
-    .await
-    .map_err(internal)??;
-    let (chw, size) = prep;
-    let tq = Instant::now();
-    let session = pool
-        .session()
-        .await
-        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let queue_ms = tq.elapsed().as_secs_f64() * 1e3;
-    let threshold = st.threshold;
-    let name = pool.name.clone();
-    let (m, inference_ms) = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+        let chw = mask::preprocess(&rgb, s, resize);
+        drop(rgb);
+        let tq = Instant::now();
+        let session = handle
+            .block_on(job_pool.session())
+            .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let queue_ms = tq.elapsed().as_secs_f64() * 1e3;
+        if cancelled.load(Ordering::Acquire) {
+            return Err(err(StatusCode::GATEWAY_TIMEOUT, "cancelled"));
+        }
         let tm = Instant::now();
         let logits = session.engine().logits(&chw, 1);
         let inference_ms = tm.elapsed().as_secs_f64() * 1e3;
@@ -490,30 +501,32 @@ async fn run_segment(
             .map_err(|nf| {
                 err(
                     StatusCode::UNPROCESSABLE_ENTITY,
-                    format!("task `{name}`: {nf}"),
+                    format!("task `{}`: {nf}", job_pool.name),
                 )
             })?;
         let png = m
             .png()
             .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        Ok(((m.area(), m.mean_probability(), png), inference_ms))
-    })
-    .await
-    .map_err(internal)??;
-    let (area, mean_probability, png) = m;
-    let (h, w) = size;
-    let summary = SegmentResult {
-        task: pool.name.clone(),
-        width: w,
-        height: h,
-        mask_area: area,
-        mask_fraction: area as f64 / (w.saturating_mul(h)).max(1) as f64,
-        mean_probability,
-        threshold,
-        inference_ms,
-        queue_ms,
-        total_ms: t0.elapsed().as_secs_f64() * 1e3,
+        let (h, w) = size;
+        let area = m.area();
+        Ok((
+            SegmentResult {
+                task: job_pool.name.clone(),
+                width: w,
+                height: h,
+                mask_area: area,
+                mask_fraction: area as f64 / (w.saturating_mul(h)).max(1) as f64,
+                mean_probability: m.mean_probability(),
+                threshold,
+                inference_ms,
+                queue_ms,
+                total_ms: 0.0,
+            },
+            png,
+        ))
     };
+    let (mut summary, png) = tokio::task::spawn_blocking(job).await.map_err(internal)??;
+    summary.total_ms = t0.elapsed().as_secs_f64() * 1e3;
     Ok((summary, png))
 }
 
