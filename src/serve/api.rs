@@ -4,11 +4,11 @@
 //! is a status code with a one-line plain-text message naming what was wrong.
 
 use super::metrics::{Metrics, TaskGauges, UNKNOWN_TASK};
-use super::pool::TaskPool;
+use super::pool::{TaskEngine, TaskPool};
 use super::wire;
 use crate::data::imgio;
 use crate::data::resize::Resize;
-use crate::infer::engine::Engine;
+use crate::infer::engine::{Engine, Prompts};
 use crate::infer::mask;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -142,6 +142,8 @@ pub struct TaskInfo {
     pub queue: usize,
     pub resize: Resize,
     pub threshold: f32,
+    /// An image encoder + prompted decoder pair (requests give `points` / `box`).
+    pub prompted: bool,
     pub engine: String,
 }
 
@@ -158,6 +160,7 @@ pub fn task_infos(st: &AppState) -> Vec<TaskInfo> {
             queue: p.queue(),
             resize: st.resize,
             threshold: st.threshold,
+            prompted: p.is_prompted(),
             engine: p.describe(),
         })
         .collect()
@@ -249,9 +252,16 @@ async fn segment_inner(
         .map_err(|m| err(StatusCode::BAD_REQUEST, format!("query string: {m}")))?;
     let mut task = None;
     let mut format = None;
+    let mut prompts = RawPrompts::default();
     for (k, v) in &query {
         match k.as_str() {
             "task" => task = Some(v.as_str()),
+            "points" => {
+                prompts.points = parse_points(v).map_err(|m| err(StatusCode::BAD_REQUEST, m))?;
+            }
+            "box" => {
+                prompts.boxes = Some(parse_box(v).map_err(|m| err(StatusCode::BAD_REQUEST, m))?);
+            }
             "format" => {
                 format = Some(match v.as_str() {
                     "png" => Format::Png,
@@ -267,7 +277,7 @@ async fn segment_inner(
             _ => {
                 return Err(err(
                     StatusCode::BAD_REQUEST,
-                    format!("unknown query parameter `{k}` (expected task, format)"),
+                    format!("unknown query parameter `{k}` (expected task, format, points, box)"),
                 ))
             }
         }
@@ -289,6 +299,27 @@ async fn segment_inner(
         )
     })?;
     *label = pool.name.clone();
+    let has_prompts = !prompts.points.is_empty() || prompts.boxes.is_some();
+    if pool.is_prompted() && !has_prompts {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "task `{}` is prompted: give points=x,y,label;… (label 1 foreground, 0 \
+                 background) and/or box=x0,y0,x1,y1, in the image's pixels",
+                pool.name
+            ),
+        ));
+    }
+    if !pool.is_prompted() && has_prompts {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "task `{}` is prompt-free: points and box need a prompted task (an image \
+                 encoder exported with `gps-seg export --prompted`, its decoder beside it)",
+                pool.name
+            ),
+        ));
+    }
     let format = format.unwrap_or_else(|| {
         let wants_json = parts
             .headers
@@ -333,7 +364,7 @@ async fn segment_inner(
             declared.and_then(|n| usize::try_from(n).ok()).unwrap_or(0),
         )
         .await?;
-        run_segment(st, &pool, admission, bytes, content_type, t0).await
+        run_segment(st, &pool, admission, bytes, content_type, prompts, t0).await
     };
     let result = tokio::time::timeout(st.timeout, work).await.map_err(|_| {
         err(
@@ -453,6 +484,7 @@ async fn run_segment(
     admission: super::pool::Admission,
     bytes: Vec<u8>,
     kind: BodyKind,
+    prompts: RawPrompts,
     t0: Instant,
 ) -> Result<(SegmentResult, Vec<u8>), ApiError> {
     if bytes.is_empty() {
@@ -480,6 +512,9 @@ async fn run_segment(
         let rgb = imgio::decode_rgb_bytes("request body", img)
             .map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
         let size = (rgb.height() as usize, rgb.width() as usize);
+        let frame = prompts
+            .to_frame(size, s, resize)
+            .map_err(|m| err(StatusCode::BAD_REQUEST, m))?;
         let chw = mask::preprocess(&rgb, s, resize);
         drop(rgb);
         let tq = Instant::now();
@@ -491,7 +526,10 @@ async fn run_segment(
             return Err(err(StatusCode::GATEWAY_TIMEOUT, "cancelled"));
         }
         let tm = Instant::now();
-        let logits = session.engine().logits(&chw, 1);
+        let logits = match session.engine() {
+            TaskEngine::PromptFree(e) => e.logits(&chw, 1),
+            TaskEngine::Prompted(e) => e.logits(&chw, &frame),
+        };
         let inference_ms = tm.elapsed().as_secs_f64() * 1e3;
         drop(session);
         drop(admission);
@@ -557,4 +595,91 @@ fn png_response((summary, png): (SegmentResult, Vec<u8>)) -> Response {
         serde_json::to_string(&summary).unwrap_or_default(),
     );
     r
+}
+
+/// Most prompt points per request.
+pub const MAX_POINTS: usize = 16;
+
+/// Prompts as the query gives them, in the original image's pixels.
+#[derive(Debug, Clone, Default)]
+pub struct RawPrompts {
+    pub points: Vec<(f32, f32, f32)>,
+    pub boxes: Option<(f32, f32, f32, f32)>,
+}
+
+fn numbers(s: &str, what: &str) -> Result<Vec<f32>, String> {
+    s.split(',')
+        .map(|v| {
+            v.trim()
+                .parse::<f32>()
+                .ok()
+                .filter(|x| x.is_finite())
+                .ok_or_else(|| format!("{what} `{s}`: `{v}` is not a finite number"))
+        })
+        .collect()
+}
+
+/// `x,y,label;x,y,label…` (label 1 foreground, 0 background).
+pub fn parse_points(s: &str) -> Result<Vec<(f32, f32, f32)>, String> {
+    let mut out = Vec::new();
+    for p in s.split(';').filter(|p| !p.trim().is_empty()) {
+        if out.len() == MAX_POINTS {
+            return Err(format!("points: at most {MAX_POINTS}"));
+        }
+        match numbers(p, "point")?.as_slice() {
+            &[x, y, l] if l == 0.0 || l == 1.0 => out.push((x, y, l)),
+            &[_, _, l] => {
+                return Err(format!(
+                    "point `{p}`: label {l} (expected 1 foreground or 0 background)"
+                ))
+            }
+            _ => return Err(format!("point `{p}`: expected x,y,label")),
+        }
+    }
+    if out.is_empty() {
+        return Err("points: none given (expected x,y,label;…)".into());
+    }
+    Ok(out)
+}
+
+/// `x0,y0,x1,y1` with x0 < x1, y0 < y1.
+pub fn parse_box(s: &str) -> Result<(f32, f32, f32, f32), String> {
+    match numbers(s, "box")?.as_slice() {
+        &[x0, y0, x1, y1] if x0 < x1 && y0 < y1 => Ok((x0, y0, x1, y1)),
+        &[_, _, _, _] => Err(format!("box `{s}`: need x0 < x1 and y0 < y1")),
+        _ => Err(format!("box `{s}`: expected x0,y0,x1,y1")),
+    }
+}
+
+impl RawPrompts {
+    /// Checked against the image `(h, w)` and scaled into the `S × S` input frame (as SAM's
+    /// `ResizeLongestSide.apply_coords`, or both axes for squash).
+    pub fn to_frame(
+        &self,
+        (h, w): (usize, usize),
+        s: usize,
+        resize: Resize,
+    ) -> Result<Prompts, String> {
+        let (sy, sx) = resize.scale((h, w), s);
+        let inside = |x: f32, y: f32| x >= 0.0 && y >= 0.0 && x <= w as f32 && y <= h as f32;
+        let mut points = Vec::with_capacity(self.points.len());
+        for &(x, y, l) in &self.points {
+            if !inside(x, y) {
+                return Err(format!("point ({x}, {y}) is outside the {w}×{h} image"));
+            }
+            points.push((x * sx, y * sy, l));
+        }
+        let boxes = match self.boxes {
+            Some((x0, y0, x1, y1)) => {
+                if !inside(x0, y0) || !inside(x1, y1) {
+                    return Err(format!(
+                        "box ({x0}, {y0}, {x1}, {y1}) is outside the {w}×{h} image"
+                    ));
+                }
+                Some((x0 * sx, y0 * sy, x1 * sx, y1 * sy))
+            }
+            None => None,
+        };
+        Ok(Prompts { points, boxes })
+    }
 }
