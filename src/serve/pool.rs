@@ -1,4 +1,4 @@
-//! One task's ONNX Runtime sessions: a bounded pool (each session its own `OrtEngine`, so no
+//! One task's ONNX Runtime sessions: a bounded pool (each session its own engine, so no
 //! lock is shared between sessions), an async semaphore handing sessions out, and admission
 //! control: at most `sessions + queue` requests of the task are admitted at once (reading
 //! their body, waiting for a session or running); the next one is answered 503 at once.
