@@ -626,9 +626,9 @@ pub fn parse_points(s: &str) -> Result<Vec<(f32, f32, f32)>, String> {
         if out.len() == MAX_POINTS {
             return Err(format!("points: at most {MAX_POINTS}"));
         }
-        match numbers(p, "point")?.as_slice() {
-            &[x, y, l] if l == 0.0 || l == 1.0 => out.push((x, y, l)),
-            &[_, _, l] => {
+        match *numbers(p, "point")?.as_slice() {
+            [x, y, l] if l == 0.0 || l == 1.0 => out.push((x, y, l)),
+            [_, _, l] => {
                 return Err(format!(
                     "point `{p}`: label {l} (expected 1 foreground or 0 background)"
                 ))
@@ -644,9 +644,9 @@ pub fn parse_points(s: &str) -> Result<Vec<(f32, f32, f32)>, String> {
 
 /// `x0,y0,x1,y1` with x0 < x1, y0 < y1.
 pub fn parse_box(s: &str) -> Result<(f32, f32, f32, f32), String> {
-    match numbers(s, "box")?.as_slice() {
-        &[x0, y0, x1, y1] if x0 < x1 && y0 < y1 => Ok((x0, y0, x1, y1)),
-        &[_, _, _, _] => Err(format!("box `{s}`: need x0 < x1 and y0 < y1")),
+    match *numbers(s, "box")?.as_slice() {
+        [x0, y0, x1, y1] if x0 < x1 && y0 < y1 => Ok((x0, y0, x1, y1)),
+        [_, _, _, _] => Err(format!("box `{s}`: need x0 < x1 and y0 < y1")),
         _ => Err(format!("box `{s}`: expected x0,y0,x1,y1")),
     }
 }
