@@ -671,7 +671,8 @@ fn a_prompted_pair_serves_point_and_box_prompts_like_the_candle_sam() {
     let b = &im.boxes[0];
     let (cx, cy) = ((b.xmin + b.xmax) / 2.0, (b.ymin + b.ymax) / 2.0);
     let png = std::fs::read(&f.png).unwrap();
-    let cases: Vec<(String, Vec<(f32, f32, f32)>, Option<[f32; 4]>)> = vec![
+    type Case = (String, Vec<(f32, f32, f32)>, Option<[f32; 4]>);
+    let cases: Vec<Case> = vec![
         (format!("points={cx},{cy},1"), vec![(cx, cy, 1.0)], None),
         (
             format!("points={cx},{cy},1;2,2,0"),
