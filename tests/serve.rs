@@ -725,3 +725,52 @@ fn a_prompted_pair_serves_point_and_box_prompts_like_the_candle_sam() {
     assert!(r.text().contains("prompt-free"), "{}", r.text());
     server.shutdown().unwrap();
 }
+
+#[test]
+fn the_binary_serves_until_sigterm_and_finishes_the_request_in_flight() {
+    use std::io::BufRead;
+    let f = fixture();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gps-seg"))
+        .args(["serve", "--port", "0", "--threads", "1", "--task"])
+        .arg(format!("a={}", f.random.display()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr: SocketAddr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("first line: {line}"))
+        .parse()
+        .unwrap();
+    assert_eq!(
+        addr.ip().to_string(),
+        "127.0.0.1",
+        "bound to localhost by default"
+    );
+    assert_eq!(get(addr, "/healthz").text(), "ok\n");
+    let png = std::fs::read(&f.png).unwrap();
+    let inflight = start_upload(addr, "/v1/segment?task=a", &png, 64);
+    wait_metric(addr, "gps_seg_queue_depth{task=\"a\"} 1");
+    // SAFETY: sends SIGTERM to the child this test started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, text) = finish_upload(inflight, &png[64..]);
+    assert_eq!(code, 200, "{text}");
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "{status}: {err}");
+    assert!(
+        err.contains("SIGTERM: finishing in-flight requests"),
+        "{err}"
+    );
+}
