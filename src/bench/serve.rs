@@ -88,10 +88,10 @@ pub struct ServeBenchRow {
 #[derive(Debug, Clone)]
 pub struct ServeBenchReport {
     pub rows: Vec<ServeBenchRow>,
-    /// (tasks, overhead in %) for each task count measured with 1 client: the median of
+    /// (tasks, overhead) for each task count measured with 1 client ([`Overhead`]): the median of
     /// (serve latency − plain pipeline time) over requests each paired with a plain run on the
     /// same image, over the median plain model time.
-    pub overhead_pct: Vec<(usize, f64)>,
+    pub overhead_pct: Vec<(usize, Overhead)>,
     /// Bytes of one task's model file.
     pub model_bytes: u64,
     pub image_sizes: Vec<(u32, u32)>,
@@ -385,15 +385,18 @@ fn paired_row(
     addr: std::net::SocketAddr,
     images: &[Vec<u8>],
     n: usize,
-) -> Result<(ServeBenchRow, f64)> {
+) -> Result<(ServeBenchRow, Overhead)> {
     let mut conn = Client::connect(addr, Duration::from_secs(120))?;
     let (mut lat, mut diff, mut plain_model, mut served_model) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut errors = 0;
     let tasks = engines.len().max(1);
+    let (mut cpu_plain, mut cpu_serve, mut model_sum) = (0.0, 0.0, 0.0);
     for i in 0..n {
         let body = &images[i % images.len()];
+        let c0 = cpu_seconds();
         let (pt, pm) = plain_pipeline(&engines[i % tasks], body)?;
+        let c1 = cpu_seconds();
         let t = Instant::now();
         let r = conn.send(
             "POST",
@@ -402,6 +405,10 @@ fn paired_row(
             body,
         )?;
         let dt = t.elapsed().as_secs_f64();
+        let c2 = cpu_seconds();
+        cpu_plain += c1 - c0;
+        cpu_serve += c2 - c1;
+        model_sum += pm;
         lat.push(dt);
         if r.status == 200 {
             diff.push(dt - pt);
@@ -422,7 +429,40 @@ fn paired_row(
     diff.sort_by(f64::total_cmp);
     plain_model.sort_by(f64::total_cmp);
     let pct = quantile(&diff, 0.5) / quantile(&plain_model, 0.5).max(1e-12) * 100.0;
-    Ok((row, pct))
+    let cpu_pct = (cpu_serve - cpu_plain) / model_sum.max(1e-12) * 100.0;
+    Ok((
+        row,
+        Overhead {
+            wall_pct: pct,
+            cpu_pct,
+        },
+    ))
+}
+
+/// The serving overhead of one task count at 1 client, in % of the plain model time.
+#[derive(Debug, Clone, Copy)]
+pub struct Overhead {
+    /// Median over paired requests of (serve latency − plain pipeline time), over the median
+    /// plain model time.
+    pub wall_pct: f64,
+    /// (process CPU time of all serve requests − of all plain pipeline runs) over the summed
+    /// plain model time: the extra work of serving (client included), whatever the waits
+    /// for a core on a shared machine.
+    pub cpu_pct: f64,
+}
+
+/// CPU time of the whole process (every thread: server, sessions, client), seconds.
+fn cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 /// The current UTC time as `YYYY-MM-DD HH:MM` (for the table header).

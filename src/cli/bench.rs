@@ -172,8 +172,11 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
     }
     for (t, o) in &r.overhead_pct {
         println!(
-            "serving overhead, {t} task(s), 1 client: {o:+.1} % of model time \
-             (median over paired requests of serve latency − plain infer pipeline, / median plain model time)"
+            "serving overhead, {t} task(s), 1 client, batch 1: wall {:+.1} % of model time \
+             (median over paired requests of serve latency − plain infer pipeline, / median \
+             plain model time); CPU {:+.1} % (process CPU time of the serve requests − of the \
+             plain runs, / plain model time)",
+            o.wall_pct, o.cpu_pct
         );
     }
     println!(
