@@ -683,3 +683,34 @@ impl RawPrompts {
         Ok(Prompts { points, boxes })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_parse_and_scale_into_the_input_frame() {
+        let p = RawPrompts {
+            points: parse_points("100,50,1; 0,0,0").unwrap(),
+            boxes: Some(parse_box("10,20,190,80").unwrap()),
+        };
+        // 200×100 (w×h) image, S = 64: squash scales x by 64/200 and y by 64/100.
+        let f = p.to_frame((100, 200), 64, Resize::Squash).unwrap();
+        assert_eq!(f.points[0], (32.0, 32.0, 1.0));
+        let b = f.boxes.unwrap();
+        for (got, want) in [(b.0, 3.2), (b.1, 12.8), (b.2, 60.8), (b.3, 51.2)] {
+            assert!((got - want).abs() < 1e-4, "{b:?}");
+        }
+        // Longest side to 64: both axes by 64/200 (SAM's ResizeLongestSide.apply_coords).
+        let f = p.to_frame((100, 200), 64, Resize::LongestSidePad).unwrap();
+        assert_eq!(f.points[0], (32.0, 16.0, 1.0));
+        assert!(
+            p.to_frame((40, 200), 64, Resize::Squash).is_err(),
+            "y 50 > h 40"
+        );
+        assert!(parse_points("").is_err());
+        assert!(parse_points(&"1,1,1;".repeat(MAX_POINTS + 1)).is_err());
+        assert!(parse_box("1,2,3").is_err());
+        assert!(parse_points("1,inf,1").is_err());
+    }
+}

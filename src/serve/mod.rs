@@ -339,7 +339,8 @@ impl Server {
     }
 
     /// Stop accepting connections, let in-flight requests finish (at most the request timeout
-    /// plus 5 s), then stop the runtime.
+    /// plus 5 s), then stop the runtime. Call from outside any async runtime (dropping a
+    /// `Server` does the same).
     pub fn shutdown(mut self) -> Result<()> {
         self.stop_inner()
     }
