@@ -5,7 +5,8 @@
 # ends up with must hold the summary, the Dice histogram and one table row per image; then a
 # two-epoch training run's report.html must show its curves and one row per epoch; last,
 # `gps-seg serve` runs the shipped sam-tiny (exported to ONNX in WORKDIR) on a free port and
-# the page at `/?sample=1` must segment the server's sample image and show the overlay.
+# the page at `/?sample=1` must segment the server's sample image and show the overlay, for a
+# prompt-free task and for a prompted one (`export --prompted`, a point at the centre).
 #
 #   scripts/browser-check.sh [WORKDIR]      # WORKDIR new or empty; needs chromium
 set -euo pipefail
@@ -58,7 +59,9 @@ grep -q '>val.eval.mdice</text>' "$work/run-dom.html" || { echo "browser-check: 
 # The serve page: `/?sample=1&task=polyp` fetches /v1/sample.png, segments it and draws the
 # overlay (`<img id="overlay">` gets a PNG data URL, `#status` data-state="done").
 "$bin" export --model sam/sam-tiny.safetensors --config sam/sam-tiny.json --out "$work/polyp.onnx" >/dev/null
-"$bin" serve --task polyp="$work/polyp.onnx" --port 0 --threads 1 >"$work/serve.out" 2>"$work/serve.err" &
+"$bin" export --model sam/sam-tiny.safetensors --config sam/sam-tiny.json --prompted --out "$work/click.onnx" >/dev/null
+"$bin" serve --task polyp="$work/polyp.onnx" --task click="$work/click.onnx" --port 0 --threads 1 \
+  >"$work/serve.out" 2>"$work/serve.err" &
 serve_pid=$!
 trap 'kill "$serve_pid" 2>/dev/null || true' EXIT
 addr=""
@@ -77,5 +80,13 @@ grep -q 'id="status" data-state="done"' "$work/serve-dom.html" \
 grep -q '<img id="overlay"[^>]*src="data:image/png;base64,' "$work/serve-dom.html" \
   || { echo "browser-check: the serve page shows no overlay" >&2; exit 1; }
 [ -s "$work/serve.png" ] || { echo "browser-check: no serve screenshot" >&2; exit 1; }
+# The prompted task: the page adds a point at the image centre and draws it with the mask.
+url="$addr/?sample=1&task=click"
+chromium "${flags[@]}" --virtual-time-budget=15000 --screenshot="$work/serve-click.png" "$url" 2>/dev/null
+chromium "${flags[@]}" --virtual-time-budget=15000 --dump-dom "$url" 2>/dev/null >"$work/serve-click-dom.html"
+grep -q 'id="status" data-state="done"' "$work/serve-click-dom.html" \
+  || { echo "browser-check: the prompted page did not finish: $(grep -o 'id="status"[^<]*' "$work/serve-click-dom.html")" >&2; exit 1; }
+grep -q '<img id="overlay"[^>]*src="data:image/png;base64,' "$work/serve-click-dom.html" \
+  || { echo "browser-check: the prompted page shows no overlay" >&2; exit 1; }
 kill -TERM "$serve_pid"; wait "$serve_pid" || true; trap - EXIT
-echo "browser-check: ok (infer page: $rows rows, histogram, summary; run page: $epochs epochs, curves; serve page: overlay drawn; screenshots $work/report.png, $work/run.png, $work/serve.png)"
+echo "browser-check: ok (infer page: $rows rows, histogram, summary; run page: $epochs epochs, curves; serve page: overlay drawn, prompt-free and prompted; screenshots $work/report.png, $work/run.png, $work/serve.png, $work/serve-click.png)"

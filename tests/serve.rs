@@ -32,6 +32,8 @@ use std::time::{Duration, Instant};
 struct Fixture {
     _dir: tempfile::TempDir,
     pretrained: PathBuf,
+    /// sam-tiny's image encoder, with `prompted_decoder.onnx` beside it.
+    prompted: PathBuf,
     random: PathBuf,
     png: PathBuf,
     jpeg: PathBuf,
@@ -52,6 +54,13 @@ fn fixture() -> &'static Fixture {
         let (m, _) = export_prompt_free(&cfg, &w, SamExportOptions::default()).unwrap();
         let pretrained = dir.path().join("pretrained.onnx");
         write_model(&pretrained, m).unwrap();
+        let (m, _) =
+            gps_seg::onnx::sam::export_image_encoder(&cfg, &w, SamExportOptions::default())
+                .unwrap();
+        let prompted = dir.path().join("prompted.onnx");
+        write_model(&prompted, m).unwrap();
+        let (m, _) = gps_seg::onnx::sam::export_prompted_decoder(&cfg, &w).unwrap();
+        write_model(&dir.path().join("prompted_decoder.onnx"), m).unwrap();
         let rcfg = SamConfig::tiny().with_image_size(64);
         let (m, _) = export_prompt_free(
             &rcfg,
@@ -72,6 +81,7 @@ fn fixture() -> &'static Fixture {
         Fixture {
             _dir: dir,
             pretrained,
+            prompted,
             random,
             png,
             jpeg,
@@ -319,9 +329,9 @@ fn bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving() {
         ),
         (
             "unknown parameter",
-            post(addr, "/v1/segment?task=a&points=1,2", &[], &png),
+            post(addr, "/v1/segment?task=a&point=1,2", &[], &png),
             400,
-            "unknown query parameter `points`",
+            "unknown query parameter `point`",
         ),
         (
             "bad escape",
@@ -575,4 +585,192 @@ fn task_specs_and_configs_are_checked() {
     c.tasks.pop();
     c.sessions = 0;
     assert!(c.validate().is_err());
+}
+
+/// The Candle SAM's prompted single-mask output for `image` (file) with `points` / `bbox`
+/// (original pixels), upsampled to S, then the same post-processing as `infer`: the
+/// reference the served prompted mask is compared with.
+fn candle_prompted_mask(
+    image: &Path,
+    points: &[(f32, f32, f32)],
+    bbox: Option<[f32; 4]>,
+) -> Vec<u8> {
+    use candle_core::{Device, Tensor};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cfg: SamConfig = gps_seg::util::fs::read_json(&root.join("sam/sam-tiny.json")).unwrap();
+    let w =
+        gps_seg::util::tensors::load(&root.join("sam/sam-tiny.safetensors"), &Device::Cpu).unwrap();
+    let (sam, _) = gps_seg::sam::build(
+        &cfg,
+        Some(w),
+        gps_seg::nn::RolePolicy::AllFrozen,
+        &Device::Cpu,
+        0,
+    )
+    .unwrap();
+    let s = cfg.image_size;
+    let rgb = imgio::decode_rgb(image).unwrap();
+    let (h, wd) = (rgb.height() as usize, rgb.width() as usize);
+    let (sx, sy) = (s as f32 / wd as f32, s as f32 / h as f32); // squash
+    let x = Tensor::from_vec(
+        gps_seg::infer::mask::preprocess(&rgb, s, gps_seg::data::resize::Resize::Squash),
+        (1, 3, s, s),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let emb = sam.image_embeddings(&sam.normalize(&x).unwrap()).unwrap();
+    let coords: Vec<f32> = points.iter().flat_map(|p| [p.0 * sx, p.1 * sy]).collect();
+    let labels: Vec<f32> = points.iter().map(|p| p.2).collect();
+    let pc = Tensor::from_vec(coords, (1, points.len(), 2), &Device::Cpu).unwrap();
+    let pl = Tensor::from_vec(labels, (1, points.len()), &Device::Cpu).unwrap();
+    let bx = bbox.map(|b| {
+        Tensor::from_vec(
+            vec![b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy],
+            (1, 4),
+            &Device::Cpu,
+        )
+        .unwrap()
+    });
+    let (low, _) = sam
+        .forward_prompted(
+            &emb,
+            (!points.is_empty()).then_some((&pc, &pl)),
+            bx.as_ref(),
+            false,
+        )
+        .unwrap();
+    let g4 = low.dim(2).unwrap();
+    let low: Vec<f32> = low.flatten_all().unwrap().to_vec1().unwrap();
+    let up = gps_seg::data::resize::bilinear(&low[..g4 * g4], g4, g4, s, s);
+    let m = gps_seg::infer::mask::postprocess(
+        &up,
+        s,
+        gps_seg::data::resize::Resize::Squash,
+        (h, wd),
+        0.5,
+    )
+    .unwrap()
+    .unwrap();
+    m.pred
+}
+
+#[test]
+fn a_prompted_pair_serves_point_and_box_prompts_like_the_candle_sam() {
+    let f = fixture();
+    let server = Server::bind(
+        &config(&[("click", &f.prompted), ("polyp", &f.pretrained)]),
+        &mut Silent,
+    )
+    .unwrap();
+    let addr = server.addr();
+    let t: serde_json::Value = serde_json::from_slice(&get(addr, "/v1/tasks").body).unwrap();
+    assert_eq!(t["tasks"][0]["name"], "click");
+    assert_eq!(t["tasks"][0]["prompted"], true);
+    assert_eq!(t["tasks"][1]["prompted"], false);
+    let im = render(3, 0, 200);
+    let b = &im.boxes[0];
+    let (cx, cy) = ((b.xmin + b.xmax) / 2.0, (b.ymin + b.ymax) / 2.0);
+    let png = std::fs::read(&f.png).unwrap();
+    type Case = (String, Vec<(f32, f32, f32)>, Option<[f32; 4]>);
+    let cases: Vec<Case> = vec![
+        (format!("points={cx},{cy},1"), vec![(cx, cy, 1.0)], None),
+        (
+            format!("points={cx},{cy},1;2,2,0"),
+            vec![(cx, cy, 1.0), (2.0, 2.0, 0.0)],
+            None,
+        ),
+        (
+            format!("box={},{},{},{}", b.xmin, b.ymin, b.xmax, b.ymax),
+            vec![],
+            Some([b.xmin, b.ymin, b.xmax, b.ymax]),
+        ),
+    ];
+    let mut areas = Vec::new();
+    for (q, points, bbox) in &cases {
+        let r = post(addr, &format!("/v1/segment?task=click&{q}"), &[], &png);
+        assert_eq!(r.status, 200, "{q}: {}", r.text());
+        let served = image::load_from_memory(&r.body).unwrap().to_luma8();
+        let want = candle_prompted_mask(&f.png, points, *bbox);
+        assert_eq!(served.as_raw().len(), want.len());
+        let agree = served
+            .as_raw()
+            .iter()
+            .zip(&want)
+            .filter(|(a, w)| (**a == 255) == (**w == 1))
+            .count();
+        let frac = agree as f64 / want.len() as f64;
+        eprintln!("{q}: ORT vs Candle agree on {:.4} of pixels", frac);
+        assert!(
+            frac >= 0.995,
+            "{q}: only {frac:.4} of pixels agree with the Candle SAM"
+        );
+        areas.push(served.as_raw().iter().filter(|&&v| v == 255).count());
+    }
+    assert!(areas.iter().any(|&a| a > 0), "{areas:?}");
+    // Prompts are checked and required where they belong.
+    for (q, code, msg) in [
+        ("", 400, "task `click` is prompted"),
+        ("&points=9999,1,1", 400, "outside the"),
+        ("&points=1,2,7", 400, "label 7"),
+        ("&points=1,2", 400, "expected x,y,label"),
+        ("&box=5,5,1,1", 400, "x0 < x1"),
+        ("&points=nan,1,1", 400, "not a finite number"),
+    ] {
+        let r = post(addr, &format!("/v1/segment?task=click{q}"), &[], &png);
+        assert_eq!(r.status, code, "{q}: {}", r.text());
+        assert!(r.text().contains(msg), "{q}: {}", r.text());
+    }
+    let r = post(addr, "/v1/segment?task=polyp&points=1,1,1", &[], &png);
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("prompt-free"), "{}", r.text());
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn the_binary_serves_until_sigterm_and_finishes_the_request_in_flight() {
+    use std::io::BufRead;
+    let f = fixture();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gps-seg"))
+        .args(["serve", "--port", "0", "--threads", "1", "--task"])
+        .arg(format!("a={}", f.random.display()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr: SocketAddr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("first line: {line}"))
+        .parse()
+        .unwrap();
+    assert_eq!(
+        addr.ip().to_string(),
+        "127.0.0.1",
+        "bound to localhost by default"
+    );
+    assert_eq!(get(addr, "/healthz").text(), "ok\n");
+    let png = std::fs::read(&f.png).unwrap();
+    let inflight = start_upload(addr, "/v1/segment?task=a", &png, 64);
+    wait_metric(addr, "gps_seg_queue_depth{task=\"a\"} 1");
+    // SAFETY: sends SIGTERM to the child this test started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, text) = finish_upload(inflight, &png[64..]);
+    assert_eq!(code, 200, "{text}");
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "{status}: {err}");
+    assert!(
+        err.contains("SIGTERM: finishing in-flight requests"),
+        "{err}"
+    );
 }

@@ -9,7 +9,11 @@
 //! ephemeral port with `tasks` tasks (requests round-robin over the tasks and images), then
 //! `clients` threads each send requests back to back on one keep-alive connection until
 //! `requests` have been sent; every latency is measured by the client (connection reuse,
-//! request write, server, response read). The server and the clients share the CPU.
+//! request write, server, response read). The server and the clients share the CPU. With one
+//! client, each request is paired with a plain pipeline run on the same image (and the same
+//! task's model, in a session of its own) just before it,
+//! and the serving overhead is the median of (serve latency − plain pipeline time) over the
+//! median plain model time: a machine busy with other work slows both halves of a pair alike.
 
 use crate::data::imgio;
 use crate::data::synth_kvasir::render;
@@ -75,16 +79,19 @@ pub struct ServeBenchRow {
     pub rss_mb: f64,
     /// Peak resident memory of the process so far (VmHWM, monotonic), MB.
     pub peak_rss_mb: f64,
+    /// Serve rows: what starting the server and one request per task added to the resident
+    /// memory (its sessions, runtime and buffers), MB.
+    pub server_mb: Option<f64>,
 }
 
 /// The rows and the overhead figure.
 #[derive(Debug, Clone)]
 pub struct ServeBenchReport {
     pub rows: Vec<ServeBenchRow>,
-    /// (tasks, serve median latency at 1 client − plain infer pipeline median) / plain
-    /// model-only median, in %, for each task count measured with 1 client (medians: the
-    /// machine may be shared).
-    pub overhead_pct: Vec<(usize, f64)>,
+    /// (tasks, overhead) for each task count measured with 1 client ([`Overhead`]): the median of
+    /// (serve latency − plain pipeline time) over requests each paired with a plain run on the
+    /// same image, over the median plain model time.
+    pub overhead_pct: Vec<(usize, Overhead)>,
     /// Bytes of one task's model file.
     pub model_bytes: u64,
     pub image_sizes: Vec<(u32, u32)>,
@@ -121,6 +128,7 @@ fn stats(mode: &str, tasks: usize, clients: usize, lat_s: &mut [f64], wall: f64)
         model_ms: 0.0,
         rss_mb: rss_mb(),
         peak_rss_mb: crate::util::mem::peak_rss_mb(),
+        server_mb: None,
     }
 }
 
@@ -214,22 +222,13 @@ pub fn run(cfg: &ServeBenchConfig, obs: &mut dyn Observer) -> Result<ServeBenchR
         t0.elapsed().as_secs_f64(),
     );
     model_row.model_ms = model_row.mean_ms;
-    let plain_model_ms = model_row.p50_ms;
     let mut lat = Vec::with_capacity(n);
     let mut model_s = 0.0;
     let t0 = Instant::now();
     for i in 0..n {
-        let t = Instant::now();
-        let rgb = imgio::decode_rgb_bytes("bench image", &images[i % images.len()])?;
-        let x = mask::preprocess(&rgb, s, resize);
-        let tm = Instant::now();
-        let l = engine.logits(&x, 1)?;
-        model_s += tm.elapsed().as_secs_f64();
-        let size = (rgb.height() as usize, rgb.width() as usize);
-        let m = mask::postprocess(l.image(0), l.size, resize, size, 0.5)?
-            .map_err(|nf| Error::NonFinite(nf.to_string()))?;
-        m.png()?;
-        lat.push(t.elapsed().as_secs_f64());
+        let (t, m) = plain_pipeline(&engine, &images[i % images.len()])?;
+        model_s += m;
+        lat.push(t);
     }
     let mut pipe_row = stats(
         "plain ORT: infer pipeline",
@@ -239,9 +238,8 @@ pub fn run(cfg: &ServeBenchConfig, obs: &mut dyn Observer) -> Result<ServeBenchR
         t0.elapsed().as_secs_f64(),
     );
     pipe_row.model_ms = model_s * 1e3 / n as f64;
-    let plain_pipeline_ms = pipe_row.p50_ms;
-    drop(engine);
     let mut rows = vec![model_row, pipe_row];
+    let mut plain = vec![engine];
     let mut overhead_pct = Vec::new();
 
     for &tasks in &cfg.task_counts {
@@ -258,6 +256,17 @@ pub fn run(cfg: &ServeBenchConfig, obs: &mut dyn Observer) -> Result<ServeBenchR
         sc.queue = cfg.clients.iter().copied().max().unwrap_or(1);
         sc.timeout = Duration::from_secs(120);
         sc.ort_lib = cfg.ort_lib.clone();
+        // Plain engines for the paired 1-client rows: one per task, as the server has.
+        while plain.len() < tasks {
+            let t = plain.len();
+            plain.push(OrtEngine::load(
+                &models[t],
+                cfg.threads,
+                cfg.ort_lib.as_deref(),
+                obs,
+            )?);
+        }
+        let rss_before = rss_mb();
         let server = Server::bind(&sc, obs)?;
         let addr = server.addr();
         for t in 0..tasks {
@@ -276,10 +285,18 @@ pub fn run(cfg: &ServeBenchConfig, obs: &mut dyn Observer) -> Result<ServeBenchR
                 )));
             }
         }
+        let server_mb = rss_mb() - rss_before;
         for &clients in &cfg.clients {
             obs.event(Event::Info(format!(
                 "serve: {tasks} task(s), {clients} client(s), {n} requests"
             )));
+            if clients == 1 {
+                let (mut row, pct) = paired_row(&plain[..tasks], addr, &images, n)?;
+                row.server_mb = Some(server_mb);
+                overhead_pct.push((tasks, pct));
+                rows.push(row);
+                continue;
+            }
             let next = AtomicUsize::new(0);
             let results: Mutex<Vec<(f64, f64, bool)>> = Mutex::new(Vec::with_capacity(n));
             let t0 = Instant::now();
@@ -329,12 +346,7 @@ pub fn run(cfg: &ServeBenchConfig, obs: &mut dyn Observer) -> Result<ServeBenchR
             let mut row = stats("serve", tasks, clients, &mut lat, wall);
             row.errors = errors;
             row.model_ms = ok.iter().map(|r| r.1).sum::<f64>() / ok.len().max(1) as f64;
-            if clients == 1 {
-                overhead_pct.push((
-                    tasks,
-                    (row.p50_ms - plain_pipeline_ms) / plain_model_ms.max(1e-9) * 100.0,
-                ));
-            }
+            row.server_mb = Some(server_mb);
             rows.push(row);
         }
         server.shutdown()?;
@@ -345,6 +357,112 @@ pub fn run(cfg: &ServeBenchConfig, obs: &mut dyn Observer) -> Result<ServeBenchR
         model_bytes,
         image_sizes,
     })
+}
+
+/// What `infer` does to one image, on `engine`: decode, resize, model, back to the original
+/// resolution, PNG. Returns (seconds in all, seconds in the model).
+fn plain_pipeline(engine: &OrtEngine, bytes: &[u8]) -> Result<(f64, f64)> {
+    let resize = crate::data::resize::Resize::Squash;
+    let t = Instant::now();
+    let rgb = imgio::decode_rgb_bytes("bench image", bytes)?;
+    let x = mask::preprocess(&rgb, engine.input_size(), resize);
+    let tm = Instant::now();
+    let l = engine.logits(&x, 1)?;
+    let model = tm.elapsed().as_secs_f64();
+    let size = (rgb.height() as usize, rgb.width() as usize);
+    let m = mask::postprocess(l.image(0), l.size, resize, size, 0.5)?
+        .map_err(|nf| Error::NonFinite(nf.to_string()))?;
+    m.png()?;
+    Ok((t.elapsed().as_secs_f64(), model))
+}
+
+/// The 1-client serve row, each request paired with a plain pipeline run on the same image
+/// and the same task's model (`engines[i % tasks]`, a session of its own) just before it (so
+/// a busy machine slows both alike). Returns the row (req/s = 1 / mean
+/// latency) and the overhead: median(serve − plain) / median(plain model time), in %.
+fn paired_row(
+    engines: &[OrtEngine],
+    addr: std::net::SocketAddr,
+    images: &[Vec<u8>],
+    n: usize,
+) -> Result<(ServeBenchRow, Overhead)> {
+    let mut conn = Client::connect(addr, Duration::from_secs(120))?;
+    let (mut lat, mut diff, mut plain_model, mut served_model) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut errors = 0;
+    let tasks = engines.len().max(1);
+    let (mut cpu_plain, mut cpu_serve, mut model_sum) = (0.0, 0.0, 0.0);
+    for i in 0..n {
+        let body = &images[i % images.len()];
+        let c0 = cpu_seconds();
+        let (pt, pm) = plain_pipeline(&engines[i % tasks], body)?;
+        let c1 = cpu_seconds();
+        let t = Instant::now();
+        let r = conn.send(
+            "POST",
+            &format!("/v1/segment?task=task{}", i % tasks),
+            &[],
+            body,
+        )?;
+        let dt = t.elapsed().as_secs_f64();
+        let c2 = cpu_seconds();
+        cpu_plain += c1 - c0;
+        cpu_serve += c2 - c1;
+        model_sum += pm;
+        lat.push(dt);
+        if r.status == 200 {
+            diff.push(dt - pt);
+            plain_model.push(pm);
+            served_model.push(
+                r.header("x-inference-ms")
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0),
+            );
+        } else {
+            errors += 1;
+        }
+    }
+    let wall: f64 = lat.iter().sum();
+    let mut row = stats("serve", tasks, 1, &mut lat, wall);
+    row.errors = errors;
+    row.model_ms = served_model.iter().sum::<f64>() / served_model.len().max(1) as f64;
+    diff.sort_by(f64::total_cmp);
+    plain_model.sort_by(f64::total_cmp);
+    let pct = quantile(&diff, 0.5) / quantile(&plain_model, 0.5).max(1e-12) * 100.0;
+    let cpu_pct = (cpu_serve - cpu_plain) / model_sum.max(1e-12) * 100.0;
+    Ok((
+        row,
+        Overhead {
+            wall_pct: pct,
+            cpu_pct,
+        },
+    ))
+}
+
+/// The serving overhead of one task count at 1 client, in % of the plain model time.
+#[derive(Debug, Clone, Copy)]
+pub struct Overhead {
+    /// Median over paired requests of (serve latency − plain pipeline time), over the median
+    /// plain model time.
+    pub wall_pct: f64,
+    /// (process CPU time of all serve requests − of all plain pipeline runs) over the summed
+    /// plain model time: the extra work of serving (client included), whatever the waits
+    /// for a core on a shared machine.
+    pub cpu_pct: f64,
+}
+
+/// CPU time of the whole process (every thread: server, sessions, client), seconds.
+fn cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 /// The current UTC time as `YYYY-MM-DD HH:MM` (for the table header).

@@ -163,22 +163,31 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         cfg.sessions,
         cfg.threads
     );
-    println!("| mode | tasks | clients | requests | errors | req/s | mean ms | p50 ms | p95 ms | p99 ms | model ms | RSS MB | peak RSS MB |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| mode | tasks | clients | requests | errors | req/s | mean ms | p50 ms | p95 ms | p99 ms | model ms | server MB | RSS MB | peak RSS MB |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for w in &r.rows {
         println!(
-            "| {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} |",
+            "| {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.0} | {:.0} |",
             w.mode, w.tasks, w.clients, w.requests, w.errors, w.per_s, w.mean_ms, w.p50_ms,
-            w.p95_ms, w.p99_ms, w.model_ms, w.rss_mb, w.peak_rss_mb
+            w.p95_ms, w.p99_ms, w.model_ms,
+            w.server_mb.map_or("—".to_string(), |m| format!("{m:.0}")),
+            w.rss_mb, w.peak_rss_mb
         );
     }
     for (t, o) in &r.overhead_pct {
         println!(
-            "serving overhead, {t} task(s), 1 client: {o:+.1} % of model time \
-             ((serve p50 − plain infer-pipeline p50) / plain model-only p50)"
+            "serving overhead, {t} task(s), 1 client, batch 1: wall {:+.1} % of model time \
+             (median over paired requests of serve latency − plain infer pipeline, / median \
+             plain model time); CPU {:+.1} % (process CPU time of the serve requests − of the \
+             plain runs, / plain model time)",
+            o.wall_pct, o.cpu_pct
         );
     }
-    println!("(peak RSS is the process's VmHWM so far, so it only grows down the table)");
+    println!(
+        "(server MB: resident memory added by starting the server and one request per task; \
+         RSS includes the plain rows' sessions, one per task; peak RSS is the process's VmHWM \
+         so far, so it only grows down the table)"
+    );
     Ok(())
 }
 

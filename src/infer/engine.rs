@@ -309,3 +309,164 @@ impl Engine for CandleEngine {
         array_to_logits(arr, n, Path::new("candle SAM"))
     }
 }
+
+/// A point or box prompt for [`PromptedOrt`], in the `S × S` input frame's pixels.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Prompts {
+    /// `(x, y, label)`: label 1 foreground, 0 background.
+    pub points: Vec<(f32, f32, f32)>,
+    /// `(x0, y0, x1, y1)`.
+    pub boxes: Option<(f32, f32, f32, f32)>,
+}
+
+/// The prompted pair `gps-seg export --prompted` writes: `<stem>.onnx` (image encoder,
+/// `image [N,3,S,S] → image_embeddings [N,C,g,g]`) and `<stem>_decoder.onnx`
+/// (`image_embeddings, point_coords [N,P,2], point_labels [N,P] → masks [N,M,4g,4g],
+/// iou_predictions [N,M]`; labels as Meta's ONNX export: 1 / 0 points, 2 / 3 box corners,
+/// -1 padding). [`PromptedOrt::logits`] returns the single-mask output (token 0) upsampled
+/// to `S × S` (bilinear, as `Sam.postprocess_masks` does before cropping).
+#[derive(Debug)]
+pub struct PromptedOrt {
+    encoder: OrtModel,
+    decoder: OrtModel,
+    size: usize,
+    threads: usize,
+}
+
+impl PromptedOrt {
+    /// `<dir>/<stem>_decoder.onnx` for the encoder `<dir>/<stem>.onnx`.
+    pub fn decoder_path(encoder: &Path) -> std::path::PathBuf {
+        let stem = encoder
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        encoder.with_file_name(format!("{stem}_decoder.onnx"))
+    }
+
+    /// Check a loaded image encoder and load its decoder beside it.
+    pub fn from_encoder(encoder: OrtModel, threads: usize, ort_lib: Option<&Path>) -> Result<Self> {
+        let p = encoder.path().display().to_string();
+        encoder.expect_signature(&EXPECTED_INPUTS)?;
+        if encoder
+            .metadata
+            .get(META_INPUT)
+            .is_some_and(|s| s.starts_with("SAM-normalised"))
+        {
+            return Err(Error::Onnx(format!(
+                "{p}: this image encoder expects SAM-normalised input; export it without \
+                 --no-normalize for serving"
+            )));
+        }
+        let shape = &encoder.inputs[0].shape;
+        let size = match (shape[2], shape[3]) {
+            (h, w) if h > 0 && h == w && (h as usize) <= MAX_INPUT_SIZE => h as usize,
+            (h, w) => {
+                return Err(Error::Onnx(format!(
+                    "{p}: input `image` is {h}×{w}; expected a fixed square size up to \
+                     {MAX_INPUT_SIZE}"
+                )))
+            }
+        };
+        let dpath = Self::decoder_path(encoder.path());
+        if !dpath.is_file() {
+            return Err(Error::io(
+                &dpath,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("the prompted decoder of {p} is missing"),
+                ),
+            ));
+        }
+        let decoder = OrtModel::load_with(&dpath, threads, ort_lib)?;
+        decoder.expect_signature(&[
+            ("image_embeddings", 4, None),
+            ("point_coords", 3, None),
+            ("point_labels", 2, None),
+        ])?;
+        Ok(PromptedOrt {
+            encoder,
+            decoder,
+            size,
+            threads,
+        })
+    }
+
+    pub fn input_size(&self) -> usize {
+        self.size
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "onnxruntime prompted pair {} + {} ({}×{} RGB [0,1]; {} intra-op threads)",
+            self.encoder.path().display(),
+            self.decoder.path().display(),
+            self.size,
+            self.size,
+            if self.threads == 0 {
+                "default".to_string()
+            } else {
+                self.threads.to_string()
+            }
+        )
+    }
+
+    /// One image `[3, S, S]` in [0, 1] and its prompts (input-frame pixels) → the single-mask
+    /// logits at `S × S`.
+    pub fn logits(&self, image: &[f32], prompts: &Prompts) -> Result<Logits> {
+        let s = self.size;
+        let x = ArrayD::from_shape_vec(vec![1, 3, s, s], image.to_vec())
+            .map_err(|e| Error::msg(format!("image at {s}×{s}: {e}")))?;
+        let emb = self.encoder.run(&[("image", &x)])?;
+        let emb = emb
+            .into_iter()
+            .find(|(n, _)| n == "image_embeddings")
+            .map(|(_, a)| a)
+            .ok_or_else(|| {
+                Error::Onnx(format!(
+                    "{}: no output `image_embeddings`",
+                    self.encoder.path().display()
+                ))
+            })?;
+        let mut pts: Vec<(f32, f32, f32)> = prompts.points.clone();
+        match prompts.boxes {
+            Some((x0, y0, x1, y1)) => {
+                pts.push((x0, y0, 2.0));
+                pts.push((x1, y1, 3.0));
+            }
+            None => pts.push((0.0, 0.0, -1.0)),
+        }
+        let n = pts.len();
+        let coords = ArrayD::from_shape_vec(
+            vec![1, n, 2],
+            pts.iter().flat_map(|&(x, y, _)| [x, y]).collect(),
+        )
+        .map_err(|e| Error::msg(format!("point coords: {e}")))?;
+        let labels = ArrayD::from_shape_vec(vec![1, n], pts.iter().map(|p| p.2).collect())
+            .map_err(|e| Error::msg(format!("point labels: {e}")))?;
+        let out = self.decoder.run(&[
+            ("image_embeddings", &emb),
+            ("point_coords", &coords),
+            ("point_labels", &labels),
+        ])?;
+        let dp = self.decoder.path().display().to_string();
+        let masks = out
+            .into_iter()
+            .find(|(n, _)| n == "masks")
+            .map(|(_, a)| a)
+            .ok_or_else(|| Error::Onnx(format!("{dp}: no output `masks`")))?;
+        let shape = masks.shape().to_vec();
+        if shape.len() != 4 || shape[0] != 1 || shape[1] == 0 || shape[2] != shape[3] {
+            return Err(Error::Onnx(format!(
+                "{dp}: output `masks` is {shape:?}, expected [1, M, 4g, 4g]"
+            )));
+        }
+        let low = shape[2];
+        let flat: Vec<f32> = masks.iter().copied().take(low * low).collect();
+        let data = crate::data::resize::bilinear(&flat, low, low, s, s);
+        Ok(Logits {
+            n: 1,
+            size: s,
+            data,
+        })
+    }
+}

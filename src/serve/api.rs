@@ -4,11 +4,11 @@
 //! is a status code with a one-line plain-text message naming what was wrong.
 
 use super::metrics::{Metrics, TaskGauges, UNKNOWN_TASK};
-use super::pool::TaskPool;
+use super::pool::{TaskEngine, TaskPool};
 use super::wire;
 use crate::data::imgio;
 use crate::data::resize::Resize;
-use crate::infer::engine::Engine;
+use crate::infer::engine::{Engine, Prompts};
 use crate::infer::mask;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -18,6 +18,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -141,6 +142,8 @@ pub struct TaskInfo {
     pub queue: usize,
     pub resize: Resize,
     pub threshold: f32,
+    /// An image encoder + prompted decoder pair (requests give `points` / `box`).
+    pub prompted: bool,
     pub engine: String,
 }
 
@@ -157,6 +160,7 @@ pub fn task_infos(st: &AppState) -> Vec<TaskInfo> {
             queue: p.queue(),
             resize: st.resize,
             threshold: st.threshold,
+            prompted: p.is_prompted(),
             engine: p.describe(),
         })
         .collect()
@@ -248,9 +252,16 @@ async fn segment_inner(
         .map_err(|m| err(StatusCode::BAD_REQUEST, format!("query string: {m}")))?;
     let mut task = None;
     let mut format = None;
+    let mut prompts = RawPrompts::default();
     for (k, v) in &query {
         match k.as_str() {
             "task" => task = Some(v.as_str()),
+            "points" => {
+                prompts.points = parse_points(v).map_err(|m| err(StatusCode::BAD_REQUEST, m))?;
+            }
+            "box" => {
+                prompts.boxes = Some(parse_box(v).map_err(|m| err(StatusCode::BAD_REQUEST, m))?);
+            }
             "format" => {
                 format = Some(match v.as_str() {
                     "png" => Format::Png,
@@ -266,7 +277,7 @@ async fn segment_inner(
             _ => {
                 return Err(err(
                     StatusCode::BAD_REQUEST,
-                    format!("unknown query parameter `{k}` (expected task, format)"),
+                    format!("unknown query parameter `{k}` (expected task, format, points, box)"),
                 ))
             }
         }
@@ -288,6 +299,27 @@ async fn segment_inner(
         )
     })?;
     *label = pool.name.clone();
+    let has_prompts = !prompts.points.is_empty() || prompts.boxes.is_some();
+    if pool.is_prompted() && !has_prompts {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "task `{}` is prompted: give points=x,y,label;… (label 1 foreground, 0 \
+                 background) and/or box=x0,y0,x1,y1, in the image's pixels",
+                pool.name
+            ),
+        ));
+    }
+    if !pool.is_prompted() && has_prompts {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "task `{}` is prompt-free: points and box need a prompted task (an image \
+                 encoder exported with `gps-seg export --prompted`, its decoder beside it)",
+                pool.name
+            ),
+        ));
+    }
     let format = format.unwrap_or_else(|| {
         let wants_json = parts
             .headers
@@ -332,7 +364,7 @@ async fn segment_inner(
             declared.and_then(|n| usize::try_from(n).ok()).unwrap_or(0),
         )
         .await?;
-        run_segment(st, &pool, admission, bytes, content_type, t0).await
+        run_segment(st, &pool, admission, bytes, content_type, prompts, t0).await
     };
     let result = tokio::time::timeout(st.timeout, work).await.map_err(|_| {
         err(
@@ -434,14 +466,25 @@ fn content_type(h: &HeaderMap) -> Result<BodyKind, ApiError> {
     ))
 }
 
-/// Decode + preprocess (blocking pool) → session (async wait) → model (blocking pool, session
-/// held) → mask + PNG (blocking pool).
+/// Sets its flag when dropped: the request's future is gone (answered, or timed out).
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// One job on tokio's blocking pool (one thread hand-off each way, which matters on a busy
+/// machine): decode + preprocess → wait for a session → model (the session held for this
+/// alone) → mask + PNG. A request that timed out while waiting is not run.
 async fn run_segment(
     st: &Arc<AppState>,
     pool: &Arc<TaskPool>,
     admission: super::pool::Admission,
     bytes: Vec<u8>,
     kind: BodyKind,
+    prompts: RawPrompts,
     t0: Instant,
 ) -> Result<(SegmentResult, Vec<u8>), ApiError> {
     if bytes.is_empty() {
@@ -451,8 +494,12 @@ async fn run_segment(
         ));
     }
     let s = pool.input_size();
-    let resize = st.resize;
-    let prep = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+    let (resize, threshold) = (st.resize, st.threshold);
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let _cancel = CancelOnDrop(cancelled.clone());
+    let handle = tokio::runtime::Handle::current();
+    let job_pool = pool.clone();
+    let job = move || -> Result<_, ApiError> {
         let img = match &kind {
             BodyKind::Raw => &bytes[..],
             BodyKind::Multipart(ct) => {
@@ -465,22 +512,24 @@ async fn run_segment(
         let rgb = imgio::decode_rgb_bytes("request body", img)
             .map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
         let size = (rgb.height() as usize, rgb.width() as usize);
-        Ok((mask::preprocess(&rgb, s, resize), size))
-    })
-    .await
-    .map_err(internal)??;
-    let (chw, size) = prep;
-    let tq = Instant::now();
-    let session = pool
-        .session()
-        .await
-        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let queue_ms = tq.elapsed().as_secs_f64() * 1e3;
-    let threshold = st.threshold;
-    let name = pool.name.clone();
-    let (m, inference_ms) = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+        let frame = prompts
+            .to_frame(size, s, resize)
+            .map_err(|m| err(StatusCode::BAD_REQUEST, m))?;
+        let chw = mask::preprocess(&rgb, s, resize);
+        drop(rgb);
+        let tq = Instant::now();
+        let session = handle
+            .block_on(job_pool.session())
+            .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let queue_ms = tq.elapsed().as_secs_f64() * 1e3;
+        if cancelled.load(Ordering::Acquire) {
+            return Err(err(StatusCode::GATEWAY_TIMEOUT, "cancelled"));
+        }
         let tm = Instant::now();
-        let logits = session.engine().logits(&chw, 1);
+        let logits = match session.engine() {
+            TaskEngine::PromptFree(e) => e.logits(&chw, 1),
+            TaskEngine::Prompted(e) => e.logits(&chw, &frame),
+        };
         let inference_ms = tm.elapsed().as_secs_f64() * 1e3;
         drop(session);
         drop(admission);
@@ -490,30 +539,32 @@ async fn run_segment(
             .map_err(|nf| {
                 err(
                     StatusCode::UNPROCESSABLE_ENTITY,
-                    format!("task `{name}`: {nf}"),
+                    format!("task `{}`: {nf}", job_pool.name),
                 )
             })?;
         let png = m
             .png()
             .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        Ok(((m.area(), m.mean_probability(), png), inference_ms))
-    })
-    .await
-    .map_err(internal)??;
-    let (area, mean_probability, png) = m;
-    let (h, w) = size;
-    let summary = SegmentResult {
-        task: pool.name.clone(),
-        width: w,
-        height: h,
-        mask_area: area,
-        mask_fraction: area as f64 / (w.saturating_mul(h)).max(1) as f64,
-        mean_probability,
-        threshold,
-        inference_ms,
-        queue_ms,
-        total_ms: t0.elapsed().as_secs_f64() * 1e3,
+        let (h, w) = size;
+        let area = m.area();
+        Ok((
+            SegmentResult {
+                task: job_pool.name.clone(),
+                width: w,
+                height: h,
+                mask_area: area,
+                mask_fraction: area as f64 / (w.saturating_mul(h)).max(1) as f64,
+                mean_probability: m.mean_probability(),
+                threshold,
+                inference_ms,
+                queue_ms,
+                total_ms: 0.0,
+            },
+            png,
+        ))
     };
+    let (mut summary, png) = tokio::task::spawn_blocking(job).await.map_err(internal)??;
+    summary.total_ms = t0.elapsed().as_secs_f64() * 1e3;
     Ok((summary, png))
 }
 
@@ -544,4 +595,122 @@ fn png_response((summary, png): (SegmentResult, Vec<u8>)) -> Response {
         serde_json::to_string(&summary).unwrap_or_default(),
     );
     r
+}
+
+/// Most prompt points per request.
+pub const MAX_POINTS: usize = 16;
+
+/// Prompts as the query gives them, in the original image's pixels.
+#[derive(Debug, Clone, Default)]
+pub struct RawPrompts {
+    pub points: Vec<(f32, f32, f32)>,
+    pub boxes: Option<(f32, f32, f32, f32)>,
+}
+
+fn numbers(s: &str, what: &str) -> Result<Vec<f32>, String> {
+    s.split(',')
+        .map(|v| {
+            v.trim()
+                .parse::<f32>()
+                .ok()
+                .filter(|x| x.is_finite())
+                .ok_or_else(|| format!("{what} `{s}`: `{v}` is not a finite number"))
+        })
+        .collect()
+}
+
+/// `x,y,label;x,y,label…` (label 1 foreground, 0 background).
+pub fn parse_points(s: &str) -> Result<Vec<(f32, f32, f32)>, String> {
+    let mut out = Vec::new();
+    for p in s.split(';').filter(|p| !p.trim().is_empty()) {
+        if out.len() == MAX_POINTS {
+            return Err(format!("points: at most {MAX_POINTS}"));
+        }
+        match *numbers(p, "point")?.as_slice() {
+            [x, y, l] if l == 0.0 || l == 1.0 => out.push((x, y, l)),
+            [_, _, l] => {
+                return Err(format!(
+                    "point `{p}`: label {l} (expected 1 foreground or 0 background)"
+                ))
+            }
+            _ => return Err(format!("point `{p}`: expected x,y,label")),
+        }
+    }
+    if out.is_empty() {
+        return Err("points: none given (expected x,y,label;…)".into());
+    }
+    Ok(out)
+}
+
+/// `x0,y0,x1,y1` with x0 < x1, y0 < y1.
+pub fn parse_box(s: &str) -> Result<(f32, f32, f32, f32), String> {
+    match *numbers(s, "box")?.as_slice() {
+        [x0, y0, x1, y1] if x0 < x1 && y0 < y1 => Ok((x0, y0, x1, y1)),
+        [_, _, _, _] => Err(format!("box `{s}`: need x0 < x1 and y0 < y1")),
+        _ => Err(format!("box `{s}`: expected x0,y0,x1,y1")),
+    }
+}
+
+impl RawPrompts {
+    /// Checked against the image `(h, w)` and scaled into the `S × S` input frame (as SAM's
+    /// `ResizeLongestSide.apply_coords`, or both axes for squash).
+    pub fn to_frame(
+        &self,
+        (h, w): (usize, usize),
+        s: usize,
+        resize: Resize,
+    ) -> Result<Prompts, String> {
+        let (sy, sx) = resize.scale((h, w), s);
+        let inside = |x: f32, y: f32| x >= 0.0 && y >= 0.0 && x <= w as f32 && y <= h as f32;
+        let mut points = Vec::with_capacity(self.points.len());
+        for &(x, y, l) in &self.points {
+            if !inside(x, y) {
+                return Err(format!("point ({x}, {y}) is outside the {w}×{h} image"));
+            }
+            points.push((x * sx, y * sy, l));
+        }
+        let boxes = match self.boxes {
+            Some((x0, y0, x1, y1)) => {
+                if !inside(x0, y0) || !inside(x1, y1) {
+                    return Err(format!(
+                        "box ({x0}, {y0}, {x1}, {y1}) is outside the {w}×{h} image"
+                    ));
+                }
+                Some((x0 * sx, y0 * sy, x1 * sx, y1 * sy))
+            }
+            None => None,
+        };
+        Ok(Prompts { points, boxes })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_parse_and_scale_into_the_input_frame() {
+        let p = RawPrompts {
+            points: parse_points("100,50,1; 0,0,0").unwrap(),
+            boxes: Some(parse_box("10,20,190,80").unwrap()),
+        };
+        // 200×100 (w×h) image, S = 64: squash scales x by 64/200 and y by 64/100.
+        let f = p.to_frame((100, 200), 64, Resize::Squash).unwrap();
+        assert_eq!(f.points[0], (32.0, 32.0, 1.0));
+        let b = f.boxes.unwrap();
+        for (got, want) in [(b.0, 3.2), (b.1, 12.8), (b.2, 60.8), (b.3, 51.2)] {
+            assert!((got - want).abs() < 1e-4, "{b:?}");
+        }
+        // Longest side to 64: both axes by 64/200 (SAM's ResizeLongestSide.apply_coords).
+        let f = p.to_frame((100, 200), 64, Resize::LongestSidePad).unwrap();
+        assert_eq!(f.points[0], (32.0, 16.0, 1.0));
+        assert!(
+            p.to_frame((40, 200), 64, Resize::Squash).is_err(),
+            "y 50 > h 40"
+        );
+        assert!(parse_points("").is_err());
+        assert!(parse_points(&"1,1,1;".repeat(MAX_POINTS + 1)).is_err());
+        assert!(parse_box("1,2,3").is_err());
+        assert!(parse_points("1,inf,1").is_err());
+    }
 }

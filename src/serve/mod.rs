@@ -8,10 +8,14 @@
 //!   (both use [`crate::infer::mask`]); the summary in `X-Mask-Area`, `X-Mean-Probability`,
 //!   `X-Inference-Ms`, `X-Total-Ms` and one `X-Result` JSON header. With `?format=json` (or
 //!   `Accept: application/json`) a JSON body holding the summary and `mask_png_base64`.
-//! - `GET /v1/tasks` (names, model files, input size, sessions), `GET /healthz`,
+//! - Prompted tasks: a task file that is an image encoder (output `image_embeddings`) with its
+//!   `<stem>_decoder.onnx` beside it (`gps-seg export --prompted`) takes `points=x,y,label;…`
+//!   and/or `box=x0,y0,x1,y1` (the image's pixels) and answers the single-mask output.
+//! - `GET /v1/tasks` (names, model files, input size, sessions, prompted), `GET /healthz`,
 //!   `GET /metrics` (Prometheus text: [`metrics`]), `GET /v1/sample.png` (a synthetic
 //!   Kvasir-shaped image), `GET /` (a page to try it: pick a task, drop an image, see the
-//!   overlay; `/?sample=1&task=NAME` segments the sample on load).
+//!   overlay, click to add points on a prompted task; `/?sample=1&task=NAME` segments the
+//!   sample on load).
 //!
 //! Limits: a request is admitted to its task only while fewer than `sessions + queue` are
 //! ([`pool`]), else 503 with `Retry-After`; bodies over `max_body_bytes` are refused (413, from
@@ -335,7 +339,8 @@ impl Server {
     }
 
     /// Stop accepting connections, let in-flight requests finish (at most the request timeout
-    /// plus 5 s), then stop the runtime.
+    /// plus 5 s), then stop the runtime. Call from outside any async runtime (dropping a
+    /// `Server` does the same).
     pub fn shutdown(mut self) -> Result<()> {
         self.stop_inner()
     }

@@ -1,4 +1,4 @@
-//! One task's ONNX Runtime sessions: a bounded pool (each session its own `OrtEngine`, so no
+//! One task's ONNX Runtime sessions: a bounded pool (each session its own engine, so no
 //! lock is shared between sessions), an async semaphore handing sessions out, and admission
 //! control: at most `sessions + queue` requests of the task are admitted at once (reading
 //! their body, waiting for a session or running); the next one is answered 503 at once.
@@ -6,18 +6,68 @@
 //! `(sessions + queue) × --max-body-bytes`.
 
 use crate::error::{Error, Result};
-use crate::infer::engine::{Engine, OrtEngine};
+use crate::infer::engine::{Engine, OrtEngine, PromptedOrt};
+use crate::infer::runtime::OrtModel;
 use crate::progress::Observer;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+/// One session of a task: a prompt-free graph, or an image encoder + prompted decoder pair.
+#[derive(Debug)]
+pub enum TaskEngine {
+    PromptFree(OrtEngine),
+    Prompted(PromptedOrt),
+}
+
+impl TaskEngine {
+    /// Load `model`: an image encoder (output `image_embeddings`) whose `<stem>_decoder.onnx`
+    /// lies beside it is a prompted pair; anything else must be a prompt-free graph.
+    pub fn load(
+        model: &Path,
+        threads: usize,
+        ort_lib: Option<&Path>,
+        obs: &mut dyn Observer,
+    ) -> Result<TaskEngine> {
+        let lib = crate::infer::runtime::ensure_with(ort_lib, true, &mut |l| {
+            obs.event(crate::progress::Event::Info(l.to_string()))
+        })?;
+        let m = OrtModel::load_with(model, threads, Some(&lib))?;
+        if m.outputs.iter().any(|o| o.name == "image_embeddings") {
+            return Ok(TaskEngine::Prompted(PromptedOrt::from_encoder(
+                m,
+                threads,
+                Some(&lib),
+            )?));
+        }
+        Ok(TaskEngine::PromptFree(OrtEngine::from_model(m, threads)?))
+    }
+
+    pub fn input_size(&self) -> usize {
+        match self {
+            TaskEngine::PromptFree(e) => e.input_size(),
+            TaskEngine::Prompted(e) => e.input_size(),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            TaskEngine::PromptFree(e) => e.describe(),
+            TaskEngine::Prompted(e) => e.describe(),
+        }
+    }
+
+    pub fn is_prompted(&self) -> bool {
+        matches!(self, TaskEngine::Prompted(_))
+    }
+}
+
 /// A task's pool of sessions.
 pub struct TaskPool {
     pub name: String,
     pub model: PathBuf,
-    engines: Vec<OrtEngine>,
+    engines: Vec<TaskEngine>,
     free: Mutex<Vec<usize>>,
     sessions: Arc<Semaphore>,
     admitted: AtomicUsize,
@@ -57,7 +107,7 @@ pub struct SessionGuard {
 }
 
 impl SessionGuard {
-    pub fn engine(&self) -> &OrtEngine {
+    pub fn engine(&self) -> &TaskEngine {
         // `index` came from the pool's own free list, so it is in range.
         &self.pool.engines[self.index]
     }
@@ -93,7 +143,7 @@ impl TaskPool {
         }
         let mut engines = Vec::with_capacity(sessions);
         for _ in 0..sessions {
-            let e = OrtEngine::load(model, threads, ort_lib, obs)
+            let e = TaskEngine::load(model, threads, ort_lib, obs)
                 .map_err(|e| Error::msg(format!("task `{name}`: {e}")))?;
             engines.push(e);
         }
@@ -158,6 +208,11 @@ impl TaskPool {
     /// The model's square input size.
     pub fn input_size(&self) -> usize {
         self.engines.first().map_or(0, |e| e.input_size())
+    }
+
+    /// True for an image encoder + prompted decoder pair.
+    pub fn is_prompted(&self) -> bool {
+        self.engines.first().is_some_and(|e| e.is_prompted())
     }
 
     /// One line describing the model (first session).
