@@ -631,17 +631,25 @@ fn candle_prompted_mask(
         )
         .unwrap()
     });
-    let (low, _) = sam
+    // One point and no box is ambiguous: the multimask output with the best predicted IoU
+    // (the convention of training and `infer`), else the single-mask output.
+    let ambiguous = points.len() == 1 && bbox.is_none();
+    let (low, iou) = sam
         .forward_prompted(
             &emb,
             (!points.is_empty()).then_some((&pc, &pl)),
             bx.as_ref(),
-            false,
+            ambiguous,
         )
+        .unwrap();
+    let iou: Vec<f32> = iou.flatten_all().unwrap().to_vec1().unwrap();
+    let pick = (0..iou.len())
+        .max_by(|&a, &b| iou[a].total_cmp(&iou[b]))
         .unwrap();
     let g4 = low.dim(2).unwrap();
     let low: Vec<f32> = low.flatten_all().unwrap().to_vec1().unwrap();
-    let up = gps_seg::data::resize::bilinear(&low[..g4 * g4], g4, g4, s, s);
+    let up =
+        gps_seg::data::resize::bilinear(&low[pick * g4 * g4..(pick + 1) * g4 * g4], g4, g4, s, s);
     let m = gps_seg::infer::mask::postprocess(
         &up,
         s,

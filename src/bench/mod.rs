@@ -13,6 +13,6 @@ pub mod infer;
 pub mod parity;
 pub mod precision;
 pub mod sam;
-pub mod tasks;
 pub mod serve;
+pub mod tasks;
 pub mod train;

@@ -78,6 +78,25 @@ impl PromptedOrtEngine {
         })?;
         let encoder = OrtModel::load_with(encoder, threads, Some(&lib))?;
         let decoder = OrtModel::load_with(decoder, threads, Some(&lib))?;
+        Self::from_models(encoder, decoder, threads)
+    }
+
+    /// `<dir>/<stem>_decoder.onnx` for the image encoder `<dir>/<stem>.onnx` (the pair
+    /// `export --prompted` writes).
+    pub fn decoder_path(encoder: &Path) -> std::path::PathBuf {
+        let stem = encoder
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        encoder.with_file_name(format!("{stem}_decoder.onnx"))
+    }
+
+    /// The pair from two loaded sessions (signatures, outputs and input size checked).
+    pub fn from_models(
+        encoder: OrtModel,
+        decoder: OrtModel,
+        threads: usize,
+    ) -> Result<PromptedOrtEngine> {
         encoder.expect_signature(&[("image", 4, Some(3))])?;
         decoder.expect_signature(&[
             ("image_embeddings", 4, None),

@@ -7,8 +7,9 @@ use super::metrics::{Metrics, TaskGauges, UNKNOWN_TASK};
 use super::pool::{TaskEngine, TaskPool};
 use super::wire;
 use crate::data::imgio;
+use crate::data::prompts::ObjectPrompt;
 use crate::data::resize::Resize;
-use crate::infer::engine::{Engine, Prompts};
+use crate::infer::engine::Engine;
 use crate::infer::mask;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -528,7 +529,7 @@ async fn run_segment(
         let tm = Instant::now();
         let logits = match session.engine() {
             TaskEngine::PromptFree(e) => e.logits(&chw, 1),
-            TaskEngine::Prompted(e) => e.logits(&chw, &frame),
+            TaskEngine::Prompted(e) => e.logits_prompted(&chw, 1, &[std::slice::from_ref(&frame)]),
         };
         let inference_ms = tm.elapsed().as_secs_f64() * 1e3;
         drop(session);
@@ -659,7 +660,7 @@ impl RawPrompts {
         (h, w): (usize, usize),
         s: usize,
         resize: Resize,
-    ) -> Result<Prompts, String> {
+    ) -> Result<ObjectPrompt, String> {
         let (sy, sx) = resize.scale((h, w), s);
         let inside = |x: f32, y: f32| x >= 0.0 && y >= 0.0 && x <= w as f32 && y <= h as f32;
         let mut points = Vec::with_capacity(self.points.len());
@@ -680,7 +681,12 @@ impl RawPrompts {
             }
             None => None,
         };
-        Ok(Prompts { points, boxes })
+        Ok(ObjectPrompt {
+            bbox: boxes.map(|(x0, y0, x1, y1)| [x0, y0, x1, y1]),
+            labels: points.iter().map(|p| p.2).collect(),
+            points: points.iter().map(|p| [p.0, p.1]).collect(),
+            pixels: Vec::new(),
+        })
     }
 }
 
@@ -696,14 +702,14 @@ mod tests {
         };
         // 200×100 (w×h) image, S = 64: squash scales x by 64/200 and y by 64/100.
         let f = p.to_frame((100, 200), 64, Resize::Squash).unwrap();
-        assert_eq!(f.points[0], (32.0, 32.0, 1.0));
-        let b = f.boxes.unwrap();
-        for (got, want) in [(b.0, 3.2), (b.1, 12.8), (b.2, 60.8), (b.3, 51.2)] {
+        assert_eq!((f.points[0], f.labels[0]), ([32.0, 32.0], 1.0));
+        let b = f.bbox.unwrap();
+        for (got, want) in [(b[0], 3.2), (b[1], 12.8), (b[2], 60.8), (b[3], 51.2)] {
             assert!((got - want).abs() < 1e-4, "{b:?}");
         }
         // Longest side to 64: both axes by 64/200 (SAM's ResizeLongestSide.apply_coords).
         let f = p.to_frame((100, 200), 64, Resize::LongestSidePad).unwrap();
-        assert_eq!(f.points[0], (32.0, 16.0, 1.0));
+        assert_eq!((f.points[0], f.labels[0]), ([32.0, 16.0], 1.0));
         assert!(
             p.to_frame((40, 200), 64, Resize::Squash).is_err(),
             "y 50 > h 40"

@@ -6,7 +6,8 @@
 //! `(sessions + queue) × --max-body-bytes`.
 
 use crate::error::{Error, Result};
-use crate::infer::engine::{Engine, OrtEngine, PromptedOrt};
+use crate::infer::engine::{Engine, OrtEngine};
+use crate::infer::prompted::PromptedOrtEngine;
 use crate::infer::runtime::OrtModel;
 use crate::progress::Observer;
 use std::path::{Path, PathBuf};
@@ -18,7 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 #[derive(Debug)]
 pub enum TaskEngine {
     PromptFree(OrtEngine),
-    Prompted(PromptedOrt),
+    Prompted(PromptedOrtEngine),
 }
 
 impl TaskEngine {
@@ -35,10 +36,19 @@ impl TaskEngine {
         })?;
         let m = OrtModel::load_with(model, threads, Some(&lib))?;
         if m.outputs.iter().any(|o| o.name == "image_embeddings") {
-            return Ok(TaskEngine::Prompted(PromptedOrt::from_encoder(
-                m,
-                threads,
-                Some(&lib),
+            let dpath = PromptedOrtEngine::decoder_path(model);
+            if !dpath.is_file() {
+                return Err(Error::io(
+                    &dpath,
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("the prompted decoder of {} is missing", model.display()),
+                    ),
+                ));
+            }
+            let d = OrtModel::load_with(&dpath, threads, Some(&lib))?;
+            return Ok(TaskEngine::Prompted(PromptedOrtEngine::from_models(
+                m, d, threads,
             )?));
         }
         Ok(TaskEngine::PromptFree(OrtEngine::from_model(m, threads)?))
