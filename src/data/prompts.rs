@@ -144,7 +144,7 @@ impl PromptSpec {
     /// Points per object in the prompt tensors (0 without point prompts).
     pub fn points_per_object(&self) -> usize {
         if self.kind.has_points() {
-            self.points + self.neg_points
+            self.points.saturating_add(self.neg_points)
         } else {
             0
         }
@@ -348,7 +348,10 @@ pub fn sample(
 fn negative_band(mask: &[u8], s: usize, c: &Component, band: usize) -> Vec<u32> {
     let [x0, y0, x1, y1] = c.bbox;
     let (gx0, gy0) = (x0.saturating_sub(band), y0.saturating_sub(band));
-    let (gx1, gy1) = ((x1 + band).min(s - 1), (y1 + band).min(s - 1));
+    let (gx1, gy1) = (
+        x1.saturating_add(band).min(s - 1),
+        y1.saturating_add(band).min(s - 1),
+    );
     let (w, h) = (gx1 - gx0 + 1, gy1 - gy0 + 1);
     let mut obj = vec![false; w * h];
     for &p in &c.pixels {

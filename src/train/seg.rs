@@ -7,6 +7,8 @@
 //! loss and `Policy::sam()`, a per-epoch cosine schedule, held-out per-image Dice/IoU at the
 //! ground truth's resolution (mDice picks the best epoch), overlays and `scores.csv`.
 //! Methods: gps / random / magnitude (sparse), full, decoder, zero-shot ([`fit::evaluate`]).
+//! With `prompt` set (`--prompt box|points|box+points`) the same task trains and evaluates
+//! SAM's prompted path instead ([`super::seg_prompted`]); `none` is the recipe above, unchanged.
 
 use crate::data::kvasir::SegBatch;
 use crate::data::loader::{Loader, LoaderConfig, SegSource};
