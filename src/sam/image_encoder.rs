@@ -512,7 +512,7 @@ impl ImageEncoderViT {
          -> Result<(GradStore, Tensor)> {
             let v = Var::from_tensor(input)?;
             let y = f(v.as_tensor())?;
-            let mut grads = (y * g)?.sum_all()?.backward()?;
+            let mut grads = crate::nn::backward_vars(&(y * g)?.sum_all()?)?;
             let gin = grads.remove(v.as_tensor()).ok_or_else(|| {
                 Error::msg("checkpointed backward: no gradient reached a block input")
             })?;
@@ -525,7 +525,7 @@ impl ImageEncoderViT {
             g = gin;
         }
         let y = self.embed(x)?;
-        grads.extend((y * g)?.sum_all()?.backward()?)?;
+        grads.extend(crate::nn::backward_vars(&(y * g)?.sum_all()?)?)?;
         Ok(grads)
     }
 }

@@ -334,7 +334,7 @@ impl Sam {
         let low = self.decode_prompt_free(ev.as_tensor())?;
         let s = self.config.image_size;
         let l = loss(&resize_bilinear(&low, s, s)?)?;
-        let mut grads = l.backward()?;
+        let mut grads = crate::nn::backward_vars(&l)?;
         let upstream = grads.remove(ev.as_tensor()).ok_or_else(|| {
             Error::msg("checkpointed step: the loss does not depend on the image embeddings")
         })?;
