@@ -11,5 +11,6 @@ pub mod data;
 pub mod infer;
 pub mod parity;
 pub mod precision;
+pub mod run_memory;
 pub mod sam;
 pub mod train;

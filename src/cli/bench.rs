@@ -39,6 +39,9 @@ pub enum What {
     Export(ExportArgs),
     /// Training step: Candle full vs GPS step (vs PyTorch with --compare --python).
     Train(super::bench_train::Args),
+    /// Peak memory of whole runs (`train` with and without --checkpoint-blocks, `select`) on a
+    /// random official-layout checkpoint, each in a child process.
+    RunMemory(super::bench_memory::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -80,6 +83,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Ok(())
         }
         What::Train(a) => super::bench_train::run(a),
+        What::RunMemory(a) => super::bench_memory::run(a),
     }
 }
 
