@@ -68,6 +68,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             println!(
                 "data pipeline: {images} JPEGs (max side {max_side}) → {size}×{size} ({resize}), batch {batch_size}, flip augment, CPU tensors"
             );
+            println!(
+                "{}",
+                gps_seg::util::cpu::bench_header(rayon::current_num_threads())
+            );
             println!("| configuration | threads | images | seconds | images/s |");
             println!("|---|---:|---:|---:|---:|");
             for r in rows {
@@ -118,6 +122,10 @@ fn run_sam(a: SamArgs) -> anyhow::Result<()> {
     println!(
         "SAM `{}` {}px, batch {}, {} iters, {}, image encoder in {}",
         r.config, r.image_size, r.batch, r.iters, r.device, r.precision
+    );
+    println!(
+        "{}",
+        gps_seg::util::cpu::bench_header(rayon::current_num_threads())
     );
     println!(
         "{:<18} {:>10} {:>10} {:>10}",
@@ -190,6 +198,10 @@ fn run_infer(a: InferArgs) -> anyhow::Result<()> {
         sam.image_size,
         cfg.iters.max(1),
         if cfg.threads == 0 { "default".to_string() } else { cfg.threads.to_string() }
+    );
+    println!(
+        "{} (Candle rows; ONNX Runtime's kernels pick their own ISA)",
+        gps_seg::util::cpu::bench_header(rayon::current_num_threads())
     );
     println!("| engine | batch | ms/batch | images/s | GFLOP/s | max abs logit diff |");
     println!("|---|---:|---:|---:|---:|---:|");
@@ -277,6 +289,10 @@ fn run_export(a: ExportArgs) -> anyhow::Result<()> {
         },
         gps_seg::util::cpu::describe(a.threads),
         cfg.rounds
+    );
+    println!(
+        "{} (ONNX Runtime's kernels pick their own ISA)",
+        gps_seg::util::cpu::bench_header(a.threads)
     );
     println!("| precision | file MB | batch | ms/batch (min–max) | × f32 time | max abs Δ logit | mDice |");
     println!("|---|---:|---:|---:|---:|---:|---:|");

@@ -74,6 +74,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             r.seconds
         );
     }
-    println!("(peak RSS = ru_maxrss of each run's own process, from wait4)");
+    println!(
+        "(peak RSS = ru_maxrss of each run's own process, from wait4; it cannot read below the \
+         spawning process's own peak, {:.0} MB here)",
+        gps_seg::util::mem::peak_rss_mb()
+    );
     Ok(())
 }

@@ -14,13 +14,15 @@
 /// its own: a run whose selection pass ran on the main thread and whose steps ran on rayon
 /// workers kept one activation-sized heap per thread. Measured on a whole `train` run of
 /// vit_b@512 (2 selection batches, 2 steps): peak RSS 6.4 GB with per-thread arenas, 3.4 GB
-/// with one (docs/PERF.md); the allocations are per tensor, not per element, so one arena
-/// costs no measurable speed. Call once at start-up; a no-op off glibc.
+/// with one (docs/PERF.md). A `MALLOC_ARENA_MAX` set in the environment is left to glibc
+/// (that is how the benchmark compares the two). Call once at start-up; a no-op off glibc.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tunables; called before any other thread exists.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
+        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
