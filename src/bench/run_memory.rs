@@ -278,3 +278,59 @@ pub fn run(
     }
     Ok((p, rows))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_child_peak_is_read_and_a_failing_child_is_reported() {
+        // A child that touches 64 MiB reads at least that; the peak is the child's own.
+        let sh = Path::new("/bin/sh");
+        let args = |s: &str| vec!["-c".to_string(), s.to_string()];
+        let (small, _) = measure_child(sh, &args("exit 0")).unwrap();
+        let (big, _) = measure_child(
+            sh,
+            &args("head -c 67108864 /dev/zero | { v=$(cat | tr '\\0' a); echo ${#v}; }"),
+        )
+        .unwrap();
+        assert!(small > 0, "{small}");
+        assert!(big >= 64 << 20, "{big}");
+        let e = measure_child(sh, &args("echo boom >&2; exit 3"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("boom") && e.contains("exit 3"), "{e}");
+    }
+
+    #[test]
+    fn rows_are_train_and_select_command_lines() {
+        let cfg = RunMemoryConfig {
+            model: "vit_b".into(),
+            image_size: 512,
+            images: 12,
+            max_side: 512,
+            select_batches: 2,
+            max_steps: 2,
+            test_limit: 2,
+            threads: 2,
+            only: vec![],
+            seed: 0,
+            keep: None,
+        };
+        let p = Prepared {
+            checkpoint: "ck.safetensors".into(),
+            data: "d".into(),
+            checkpoint_bytes: 0,
+        };
+        let t = row_args(&cfg, &p, ROWS[1].1, Path::new("o")).join(" ");
+        assert!(t.starts_with("train --model ck.safetensors --method gps"), "{t}");
+        for part in ["--image-size 512", "--select-batches 2", "--max-steps 2", "--out o"] {
+            assert!(t.contains(part), "{t} lacks {part}");
+        }
+        assert!(t.ends_with("--checkpoint-blocks"), "{t}");
+        let s = row_args(&cfg, &p, ROWS[2].1, Path::new("o")).join(" ");
+        assert!(s.starts_with("select --base ck.safetensors --criterion gradient"), "{s}");
+        assert!(!s.contains("--max-steps"), "{s}");
+    }
+}
