@@ -324,13 +324,24 @@ mod tests {
             checkpoint_bytes: 0,
         };
         let t = row_args(&cfg, &p, ROWS[1].1, Path::new("o")).join(" ");
-        assert!(t.starts_with("train --model ck.safetensors --method gps"), "{t}");
-        for part in ["--image-size 512", "--select-batches 2", "--max-steps 2", "--out o"] {
+        assert!(
+            t.starts_with("train --model ck.safetensors --method gps"),
+            "{t}"
+        );
+        for part in [
+            "--image-size 512",
+            "--select-batches 2",
+            "--max-steps 2",
+            "--out o",
+        ] {
             assert!(t.contains(part), "{t} lacks {part}");
         }
         assert!(t.ends_with("--checkpoint-blocks"), "{t}");
         let s = row_args(&cfg, &p, ROWS[2].1, Path::new("o")).join(" ");
-        assert!(s.starts_with("select --base ck.safetensors --criterion gradient"), "{s}");
+        assert!(
+            s.starts_with("select --base ck.safetensors --criterion gradient"),
+            "{s}"
+        );
         assert!(!s.contains("--max-steps"), "{s}");
     }
 }

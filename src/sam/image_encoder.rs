@@ -472,6 +472,17 @@ impl ImageEncoderViT {
         self.neck_forward(&x)
     }
 
+    /// Inference forward: like [`forward`](Self::forward) (the same ops, the same values) but
+    /// each block's output is detached, so no block's activations outlive it even when the
+    /// weights are vars or GPS deltas (evaluation during training).
+    pub fn forward_detached(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = self.embed(x)?.detach();
+        for blk in &self.blocks {
+            h = blk.forward(&h)?.detach();
+        }
+        Ok(self.neck_forward(&h)?.detach())
+    }
+
     /// Forward without keeping the autograd graph (activation checkpointing by hand): only
     /// the input of every block and of the neck is kept. Returns the embeddings `[B, C, g, g]`
     /// (detached) and those block-boundary activations for

@@ -415,7 +415,7 @@ pub fn evaluate(
 
 /// Sigmoid probabilities `[B, S·S]` of the prompt-free logits, on the CPU.
 pub fn predict_probs(sam: &Sam, batch: &SegBatch) -> Result<Vec<Vec<f32>>> {
-    let logits = on_worker(|| sam.forward_prompt_free(&batch.images))?.detach();
+    let logits = on_worker(|| sam.predict_prompt_free(&batch.images))?;
     let probs = candle_nn::ops::sigmoid(&logits)?
         .to_device(&Device::Cpu)?
         .to_dtype(DType::F32)?;
