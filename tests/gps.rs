@@ -623,3 +623,104 @@ fn toy_mlp_select_train_save_load_merge_round_trip() {
     let e = Artifact::load(&adir, &dev).unwrap_err().to_string();
     assert!(e.contains("fc2.weight") && e.contains("10000"), "{e}");
 }
+
+// ------------------------------------- lean selection pass = the dense reference, on tiny SAM
+
+/// The selection pass as it was before it was made memory-lean: a store that copies the
+/// selected tensors into vars, the whole prompt-free graph kept for one `backward`, and the
+/// gradients summed as tensors (`acc + g`).
+fn dense_reference_grads(
+    cfg: &SamConfig,
+    base: &TensorMap,
+    policy: &Policy,
+    batches: &[(Tensor, Tensor)],
+) -> TensorMap {
+    let dev = Device::Cpu;
+    let store = ParamStore::with_roles(base.clone(), grad_roles(base, policy), &dev);
+    let sam = gps_seg::sam::Sam::new(cfg, &store).unwrap();
+    let vars = store.trainable_vars();
+    let mut sums = TensorMap::new();
+    for (x, m) in batches {
+        let loss = gps_seg::train::loss::seg_loss(&sam.forward_prompt_free(x).unwrap(), m).unwrap();
+        let grads = loss.backward().unwrap();
+        for (name, v) in &vars {
+            let Some(g) = grads.get(v.as_tensor()) else {
+                continue;
+            };
+            let next = match sums.remove(name) {
+                Some(acc) => (acc + g).unwrap(),
+                None => g.clone(),
+            };
+            sums.insert(name.clone(), next);
+        }
+    }
+    sums
+}
+
+#[test]
+fn lean_selection_pass_selects_exactly_what_the_dense_reference_does() {
+    let dev = Device::Cpu;
+    let cfg = SamConfig::tiny().with_image_size(128);
+    let base = gps_seg::onnx::sam::random_sam_weights(&cfg, 3).unwrap();
+    let policy = Policy::sam();
+    let mut rng = Rng::new(9);
+    let batches: Vec<(Tensor, Tensor)> = (0..2)
+        .map(|_| {
+            let x: Vec<f32> = (0..2 * 3 * 128 * 128).map(|_| rng.f32()).collect();
+            let m: Vec<f32> = (0..2 * 128 * 128)
+                .map(|_| if rng.bernoulli(0.3) { 1.0 } else { 0.0 })
+                .collect();
+            (
+                Tensor::from_vec(x, (2, 3, 128, 128), &dev).unwrap(),
+                Tensor::from_vec(m, (2, 1, 128, 128), &dev).unwrap(),
+            )
+        })
+        .collect();
+    let reference = dense_reference_grads(&cfg, &base, &policy, &batches);
+
+    // The lean pass: vars sharing the base's storage, encoder blocks recomputed, each gradient
+    // summed in place into its score buffer and dropped.
+    let hash_before = gps_seg::util::tensors::content_hash(&base).unwrap();
+    let mut lean_base = base.clone();
+    let store = gps_seg::gps::grad_store(&mut lean_base, &policy, &dev).unwrap();
+    let sam = gps_seg::sam::Sam::new(&cfg, &store).unwrap();
+    let vars = store.trainable_vars();
+    let (lean, n) = gps_seg::gps::accumulate_with(&vars, batches.iter(), |(x, m)| {
+        sam.prompt_free_backward_checkpointed(x, |l| gps_seg::train::loss::seg_loss(l, m))
+    })
+    .unwrap();
+    assert_eq!(n, 2);
+    drop((sam, store, vars));
+    // The base is untouched (same values), and the caller's map was never written.
+    assert_eq!(
+        gps_seg::util::tensors::content_hash(&lean_base).unwrap(),
+        hash_before
+    );
+    assert_eq!(
+        gps_seg::util::tensors::content_hash(&base).unwrap(),
+        hash_before
+    );
+
+    assert_eq!(
+        lean.keys().collect::<Vec<_>>(),
+        reference.keys().collect::<Vec<_>>()
+    );
+    assert!(lean.len() > 10, "{} gradients", lean.len());
+    for (name, r) in &reference {
+        let (a, b) = (flat(&lean[name]), flat(r));
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+        let worst = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(worst <= 1e-5 * scale, "{name}: max |Δ| {worst} of {scale}");
+    }
+    for level in [Level::Neuron, Level::Net] {
+        let pick = |g: &TensorMap| {
+            select_from_grads(&base, Some(g), &policy, 1, level, Criterion::Gradient, 0).unwrap()
+        };
+        let (a, b) = (pick(&lean), pick(&reference));
+        assert_eq!(a.indices, b.indices, "{level:?}");
+        assert_eq!(a.trainable, b.trainable, "{level:?}");
+    }
+}

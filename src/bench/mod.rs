@@ -12,6 +12,7 @@ pub mod data;
 pub mod infer;
 pub mod parity;
 pub mod precision;
+pub mod run_memory;
 pub mod sam;
 pub mod serve;
 pub mod tasks;

@@ -46,6 +46,9 @@ pub enum What {
     /// tasks: throughput, p50/p95/p99 latency, errors, memory, and the serving overhead
     /// against plain ONNX Runtime on the same engine and images (batch 1, no HTTP).
     Serve(ServeArgs),
+    /// Peak memory of whole runs (`train` with and without --checkpoint-blocks, `select`) on a
+    /// random official-layout checkpoint, each in a child process.
+    RunMemory(super::bench_memory::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -72,6 +75,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             println!(
                 "data pipeline: {images} JPEGs (max side {max_side}) → {size}×{size} ({resize}), batch {batch_size}, flip augment, CPU tensors"
             );
+            println!(
+                "{}",
+                gps_seg::util::cpu::bench_header(rayon::current_num_threads())
+            );
             println!("| configuration | threads | images | seconds | images/s |");
             println!("|---|---:|---:|---:|---:|");
             for r in rows {
@@ -89,6 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         What::Train(a) => super::bench_train::run(a),
         What::Tasks(a) => super::bench_tasks::run(a),
         What::Serve(a) => run_serve(a),
+        What::RunMemory(a) => super::bench_memory::run(a),
     }
 }
 
@@ -224,6 +232,10 @@ fn run_sam(a: SamArgs) -> anyhow::Result<()> {
         r.config, r.image_size, r.batch, r.iters, r.device, r.precision
     );
     println!(
+        "{}",
+        gps_seg::util::cpu::bench_header(rayon::current_num_threads())
+    );
+    println!(
         "{:<18} {:>10} {:>10} {:>10}",
         "pass", "ms/batch", "GFLOP", "GFLOP/s"
     );
@@ -294,6 +306,10 @@ fn run_infer(a: InferArgs) -> anyhow::Result<()> {
         sam.image_size,
         cfg.iters.max(1),
         if cfg.threads == 0 { "default".to_string() } else { cfg.threads.to_string() }
+    );
+    println!(
+        "{} (Candle rows; ONNX Runtime's kernels pick their own ISA)",
+        gps_seg::util::cpu::bench_header(rayon::current_num_threads())
     );
     println!("| engine | batch | ms/batch | images/s | GFLOP/s | max abs logit diff |");
     println!("|---|---:|---:|---:|---:|---:|");
@@ -381,6 +397,10 @@ fn run_export(a: ExportArgs) -> anyhow::Result<()> {
         },
         gps_seg::util::cpu::describe(a.threads),
         cfg.rounds
+    );
+    println!(
+        "{} (ONNX Runtime's kernels pick their own ISA)",
+        gps_seg::util::cpu::bench_header(a.threads)
     );
     println!("| precision | file MB | batch | ms/batch (min–max) | × f32 time | max abs Δ logit | mDice |");
     println!("|---|---:|---:|---:|---:|---:|---:|");

@@ -21,6 +21,10 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    println!(
+        "{}",
+        gps_seg::util::cpu::bench_header(rayon::current_num_threads())
+    );
     println!("## Trainable entries and Adam state (m + v, f32) by policy, K = 1");
     println!(
         "{:<7} {:<9} {:>14} {:>14} {:>9} {:>12}",

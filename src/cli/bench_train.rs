@@ -128,6 +128,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.iters,
         a.repeat.max(1)
     );
+    println!(
+        "{} (the PyTorch rows use its own kernels)",
+        gps_seg::util::cpu::bench_header(threads)
+    );
     print!("{}", format_table(&results));
     println!(
         "(GFLOP/s: 3x the analytic forward FLOPs per step for every row; peak = VmHWM of the row's process)"

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 pub mod bench;
 pub mod bench_gps;
+pub mod bench_memory;
 pub mod bench_tasks;
 pub mod bench_train;
 pub mod common;

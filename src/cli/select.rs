@@ -59,6 +59,13 @@ pub struct Args {
     /// Print per-tensor counts too.
     #[arg(long)]
     pub verbose: bool,
+    /// Input size of the gradient pass (with --data-dir): the checkpoint's position tables
+    /// are resized at load, as `train --image-size` does.
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// CPU threads for every parallel kernel (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// Allow --out to replace a folder that already holds a trained artifact
     /// (`delta.safetensors`, which a new selection would delete).
     #[arg(long)]
@@ -93,6 +100,14 @@ fn check_out(a: &Args, out: &Path) -> anyhow::Result<()> {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    if let Some(n) = a.threads {
+        gps_seg::util::threads::set(n)?;
+    }
+    if (a.data_dir.is_none() || a.grads.is_some()) && a.image_size.is_some() {
+        anyhow::bail!(
+            "--image-size applies to the gradient pass of --data-dir only (not with --grads)"
+        );
+    }
     if let Some(out) = &a.out {
         check_out(&a, out)?;
     }
@@ -173,7 +188,7 @@ fn select_with_data(
         .out
         .clone()
         .ok_or_else(|| anyhow::anyhow!("--data-dir selection needs --out DIR"))?;
-    let (base, sam) = super::common::resolve_sam(&a.base, None)?;
+    let (base, sam) = super::common::resolve_sam(&a.base, a.image_size)?;
     let mut cfg = SegTrainConfig::recipe(data.to_path_buf(), base, sam);
     cfg.method = match criterion {
         Criterion::Gradient => Method::Gps,

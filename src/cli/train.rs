@@ -110,8 +110,8 @@ pub struct Args {
     /// Only plain progress lines.
     #[arg(long)]
     pub quiet: bool,
-    /// seg: recompute SAM encoder blocks in backward (less memory, same gradients; large
-    /// inputs).
+    /// seg: recompute SAM encoder blocks in the training steps' backward (less memory, same
+    /// gradients; large inputs). The selection pass always recomputes them.
     #[arg(long)]
     pub checkpoint_blocks: bool,
     /// seg: leave out the image/mask pairs with a problem (listed in <out>/skipped.txt)

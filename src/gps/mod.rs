@@ -19,7 +19,7 @@ pub mod switch;
 
 pub use artifact::{delta_from_store, Artifact, BaseModel, GpsConfig, SelectionInfo};
 pub use counts::{CountTotals, Counts, TensorCount};
-pub use grads::{accumulate, grad_roles, GradAccumulator};
+pub use grads::{accumulate, accumulate_with, grad_roles, grad_store, GradAccumulator};
 pub use merge::{merge, merge_with_report, MergeReport};
 pub use policy::{Policy, Rule, Treatment};
 pub use select::{select_by_gradient, select_from_grads, Criterion, Level, Selection};

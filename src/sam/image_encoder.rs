@@ -472,6 +472,17 @@ impl ImageEncoderViT {
         self.neck_forward(&x)
     }
 
+    /// Inference forward: like [`forward`](Self::forward) (the same ops, the same values) but
+    /// each block's output is detached, so no block's activations outlive it even when the
+    /// weights are vars or GPS deltas (evaluation during training).
+    pub fn forward_detached(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = self.embed(x)?.detach();
+        for blk in &self.blocks {
+            h = blk.forward(&h)?.detach();
+        }
+        Ok(self.neck_forward(&h)?.detach())
+    }
+
     /// Forward without keeping the autograd graph (activation checkpointing by hand): only
     /// the input of every block and of the neck is kept. Returns the embeddings `[B, C, g, g]`
     /// (detached) and those block-boundary activations for
@@ -512,7 +523,7 @@ impl ImageEncoderViT {
          -> Result<(GradStore, Tensor)> {
             let v = Var::from_tensor(input)?;
             let y = f(v.as_tensor())?;
-            let mut grads = (y * g)?.sum_all()?.backward()?;
+            let mut grads = crate::nn::backward_vars(&(y * g)?.sum_all()?)?;
             let gin = grads.remove(v.as_tensor()).ok_or_else(|| {
                 Error::msg("checkpointed backward: no gradient reached a block input")
             })?;
@@ -525,7 +536,7 @@ impl ImageEncoderViT {
             g = gin;
         }
         let y = self.embed(x)?;
-        grads.extend((y * g)?.sum_all()?.backward()?)?;
+        grads.extend(crate::nn::backward_vars(&(y * g)?.sum_all()?)?)?;
         Ok(grads)
     }
 }

@@ -309,6 +309,18 @@ impl Sam {
             .forward_single_mask(emb, &pe, None, &dense)
     }
 
+    /// [`forward_prompt_free`](Self::forward_prompt_free) for inference: the same logits,
+    /// detached, with the encoder's blocks detached one by one
+    /// ([`ImageEncoderViT::forward_detached`]) so a model with trainable vars or GPS deltas
+    /// does not hold the whole encoder graph while it evaluates.
+    pub fn predict_prompt_free(&self, images01: &Tensor) -> Result<Tensor> {
+        let x = self.normalize(images01)?;
+        let emb = self.image_encoder.forward_detached(&x)?;
+        let low = self.decode_prompt_free(&emb)?;
+        let s = self.config.image_size;
+        Ok(resize_bilinear(&low, s, s)?.detach())
+    }
+
     /// `[B, 3, S, S]` in `[0, 1]` → logits `[B, 1, S, S]` (low-res logits resized bilinearly).
     pub fn forward_prompt_free(&self, images01: &Tensor) -> Result<Tensor> {
         let x = self.normalize(images01)?;
@@ -334,7 +346,7 @@ impl Sam {
         let low = self.decode_prompt_free(ev.as_tensor())?;
         let s = self.config.image_size;
         let l = loss(&resize_bilinear(&low, s, s)?)?;
-        let mut grads = l.backward()?;
+        let mut grads = crate::nn::backward_vars(&l)?;
         let upstream = grads.remove(ev.as_tensor()).ok_or_else(|| {
             Error::msg("checkpointed step: the loss does not depend on the image embeddings")
         })?;
@@ -488,6 +500,23 @@ mod tests {
     /// logits in bf16 / f16 stay within 1.5e-2 / 2e-3 relative (L2) of f32, come back as f32,
     /// and really differ from f32 (the encoder did compute in the low dtype). The tolerances
     /// are ~4 units of roundoff of each type (2⁻⁸ ≈ 3.9e-3, 2⁻¹¹ ≈ 4.9e-4).
+    /// Evaluation's detached forward computes the very logits of the graph-building one, on a
+    /// model whose every tensor is a var (the case that holds a graph).
+    #[test]
+    fn predict_prompt_free_equals_forward_prompt_free() {
+        let (cfg, x, _) = autocast_setup();
+        let (sam, _) = build(&cfg, None, RolePolicy::AllTrainable, &Device::Cpu, 3).unwrap();
+        let y = sam.forward_prompt_free(&x).unwrap();
+        let p = sam.predict_prompt_free(&x).unwrap();
+        assert!(!p.track_op());
+        let (a, b) = (
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            p.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert_eq!(a.len(), b.len());
+        assert!(a.iter().zip(&b).all(|(u, v)| u.to_bits() == v.to_bits()));
+    }
+
     #[test]
     fn low_precision_forward_is_close_to_f32() {
         let (cfg, x, _) = autocast_setup();

@@ -12,7 +12,7 @@
 use crate::data::loader::Loader;
 use crate::error::{Error, Result};
 use crate::gps::artifact::{Artifact, BaseModel, SelectionInfo};
-use crate::gps::grads::{accumulate, grad_roles};
+use crate::gps::grads::{accumulate_with, grad_store};
 use crate::gps::select::{select as select_entries, Criterion, SelectSpec};
 use crate::nn::{ParamStore, RolePolicy};
 use crate::progress::{Event, Observer};
@@ -186,8 +186,8 @@ pub fn select<T: Task>(
         });
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let (data, base) = task.open(out, device, obs)?;
-    selection(task, &data, &base, out, false, device, obs)
+    let (data, mut base) = task.open(out, device, obs)?;
+    selection(task, &data, &mut base, out, false, device, obs)
 }
 
 /// Selection for the sparse methods into `art_dir` (with `reuse`, read back when it is already
@@ -196,7 +196,7 @@ pub fn select<T: Task>(
 fn selection<T: Task>(
     task: &T,
     data: &T::Data,
-    base: &TensorMap,
+    base: &mut TensorMap,
     art_dir: &Path,
     reuse: bool,
     device: &Device,
@@ -268,19 +268,21 @@ fn selection<T: Task>(
     Ok(art)
 }
 
-/// Selection gradients: a store over `base` whose only vars are the policy's selected tensors,
-/// the selection loss accumulated over one pass of the task's selection loader (the whole
+/// Selection gradients: a store over `base` whose only vars are the policy's selected tensors
+/// (sharing `base`'s storage, [`grad_store`]), the selection loss's gradients
+/// ([`Task::selection_backward`]) summed over one pass of the task's selection loader (the whole
 /// training split, or its first `select_batches` batches when capped), batches streamed one at
-/// a time. Returns the gradients, the batches and the images seen.
+/// a time, each gradient added to its score buffer and dropped. Returns the gradients, the
+/// batches and the images seen.
 fn gradients<T: Task>(
     task: &T,
     data: &T::Data,
-    base: &TensorMap,
+    base: &mut TensorMap,
     setup: &crate::train::task::SelectionSetup,
     device: &Device,
     obs: &mut dyn Observer,
 ) -> Result<(TensorMap, usize, usize)> {
-    let store = ParamStore::with_roles(base.clone(), grad_roles(base, &setup.policy), device);
+    let store = grad_store(base, &setup.policy, device)?;
     let model = task.build(data, &store)?;
     let vars = store.trainable_vars();
     let mut loader = task.selection_loader(data)?;
@@ -292,10 +294,10 @@ fn gradients<T: Task>(
     });
     let batches = (0..n).map_while(|_| loader.next_batch(device).transpose());
     let (mut done, mut images) = (0usize, 0usize);
-    let (grads, seen) = accumulate(&vars, batches, |b| {
+    let (grads, seen) = accumulate_with(&vars, batches, |b| {
         let b = b?;
         images += T::batch_len(&b)?;
-        let loss = task.selection_loss(&model, &b)?;
+        let (loss, grads) = on_worker(|| task.selection_backward(&model, &b))?;
         done += 1;
         obs.event(Event::Step {
             done,
@@ -303,7 +305,7 @@ fn gradients<T: Task>(
             lr: None,
             images_per_s: None,
         });
-        Ok(loss)
+        Ok((loss, grads))
     })?;
     Ok((grads, seen, images))
 }
@@ -347,13 +349,13 @@ impl<'a, T: Task> Run<'a, T> {
         let started = Instant::now();
         let core = task.core();
         let (ckpts, latest) = open_run::<T, StateOf<T>>(run_dir, task, core.keep_last, resume)?;
-        let (data, base) = task.open(run_dir, device, obs)?;
+        let (data, mut base) = task.open(run_dir, device, obs)?;
         let t_sel = Instant::now();
         let artifact = match core.method.criterion() {
             Some(_) => Some(selection(
                 task,
                 &data,
-                &base,
+                &mut base,
                 &run_dir.join("gps"),
                 true,
                 device,

@@ -387,6 +387,14 @@ impl Task for SegTrainConfig {
         }
         seg_loss(&sam.forward_prompt_free(&batch.images)?, &batch.masks)
     }
+
+    /// Always with the encoder's blocks recomputed in backward: the selection pass computes a
+    /// dense gradient of every selected tensor, and with the whole encoder graph on top it was
+    /// a run's peak (vit_b@512: 3.0 GB plain, 1.4 GB recomputed; the same selection, bit for
+    /// bit, docs/PERF.md). It costs one more encoder forward per selection batch.
+    fn selection_backward(&self, sam: &Sam, batch: &SegBatch) -> Result<(Tensor, GradStore)> {
+        sam.prompt_free_backward_checkpointed(&batch.images, |l| seg_loss(l, &batch.masks))
+    }
 }
 
 /// Probability maps kept per evaluation for the best epoch's overlays.
@@ -447,7 +455,7 @@ pub fn evaluate(
 
 /// Sigmoid probabilities `[B, S·S]` of the prompt-free logits, on the CPU.
 pub fn predict_probs(sam: &Sam, batch: &SegBatch) -> Result<Vec<Vec<f32>>> {
-    let logits = on_worker(|| sam.forward_prompt_free(&batch.images))?.detach();
+    let logits = on_worker(|| sam.predict_prompt_free(&batch.images))?;
     let probs = candle_nn::ops::sigmoid(&logits)?
         .to_device(&Device::Cpu)?
         .to_dtype(DType::F32)?;

@@ -132,6 +132,18 @@ pub trait Task: Serialize + DeserializeOwned + PartialEq + Sync {
     fn selection_loader(&self, data: &Self::Data) -> Result<Loader<Self::Source>>;
     /// The selection loss of one batch (with the pretrained weights).
     fn selection_loss(&self, model: &Self::Model, batch: &BatchOf<Self>) -> Result<Tensor>;
+    /// The selection loss of one batch, detached, and its gradients. By default the plain
+    /// backward of [`selection_loss`](Self::selection_loss); a task with block recomputation
+    /// uses it here too, so the selection pass never peaks above a training step's budget.
+    fn selection_backward(
+        &self,
+        model: &Self::Model,
+        batch: &BatchOf<Self>,
+    ) -> Result<(Tensor, GradStore)> {
+        let loss = self.selection_loss(model, batch)?;
+        let grads = loss.backward()?;
+        Ok((loss.detach(), grads))
+    }
 }
 
 /// One epoch's record (a line of `metrics.jsonl`): the validation metrics (what the best

@@ -6,6 +6,55 @@ pub fn describe(threads: usize) -> String {
     format!("{}, {} ({threads} threads)", model_name(), isa())
 }
 
+/// The microkernels `gemm` (Candle's CPU matmul and our fused attention / linear carrier)
+/// dispatches to on this CPU. The crate builds gemm with its `x86-v4` feature, so gemm picks
+/// its AVX-512 kernels where `avx512f` exists, else the AVX2/FMA (`x86-v3`) ones, else scalar
+/// (gemm-common's `init_gemm_fn`, checked at run time the same way here).
+pub fn gemm_isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "AVX-512 (gemm x86-v4 kernels)";
+        }
+        if std::arch::is_x86_feature_detected!("fma") {
+            return "AVX2/FMA (gemm x86-v3 kernels)";
+        }
+        "scalar (gemm)"
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        "NEON (gemm)"
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        "scalar (gemm)"
+    }
+}
+
+/// The paths of our own fused element-wise / attention kernels on this CPU: their
+/// `#[target_feature(enable = "avx2,fma")]` copies where AVX2 + FMA exist (also on AVX-512
+/// machines: they have no AVX-512 copies), else portable code.
+pub fn fused_isa() -> &'static str {
+    if crate::nn::fused::has_avx2_fma() {
+        "AVX2/FMA"
+    } else {
+        "portable"
+    }
+}
+
+/// The line every `bench` table starts with: CPU model, widest ISA, the kernels in use and
+/// the thread count, e.g. `CPU: Intel(R) Xeon(R) … · ISA: AVX-512 + AVX512-BF16 + AMX ·
+/// matmul: AVX-512 (gemm x86-v4 kernels) · fused kernels: AVX2/FMA · 2 threads`.
+pub fn bench_header(threads: usize) -> String {
+    format!(
+        "CPU: {} · ISA: {} · matmul: {} · fused kernels: {} · {threads} threads",
+        model_name(),
+        isa(),
+        gemm_isa(),
+        fused_isa()
+    )
+}
+
 /// The first `model name` of `/proc/cpuinfo` (or `unknown CPU`).
 pub fn model_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
@@ -62,5 +111,14 @@ mod tests {
             "{d}"
         );
         assert!(!super::model_name().is_empty());
+        let h = super::bench_header(3);
+        for part in [
+            super::isa(),
+            super::gemm_isa(),
+            super::fused_isa(),
+            "3 threads",
+        ] {
+            assert!(h.contains(part), "{h} lacks {part}");
+        }
     }
 }

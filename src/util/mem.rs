@@ -8,13 +8,21 @@
 /// vit_b@512 GPS process (setup + 3 steps): 20 % of its CPU samples were in the kernel, and
 /// the same settings given as glibc tunables cut its system time from 5.5 to 2.8 s; with them,
 /// each further step costs about 200 page faults (docs/PERF.md).
-/// Sets `M_MMAP_THRESHOLD` to its 32 MiB maximum and turns heap trimming off. The peak
-/// resident size is unchanged (freed blocks are reused, not added). Call once at start-up;
-/// a no-op off glibc.
+/// Sets `M_MMAP_THRESHOLD` to its 32 MiB maximum and turns heap trimming off, and keeps every
+/// thread on one malloc arena (`M_ARENA_MAX` = 1). Freed blocks are reused, not added — but
+/// glibc reuses a block only within the arena it came from, and by default each thread gets
+/// its own: a run whose selection pass ran on the main thread and whose steps ran on rayon
+/// workers kept one activation-sized heap per thread. Measured on a whole `train` run of
+/// vit_b@512 (2 selection batches, 2 steps): peak RSS 6.4 GB with per-thread arenas, 3.4 GB
+/// with one (docs/PERF.md). A `MALLOC_ARENA_MAX` set in the environment is left to glibc
+/// (that is how the benchmark compares the two). Call once at start-up; a no-op off glibc.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tunables; called before any other thread exists.
     unsafe {
+        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
