@@ -250,6 +250,28 @@ fn prompted_gps_runs_train_on_the_one_loop() {
         let back: SegTrainConfig = gps_seg::util::fs::read_json(&run.join("config.json")).unwrap();
         assert_eq!(back.prompt, spec);
     }
+    // GPS ranks a prompted task's entries with its prompted loss: the box-prompted selection is
+    // not the prompt-free one (on the same data, seed and K).
+    let free = seg::select(
+        &tiny_cfg(&data),
+        &tmp.path().join("sel-free"),
+        &Device::Cpu,
+        &mut Silent,
+    )
+    .unwrap();
+    let mut boxed = tiny_cfg(&data);
+    boxed.prompt = PromptSpec::of(PromptKind::Box);
+    let prompted = seg::select(
+        &boxed,
+        &tmp.path().join("sel-box"),
+        &Device::Cpu,
+        &mut Silent,
+    )
+    .unwrap();
+    assert_ne!(
+        free.selection.indices, prompted.selection.indices,
+        "the prompted selection used the prompt-free loss"
+    );
     let cfg = tiny_cfg(&data);
     let text = serde_json::to_string(&cfg).unwrap();
     assert!(

@@ -391,8 +391,15 @@ impl Task for SegTrainConfig {
     /// Always with the encoder's blocks recomputed in backward: the selection pass computes a
     /// dense gradient of every selected tensor, and with the whole encoder graph on top it was
     /// a run's peak (vit_b@512: 3.0 GB plain, 1.4 GB recomputed; the same selection, bit for
-    /// bit, docs/PERF.md). It costs one more encoder forward per selection batch.
+    /// bit, docs/PERF.md). It costs one more encoder forward per selection batch. A prompted
+    /// task ranks with its own prompted loss (no block recomputation on that path: its
+    /// backward keeps only the vars' gradients).
     fn selection_backward(&self, sam: &Sam, batch: &SegBatch) -> Result<(Tensor, GradStore)> {
+        if self.prompt.is_prompted() {
+            let loss = seg_prompted::prompted_loss(sam, batch, &self.prompt)?;
+            let grads = crate::nn::backward_vars(&loss)?;
+            return Ok((loss.detach(), grads));
+        }
         sam.prompt_free_backward_checkpointed(&batch.images, |l| seg_loss(l, &batch.masks))
     }
 }
