@@ -118,90 +118,45 @@ fn bad_bases_and_places_are_refused() {
     )
     .unwrap();
 
+    // Each case: (graph, weights, artifact, normalise, base file, task file) → the error text.
+    let refused = |graph, w, a, normalize, base: &Path, out: &Path| -> String {
+        export_sam_task(graph, &cfg, w, a, SamExportOptions { normalize }, base, out)
+            .unwrap_err()
+            .to_string()
+    };
+    let free = SamGraph::PromptFree;
+    let at = |n: &str| dir.path().join(n);
+
     // An artifact of another base: the base file's hash is named.
     let other = random_sam_weights(&cfg, 12).unwrap();
     let foreign = synthetic_task(&other, 5).unwrap();
-    let e = export_sam_task(
-        SamGraph::PromptFree,
-        &cfg,
-        &other,
-        &foreign,
-        opts,
-        &base_path,
-        &dir.path().join("t2.onnx"),
-    )
-    .unwrap_err()
-    .to_string();
+    let e = refused(free, &other, &foreign, true, &base_path, &at("t2.onnx"));
     assert!(e.contains("content hash") && e.contains("base.onnx"), "{e}");
 
     // A task file outside the base's folder.
-    let sub = dir.path().join("sub");
-    std::fs::create_dir(&sub).unwrap();
-    let e = export_sam_task(
-        SamGraph::PromptFree,
-        &cfg,
-        &base,
-        &art,
-        opts,
-        &base_path,
-        &sub.join("t.onnx"),
-    )
-    .unwrap_err()
-    .to_string();
+    std::fs::create_dir(at("sub")).unwrap();
+    let e = refused(free, &base, &art, true, &base_path, &at("sub/t.onnx"));
     assert!(e.contains("base's folder"), "{e}");
 
     // A task file (or any non-base model) given as the base.
-    let e = export_sam_task(
-        SamGraph::PromptFree,
-        &cfg,
-        &base,
-        &art,
-        opts,
-        &task,
-        &dir.path().join("t3.onnx"),
-    )
-    .unwrap_err()
-    .to_string();
+    let e = refused(free, &base, &art, true, &task, &at("t3.onnx"));
     assert!(e.contains("not `base`"), "{e}");
-    let plain = dir.path().join("plain.onnx");
+    let plain = at("plain.onnx");
     gps_seg::onnx::write_model(&plain, export_prompt_free(&cfg, &base, opts).unwrap().0).unwrap();
-    let e = export_sam_task(
-        SamGraph::PromptFree,
-        &cfg,
-        &base,
-        &art,
-        opts,
-        &plain,
-        &dir.path().join("t4.onnx"),
-    )
-    .unwrap_err()
-    .to_string();
+    let e = refused(free, &base, &art, true, &plain, &at("t4.onnx"));
     assert!(e.contains("not a gps-seg base file"), "{e}");
 
     // A prompt-free base for the prompted image encoder; another input normalisation.
-    let e = export_sam_task(
+    let e = refused(
         SamGraph::ImageEncoder,
-        &cfg,
         &base,
         &art,
-        opts,
+        true,
         &base_path,
-        &dir.path().join("t5.onnx"),
-    )
-    .unwrap_err()
-    .to_string();
+        &at("t5.onnx"),
+    );
     assert!(e.contains("sam_prompt_free"), "{e}");
-    let e = export_sam_task(
-        SamGraph::PromptFree,
-        &cfg,
-        &base,
-        &art,
-        SamExportOptions { normalize: false },
-        &base_path,
-        &dir.path().join("t6.onnx"),
-    )
-    .unwrap_err()
-    .to_string();
+    let e = refused(free, &base, &art, false, &base_path, &at("t6.onnx"));
     assert!(e.contains("gps_seg.input"), "{e}");
 }
 
