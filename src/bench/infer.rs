@@ -2,6 +2,12 @@
 //! same seeded random weights and images, per batch size, with achieved GFLOP/s from
 //! [`crate::bench::sam::prompt_free_flops`] and the largest logit difference between the two
 //! engines (a parity sanity check). The library measures; the CLI prints.
+//!
+//! With a [`TorchReference`] (`bench infer --compare --python VENV/bin/python`) it also times
+//! Meta's own modules eagerly (`scripts/bench_torch_infer.py`, same weights, same images) and
+//! runs ONNX Runtime on torch's own export of that model beside ours, rounds interleaved, and
+//! lists the operators ONNX Runtime's optimizer leaves in each graph ([`OpComparison`]): which
+//! fusions it applies to one graph and not the other.
 
 use crate::error::{Error, Result};
 use crate::infer::engine::{CandleEngine, Engine, OrtEngine};
@@ -10,7 +16,7 @@ use crate::progress::Observer;
 use crate::sam::SamConfig;
 use crate::util::Rng;
 use candle_core::Device;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// What to measure.
@@ -24,6 +30,43 @@ pub struct InferBenchConfig {
     pub threads: usize,
     pub ort_lib: Option<PathBuf>,
     pub seed: u64,
+    /// Timed rounds per engine and batch, interleaved (each round = `iters` iterations).
+    pub rounds: usize,
+    /// Also measure PyTorch eager and ONNX Runtime on torch's export.
+    pub torch: Option<TorchReference>,
+    /// Keep the graphs (as written and as ONNX Runtime optimized them), the weights and the
+    /// images in this new (or empty) folder instead of a temporary one.
+    pub keep: Option<PathBuf>,
+}
+
+/// The Python side of a comparison: an interpreter with torch + segment-anything + safetensors
+/// and `scripts/bench_torch_infer.py`.
+#[derive(Debug, Clone)]
+pub struct TorchReference {
+    pub python: PathBuf,
+    pub script: PathBuf,
+}
+
+/// ONNX Runtime's optimized graph of each export, as operator counts (`optimized_ops`), for the
+/// largest batch measured.
+#[derive(Debug, Clone, Default)]
+pub struct OpComparison {
+    pub batch: usize,
+    /// Nodes in each file as written, before optimization.
+    pub written_nodes: (usize, usize),
+    pub ours: std::collections::BTreeMap<String, usize>,
+    pub torch: std::collections::BTreeMap<String, usize>,
+    /// Which exporter torch used (`torchscript` or `dynamo`).
+    pub exporter: String,
+}
+
+/// Everything one `bench infer` measured.
+#[derive(Debug, Clone, Default)]
+pub struct InferBenchReport {
+    pub rows: Vec<InferBenchRow>,
+    pub ops: Option<OpComparison>,
+    /// e.g. `torch 2.15.0 (ATen AVX2, 2 threads)`.
+    pub torch_info: Option<String>,
 }
 
 /// One measured row.
@@ -31,33 +74,134 @@ pub struct InferBenchConfig {
 pub struct InferBenchRow {
     pub engine: String,
     pub batch: usize,
-    /// Mean seconds per batch.
+    /// Mean seconds per batch of each round.
+    pub rounds: Vec<f64>,
+    /// Mean seconds per batch (median of the rounds).
     pub seconds_per_batch: f64,
     pub images_per_s: f64,
     pub gflops: f64,
-    /// Max |logit(ORT) − logit(Candle)| on this batch (same on both rows).
+    /// Max |logit − logit(Candle)| on this batch (0 on the Candle row).
     pub max_abs_diff: f32,
 }
 
-fn time_engine(engine: &dyn Engine, x: &[f32], n: usize, iters: usize) -> Result<(f64, Vec<f32>)> {
-    let first = engine.logits(x, n)?.data; // warm-up
+/// Mean seconds per call over `iters` calls.
+fn time_engine(engine: &dyn Engine, x: &[f32], n: usize, iters: usize) -> Result<f64> {
     let t0 = Instant::now();
     for _ in 0..iters {
         engine.logits(x, n)?;
     }
-    Ok((t0.elapsed().as_secs_f64() / iters as f64, first))
+    Ok(t0.elapsed().as_secs_f64() / iters as f64)
 }
 
-struct TempFile(PathBuf);
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max)
+}
 
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => s[n / 2],
+        n => 0.5 * (s[n / 2 - 1] + s[n / 2]),
     }
 }
 
-/// Export random weights, load both engines, time each batch size.
-pub fn run(cfg: &InferBenchConfig, obs: &mut dyn Observer) -> Result<Vec<InferBenchRow>> {
+/// What `scripts/bench_torch_infer.py` prints (one JSON object on its last line).
+#[derive(Debug, serde::Deserialize)]
+struct TorchInferOut {
+    torch_version: String,
+    cpu_capability: String,
+    threads: usize,
+    seconds_per_batch: Vec<f64>,
+    exporter: Option<String>,
+}
+
+/// Run the Python side for one batch: eager timings, eager logits, torch's ONNX export.
+#[allow(clippy::too_many_arguments)]
+fn torch_side(
+    r: &TorchReference,
+    cfg: &InferBenchConfig,
+    iters: usize,
+    batch: usize,
+    weights: &Path,
+    images: &Path,
+    logits: &Path,
+    onnx_out: &Path,
+) -> Result<TorchInferOut> {
+    let threads = if cfg.threads == 0 {
+        rayon::current_num_threads()
+    } else {
+        cfg.threads
+    };
+    let out = std::process::Command::new(&r.python)
+        .arg(&r.script)
+        .args(["--model", &cfg.sam.name])
+        .args(["--image-size", &cfg.sam.image_size.to_string()])
+        .args(["--batch", &batch.to_string()])
+        .args(["--iters", &iters.to_string()])
+        .args(["--rounds", &cfg.rounds.max(1).to_string()])
+        .args(["--threads", &threads.to_string()])
+        .arg("--weights")
+        .arg(weights)
+        .arg("--images")
+        .arg(images)
+        .arg("--logits-out")
+        .arg(logits)
+        .arg("--onnx-out")
+        .arg(onnx_out)
+        .output()
+        .map_err(|e| Error::io(&r.python, e))?;
+    if !out.status.success() {
+        return Err(Error::msg(format!(
+            "{} {} failed ({}): {}",
+            r.python.display(),
+            r.script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .join(" | ")
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .ok_or_else(|| Error::msg(format!("{}: no JSON result line", r.script.display())))?;
+    serde_json::from_str(line)
+        .map_err(|e| Error::msg(format!("{}: bad JSON result: {e}", r.script.display())))
+}
+
+/// Read `n` little-endian f32 values the Python side wrote (its size checked first).
+fn read_f32s(path: &Path, n: usize) -> Result<Vec<f32>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if Some(bytes.len()) != n.checked_mul(4) {
+        return Err(Error::msg(format!(
+            "{}: {} bytes, expected {n} f32 values",
+            path.display(),
+            bytes.len()
+        )));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+fn write_f32s(path: &Path, v: &[f32]) -> Result<()> {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
+}
+
+/// Export random weights, load the engines, time each batch size (rounds interleaved).
+pub fn run(cfg: &InferBenchConfig, obs: &mut dyn Observer) -> Result<InferBenchReport> {
     if cfg.batches.is_empty() || cfg.batches.contains(&0) {
         return Err(Error::Config {
             field: "batch".into(),
@@ -65,13 +209,51 @@ pub fn run(cfg: &InferBenchConfig, obs: &mut dyn Observer) -> Result<Vec<InferBe
         });
     }
     let iters = cfg.iters.max(1);
+    let rounds = cfg.rounds.max(1);
     let weights = random_sam_weights(&cfg.sam, cfg.seed)?;
     let (model, _) = export_prompt_free(&cfg.sam, &weights, SamExportOptions::default())?;
-    let tmp = TempFile(
-        std::env::temp_dir().join(format!("gps-seg-bench-infer-{}.onnx", std::process::id())),
-    );
-    crate::onnx::write_model(&tmp.0, model)?;
-    let ort = OrtEngine::load(&tmp.0, cfg.threads, cfg.ort_lib.as_deref(), obs)?;
+    let tmp;
+    let dir: &Path = match &cfg.keep {
+        Some(d) => {
+            if std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_some()) {
+                return Err(Error::Config {
+                    field: "keep".into(),
+                    msg: format!("{} exists and is not empty", d.display()),
+                });
+            }
+            std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+            d
+        }
+        None => {
+            tmp = tempfile::Builder::new()
+                .prefix("gps-seg-bench-infer-")
+                .tempdir()
+                .map_err(|e| Error::io(std::env::temp_dir(), e))?;
+            tmp.path()
+        }
+    };
+    // ONNX Runtime's optimized graph as operator counts (kept beside the graph with --keep).
+    let optimized = |model: &Path| -> Result<std::collections::BTreeMap<String, usize>> {
+        if cfg.keep.is_none() {
+            return crate::infer::runtime::optimized_ops(model);
+        }
+        let out = model.with_extension("optimized.onnx");
+        crate::infer::runtime::write_optimized(model, &out)?;
+        let m = crate::onnx::read_model(&out)?;
+        let mut ops = std::collections::BTreeMap::new();
+        for n in m.graph.iter().flat_map(|g| g.node.iter()) {
+            *ops.entry(n.op_type.clone()).or_insert(0usize) += 1;
+        }
+        Ok(ops)
+    };
+    let ours_path = dir.join("gps-seg.onnx");
+    let written_ours = model.graph.as_ref().map_or(0, |g| g.node.len());
+    crate::onnx::write_model(&ours_path, model)?;
+    let weights_path = dir.join("weights.safetensors");
+    if cfg.torch.is_some() {
+        crate::util::tensors::save_safetensors(&weights_path, &weights, None)?;
+    }
+    let ort = OrtEngine::load(&ours_path, cfg.threads, cfg.ort_lib.as_deref(), obs)?;
     let candle = CandleEngine::from_weights(
         weights,
         &cfg.sam,
@@ -80,27 +262,82 @@ pub fn run(cfg: &InferBenchConfig, obs: &mut dyn Observer) -> Result<Vec<InferBe
     )?;
     let s = cfg.sam.image_size;
     let mut rng = Rng::new(cfg.seed ^ 0xbe4c);
-    let mut rows = Vec::new();
+    let mut report = InferBenchReport::default();
     for &b in &cfg.batches {
         let x: Vec<f32> = (0..b * 3 * s * s).map(|_| rng.f32()).collect();
         let flop = crate::bench::sam::prompt_free_flops(&cfg.sam, b);
-        let (t_ort, y_ort) = time_engine(&ort, &x, b, iters)?;
-        let (t_candle, y_candle) = time_engine(&candle, &x, b, iters)?;
-        let diff = y_ort
-            .iter()
-            .zip(&y_candle)
-            .map(|(a, c)| (a - c).abs())
-            .fold(0.0f32, f32::max);
-        for (name, t) in [("onnxruntime", t_ort), ("candle", t_candle)] {
-            rows.push(InferBenchRow {
-                engine: name.into(),
+        let y_candle = candle.logits(&x, b)?.data; // also the warm-up
+        let y_ort = ort.logits(&x, b)?.data;
+        let mut engines: Vec<(String, &dyn Engine, f32)> = vec![
+            (
+                "onnxruntime (gps-seg graph)".into(),
+                &ort,
+                max_abs_diff(&y_ort, &y_candle),
+            ),
+            ("candle".into(), &candle, 0.0),
+        ];
+        let mut torch_rows = None;
+        let torch_ort;
+        if let Some(r) = &cfg.torch {
+            let images = dir.join(format!("images-b{b}.f32"));
+            let logits = dir.join(format!("torch-logits-b{b}.f32"));
+            let onnx = dir.join(format!("torch-b{b}.onnx"));
+            write_f32s(&images, &x)?;
+            let t = torch_side(r, cfg, iters, b, &weights_path, &images, &logits, &onnx)?;
+            let y_torch = read_f32s(&logits, b * s * s)?;
+            torch_ort = OrtEngine::load(&onnx, cfg.threads, cfg.ort_lib.as_deref(), obs)?;
+            let y_torch_ort = torch_ort.logits(&x, b)?.data;
+            engines.push((
+                format!("onnxruntime (torch {} export)", t.torch_version),
+                &torch_ort,
+                max_abs_diff(&y_torch_ort, &y_candle),
+            ));
+            report.torch_info = Some(format!(
+                "torch {} (ATen {}, {} threads)",
+                t.torch_version, t.cpu_capability, t.threads
+            ));
+            if b == *cfg.batches.iter().max().unwrap_or(&b) {
+                let written_torch = crate::onnx::read_model(&onnx)?
+                    .graph
+                    .map_or(0, |g| g.node.len());
+                report.ops = Some(OpComparison {
+                    batch: b,
+                    written_nodes: (written_ours, written_torch),
+                    ours: optimized(&ours_path)?,
+                    torch: optimized(&onnx)?,
+                    exporter: t.exporter.clone().unwrap_or_default(),
+                });
+            }
+            torch_rows = Some((t, max_abs_diff(&y_torch, &y_candle)));
+        }
+        let mut times = vec![Vec::new(); engines.len()];
+        for _ in 0..rounds {
+            for (i, (_, e, _)) in engines.iter().enumerate() {
+                times[i].push(time_engine(*e, &x, b, iters)?);
+            }
+        }
+        let row = |engine: String, rounds: Vec<f64>, diff: f32| {
+            let t = median(&rounds);
+            InferBenchRow {
+                engine,
                 batch: b,
+                rounds,
                 seconds_per_batch: t,
                 images_per_s: b as f64 / t.max(1e-12),
                 gflops: flop / 1e9 / t.max(1e-12),
                 max_abs_diff: diff,
-            });
+            }
+        };
+        for ((name, _, diff), t) in engines.iter().zip(times) {
+            report.rows.push(row(name.clone(), t, *diff));
+        }
+        if let Some((t, diff)) = torch_rows {
+            report.rows.push(row(
+                format!("torch {} eager", t.torch_version),
+                t.seconds_per_batch,
+                diff,
+            ));
         }
     }
-    Ok(rows)
+    Ok(report)
 }

@@ -283,6 +283,24 @@ pub struct InferArgs {
     pub threads: usize,
     #[arg(long)]
     pub ort_lib: Option<std::path::PathBuf>,
+    /// Timed rounds per engine and batch, interleaved (the table shows each round).
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+    /// Also time Meta's modules eagerly in PyTorch and ONNX Runtime on torch's own export of
+    /// the same model (same weights, same images), and compare the two graphs after ONNX
+    /// Runtime's optimizer. Needs `--python` (or `GPS_SEG_TORCH_PYTHON`).
+    #[arg(long)]
+    pub compare: bool,
+    /// Python with torch + segment-anything + safetensors.
+    #[arg(long)]
+    pub python: Option<std::path::PathBuf>,
+    /// The PyTorch side of the comparison.
+    #[arg(long, default_value = "scripts/bench_torch_infer.py")]
+    pub torch_script: std::path::PathBuf,
+    /// Keep the graphs (as written and as ONNX Runtime optimized them: `*.optimized.onnx`),
+    /// weights and images in this new (or empty) folder.
+    #[arg(long)]
+    pub keep: Option<std::path::PathBuf>,
 }
 
 fn run_infer(a: InferArgs) -> anyhow::Result<()> {
@@ -297,9 +315,33 @@ fn run_infer(a: InferArgs) -> anyhow::Result<()> {
         threads: a.threads,
         ort_lib: a.ort_lib,
         seed: 0,
+        rounds: a.rounds,
+        torch: None,
+        keep: a.keep.clone(),
     };
+    let mut cfg = cfg;
+    if a.compare {
+        let python = a
+            .python
+            .clone()
+            .or_else(|| std::env::var_os("GPS_SEG_TORCH_PYTHON").map(std::path::PathBuf::from))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--compare needs --python (a Python with torch, segment-anything and \
+                     safetensors) or GPS_SEG_TORCH_PYTHON"
+                )
+            })?;
+        if !a.torch_script.is_file() {
+            anyhow::bail!("--torch-script {}: no such file", a.torch_script.display());
+        }
+        cfg.torch = Some(gps_seg::bench::infer::TorchReference {
+            python,
+            script: a.torch_script.clone(),
+        });
+    }
     let mut progress = super::progress::Progress::new(true);
-    let rows = gps_seg::bench::infer::run(&cfg, &mut progress)?;
+    let report = gps_seg::bench::infer::run(&cfg, &mut progress)?;
+    let rows = report.rows;
     println!(
         "prompt-free SAM `{}` {}px, random weights, CPU, {} timed iters after 1 warm-up; ORT threads {}",
         sam.name,
@@ -311,20 +353,73 @@ fn run_infer(a: InferArgs) -> anyhow::Result<()> {
         "{} (Candle rows; ONNX Runtime's kernels pick their own ISA)",
         gps_seg::util::cpu::bench_header(rayon::current_num_threads())
     );
-    println!("| engine | batch | ms/batch | images/s | GFLOP/s | max abs logit diff |");
-    println!("|---|---:|---:|---:|---:|---:|");
-    for r in rows {
+    if let Some(t) = &report.torch_info {
+        println!("PyTorch rows: {t}");
+    }
+    println!(
+        "| engine | batch | ms/batch (median) | ms per round | images/s | GFLOP/s | max abs logit diff vs candle |"
+    );
+    println!("|---|---:|---:|---|---:|---:|---:|");
+    for r in &rows {
+        let per_round: Vec<String> = r.rounds.iter().map(|t| format!("{:.1}", t * 1e3)).collect();
         println!(
-            "| {} | {} | {:.1} | {:.2} | {:.1} | {:.2e} |",
+            "| {} | {} | {:.1} | {} | {:.2} | {:.1} | {:.2e} |",
             r.engine,
             r.batch,
             r.seconds_per_batch * 1e3,
+            per_round.join(" / "),
             r.images_per_s,
             r.gflops,
             r.max_abs_diff
         );
     }
-    println!("(GFLOP counted analytically by bench::sam::prompt_free_flops: matmuls and convs, 2 per MAC)");
+    println!(
+        "(rounds interleaved across the Rust-side engines; the PyTorch eager rounds run in their \
+         own process right before them. GFLOP counted analytically by \
+         bench::sam::prompt_free_flops: matmuls and convs, 2 per MAC)"
+    );
+    for b in rows
+        .iter()
+        .map(|r| r.batch)
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let t = |prefix: &str| {
+            rows.iter()
+                .find(|r| r.batch == b && r.engine.starts_with(prefix))
+                .map(|r| r.seconds_per_batch)
+        };
+        if let (Some(ours), Some(theirs)) = (t("onnxruntime (gps-seg"), t("onnxruntime (torch")) {
+            println!(
+                "batch {b}: ORT on our graph / ORT on torch's graph = {:.2}",
+                ours / theirs
+            );
+        }
+        if let (Some(c), Some(e)) = (t("candle"), t("torch")) {
+            println!("batch {b}: Candle / torch eager = {:.2}", c / e);
+        }
+    }
+    if let Some(ops) = &report.ops {
+        println!(
+            "\nONNX Runtime's optimized graphs at batch {} (nodes as written: gps-seg {}, torch \
+             {} via the {} exporter):",
+            ops.batch, ops.written_nodes.0, ops.written_nodes.1, ops.exporter
+        );
+        println!("| op after optimization | gps-seg graph | torch graph |");
+        println!("|---|---:|---:|");
+        let names: std::collections::BTreeSet<&String> =
+            ops.ours.keys().chain(ops.torch.keys()).collect();
+        for n in names {
+            let a = ops.ours.get(n).copied().unwrap_or(0);
+            let b = ops.torch.get(n).copied().unwrap_or(0);
+            let mark = if a != b { " ≠" } else { "" };
+            println!("| {n}{mark} | {a} | {b} |");
+        }
+        println!(
+            "| **total** | {} | {} |",
+            ops.ours.values().sum::<usize>(),
+            ops.torch.values().sum::<usize>()
+        );
+    }
     Ok(())
 }
 

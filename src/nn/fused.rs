@@ -114,7 +114,8 @@ impl Fl for f64 {
 
 /// `exp(x)` for `x ≤ 0` in f32: Cephes-style range reduction to `r ∈ [−ln2/2, ln2/2]`, a
 /// degree-6 polynomial and `2ⁿ` from the exponent bits; ≈ 1 ulp over the normal range,
-/// branch-free so loops over it vectorise. Inputs below −87 give ≈ 1.6e-38.
+/// branch-free so loops over it vectorise (no checked arithmetic: see the end). Inputs below
+/// −87 give ≈ 1.6e-38.
 #[inline(always)]
 pub(crate) fn exp_neg_f32(x: f32) -> f32 {
     let x = x.clamp(-87.0, 0.0);
@@ -127,7 +128,15 @@ pub(crate) fn exp_neg_f32(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // `n ∈ [−125, 0]` after the clamp, so the biased exponent `n + 127` is in [2, 127]. It is
+    // read off the bits of `n + 127 + 2²³` (exact for integers below 2²³) instead of an
+    // `as i32` cast, and with wrapping integer ops: Rust's saturating float→int cast and the
+    // crate's overflow checks both put scalar code / a panic branch in the loop, which kept
+    // LLVM from vectorising every caller (GELU, softmax): they ran one lane at a time.
+    let biased = (n + (127.0 + 8_388_608.0))
+        .to_bits()
+        .wrapping_sub(0x4B00_0000);
+    y * f32::from_bits(biased.wrapping_shl(23))
 }
 
 /// Whether the CPU has AVX2 and FMA (for the `#[target_feature]` copies of hot loops).

@@ -57,7 +57,8 @@ impl Linear {
 /// flattened, e.g. a conv kernel `[out, c, kh, kw]` as `[out, c·kh·kw]`) and an optional bias
 /// `[out]` → `[rows, out]`. On CPU (outside reference mode) a frozen weight gets no weight
 /// gradient and a GPS-sparse one only its selected entries' (see [`super::sparse_grad`]), and
-/// a frozen bias is folded into the same op; elsewhere a plain matmul and broadcast add.
+/// a frozen bias is folded into the same op (also in inference, nothing tracked); elsewhere
+/// a plain matmul and broadcast add.
 /// A bf16/f16 `x2` gets the weight and bias cast to its dtype ([`autocast`]) and a plain
 /// matmul, whose gradient reaches the f32 weight (or sparse delta) through the cast.
 pub fn matmul_weight_t(x2: &Tensor, weight: &Param, bias: Option<&Param>) -> Result<Tensor> {
@@ -81,11 +82,9 @@ pub fn matmul_weight_t(x2: &Tensor, weight: &Param, bias: Option<&Param>) -> Res
     // (a frozen bias held by the op, a trainable one as an input with its own gradient).
     let sparse = match weight {
         Param::Sparse(s) => Some(s),
-        Param::Frozen(_)
-            if x2.track_op() || bias.is_some_and(|b| !matches!(b, Param::Frozen(_))) =>
-        {
-            None
-        }
+        // A frozen weight with a bias also takes the carrier when nothing is tracked
+        // (inference): the bias is folded into the gemm instead of a second pass over `y`.
+        Param::Frozen(_) if x2.track_op() || bias.is_some() => None,
         _ => return add_bias(x2.matmul(&w.t()?)?),
     };
     let x2 = x2.contiguous()?;
@@ -237,6 +236,45 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// The same convolution on channels-last input: `x: [N, H, W, C] → [N, H', W', out]`
+    /// (stride 1, `groups` 1). im2col without a layout change: a 1×1 kernel is the matmul
+    /// itself; a k×k kernel stacks its k² taps on a new last axis, so each row of the patches
+    /// `[N·H'·W', C·k·k]` is in the kernel's `(c, ky, kx)` order already. Weight and bias go
+    /// through [`matmul_weight_t`] (frozen, GPS-sparse or trainable, as in [`Conv2d::forward`]).
+    pub fn forward_channels_last(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, h, w, c) = x.dims4()?;
+        let k = self.weight.dims().get(2).copied().unwrap_or(1);
+        let out_ch = self.weight.dims()[0];
+        if self.stride != 1 || self.groups != 1 {
+            return Err(crate::error::Error::msg(format!(
+                "channels-last conv: stride {} groups {} (only stride 1, groups 1)",
+                self.stride, self.groups
+            )));
+        }
+        let p = self.padding;
+        let (oh, ow) = (
+            (h + 2 * p + 1).saturating_sub(k),
+            (w + 2 * p + 1).saturating_sub(k),
+        );
+        let cols = if k == 1 && p == 0 {
+            x.reshape((n * h * w, c))?
+        } else {
+            let xp = x.pad_with_zeros(1, p, p)?.pad_with_zeros(2, p, p)?;
+            let mut taps = Vec::with_capacity(k * k);
+            for ky in 0..k {
+                for kx in 0..k {
+                    taps.push(xp.narrow(1, ky, oh)?.narrow(2, kx, ow)?);
+                }
+            }
+            Tensor::stack(&taps, 4)? // [n, oh, ow, c, k·k]
+                .reshape((n * oh * ow, c * k * k))?
+        };
+        let y = matmul_weight_t(&cols, &self.weight, self.bias.as_ref())?;
+        Ok(y.reshape((n, oh, ow, out_ch))?)
+    }
+}
+
 /// `nn.ConvTranspose2d` (NCHW), weight `[in, out, kh, kw]`, no padding.
 #[derive(Debug, Clone)]
 pub struct ConvTranspose2d {
@@ -337,6 +375,14 @@ pub struct LayerNorm2d {
 }
 
 impl LayerNorm2d {
+    /// The same normalisation on channels-last input `[N, H, W, C]`: a layer norm over the
+    /// last dim (the fused kernel on CPU) with this module's weight and bias.
+    pub fn forward_channels_last(&self, x: &Tensor) -> Result<Tensor> {
+        upcast(x, |x| {
+            super::fused::layer_norm(x, &self.weight.tensor()?, &self.bias.tensor()?, self.eps)
+        })
+    }
+
     pub fn new(vs: &ParamStore, channels: usize, eps: f64) -> Result<Self> {
         Ok(LayerNorm2d {
             weight: vs.get(&[channels], "weight", Init::Ones)?,

@@ -7,14 +7,20 @@ pub fn describe(threads: usize) -> String {
 }
 
 /// The microkernels `gemm` (Candle's CPU matmul and our fused attention / linear carrier)
-/// dispatches to on this CPU. The crate builds gemm with its `x86-v4` feature, so gemm picks
-/// its AVX-512 kernels where `avx512f` exists, else the AVX2/FMA (`x86-v3`) ones, else scalar
-/// (gemm-common's `init_gemm_fn`, checked at run time the same way here).
+/// dispatches to on this CPU. With the default feature `avx512` the crate builds gemm with its
+/// `x86-v4` feature, so gemm picks its AVX-512 kernels where `avx512f` exists, else the AVX2/FMA
+/// (`x86-v3`) ones, else scalar (gemm-common's `init_gemm_fn`, checked at run time the same way
+/// here). Built with `--no-default-features`, gemm has no AVX-512 kernels at all.
 pub fn gemm_isa() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if cfg!(feature = "avx512") && std::arch::is_x86_feature_detected!("avx512f") {
             return "AVX-512 (gemm x86-v4 kernels)";
+        }
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            return "AVX2/FMA (gemm x86-v3 kernels; AVX-512 left out of this build)";
         }
         if std::arch::is_x86_feature_detected!("fma") {
             return "AVX2/FMA (gemm x86-v3 kernels)";
