@@ -313,6 +313,11 @@ pub fn run(cfg: &InferBenchConfig, obs: &mut dyn Observer) -> Result<InferBenchR
         let mut times = vec![Vec::new(); engines.len()];
         for _ in 0..rounds {
             for (i, (_, e, _)) in engines.iter().enumerate() {
+                // Let the previous engine's spinning worker threads (ONNX Runtime's intra-op
+                // pool, Candle's rayon pool) go idle first: on 2 cores they would otherwise
+                // steal the start of this engine's round (measured: ≈ 10% of a 12 ms batch).
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                e.logits(&x, b)?;
                 times[i].push(time_engine(*e, &x, b, iters)?);
             }
         }

@@ -544,4 +544,46 @@ mod tests {
             }
         }
     }
+
+    /// The channels-last conv (SAM's neck: 1×1 and 3×3 padded) and `LayerNorm2d` on NHWC
+    /// equal Candle's conv2d and the NCHW norm on the permuted input, in value and in the
+    /// gradients of input, kernel, bias and norm affine.
+    #[test]
+    fn channels_last_conv_and_norm_match_nchw() {
+        for (i, &(cin, cout, k, pad, h)) in [(4, 3, 1, 0, 5), (3, 4, 3, 1, 5), (2, 3, 3, 1, 1)]
+            .iter()
+            .enumerate()
+        {
+            let vs = ParamStore::init(&Device::Cpu, 30 + i as u64);
+            let conv = Conv2d::new(&vs.pp("c"), cin, cout, k, 1, pad, 1, true).unwrap();
+            let ln = LayerNorm2d::new(&vs.pp("n"), cout, 1e-6).unwrap();
+            let x = Var::from_tensor(&rand(&[2, h, h + 1, cin], 40 + i as u64)).unwrap();
+            let grads = |y: &Tensor| {
+                let proj = rand(y.dims(), 50);
+                let g = (y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+                let mut gs = vec![g.get(x.as_tensor()).unwrap().clone()];
+                for (_, v) in vs.trainable_vars() {
+                    gs.push(g.get(v.as_tensor()).unwrap().clone());
+                }
+                gs
+            };
+            let nhwc = |t: &Tensor| t.permute((0, 2, 3, 1)).unwrap();
+            let y1 = ln
+                .forward_channels_last(&conv.forward_channels_last(x.as_tensor()).unwrap())
+                .unwrap();
+            let g1 = grads(&y1);
+            let (y2, g2) = with_reference_path(|| {
+                let xc = x.as_tensor().permute((0, 3, 1, 2)).unwrap();
+                let y = nhwc(&ln.forward(&conv.forward_conv(&xc).unwrap()).unwrap());
+                let g = grads(&y);
+                (y, g)
+            });
+            assert_eq!(y1.dims(), y2.dims(), "case {i}");
+            assert!(max_abs(&y1, &y2.contiguous().unwrap()) < 1e-5, "case {i}");
+            assert_eq!(g1.len(), 5);
+            for (a, b) in g1.iter().zip(&g2) {
+                assert!(max_abs(a, b) < 1e-4, "case {i}: {}", max_abs(a, b));
+            }
+        }
+    }
 }
