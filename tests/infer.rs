@@ -230,3 +230,120 @@ fn a_model_with_other_inputs_is_refused_with_both_signatures() {
         assert!(e.contains(&p.display().to_string()), "{e}");
     }
 }
+
+/// `bench infer --compare` end to end with a stand-in for the PyTorch side (a small Python
+/// script with the same interface: it writes zero logits and, as "torch's export", a copy of
+/// our own graph): every engine row is there, the differences are measured against Candle
+/// (the copy of our graph matches, the zero logits do not), both optimized graphs are counted
+/// (equal, as they are the same graph), `--keep` keeps the files and refuses a folder in use,
+/// and a stand-in that writes the wrong number of logits is refused naming the file.
+#[test]
+fn bench_infer_compare_plumbing_with_a_stand_in_torch() {
+    use gps_seg::bench::infer::{run, InferBenchConfig, TorchReference};
+    let tmp = tempfile::tempdir().unwrap();
+    let stub = |name: &str, extra: usize| {
+        let p = tmp.path().join(name);
+        std::fs::write(
+            &p,
+            format!(
+                r#"import argparse, json, os, shutil
+ap = argparse.ArgumentParser()
+for a in ["--model", "--weights", "--images", "--logits-out", "--onnx-out"]:
+    ap.add_argument(a)
+for a in ["--image-size", "--batch", "--iters", "--rounds", "--threads"]:
+    ap.add_argument(a, type=int)
+a = ap.parse_args()
+assert os.path.getsize(a.weights) > 0
+assert os.path.getsize(a.images) == a.batch * 3 * a.image_size ** 2 * 4
+open(a.logits_out, "wb").write(bytes(4 * (a.batch * a.image_size ** 2 + {extra})))
+shutil.copy(os.path.join(os.path.dirname(a.images), "gps-seg.onnx"), a.onnx_out)
+print(json.dumps({{"torch_version": "stand-in", "cpu_capability": "none", "threads": a.threads,
+                  "seconds_per_batch": [0.5] * a.rounds, "exporter": "copy"}}))
+"#
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let keep = tmp.path().join("keep");
+    let mut cfg = InferBenchConfig {
+        sam: SamConfig::tiny().with_image_size(64),
+        batches: vec![1, 2],
+        iters: 1,
+        threads: 1,
+        ort_lib: None,
+        seed: 3,
+        rounds: 2,
+        torch: Some(TorchReference {
+            python: "python3".into(),
+            script: stub("stand_in.py", 0),
+        }),
+        keep: Some(keep.clone()),
+    };
+    let report = run(&cfg, &mut Silent).unwrap();
+    let engines: Vec<(&str, usize)> = report
+        .rows
+        .iter()
+        .map(|r| (r.engine.as_str(), r.batch))
+        .collect();
+    assert_eq!(
+        engines,
+        [
+            ("onnxruntime (gps-seg graph)", 1),
+            ("candle", 1),
+            ("onnxruntime (torch stand-in export)", 1),
+            ("torch stand-in eager", 1),
+            ("onnxruntime (gps-seg graph)", 2),
+            ("candle", 2),
+            ("onnxruntime (torch stand-in export)", 2),
+            ("torch stand-in eager", 2),
+        ]
+    );
+    for r in &report.rows {
+        assert_eq!(r.rounds.len(), 2, "{}", r.engine);
+        assert!(r.seconds_per_batch > 0.0);
+        if r.engine.starts_with("onnxruntime") {
+            assert!(r.max_abs_diff < 1e-4, "{}: {}", r.engine, r.max_abs_diff);
+        }
+        if r.engine == "candle" {
+            assert_eq!(r.max_abs_diff, 0.0);
+        }
+        if r.engine.ends_with("eager") {
+            assert!(
+                r.max_abs_diff > 1e-3,
+                "zero logits must differ from Candle's"
+            );
+            assert_eq!(r.seconds_per_batch, 0.5);
+        }
+    }
+    let ops = report.ops.expect("op comparison");
+    assert_eq!(ops.batch, 2);
+    assert_eq!(ops.ours, ops.torch);
+    assert!(ops.ours.values().sum::<usize>() > 0);
+    assert_eq!(ops.written_nodes.0, ops.written_nodes.1);
+    for f in [
+        "gps-seg.onnx",
+        "gps-seg.optimized.onnx",
+        "torch-b2.onnx",
+        "weights.safetensors",
+    ] {
+        assert!(keep.join(f).is_file(), "{f} not kept");
+    }
+    // A folder in use is refused, and left as it was.
+    let before = std::fs::read_dir(&keep).unwrap().count();
+    let e = run(&cfg, &mut Silent).unwrap_err().to_string();
+    assert!(e.contains("keep") && e.contains("not empty"), "{e}");
+    assert_eq!(std::fs::read_dir(&keep).unwrap().count(), before);
+    // Wrong-size logits from the Python side: refused, naming the file.
+    cfg.keep = None;
+    cfg.batches = vec![1];
+    cfg.torch = Some(TorchReference {
+        python: "python3".into(),
+        script: stub("short.py", 7),
+    });
+    let e = run(&cfg, &mut Silent).unwrap_err().to_string();
+    assert!(
+        e.contains("torch-logits-b1.f32") && e.contains("expected 4096"),
+        "{e}"
+    );
+}
