@@ -137,45 +137,27 @@ fn torch_side(
     } else {
         cfg.threads
     };
-    let out = std::process::Command::new(&r.python)
-        .arg(&r.script)
-        .args(["--model", &cfg.sam.name])
-        .args(["--image-size", &cfg.sam.image_size.to_string()])
-        .args(["--batch", &batch.to_string()])
-        .args(["--iters", &iters.to_string()])
-        .args(["--rounds", &cfg.rounds.max(1).to_string()])
-        .args(["--threads", &threads.to_string()])
-        .arg("--weights")
-        .arg(weights)
-        .arg("--images")
-        .arg(images)
-        .arg("--logits-out")
-        .arg(logits)
-        .arg("--onnx-out")
-        .arg(onnx_out)
-        .output()
-        .map_err(|e| Error::io(&r.python, e))?;
-    if !out.status.success() {
-        return Err(Error::msg(format!(
-            "{} {} failed ({}): {}",
-            r.python.display(),
-            r.script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .rev()
-                .take(5)
-                .collect::<Vec<_>>()
-                .join(" | ")
-        )));
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    for (k, v) in [
+        ("--model", cfg.sam.name.clone()),
+        ("--image-size", cfg.sam.image_size.to_string()),
+        ("--batch", batch.to_string()),
+        ("--iters", iters.to_string()),
+        ("--rounds", cfg.rounds.max(1).to_string()),
+        ("--threads", threads.to_string()),
+    ] {
+        args.extend([k.into(), v.into()]);
     }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .ok_or_else(|| Error::msg(format!("{}: no JSON result line", r.script.display())))?;
-    serde_json::from_str(line)
+    for (k, v) in [
+        ("--weights", weights),
+        ("--images", images),
+        ("--logits-out", logits),
+        ("--onnx-out", onnx_out),
+    ] {
+        args.extend([k.into(), v.as_os_str().to_owned()]);
+    }
+    let line = super::python_json_line(&r.python, &r.script, &args)?;
+    serde_json::from_str(&line)
         .map_err(|e| Error::msg(format!("{}: bad JSON result: {e}", r.script.display())))
 }
 
@@ -212,26 +194,8 @@ pub fn run(cfg: &InferBenchConfig, obs: &mut dyn Observer) -> Result<InferBenchR
     let rounds = cfg.rounds.max(1);
     let weights = random_sam_weights(&cfg.sam, cfg.seed)?;
     let (model, _) = export_prompt_free(&cfg.sam, &weights, SamExportOptions::default())?;
-    let tmp;
-    let dir: &Path = match &cfg.keep {
-        Some(d) => {
-            if std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_some()) {
-                return Err(Error::Config {
-                    field: "keep".into(),
-                    msg: format!("{} exists and is not empty", d.display()),
-                });
-            }
-            std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
-            d
-        }
-        None => {
-            tmp = tempfile::Builder::new()
-                .prefix("gps-seg-bench-infer-")
-                .tempdir()
-                .map_err(|e| Error::io(std::env::temp_dir(), e))?;
-            tmp.path()
-        }
-    };
+    let (_tmp, dir) = super::work_dir(cfg.keep.as_deref(), "gps-seg-bench-infer-")?;
+    let dir: &Path = &dir;
     // ONNX Runtime's optimized graph as operator counts (kept beside the graph with --keep).
     let optimized = |model: &Path| -> Result<std::collections::BTreeMap<String, usize>> {
         if cfg.keep.is_none() {

@@ -237,27 +237,8 @@ pub fn run(
             });
         }
     }
-    let tmp;
-    let dir: &Path = match &cfg.keep {
-        Some(d) => {
-            let busy = std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_some());
-            if busy {
-                return Err(Error::Config {
-                    field: "keep".into(),
-                    msg: format!("{} exists and is not empty", d.display()),
-                });
-            }
-            std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
-            d
-        }
-        None => {
-            tmp = tempfile::Builder::new()
-                .prefix("gps-seg-bench-run-memory-")
-                .tempdir()
-                .map_err(|e| Error::io(std::env::temp_dir(), e))?;
-            tmp.path()
-        }
-    };
+    let (_tmp, dir) = super::work_dir(cfg.keep.as_deref(), "gps-seg-bench-run-memory-")?;
+    let dir: &Path = &dir;
     progress("writing the random checkpoint and the synthetic images");
     let p = prepare(cfg, dir)?;
     let mut rows = Vec::new();

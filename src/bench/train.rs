@@ -288,45 +288,21 @@ pub fn torch_step(
     spec: &StepSpec,
     threads: usize,
 ) -> Result<StepResult> {
-    let out = std::process::Command::new(python)
-        .arg(script)
-        .args(["--model", &spec.model])
-        .args(["--image-size", &spec.image_size.to_string()])
-        .args(["--batch", &spec.batch.to_string()])
-        .args(["--iters", &spec.iters.to_string()])
-        .args(["--mode", spec.kind.as_str()])
-        .args(["--threads", &threads.to_string()])
-        .args(["--seed", &spec.seed.to_string()])
-        .output()
-        .map_err(|e| Error::Io {
-            path: python.to_path_buf(),
-            source: e,
-        })?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        return Err(Error::msg(format!(
-            "{} {} failed ({}): {}",
-            python.display(),
-            script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .rev()
-                .take(5)
-                .collect::<Vec<_>>()
-                .join(" | ")
-        )));
-    }
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'));
-    let parsed: TorchOut = line
-        .ok_or_else(|| Error::msg(format!("{}: no JSON result line", script.display())))
-        .and_then(|l| {
-            serde_json::from_str(l)
-                .map_err(|e| Error::msg(format!("{}: bad JSON result: {e}", script.display())))
-        })?;
+    let args: Vec<std::ffi::OsString> = [
+        ("--model", spec.model.clone()),
+        ("--image-size", spec.image_size.to_string()),
+        ("--batch", spec.batch.to_string()),
+        ("--iters", spec.iters.to_string()),
+        ("--mode", spec.kind.as_str().to_string()),
+        ("--threads", threads.to_string()),
+        ("--seed", spec.seed.to_string()),
+    ]
+    .into_iter()
+    .flat_map(|(k, v)| [k.into(), v.into()])
+    .collect();
+    let line = super::python_json_line(python, script, &args)?;
+    let parsed: TorchOut = serde_json::from_str(&line)
+        .map_err(|e| Error::msg(format!("{}: bad JSON result: {e}", script.display())))?;
     Ok(StepResult {
         implementation: format!("torch {}", parsed.torch_version),
         spec: StepSpec {
