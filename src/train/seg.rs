@@ -30,7 +30,6 @@ use crate::train::seg_prompted;
 use crate::train::task::{Fitted, Loaders, ScheduleUnit, SelectionSetup, Task};
 use crate::util::fs::{write_atomic, write_json_atomic};
 use crate::util::tensors::TensorMap;
-use crate::util::threads::on_worker;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -462,7 +461,8 @@ pub fn evaluate(
 
 /// Sigmoid probabilities `[B, S·S]` of the prompt-free logits, on the CPU.
 pub fn predict_probs(sam: &Sam, batch: &SegBatch) -> Result<Vec<Vec<f32>>> {
-    let logits = on_worker(|| sam.predict_prompt_free(&batch.images))?;
+    // One image chunk per thread on the CPU (`util::threads::split_batch`).
+    let logits = crate::util::threads::split_batch(&batch.images, |x| sam.predict_prompt_free(x))?;
     let probs = candle_nn::ops::sigmoid(&logits)?
         .to_device(&Device::Cpu)?
         .to_dtype(DType::F32)?;
