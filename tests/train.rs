@@ -650,3 +650,66 @@ fn a_stale_selection_is_refused_and_selection_covers_the_training_split() {
         .to_string();
     assert!(e.contains("stale selection") && e.contains("`k`"), "{e}");
 }
+
+/// The training step's split backward (one image chunk per thread on the CPU, each chunk's
+/// loss weighted by its share) gives the whole batch's loss and the gradient of every trainable
+/// var — full fine-tuning and a GPS selection with sparse deltas — up to float rounding.
+#[test]
+fn split_backward_equals_the_whole_batch() {
+    use gps_seg::bench::train::{gps_setup, random_batch};
+    use gps_seg::train::loss::seg_loss;
+    let cfg = gps_seg::sam::SamConfig::tiny().with_image_size(64);
+    let dev = Device::Cpu;
+    let (x, t) = random_batch(5, 64, 3, &dev).unwrap();
+    let (full, full_store) =
+        gps_seg::sam::build(&cfg, None, gps_seg::nn::RolePolicy::AllTrainable, &dev, 4).unwrap();
+    let (gps, gps_store, _, _) = gps_setup(&cfg, &dev, 4, 1, 1e-4).unwrap();
+    for (sam, store) in [(&full, &full_store), (&gps, &gps_store)] {
+        let whole = seg_loss(&sam.forward_prompt_free(&x).unwrap(), &t).unwrap();
+        let wg = whole.backward().unwrap();
+        let n = 5;
+        let (loss, sg) = gps_seg::nn::split_backward(n, true, |r| {
+            let l = seg_loss(
+                &sam.forward_prompt_free(&x.narrow(0, r.start, r.len())?)?,
+                &t.narrow(0, r.start, r.len())?,
+            )?;
+            Ok((l * (r.len() as f64 / n as f64))?)
+        })
+        .unwrap();
+        let scalar = |t: &candle_core::Tensor| t.to_scalar::<f32>().unwrap();
+        assert!((scalar(&loss) - scalar(&whole)).abs() < 1e-5);
+        let vars = store.trainable_vars();
+        let mut compared = 0;
+        for (name, v) in &vars {
+            // Vars the prompt-free path never reads (point embeddings) have no gradient in
+            // either store.
+            let (a, b) = match (wg.get(v.as_tensor()), sg.get(v.as_tensor())) {
+                (None, None) => continue,
+                (Some(a), Some(b)) => (a, b),
+                (a, b) => panic!("{name}: gradient in one store only ({a:?} / {b:?})"),
+            };
+            compared += 1;
+            let scale = a
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d <= 1e-4 * scale.max(1e-3), "{name}: |Δ| {d} of {scale}");
+        }
+        assert!(
+            compared > vars.len() / 2,
+            "{compared} of {} vars compared",
+            vars.len()
+        );
+    }
+}

@@ -206,9 +206,14 @@ pub fn train_step(
     images01: &Tensor,
     target: &Tensor,
 ) -> Result<f64> {
-    let y = sam.forward_prompt_free(images01)?;
-    let loss = bce_with_logits(&y, target)?;
-    let grads = loss.backward()?;
+    // As the training loop's step (`train::seg`): one image chunk per thread on the CPU.
+    let n = images01.dim(0)?;
+    let (loss, grads) = crate::nn::split_backward(n, images01.device().is_cpu(), |r| {
+        let x = images01.narrow(0, r.start, r.len())?;
+        let t = target.narrow(0, r.start, r.len())?;
+        let y = sam.forward_prompt_free(&x)?;
+        Ok((bce_with_logits(&y, &t)? * (r.len() as f64 / n as f64))?)
+    })?;
     opt.step(&grads)?;
     Ok(loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
 }

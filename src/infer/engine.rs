@@ -304,8 +304,8 @@ impl Engine for CandleEngine {
     fn logits(&self, images: &[f32], n: usize) -> Result<Logits> {
         let s = self.cfg.image_size;
         let x = Tensor::from_slice(images, (n, 3, s, s), &self.device)?;
-        // One image chunk per thread on the CPU (`util::threads::split_batch`).
-        let y = crate::util::threads::split_batch(&x, |x| self.sam.predict_prompt_free(x))?;
+        // One image chunk per thread on the CPU (`nn::split_forward`).
+        let y = crate::nn::split_forward(&x, |x| self.sam.predict_prompt_free(x))?;
         let arr = runtime::tensor_to_array(&y)?;
         array_to_logits(arr, n, Path::new("candle SAM"))
     }

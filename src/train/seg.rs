@@ -299,9 +299,14 @@ impl Task for SegTrainConfig {
         } else if self.checkpoint_blocks {
             sam.prompt_free_backward_checkpointed(&batch.images, |l| seg_loss(l, &batch.masks))
         } else {
-            let loss = seg_loss(&sam.forward_prompt_free(&batch.images)?, &batch.masks)?;
-            let grads = loss.backward()?;
-            Ok((loss, grads))
+            // seg_loss is a batch mean of per-image terms: on the CPU, one image chunk per
+            // thread, each weighted by its share (`nn::split_backward`).
+            let n = batch.images.dim(0)?;
+            crate::nn::split_backward(n, batch.images.device().is_cpu(), |r| {
+                let x = batch.images.narrow(0, r.start, r.len())?;
+                let m = batch.masks.narrow(0, r.start, r.len())?;
+                Ok((seg_loss(&sam.forward_prompt_free(&x)?, &m)? * (r.len() as f64 / n as f64))?)
+            })
         }
     }
 
@@ -461,8 +466,8 @@ pub fn evaluate(
 
 /// Sigmoid probabilities `[B, S·S]` of the prompt-free logits, on the CPU.
 pub fn predict_probs(sam: &Sam, batch: &SegBatch) -> Result<Vec<Vec<f32>>> {
-    // One image chunk per thread on the CPU (`util::threads::split_batch`).
-    let logits = crate::util::threads::split_batch(&batch.images, |x| sam.predict_prompt_free(x))?;
+    // One image chunk per thread on the CPU (`nn::split_forward`).
+    let logits = crate::nn::split_forward(&batch.images, |x| sam.predict_prompt_free(x))?;
     let probs = candle_nn::ops::sigmoid(&logits)?
         .to_device(&Device::Cpu)?
         .to_dtype(DType::F32)?;

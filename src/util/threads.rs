@@ -77,7 +77,7 @@ pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 }
 
 /// Single-thread rayon pools, one per thread of the global pool, made on first use.
-fn single_thread_pools() -> &'static [rayon::ThreadPool] {
+pub(crate) fn single_thread_pools() -> &'static [rayon::ThreadPool] {
     static POOLS: std::sync::OnceLock<Vec<rayon::ThreadPool>> = std::sync::OnceLock::new();
     POOLS.get_or_init(|| {
         (0..rayon::current_num_threads().max(1))
@@ -114,26 +114,6 @@ pub fn split_items<R: Send>(n: usize, f: impl Fn(std::ops::Range<usize>) -> R + 
     })
 }
 
-/// A batched inference forward `f: [n, …] → [n, …]` run by [`split_items`] on CPU tensors:
-/// the batch is cut along dim 0 into one contiguous chunk per thread, each chunk's forward
-/// runs on its own thread, and the outputs are concatenated in order. Each output row is
-/// computed from its own input row alone, so the result equals `f(x)` up to float rounding.
-/// Measured on 2 cores (prompt-free tiny SAM @256, docs/PERF.md): batch 4 63.5 → 49.3 ms,
-/// batch 8 113 → 90 ms. Other devices, a batch of one, or one thread: `f(x)` on a worker.
-pub fn split_batch(
-    x: &candle_core::Tensor,
-    f: impl Fn(&candle_core::Tensor) -> crate::error::Result<candle_core::Tensor> + Sync,
-) -> crate::error::Result<candle_core::Tensor> {
-    let n = x.dim(0)?;
-    if !x.device().is_cpu() || n < 2 || single_thread_pools().len() < 2 {
-        return on_worker(|| f(x));
-    }
-    let parts = split_items(n, |r| f(&x.narrow(0, r.start, r.len())?))
-        .into_iter()
-        .collect::<crate::error::Result<Vec<_>>>()?;
-    Ok(candle_core::Tensor::cat(&parts, 0)?)
-}
-
 /// Threads in use: (rayon's pool, Candle's matmul).
 pub fn current() -> (usize, usize) {
     (
@@ -145,41 +125,6 @@ pub fn current() -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn split_batch_keeps_the_order_and_the_values_and_uses_every_thread() {
-        use candle_core::{Device, Tensor};
-        let x = Tensor::arange(0f32, 35., &Device::Cpu)
-            .unwrap()
-            .reshape((7, 5))
-            .unwrap();
-        let threads = std::sync::Mutex::new(std::collections::HashSet::new());
-        let f = |t: &Tensor| -> crate::error::Result<Tensor> {
-            threads.lock().unwrap().insert(std::thread::current().id());
-            Ok(((t * 0.1)?.exp()? + 1.0)?)
-        };
-        let whole = f(&x).unwrap();
-        threads.lock().unwrap().clear();
-        let split = split_batch(&x, f).unwrap();
-        assert_eq!(split.dims(), &[7, 5]);
-        let d = (&split - &whole)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(d, 0.0);
-        let used = threads.lock().unwrap().len();
-        assert_eq!(used, single_thread_pools().len().min(7));
-        // A batch of one runs in place.
-        let one = split_batch(&x.narrow(0, 0, 1).unwrap(), f).unwrap();
-        assert_eq!(one.dims(), &[1, 5]);
-        // Errors of a chunk come back as errors.
-        let e = split_batch(&x, |_| Err(crate::error::Error::msg("chunk failed")));
-        assert!(e.unwrap_err().to_string().contains("chunk failed"));
-    }
 
     #[test]
     fn on_worker_runs_on_a_pool_thread_and_returns_the_value() {
