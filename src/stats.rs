@@ -25,6 +25,18 @@ pub fn mean_std(xs: &[f64]) -> Option<(f64, f64)> {
     Some((m, v.sqrt()))
 }
 
+/// Median (the mean of the two middle values for an even count); NaN when empty. Every bench
+/// table's "median of rounds / steps" is this one.
+pub fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
+    }
+}
+
 /// A paired difference `a − b` with its bootstrap interval.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PairedDiff {

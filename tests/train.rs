@@ -657,6 +657,7 @@ fn a_stale_selection_is_refused_and_selection_covers_the_training_split() {
 #[test]
 fn split_backward_equals_the_whole_batch() {
     use gps_seg::bench::train::{gps_setup, random_batch};
+    use gps_seg::nn::gradcheck::max_abs_diff;
     use gps_seg::train::loss::seg_loss;
     let cfg = gps_seg::sam::SamConfig::tiny().with_image_size(64);
     let dev = Device::Cpu;
@@ -689,21 +690,8 @@ fn split_backward_equals_the_whole_batch() {
                 (a, b) => panic!("{name}: gradient in one store only ({a:?} / {b:?})"),
             };
             compared += 1;
-            let scale = a
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let d = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let scale = max_abs_diff(a, &a.zeros_like().unwrap()).unwrap();
+            let d = max_abs_diff(a, b).unwrap();
             assert!(d <= 1e-4 * scale.max(1e-3), "{name}: |Δ| {d} of {scale}");
         }
         assert!(

@@ -100,16 +100,6 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0f32, f32::max)
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => s[n / 2],
-        n => 0.5 * (s[n / 2 - 1] + s[n / 2]),
-    }
-}
-
 /// What `scripts/bench_torch_infer.py` prints (one JSON object on its last line).
 #[derive(Debug, serde::Deserialize)]
 struct TorchInferOut {
@@ -197,18 +187,11 @@ pub fn run(cfg: &InferBenchConfig, obs: &mut dyn Observer) -> Result<InferBenchR
     let (_tmp, dir) = super::work_dir(cfg.keep.as_deref(), "gps-seg-bench-infer-")?;
     let dir: &Path = &dir;
     // ONNX Runtime's optimized graph as operator counts (kept beside the graph with --keep).
-    let optimized = |model: &Path| -> Result<std::collections::BTreeMap<String, usize>> {
-        if cfg.keep.is_none() {
-            return crate::infer::runtime::optimized_ops(model);
+    let optimized = |model: &Path| match cfg.keep {
+        None => crate::infer::runtime::optimized_ops(model),
+        Some(_) => {
+            crate::infer::runtime::optimized_ops_at(model, &model.with_extension("optimized.onnx"))
         }
-        let out = model.with_extension("optimized.onnx");
-        crate::infer::runtime::write_optimized(model, &out)?;
-        let m = crate::onnx::read_model(&out)?;
-        let mut ops = std::collections::BTreeMap::new();
-        for n in m.graph.iter().flat_map(|g| g.node.iter()) {
-            *ops.entry(n.op_type.clone()).or_insert(0usize) += 1;
-        }
-        Ok(ops)
     };
     let ours_path = dir.join("gps-seg.onnx");
     let written_ours = model.graph.as_ref().map_or(0, |g| g.node.len());
@@ -279,14 +262,15 @@ pub fn run(cfg: &InferBenchConfig, obs: &mut dyn Observer) -> Result<InferBenchR
             for (i, (_, e, _)) in engines.iter().enumerate() {
                 // Let the previous engine's spinning worker threads (ONNX Runtime's intra-op
                 // pool, Candle's rayon pool) go idle first: on 2 cores they would otherwise
-                // steal the start of this engine's round (measured: ≈ 10% of a 12 ms batch).
+                // steal the start of this engine's round (measured on a 2-core Intel Xeon,
+                // AVX-512: ≈ 10% of a 12 ms tiny@256 batch, docs/PERF.md).
                 std::thread::sleep(std::time::Duration::from_millis(200));
                 e.logits(&x, b)?;
                 times[i].push(time_engine(*e, &x, b, iters)?);
             }
         }
         let row = |engine: String, rounds: Vec<f64>, diff: f32| {
-            let t = median(&rounds);
+            let t = crate::stats::median(&rounds);
             InferBenchRow {
                 engine,
                 batch: b,

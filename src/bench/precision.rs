@@ -51,15 +51,6 @@ pub struct PrecisionRow {
     pub mdice: Option<f64>,
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
-    }
-}
-
 /// Export the three graphs, then time and score them.
 pub fn run(cfg: &PrecisionBenchConfig, obs: &mut dyn Observer) -> Result<Vec<PrecisionRow>> {
     if cfg.batches.is_empty() || cfg.batches.contains(&0) || cfg.rounds == 0 {
@@ -108,12 +99,12 @@ pub fn run(cfg: &PrecisionBenchConfig, obs: &mut dyn Observer) -> Result<Vec<Pre
             }
         }
         for (k, (name, bytes, _)) in engines.iter().enumerate() {
-            let mut ratios: Vec<f64> = times[k]
+            let ratios: Vec<f64> = times[k]
                 .iter()
                 .zip(&times[0])
                 .map(|(t, f)| t / f.max(1e-12))
                 .collect();
-            let mut t = times[k].clone();
+            let t = &times[k];
             let (lo, hi) = t
                 .iter()
                 .fold((f64::MAX, f64::MIN), |(a, c), &v| (a.min(v), c.max(v)));
@@ -126,10 +117,10 @@ pub fn run(cfg: &PrecisionBenchConfig, obs: &mut dyn Observer) -> Result<Vec<Pre
                 precision: name,
                 file_bytes: *bytes,
                 batch: b,
-                ms: median(&mut t),
+                ms: crate::stats::median(t),
                 ms_min: lo,
                 ms_max: hi,
-                ratio_vs_f32: median(&mut ratios),
+                ratio_vs_f32: crate::stats::median(&ratios),
                 max_abs_dlogit: diff,
                 mdice: None,
             });

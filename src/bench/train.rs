@@ -110,12 +110,7 @@ impl StepResult {
 
     /// Median step time (ms).
     pub fn median_ms(&self) -> f64 {
-        let v = self.sorted();
-        match v.len() {
-            0 => f64::NAN,
-            n if n % 2 == 1 => v[n / 2],
-            n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
-        }
+        crate::stats::median(&self.step_ms)
     }
 
     /// Fastest and slowest step (ms).

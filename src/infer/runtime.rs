@@ -314,9 +314,16 @@ pub fn write_optimized(model: &Path, out: &Path) -> Result<f64> {
 /// that a task file's ScatterND nodes were folded into plain weights.
 pub fn optimized_ops(model_path: &Path) -> Result<std::collections::BTreeMap<String, usize>> {
     let dir = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
-    let out = dir.path().join("optimized.onnx");
-    write_optimized(model_path, &out)?;
-    let m = crate::onnx::read_model(&out)?;
+    optimized_ops_at(model_path, &dir.path().join("optimized.onnx"))
+}
+
+/// [`optimized_ops`], keeping the optimized model at `out` ([`write_optimized`]).
+pub fn optimized_ops_at(
+    model_path: &Path,
+    out: &Path,
+) -> Result<std::collections::BTreeMap<String, usize>> {
+    write_optimized(model_path, out)?;
+    let m = crate::onnx::read_model(out)?;
     let mut ops = std::collections::BTreeMap::new();
     for n in m.graph.iter().flat_map(|g| g.node.iter()) {
         *ops.entry(n.op_type.clone()).or_insert(0usize) += 1;
