@@ -14,6 +14,7 @@ fn main() -> std::process::ExitCode {
     }
     gps_seg::util::mem::keep_freed_memory();
     gps_seg::util::threads::default_spin_limit();
+    gps_seg::util::threads::default_elementwise_pool();
     let args = cli::Cli::parse();
     match cli::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,

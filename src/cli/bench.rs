@@ -226,6 +226,8 @@ fn run_sam(a: SamArgs) -> anyhow::Result<()> {
     }
     let dev = a.device.resolve()?;
     let dtype = a.dtype.resolve(&dev)?;
+    // The batch runs whole here (no chunks per thread).
+    gps_seg::util::threads::elementwise_pool_for(false, cfg.encoder_values_per_image());
     let r = gps_seg::bench::sam::bench_prompt_free(&cfg, a.batch, a.iters, &dev, dtype)?;
     println!(
         "SAM `{}` {}px, batch {}, {} iters, {}, image encoder in {}",
@@ -319,6 +321,11 @@ fn run_infer(a: InferArgs) -> anyhow::Result<()> {
         torch: None,
         keep: a.keep.clone(),
     };
+    // The Candle engine runs batches of two or more as one chunk per thread.
+    gps_seg::util::threads::elementwise_pool_for(
+        cfg.batches.iter().all(|&b| b >= 2),
+        sam.encoder_values_per_image(),
+    );
     let mut cfg = cfg;
     if a.compare {
         let python = a

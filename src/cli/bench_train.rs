@@ -48,6 +48,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     gps_seg::util::threads::set(threads)?;
     if let Some(spec) = &a.one {
         let spec: StepSpec = serde_json::from_str(spec)?;
+        // The row's step splits its batch into chunks per thread when it has two or more
+        // images (and runs the fused path), as `train` does.
+        gps_seg::util::threads::elementwise_pool_for(
+            spec.batch >= 2 && !spec.reference,
+            spec.config()?.encoder_values_per_image(),
+        );
         let dev = a.device.resolve()?;
         spec.dtype.check_device(&dev)?;
         let r = bench_step(&spec, &dev)?;

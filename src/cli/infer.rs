@@ -272,6 +272,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 (None, None) => bail!("--engine candle needs --config (a preset or config.json)"),
             };
             let device = args.device.resolve()?;
+            // Batches of two or more run one chunk per thread (`nn::split_forward`).
+            gps_seg::util::threads::elementwise_pool_for(
+                args.batch_size >= 2,
+                cfg.encoder_values_per_image(),
+            );
             Box::new(CandleEngine::load(&weights, &cfg, &device)?)
         }
     };

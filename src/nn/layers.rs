@@ -55,10 +55,10 @@ impl Linear {
 
 /// `x2 · Wᵀ (+ b)` for `x2: [rows, in]`, a weight param viewed as `[out, in]` (trailing dims
 /// flattened, e.g. a conv kernel `[out, c, kh, kw]` as `[out, c·kh·kw]`) and an optional bias
-/// `[out]` → `[rows, out]`. On CPU (outside reference mode) a frozen weight gets no weight
-/// gradient and a GPS-sparse one only its selected entries' (see [`super::sparse_grad`]), and
-/// a frozen bias is folded into the same op (also in inference, nothing tracked); elsewhere
-/// a plain matmul and broadcast add.
+/// `[out]` → `[rows, out]`. On CPU (outside reference mode) this is one carrier op
+/// ([`super::sparse_grad`]): a frozen weight gets no weight gradient, a GPS-sparse one only
+/// its selected entries', a trainable one the dense `dW`, and the bias is folded into the
+/// same op; elsewhere a plain matmul and broadcast add.
 /// A bf16/f16 `x2` gets the weight and bias cast to its dtype ([`autocast`]) and a plain
 /// matmul, whose gradient reaches the f32 weight (or sparse delta) through the cast.
 pub fn matmul_weight_t(x2: &Tensor, weight: &Param, bias: Option<&Param>) -> Result<Tensor> {
@@ -78,14 +78,17 @@ pub fn matmul_weight_t(x2: &Tensor, weight: &Param, bias: Option<&Param>) -> Res
     if !super::fused::use_fused(x2) {
         return add_bias(x2.matmul(&w.t()?)?);
     }
-    // Frozen and GPS-sparse weights go through the carrier op, with the bias folded in
-    // (a frozen bias held by the op, a trainable one as an input with its own gradient).
-    let sparse = match weight {
-        Param::Sparse(s) => Some(s),
-        // A frozen weight with a bias also takes the carrier when nothing is tracked
-        // (inference): the bias is folded into the gemm instead of a second pass over `y`.
-        Param::Frozen(_) if x2.track_op() || bias.is_some() => None,
-        _ => return add_bias(x2.matmul(&w.t()?)?),
+    // Every weight goes through the carrier op, with the bias folded in (a frozen bias held
+    // by the op, a trainable one as an input with its own gradient): one graph node, the
+    // dense weight gradient only for a trainable weight, GPS-sparse ones at their entries.
+    let (sparse, dense) = match weight {
+        Param::Sparse(s) => (Some(s), None),
+        Param::Trainable(_) => (None, Some(&w)),
+        // A frozen weight without a bias on an untracked input (inference) is a plain matmul.
+        Param::Frozen(_) if !x2.track_op() && bias.is_none() => {
+            return Ok(x2.matmul(&w.t()?)?);
+        }
+        Param::Frozen(_) => (None, None),
     };
     let x2 = x2.contiguous()?;
     let (frozen_bias, trainable_bias) = match bias {
@@ -93,17 +96,23 @@ pub fn matmul_weight_t(x2: &Tensor, weight: &Param, bias: Option<&Param>) -> Res
         Some(b) => (None, Some(b.tensor()?.contiguous()?)),
         None => (None, None),
     };
+    let second = match (sparse, dense) {
+        (Some(s), _) => Some(s.delta.as_tensor().clone()),
+        (None, Some(w)) => Some(w.contiguous()?),
+        (None, None) => None,
+    };
     let op = LinearCarrier {
         w: w.detach().contiguous()?,
         frozen_bias,
         sparse: sparse.map(|s| (s.rows.clone(), s.cols.clone())),
+        dense_weight: dense.is_some(),
         trainable_bias: trainable_bias.is_some(),
     };
-    Ok(match (sparse, trainable_bias) {
+    Ok(match (second, trainable_bias) {
         (None, None) => x2.apply_op1(op)?,
-        (Some(s), None) => x2.apply_op2(s.delta.as_tensor(), op)?,
+        (Some(s), None) => x2.apply_op2(&s, op)?,
         (None, Some(b)) => x2.apply_op2(&b, op)?,
-        (Some(s), Some(b)) => x2.apply_op3(s.delta.as_tensor(), &b, op)?,
+        (Some(s), Some(b)) => x2.apply_op3(&s, &b, op)?,
     })
 }
 

@@ -4,6 +4,7 @@
 //! ([`precision`]) and finite-difference checks ([`gradcheck`]).
 
 pub mod attention;
+pub(crate) mod cpu_gemm;
 pub mod fused;
 pub mod gradcheck;
 pub mod layers;

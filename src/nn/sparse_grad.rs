@@ -1,71 +1,55 @@
-//! Linear layers whose backward skips the dense weight gradient (issue: make a GPS step
-//! cheaper than a full step).
+//! Linear layers as one custom op each, whose backward computes only the gradients that
+//! train (issue: make a GPS step cheaper than a full step).
 //!
 //! Candle's matmul backward always computes both operand gradients, so a frozen weight still
 //! pays `dW = dyᵀ·x` — a third of a linear layer's training FLOPs — and GPS, which trains a
 //! handful of entries per row, would pay it for every encoder matrix. Here `y = x·Wᵀ (+ b)` is
-//! a custom op on `x` (and `δ`) whose forward runs the gemm straight into the output buffer
-//! (a constant bias is folded in: no extra pass or graph node) and whose backward returns
+//! a custom op on `x` (and `δ`, or the dense weight `W`, and a trainable `b`) whose forward
+//! runs the gemm straight into the output buffer (a constant bias is folded in: no extra pass
+//! or graph node) and whose backward returns
 //! - `dx = dy·W` (dense: backpropagation must continue), and
 //! - for a GPS-sparse weight, `dδ_j = Σ_t dy[t, r_j]·x[t, c_j]` at the selected entries only:
-//!   O(tokens × selected) instead of O(tokens × out × in).
+//!   O(tokens × selected) instead of O(tokens × out × in);
+//! - for a trainable weight (full fine-tuning, the selection pass), the dense `dW = dyᵀ·x`.
 //!
-//! `y = op(x, δ)` has the value of the dense path and the same gradients; tests compare both against the dense path and finite differences.
-//! Used on CPU; other devices take the dense path.
+//! Every product runs on [`super::cpu_gemm::matmul_into`] (rows split between threads).
+//! `y = op(x, …)` has the value of the dense path and the same gradients; tests compare both
+//! against the dense path and finite differences. Used on CPU; other devices take the dense
+//! path.
 
+use super::cpu_gemm::{matmul_into, Mat};
 use super::fused::{data, Fl};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
 
 /// `y = x·Wᵀ (+ b)` for `x: [rows, in]`, `W: [out, in]`, `b: [out]`, straight into the output
-/// buffer with the gemm kernels Candle uses (same threads), so the op's value is never copied.
+/// buffer (bias rows first, the product accumulated onto them), rows split between the
+/// threads ([`super::cpu_gemm`]), so the op's value is never copied.
 fn linear_value<T: Fl>(
     x: &[T],
     w: &[T],
     b: Option<&[T]>,
     (rows, inp, out): (usize, usize, usize),
-) -> Vec<T> {
+) -> candle_core::Result<Vec<T>> {
     let mut y = match b {
         Some(b) => {
-            let mut y = Vec::with_capacity(rows * out);
+            let mut y = Vec::with_capacity(rows.saturating_mul(out));
             for _ in 0..rows {
                 y.extend_from_slice(b);
             }
             y
         }
-        None => vec![T::ZERO; rows * out],
+        None => vec![T::ZERO; rows.saturating_mul(out)],
     };
-    let par = match candle_core::utils::get_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
-    };
-    // SAFETY: x is rows×in, w is out×in (read as its transpose in×out), y is rows×out, all
-    // row-major and contiguous (checked by the callers).
-    unsafe {
-        gemm::gemm(
-            rows,
-            out,
-            inp,
-            y.as_mut_ptr(),
-            1,
-            out as isize,
-            b.is_some(),
-            x.as_ptr(),
-            1,
-            inp as isize,
-            w.as_ptr(),
-            inp as isize,
-            1,
-            T::ONE,
-            T::ONE,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-    y
+    matmul_into(
+        &mut y,
+        (rows, inp, out),
+        Mat::row_major(x, inp),
+        Mat::transposed(w, inp),
+        b.is_some(),
+    )?;
+    Ok(y)
 }
 
 /// Run `f` on the contiguous CPU data of `t` (f32/f64).
@@ -109,11 +93,9 @@ fn forward_value(
     ) -> candle_core::Result<CpuStorage> {
         with_data::<T, _>(w, |w| {
             let y = match bias {
-                BiasSrc::None => linear_value(x, w, None, dims),
-                BiasSrc::Held(b) => {
-                    with_data::<T, _>(b, |b| Ok(linear_value(x, w, Some(b), dims)))?
-                }
-                BiasSrc::Input(s, l) => linear_value(x, w, Some(data::<T>(s, l)?), dims),
+                BiasSrc::None => linear_value(x, w, None, dims)?,
+                BiasSrc::Held(b) => with_data::<T, _>(b, |b| linear_value(x, w, Some(b), dims))?,
+                BiasSrc::Input(s, l) => linear_value(x, w, Some(data::<T>(s, l)?), dims)?,
             };
             Ok(T::to_cpu_storage_owned(y))
         })
@@ -184,12 +166,28 @@ fn column_sums<T: Fl>(dy: &[T], out: usize) -> Vec<T> {
 /// [`super::param::SparseParam`].
 pub type SelectedEntries = (Arc<[u32]>, Arc<[u32]>);
 
-/// Gradient carrier for `y = x·Wᵀ (+ b)` with a weight that gets no dense gradient: frozen, or
-/// GPS-sparse (`W = W₀ + S(δ)`). Its forward computes the value with one gemm; its backward
-/// gives `dx = dy·W`, the sparse `dδ` and, for a trainable bias, `db = Σ_t dy`.
+/// Which gradients a carrier's backward computes.
+struct Wanted<'a> {
+    /// `dx`.
+    dx: bool,
+    /// Rows and columns of the GPS-selected entries (`dδ`).
+    idx: Option<(&'a [u32], &'a [u32])>,
+    /// The dense `dW`.
+    dense: bool,
+    /// `db`.
+    bias: bool,
+}
+
+/// Gradient carrier for `y = x·Wᵀ (+ b)`: one graph node for the product and its bias,
+/// whatever the weight is — frozen, GPS-sparse (`W = W₀ + S(δ)`) or dense trainable. Its
+/// forward computes the value with one gemm; its backward gives `dx = dy·W`, the sparse `dδ`
+/// or the dense `dW = dyᵀ·x`, and, for a trainable bias, `db = Σ_t dy`. (Candle's own
+/// `x.matmul(&w.t()).broadcast_add(&b)` is three nodes, each summed into the gradient store
+/// on its own, and its matmul backward always computes both operand gradients.)
 ///
-/// The op's inputs are `x`, then `δ` when [`Self::sparse`] is set, then `b` when
-/// [`Self::trainable_bias`] is set — one to three inputs, so it implements `CustomOp1/2/3`.
+/// The op's inputs are `x`, then `δ` when [`Self::sparse`] is set or the weight itself when
+/// [`Self::dense_weight`] is, then `b` when [`Self::trainable_bias`] is set — one to three
+/// inputs, so it implements `CustomOp1/2/3`.
 pub struct LinearCarrier {
     /// The full current weight `[out, in]`, detached and contiguous.
     pub w: Tensor,
@@ -197,65 +195,99 @@ pub struct LinearCarrier {
     pub frozen_bias: Option<Tensor>,
     /// Rows and columns of the selected entries of a GPS-sparse weight.
     pub sparse: Option<SelectedEntries>,
+    /// Whether the second input is the trainable weight `[out, in]` (the value of [`Self::w`]
+    /// on the graph) and gets the dense gradient. Excludes [`Self::sparse`].
+    pub dense_weight: bool,
     /// Whether the last input is a trainable bias `[out]`.
     pub trainable_bias: bool,
 }
 
 impl LinearCarrier {
-    /// `(dx, dδ, db)` from the op's input `x` and the output gradient (`dx` only where `x`
-    /// is on the graph: the patch embedding's input image is not).
+    /// `(dx, d_weight, db)` from the op's input `x` and the output gradient: `dx` only where
+    /// `x` is on the graph (the patch embedding's input image is not), `d_weight` the sparse
+    /// `dδ` or the dense `dW`, `db` for a trainable bias. Each product runs on the row-split
+    /// gemm of [`super::cpu_gemm`].
+    #[allow(clippy::type_complexity)]
     fn grads(
         &self,
         x: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = if x.track_op() {
-            Some(grad.matmul(&self.w)?)
-        } else {
-            None
-        };
-        if self.sparse.is_none() && !self.trainable_bias {
-            return Ok((dx, None, None));
-        }
         let dy = grad.contiguous()?;
-        let x = x.contiguous()?;
         let (out, inp) = self.w.dims2()?;
-        let idx = self.sparse.as_ref().map(|(r, c)| (&r[..], &c[..]));
+        let rows = dy.dim(0)?;
+        let need_dx = x.track_op();
+        let need_x = self.sparse.is_some() || self.dense_weight;
+        let x = if need_x { Some(x.contiguous()?) } else { None };
+        let want = Wanted {
+            dx: need_dx,
+            idx: self.sparse.as_ref().map(|(r, c)| (&r[..], &c[..])),
+            dense: self.dense_weight,
+            bias: self.trainable_bias,
+        };
         fn k<T: Fl>(
+            w: &Tensor,
             dy: &Tensor,
-            x: &Tensor,
-            idx: Option<(&[u32], &[u32])>,
-            bias: bool,
-            dims: (usize, usize),
-        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+            x: Option<&Tensor>,
+            want: &Wanted<'_>,
+            (rows, out, inp): (usize, usize, usize),
+        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let dev = dy.device();
             with_data::<T, _>(dy, |g| {
-                let dd = match idx {
-                    Some((r, c)) => {
-                        let v =
-                            with_data::<T, _>(x, |x| Ok(sparse_entries_grad(g, x, r, c, dims)))?;
-                        let n = v.len();
-                        Some(Tensor::from_vec(v, n, dy.device())?)
-                    }
-                    None => None,
-                };
-                let db = if bias {
-                    Some(Tensor::from_vec(
-                        column_sums(g, dims.0),
-                        dims.0,
-                        dy.device(),
-                    )?)
+                let dx = if want.dx {
+                    let v = with_data::<T, _>(w, |w| {
+                        let mut dx = vec![T::ZERO; rows.saturating_mul(inp)];
+                        matmul_into(
+                            &mut dx,
+                            (rows, out, inp),
+                            Mat::row_major(g, out),
+                            Mat::row_major(w, inp),
+                            false,
+                        )?;
+                        Ok(dx)
+                    })?;
+                    Some(Tensor::from_vec(v, (rows, inp), dev)?)
                 } else {
                     None
                 };
-                Ok((dd, db))
+                let dweight = match (x, want.idx, want.dense) {
+                    (Some(x), Some((r, c)), _) => {
+                        let v = with_data::<T, _>(x, |x| {
+                            Ok(sparse_entries_grad(g, x, r, c, (out, inp)))
+                        })?;
+                        let n = v.len();
+                        Some(Tensor::from_vec(v, n, dev)?)
+                    }
+                    (Some(x), None, true) => {
+                        let v = with_data::<T, _>(x, |x| {
+                            let mut dw = vec![T::ZERO; out.saturating_mul(inp)];
+                            matmul_into(
+                                &mut dw,
+                                (out, rows, inp),
+                                Mat::transposed(g, out),
+                                Mat::row_major(x, inp),
+                                false,
+                            )?;
+                            Ok(dw)
+                        })?;
+                        Some(Tensor::from_vec(v, (out, inp), dev)?)
+                    }
+                    _ => None,
+                };
+                let db = if want.bias {
+                    Some(Tensor::from_vec(column_sums(g, out), out, dev)?)
+                } else {
+                    None
+                };
+                Ok((dx, dweight, db))
             })
         }
-        let (dd, db) = match dy.dtype() {
-            candle_core::DType::F32 => k::<f32>(&dy, &x, idx, self.trainable_bias, (out, inp))?,
-            candle_core::DType::F64 => k::<f64>(&dy, &x, idx, self.trainable_bias, (out, inp))?,
+        let dims = (rows, out, inp);
+        match dy.dtype() {
+            candle_core::DType::F32 => k::<f32>(&self.w, &dy, x.as_ref(), &want, dims),
+            candle_core::DType::F64 => k::<f64>(&self.w, &dy, x.as_ref(), &want, dims),
             other => candle_core::bail!("linear fast path: unsupported dtype {other:?}"),
-        };
-        Ok((dx, dd, db))
+        }
     }
 
     fn held_bias(&self) -> BiasSrc<'_> {
@@ -285,7 +317,7 @@ impl CustomOp2 for LinearCarrier {
         "linear-carrier"
     }
 
-    /// Inputs `(x, δ)` (sparse weight) or `(x, b)` (trainable bias).
+    /// Inputs `(x, δ)` (sparse weight), `(x, W)` (dense weight) or `(x, b)` (trainable bias).
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -308,8 +340,8 @@ impl CustomOp2 for LinearCarrier {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dd, db) = self.grads(x, grad)?;
-        Ok((dx, if self.trainable_bias { db } else { dd }))
+        let (dx, dweight, db) = self.grads(x, grad)?;
+        Ok((dx, if self.trainable_bias { db } else { dweight }))
     }
 }
 
@@ -318,7 +350,7 @@ impl CustomOp3 for LinearCarrier {
         "linear-carrier"
     }
 
-    /// Inputs `(x, δ, b)`.
+    /// Inputs `(x, δ, b)` or `(x, W, b)`.
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -363,12 +395,13 @@ mod tests {
     /// Fast path (carrier op) and Candle's dense path agree on values and on the gradients of
     /// the input, the selected entries and trainable biases — for every input combination of
     /// the carrier: sparse weight with trainable (`s`) or frozen (`h`) bias, frozen weight
-    /// without bias (`f`), with a trainable bias (`g`) or a frozen one (`k`).
+    /// without bias (`f`), with a trainable bias (`g`) or a frozen one (`k`), dense trainable
+    /// weight with a trainable (`t`), frozen (`u`) or no bias (`v`).
     #[test]
     fn fast_linear_matches_dense_path() {
         let dev = Device::Cpu;
         let mut src = TensorMap::new();
-        for (i, name) in ["s", "h", "f", "g", "k"].iter().enumerate() {
+        for (i, name) in ["s", "h", "f", "g", "k", "t", "u", "v"].iter().enumerate() {
             src.insert(format!("{name}.weight"), randn(&[6, 5], 1 + 2 * i as u64));
             src.insert(format!("{name}.bias"), randn(&[6], 2 + 2 * i as u64));
         }
@@ -378,6 +411,9 @@ mod tests {
         roles.insert("s.bias".to_string(), Role::Trainable);
         roles.insert("h.weight".to_string(), Role::Sparse(vec![0, 7, 8, 20, 21]));
         roles.insert("g.bias".to_string(), Role::Trainable);
+        for t in ["t.weight", "t.bias", "u.weight", "v.weight"] {
+            roles.insert(t.to_string(), Role::Trainable);
+        }
         let store = ParamStore::with_roles(src, roles, &dev);
         let layer = |name: &str, bias: bool| Linear::new(&store.pp(name), 5, 6, bias).unwrap();
         let layers = [
@@ -386,6 +422,9 @@ mod tests {
             layer("f", false),
             layer("g", true),
             layer("k", true),
+            layer("t", true),
+            layer("u", true),
+            layer("v", false),
         ];
         for (l, n) in layers[..2].iter().zip([4, 5]) {
             if let crate::nn::Param::Sparse(s) = &l.weight {
@@ -418,10 +457,10 @@ mod tests {
         let (y2, dx2, g2) = run(false);
         assert!(max_abs_diff(&y1, &y2) < 1e-5);
         assert!(max_abs_diff(&dx1, &dx2) < 1e-5);
-        // s.weight, s.bias, h.weight, g.bias
+        // s.weight, s.bias, h.weight, g.bias, t.weight, t.bias, u.weight, v.weight
         assert_eq!(
             g1.len(),
-            4,
+            8,
             "{:?}",
             g1.iter().map(|g| &g.0).collect::<Vec<_>>()
         );

@@ -146,6 +146,13 @@ impl SamConfig {
         self.image_size / self.patch_size.max(1)
     }
 
+    /// Values of one image-encoder activation per image (`grid² × encoder_embed_dim`), the
+    /// size that decides [`crate::util::threads::elementwise_pool_for`].
+    pub fn encoder_values_per_image(&self) -> usize {
+        let g = self.grid_size();
+        g.saturating_mul(g).saturating_mul(self.encoder_embed_dim)
+    }
+
     /// Check internal consistency and bounds; errors name the field.
     ///
     /// Bounds are what a real SAM reaches, with room above (ViT-H: width 1280, 32 blocks,

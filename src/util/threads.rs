@@ -56,6 +56,70 @@ pub fn default_spin_limit() {
     }
 }
 
+/// Values per image in one layer's activation (tokens × width) from which Candle's own
+/// element-wise thread pool pays, see [`default_elementwise_pool`].
+pub const ELEMENTWISE_POOL_MIN_VALUES: usize = 1 << 19;
+
+/// Whether the user set `CANDLE_NUM_THREADS` (recorded by [`default_elementwise_pool`]).
+static USER_ELEMENTWISE_POOL: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Turn Candle's element-wise thread pool off unless the user set `CANDLE_NUM_THREADS`.
+/// Call at process start-up, before any tensor work or other threads exist.
+///
+/// Candle runs every element-wise op of ≥ 64 Ki values on a pool of its own (one process-wide
+/// pool, sized once from `CANDLE_NUM_THREADS`, with a lock that lets one caller in at a time).
+/// When a batch runs as one chunk per thread ([`crate::nn::split_backward`],
+/// [`crate::nn::split_forward`]) the cores are busy already, so both chunk threads queue for
+/// that lock and spin-wait for its worker; at batch 1 on small tensors waking the worker costs
+/// more than it saves. Measured side by side on a 2-core Intel Xeon, AVX-512 (docs/PERF.md):
+/// tiny@256 batch 4 full step 235–240 → 179–182 ms and GPS step 186–192 → 145–148 ms, Candle
+/// inference tiny batch 1 21.3 → 18.4 ms — but vit_b@512 batch 1 (one image, 786 Ki values
+/// per layer) full step 3.69 → 4.04 s. So the pool is off by default and a command whose steps
+/// run whole batches of large activations turns it back on ([`elementwise_pool_for`]).
+pub fn default_elementwise_pool() {
+    // A child process (e.g. a `bench` row) inherits the value its parent chose, marked as ours.
+    let ours = std::env::var_os(POOL_SET_BY_US).is_some();
+    if std::env::var_os("CANDLE_NUM_THREADS").is_some() && !ours {
+        USER_ELEMENTWISE_POOL.store(true, std::sync::atomic::Ordering::Relaxed);
+        return;
+    }
+    // Process start-up, single-threaded: the environment is not read concurrently.
+    std::env::set_var("CANDLE_NUM_THREADS", "1");
+    std::env::set_var(POOL_SET_BY_US, "1");
+}
+
+/// Marks a `CANDLE_NUM_THREADS` that gps-seg set itself (not the user).
+const POOL_SET_BY_US: &str = "GPS_SEG_CANDLE_NUM_THREADS_DEFAULT";
+
+/// Whether Candle's element-wise pool pays for steps that run a batch whole (not split into
+/// chunks per thread) with `values_per_image` values per layer (see
+/// [`default_elementwise_pool`]).
+pub fn elementwise_pool_pays(split: bool, values_per_image: usize) -> bool {
+    !split && values_per_image >= ELEMENTWISE_POOL_MIN_VALUES
+}
+
+/// Turn Candle's element-wise pool on (one thread per rayon thread) when
+/// [`elementwise_pool_pays`], unless the user set `CANDLE_NUM_THREADS`. Returns whether it is
+/// on. Call after [`set`] and before any tensor work: Candle sizes its pool once, at its first
+/// large element-wise op.
+pub fn elementwise_pool_for(split: bool, values_per_image: usize) -> bool {
+    if USER_ELEMENTWISE_POOL.load(std::sync::atomic::Ordering::Relaxed) {
+        return std::env::var("CANDLE_NUM_THREADS").is_ok_and(|v| v.trim() != "1");
+    }
+    let on = elementwise_pool_pays(split, values_per_image) && rayon::current_num_threads() > 1;
+    // Before any tensor work (see above): nothing reads the environment concurrently.
+    std::env::set_var(
+        "CANDLE_NUM_THREADS",
+        if on {
+            rayon::current_num_threads().to_string()
+        } else {
+            "1".to_string()
+        },
+    );
+    on
+}
+
 /// Run `f` on one of rayon's worker threads and wait for it (directly when already on one).
 ///
 /// Candle's matmul and our fused kernels split their work with rayon. Called from a thread
@@ -124,6 +188,19 @@ pub fn current() -> (usize, usize) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn elementwise_pool_pays_only_for_whole_batches_of_large_activations() {
+        use super::{elementwise_pool_pays, ELEMENTWISE_POOL_MIN_VALUES as MIN};
+        // vit_b@512: 32² tokens × 768 = 786 Ki values per layer, batch 1 runs whole.
+        assert!(elementwise_pool_pays(false, 32 * 32 * 768));
+        assert!(elementwise_pool_pays(false, MIN));
+        assert!(!elementwise_pool_pays(false, MIN - 1));
+        // tiny@256: 16² × 192; split batches never pay, however large.
+        assert!(!elementwise_pool_pays(false, 16 * 16 * 192));
+        assert!(!elementwise_pool_pays(true, 32 * 32 * 768));
+    }
+
     use super::*;
 
     #[test]
