@@ -36,47 +36,52 @@ impl Linear {
         if super::fused::reference_path() {
             return self.forward_dense(x);
         }
-        let dims = x.dims().to_vec();
-        let in_dim = *dims.last().unwrap_or(&0);
-        let rows = x.elem_count() / in_dim.max(1);
-        let y = matmul_weight_t(
-            &x.reshape((rows, in_dim))?,
-            &self.weight,
-            self.bias.as_ref(),
-        )?;
-        let out_dim = y.dim(1)?;
-        let mut out_dims = dims;
-        if let Some(last) = out_dims.last_mut() {
-            *last = out_dim;
-        }
-        Ok(y.reshape(out_dims)?)
+        matmul_weight_t(x, &self.weight, self.bias.as_ref())
     }
 }
 
-/// `x2 · Wᵀ (+ b)` for `x2: [rows, in]`, a weight param viewed as `[out, in]` (trailing dims
+/// `x · Wᵀ (+ b)` for `x: [..., in]`, a weight param viewed as `[out, in]` (trailing dims
 /// flattened, e.g. a conv kernel `[out, c, kh, kw]` as `[out, c·kh·kw]`) and an optional bias
-/// `[out]` → `[rows, out]`. On CPU (outside reference mode) this is one carrier op
-/// ([`super::sparse_grad`]): a frozen weight gets no weight gradient, a GPS-sparse one only
-/// its selected entries', a trainable one the dense `dW`, and the bias is folded into the
-/// same op; elsewhere a plain matmul and broadcast add.
-/// A bf16/f16 `x2` gets the weight and bias cast to its dtype ([`autocast`]) and a plain
+/// `[out]` → `[..., out]`. On CPU (outside reference mode) this is one carrier op
+/// ([`super::sparse_grad`]) on `x` as it is (no reshape nodes): a frozen weight gets no
+/// weight gradient, a GPS-sparse one only its selected entries', a trainable one the dense
+/// `dW`, and the bias is folded into the same op; elsewhere a plain matmul and broadcast add
+/// on `x` viewed as `[rows, in]`.
+/// A bf16/f16 `x` gets the weight and bias cast to its dtype ([`autocast`]) and a plain
 /// matmul, whose gradient reaches the f32 weight (or sparse delta) through the cast.
-pub fn matmul_weight_t(x2: &Tensor, weight: &Param, bias: Option<&Param>) -> Result<Tensor> {
+pub fn matmul_weight_t(x: &Tensor, weight: &Param, bias: Option<&Param>) -> Result<Tensor> {
     let w = weight.tensor()?;
     let out_dim = w.dim(0)?;
     let w = w.reshape((out_dim, w.elem_count() / out_dim.max(1)))?;
-    let add_bias = |y: Tensor| -> Result<Tensor> {
-        match bias {
-            Some(b) => Ok(y.broadcast_add(&autocast(b.tensor()?, y.dtype())?)?),
-            None => Ok(y),
-        }
-    };
-    if w.dtype() != x2.dtype() {
-        let w = autocast(w, x2.dtype())?;
-        return add_bias(x2.matmul(&w.t()?)?);
+    let dims = x.dims().to_vec();
+    let in_dim = *dims.last().unwrap_or(&0);
+    let mut out_dims = dims.clone();
+    if let Some(last) = out_dims.last_mut() {
+        *last = out_dim;
     }
-    if !super::fused::use_fused(x2) {
-        return add_bias(x2.matmul(&w.t()?)?);
+    // The plain path: `[rows, in] · Wᵀ (+ b)`, reshaped back to `[..., out]`.
+    let plain = |w: Tensor| -> Result<Tensor> {
+        let rows = x.elem_count() / in_dim.max(1);
+        let x2 = if dims.len() == 2 {
+            x.clone()
+        } else {
+            x.reshape((rows, in_dim))?
+        };
+        let mut y = x2.matmul(&w.t()?)?;
+        if let Some(b) = bias {
+            y = y.broadcast_add(&autocast(b.tensor()?, y.dtype())?)?;
+        }
+        Ok(if dims.len() == 2 {
+            y
+        } else {
+            y.reshape(out_dims.as_slice())?
+        })
+    };
+    if w.dtype() != x.dtype() {
+        return plain(autocast(w, x.dtype())?);
+    }
+    if !super::fused::use_fused(x) || dims.is_empty() {
+        return plain(w);
     }
     // Every weight goes through the carrier op, with the bias folded in (a frozen bias held
     // by the op, a trainable one as an input with its own gradient): one graph node, the
@@ -85,12 +90,10 @@ pub fn matmul_weight_t(x2: &Tensor, weight: &Param, bias: Option<&Param>) -> Res
         Param::Sparse(s) => (Some(s), None),
         Param::Trainable(_) => (None, Some(&w)),
         // A frozen weight without a bias on an untracked input (inference) is a plain matmul.
-        Param::Frozen(_) if !x2.track_op() && bias.is_none() => {
-            return Ok(x2.matmul(&w.t()?)?);
-        }
+        Param::Frozen(_) if !x.track_op() && bias.is_none() => return plain(w),
         Param::Frozen(_) => (None, None),
     };
-    let x2 = x2.contiguous()?;
+    let x = x.contiguous()?;
     let (frozen_bias, trainable_bias) = match bias {
         Some(Param::Frozen(b)) => (Some(b.contiguous()?), None),
         Some(b) => (None, Some(b.tensor()?.contiguous()?)),
@@ -109,10 +112,10 @@ pub fn matmul_weight_t(x2: &Tensor, weight: &Param, bias: Option<&Param>) -> Res
         trainable_bias: trainable_bias.is_some(),
     };
     Ok(match (second, trainable_bias) {
-        (None, None) => x2.apply_op1(op)?,
-        (Some(s), None) => x2.apply_op2(&s, op)?,
-        (None, Some(b)) => x2.apply_op2(&b, op)?,
-        (Some(s), Some(b)) => x2.apply_op3(&s, &b, op)?,
+        (None, None) => x.apply_op1(op)?,
+        (Some(s), None) => x.apply_op2(&s, op)?,
+        (None, Some(b)) => x.apply_op2(&b, op)?,
+        (Some(s), Some(b)) => x.apply_op3(&s, &b, op)?,
     })
 }
 

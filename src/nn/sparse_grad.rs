@@ -80,10 +80,16 @@ fn forward_value(
     s: &CpuStorage,
     l: &Layout,
 ) -> candle_core::Result<(CpuStorage, Shape)> {
-    let (rows, inp) = l.shape().dims2()?;
     let (out, w_in) = w.dims2()?;
-    if w_in != inp {
+    let x_dims = l.shape().dims();
+    let inp = x_dims.last().copied().unwrap_or(0);
+    if w_in != inp || inp == 0 {
         candle_core::bail!("linear fast path: input has {inp} features, the weight {w_in}");
+    }
+    let rows = l.shape().elem_count() / inp;
+    let mut y_dims = x_dims.to_vec();
+    if let Some(last) = y_dims.last_mut() {
+        *last = out;
     }
     fn k<T: Fl>(
         w: &Tensor,
@@ -106,7 +112,7 @@ fn forward_value(
         CpuStorage::F64(_) => k::<f64>(w, bias, data(s, l)?, dims)?,
         _ => candle_core::bail!("linear fast path: only f32 and f64 are supported"),
     };
-    Ok((st, Shape::from((rows, out))))
+    Ok((st, Shape::from(y_dims)))
 }
 
 /// `dδ_j = Σ_t dy[t, rows_j]·x[t, cols_j]` for `dy: [T, out]`, `x: [T, in]`: per token, a
@@ -215,7 +221,8 @@ impl LinearCarrier {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = grad.contiguous()?;
         let (out, inp) = self.w.dims2()?;
-        let rows = dy.dim(0)?;
+        let rows = dy.elem_count() / out.max(1);
+        let x_shape = x.shape().clone();
         let need_dx = x.track_op();
         let need_x = self.sparse.is_some() || self.dense_weight;
         let x = if need_x { Some(x.contiguous()?) } else { None };
@@ -231,6 +238,7 @@ impl LinearCarrier {
             x: Option<&Tensor>,
             want: &Wanted<'_>,
             (rows, out, inp): (usize, usize, usize),
+            x_shape: &Shape,
         ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
             let dev = dy.device();
             with_data::<T, _>(dy, |g| {
@@ -246,7 +254,7 @@ impl LinearCarrier {
                         )?;
                         Ok(dx)
                     })?;
-                    Some(Tensor::from_vec(v, (rows, inp), dev)?)
+                    Some(Tensor::from_vec(v, x_shape.clone(), dev)?)
                 } else {
                     None
                 };
@@ -284,8 +292,8 @@ impl LinearCarrier {
         }
         let dims = (rows, out, inp);
         match dy.dtype() {
-            candle_core::DType::F32 => k::<f32>(&self.w, &dy, x.as_ref(), &want, dims),
-            candle_core::DType::F64 => k::<f64>(&self.w, &dy, x.as_ref(), &want, dims),
+            candle_core::DType::F32 => k::<f32>(&self.w, &dy, x.as_ref(), &want, dims, &x_shape),
+            candle_core::DType::F64 => k::<f64>(&self.w, &dy, x.as_ref(), &want, dims, &x_shape),
             other => candle_core::bail!("linear fast path: unsupported dtype {other:?}"),
         }
     }
