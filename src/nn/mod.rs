@@ -11,6 +11,7 @@ pub mod layers;
 pub mod param;
 pub mod precision;
 pub mod sparse_grad;
+pub mod window;
 
 pub use layers::{Conv2d, ConvTranspose2d, Embedding, LayerNorm, LayerNorm2d, Linear};
 pub use param::{Init, Param, ParamStore, Role, RolePolicy};

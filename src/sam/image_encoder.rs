@@ -131,7 +131,11 @@ pub fn add_decomposed_rel_pos(
 
 /// `window_partition`: `[B, H, W, C]` → (`[B·nw, ws, ws, C]`, padded `(Hp, Wp)`); zero padding
 /// at the bottom/right when `H` or `W` is not a multiple of `ws`.
+/// On CPU (outside reference mode) one fused op ([`crate::nn::window`]).
 pub fn window_partition(x: &Tensor, ws: usize) -> Result<(Tensor, (usize, usize))> {
+    if use_fused(x) {
+        return Ok(crate::nn::window::partition(x, ws)?);
+    }
     let (b, h, w, c) = x.dims4()?;
     let pad_h = (ws - h % ws) % ws;
     let pad_w = (ws - w % ws) % ws;
@@ -152,13 +156,16 @@ pub fn window_partition(x: &Tensor, ws: usize) -> Result<(Tensor, (usize, usize)
 }
 
 /// `window_unpartition`: inverse of [`window_partition`], cropping the padding:
-/// `[B·nw, ws, ws, C]` → `[B, H, W, C]`.
+/// `[B·nw, ws, ws, C]` → `[B, H, W, C]`. On CPU (outside reference mode) one fused op.
 pub fn window_unpartition(
     windows: &Tensor,
     ws: usize,
     pad_hw: (usize, usize),
     hw: (usize, usize),
 ) -> Result<Tensor> {
+    if use_fused(windows) {
+        return Ok(crate::nn::window::unpartition(windows, ws, pad_hw, hw)?);
+    }
     let (hp, wp) = pad_hw;
     let (h, w) = hw;
     let (n, _, _, c) = windows.dims4()?;
@@ -598,6 +605,34 @@ mod tests {
         let back = window_unpartition(&win, 4, pad, (5, 7)).unwrap();
         let d = (back - &x).unwrap().abs().unwrap().max_all().unwrap();
         assert_eq!(d.to_scalar::<f64>().unwrap(), 0.0);
+    }
+
+    /// The fused ops (`nn::window`) equal Candle's composed ops bit for bit, values and
+    /// gradients, with and without padding; a geometry that does not tile is refused.
+    #[test]
+    fn fused_window_ops_equal_the_composed_ones() {
+        use crate::nn::fused::with_reference_path;
+        for (h, w, ws) in [(5, 7, 4), (8, 8, 4), (3, 3, 4)] {
+            let x = candle_core::Var::from_tensor(&rand(&[2, h, w, 3], 3)).unwrap();
+            let proj = rand(&[2, h, w, 3], 4);
+            let run = || {
+                let (win, pad) = window_partition(x.as_tensor(), ws).unwrap();
+                let y = window_unpartition(&(win.sqr().unwrap() * 0.5).unwrap(), ws, pad, (h, w))
+                    .unwrap();
+                let g = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+                (win, y, g.get(x.as_tensor()).unwrap().clone())
+            };
+            let (wf, yf, gf) = run();
+            let (wr, yr, gr) = with_reference_path(run);
+            for (a, b) in [(&wf, &wr), (&yf, &yr), (&gf, &gr)] {
+                assert_eq!(a.dims(), b.dims());
+                let d = gradcheck::max_abs_diff(a, b).unwrap();
+                assert_eq!(d, 0.0, "{h}x{w} ws {ws}");
+            }
+        }
+        let win = rand(&[3, 4, 4, 2], 5);
+        let err = window_unpartition(&win, 4, (8, 8), (5, 7)).unwrap_err();
+        assert!(err.to_string().contains("do not tile"), "{err}");
     }
 
     #[test]
