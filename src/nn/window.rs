@@ -166,7 +166,10 @@ pub fn unpartition(
     (h, w): (usize, usize),
 ) -> candle_core::Result<Tensor> {
     let (n, ws1, ws2, c) = windows.dims4()?;
-    let per_image = if ws == 0 { 0 } else { (hp / ws) * (wp / ws) };
+    let per_image = hp
+        .checked_div(ws)
+        .zip(wp.checked_div(ws))
+        .map_or(0, |(a, b)| a.saturating_mul(b));
     if ws == 0
         || ws1 != ws
         || ws2 != ws
