@@ -112,22 +112,55 @@ impl Fl for f64 {
     }
 }
 
+/// How the polynomial kernels below form `a·b + c`: [`Plain`] (a multiply and an add, the
+/// result every CPU gives) or [`Fused`] (one rounding, `f32::mul_add`) — only inside functions
+/// compiled with FMA (`#[target_feature]` copies), where it is one instruction; elsewhere
+/// `mul_add` would be a libm call.
+pub(crate) trait MulAdd {
+    fn madd(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// `a·b + c` with two roundings.
+pub(crate) struct Plain;
+/// `a·b + c` with one rounding (FMA).
+pub(crate) struct Fused;
+
+impl MulAdd for Plain {
+    #[inline(always)]
+    fn madd(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
+impl MulAdd for Fused {
+    #[inline(always)]
+    fn madd(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
 /// `exp(x)` for `x ≤ 0` in f32: Cephes-style range reduction to `r ∈ [−ln2/2, ln2/2]`, a
 /// degree-6 polynomial and `2ⁿ` from the exponent bits; ≈ 1 ulp over the normal range,
 /// branch-free so loops over it vectorise (no checked arithmetic: see the end). Inputs below
 /// −87 give ≈ 1.6e-38.
 #[inline(always)]
 pub(crate) fn exp_neg_f32(x: f32) -> f32 {
+    exp_neg_f32_with::<Plain>(x)
+}
+
+/// [`exp_neg_f32`] with the polynomial's `a·b + c` formed by `M`.
+#[inline(always)]
+pub(crate) fn exp_neg_f32_with<M: MulAdd>(x: f32) -> f32 {
     let x = x.clamp(-87.0, 0.0);
-    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
-    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let n = M::madd(x, std::f32::consts::LOG2_E, 0.5).floor();
+    let r = M::madd(n, 2.121_944_4e-4, M::madd(n, -0.693_359_4, x));
     let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
+    p = M::madd(p, r, 1.398_199_9e-3);
+    p = M::madd(p, r, 8.333_452e-3);
+    p = M::madd(p, r, 4.166_579_6e-2);
+    p = M::madd(p, r, 1.666_666_5e-1);
+    p = M::madd(p, r, 0.5);
+    let y = M::madd(p * r, r, r) + 1.0;
     // `n ∈ [−125, 0]` after the clamp, so the biased exponent `n + 127` is in [2, 127]. It is
     // read off the bits of `n + 127 + 2²³` (exact for integers below 2²³) instead of an
     // `as i32` cast, and with wrapping integer ops: Rust's saturating float→int cast and the
@@ -488,89 +521,138 @@ const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 /// `Φ(x) = ½·erfc(−x/√2)`, with `erfc(a) = t·exp(−a² − 1.26551223 + t·P(t))`,
 /// `t = 1/(1 + a/2)` for `a = |x|/√2` (Numerical Recipes' `erfcc`, fractional error
 /// < 1.2e-7), and `erfc(−a) = 2 − erfc(a)`. Also returns `exp(−x²/2)` for the density.
+/// (`a·b + c` formed by `M`.)
 #[inline(always)]
-fn phi_f32(x: f32) -> (f32, f32) {
+fn phi_f32<M: MulAdd>(x: f32) -> (f32, f32) {
     let a = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
-    let t = 1.0 / (1.0 + 0.5 * a);
+    let t = 1.0 / M::madd(0.5, a, 1.0);
     let mut p = 0.170_872_77_f32;
-    p = p * t - 0.822_152_23;
-    p = p * t + 1.488_515_9;
-    p = p * t - 1.135_204;
-    p = p * t + 0.278_868_07;
-    p = p * t - 0.186_288_06;
-    p = p * t + 0.096_784_18;
-    p = p * t + 0.374_091_96;
-    p = p * t + 1.000_023_7;
+    p = M::madd(p, t, -0.822_152_23);
+    p = M::madd(p, t, 1.488_515_9);
+    p = M::madd(p, t, -1.135_204);
+    p = M::madd(p, t, 0.278_868_07);
+    p = M::madd(p, t, -0.186_288_06);
+    p = M::madd(p, t, 0.096_784_18);
+    p = M::madd(p, t, 0.374_091_96);
+    p = M::madd(p, t, 1.000_023_7);
     let a2 = a * a;
-    let erfc = t * exp_neg_f32(-a2 - 1.265_512_2 + t * p);
+    let erfc = t * exp_neg_f32_with::<M>(M::madd(t, p, -a2 - 1.265_512_2));
     let half = 0.5 * erfc;
     let cdf = if x > 0.0 { 1.0 - half } else { half };
-    (cdf, exp_neg_f32(-a2))
+    (cdf, exp_neg_f32_with::<M>(-a2))
 }
 
 #[inline(always)]
-fn gelu_f32_rows(y: &mut [f32], x: &[f32]) {
+fn gelu_f32_rows<M: MulAdd>(y: &mut [f32], x: &[f32]) {
     for (o, &v) in y.iter_mut().zip(x) {
-        *o = v * phi_f32(v).0;
+        *o = v * phi_f32::<M>(v).0;
     }
 }
 
 #[inline(always)]
-fn gelu_bwd_f32_rows(dx: &mut [f32], x: &[f32], g: &[f32]) {
+fn gelu_bwd_f32_rows<M: MulAdd>(dx: &mut [f32], x: &[f32], g: &[f32]) {
     let p = INV_SQRT_2PI as f32;
     for ((o, &v), &gi) in dx.iter_mut().zip(x).zip(g) {
-        let (cdf, e) = phi_f32(v);
-        *o = gi * (cdf + v * p * e);
+        let (cdf, e) = phi_f32::<M>(v);
+        *o = gi * M::madd(v * p, e, cdf);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn gelu_f32_rows_avx2(y: &mut [f32], x: &[f32]) {
-    gelu_f32_rows(y, x)
+    gelu_f32_rows::<Fused>(y, x)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn gelu_bwd_f32_rows_avx2(dx: &mut [f32], x: &[f32], g: &[f32]) {
-    gelu_bwd_f32_rows(dx, x, g)
+    gelu_bwd_f32_rows::<Fused>(dx, x, g)
 }
 
-/// f32 GELU forward: the vectorisable `Φ` above, AVX2 where the CPU has it.
+#[cfg(all(target_arch = "x86_64", feature = "avx512"))]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn gelu_f32_rows_avx512(y: &mut [f32], x: &[f32]) {
+    gelu_f32_rows::<Fused>(y, x)
+}
+
+#[cfg(all(target_arch = "x86_64", feature = "avx512"))]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn gelu_bwd_f32_rows_avx512(dx: &mut [f32], x: &[f32], g: &[f32]) {
+    gelu_bwd_f32_rows::<Fused>(dx, x, g)
+}
+
+/// Which copy of the GELU loops runs on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GeluIsa {
+    /// AVX-512F (16 lanes) with FMA: only in builds with the `avx512` feature.
+    #[cfg_attr(not(feature = "avx512"), allow(dead_code))]
+    Avx512,
+    /// AVX2 (8 lanes) with FMA.
+    Avx2,
+    /// Whatever the build's baseline gives, no FMA.
+    Portable,
+}
+
+/// The GELU loops' ISA on this CPU and build.
+pub(crate) fn gelu_isa() -> GeluIsa {
+    #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
+    if std::arch::is_x86_feature_detected!("avx512f") && has_avx2_fma() {
+        return GeluIsa::Avx512;
+    }
+    if has_avx2_fma() {
+        GeluIsa::Avx2
+    } else {
+        GeluIsa::Portable
+    }
+}
+
+/// `f(y, x)` rows of GELU forward on the widest copy of this CPU.
+#[inline(always)]
+fn gelu_rows_dispatch(isa: GeluIsa, yb: &mut [f32], xb: &[f32]) {
+    match isa {
+        #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
+        // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked at run time by `gelu_isa`).
+        GeluIsa::Avx512 => unsafe { gelu_f32_rows_avx512(yb, xb) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2 and FMA (checked at run time by `gelu_isa`).
+        GeluIsa::Avx2 => unsafe { gelu_f32_rows_avx2(yb, xb) },
+        _ => gelu_f32_rows::<Plain>(yb, xb),
+    }
+}
+
+/// GELU backward rows on the widest copy of this CPU.
+#[inline(always)]
+fn gelu_bwd_rows_dispatch(isa: GeluIsa, db: &mut [f32], xb: &[f32], gb: &[f32]) {
+    match isa {
+        #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
+        // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked at run time by `gelu_isa`).
+        GeluIsa::Avx512 => unsafe { gelu_bwd_f32_rows_avx512(db, xb, gb) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2 and FMA (checked at run time by `gelu_isa`).
+        GeluIsa::Avx2 => unsafe { gelu_bwd_f32_rows_avx2(db, xb, gb) },
+        _ => gelu_bwd_f32_rows::<Plain>(db, xb, gb),
+    }
+}
+
+/// f32 GELU forward: the vectorisable `Φ` above, AVX-512 or AVX2 (with FMA) where the CPU
+/// has it.
 fn gelu_f32(x: &[f32]) -> Vec<f32> {
     let mut y = vec![0f32; x.len()];
-    let avx = has_avx2_fma();
+    let isa = gelu_isa();
     y.par_chunks_mut(16384)
         .zip(x.par_chunks(16384))
-        .for_each(|(yb, xb)| {
-            #[cfg(target_arch = "x86_64")]
-            if avx {
-                // SAFETY: the CPU has AVX2 and FMA (checked at run time).
-                unsafe { gelu_f32_rows_avx2(yb, xb) };
-                return;
-            }
-            let _ = avx;
-            gelu_f32_rows(yb, xb);
-        });
+        .for_each(|(yb, xb)| gelu_rows_dispatch(isa, yb, xb));
     y
 }
 
-/// f32 GELU backward `g·(Φ(x) + x·φ(x))`, AVX2 where the CPU has it.
+/// f32 GELU backward `g·(Φ(x) + x·φ(x))`, AVX-512 or AVX2 (with FMA) where the CPU has it.
 fn gelu_bwd_f32(x: &[f32], g: &[f32]) -> Vec<f32> {
     let mut dx = vec![0f32; x.len()];
-    let avx = has_avx2_fma();
+    let isa = gelu_isa();
     dx.par_chunks_mut(16384)
         .zip(x.par_chunks(16384).zip(g.par_chunks(16384)))
-        .for_each(|(db, (xb, gb))| {
-            #[cfg(target_arch = "x86_64")]
-            if avx {
-                // SAFETY: the CPU has AVX2 and FMA (checked at run time).
-                unsafe { gelu_bwd_f32_rows_avx2(db, xb, gb) };
-                return;
-            }
-            let _ = avx;
-            gelu_bwd_f32_rows(db, xb, gb);
-        });
+        .for_each(|(db, (xb, gb))| gelu_bwd_rows_dispatch(isa, db, xb, gb));
     dx
 }
 

@@ -38,19 +38,21 @@ pub fn gemm_isa() -> &'static str {
 }
 
 /// The paths of our own fused element-wise / attention kernels on this CPU: their
-/// `#[target_feature(enable = "avx2,fma")]` copies where AVX2 + FMA exist (also on AVX-512
-/// machines: they have no AVX-512 copies), else portable code.
+/// `#[target_feature(enable = "avx2,fma")]` copies where AVX2 + FMA exist, else portable
+/// code; GELU also has an AVX-512F copy, used on AVX-512 CPUs in builds with the `avx512`
+/// feature (the default).
 pub fn fused_isa() -> &'static str {
-    if crate::nn::fused::has_avx2_fma() {
-        "AVX2/FMA"
-    } else {
-        "portable"
+    use crate::nn::fused::{gelu_isa, GeluIsa};
+    match gelu_isa() {
+        GeluIsa::Avx512 => "AVX2/FMA, GELU AVX-512F",
+        GeluIsa::Avx2 => "AVX2/FMA",
+        GeluIsa::Portable => "portable",
     }
 }
 
 /// The line every `bench` table starts with: CPU model, widest ISA, the kernels in use and
 /// the thread count, e.g. `CPU: Intel(R) Xeon(R) … · ISA: AVX-512 + AVX512-BF16 + AMX ·
-/// matmul: AVX-512 (gemm x86-v4 kernels) · fused kernels: AVX2/FMA · 2 threads`.
+/// matmul: AVX-512 (gemm x86-v4 kernels) · fused kernels: AVX2/FMA, GELU AVX-512F · 2 threads`.
 pub fn bench_header(threads: usize) -> String {
     format!(
         "CPU: {} · ISA: {} · matmul: {} · fused kernels: {} · {threads} threads",
