@@ -10,6 +10,7 @@
 //! - [`parity`]: forward + backward of a device against the CPU reference path.
 
 pub mod data;
+pub mod gemm;
 pub mod infer;
 pub mod parity;
 pub mod precision;

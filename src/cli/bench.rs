@@ -49,11 +49,66 @@ pub enum What {
     /// Peak memory of whole runs (`train` with and without --checkpoint-blocks, `select`) on a
     /// random official-layout checkpoint, each in a child process.
     RunMemory(super::bench_memory::Args),
+    /// f32 matrix products of the linear layers' shapes: one thread vs gemm's own threading
+    /// (Candle's matmul) vs one block of rows per thread (the linear layers), GFLOP/s.
+    Gemm(GemmArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GemmArgs {
+    /// Shapes `m:k:n` (`[m × k] · [k × n]`), comma-separated. Default: SAM tiny@256 batch 1
+    /// and ViT-B@512 linear layers.
+    #[arg(long, value_delimiter = ',')]
+    pub shapes: Vec<gps_seg::bench::gemm::Shape>,
+    /// Threads for the two threaded columns.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Timed rounds per cell (the median is shown).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+}
+
+fn run_gemm(a: GemmArgs) -> anyhow::Result<()> {
+    if a.threads == 0 || a.threads > 1024 || a.rounds == 0 || a.rounds > 1000 {
+        anyhow::bail!("--threads must be in 1..=1024 and --rounds in 1..=1000");
+    }
+    let shapes = if a.shapes.is_empty() {
+        gps_seg::bench::gemm::default_shapes()
+    } else {
+        a.shapes
+    };
+    let rows = gps_seg::bench::gemm::run(&shapes, a.threads, a.rounds)?;
+    println!("{}", gps_seg::util::cpu::bench_header(a.threads));
+    println!(
+        "| m × k · k × n | 1 thread GFLOP/s | gemm Rayon({t}) (Candle's matmul) | rows split over {t} threads (linear layers) | split / Rayon |",
+        t = a.threads
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for r in rows {
+        let s = r.shape;
+        println!(
+            "| {} × {} · {} × {} | {:.1} | {:.1} | {:.1} | {:.2} |",
+            s.m,
+            s.k,
+            s.k,
+            s.n,
+            r.one_thread,
+            r.gemm_rayon,
+            r.row_split,
+            r.row_split / r.gemm_rayon.max(1e-9)
+        );
+    }
+    println!(
+        "(median of {} rounds of ≈ 0.2 s each, after a warm-up)",
+        a.rounds
+    );
+    Ok(())
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.what {
         What::Sam(a) => run_sam(a),
+        What::Gemm(a) => run_gemm(a),
         What::Infer(a) => run_infer(a),
         What::Export(a) => run_export(a),
         What::Gps(a) => super::bench_gps::run(a),

@@ -1,14 +1,17 @@
 //! Row-split matrix products on the CPU for the linear carrier ([`super::sparse_grad`]).
 //!
 //! Candle hands `gemm` a `Parallelism::Rayon(n)` for each matmul, and `gemm` splits that work
-//! itself. At the sizes of a small ViT it gains little from the second thread: measured on a
-//! 2-core Intel Xeon, AVX-512 kernels (docs/PERF.md), `[256 × 192] · [192 × 576]` runs at
-//! 181 GFLOP/s on one thread, 208 GFLOP/s with `Rayon(2)` and 276 GFLOP/s when the 256 rows
-//! are cut into one block per thread, each block a single-threaded gemm; at ViT-B@512 sizes
-//! (`[1024 × 768] · [768 × 3072]`) the two are within 5% of each other. [`matmul_into`]
-//! does the latter: one contiguous block of output rows per thread of the current rayon pool,
-//! so inside a single-thread pool (one chunk of [`super::split_backward`]) it is one plain
-//! single-threaded gemm.
+//! itself. At the sizes of a small ViT it gains little from the second thread: measured with
+//! `gps-seg bench gemm` on a 2-core Intel Xeon, AVX-512 kernels (docs/PERF.md),
+//! `[256 × 192] · [192 × 576]` runs at 178 GFLOP/s on one thread, 224 GFLOP/s with
+//! `Rayon(2)` and 281–303 GFLOP/s when the 256 rows are cut into one block per thread, each
+//! block a single-threaded gemm; at ViT-B@512 sizes the two are within 3–10% of each other
+//! either way. [`matmul_into`] does the latter: one contiguous block of output rows per thread
+//! of the current rayon pool, so inside a single-thread pool (one chunk of
+//! [`super::split_backward`]) it is one plain single-threaded gemm. (In isolation the
+//! `[256 × 192] · [192 × 192]` product is slower split, 163 vs 198 GFLOP/s; routing it to
+//! `gemm`'s threading made the tiny@256 batch-1 forward slower, 20.3–20.8 → 21.6–21.7 ms, so
+//! every product with enough rows is split.)
 //!
 //! Each output element is a dot product over the same `k` values either way; the blocking
 //! `gemm` picks depends on the block's size, so results can differ from one whole gemm in
