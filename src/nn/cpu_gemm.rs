@@ -130,6 +130,19 @@ pub(crate) fn matmul_into<T: Fl>(
     Ok(())
 }
 
+/// `a·b` (`a: m×k`, `b: k×n`) into a new contiguous row-major `m×n` buffer, by
+/// [`matmul_into`].
+pub(crate) fn matmul<T: Fl>(
+    dims: (usize, usize, usize),
+    a: Mat<'_, T>,
+    b: Mat<'_, T>,
+) -> candle_core::Result<Vec<T>> {
+    let (m, _, n) = dims;
+    let mut y = vec![T::ZERO; m.saturating_mul(n)];
+    matmul_into(&mut y, dims, a, b, false)?;
+    Ok(y)
+}
+
 /// One `gemm` call: `dst (m×n, contiguous) = [dst +] a·b`.
 ///
 /// # Safety

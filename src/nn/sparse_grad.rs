@@ -17,7 +17,7 @@
 //! against the dense path and finite differences. Used on CPU; other devices take the dense
 //! path.
 
-use super::cpu_gemm::{matmul_into, Mat};
+use super::cpu_gemm::{matmul, matmul_into, Mat};
 use super::fused::{data, Fl};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
@@ -244,15 +244,11 @@ impl LinearCarrier {
             with_data::<T, _>(dy, |g| {
                 let dx = if want.dx {
                     let v = with_data::<T, _>(w, |w| {
-                        let mut dx = vec![T::ZERO; rows.saturating_mul(inp)];
-                        matmul_into(
-                            &mut dx,
+                        matmul(
                             (rows, out, inp),
                             Mat::row_major(g, out),
                             Mat::row_major(w, inp),
-                            false,
-                        )?;
-                        Ok(dx)
+                        )
                     })?;
                     Some(Tensor::from_vec(v, x_shape.clone(), dev)?)
                 } else {
@@ -268,15 +264,11 @@ impl LinearCarrier {
                     }
                     (Some(x), None, true) => {
                         let v = with_data::<T, _>(x, |x| {
-                            let mut dw = vec![T::ZERO; out.saturating_mul(inp)];
-                            matmul_into(
-                                &mut dw,
+                            matmul(
                                 (out, rows, inp),
                                 Mat::transposed(g, out),
                                 Mat::row_major(x, inp),
-                                false,
-                            )?;
-                            Ok(dw)
+                            )
                         })?;
                         Some(Tensor::from_vec(v, (out, inp), dev)?)
                     }
