@@ -53,7 +53,7 @@ fn linear_value<T: Fl>(
 }
 
 /// Run `f` on the contiguous CPU data of `t` (f32/f64).
-fn with_data<T: Fl, R>(
+pub(crate) fn with_data<T: Fl, R>(
     t: &Tensor,
     f: impl FnOnce(&[T]) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {

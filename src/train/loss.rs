@@ -11,6 +11,8 @@
 //! All losses return a scalar (rank-0) tensor of the input's dtype.
 
 use crate::error::{Error, Result};
+use crate::nn::sparse_grad::with_data;
+use candle_core::CustomOp2;
 use candle_core::{DType, Tensor, D};
 use rayon::prelude::*;
 
@@ -225,8 +227,21 @@ impl candle_core::CustomOp2 for FusedSegLoss {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let g = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let g = g.first().copied().unwrap_or(0.0);
-        let x = logits.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let t = targets.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (logits_c, targets_c) = (logits.contiguous()?, targets.contiguous()?);
+        let dx = with_data::<f32, _>(&logits_c, |x| {
+            with_data::<f32, _>(&targets_c, |t| self.grad(x, t, g, logits.dim(0)?))
+        })?;
+        let dx = Tensor::from_vec(dx, logits.shape(), logits.device())?;
+        Ok((Some(dx), None))
+    }
+}
+
+impl FusedSegLoss {
+    /// `d loss / d logits` times the upstream gradient `g`, for `b` images.
+    fn grad(&self, x: &[f32], t: &[f32], g: f32, b: usize) -> candle_core::Result<Vec<f32>> {
+        if x.len() != t.len() {
+            candle_core::bail!("{}: {} logits, {} targets", self.name(), x.len(), t.len());
+        }
         let mut dx = vec![0f32; x.len()];
         match self {
             FusedSegLoss::Bce => {
@@ -240,9 +255,9 @@ impl candle_core::CustomOp2 for FusedSegLoss {
                     });
             }
             FusedSegLoss::SoftIou => {
-                let b = logits.dim(0)?.max(1);
+                let b = b.max(1);
                 let n = x.len() / b;
-                let sums = Self::iou_sums(&x, &t, b);
+                let sums = Self::iou_sums(x, t, b);
                 for (i, &(inter, union)) in sums.iter().enumerate() {
                     let u = union + SOFT_IOU_EPS;
                     // d loss / d p_j = −(t_j·u − I·(1 − t_j)) / u², times g / B.
@@ -262,8 +277,7 @@ impl candle_core::CustomOp2 for FusedSegLoss {
                 }
             }
         }
-        let dx = Tensor::from_vec(dx, logits.shape(), logits.device())?;
-        Ok((Some(dx), None))
+        Ok(dx)
     }
 }
 
