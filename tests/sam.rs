@@ -293,14 +293,7 @@ fn checkpointed_encoder_backward_matches_full_backward() {
         match (full.get(var.as_tensor()), ck.get(var.as_tensor())) {
             (None, None) => {}
             (Some(f), Some(c)) => {
-                let scale = f
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    .max(1e-6);
+                let scale = (gps_seg::nn::gradcheck::max_abs(f).unwrap() as f32).max(1e-6);
                 let d = max_abs_diff(f, c);
                 assert!(d <= 1e-4 * scale, "{name}: differs by {d} (scale {scale})");
                 compared += 1;

@@ -34,13 +34,30 @@ impl std::str::FromStr for Shape {
                 return Err(bad());
             }
         }
-        Ok(Shape {
+        let sh = Shape {
             m: v[0],
             k: v[1],
             n: v[2],
-        })
+        };
+        // Each operand and the output are allocated: at most 2²⁶ values (256 MiB) each.
+        for (what, len) in [
+            ("m·k", sh.m * sh.k),
+            ("k·n", sh.k * sh.n),
+            ("m·n", sh.m * sh.n),
+        ] {
+            if len > MAX_OPERAND_VALUES {
+                return Err(Error::Config {
+                    field: "shapes".into(),
+                    msg: format!("`{s}`: {what} = {len} values, more than {MAX_OPERAND_VALUES}"),
+                });
+            }
+        }
+        Ok(sh)
     }
 }
+
+/// Values one operand of `bench gemm` may hold (2²⁶ f32 = 256 MiB).
+pub const MAX_OPERAND_VALUES: usize = 1 << 26;
 
 /// The shapes of the default table: SAM tiny@256 at batch 1 (256 tokens, width 192: qkv,
 /// proj, MLP in and out) and ViT-B@512 (1024 tokens, width 768: qkv, MLP in and out).
@@ -169,7 +186,14 @@ mod tests {
                 n: 576
             }
         );
-        for bad in ["256:192", "0:1:1", "1:1:99999", "a:b:c", "1:2:3:4"] {
+        for bad in [
+            "256:192",
+            "0:1:1",
+            "1:1:99999",
+            "a:b:c",
+            "1:2:3:4",
+            "16384:16384:1",
+        ] {
             let e = bad.parse::<Shape>().unwrap_err().to_string();
             assert!(e.contains("shapes") && e.contains(bad), "{bad}: {e}");
         }

@@ -570,13 +570,7 @@ mod tests {
             let g = grads
                 .get(var.as_tensor())
                 .unwrap_or_else(|| panic!("no gradient for {name}"));
-            let m = g
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let m = crate::nn::gradcheck::max_abs(g).unwrap() as f32;
             assert!(m > 0.0 && m.is_finite(), "zero gradient for {name}");
         }
         let e = vit.forward(&images(1, 8, 0)).unwrap_err().to_string();

@@ -526,13 +526,7 @@ mod tests {
                 rel <= 1e-6,
                 "{name}: {lf} vs {exact} (f64), composed f32 {lr}"
             );
-            let scale = gr
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let scale = crate::nn::gradcheck::max_abs(&gr).unwrap() as f32;
             let d = crate::nn::gradcheck::max_abs_diff(&gf, &gr).unwrap() as f32;
             assert!(
                 d <= 1e-4 * scale,

@@ -100,12 +100,11 @@ pub fn elementwise_pool_pays(split: bool, values_per_image: usize) -> bool {
 }
 
 /// Turn Candle's element-wise pool on (one thread per rayon thread) when
-/// [`elementwise_pool_pays`], unless the user set `CANDLE_NUM_THREADS`. Returns whether it is
-/// on. Call after [`set`] and before any tensor work: Candle sizes its pool once, at its first
-/// large element-wise op.
-pub fn elementwise_pool_for(split: bool, values_per_image: usize) -> bool {
+/// [`elementwise_pool_pays`], unless the user set `CANDLE_NUM_THREADS`. Call after [`set`]
+/// and before any tensor work: Candle sizes its pool once, at its first large element-wise op.
+pub fn elementwise_pool_for(split: bool, values_per_image: usize) {
     if USER_ELEMENTWISE_POOL.load(std::sync::atomic::Ordering::Relaxed) {
-        return std::env::var("CANDLE_NUM_THREADS").is_ok_and(|v| v.trim() != "1");
+        return;
     }
     let on = elementwise_pool_pays(split, values_per_image) && rayon::current_num_threads() > 1;
     // Before any tensor work (see above): nothing reads the environment concurrently.
@@ -117,7 +116,6 @@ pub fn elementwise_pool_for(split: bool, values_per_image: usize) -> bool {
             "1".to_string()
         },
     );
-    on
 }
 
 /// Run `f` on one of rayon's worker threads and wait for it (directly when already on one).
