@@ -62,6 +62,10 @@ pub struct Args {
     /// `--out` must sit in the base's folder.
     #[arg(long, conflicts_with_all = ["random_init", "quantize", "external_data"])]
     pub base_onnx: Option<PathBuf>,
+    /// Replace an existing --out (and its data); without it an export never replaces a file
+    /// it did not write. A shared base (`--base-onnx`) is never replaced.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -183,10 +187,40 @@ fn resolve(args: &Args) -> anyhow::Result<(SamConfig, Option<PathBuf>)> {
     Ok((cfg, weights))
 }
 
+/// Every file a checkpoint brings along (its `<stem>.json` config beside it), and for a run
+/// folder as `--model` every entry of the run except the ONNX models gps-seg exports there
+/// (`RUN/model.onnx` stays a fine output; `RUN/gps/delta.safetensors` or `RUN/summary.json`
+/// are inputs).
+fn implicit_inputs(
+    mut io: gps_seg::util::fs::IoPaths,
+    model: Option<&Path>,
+    weights: Option<&Path>,
+) -> gps_seg::util::fs::IoPaths {
+    if let Some(w) = weights {
+        if let Some(stem) = w.file_stem() {
+            let c = w.with_file_name(format!("{}.json", stem.to_string_lossy()));
+            if c.exists() {
+                io = io.input("--model (config beside the weights)", c);
+            }
+        }
+    }
+    if let Some(run) = model.filter(|m| m.is_dir()) {
+        if let Ok(rd) = std::fs::read_dir(run) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !(name.ends_with(".onnx") || name.ends_with(".onnx.data")) {
+                    io = io.input("--model (run folder)", e.path());
+                }
+            }
+        }
+    }
+    io
+}
+
 /// Refuse before any work when an output (`--out`, its `.data`, the prompted decoder and its
 /// `.data`) would equal, contain or sit inside a file the export reads (the weights, the config
-/// files). A run folder as `--model` is read only through those files, so `RUN/model.onnx` is a
-/// fine output.
+/// files, see [`implicit_inputs`]); then the same rule per file written, and no existing file
+/// replaced without --overwrite.
 fn check_paths(args: &Args, weights: Option<&Path>) -> anyhow::Result<()> {
     let with_data = |p: &Path| {
         let mut d = p.as_os_str().to_owned();
@@ -216,7 +250,7 @@ fn check_paths(args: &Args, weights: Option<&Path>) -> anyhow::Result<()> {
             .output("--out (prompted decoder)", &dec)
             .output("--out (prompted decoder data)", with_data(&dec));
     }
-    io.check()?;
+    implicit_inputs(io, args.model.as_deref(), weights).enforce(args.overwrite)?;
     Ok(())
 }
 
@@ -344,8 +378,9 @@ fn run_delta(args: &Args, base_onnx: &Path) -> anyhow::Result<()> {
             );
         }
         io = io.input("--model (base checkpoint)", b);
+        io = implicit_inputs(io, None, Some(b));
     }
-    io.check()?;
+    implicit_inputs(io, Some(run), None).enforce(args.overwrite)?;
     let dev = candle_core::Device::Cpu;
     let artifact = gps_seg::gps::Artifact::load(&gps_dir, &dev)
         .with_context(|| format!("{}: not a GPS run (no artifact)", gps_dir.display()))?;

@@ -118,6 +118,10 @@ pub struct Args {
     pub prompt: super::common::PromptArgs,
     #[command(flatten)]
     pub device: DeviceArgs,
+    /// Replace files of an earlier job in --out (masks, overlays, reports); without it a job
+    /// never replaces a file it did not write itself.
+    #[arg(long)]
+    pub overwrite: bool,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -219,12 +223,37 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for d in &read_dirs {
         io = io.input("(input images)", d);
     }
+    // What loading the models reads besides the files named (external data, a task's base).
+    for m in [args.model.as_deref(), args.decoder.as_deref()]
+        .into_iter()
+        .flatten()
+    {
+        for c in gps_seg::onnx::integrity::companion_files(m) {
+            io = io.input("--model (external data or base)", c);
+        }
+    }
     if let Some(r) = &run {
         if let Ok(w) = r.weights() {
             io = io.input("--run (weights)", w);
         }
+        for f in ["config.json", "split.json", "summary.json"] {
+            io = io.input("--run", r.dir.join(f));
+        }
+        // The run's exported models are re-exported when older than its weights.
+        for f in [
+            "model.onnx",
+            "model.onnx.data",
+            "model_prompted.onnx",
+            "model_prompted.onnx.data",
+            "model_prompted_decoder.onnx",
+            "model_prompted_decoder.onnx.data",
+        ] {
+            io = io.replaceable(r.dir.join(f));
+        }
     }
-    io.output("--out", &out).check()?;
+    // Per file from here on: no write follows a link into an input, and none replaces a file
+    // of an earlier job unless --overwrite.
+    io.output("--out", &out).enforce(args.overwrite)?;
 
     let engine: Box<dyn Engine> = match args.engine {
         EngineKind::Ort if prompted => {

@@ -19,14 +19,26 @@ pub struct Args {
     /// Output checkpoint (.safetensors).
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace an existing --out; without it merge never replaces a file it did not write.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    gps_seg::util::fs::IoPaths::new()
+    let mut io = gps_seg::util::fs::IoPaths::new()
         .input("--base", &a.base)
         .input("--delta", &a.delta)
-        .output("--out", &a.out)
-        .check()?;
+        .output("--out", &a.out);
+    // The base's config beside it (`<stem>.json`) belongs to the base.
+    if let Some(stem) = a.base.file_stem() {
+        let c = a
+            .base
+            .with_file_name(format!("{}.json", stem.to_string_lossy()));
+        if c.exists() {
+            io = io.input("--base (config beside it)", c);
+        }
+    }
+    io.enforce(a.overwrite)?;
     let dev = candle_core::Device::Cpu;
     let base = tensors::load(&a.base, &dev)?;
     let art = Artifact::load(&a.delta, &dev)?;

@@ -405,6 +405,8 @@ impl OrtModel {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file"),
             ));
         }
+        // The files it points into (its external data; a task file's base) are checked first.
+        crate::onnx::integrity::verify_model_file(path)?;
         let (env, _) = environment(ort_lib)?;
         let err = |e: String| Error::Onnx(format!("{}: {e}", path.display()));
         let mut b = Session::builder(env).map_err(|e| err(e.to_string()))?;

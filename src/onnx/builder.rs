@@ -775,7 +775,12 @@ pub fn write_model_external(
         .ok_or_else(|| Error::Onnx(format!("{}: not a file path", path.display())))?;
     let data_name = format!("{file_name}.data");
     let data_path = path.with_file_name(&data_name);
+    // A model and its data are one write: one gps-seg process at a time in the folder.
+    let _lock = crate::util::fs::locked(crate::util::fs::parent_of(path))?;
+    crate::util::fs::guard_write(path)?;
+    refuse_replacing_base(path)?;
     let mut blobs: Vec<(usize, Vec<u8>)> = Vec::new();
+    let mut record = Vec::new();
     let mut offset = 0usize;
     {
         if let Some(g) = model.graph.as_mut() {
@@ -798,11 +803,35 @@ pub fn write_model_external(
                             value: len.to_string(),
                         },
                     ];
+                    record.push(super::integrity::ExternalTensor {
+                        name: t.name.clone(),
+                        offset: offset as u64,
+                        length: len as u64,
+                        sha256: super::integrity::sha256_hex(&data),
+                    });
                     blobs.push((offset, data));
                     offset = (offset + len).div_ceil(DATA_ALIGN) * DATA_ALIGN;
                 }
             }
         }
+    }
+    // What the data file holds, so a loader can tell it is the data this model was written
+    // with (`onnx::integrity`); a model without data of its own records nothing.
+    model
+        .metadata_props
+        .retain(|e| e.key != super::integrity::META_EXTERNAL);
+    if !record.is_empty() {
+        let rec = super::integrity::ExternalRecord {
+            file: data_name.clone(),
+            tensors: record,
+        };
+        let value = serde_json::to_string(&rec)
+            .map_err(|e| Error::Onnx(format!("{}: external record: {e}", path.display())))?;
+        model.metadata_props.push(StringStringEntryProto {
+            key: super::integrity::META_EXTERNAL.into(),
+            value,
+        });
+        crate::util::fs::guard_write(&data_path)?;
     }
     let len = model.encoded_len();
     if len >= PROTO_LIMIT {
@@ -842,6 +871,8 @@ pub fn write_model_external(
         }
         Some((staged, data_path)) => {
             replace_pair(path, &bytes, &staged, &data_path)?;
+            crate::util::fs::guard_created(path);
+            crate::util::fs::guard_created(&data_path);
             Some(data_path)
         }
     };
@@ -852,6 +883,26 @@ pub fn write_model_external(
         data_bytes,
         external_tensors,
     })
+}
+
+/// A gps-seg base file (`export --base-onnx`) is never replaced: its task files point into its
+/// data, and would silently run on other weights.
+fn refuse_replacing_base(path: &Path) -> Result<()> {
+    if !path.is_file() {
+        return Ok(());
+    }
+    let role = super::integrity::read_metadata(path)
+        .ok()
+        .and_then(|m| m.get(super::delta::META_ROLE).cloned());
+    if role.as_deref() == Some("base") {
+        return Err(Error::Onnx(format!(
+            "refusing to replace {}: it is a shared base of task files (`export --base-onnx`), \
+             which point into its data; write to another path, or move the base and its tasks \
+             away first",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 fn data_staging_path(data_path: &Path) -> PathBuf {

@@ -170,8 +170,24 @@ pub fn task_model(
         )));
     }
     let data_name = data_file_name(base_path)?;
+    let base_record = meta(base, super::integrity::META_EXTERNAL).ok_or_else(|| {
+        Error::Onnx(format!(
+            "{}: the base records no external data (`{}`): written by an older gps-seg; \
+             export a new base (a new --base-onnx path)",
+            base_path.display(),
+            super::integrity::META_EXTERNAL
+        ))
+    })?;
     let merged = crate::gps::merge(base_weights, artifact)?;
     let mut model = base.clone();
+    model
+        .metadata_props
+        .retain(|e| e.key != super::integrity::META_EXTERNAL);
+    set_meta(
+        &mut model,
+        super::integrity::META_BASE_DATA,
+        &super::integrity::record_digest(&base_record),
+    );
     let graph = model
         .graph
         .as_mut()
@@ -411,6 +427,12 @@ pub fn export_sam_task(
     base_path: &Path,
     out: &Path,
 ) -> Result<TaskExport> {
+    // One writer at a time in the base's folder (between processes): the base is written
+    // once, never replaced, and a task is never written against a base being replaced.
+    let _lock =
+        crate::util::fs::FolderLock::acquire(crate::util::fs::parent_of(base_path), &mut |m| {
+            tracing::info!("{m}")
+        })?;
     let base_written = !base_path.exists();
     if base_written {
         let hash = crate::util::tensors::content_hash(base_weights)?;
@@ -427,6 +449,10 @@ pub fn export_sam_task(
     }
     let base = super::builder::read_model(base_path)?;
     check_base(&base, base_path, artifact, Some(graph.name()))?;
+    if !base_written {
+        // Reusing a base: its data must be the data it was written with, whole.
+        super::integrity::verify_model_file(base_path)?;
+    }
     let bad = |field: &str, have: &str, want: &str| {
         Error::Onnx(format!(
             "{}: `{field}` is `{have}`, this export needs `{want}`",

@@ -4,6 +4,7 @@
 pub mod builder;
 pub mod classifier;
 pub mod delta;
+pub mod integrity;
 pub mod proto;
 pub mod quantize;
 pub mod sam;

@@ -6,12 +6,21 @@
 //! - [`IoPaths`]: the rule that an output path may never equal, contain or sit inside an input
 //!   path of the same command (both canonicalised), checked before anything is written.
 //! - [`atomic_dir`]: a folder built under a temp name and renamed into place when complete.
+//! - [`IoPaths::enforce`]: the same rule per file written, for the rest of the command: every
+//!   write through this module first resolves the file's path (symbolic links included) and
+//!   refuses one that lands on, in or around an input, and refuses to replace a file this
+//!   command did not create unless the command was given `--overwrite`.
+//! - [`FolderLock`]: an advisory `flock` on a folder, so that two gps-seg processes writing
+//!   into one folder (two exports of one base or one `--out`) take turns.
 
 use crate::error::{Error, Result};
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 
-fn parent_of(path: &Path) -> &Path {
+/// The folder `path` lies in (`.` for a bare file name).
+pub fn parent_of(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -44,6 +53,8 @@ pub fn write_atomic_with(
 ) -> Result<()> {
     let parent = parent_of(path);
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let _lock = locked(parent)?;
+    guard_write(path)?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -58,6 +69,7 @@ pub fn write_atomic_with(
         .and_then(|()| tmp.as_file().sync_all())
         .map_err(|e| Error::io(path, e))?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    guard_created(path);
     sync_dir(parent)
 }
 
@@ -87,6 +99,7 @@ pub fn atomic_dir<T>(dest: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> Resu
             std::io::Error::new(std::io::ErrorKind::AlreadyExists, "already exists"),
         ));
     }
+    guard_write(dest)?;
     let parent = parent_of(dest);
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     let name = dest
@@ -110,6 +123,7 @@ pub fn atomic_dir<T>(dest: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> Resu
         let _ = std::fs::remove_dir_all(&tmp_path);
         Error::io(dest, e)
     })?;
+    guard_created(dest);
     sync_dir(parent)?;
     Ok(out)
 }
@@ -151,6 +165,9 @@ pub fn canonical_lenient(path: &Path) -> PathBuf {
 pub struct IoPaths {
     inputs: Vec<(String, PathBuf)>,
     outputs: Vec<(String, PathBuf)>,
+    /// Files the command may replace without `--overwrite` (its own derived files, e.g. a
+    /// run's `model.onnx` re-exported when older than the run's weights).
+    replaceable: Vec<PathBuf>,
 }
 
 impl IoPaths {
@@ -179,6 +196,40 @@ impl IoPaths {
         self
     }
 
+    /// A file the command may replace without `--overwrite` (see [`IoPaths::enforce`]).
+    pub fn replaceable(mut self, path: impl AsRef<Path>) -> Self {
+        self.replaceable.push(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// [`IoPaths::check`], then the same rule per file for the rest of this process (one
+    /// command): every later write through this module ([`write_atomic_with`], [`atomic_dir`],
+    /// an ONNX model and its data) resolves its own path, symbolic links included, and is
+    /// refused when it equals, contains or lies inside an input; a file that exists and was
+    /// not created by this command is replaced only when `overwrite` (the command's
+    /// `--overwrite`) or when named by [`IoPaths::replaceable`].
+    pub fn enforce(&self, overwrite: bool) -> Result<()> {
+        self.check()?;
+        let guard = OutputGuard {
+            inputs: self
+                .inputs
+                .iter()
+                .map(|(w, p)| (w.clone(), canonical_lenient(p)))
+                .collect(),
+            overwrite,
+            replaceable: self
+                .replaceable
+                .iter()
+                .map(|p| canonical_lenient(p))
+                .collect(),
+            created: Mutex::new(HashSet::new()),
+        };
+        if let Ok(mut g) = GUARD.write() {
+            *g = Some(Arc::new(guard));
+        }
+        Ok(())
+    }
+
     /// Refuse when any output equals, contains or lies inside any input (canonicalised); the
     /// error names both flags and both paths.
     pub fn check(&self) -> Result<()> {
@@ -204,6 +255,158 @@ impl IoPaths {
             }
         }
         Ok(())
+    }
+}
+
+/// The per-file output rule of the running command (see [`IoPaths::enforce`]).
+#[derive(Debug)]
+struct OutputGuard {
+    /// Canonical inputs with the flag that named them.
+    inputs: Vec<(String, PathBuf)>,
+    overwrite: bool,
+    replaceable: Vec<PathBuf>,
+    /// Canonical paths this command created (it may replace them again).
+    created: Mutex<HashSet<PathBuf>>,
+}
+
+static GUARD: RwLock<Option<Arc<OutputGuard>>> = RwLock::new(None);
+
+fn current_guard() -> Option<Arc<OutputGuard>> {
+    GUARD.read().ok().and_then(|g| g.clone())
+}
+
+/// Check one file (or folder) about to be written against the command's output rule (no-op
+/// when no command installed one with [`IoPaths::enforce`]). Called by every writer here.
+pub fn guard_write(path: &Path) -> Result<()> {
+    let Some(g) = current_guard() else {
+        return Ok(());
+    };
+    let c = canonical_lenient(path);
+    for (what, ic) in &g.inputs {
+        let how = if &c == ic {
+            "is"
+        } else if c.starts_with(ic) {
+            "lies inside"
+        } else if ic.starts_with(&c) {
+            "contains"
+        } else {
+            continue;
+        };
+        return Err(Error::Msg(format!(
+            "refusing to write {}: it resolves to {}, which {how} input {what} {} (a symbolic \
+             link on the way?); an output may never equal, contain or sit inside an input",
+            path.display(),
+            c.display(),
+            ic.display()
+        )));
+    }
+    if std::fs::symlink_metadata(path).is_ok() && !g.overwrite && !g.replaceable.contains(&c) {
+        let mine = g.created.lock().map(|s| s.contains(&c)).unwrap_or(false);
+        if !mine {
+            return Err(Error::Msg(format!(
+                "refusing to replace {}: it exists and was not written by this command; pass \
+                 --overwrite to replace it, or choose another output",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The folder lock a command's writes take (see [`FolderLock`]); none for a library caller
+/// that installed no output rule (training rewrites its own run files many times a second).
+pub fn locked(dir: &Path) -> Result<Option<FolderLock>> {
+    if current_guard().is_none() {
+        return Ok(None);
+    }
+    FolderLock::acquire(dir, &mut |m| tracing::info!("{m}")).map(Some)
+}
+
+/// Note that this command created `path` (it may write it again without `--overwrite`).
+pub fn guard_created(path: &Path) {
+    if let Some(g) = current_guard() {
+        if let Ok(mut s) = g.created.lock() {
+            s.insert(canonical_lenient(path));
+        }
+    }
+}
+
+/// An exclusive advisory lock (`flock`) on a folder, held until dropped: gps-seg processes
+/// that write shared files into one folder (a base and its task files, one `--out`) take
+/// turns. The lock is between processes: a second acquisition of a folder this process
+/// already holds is granted at once (writers nest: an export that holds its base's folder
+/// writes files through [`write_atomic_with`], which locks the same folder).
+#[derive(Debug)]
+pub struct FolderLock {
+    key: PathBuf,
+}
+
+/// Folders this process holds: the open descriptor that holds the `flock`, and a count.
+static HELD: Mutex<Vec<(PathBuf, std::fs::File, usize)>> = Mutex::new(Vec::new());
+
+impl FolderLock {
+    /// Lock `dir` (created when missing), waiting for another process if one holds it
+    /// (reported once through `waiting`).
+    pub fn acquire(dir: &Path, waiting: &mut dyn FnMut(&str)) -> Result<FolderLock> {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let key = canonical_lenient(dir);
+        let poisoned = || Error::msg("folder lock table poisoned");
+        {
+            let mut held = HELD.lock().map_err(|_| poisoned())?;
+            if let Some(e) = held.iter_mut().find(|e| e.0 == key) {
+                e.2 += 1;
+                return Ok(FolderLock { key });
+            }
+        }
+        let file = std::fs::File::open(dir).map_err(|e| Error::io(dir, e))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::io::AsRawFd;
+            let fd = file.as_raw_fd();
+            // SAFETY: `fd` is an open descriptor owned by `file`, which outlives the call.
+            let r = unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) };
+            if r != 0 {
+                waiting(&format!(
+                    "waiting for another gps-seg process writing into {}",
+                    dir.display()
+                ));
+                // SAFETY: as above.
+                let r = unsafe { libc::flock(fd, libc::LOCK_EX) };
+                if r != 0 {
+                    return Err(Error::io(dir, std::io::Error::last_os_error()));
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = waiting;
+        let mut held = HELD.lock().map_err(|_| poisoned())?;
+        match held.iter_mut().find(|e| e.0 == key) {
+            // Another thread of this process took it meanwhile: share its hold.
+            Some(e) => e.2 += 1,
+            None => held.push((key.clone(), file, 1)),
+        }
+        Ok(FolderLock { key })
+    }
+}
+
+impl Drop for FolderLock {
+    fn drop(&mut self) {
+        if let Ok(mut held) = HELD.lock() {
+            if let Some(i) = held.iter().position(|e| e.0 == self.key) {
+                if let Some(e) = held.get_mut(i) {
+                    e.2 = e.2.saturating_sub(1);
+                    if e.2 == 0 {
+                        // Closing the descriptor releases the flock.
+                        held.swap_remove(i);
+                    }
+                }
+            }
+        }
     }
 }
 
