@@ -381,3 +381,78 @@ fn cli_base_and_two_task_files_infer_like_merged_models() {
     ]);
     assert!(!ok && t.contains("--base-onnx"), "{t}");
 }
+
+/// The serving form: several task files on one base held once (`OrtModel::load_shared`), run
+/// interleaved on the base's one session, equal their merged models: max |Δ| ≤ 1e-5 relative
+/// to the logits' scale, and the masks (logit > 0) identical, at batch 1 and 3.
+fn shared_equals_merged(cfg: &SamConfig, dir: &Path) {
+    ort_ready();
+    let base = random_sam_weights(cfg, 21).unwrap();
+    let opts = SamExportOptions::default();
+    let base_path = dir.join("base.onnx");
+    let s = cfg.image_size;
+    let (x1, x3) = (images(1, s, 3), images(3, s, 4));
+    let mut pairs = Vec::new();
+    for seed in [7u64, 8, 9] {
+        let art = synthetic_task(&base, seed).unwrap();
+        let task = dir.join(format!("task{seed}.onnx"));
+        export_sam_task(
+            SamGraph::PromptFree,
+            cfg,
+            &base,
+            &art,
+            opts,
+            &base_path,
+            &task,
+        )
+        .unwrap();
+        let merged = gps_seg::gps::merge(&base, &art).unwrap();
+        let mpath = dir.join(format!("merged{seed}.onnx"));
+        gps_seg::onnx::write_model(&mpath, export_prompt_free(cfg, &merged, opts).unwrap().0)
+            .unwrap();
+        let t = OrtModel::load_shared(&task, 2, None).unwrap();
+        let m = OrtModel::load(&mpath, 2).unwrap();
+        pairs.push((t, m));
+    }
+    let (b0, _) = pairs[0].0.shared().unwrap();
+    for (t, _) in &pairs {
+        assert!(
+            std::sync::Arc::ptr_eq(b0, t.shared().unwrap().0),
+            "one base in memory"
+        );
+    }
+    // Interleaved, twice round: every switch restores the base exactly.
+    for round in 0..2 {
+        for (i, (t, m)) in pairs.iter().enumerate() {
+            for x in [&x1, &x3] {
+                let (a, b) = (t.run_f32(x).unwrap(), m.run_f32(x).unwrap());
+                let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
+                let d = max_abs_diff(&a, &b);
+                assert!(
+                    d <= 1e-5 * scale,
+                    "{} task {i} round {round} batch {}: max |Δ| {d} (scale {scale})",
+                    cfg.name,
+                    x.shape()[0]
+                );
+                let flips = a
+                    .iter()
+                    .zip(b.iter())
+                    .filter(|(p, q)| (**p > 0.0) != (**q > 0.0))
+                    .count();
+                assert_eq!(flips, 0, "task {i}: masks differ");
+            }
+        }
+    }
+}
+
+#[test]
+fn shared_base_tasks_equal_merged_tiny() {
+    let dir = tempfile::tempdir().unwrap();
+    shared_equals_merged(&SamConfig::tiny(), dir.path());
+}
+
+#[test]
+fn shared_base_tasks_equal_merged_vit_b() {
+    let dir = tempfile::tempdir().unwrap();
+    shared_equals_merged(&SamConfig::vit_b().with_image_size(128), dir.path());
+}

@@ -9,9 +9,30 @@ use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A task: NAME=FILE.onnx (a prompt-free export, `gps-seg export`); repeat for more tasks.
-    #[arg(long = "task", required = true, value_name = "NAME=FILE")]
+    /// A task: NAME=FILE.onnx (an export, or a task file of `export --base-onnx`); repeat for
+    /// more tasks. Loaded at start.
+    #[arg(
+        long = "task",
+        value_name = "NAME=FILE",
+        required_unless_present = "tasks_dir"
+    )]
     pub tasks: Vec<String>,
+    /// Serve every task file in DIR (named by file stem, loaded on first use), and store tasks
+    /// added with `PUT /v1/tasks/NAME` here.
+    #[arg(long)]
+    pub tasks_dir: Option<PathBuf>,
+    /// Most tasks loaded at once; beyond, the least recently used is unloaded.
+    #[arg(long, default_value_t = 64)]
+    pub max_loaded: usize,
+    /// Most images of one task run as one batch.
+    #[arg(long, default_value_t = 8)]
+    pub max_batch: usize,
+    /// Run each task file on sessions of its own instead of on its base held once per process.
+    #[arg(long)]
+    pub no_shared_base: bool,
+    /// Largest task file `PUT /v1/tasks/NAME` accepts (bytes).
+    #[arg(long, default_value_t = 512 << 20)]
+    pub max_task_bytes: usize,
     /// Address to listen on (127.0.0.1: this machine only).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -79,12 +100,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     cfg.threshold = args.threshold;
     cfg.resize = super::common::parse_resize(&args.resize)?;
     cfg.ort_lib = args.ort_lib;
+    cfg.tasks_dir = args.tasks_dir;
+    cfg.max_loaded = args.max_loaded;
+    cfg.max_batch = args.max_batch;
+    cfg.shared_base = !args.no_shared_base;
+    cfg.max_task_bytes = args.max_task_bytes;
     let mut progress = Progress::new(true);
     let server = Server::bind(&cfg, &mut progress)?;
-    for t in server.tasks() {
+    for t in server.tasks().iter().filter(|t| t.loaded) {
         progress.event(Event::Info(format!(
-            "task `{}`: {} ({}×{}, {} session(s))",
-            t.name, t.model, t.input_size, t.input_size, t.sessions
+            "task `{}`: {} ({}×{}, {} session(s){})",
+            t.name,
+            t.model,
+            t.input_size,
+            t.input_size,
+            t.sessions,
+            match &t.base_file {
+                Some(b) => format!(", on the shared base {b}"),
+                None => String::new(),
+            }
         )));
     }
     // One line on stdout with the address (scripts read it; port 0 picks a free one).

@@ -1,7 +1,8 @@
 //! Batch inference: ONNX Runtime provisioning and sessions ([`runtime`]), the images of a job
 //! checked up front ([`input`]), engines (ONNX Runtime on an exported graph, or the Candle SAM,
 //! [`engine`]), one image's pre- and post-processing shared with the server ([`mask`]), the batched pre-process → run → post-process job with its reports ([`job`]),
-//! merged shard reports ([`report`]) and training-run folders ([`run`]); the engine benchmark is
+//! merged shard reports ([`report`]), training-run folders ([`run`]) and many task files served on
+//! one base held once in memory ([`shared`]); the engine benchmark is
 //! `crate::bench::infer`.
 //!
 //! Metrics are those of [`crate::metrics`] (shared with training's evaluation, so
@@ -15,6 +16,7 @@ pub mod prompted;
 pub mod report;
 pub mod run;
 pub mod runtime;
+pub mod shared;
 
 pub use engine::{CandleEngine, Engine, Logits, OrtEngine};
 pub use input::{BadInput, InputItem, Inputs};

@@ -81,6 +81,16 @@ impl PromptedOrtEngine {
         Self::from_models(encoder, decoder, threads)
     }
 
+    /// The image encoder's session.
+    pub fn encoder(&self) -> &OrtModel {
+        &self.encoder
+    }
+
+    /// The prompted decoder's session.
+    pub fn decoder(&self) -> &OrtModel {
+        &self.decoder
+    }
+
     /// `<dir>/<stem>_decoder.onnx` for the image encoder `<dir>/<stem>.onnx` (the pair
     /// `export --prompted` writes).
     pub fn decoder_path(encoder: &Path) -> std::path::PathBuf {

@@ -350,7 +350,7 @@ impl std::fmt::Display for IoInfo {
     }
 }
 
-fn io_infos(outlets: &[ort::value::Outlet]) -> Vec<IoInfo> {
+pub(crate) fn io_infos(outlets: &[ort::value::Outlet]) -> Vec<IoInfo> {
     outlets
         .iter()
         .map(|o| IoInfo {
@@ -369,9 +369,19 @@ fn io_infos(outlets: &[ort::value::Outlet]) -> Vec<IoInfo> {
         .collect()
 }
 
-/// An ONNX Runtime session on one model file.
+/// What runs an [`OrtModel`]: its own session, or a task on a shared base's session.
+enum Backing {
+    Own(Mutex<Session>),
+    Shared {
+        base: std::sync::Arc<super::shared::SharedBase>,
+        task: std::sync::Arc<super::shared::SharedTask>,
+    },
+}
+
+/// An ONNX Runtime session on one model file (or, for a task file served on a shared base, that
+/// base's session with the task's weights: [`OrtModel::load_shared`]).
 pub struct OrtModel {
-    session: Mutex<Session>,
+    backing: Backing,
     path: PathBuf,
     pub inputs: Vec<IoInfo>,
     pub outputs: Vec<IoInfo>,
@@ -427,12 +437,48 @@ impl OrtModel {
             }
         }
         Ok(OrtModel {
-            session: Mutex::new(session),
+            backing: Backing::Own(Mutex::new(session)),
             path: path.to_path_buf(),
             inputs,
             outputs,
             metadata,
         })
+    }
+
+    /// A task file (`export --base-onnx`) served on its base held once per process
+    /// ([`super::shared`]): the base is loaded on first use (`threads` intra-op threads for its
+    /// session), the task's pair with it checked, and only the task's own tensors held here.
+    pub fn load_shared(path: &Path, threads: usize, ort_lib: Option<&Path>) -> Result<OrtModel> {
+        let meta = crate::onnx::integrity::read_metadata(path)?;
+        if meta.get(crate::onnx::delta::META_ROLE).map(String::as_str) != Some("task") {
+            return Err(Error::Onnx(format!(
+                "{}: not a task file (only `export --base-onnx` task files share a base)",
+                path.display()
+            )));
+        }
+        let base_path = crate::onnx::integrity::verify_task_base_path(path, &meta)?;
+        let base = super::shared::SharedBase::get_or_load(&base_path, threads, ort_lib)?;
+        let task = std::sync::Arc::new(base.load_task(path)?);
+        Ok(OrtModel {
+            path: path.to_path_buf(),
+            inputs: base.inputs.clone(),
+            outputs: base.outputs.clone(),
+            metadata: task.metadata.clone(),
+            backing: Backing::Shared { base, task },
+        })
+    }
+
+    /// For a task on a shared base: its base and its own tensors.
+    pub fn shared(
+        &self,
+    ) -> Option<(
+        &std::sync::Arc<super::shared::SharedBase>,
+        &std::sync::Arc<super::shared::SharedTask>,
+    )> {
+        match &self.backing {
+            Backing::Shared { base, task } => Some((base, task)),
+            Backing::Own(_) => None,
+        }
     }
 
     /// The model file.
@@ -468,6 +514,10 @@ impl OrtModel {
     /// Run with named f32 inputs; returns every output in order as `(name, array)`.
     pub fn run(&self, inputs: &[(&str, &ArrayD<f32>)]) -> Result<Vec<(String, ArrayD<f32>)>> {
         let err = |e: String| Error::Onnx(format!("{}: {e}", self.path.display()));
+        let session = match &self.backing {
+            Backing::Shared { base, task } => return base.run(task, inputs),
+            Backing::Own(s) => s,
+        };
         let mut values: Vec<(String, ort::session::SessionInputValue<'_>)> = Vec::new();
         for (name, arr) in inputs {
             if !self.inputs.iter().any(|i| i.name == *name) {
@@ -484,8 +534,7 @@ impl OrtModel {
                 .map_err(|e| err(format!("input `{name}`: {e}")))?;
             values.push((name.to_string(), t.into()));
         }
-        let mut session = self
-            .session
+        let mut session = session
             .lock()
             .map_err(|_| err("session lock poisoned".into()))?;
         let outputs = session.run(values).map_err(|e| err(e.to_string()))?;

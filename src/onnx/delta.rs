@@ -39,10 +39,10 @@ pub const META_BASE_FILE: &str = "gps_seg.base_file";
 pub const META_GRAPH: &str = "gps_seg.graph";
 
 /// Suffixes of the names a task file adds (after the tensor's checkpoint name).
-const SFX_BASE: &str = "::gps_base";
+pub(crate) const SFX_BASE: &str = "::gps_base";
 const SFX_FLAT: &str = "::gps_flat";
-const SFX_INDICES: &str = "::gps_indices";
-const SFX_VALUES: &str = "::gps_values";
+pub(crate) const SFX_INDICES: &str = "::gps_indices";
+pub(crate) const SFX_VALUES: &str = "::gps_values";
 const SFX_SCATTERED: &str = "::gps_scattered";
 const SFX_SHAPE: &str = "::gps_shape";
 const FLAT_SHAPE: &str = "gps::flat_shape";

@@ -327,9 +327,8 @@ pub fn verify_model_file(model: &Path) -> Result<Verified> {
     Ok(v)
 }
 
-/// The base of the task file `task` (metadata `meta`): found beside it and checked as
-/// [`verify_model_file`] says. Returns the base's path.
-pub fn verify_task_base(task: &Path, meta: &BTreeMap<String, String>) -> Result<PathBuf> {
+/// The base file a task file names (beside it, existing); nothing checked beyond that.
+pub fn verify_task_base_path(task: &Path, meta: &BTreeMap<String, String>) -> Result<PathBuf> {
     let bad = |m: String| Error::Onnx(format!("{}: {m}", task.display()));
     let base_file = meta
         .get(META_BASE_FILE)
@@ -349,6 +348,13 @@ pub fn verify_task_base(task: &Path, meta: &BTreeMap<String, String>) -> Result<
             ),
         ));
     }
+    Ok(base)
+}
+
+/// The base of the task file `task` (metadata `meta`): found beside it and checked as
+/// [`verify_model_file`] says. Returns the base's path.
+pub fn verify_task_base(task: &Path, meta: &BTreeMap<String, String>) -> Result<PathBuf> {
+    let base = verify_task_base_path(task, meta)?;
     let bmeta = read_metadata(&base)?;
     check_pair(task, meta, &base, &bmeta)?;
     let rec = bmeta.get(META_EXTERNAL).map(String::as_str).unwrap_or("");

@@ -8,6 +8,7 @@ pub mod integrity;
 pub mod proto;
 pub mod quantize;
 pub mod sam;
+pub mod serving;
 pub mod weights;
 
 pub use builder::{

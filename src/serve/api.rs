@@ -4,28 +4,29 @@
 //! is a status code with a one-line plain-text message naming what was wrong.
 
 use super::metrics::{Metrics, TaskGauges, UNKNOWN_TASK};
-use super::pool::{TaskEngine, TaskPool};
+use super::pool::TaskPool;
+use super::registry::{Registry, Source};
 use super::wire;
 use crate::data::imgio;
 use crate::data::prompts::ObjectPrompt;
 use crate::data::resize::Resize;
-use crate::infer::engine::Engine;
 use crate::infer::mask;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 use serde::Serialize;
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What the handlers share.
 pub struct AppState {
-    pub tasks: BTreeMap<String, Arc<TaskPool>>,
+    pub registry: Arc<Registry>,
+    /// Largest task file a `PUT /v1/tasks/NAME` may upload.
+    pub max_task_bytes: usize,
     pub metrics: Metrics,
     pub max_body_bytes: usize,
     pub timeout: Duration,
@@ -39,8 +40,9 @@ pub struct AppState {
 
 impl AppState {
     pub fn gauges(&self) -> Vec<TaskGauges> {
-        self.tasks
-            .values()
+        self.registry
+            .loaded()
+            .iter()
             .map(|p| TaskGauges {
                 task: p.name.clone(),
                 sessions: p.sessions(),
@@ -52,11 +54,7 @@ impl AppState {
     }
 
     fn task_names(&self) -> String {
-        self.tasks
-            .keys()
-            .map(|k| format!("`{k}`"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        self.registry.names()
     }
 }
 
@@ -99,6 +97,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/v1/tasks", get(tasks))
+        .route("/v1/tasks/{name}", put(put_task).delete(delete_task))
         .route("/v1/sample.png", get(sample))
         .route("/v1/segment", post(segment))
         .fallback(not_found)
@@ -136,6 +135,23 @@ async fn sample(State(st): State<Arc<AppState>>) -> Response {
 pub struct TaskInfo {
     pub name: String,
     pub model: String,
+    /// Where the task came from: `flag` (--task), `dir` (--tasks-dir), `put`.
+    pub source: Source,
+    /// Loaded now (else on its next request).
+    pub loaded: bool,
+    /// Bytes of the task file (with a prompted pair's decoder).
+    pub file_bytes: u64,
+    /// Requests for this task since it was added.
+    pub hits: u64,
+    /// On a shared base: its content hash, its file and the bytes of the task's own tensors
+    /// in memory.
+    #[serde(default)]
+    pub base_content_hash: Option<String>,
+    #[serde(default)]
+    pub base_file: Option<String>,
+    #[serde(default)]
+    pub task_bytes: Option<usize>,
+    /// 0 while not loaded.
     pub input_size: usize,
     pub sessions: usize,
     /// Intra-op threads per session (0: ONNX Runtime's default).
@@ -150,19 +166,31 @@ pub struct TaskInfo {
 
 /// The tasks as `GET /v1/tasks` lists them.
 pub fn task_infos(st: &AppState) -> Vec<TaskInfo> {
-    st.tasks
-        .values()
-        .map(|p| TaskInfo {
-            name: p.name.clone(),
-            model: p.model.display().to_string(),
-            input_size: p.input_size(),
-            sessions: p.sessions(),
-            threads: p.threads(),
-            queue: p.queue(),
-            resize: st.resize,
-            threshold: st.threshold,
-            prompted: p.is_prompted(),
-            engine: p.describe(),
+    st.registry
+        .entries()
+        .iter()
+        .map(|e| {
+            let p = e.pool();
+            let shared = p.as_ref().and_then(|p| p.shared_base());
+            TaskInfo {
+                name: e.name.clone(),
+                model: e.file.display().to_string(),
+                source: e.source,
+                loaded: p.is_some(),
+                file_bytes: e.file_bytes,
+                hits: e.hits(),
+                base_content_hash: shared.as_ref().map(|s| s.0.clone()),
+                base_file: shared.as_ref().map(|s| s.1.display().to_string()),
+                task_bytes: shared.as_ref().map(|s| s.2),
+                input_size: p.as_ref().map_or(0, |p| p.input_size()),
+                sessions: p.as_ref().map_or(0, |p| p.sessions()),
+                threads: st.registry.opts.threads,
+                queue: st.registry.opts.queue,
+                resize: st.resize,
+                threshold: st.threshold,
+                prompted: p.as_ref().is_some_and(|p| p.is_prompted()),
+                engine: p.as_ref().map_or_else(String::new, |p| p.describe()),
+            }
         })
         .collect()
 }
@@ -171,12 +199,225 @@ async fn tasks(State(st): State<Arc<AppState>>) -> Response {
     json_response(&serde_json::json!({ "tasks": task_infos(&st) }))
 }
 
+/// `PUT /v1/tasks/NAME`: a task file as the body (stored as `<tasks-dir>/NAME.onnx`), or
+/// `{"path": "FILE.onnx"}` (Content-Type `application/json`) naming a task file already in
+/// `--tasks-dir`. The task's base must be the base file beside it in `--tasks-dir`: a task
+/// exported for another base is answered 409 naming both content hashes. The task is loaded
+/// on its first request.
+async fn put_task(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    req: Request,
+) -> Response {
+    match put_task_inner(&st, name, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn put_task_inner(
+    st: &Arc<AppState>,
+    name: String,
+    req: Request,
+) -> Result<Response, ApiError> {
+    super::TaskSpec::parse(&format!("{name}=task.onnx"))
+        .map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let dir = st.registry.tasks_dir.clone().ok_or_else(|| {
+        err(
+            StatusCode::CONFLICT,
+            "this server has no --tasks-dir to hold tasks added at run time",
+        )
+    })?;
+    let (parts, body) = req.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared {
+        if n > st.max_task_bytes as u64 {
+            return Err(err(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "task file of {n} bytes is over the limit of {} bytes (--max-task-bytes)",
+                    st.max_task_bytes
+                ),
+            ));
+        }
+    }
+    let json = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("application/json"));
+    let bytes = read_body(
+        body,
+        st.max_task_bytes,
+        declared.and_then(|n| usize::try_from(n).ok()).unwrap_or(0),
+    )
+    .await?;
+    let reg = st.registry.clone();
+    let (file, replaced) =
+        tokio::task::spawn_blocking(move || put_blocking(&reg, &dir, &name, bytes, json))
+            .await
+            .map_err(internal)??;
+    let mut r = json_response(&serde_json::json!({
+        "name": file.0,
+        "file": file.1.display().to_string(),
+        "replaced": replaced,
+    }));
+    *r.status_mut() = StatusCode::CREATED;
+    Ok(r)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutPath {
+    path: String,
+}
+
+/// The file work of a PUT (blocking): place the task file, check it against its base, register.
+fn put_blocking(
+    reg: &Arc<Registry>,
+    dir: &std::path::Path,
+    name: &str,
+    bytes: Vec<u8>,
+    json: bool,
+) -> Result<((String, std::path::PathBuf), bool), ApiError> {
+    use crate::onnx::delta::{META_BASE_HASH, META_ROLE};
+    use crate::onnx::integrity;
+    let bad = |m: String| err(StatusCode::BAD_REQUEST, m);
+    let canon_dir = crate::util::fs::canonical_lenient(dir);
+    let mut upload = None;
+    let file = if json {
+        let p: PutPath = serde_json::from_slice(&bytes)
+            .map_err(|e| bad(format!("body: expected {{\"path\": \"FILE.onnx\"}}: {e}")))?;
+        let c = crate::util::fs::canonical_lenient(&dir.join(&p.path));
+        if c.parent() != Some(canon_dir.as_path()) {
+            return Err(bad(format!(
+                "`{}` is not a file directly in --tasks-dir {} (a task sits beside its base)",
+                p.path,
+                dir.display()
+            )));
+        }
+        if !c.is_file() {
+            return Err(err(
+                StatusCode::NOT_FOUND,
+                format!("`{}`: no such file in --tasks-dir", p.path),
+            ));
+        }
+        c
+    } else {
+        if bytes.is_empty() {
+            return Err(bad(
+                "empty body: send a task file (`export --base-onnx`), or JSON {\"path\": …}".into(),
+            ));
+        }
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".upload.")
+            .suffix(".onnx")
+            .tempfile_in(dir)
+            .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}")))?;
+        use std::io::Write;
+        tmp.as_file_mut()
+            .write_all(&bytes)
+            .and_then(|()| tmp.as_file().sync_all())
+            .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}")))?;
+        let p = tmp.path().to_path_buf();
+        upload = Some(tmp);
+        p
+    };
+    drop(bytes);
+    let meta =
+        integrity::read_metadata(&file).map_err(|e| bad(format!("not an ONNX model: {e}")))?;
+    if meta.get(META_ROLE).map(String::as_str) != Some("task") {
+        return Err(bad(format!(
+            "task `{name}`: not a task file (`export --base-onnx` writes them)"
+        )));
+    }
+    let conflict = |m: String| err(StatusCode::CONFLICT, format!("task `{name}`: {m}"));
+    let base =
+        integrity::verify_task_base_path(&file, &meta).map_err(|e| conflict(e.to_string()))?;
+    let bmeta = integrity::read_metadata(&base).map_err(|e| conflict(e.to_string()))?;
+    let (want, have) = (
+        meta.get(META_BASE_HASH).cloned().unwrap_or_default(),
+        bmeta.get(META_BASE_HASH).cloned().unwrap_or_default(),
+    );
+    if want != have {
+        return Err(conflict(format!(
+            "exported for the base with content hash {want}, but the base in --tasks-dir ({}) \
+             has content hash {have}",
+            base.display()
+        )));
+    }
+    integrity::check_pair(&file, &meta, &base, &bmeta).map_err(|e| conflict(e.to_string()))?;
+    if reg.opts.shared {
+        let b = crate::infer::shared::SharedBase::get_or_load(
+            &base,
+            reg.opts.threads,
+            reg.opts.ort_lib.as_deref(),
+        )
+        .map_err(|e| conflict(e.to_string()))?;
+        b.load_task(&file)
+            .map_err(|e| err(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    }
+    let (file, wrote) = match upload {
+        None => (file, false),
+        Some(tmp) => {
+            let dest = dir.join(format!("{name}.onnx"));
+            if dest.exists() && !super::pool::is_task_file(&dest) {
+                return Err(conflict(format!(
+                    "{} exists and is not a task file; it is never replaced",
+                    dest.display()
+                )));
+            }
+            tmp.persist(&dest)
+                .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.error.to_string()))?;
+            let _ = crate::util::fs::sync_dir(dir);
+            (dest, true)
+        }
+    };
+    let replaced = reg.get(name).is_some();
+    reg.add(name, &file, Source::Put, wrote)
+        .map_err(|e| conflict(e.to_string()))?;
+    Ok(((name.to_string(), file), replaced))
+}
+
+/// `DELETE /v1/tasks/NAME`: forget the task and unload it (in-flight requests finish). The
+/// task file is deleted only when this server wrote it (a PUT with a body).
+async fn delete_task(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    let r = match st.registry.remove(&name) {
+        Ok(r) => r,
+        Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    };
+    let Some(e) = r else {
+        return err(
+            StatusCode::NOT_FOUND,
+            format!(
+                "unknown task `{}` (tasks: {})",
+                name.chars().take(64).collect::<String>(),
+                st.task_names()
+            ),
+        )
+        .into_response();
+    };
+    let deleted = e.wrote_file && std::fs::remove_file(&e.file).is_ok();
+    json_response(&serde_json::json!({
+        "removed": e.name,
+        "file": e.file.display().to_string(),
+        "file_deleted": deleted,
+    }))
+}
+
 fn json_response(v: &serde_json::Value) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
 }
 
 const ROUTES: &str = "GET /, GET /healthz, GET /metrics, GET /v1/tasks, GET /v1/sample.png, \
-                      POST /v1/segment?task=NAME";
+                      POST /v1/segment?task=NAME, PUT /v1/tasks/NAME, DELETE /v1/tasks/NAME";
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
     err(
@@ -188,6 +429,8 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
 async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     let allowed = if uri.path() == "/v1/segment" {
         "POST"
+    } else if uri.path().starts_with("/v1/tasks/") {
+        "PUT or DELETE"
     } else {
         "GET"
     };
@@ -289,7 +532,7 @@ async fn segment_inner(
             format!("missing ?task=NAME (tasks: {})", st.task_names()),
         ));
     };
-    let pool = st.tasks.get(task).cloned().ok_or_else(|| {
+    let entry = st.registry.get(task).ok_or_else(|| {
         err(
             StatusCode::NOT_FOUND,
             format!(
@@ -299,7 +542,27 @@ async fn segment_inner(
             ),
         )
     })?;
-    *label = pool.name.clone();
+    *label = entry.name.clone();
+    // Loaded on first use; its first requests wait for the one load, within the timeout.
+    let pool = match tokio::time::timeout(st.timeout, st.registry.pool(&entry)).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            return Err(err(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("task `{}` could not be loaded: {e}", entry.name),
+            ))
+        }
+        Err(_) => {
+            return Err(err(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "task `{}` was still loading after {} s (--timeout-s)",
+                    entry.name,
+                    st.timeout.as_secs_f64()
+                ),
+            ))
+        }
+    };
     let has_prompts = !prompts.points.is_empty() || prompts.boxes.is_some();
     if pool.is_prompted() && !has_prompts {
         return Err(err(
@@ -498,7 +761,6 @@ async fn run_segment(
     let (resize, threshold) = (st.resize, st.threshold);
     let cancelled = Arc::new(AtomicBool::new(false));
     let _cancel = CancelOnDrop(cancelled.clone());
-    let handle = tokio::runtime::Handle::current();
     let job_pool = pool.clone();
     let job = move || -> Result<_, ApiError> {
         let img = match &kind {
@@ -518,24 +780,18 @@ async fn run_segment(
             .map_err(|m| err(StatusCode::BAD_REQUEST, m))?;
         let chw = mask::preprocess(&rgb, s, resize);
         drop(rgb);
-        let tq = Instant::now();
-        let session = handle
-            .block_on(job_pool.session())
-            .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        let queue_ms = tq.elapsed().as_secs_f64() * 1e3;
         if cancelled.load(Ordering::Acquire) {
             return Err(err(StatusCode::GATEWAY_TIMEOUT, "cancelled"));
         }
-        let tm = Instant::now();
-        let logits = match session.engine() {
-            TaskEngine::PromptFree(e) => e.logits(&chw, 1),
-            TaskEngine::Prompted(e) => e.logits_prompted(&chw, 1, &[std::slice::from_ref(&frame)]),
-        };
-        let inference_ms = tm.elapsed().as_secs_f64() * 1e3;
-        drop(session);
+        // Batched with the task's other queued requests (`TaskPool::segment`).
+        let tq = Instant::now();
+        let ran = job_pool.segment(chw, frame, cancelled.clone());
+        let waited_ms = tq.elapsed().as_secs_f64() * 1e3;
         drop(admission);
-        let logits = logits.map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        let m = mask::postprocess(logits.image(0), logits.size, resize, size, threshold)
+        let ran = ran.map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let inference_ms = ran.inference_ms;
+        let queue_ms = (waited_ms - inference_ms).max(0.0);
+        let m = mask::postprocess(&ran.logits, ran.size, resize, size, threshold)
             .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
             .map_err(|nf| {
                 err(

@@ -31,6 +31,7 @@ pub mod api;
 pub mod client;
 pub mod metrics;
 pub mod pool;
+pub mod registry;
 pub mod wire;
 
 pub use api::{SegmentResult, TaskInfo};
@@ -38,7 +39,6 @@ pub use api::{SegmentResult, TaskInfo};
 use crate::data::resize::Resize;
 use crate::error::{Error, Result};
 use crate::progress::{Event, Observer};
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -104,6 +104,17 @@ pub struct ServeConfig {
     /// Tokio worker threads for the HTTP side (the model runs on the blocking pool).
     pub io_threads: usize,
     pub ort_lib: Option<PathBuf>,
+    /// Every task file in this folder is a task (loaded on first use); `PUT` stores new task
+    /// files here.
+    pub tasks_dir: Option<PathBuf>,
+    /// Most tasks loaded at once (least recently used unloaded beyond).
+    pub max_loaded: usize,
+    /// Most images run as one batch of a task.
+    pub max_batch: usize,
+    /// Task files run on their base held once per process (else each on its own sessions).
+    pub shared_base: bool,
+    /// Largest task file a `PUT` may upload.
+    pub max_task_bytes: usize,
 }
 
 /// Largest `--max-body-bytes`.
@@ -127,6 +138,11 @@ impl ServeConfig {
             retry_after_s: 1,
             io_threads: 2,
             ort_lib: None,
+            tasks_dir: None,
+            max_loaded: 64,
+            max_batch: 8,
+            shared_base: true,
+            max_task_bytes: 512 << 20,
         }
     }
 
@@ -137,8 +153,26 @@ impl ServeConfig {
                 msg,
             })
         };
-        if self.tasks.is_empty() {
-            return bad("task", "give at least one --task NAME=FILE.onnx".into());
+        if self.tasks.is_empty() && self.tasks_dir.is_none() {
+            return bad(
+                "task",
+                "give at least one --task NAME=FILE.onnx, or --tasks-dir DIR".into(),
+            );
+        }
+        if !(1..=registry::MAX_TASKS).contains(&self.max_loaded) {
+            return bad(
+                "max_loaded",
+                format!("{}: must be 1 to {}", self.max_loaded, registry::MAX_TASKS),
+            );
+        }
+        if !(1..=256).contains(&self.max_batch) {
+            return bad("max_batch", format!("{}: must be 1 to 256", self.max_batch));
+        }
+        if self.max_task_bytes == 0 || self.max_task_bytes > (4usize << 30) {
+            return bad(
+                "max_task_bytes",
+                format!("{}: must be 1 to 4 GiB", self.max_task_bytes),
+            );
         }
         if self.tasks.len() > 64 {
             return bad("task", format!("{} tasks; at most 64", self.tasks.len()));
@@ -226,36 +260,68 @@ impl Server {
                 ));
             }
         }
-        // Each session holds its weights (ONNX Runtime's copy plus working memory).
-        let need: u64 = cfg
-            .tasks
-            .iter()
-            .map(|t| model_bytes(&t.model).saturating_mul(2))
-            .sum::<u64>()
-            .saturating_mul(cfg.sessions as u64);
-        crate::util::mem::check_fits("the serving sessions (2 × model size each)", need)?;
-        let mut tasks = BTreeMap::new();
+        // Each session holds its weights (ONNX Runtime's copy plus working memory); a task
+        // file on a shared base holds the base once (counted with the first task) and its own
+        // tensors.
+        let mut need = 0u64;
+        let mut bases = std::collections::BTreeSet::new();
+        for t in &cfg.tasks {
+            let base = (cfg.shared_base && pool::is_task_file(&t.model))
+                .then(|| crate::onnx::integrity::read_metadata(&t.model).ok())
+                .flatten()
+                .and_then(|m| m.get(crate::onnx::delta::META_BASE_FILE).cloned())
+                .map(|b| crate::util::fs::parent_of(&t.model).join(b));
+            need = need.saturating_add(match base {
+                Some(b) => {
+                    let first = bases.insert(crate::util::fs::canonical_lenient(&b));
+                    model_bytes(&t.model) + if first { model_bytes(&b) } else { 0 }
+                }
+                None => model_bytes(&t.model)
+                    .saturating_mul(2)
+                    .saturating_mul(cfg.sessions as u64),
+            });
+        }
+        crate::util::mem::check_fits("the serving sessions", need)?;
+        let registry = Arc::new(registry::Registry::new(
+            registry::PoolOptions {
+                sessions: cfg.sessions,
+                queue: cfg.queue,
+                threads: cfg.threads,
+                max_batch: cfg.max_batch,
+                ort_lib: cfg.ort_lib.clone(),
+                shared: cfg.shared_base,
+            },
+            cfg.max_loaded,
+            cfg.tasks_dir.clone(),
+        ));
+        if let Some(dir) = &cfg.tasks_dir {
+            let (found, skipped) = registry::scan_dir(dir)?;
+            for s in skipped {
+                obs.event(Event::Info(format!("--tasks-dir: skipping {s}")));
+            }
+            obs.event(Event::Info(format!(
+                "--tasks-dir {}: {} task file(s), loaded on first use (at most {} at once)",
+                dir.display(),
+                found.len(),
+                cfg.max_loaded
+            )));
+            for (name, file) in found {
+                registry.add(&name, &file, registry::Source::Dir, false)?;
+            }
+        }
         for t in &cfg.tasks {
             obs.event(Event::Info(format!(
-                "task `{}`: loading {} session(s) of {}",
+                "task `{}`: loading {}",
                 t.name,
-                cfg.sessions,
                 t.model.display()
             )));
-            let p = pool::TaskPool::load(
-                &t.name,
-                &t.model,
-                cfg.sessions,
-                cfg.queue,
-                cfg.threads,
-                cfg.ort_lib.as_deref(),
-                obs,
-            )?;
-            tasks.insert(t.name.clone(), Arc::new(p));
+            let e = registry.add(&t.name, &t.model, registry::Source::Flag, false)?;
+            registry.load_now(&e, obs)?;
         }
         let sample = crate::data::synth_kvasir::render(0, 0, 320);
         let state = Arc::new(api::AppState {
-            tasks,
+            registry,
+            max_task_bytes: cfg.max_task_bytes,
             metrics: metrics::Metrics::default(),
             max_body_bytes: cfg.max_body_bytes,
             timeout: cfg.timeout,

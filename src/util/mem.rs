@@ -29,12 +29,29 @@ pub fn keep_freed_memory() {
     }
 }
 
+/// A `kB` field of `/proc/<pid>/status` (`VmHWM`, `VmRSS`), in bytes; `None` where it cannot
+/// be read.
+pub fn status_bytes(pid: Option<u32>, field: &str) -> Option<u64> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/status"),
+        None => "/proc/self/status".to_string(),
+    };
+    let s = std::fs::read_to_string(path).ok()?;
+    let line = s
+        .lines()
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}
+
 /// Peak resident memory so far, in bytes; `None` where `/proc/self/status` does not exist.
 pub fn peak_rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    status_bytes(None, "VmHWM")
+}
+
+/// Resident memory now, in MB; `None` where it cannot be read.
+pub fn current_rss_mb() -> Option<f64> {
+    status_bytes(None, "VmRSS").map(|b| b as f64 / (1024.0 * 1024.0))
 }
 
 /// Peak resident memory so far, in MB (0 where it cannot be read).
