@@ -1,7 +1,8 @@
 //! ONNX Runtime provisioning and sessions.
 //!
 //! `libonnxruntime.so` (1.31.x, from PyPI's `onnxruntime` wheel) is located in a fixed,
-//! reported order — see [`search_order`] — and loaded with `ort::init_from` on an explicit,
+//! reported order — see [`search_order`]; a wheel-installed `gps-seg` finds the `onnxruntime`
+//! wheel installed beside it in the same Python environment ([`wheel_candidates`]) — and loaded with `ort::init_from` on an explicit,
 //! existing path, so `ort` never falls back to its own (panicking) search. One ONNX Runtime
 //! environment exists per process ([`environment`], a `static OnceLock`). [`fetch`] downloads
 //! the pinned wheel with pip, checks its SHA-256 and extracts the library into the cache.
@@ -51,8 +52,58 @@ pub fn cache_lib_dir() -> Option<PathBuf> {
     cache_dir().map(|c| c.join(format!("onnxruntime-{ORT_VERSION}")))
 }
 
-/// The search order, first match wins: explicit path (`--ort-lib`), `ORT_DYLIB_PATH`, beside
-/// the executable, the project cache, the repository's `.ort/` folder.
+/// Source name of the [`wheel_candidates`] in [`search_order`].
+pub const SOURCE_WHEEL: &str = "installed onnxruntime wheel";
+
+/// Where the pinned `onnxruntime` wheel puts the library in the environment of a wheel-installed
+/// `exe`: `<prefix>/{lib,lib64}/python3.*/{site,dist}-packages/` + [`WHEEL_MEMBER`]
+/// (`onnxruntime/capi/libonnxruntime.so.1.31.1`), for each of
+/// [`crate::util::install::env_prefixes`]. Only the exact versioned name
+/// counts (another onnxruntime version is never taken). Returns the existing files (each file
+/// once, prefixes and Python versions in order), or —
+/// when there is none — the venv pattern itself (not a file), so the search order shows it.
+pub fn wheel_candidates(exe: &Path) -> Vec<PathBuf> {
+    let member = Path::new(WHEEL_MEMBER);
+    let mut found = Vec::new();
+    // The same file reached twice (a venv's `lib64` is a link to `lib`) is listed once.
+    let mut seen = Vec::new();
+    let prefixes = crate::util::install::env_prefixes(exe);
+    for prefix in &prefixes {
+        for lib in ["lib", "lib64"] {
+            let Ok(entries) = std::fs::read_dir(prefix.join(lib)) else {
+                continue;
+            };
+            let mut pythons: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with("python3."))
+                .map(|e| e.path())
+                .collect();
+            pythons.sort();
+            for py in pythons {
+                for packages in ["site-packages", "dist-packages"] {
+                    let p = py.join(packages).join(member);
+                    let Ok(real) = std::fs::canonicalize(&p) else {
+                        continue;
+                    };
+                    if p.is_file() && !seen.contains(&real) {
+                        seen.push(real);
+                        found.push(p);
+                    }
+                }
+            }
+        }
+    }
+    if found.is_empty() {
+        if let Some(prefix) = prefixes.first() {
+            found.push(prefix.join("lib/python3.*/site-packages").join(member));
+        }
+    }
+    found
+}
+
+/// The search order, first match wins: explicit path (`--ort-lib`), `ORT_DYLIB_PATH`, the
+/// `onnxruntime` wheel installed in the executable's Python environment ([`wheel_candidates`]),
+/// beside the executable, the project cache, the repository's `.ort/` folder.
 pub fn search_order(explicit: Option<&Path>) -> Vec<Candidate> {
     let mut out = Vec::new();
     let mut push = |source: &str, path: PathBuf| {
@@ -70,11 +121,12 @@ pub fn search_order(explicit: Option<&Path>) -> Vec<Candidate> {
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|v| !v.is_empty()) {
         push("ORT_DYLIB_PATH", PathBuf::from(p));
     }
-    if let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf))
-    {
-        for p in in_dir(&dir) {
+    let exe = std::env::current_exe().ok();
+    for p in exe.iter().flat_map(|e| wheel_candidates(e)) {
+        push(SOURCE_WHEEL, p);
+    }
+    if let Some(dir) = exe.as_deref().and_then(Path::parent) {
+        for p in in_dir(dir) {
             push("beside the executable", p);
         }
     }
@@ -587,6 +639,8 @@ mod tests {
         let sources: Vec<&str> = order.iter().map(|c| c.source.as_str()).collect();
         assert_eq!(sources[0], "--ort-lib");
         let pos = |s: &str| sources.iter().position(|x| *x == s);
+        assert!(pos(SOURCE_WHEEL).is_some());
+        assert!(pos(SOURCE_WHEEL) < pos("beside the executable"));
         assert!(pos("beside the executable") < pos("project cache"));
         assert!(pos("project cache") < pos("repository .ort/"));
         let e = locate(Some(Path::new("/nonexistent/libonnxruntime.so")))
@@ -595,6 +649,48 @@ mod tests {
         assert!(e.contains("/nonexistent/libonnxruntime.so"), "{e}");
         let msg = not_found(&order).to_string();
         assert!(msg.contains("gps-seg runtime fetch") && msg.contains("repository .ort/"));
+    }
+
+    /// Write an empty file at `p`, creating its folders.
+    fn touch(p: &Path) {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, b"").unwrap();
+    }
+
+    #[test]
+    fn wheel_candidates_find_the_library_in_the_executables_environment() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        let member = Path::new(WHEEL_MEMBER);
+        // A venv (also `sys.prefix`, conda, `pip install --user` into ~/.local).
+        let venv = root.join("venv");
+        let exe = venv.join("bin/gps-seg");
+        touch(&exe);
+        let pattern = venv.join("lib/python3.*/site-packages").join(member);
+        assert_eq!(wheel_candidates(&exe), vec![pattern.clone()]);
+        assert!(!pattern.is_file());
+        // Another onnxruntime version in the same environment is never taken.
+        touch(&venv.join("lib/python3.12/site-packages/onnxruntime/capi/libonnxruntime.so.1.22.0"));
+        assert_eq!(wheel_candidates(&exe), vec![pattern]);
+        let lib = venv.join("lib/python3.12/site-packages").join(member);
+        touch(&lib);
+        assert_eq!(wheel_candidates(&exe), vec![lib.clone()]);
+        // Debian's system pip (dist-packages) and lib64 platlib layouts.
+        let sys = root.join("usr-local");
+        let deb = sys.join("lib/python3.11/dist-packages").join(member);
+        let l64 = sys.join("lib64/python3.13t/site-packages").join(member);
+        touch(&deb);
+        touch(&l64);
+        assert_eq!(wheel_candidates(&sys.join("bin/gps-seg")), vec![deb, l64]);
+        // A venv's `lib64` links to `lib`: the library is listed once.
+        std::os::unix::fs::symlink("lib", venv.join("lib64")).unwrap();
+        assert_eq!(wheel_candidates(&exe), vec![lib.clone()]);
+        // `uv tool` / pipx: ~/.local/bin/gps-seg links into the tool's own venv.
+        let home_bin = root.join("home/.local/bin");
+        std::fs::create_dir_all(&home_bin).unwrap();
+        let link = home_bin.join("gps-seg");
+        std::os::unix::fs::symlink(&exe, &link).unwrap();
+        assert_eq!(wheel_candidates(&link), vec![lib]);
     }
 
     #[test]
