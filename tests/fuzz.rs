@@ -849,7 +849,7 @@ fn mutate_onnx(rng: &mut XorShift, base: &[u8]) -> (Vec<u8>, String) {
 }
 
 fn run_onnx(path: &Path) -> Result<(), String> {
-    use gps_seg::infer::runtime::OrtModel;
+    use gps_seg::infer::model::OrtModel;
     use gps_seg::infer::{Engine, OrtEngine};
     let e = |e: gps_seg::Error| e.to_string();
     let model = OrtModel::load(path, 1).map_err(e)?;
@@ -963,7 +963,7 @@ fn mutate_task(rng: &mut XorShift, base: &[u8]) -> (Vec<u8>, String) {
 }
 
 fn run_task(path: &Path) -> Result<(), String> {
-    use gps_seg::infer::runtime::OrtModel;
+    use gps_seg::infer::model::OrtModel;
     use gps_seg::infer::{Engine, OrtEngine};
     let e = |e: gps_seg::Error| e.to_string();
     let model = OrtModel::load_shared(path, 1, None).map_err(e)?;
