@@ -356,7 +356,7 @@ fn vit_b16_selection_counts_at_k1() {
 
 #[test]
 fn experiment_writes_its_table_and_chart() {
-    use gps_seg::train::experiment::{run_classify, ClsExperimentConfig};
+    use gps_seg::studies::classify::{run_classify, ClsExperimentConfig};
     let tmp = tempfile::tempdir().unwrap();
     // A "pretrained" checkpoint: fresh weights of the tiny ViT, saved with its config.
     let mc = tiny_vit();

@@ -13,7 +13,7 @@ use crate::gps::policy::Policy;
 use crate::nn::{ParamStore, RolePolicy};
 use crate::progress::Observer;
 use crate::train::config::{Method, TrainCore};
-use crate::train::schedule::Schedule;
+use crate::train::fit::schedule::Schedule;
 use crate::util::tensors::TensorMap;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
