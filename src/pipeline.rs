@@ -184,7 +184,7 @@ pub fn demo(cfg: &DemoConfig, device: &Device, obs: &mut dyn Observer) -> Result
         )));
     }
     let report = DemoReport {
-        zero_shot: zs.best,
+        zero_shot: zs.task.best,
         gps,
         onnx,
         ort,

@@ -142,34 +142,18 @@ pub type EpochRecord = crate::train::task::EpochRecord<ClsEval>;
 /// What a checkpoint's `state.json` holds besides tensors.
 pub type TrainState = crate::train::fit::folder::TrainState<EpochRecord>;
 
-/// The result of a run, for the summary table.
+/// The classification part of a run's `summary.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ClsRunSummary {
-    /// `gps`, `gps-ce`, `full`, …
-    pub method: String,
+pub struct ClsSummary {
     pub topk: usize,
-    pub trainable: usize,
-    pub total: usize,
-    pub trainable_pct: f64,
-    /// How the epoch was chosen: `"val"`, or `"last"` in VTAB's final stage (`--final`: trained
-    /// on train800val200, nothing chosen). The test split never chooses.
-    pub selected_on: String,
-    /// The epoch with the best validation top-1.
-    pub best_epoch: Option<usize>,
     /// Validation top-1 at the chosen epoch.
     pub val_acc: f64,
     /// Test top-1 at the chosen epoch (the shipped model) and at the last epoch.
     pub best_acc: f64,
     pub last_acc: f64,
-    pub train_images: usize,
-    pub val_images: usize,
-    pub test_images: usize,
-    /// Seconds spent selecting (gradient pass + ranking), 0 for whole-tensor methods.
-    pub selection_seconds: f64,
-    pub seconds: f64,
-    pub seconds_per_step: f64,
-    pub peak_rss_mb: f64,
-    pub run_dir: PathBuf,
     /// Merged weights of the best epoch (`model.json` beside it holds the config).
     pub merged: PathBuf,
 }
+
+/// A classification run's `summary.json`.
+pub type ClsRunSummary = crate::train::fit::summary::RunSummary<ClsSummary>;

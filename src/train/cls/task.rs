@@ -22,10 +22,10 @@ use crate::metrics::{Accuracy, Metric};
 use crate::models::Classifier;
 use crate::nn::{ParamStore, RolePolicy};
 use crate::progress::{Event, Observer};
-use crate::train::fit::folder::{roles_from_policy, smoothed_loss};
+use crate::train::fit::folder::roles_from_policy;
 use crate::train::fit::schedule::Schedule;
 use crate::train::loss::{cross_entropy, supcon};
-use crate::train::task::{Fitted, Loaders, ScheduleUnit, SelectionSetup, Task};
+use crate::train::task::{Curves, Fitted, Loaders, ScheduleUnit, SelectionSetup, Task};
 use crate::util::fs::write_json_atomic;
 use crate::util::tensors::TensorMap;
 use crate::util::threads::on_worker;
@@ -33,7 +33,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, D};
 use std::path::Path;
 
-use super::config::{ClsEval, ClsRunSummary, ClsTrainConfig, EpochRecord, SelectLoss};
+use super::config::{ClsEval, ClsRunSummary, ClsSummary, ClsTrainConfig, SelectLoss};
 use super::data::{base_weights, ClsData};
 use crate::train::config::{Method, TrainCore};
 
@@ -104,7 +104,7 @@ impl Task for ClsTrainConfig {
     type Eval = ClsEval;
     /// 1 / 0 per evaluated image (correct or not), in the loader's order.
     type Kept = Vec<u8>;
-    type Summary = ClsRunSummary;
+    type Extra = ClsSummary;
 
     const METHODS: &'static [Method] = &[
         Method::Gps,
@@ -115,6 +115,11 @@ impl Task for ClsTrainConfig {
         Method::Magnitude,
     ];
     const NAME: &'static str = "classification";
+    const CURVES: Curves = Curves {
+        loss: "cross-entropy",
+        score: "top-1",
+        file: "accuracy.png",
+    };
 
     fn core(&self) -> &TrainCore {
         &self.core
@@ -230,35 +235,25 @@ impl Task for ClsTrainConfig {
         eval.test_acc
     }
 
-    fn draw(&self, run_dir: &Path, history: &[EpochRecord], step_losses: &[f32]) -> Result<()> {
-        write_curves(run_dir, history, step_losses)
+    fn split_sizes(&self, data: &ClsData) -> [usize; 3] {
+        [
+            data.train.len(),
+            data.val.as_ref().map_or(0, |v| v.len()),
+            data.test.len(),
+        ]
     }
 
-    fn summary(&self, data: &ClsData, f: Fitted<ClsEval>) -> ClsRunSummary {
-        ClsRunSummary {
-            method: f.label.clone(),
+    fn summary(&self, _data: &ClsData, f: &Fitted<ClsEval>) -> ClsSummary {
+        ClsSummary {
             topk: self.topk,
-            trainable: f.trainable,
-            total: f.total,
-            trainable_pct: f.trainable_pct(),
-            selected_on: f.selected_on.clone(),
-            best_epoch: f.best_epoch,
             val_acc: f.best_val.test_acc,
             best_acc: f.best.test_acc,
             last_acc: f.last.test_acc,
-            train_images: data.train.len(),
-            val_images: data.val.as_ref().map_or(0, |v| v.len()),
-            test_images: data.test.len(),
-            selection_seconds: f.selection_seconds,
-            seconds: f.seconds,
-            seconds_per_step: f.seconds_per_step,
-            peak_rss_mb: f.peak_rss_mb,
-            run_dir: f.run_dir,
-            merged: f.merged.unwrap_or_default(),
+            merged: f.merged.clone().unwrap_or_default(),
         }
     }
 
-    fn selection(&self) -> SelectionSetup {
+    fn selection(&self) -> Option<SelectionSetup> {
         let loss_name = match (self.method.criterion(), self.select_loss) {
             (Some(Criterion::Gradient), SelectLoss::SupCon) => {
                 format!("supcon(T={})", self.temperature)
@@ -266,11 +261,11 @@ impl Task for ClsTrainConfig {
             (Some(Criterion::Gradient), SelectLoss::Ce) => "cross-entropy (fresh head)".into(),
             _ => "none".into(),
         };
-        SelectionSetup {
+        Some(SelectionSetup {
             policy: Policy::classifier(),
             loss_name,
             phase: format!("select ({})", self.select_loss.name()),
-        }
+        })
     }
 
     fn selection_loader(&self, data: &ClsData) -> Result<Loader<ClsSource>> {
@@ -341,44 +336,6 @@ pub fn evaluate_per_image(
         summary: format!("top-1 {:.2}%  loss {l:.4}  ({n} images)", 100.0 * a),
     });
     Ok((a, l, correct))
-}
-
-fn write_curves(run_dir: &Path, history: &[EpochRecord], step_losses: &[f32]) -> Result<()> {
-    use crate::util::draw::{line_chart, save_png, Series};
-    let loss = line_chart(
-        "TRAINING LOSS (CROSS-ENTROPY)",
-        "STEP",
-        &[Series {
-            name: "loss",
-            points: smoothed_loss(step_losses),
-        }],
-        720,
-        400,
-    );
-    save_png(&run_dir.join("loss.png"), &loss)?;
-    let acc = line_chart(
-        "TOP-1 PER EPOCH (VAL CHOOSES; TEST IS ONLY SCORED)",
-        "EPOCH",
-        &[
-            Series {
-                name: "val top-1",
-                points: history
-                    .iter()
-                    .map(|r| (r.epoch as f64, r.val.test_acc))
-                    .collect(),
-            },
-            Series {
-                name: "test top-1",
-                points: history
-                    .iter()
-                    .map(|r| (r.epoch as f64, r.test.test_acc))
-                    .collect(),
-            },
-        ],
-        720,
-        400,
-    );
-    save_png(&run_dir.join("accuracy.png"), &acc)
 }
 
 #[cfg(test)]

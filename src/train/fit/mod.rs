@@ -3,7 +3,8 @@
 //! [`select`](mod@select) (the GPS selection phase, once for every task), [`folder`] (the run
 //! folder: open or resume, state, restore, snapshots, jsonl, roles), [`checkpoint`] (how a
 //! checkpoint is written vs which are kept; atomic `best/`), [`optim`] (Adam / AdamW over named
-//! vars), [`schedule`] (learning-rate schedules), [`report`] (the run's `report.html`).
+//! vars), [`schedule`] (learning-rate schedules), [`report`] (the run's `report.html`), [`summary`] (`summary.json` and the curves, for
+//! every task).
 
 pub mod checkpoint;
 pub mod folder;
@@ -12,5 +13,7 @@ pub mod report;
 pub mod run;
 pub mod schedule;
 pub mod select;
+pub mod summary;
 
-pub use run::{best_epoch, evaluate, fit, select, StateOf};
+pub use run::{best_epoch, evaluate, fit, select, StateOf, SummaryOf};
+pub use summary::RunSummary;

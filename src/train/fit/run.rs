@@ -14,6 +14,7 @@ use super::folder::{delta_from_params, open_run, restore, snapshot, write_jsonl,
 use super::optim::{Adam, AdamW};
 use super::schedule::Schedule;
 use super::select::selection;
+use super::summary::RunSummary;
 use crate::data::loader::Loader;
 use crate::error::{Error, Result};
 use crate::gps::artifact::Artifact;
@@ -62,11 +63,46 @@ fn check<T: Task>(task: &T, device: &Device, out: &Path) -> Result<()> {
     core.validate()?;
     core.method.check_in(T::METHODS, T::NAME)?;
     task.validate(device)?;
-    IoPaths::new()
-        .input("--data-dir", &core.data_dir)
-        .input_opt("--model", core.base.as_ref())
-        .output("--out", out)
-        .check()
+    if core.method.criterion().is_some() && task.selection().is_none() {
+        return Err(Error::Config {
+            field: "method".into(),
+            msg: format!(
+                "`{}` selects entries; the {} task has no selection",
+                core.method.name(),
+                T::NAME
+            ),
+        });
+    }
+    let mut io = IoPaths::new();
+    for (what, p) in task.inputs() {
+        io = io.input(what, p);
+    }
+    io.output("--out", out).check()
+}
+
+/// The run's `summary.json`: the loop's numbers and the task's part.
+pub type SummaryOf<T> = RunSummary<<T as Task>::Extra>;
+
+/// The summary of `fitted` (written to `summary.json` by the caller).
+fn summarise<T: Task>(task: &T, data: &T::Data, f: Fitted<T::Eval>) -> SummaryOf<T> {
+    let [train_images, val_images, test_images] = task.split_sizes(data);
+    RunSummary {
+        task: task.summary(data, &f),
+        method: f.label.clone(),
+        trainable: f.trainable,
+        total: f.total,
+        trainable_pct: f.trainable_pct(),
+        selected_on: f.selected_on,
+        best_epoch: f.best_epoch,
+        train_images,
+        val_images,
+        test_images,
+        selection_seconds: f.selection_seconds,
+        seconds: f.seconds,
+        seconds_per_step: f.seconds_per_step,
+        peak_rss_mb: f.peak_rss_mb,
+        run_dir: f.run_dir,
+    }
 }
 
 /// The task's model over a store of `base` with `roles`; checks that every tensor is used and
@@ -98,7 +134,7 @@ pub fn fit<T: Task>(
     device: &Device,
     resume: bool,
     obs: &mut dyn Observer,
-) -> Result<T::Summary> {
+) -> Result<SummaryOf<T>> {
     check(task, device, run_dir)?;
     if task.core().method == Method::ZeroShot {
         return Err(Error::Config {
@@ -121,7 +157,7 @@ pub fn evaluate<T: Task>(
     run_dir: &Path,
     device: &Device,
     obs: &mut dyn Observer,
-) -> Result<T::Summary> {
+) -> Result<SummaryOf<T>> {
     check(task, device, run_dir)?;
     let t_start = Instant::now();
     let core = task.core();
@@ -164,7 +200,7 @@ pub fn evaluate<T: Task>(
         run_dir: run_dir.to_path_buf(),
         merged: core.base.clone(),
     };
-    let summary = task.summary(&data, fitted);
+    let summary = summarise(task, &data, fitted);
     write_json_atomic(&run_dir.join("summary.json"), &summary)?;
     Ok(summary)
 }
@@ -372,8 +408,13 @@ impl<'a, T: Task> Run<'a, T> {
             self.task.write_best(self.run_dir, &self.data, &kept)?;
         }
         write_jsonl(&self.run_dir.join("metrics.jsonl"), &state.history)?;
-        self.task
-            .draw(self.run_dir, &state.history, &state.step_losses)?;
+        super::summary::draw(
+            self.run_dir,
+            T::CURVES,
+            &state.history,
+            &state.step_losses,
+            T::score,
+        )?;
         super::report::write_run_html::<_, ()>(
             self.run_dir,
             &format!(
@@ -462,7 +503,7 @@ impl<'a, T: Task> Run<'a, T> {
 
     /// The best epoch's delta (sparse methods: into `<run>/gps/`) merged into the base →
     /// `merged.safetensors`; the summary.
-    fn finish(self) -> Result<T::Summary> {
+    fn finish(self) -> Result<SummaryOf<T>> {
         let best_params = tensors::load(
             &self.run_dir.join("best").join("params.safetensors"),
             self.device,
@@ -507,7 +548,7 @@ impl<'a, T: Task> Run<'a, T> {
             run_dir: self.run_dir.to_path_buf(),
             merged: Some(merged_path),
         };
-        let summary = self.task.summary(&self.data, fitted);
+        let summary = summarise(self.task, &self.data, fitted);
         write_json_atomic(&self.run_dir.join("summary.json"), &summary)?;
         super::report::write_run_html(
             self.run_dir,

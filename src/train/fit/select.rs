@@ -31,7 +31,13 @@ pub fn selection<T: Task>(
         .method
         .criterion()
         .ok_or_else(|| Error::msg("selection asked for a method without one"))?;
-    let setup = task.selection();
+    let setup = task.selection().ok_or_else(|| {
+        Error::msg(format!(
+            "`{}` selects entries; the {} task has no selection",
+            core.method.name(),
+            T::NAME
+        ))
+    })?;
     if reuse && art_dir.join("gps_config.json").exists() {
         obs.event(Event::Info(format!(
             "selection: reusing {}",

@@ -113,30 +113,18 @@ pub type EpochRecord = crate::train::task::EpochRecord<SegEval>;
 /// What a checkpoint's `state.json` holds besides tensors.
 pub type TrainState = crate::train::fit::folder::TrainState<EpochRecord>;
 
-/// The result of a run, for the summary table.
+/// The segmentation part of a run's `summary.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunSummary {
-    pub method: String,
-    pub trainable: usize,
-    pub total: usize,
-    pub trainable_pct: f64,
-    /// How the epoch was chosen: `"val"` (the test split never chooses).
-    pub selected_on: String,
-    /// The epoch with the best validation mDice (0: the base model, untrained).
-    pub best_epoch: Option<usize>,
+pub struct SegSummary {
     /// Validation metrics at the chosen epoch.
     pub val: SegReport,
     /// Test metrics at the chosen epoch: the shipped model's numbers.
     pub best: SegReport,
     /// Test metrics at the last epoch.
     pub last: SegReport,
-    pub train_images: usize,
-    pub val_images: usize,
-    pub test_images: usize,
-    pub seconds: f64,
-    pub seconds_per_step: f64,
-    pub peak_rss_mb: f64,
-    pub run_dir: PathBuf,
     /// Merged weights of the best epoch (full checkpoint of the base architecture).
     pub merged: Option<PathBuf>,
 }
+
+/// A segmentation run's `summary.json`.
+pub type RunSummary = crate::train::fit::summary::RunSummary<SegSummary>;

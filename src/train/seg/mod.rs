@@ -9,6 +9,6 @@ pub mod prompted;
 pub mod task;
 
 pub use crate::train::config::Method;
-pub use config::{EpochRecord, RunSummary, SegEval, SegTrainConfig, TrainState};
+pub use config::{EpochRecord, RunSummary, SegEval, SegSummary, SegTrainConfig, TrainState};
 pub use data::{base_weights, SegData};
 pub use task::{evaluate, predict_probs, select, train, Kept};

@@ -22,17 +22,17 @@ use crate::nn::{ParamStore, RolePolicy};
 use crate::progress::{Event, Observer};
 use crate::sam::Sam;
 use crate::train::fit;
-use crate::train::fit::folder::{roles_from_policy, smoothed_loss};
+use crate::train::fit::folder::roles_from_policy;
 use crate::train::fit::schedule::Schedule;
 use crate::train::loss::seg_loss;
-use crate::train::task::{Fitted, Loaders, ScheduleUnit, SelectionSetup, Task};
+use crate::train::task::{Curves, Fitted, Loaders, ScheduleUnit, SelectionSetup, Task};
 use crate::util::fs::{write_atomic, write_json_atomic};
 use crate::util::tensors::TensorMap;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
-use super::config::{EpochRecord, RunSummary, SegEval, SegTrainConfig};
+use super::config::{RunSummary, SegEval, SegSummary, SegTrainConfig};
 use super::data::{base_weights, SegData};
 use crate::train::config::{Method, TrainCore};
 
@@ -69,7 +69,7 @@ impl Task for SegTrainConfig {
     type Data = SegData;
     type Eval = SegEval;
     type Kept = (SegMetrics, Vec<Kept>);
-    type Summary = RunSummary;
+    type Extra = SegSummary;
 
     const METHODS: &'static [Method] = &[
         Method::Gps,
@@ -82,6 +82,11 @@ impl Task for SegTrainConfig {
         Method::ZeroShot,
     ];
     const NAME: &'static str = "segmentation";
+    const CURVES: Curves = Curves {
+        loss: "BCE + soft IoU",
+        score: "mDice",
+        file: "metrics.png",
+    };
 
     fn core(&self) -> &TrainCore {
         &self.core
@@ -201,34 +206,25 @@ impl Task for SegTrainConfig {
         write_scores(run_dir, &kept.0)
     }
 
-    fn draw(&self, run_dir: &Path, history: &[EpochRecord], step_losses: &[f32]) -> Result<()> {
-        write_curves(run_dir, history, step_losses)
+    fn split_sizes(&self, data: &SegData) -> [usize; 3] {
+        [
+            data.train_idx.len(),
+            data.val_idx.len(),
+            data.test_idx.len(),
+        ]
     }
 
-    fn summary(&self, data: &SegData, f: Fitted<SegEval>) -> RunSummary {
-        RunSummary {
-            method: f.label.clone(),
-            trainable: f.trainable,
-            total: f.total,
-            trainable_pct: f.trainable_pct(),
-            selected_on: f.selected_on.clone(),
-            best_epoch: f.best_epoch,
-            val: f.best_val.eval,
-            best: f.best.eval,
-            last: f.last.eval,
-            train_images: data.train_idx.len(),
-            val_images: data.val_idx.len(),
-            test_images: data.test_idx.len(),
-            seconds: f.seconds,
-            seconds_per_step: f.seconds_per_step,
-            peak_rss_mb: f.peak_rss_mb,
-            run_dir: f.run_dir,
-            merged: f.merged,
+    fn summary(&self, _data: &SegData, f: &Fitted<SegEval>) -> SegSummary {
+        SegSummary {
+            val: f.best_val.eval.clone(),
+            best: f.best.eval.clone(),
+            last: f.last.eval.clone(),
+            merged: f.merged.clone(),
         }
     }
 
-    fn selection(&self) -> SelectionSetup {
-        SelectionSetup {
+    fn selection(&self) -> Option<SelectionSetup> {
+        Some(SelectionSetup {
             policy: match self.method {
                 Method::GpsEncoder => Policy::sam_encoder_only(),
                 _ => Policy::sam(),
@@ -239,7 +235,7 @@ impl Task for SegTrainConfig {
                 "bce+iou".into()
             },
             phase: "select".into(),
-        }
+        })
     }
 
     fn selection_loader(&self, data: &SegData) -> Result<Loader<SegSource>> {
@@ -407,40 +403,4 @@ fn write_overlays(
         crate::util::draw::save_png(&dir.join(format!("{}.png", k.id)), &o)?;
     }
     Ok(())
-}
-
-fn write_curves(run_dir: &Path, history: &[EpochRecord], step_losses: &[f32]) -> Result<()> {
-    use crate::util::draw::{line_chart, save_png, Series};
-    let pts = smoothed_loss(step_losses);
-    let loss = line_chart(
-        "TRAINING LOSS (BCE + SOFT IOU)",
-        "STEP",
-        &[Series {
-            name: "loss",
-            points: pts,
-        }],
-        720,
-        400,
-    );
-    save_png(&run_dir.join("loss.png"), &loss)?;
-    let ep = |f: fn(&EpochRecord) -> f64| -> Vec<(f64, f64)> {
-        history.iter().map(|r| (r.epoch as f64, f(r))).collect()
-    };
-    let m = line_chart(
-        "MDICE PER EPOCH (VAL CHOOSES; TEST IS ONLY SCORED)",
-        "EPOCH",
-        &[
-            Series {
-                name: "val mDice",
-                points: ep(|r| r.val.eval.mdice),
-            },
-            Series {
-                name: "test mDice",
-                points: ep(|r| r.test.eval.mdice),
-            },
-        ],
-        720,
-        400,
-    );
-    save_png(&run_dir.join("metrics.png"), &m)
 }
