@@ -15,9 +15,10 @@ use std::sync::Arc;
 
 /// Default `--max-inflight-bytes`: 1 GiB. A fixed value, so a server behaves the same on
 /// every machine: room for two of the largest images the default pixel cap admits (40 MP
-/// 16-bit RGBA: about 470 MB each by [`segment_bytes`]) or about 50 Kvasir-sized ones
-/// (1920×1072 JPEG: about 20 MB), well beyond the default `sessions + queue` of one task;
-/// `serve` refuses to start when it does not fit in the memory available beside the models.
+/// 16-bit RGBA: about 440 MB each by [`segment_bytes`]) or about 35 Kvasir-sized ones
+/// (1920×1072 on a 1024-px model: 29 MB), well beyond the default `sessions + queue` of one
+/// task; `serve` refuses to start when it does not fit in the memory available beside the
+/// models.
 pub const DEFAULT_MAX_INFLIGHT_BYTES: u64 = 1 << 30;
 
 /// The budget.
