@@ -12,10 +12,16 @@ fn main() -> std::process::ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    gps_seg::util::mem::keep_freed_memory();
+    let args = cli::Cli::parse();
+    // Allocator settings before any thread starts: a server loads and unloads tasks and gives
+    // their memory back; every other command reuses its step buffers.
+    if matches!(args.command, cli::Command::Serve(_)) {
+        gps_seg::util::mem::serve_memory();
+    } else {
+        gps_seg::util::mem::keep_freed_memory();
+    }
     gps_seg::util::threads::default_spin_limit();
     gps_seg::util::threads::default_elementwise_pool();
-    let args = cli::Cli::parse();
     match cli::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

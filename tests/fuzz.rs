@@ -2,7 +2,8 @@
 //!
 //! - (a) a small SAM safetensors file, fed to `tensors::load`, `sam::info` (the `info`
 //!   command's path), `registry::resolve`, `load_weights` + `build` and a forward pass;
-//! - (b) a PNG and a JPEG, fed to `imgio::dimensions` / `decode_rgb` / `decode_luma`;
+//! - (b) a PNG, a JPEG and a TIFF (CVC-ClinicDB's original format), fed to
+//!   `imgio::dimensions` / `decode_rgb` / `decode_luma`;
 //! - (c) an ONNX file exported by the project, fed to ONNX Runtime through `OrtModel::load`,
 //!   the inference engine's signature checks and one run (skipped, with the reason printed,
 //!   when the ONNX Runtime library cannot be found).
@@ -704,6 +705,45 @@ fn mutate_jpeg(rng: &mut XorShift, base: &[u8]) -> (Vec<u8>, String) {
     }
 }
 
+/// A TIFF's first IFD (offset from the little-endian header) and its entry count, if in range.
+fn tiff_ifd(data: &[u8]) -> Option<(usize, usize)> {
+    let at = u32::from_le_bytes(data.get(4..8)?.try_into().ok()?) as usize;
+    let n = u16::from_le_bytes(data.get(at..at + 2)?.try_into().ok()?) as usize;
+    (at + 2 + 12 * n <= data.len()).then_some((at, n))
+}
+
+fn mutate_tiff(rng: &mut XorShift, base: &[u8]) -> (Vec<u8>, String) {
+    let mut out = base.to_vec();
+    let ifd = tiff_ifd(&out);
+    match (rng.below(4), ifd) {
+        (0, Some((at, n))) => {
+            // One IFD entry's value: sizes, bit depth, samples, compression, strip layout.
+            let e = at + 2 + 12 * rng.below(n);
+            let tag = u16::from_le_bytes([out[e], out[e + 1]]);
+            let v = if matches!(tag, 256 | 257) {
+                *rng.pick(&DECLARED)
+            } else {
+                *rng.pick(&INTERESTING_U32)
+            };
+            out[e + 8..e + 12].copy_from_slice(&v.to_le_bytes());
+            (out, format!("IFD tag {tag} value = {v:#x}"))
+        }
+        (1, Some((at, n))) => {
+            let r = mutate_region(rng, &mut out, at, at + 2 + 12 * n);
+            (out, format!("IFD: {r}"))
+        }
+        (2, _) => {
+            let r = mutate_region(rng, &mut out, 0, 8);
+            (out, format!("header: {r}"))
+        }
+        _ => {
+            let len = out.len();
+            let r = mutate_region(rng, &mut out, 8, len);
+            (out, format!("body: {r}"))
+        }
+    }
+}
+
 fn decode_all(path: &Path) -> Result<(), String> {
     use gps_seg::data::imgio;
     let e = |e: gps_seg::Error| e.to_string();
@@ -760,6 +800,35 @@ fn fuzz_png_and_jpeg_decoding() {
         );
         tally.finish(ext, started);
     }
+}
+
+/// TIFF (read for CVC-ClinicDB's original layout), the same way as PNG and JPEG.
+#[test]
+fn fuzz_tiff_decoding() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    install_hook();
+    let dir = tempfile::tempdir().unwrap();
+    let tif = dir.path().join("base.tif");
+    sample_image().save(&tif).unwrap();
+    decode_all(&tif).unwrap();
+    let base = std::fs::read(&tif).unwrap();
+    assert!(tiff_ifd(&base).is_some(), "base TIFF has no readable IFD");
+    let started = Instant::now();
+    let mut tally = Tally::default();
+    for seed in 0..300u64 {
+        let mut rng = XorShift::new(seed ^ 0x71FF);
+        let (data, recipe) = mutate_tiff(&mut rng, &base);
+        let p = dir.path().join(format!("case{seed}.tif"));
+        std::fs::write(&p, &data).unwrap();
+        tally.run(seed, &recipe, false, || decode_all(&p));
+        let _ = std::fs::remove_file(&p);
+    }
+    assert!(
+        tally.errors > 20,
+        "tif: only {} cases refused",
+        tally.errors
+    );
+    tally.finish("tif", started);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -849,7 +918,7 @@ fn mutate_onnx(rng: &mut XorShift, base: &[u8]) -> (Vec<u8>, String) {
 }
 
 fn run_onnx(path: &Path) -> Result<(), String> {
-    use gps_seg::infer::runtime::OrtModel;
+    use gps_seg::infer::model::OrtModel;
     use gps_seg::infer::{Engine, OrtEngine};
     let e = |e: gps_seg::Error| e.to_string();
     let model = OrtModel::load(path, 1).map_err(e)?;
@@ -894,4 +963,127 @@ fn fuzz_onnx_models() {
     }
     assert!(tally.errors > 20, "only {} cases refused", tally.errors);
     tally.finish("onnx", started);
+}
+
+// ---------------------------------------------------------------------------------------
+// (d) Task files on a shared base.
+
+/// Mutate a task file: raw bytes, its metadata (the base it names, hashes), or the tensors that
+/// carry the GPS patches and the trained weights.
+fn mutate_task(rng: &mut XorShift, base: &[u8]) -> (Vec<u8>, String) {
+    use gps_seg::onnx::proto::ModelProto;
+    use prost::Message;
+    let kind = rng.below(7);
+    if kind == 6 {
+        let mut out = base.to_vec();
+        let len = out.len();
+        let r = mutate_region(rng, &mut out, 0, len);
+        return (out, format!("bytes: {r}"));
+    }
+    let mut m = ModelProto::decode(base).unwrap();
+    let recipe = match kind {
+        0 | 1 => {
+            let i = rng.below(m.metadata_props.len());
+            let e = &mut m.metadata_props[i];
+            let v = *rng.pick(&["", "../base.onnx", "/etc/passwd", "base.onnx", "0", "x/y"]);
+            e.value = v.to_string();
+            format!("metadata `{}` = `{v}`", e.key)
+        }
+        _ => {
+            let g = m.graph.as_mut().unwrap();
+            let own: Vec<usize> = (0..g.initializer.len())
+                .filter(|&i| {
+                    g.initializer[i].name.contains("::gps") || !g.initializer[i].raw_data.is_empty()
+                })
+                .collect();
+            let i = *rng.pick(&own);
+            let t = &mut g.initializer[i];
+            match kind {
+                2 => {
+                    let keep = rng.below(t.raw_data.len() + 1);
+                    t.raw_data.truncate(keep);
+                    format!("`{}` raw data cut to {keep} bytes", t.name)
+                }
+                3 => {
+                    let at = rng.below(t.raw_data.len().max(1));
+                    for b in t.raw_data.iter_mut().skip(at).take(8) {
+                        *b = 0xff;
+                    }
+                    format!("`{}` bytes at {at} = 0xff", t.name)
+                }
+                4 => {
+                    let d = *rng.pick(&[0i64, -1, 1, 1 << 40]);
+                    if t.dims.is_empty() {
+                        t.dims.push(d);
+                    } else {
+                        let k = rng.below(t.dims.len());
+                        t.dims[k] = d;
+                    }
+                    format!("`{}` dims → {:?}", t.name, t.dims)
+                }
+                _ => {
+                    t.data_type = *rng.pick(&[0, 7, 10, 1, 99]);
+                    format!("`{}` data type {}", t.name, t.data_type)
+                }
+            }
+        }
+    };
+    (m.encode_to_vec(), recipe)
+}
+
+fn run_task(path: &Path) -> Result<(), String> {
+    use gps_seg::infer::model::OrtModel;
+    use gps_seg::infer::{Engine, OrtEngine};
+    let e = |e: gps_seg::Error| e.to_string();
+    let model = OrtModel::load_shared(path, 1, None).map_err(e)?;
+    let engine = OrtEngine::from_model(model, 1).map_err(e)?;
+    let s = engine.input_size();
+    if s == 0 || s > 256 {
+        return Err(format!("input size {s}"));
+    }
+    engine.logits(&vec![0.5f32; 3 * s * s], 1).map_err(e)?;
+    Ok(())
+}
+
+#[test]
+fn fuzz_task_files() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    install_hook();
+    if let Err(e) = gps_seg::infer::runtime::ensure(None, false) {
+        eprintln!("SKIPPED the task-file part: no ONNX Runtime library ({e})");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = micro_sam();
+    let w = micro_weights();
+    let art = gps_seg::bench::tasks::synthetic_task(&w, 3).unwrap();
+    let good: PathBuf = dir.path().join("good.onnx");
+    gps_seg::onnx::delta::export_sam_task(
+        gps_seg::onnx::delta::SamGraph::PromptFree,
+        &cfg,
+        &w,
+        &art,
+        gps_seg::onnx::sam::SamExportOptions::default(),
+        &dir.path().join("base.onnx"),
+        &good,
+    )
+    .unwrap();
+    run_task(&good).unwrap();
+    let base = std::fs::read(&good).unwrap();
+    let started = Instant::now();
+    let mut tally = Tally::default();
+    for seed in 0..150u64 {
+        let mut rng = XorShift::new(seed ^ 0x7A5C);
+        let (data, recipe) = mutate_task(&mut rng, &base);
+        let p = dir.path().join(format!("case{seed}.onnx"));
+        std::fs::write(&p, &data).unwrap();
+        // Every panic fails: loading a task is our code end to end (the base is intact).
+        tally.run(seed, &recipe, true, || {
+            gps_seg::onnx::integrity::verify_model_file(&p).map_err(|e| e.to_string())?;
+            run_task(&p)
+        });
+        let _ = std::fs::remove_file(&p);
+    }
+    assert!(tally.errors > 40, "only {} cases refused", tally.errors);
+    tally.finish("task", started);
 }

@@ -4,19 +4,23 @@
 //!
 //! - [`sam`]: prompt-free SAM forward / forward + backward speed and the analytic FLOP count;
 //! - [`train`]: a full fine-tuning step against a GPS step (Candle, and PyTorch via a script);
-//! - [`data`]: data-pipeline throughput; [`infer`]: ONNX Runtime against the Candle SAM (and,
+//! - [`data`]: data-pipeline throughput; [`metrics`]: scoring one image with the field's
+//!   metrics; [`infer`]: ONNX Runtime against the Candle SAM (and,
 //!   with a Python, PyTorch eager and ONNX Runtime on torch's export);
 //! - [`serve`]: the HTTP server under closed-loop load against plain ONNX Runtime;
+//! - [`serve_tasks`]: many task files on one base in one server against one merged model;
 //! - [`parity`]: forward + backward of a device against the CPU reference path.
 
 pub mod data;
 pub mod gemm;
 pub mod infer;
+pub mod metrics;
 pub mod parity;
 pub mod precision;
 pub mod run_memory;
 pub mod sam;
 pub mod serve;
+pub mod serve_tasks;
 pub mod tasks;
 pub mod train;
 
@@ -26,10 +30,7 @@ use std::path::{Path, PathBuf};
 /// The folder a bench writes its inputs and outputs to: `keep` (created; refused if it exists
 /// and is not empty, so nothing in it is overwritten), else a temporary folder removed with
 /// the returned guard.
-pub(crate) fn work_dir(
-    keep: Option<&Path>,
-    prefix: &str,
-) -> Result<(Option<tempfile::TempDir>, PathBuf)> {
+pub fn work_dir(keep: Option<&Path>, prefix: &str) -> Result<(Option<tempfile::TempDir>, PathBuf)> {
     match keep {
         Some(d) => {
             if std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_some()) {

@@ -28,6 +28,17 @@ pub enum What {
         #[arg(long, default_value = "squash")]
         resize: String,
     },
+    /// The field's segmentation metrics: milliseconds to score one image (mDice … Eφ, MAE,
+    /// optionally HD95) at a given size, one thread.
+    Metrics {
+        /// Image side (square images).
+        #[arg(long, default_value_t = 500)]
+        size: usize,
+        #[arg(long, default_value_t = 30)]
+        images: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// GPS: selection time and optimizer-state size (GPS vs baselines).
     Gps(super::bench_gps::Args),
     /// SAM prompt-free forward and forward+backward time, with achieved GFLOP/s.
@@ -46,6 +57,10 @@ pub enum What {
     /// tasks: throughput, p50/p95/p99 latency, errors, memory, and the serving overhead
     /// against plain ONNX Runtime on the same engine and images (batch 1, no HTTP).
     Serve(ServeArgs),
+    /// Many GPS task files served on one base (`serve --tasks-dir`) against one merged model
+    /// in one session: server RSS with 1, 10, 100… tasks loaded, the memory each task adds,
+    /// and p50/p99 request latency of both, side by side.
+    ServeTasks(ServeTasksArgs),
     /// Peak memory of whole runs (`train` with and without --checkpoint-blocks, `select`) on a
     /// random official-layout checkpoint, each in a child process.
     RunMemory(super::bench_memory::Args),
@@ -112,6 +127,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         What::Infer(a) => run_infer(a),
         What::Export(a) => run_export(a),
         What::Gps(a) => super::bench_gps::run(a),
+        What::Metrics { size, images, seed } => {
+            let cfg = gps_seg::bench::metrics::MetricsBenchConfig {
+                side: size,
+                images,
+                seed,
+            };
+            let rows = gps_seg::bench::metrics::run(&cfg)?;
+            println!("field metrics: {size}×{size} images, one thread per image");
+            println!("{}", gps_seg::util::cpu::bench_header(1));
+            println!("| configuration | images | median ms / image | slowest ms |");
+            println!("|---|---:|---:|---:|");
+            for r in rows {
+                println!(
+                    "| {} | {} | {:.2} | {:.2} |",
+                    r.name, r.images, r.median_ms, r.max_ms
+                );
+            }
+            Ok(())
+        }
         What::Data {
             images,
             max_side,
@@ -151,8 +185,83 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         What::Train(a) => super::bench_train::run(a),
         What::Tasks(a) => super::bench_tasks::run(a),
         What::Serve(a) => run_serve(a),
+        What::ServeTasks(a) => run_serve_tasks(a),
         What::RunMemory(a) => super::bench_memory::run(a),
     }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeTasksArgs {
+    /// SAM preset of the random-init base (tiny, vit_b, vit_l, vit_h).
+    #[arg(long, default_value = "tiny")]
+    pub model: String,
+    /// Input size (default: the preset's).
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Task counts, comma-separated, ascending (the largest is how many task files are made).
+    #[arg(long, default_value = "1,10,100")]
+    pub tasks: String,
+    /// Requests per server and task count for the latency columns.
+    #[arg(long, default_value_t = 20)]
+    pub requests: usize,
+    /// ONNX Runtime intra-op threads of both servers (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Keep the task files and merged model in this new folder (default: a temp folder).
+    #[arg(long)]
+    pub keep: Option<std::path::PathBuf>,
+}
+
+fn run_serve_tasks(a: ServeTasksArgs) -> anyhow::Result<()> {
+    let mut sam = gps_seg::sam::SamConfig::preset(&a.model)?;
+    if let Some(s) = a.image_size {
+        sam = sam.with_image_size(s);
+    }
+    sam.validate()?;
+    let counts = a
+        .tasks
+        .split(',')
+        .map(|t| t.trim().parse::<usize>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("--tasks `{}`: {e}", a.tasks))?;
+    if counts.is_empty()
+        || counts.iter().any(|&n| !(1..=1000).contains(&n))
+        || counts.windows(2).any(|w| w[0] >= w[1])
+    {
+        anyhow::bail!("--tasks `{}`: ascending counts from 1 to 1000", a.tasks);
+    }
+    if !(1..=10_000).contains(&a.requests) {
+        anyhow::bail!("--requests {}: 1 to 10000", a.requests);
+    }
+    gps_seg::infer::runtime::ensure(None, true)?;
+    let (_guard, dir) = gps_seg::bench::work_dir(a.keep.as_deref(), "gps-seg-serve-tasks")?;
+    let cfg = gps_seg::bench::serve_tasks::ServeTasksConfig {
+        sam,
+        counts,
+        requests: a.requests,
+        threads: a.threads,
+        exe: std::env::current_exe()?,
+    };
+    let mut progress = super::progress::Progress::new(false);
+    let r = gps_seg::bench::serve_tasks::run(&cfg, &dir, &mut progress)?;
+    let threads = if a.threads > 0 {
+        a.threads
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    };
+    println!("{}", gps_seg::util::cpu::describe(threads));
+    println!(
+        "gps-seg bench serve-tasks --model {} --image-size {} --tasks {} --requests {} --threads {} \
+         (ONNX Runtime {}, batch 1, one client, 127.0.0.1)",
+        a.model,
+        cfg.sam.image_size,
+        a.tasks,
+        a.requests,
+        a.threads,
+        gps_seg::infer::runtime::ORT_VERSION
+    );
+    println!("{}", gps_seg::bench::serve_tasks::markdown(&r));
+    Ok(())
 }
 
 #[derive(Debug, clap::Args)]

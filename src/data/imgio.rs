@@ -11,13 +11,18 @@ pub const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 
 /// True when `path` has one of [`IMAGE_EXTENSIONS`].
 pub fn is_image_file(path: &Path) -> bool {
+    has_extension(path, &IMAGE_EXTENSIONS)
+}
+
+/// TIFF extensions (CVC-ClinicDB's original `Original/` and `Ground Truth/` folders), read
+/// only where a layout asks for them.
+pub const TIFF_EXTENSIONS: [&str; 2] = ["tif", "tiff"];
+
+/// True when `path`'s extension is one of `exts` (compared case-insensitively).
+pub fn has_extension(path: &Path, exts: &[&str]) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
-        .map(|e| {
-            let e = e.to_ascii_lowercase();
-            IMAGE_EXTENSIONS.contains(&e.as_str())
-        })
-        .unwrap_or(false)
+        .is_some_and(|e| exts.iter().any(|x| x.eq_ignore_ascii_case(e)))
 }
 
 /// Image files keyed by stem, and the files that could not be keyed with the reason.
@@ -28,6 +33,11 @@ pub type ByStem = (BTreeMap<String, PathBuf>, Vec<(PathBuf, String)>);
 /// second file with an existing stem, a folder or a special file with an image's name, a
 /// symbolic link that cannot be followed). Kvasir pairing and inference inputs both use it.
 pub fn images_by_stem(dir: &Path) -> std::io::Result<ByStem> {
+    files_by_stem(dir, &IMAGE_EXTENSIONS)
+}
+
+/// [`images_by_stem`] for the files with one of `exts` (e.g. [`TIFF_EXTENSIONS`]).
+pub fn files_by_stem(dir: &Path, exts: &[&str]) -> std::io::Result<ByStem> {
     let rd = std::fs::read_dir(dir)?;
     let mut paths: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
     paths.sort();
@@ -38,7 +48,7 @@ pub fn images_by_stem(dir: &Path) -> std::io::Result<ByStem> {
             .file_name()
             .and_then(|n| n.to_str())
             .is_some_and(|n| n.starts_with('.'));
-        if hidden || !is_image_file(&p) {
+        if hidden || !has_extension(&p, exts) {
             continue;
         }
         // `metadata` follows links: a loop or a dangling link fails here.
@@ -382,9 +392,9 @@ fn decoder_error(path: &Path, e: image::ImageError) -> Error {
     }
 }
 
-/// The checked header and a decoder ready to decode the pixels. The PNG decoder's own
-/// allocations are bounded by its row buffers plus [`ANCILLARY_DECODER_BYTES`]: the pixel cap
-/// is checked from the IHDR chunk before the decoder reads any ancillary chunk.
+/// The checked header and a decoder ready to decode the pixels (PNG, JPEG, TIFF). The PNG
+/// decoder's own allocations are bounded by its row buffers plus [`ANCILLARY_DECODER_BYTES`]:
+/// the pixel cap is checked from the IHDR chunk before the decoder reads any ancillary chunk.
 fn open_checked<'a>(
     path: &Path,
     bytes: &'a [u8],
@@ -407,9 +417,18 @@ fn open_checked<'a>(
         .with_guessed_format()
         .map_err(|e| Error::io(path, e))?;
     reader.limits(limits);
-    let decoder = reader.into_decoder().map_err(|e| decoder_error(path, e))?;
+    let mut decoder = reader.into_decoder().map_err(|e| decoder_error(path, e))?;
     let (w, h) = decoder.dimensions();
     check_pixels(path, w, h)?;
+    // What the decoder may allocate for the pixels: the header's size, 16-bit RGBA at most
+    // (bounds a TIFF decoder's buffers; the PNG decoder keeps its limit from above).
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(w);
+    limits.max_image_height = Some(h);
+    limits.max_alloc = Some(u64::from(w) * u64::from(h) * 8 + (1 << 20));
+    decoder
+        .set_limits(limits)
+        .map_err(|e| decoder_error(path, e))?;
     let header = ImageHeader {
         width: w,
         height: h,
