@@ -33,6 +33,16 @@ pub trait Source: Sync {
     }
     /// Decode and resize item `index`.
     fn load(&self, index: usize) -> Result<Self::Item>;
+    /// A streaming source (synthetic data drawn fresh every epoch, never repeated): item
+    /// `index` of `epoch` is [`Source::load_at`]`(epoch, index)`, and nothing is cached.
+    fn streaming(&self) -> bool {
+        false
+    }
+    /// Item `index` of `epoch`; a dataset's items are the same every epoch.
+    fn load_at(&self, epoch: u64, index: usize) -> Result<Self::Item> {
+        let _ = epoch;
+        self.load(index)
+    }
     /// Augment (or just convert) an item; `rng` is specific to this item and epoch.
     fn prepare(&self, item: Self::Item, rng: &mut Rng, augment: bool) -> Self::Ready;
     /// Stack items into a batch on `device`.
@@ -121,8 +131,7 @@ impl<S: Source> Loader<S> {
                 msg: format!("index {bad} out of range ({} samples)", source.len()),
             });
         }
-        let cache = cfg
-            .cache
+        let cache = (cfg.cache && !source.streaming())
             .then(|| (0..source.len()).map(|_| OnceLock::new()).collect());
         let state = LoaderState {
             epoch: 0,
@@ -224,7 +233,7 @@ impl<S: Source> Loader<S> {
     }
 
     fn get_item(&self, index: usize) -> Result<S::Item> {
-        get_item(&self.source, &self.cache, index)
+        get_item(&self.source, &self.cache, self.state.epoch, index)
     }
 
     /// The next batch of this epoch, or `None` at its end (the following call starts the
@@ -344,8 +353,12 @@ impl<S: Source> Copy for Parts<'_, S> {}
 fn get_item<S: Source>(
     source: &S,
     cache: &Option<Vec<OnceLock<S::Item>>>,
+    epoch: u64,
     index: usize,
 ) -> Result<S::Item> {
+    if source.streaming() {
+        return source.load_at(epoch, index);
+    }
     match cache {
         Some(c) => {
             if let Some(it) = c[index].get() {
@@ -368,7 +381,7 @@ fn prepare_range<S: Source>(
     range
         .into_par_iter()
         .map(|pos| {
-            let item = get_item(p.source, p.cache, p.order[pos])?;
+            let item = get_item(p.source, p.cache, p.epoch, p.order[pos])?;
             let mut rng = Rng::derive(p.seed, &format!("augment/{}/{pos}", p.epoch));
             Ok(p.source.prepare(item, &mut rng, p.augment))
         })

@@ -148,6 +148,10 @@ pub struct TrainCore {
     pub test_limit: Option<usize>,
     /// Optimiser steps per epoch cap (quick runs); None = whole epoch.
     pub max_steps_per_epoch: Option<usize>,
+    /// Optimiser steps of the whole run (a step-scheduled run whose last epoch is shorter,
+    /// e.g. pretraining on a stream); None = every epoch whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_steps: Option<usize>,
     /// How many epoch checkpoints to keep (the best epoch's is kept too).
     pub keep_last: usize,
 }
@@ -198,6 +202,9 @@ impl TrainCore {
         if self.select_batches == Some(0) {
             return bad("select_batches", "must be at least 1");
         }
+        if self.total_steps == Some(0) {
+            return bad("total_steps", "must be at least 1");
+        }
         if self.max_steps_per_epoch == Some(0) {
             return bad(
                 "max_steps_per_epoch",
@@ -210,7 +217,10 @@ impl TrainCore {
         if !(self.test_fraction > 0.0 && self.test_fraction < 1.0) {
             return bad("test_fraction", "must be in (0, 1)");
         }
-        crate::util::fs::require_dir(&self.data_dir, "data folder")?;
+        // An empty `data_dir`: the task reads no folder (a generated stream, e.g. pretraining).
+        if !self.data_dir.as_os_str().is_empty() {
+            crate::util::fs::require_dir(&self.data_dir, "data folder")?;
+        }
         if let Some(b) = &self.base {
             crate::util::fs::require_file(b, "base checkpoint")?;
         }

@@ -106,6 +106,7 @@ impl ClsTrainConfig {
                 train_limit: None,
                 test_limit: None,
                 max_steps_per_epoch: None,
+                total_steps: None,
                 keep_last: 2,
             },
             layout,

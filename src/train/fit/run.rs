@@ -450,7 +450,12 @@ impl<'a, T: Task> Run<'a, T> {
             step_count,
             ..
         } = self;
-        let (task, unit, steps) = (*task, *unit, *steps);
+        let (task, unit) = (*task, *unit);
+        // A run with a total step budget stops there, inside its last epoch.
+        let steps = match task.core().total_steps {
+            Some(t) => (*steps).min(t.saturating_sub(state.global_step)),
+            None => *steps,
+        };
         let mut lr = schedule.lr(match unit {
             ScheduleUnit::Epoch => epoch,
             ScheduleUnit::Step => state.global_step,

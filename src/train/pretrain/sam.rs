@@ -9,24 +9,26 @@
 //! - the IoU head, regressing each predicted mask's actual IoU.
 //!
 //! Prompted losses are computed at the decoder's low resolution (targets area-downsampled).
-//! AdamW with warm-up + cosine; checkpoints every `eval_every` steps; resumable.
+//! It runs on the one training loop ([`PretrainTask`]): AdamW with warm-up + cosine per step,
+//! an epoch every `eval_every` steps (evaluation, checkpoint), resumable.
 
+use crate::data::loader::{Loader, LoaderConfig, Source};
 use crate::data::synth_scenes::{scene, Scene};
 use crate::error::{Error, Result};
 use crate::nn::{ParamStore, RolePolicy};
+use crate::progress::{Event, Observer};
 use crate::sam::{Sam, SamConfig};
-use crate::train::fit::checkpoint::{Checkpoints, KeepPolicy};
-use crate::train::fit::optim::{AdamW, Optimizer};
+use crate::train::config::{Method, TrainCore};
 use crate::train::fit::schedule::Schedule;
 use crate::train::loss::seg_loss;
-use crate::train::observer::{Event, Observer};
+use crate::train::task::{Curves, Fitted, Loaders, ScheduleUnit, Task};
 use crate::util::tensors::{self, TensorMap};
 use crate::util::Rng;
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, D};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 /// Pretraining settings (written beside the result).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -75,13 +77,6 @@ pub struct UpstreamReport {
     /// Box prompt, single mask.
     pub box_miou: f64,
     pub scenes: usize,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct PretrainState {
-    step: usize,
-    history: Vec<(usize, f64, UpstreamReport)>,
-    seconds: f64,
 }
 
 /// What a finished pretraining reports.
@@ -254,8 +249,340 @@ pub fn evaluate_upstream(
     })
 }
 
-/// Pretrain (or resume) into `out` (`<out>.safetensors`, `<out>.json`, checkpoints in
-/// `<out>.run/`).
+/// Scenes as a streaming source of the one loop: item `i` of epoch `e` is scene number
+/// `e · len + i` of the training stream (`len` = a chunk's scenes), never repeated; a batch's
+/// prompts come from `Rng::derive(seed ^ step, "prompts")` as before the loop took over, and
+/// its mode (point / box / both) from the step.
+#[derive(Debug, Clone)]
+pub struct SceneSource {
+    seed: u64,
+    size: usize,
+    low: usize,
+    batch_size: usize,
+    /// Scenes per epoch (= steps per chunk × batch size).
+    len: usize,
+}
+
+/// A training batch and the step it is.
+pub struct SceneBatch {
+    batch: PromptBatch,
+    mode: usize,
+    len: usize,
+}
+
+impl Source for SceneSource {
+    type Item = (u64, Scene);
+    type Ready = (u64, Scene);
+    type Batch = SceneBatch;
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn streaming(&self) -> bool {
+        true
+    }
+    fn load(&self, index: usize) -> Result<(u64, Scene)> {
+        self.load_at(0, index)
+    }
+    fn load_at(&self, epoch: u64, index: usize) -> Result<(u64, Scene)> {
+        let n = epoch
+            .checked_mul(self.len as u64)
+            .and_then(|x| x.checked_add(index as u64))
+            .ok_or_else(|| Error::msg("scene index over 2^64"))?;
+        Ok((n, scene(self.seed, n, self.size)))
+    }
+    fn prepare(&self, item: (u64, Scene), _rng: &mut Rng, _augment: bool) -> (u64, Scene) {
+        item
+    }
+    fn collate(&self, items: Vec<(u64, Scene)>, device: &Device) -> Result<SceneBatch> {
+        let first = items.first().map_or(0, |i| i.0);
+        let step = first / self.batch_size.max(1) as u64;
+        let scenes: Vec<Scene> = items.into_iter().map(|(_, s)| s).collect();
+        let mut rng = Rng::derive(self.seed ^ step, "prompts");
+        let len = scenes.len();
+        Ok(SceneBatch {
+            batch: make_batch(&scenes, &mut rng, self.low, device)?,
+            mode: (step % 3) as usize,
+            len,
+        })
+    }
+}
+
+/// SAM pretraining as a task of the one loop ([`crate::train::fit`]): `full` from a seeded
+/// random init, AdamW with warm-up + cosine per step, epochs of `eval_every` steps on a
+/// stream of scenes (the last one shorter when `steps` is not a multiple), evaluation on the
+/// validation stream after each, no validation split (nothing is chosen: the last weights
+/// ship).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PretrainTask {
+    #[serde(flatten)]
+    pub core: TrainCore,
+    pub sam: SamConfig,
+    pub warmup: usize,
+    pub eval_every: usize,
+    pub val_scenes: usize,
+    pub generator_version: u32,
+}
+
+impl PretrainTask {
+    /// The loop's settings for `cfg`.
+    pub fn new(cfg: &PretrainConfig) -> PretrainTask {
+        PretrainTask {
+            core: TrainCore {
+                data_dir: PathBuf::new(),
+                base: None,
+                method: Method::Full,
+                topk: 1,
+                level: crate::gps::select::Level::Neuron,
+                epochs: cfg.steps.div_ceil(cfg.eval_every.max(1)),
+                lr: cfg.lr,
+                min_lr: cfg.min_lr,
+                weight_decay: cfg.weight_decay,
+                batch_size: cfg.batch_size,
+                eval_batch_size: 16,
+                seed: cfg.seed,
+                split_seed: None,
+                select_batches: None,
+                test_fraction: 0.5,
+                val_fraction: crate::train::config::default_val_fraction(),
+                train_limit: None,
+                test_limit: None,
+                max_steps_per_epoch: Some(cfg.eval_every),
+                total_steps: Some(cfg.steps),
+                keep_last: 1,
+            },
+            sam: cfg.sam.clone(),
+            warmup: cfg.warmup,
+            eval_every: cfg.eval_every,
+            val_scenes: cfg.val_scenes,
+            generator_version: cfg.generator_version,
+        }
+    }
+}
+
+/// The validation stream (evaluation ignores the loader's items and draws its own scenes).
+#[derive(Debug, Clone)]
+pub struct ValScenes(usize);
+
+impl Source for ValScenes {
+    type Item = ();
+    type Ready = ();
+    type Batch = ();
+    fn len(&self) -> usize {
+        self.0
+    }
+    fn load(&self, _index: usize) -> Result<()> {
+        Ok(())
+    }
+    fn prepare(&self, _item: (), _rng: &mut Rng, _augment: bool) {}
+    fn collate(&self, _items: Vec<()>, _device: &Device) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The pretraining stream: training scenes, or the validation scenes.
+pub enum Scenes {
+    Train(SceneSource),
+    Val(ValScenes),
+}
+
+/// A batch of [`Scenes`].
+pub enum ScenesBatch {
+    Train(SceneBatch),
+    Val,
+}
+
+impl Source for Scenes {
+    type Item = Option<(u64, Scene)>;
+    type Ready = Option<(u64, Scene)>;
+    type Batch = ScenesBatch;
+    fn len(&self) -> usize {
+        match self {
+            Scenes::Train(s) => s.len(),
+            Scenes::Val(v) => v.len(),
+        }
+    }
+    fn streaming(&self) -> bool {
+        matches!(self, Scenes::Train(_))
+    }
+    fn load(&self, index: usize) -> Result<Self::Item> {
+        self.load_at(0, index)
+    }
+    fn load_at(&self, epoch: u64, index: usize) -> Result<Self::Item> {
+        match self {
+            Scenes::Train(s) => s.load_at(epoch, index).map(Some),
+            Scenes::Val(_) => Ok(None),
+        }
+    }
+    fn prepare(&self, item: Self::Item, _rng: &mut Rng, _augment: bool) -> Self::Item {
+        item
+    }
+    fn collate(&self, items: Vec<Self::Item>, device: &Device) -> Result<ScenesBatch> {
+        match self {
+            Scenes::Train(s) => Ok(ScenesBatch::Train(
+                s.collate(items.into_iter().flatten().collect(), device)?,
+            )),
+            Scenes::Val(_) => Ok(ScenesBatch::Val),
+        }
+    }
+}
+
+/// The task's part of the summary.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PretrainExtra {
+    pub final_report: UpstreamReport,
+    pub merged: Option<PathBuf>,
+}
+
+impl Task for PretrainTask {
+    type Source = Scenes;
+    type Model = Sam;
+    type Data = ();
+    type Eval = UpstreamReport;
+    type Kept = ();
+    type Extra = PretrainExtra;
+
+    const METHODS: &'static [Method] = &[Method::Full];
+    const NAME: &'static str = "SAM pretraining";
+    const CURVES: Curves = Curves {
+        loss: "prompt-free + prompted + IoU head",
+        score: "prompt-free IoU",
+        file: "metrics.png",
+    };
+
+    fn core(&self) -> &TrainCore {
+        &self.core
+    }
+
+    fn validate(&self, _device: &Device) -> Result<()> {
+        self.sam.validate()?;
+        for (field, v) in [
+            ("steps", self.core.total_steps.unwrap_or(0)),
+            ("batch_size", self.core.batch_size),
+            ("eval_every", self.eval_every),
+            ("val_scenes", self.val_scenes),
+        ] {
+            if v == 0 {
+                return Err(Error::Config {
+                    field: field.into(),
+                    msg: "must be at least 1".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Nothing is read: the scenes are generated.
+    fn inputs(&self) -> Vec<(&'static str, PathBuf)> {
+        Vec::new()
+    }
+
+    /// The seeded random init (the same values the store of the loop then holds).
+    fn open(
+        &self,
+        _run_dir: &Path,
+        device: &Device,
+        _obs: &mut dyn Observer,
+    ) -> Result<((), TensorMap)> {
+        let store = ParamStore::new(None, RolePolicy::AllTrainable, device, self.core.seed);
+        Sam::new(&self.sam, &store)?;
+        Ok(((), store.current_tensors()?))
+    }
+
+    fn build(&self, _data: &(), store: &ParamStore) -> Result<Sam> {
+        Sam::new(&self.sam, store)
+    }
+
+    fn loaders(&self, _data: &()) -> Result<Loaders<Scenes>> {
+        let bs = self.core.batch_size;
+        let train = Scenes::Train(SceneSource {
+            seed: self.core.seed,
+            size: self.sam.image_size,
+            low: 4 * self.sam.grid_size(),
+            batch_size: bs,
+            len: self.eval_every.saturating_mul(bs),
+        });
+        let lc = LoaderConfig {
+            shuffle: false,
+            augment: false,
+            cache: false,
+            drop_last: false,
+            ..LoaderConfig::train(bs, self.core.seed)
+        };
+        Ok(Loaders {
+            train: Loader::all(train, lc)?,
+            val: None,
+            test: Loader::all(
+                Scenes::Val(ValScenes(self.val_scenes)),
+                LoaderConfig::eval(16),
+            )?,
+        })
+    }
+
+    fn schedule(&self, _steps_per_epoch: usize) -> (Schedule, ScheduleUnit) {
+        let s = Schedule::WarmupCosine {
+            lr: self.core.lr,
+            min_lr: self.core.min_lr,
+            warmup: self.warmup,
+            total: self.core.total_steps.unwrap_or(1),
+        };
+        (s, ScheduleUnit::Step)
+    }
+
+    fn train_step(&self, sam: &Sam, batch: &ScenesBatch) -> Result<(Tensor, GradStore)> {
+        let ScenesBatch::Train(b) = batch else {
+            return Err(Error::msg("a validation batch in training"));
+        };
+        let loss = step_loss(sam, &b.batch, b.mode)?;
+        let grads = loss.backward()?;
+        Ok((loss, grads))
+    }
+
+    fn batch_len(batch: &ScenesBatch) -> Result<usize> {
+        Ok(match batch {
+            ScenesBatch::Train(b) => b.len,
+            ScenesBatch::Val => 0,
+        })
+    }
+
+    fn evaluate(
+        &self,
+        sam: &Sam,
+        _loader: &mut Loader<Scenes>,
+        device: &Device,
+        obs: &mut dyn Observer,
+    ) -> Result<(UpstreamReport, ())> {
+        let report = evaluate_upstream(sam, self.core.seed, self.val_scenes, 16, device)?;
+        obs.event(Event::Info(format!(
+            "val IoU: prompt-free {:.3}  point {:.3}  box {:.3}",
+            report.prompt_free_miou, report.point_miou, report.box_miou
+        )));
+        Ok((report, ()))
+    }
+
+    fn score(eval: &UpstreamReport) -> f64 {
+        eval.prompt_free_miou
+    }
+
+    fn split_sizes(&self, _data: &()) -> [usize; 3] {
+        let steps = self.core.total_steps.unwrap_or(0);
+        [
+            steps.saturating_mul(self.core.batch_size),
+            0,
+            self.val_scenes,
+        ]
+    }
+
+    fn summary(&self, _data: &(), f: &Fitted<UpstreamReport>) -> PretrainExtra {
+        PretrainExtra {
+            final_report: f.last.clone(),
+            merged: f.merged.clone(),
+        }
+    }
+}
+
+/// Pretrain (or resume) into `out`: the loop runs in `<out>.run/` (config, checkpoints,
+/// metrics, curves, summary); the last weights are written to `<out>.safetensors` with the
+/// SAM config in `<out>.json`.
 pub fn pretrain(
     cfg: &PretrainConfig,
     out: &Path,
@@ -264,134 +591,48 @@ pub fn pretrain(
     obs: &mut dyn Observer,
 ) -> Result<PretrainSummary> {
     cfg.sam.validate()?;
-    for (field, v) in [
-        ("steps", cfg.steps),
-        ("batch_size", cfg.batch_size),
-        ("eval_every", cfg.eval_every),
-        ("val_scenes", cfg.val_scenes),
-    ] {
-        if v == 0 {
-            return Err(Error::Config {
-                field: field.into(),
-                msg: "must be at least 1".into(),
-            });
-        }
+    if cfg.eval_every == 0 {
+        return Err(Error::Config {
+            field: "eval_every".into(),
+            msg: "must be at least 1".into(),
+        });
     }
+    let task = PretrainTask::new(cfg);
     let run_dir = out.with_extension("run");
-    std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
-    let ckpts = Checkpoints::new(&run_dir, KeepPolicy { keep_last: 1 });
-    let latest: Option<(PathBuf, PretrainState)> = if resume { ckpts.latest()? } else { None };
-    let store = ParamStore::new(None, RolePolicy::AllTrainable, device, cfg.seed);
-    let sam = Sam::new(&cfg.sam, &store)?;
-    let vars = store.trainable_vars();
-    let mut opt = AdamW::new(vars.clone(), cfg.lr, cfg.weight_decay)?;
-    let mut state = PretrainState {
-        step: 0,
-        history: Vec::new(),
-        seconds: 0.0,
-    };
-    if let Some((dir, st)) = latest {
-        let w = tensors::load(&dir.join("params.safetensors"), device)?;
-        for (n, v) in &vars {
-            let t = w.get(n).ok_or_else(|| Error::Checkpoint {
-                path: dir.join("params.safetensors"),
-                msg: format!("no tensor `{n}`"),
-            })?;
-            v.set(t)?;
-        }
-        opt.load_state(&tensors::load(&dir.join("optimizer.safetensors"), device)?)?;
-        obs.event(Event::Info(format!(
-            "resuming pretraining at step {}",
-            st.step
-        )));
-        state = st;
-    }
-    crate::util::fs::write_json_atomic(&run_dir.join("pretrain_config.json"), cfg)?;
-    let schedule = Schedule::WarmupCosine {
-        lr: cfg.lr,
-        min_lr: cfg.min_lr,
-        warmup: cfg.warmup,
-        total: cfg.steps,
-    };
-    let low = 4 * cfg.sam.grid_size();
-    let s = cfg.sam.image_size;
-    let t_prev = state.seconds;
-    let t0 = Instant::now();
-    while state.step < cfg.steps {
-        let chunk_end = ((state.step / cfg.eval_every) + 1) * cfg.eval_every;
-        let chunk_end = chunk_end.min(cfg.steps);
-        obs.event(Event::PhaseStart {
-            name: format!("steps ≤{chunk_end}"),
-            total: chunk_end - state.step,
-        });
-        let chunk_start = state.step;
-        let tc = Instant::now();
-        let mut loss_sum = 0.0;
-        while state.step < chunk_end {
-            let step = state.step;
-            opt.set_lr(schedule.lr(step));
-            let scenes = scenes_for(cfg.seed, (step * cfg.batch_size) as u64, cfg.batch_size, s);
-            let mut rng = Rng::derive(cfg.seed ^ step as u64, "prompts");
-            let pb = make_batch(&scenes, &mut rng, low, device)?;
-            let loss = step_loss(&sam, &pb, step % 3)?;
-            let lv = loss.to_scalar::<f32>()?;
-            if !lv.is_finite() {
-                return Err(Error::NonFinite(format!(
-                    "pretraining loss is {lv} at step {}; the last checkpoint in {} is intact",
-                    step + 1,
-                    run_dir.display()
-                )));
-            }
-            opt.step(&loss.backward()?)?;
-            loss_sum += lv as f64;
-            state.step += 1;
-            let done = state.step - chunk_start;
-            obs.event(Event::Step {
-                done,
-                loss: Some(loss_sum / done as f64),
-                lr: Some(schedule.lr(step)),
-                images_per_s: Some(
-                    (done * cfg.batch_size) as f64 / tc.elapsed().as_secs_f64().max(1e-9),
-                ),
-            });
-        }
-        let mean_loss = loss_sum / (state.step - chunk_start).max(1) as f64;
-        let report = evaluate_upstream(&sam, cfg.seed, cfg.val_scenes, 16, device)?;
-        obs.event(Event::PhaseEnd {
-            summary: format!(
-                "loss {mean_loss:.4}  val IoU: prompt-free {:.3}  point {:.3}  box {:.3}",
-                report.prompt_free_miou, report.point_miou, report.box_miou
-            ),
-        });
-        state.history.push((state.step, mean_loss, report));
-        state.seconds = t_prev + t0.elapsed().as_secs_f64();
-        let params: TensorMap = vars
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
-            .collect();
-        let ost = opt.state()?;
-        ckpts.save(
-            state.step,
-            &[("params", &params), ("optimizer", &ost)],
-            &state,
-        )?;
-    }
+    let s = crate::train::fit::fit(&task, &run_dir, device, resume, obs)?;
+    let merged = s
+        .merged
+        .clone()
+        .ok_or_else(|| Error::msg("pretraining shipped no weights"))?;
     let weights = out.with_extension("safetensors");
-    tensors::save_safetensors(&weights, &store.current_tensors()?, None)?;
+    let w = tensors::load(&merged, device)?;
+    tensors::save_safetensors(&weights, &w, None)?;
     crate::util::fs::write_json_atomic(&out.with_extension("json"), &cfg.sam)?;
-    let final_report = state
-        .history
-        .last()
-        .map(|h| h.2.clone())
-        .unwrap_or_default();
-    let summary = PretrainSummary {
+    let records: Vec<crate::train::task::EpochRecord<UpstreamReport>> =
+        std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+            .map_err(|e| Error::io(run_dir.join("metrics.jsonl"), e))?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(serde_json::from_str)
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| Error::Checkpoint {
+                path: run_dir.join("metrics.jsonl"),
+                msg: format!("invalid record: {e}"),
+            })?;
+    let mut step = 0usize;
+    let history = records
+        .into_iter()
+        .map(|r| {
+            step += r.steps;
+            (step, r.train_loss, r.test)
+        })
+        .collect();
+    Ok(PretrainSummary {
         config: cfg.clone(),
-        steps: state.step,
-        final_report,
-        history: state.history.clone(),
-        seconds: state.seconds,
-        weights: weights.clone(),
-    };
-    crate::util::fs::write_json_atomic(&run_dir.join("summary.json"), &summary)?;
-    Ok(summary)
+        steps: step,
+        final_report: s.task.final_report.clone(),
+        history,
+        seconds: s.seconds,
+        weights,
+    })
 }

@@ -81,6 +81,7 @@ impl SegTrainConfig {
                 train_limit: None,
                 test_limit: None,
                 max_steps_per_epoch: None,
+                total_steps: None,
                 keep_last: 2,
             },
             sam,
