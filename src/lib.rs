@@ -19,6 +19,7 @@ pub mod nn;
 pub mod onnx;
 pub mod pipeline;
 pub mod progress;
+pub mod registry;
 pub mod sam;
 pub mod serve;
 pub mod stats;

@@ -3,7 +3,7 @@
 //! merge → ONNX export → batch inference through ONNX Runtime on the held-out split, whose mDice
 //! must equal training's evaluation. This is what `gps-seg demo` runs.
 
-use crate::data::synth_kvasir::{generate, SynthKvasirConfig};
+use crate::data::synth_kvasir::SynthKvasirConfig;
 use crate::error::{Error, Result};
 use crate::infer::{self, InferOptions, OrtEngine, RunFolder};
 use crate::metrics::SegReport;
@@ -88,30 +88,15 @@ pub struct DemoReport {
     pub seconds: f64,
 }
 
-/// Generate the demo's synthetic set unless it exists.
+/// The demo's synthetic set (made once, then reused).
 pub fn ensure_data(cfg: &DemoConfig, obs: &mut dyn Observer) -> Result<()> {
-    if cfg.data_dir.join("images").is_dir() {
-        obs.event(Event::Info(format!(
-            "data: {} (already generated)",
-            cfg.data_dir.display()
-        )));
-        return Ok(());
-    }
-    obs.event(Event::Info(format!(
-        "data: generating {} synthetic Kvasir-shaped images at {} (seed {})",
-        cfg.count,
-        cfg.data_dir.display(),
-        cfg.seed
-    )));
-    generate(
-        &cfg.data_dir,
-        &SynthKvasirConfig {
-            count: cfg.count,
-            seed: cfg.seed,
-            max_side: cfg.max_side,
-            ..Default::default()
-        },
-    )?;
+    let settings = SynthKvasirConfig {
+        count: cfg.count,
+        seed: cfg.seed,
+        max_side: cfg.max_side,
+        ..Default::default()
+    };
+    crate::data::synth_kvasir::ensure(&cfg.data_dir, &settings, obs)?;
     Ok(())
 }
 
@@ -130,7 +115,7 @@ pub fn demo(cfg: &DemoConfig, device: &Device, obs: &mut dyn Observer) -> Result
         clear_for_run(d, cfg.overwrite, "--out")?;
     }
     ensure_data(cfg, obs)?;
-    let (base, sam) = crate::sam::registry::resolve(&cfg.model, None)?;
+    let (base, sam) = crate::registry::resolve_sam(&cfg.model, None)?;
     obs.event(Event::Info(format!(
         "model: {} ({}, {}×{} input)",
         base.display(),

@@ -435,7 +435,7 @@ fn use_checkpoint(path: &Path, base_cfg: &SamConfig) -> Result<(), String> {
     let map = tensors::load(path, &dev).map_err(e)?;
     let inferred = sam::info::infer_config(&map).map(|(c, _)| c);
     let _ = sam::info::model_info(path.to_str().unwrap_or_default());
-    let _ = sam::registry::resolve(path.to_str().unwrap_or_default(), None);
+    let _ = gps_seg::registry::resolve_sam(path.to_str().unwrap_or_default(), None);
     let mut last = Ok(());
     for cfg in [Some(base_cfg.clone()), inferred.ok()]
         .into_iter()

@@ -500,11 +500,16 @@ fn oversized_sizes_are_refused() {
     let w = fixture("weights.safetensors");
     let w = w.to_str().unwrap();
     for s in [0usize, 8, 1_048_576, 1 << 40] {
-        let e = sam::registry::resolve(w, Some(s)).unwrap_err().to_string();
+        let e = gps_seg::registry::resolve_sam(w, Some(s))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("image_size"), "{s}: {e}");
     }
     assert_eq!(
-        sam::registry::resolve(w, Some(128)).unwrap().1.image_size,
+        gps_seg::registry::resolve_sam(w, Some(128))
+            .unwrap()
+            .1
+            .image_size,
         128
     );
 }
@@ -519,14 +524,28 @@ fn bad_config_json_beside_a_checkpoint_names_the_file_and_field() {
     let ws = w.to_str().unwrap();
     let mut good = serde_json::to_value(SamConfig::tiny()).unwrap();
     // No config: inferred from shapes.
-    assert_eq!(sam::registry::resolve(ws, None).unwrap().1.image_size, 256);
+    assert_eq!(
+        gps_seg::registry::resolve_sam(ws, None)
+            .unwrap()
+            .1
+            .image_size,
+        256
+    );
     // A training config.json is ignored.
     let cj = dir.path().join("config.json");
     std::fs::write(&cj, r#"{"method": "gps", "sam": {"image_size": 64}}"#).unwrap();
-    assert_eq!(sam::registry::resolve(ws, None).unwrap().1.image_size, 256);
+    assert_eq!(
+        gps_seg::registry::resolve_sam(ws, None)
+            .unwrap()
+            .1
+            .image_size,
+        256
+    );
     // ... but one with SAM's keys must parse.
     std::fs::write(&cj, r#"{"encoder_embed_dim": "wide"}"#).unwrap();
-    let e = sam::registry::resolve(ws, None).unwrap_err().to_string();
+    let e = gps_seg::registry::resolve_sam(ws, None)
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("config.json") && e.contains("encoder_embed_dim"),
         "{e}"
@@ -585,13 +604,21 @@ fn bad_config_json_beside_a_checkpoint_names_the_file_and_field() {
     ];
     for (text, want) in cases {
         std::fs::write(&stem, &text).unwrap();
-        let e = sam::registry::resolve(ws, None).unwrap_err().to_string();
+        let e = gps_seg::registry::resolve_sam(ws, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("model.json") && e.contains(want), "{text}: {e}");
     }
     good.as_object_mut().unwrap().remove("image_sise");
     good["image_size"] = serde_json::json!(128);
     std::fs::write(&stem, good.to_string()).unwrap();
-    assert_eq!(sam::registry::resolve(ws, None).unwrap().1.image_size, 128);
+    assert_eq!(
+        gps_seg::registry::resolve_sam(ws, None)
+            .unwrap()
+            .1
+            .image_size,
+        128
+    );
 }
 
 fn bin() -> std::process::Command {

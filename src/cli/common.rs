@@ -135,7 +135,7 @@ pub fn resolve_sam(
     model: &str,
     image_size: Option<usize>,
 ) -> anyhow::Result<(Option<std::path::PathBuf>, gps_seg::sam::SamConfig)> {
-    let (p, cfg) = gps_seg::sam::registry::resolve(model, image_size)?;
+    let (p, cfg) = gps_seg::registry::resolve_sam(model, image_size)?;
     Ok((Some(p), cfg))
 }
 
@@ -160,21 +160,13 @@ pub fn kvasir_dir(
         return Ok(real);
     }
     let synth = std::path::PathBuf::from("data/synth-kvasir");
-    if !synth.join("images").is_dir() {
-        obs.event(Event::Info(format!(
-            "data: no data/Kvasir-SEG found; generating the synthetic Kvasir-shaped set at {} (once)",
-            synth.display()
-        )));
-        let cfg = gps_seg::data::synth_kvasir::SynthKvasirConfig {
-            seed,
-            ..Default::default()
-        };
-        gps_seg::data::synth_kvasir::generate(&synth, &cfg)?;
-    } else {
-        obs.event(Event::Info(format!(
-            "data: no data/Kvasir-SEG found; using the synthetic Kvasir-shaped set at {}",
-            synth.display()
-        )));
-    }
+    obs.event(Event::Info(
+        "data: no data/Kvasir-SEG found; using the synthetic Kvasir-shaped set".into(),
+    ));
+    let cfg = gps_seg::data::synth_kvasir::SynthKvasirConfig {
+        seed,
+        ..Default::default()
+    };
+    gps_seg::data::synth_kvasir::ensure(&synth, &cfg, obs)?;
     Ok(synth)
 }

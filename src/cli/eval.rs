@@ -30,7 +30,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let device = a.device.resolve()?;
     let dtype = a.dtype.resolve(&device)?;
-    let (path, cfg) = gps_seg::sam::registry::resolve(&a.model, None)?;
+    let (path, cfg) = gps_seg::registry::resolve_sam(&a.model, None)?;
     let weights = gps_seg::sam::load_weights(&path, &cfg, &device)?;
     let (sam, _) = gps_seg::sam::build(&cfg, Some(weights), RolePolicy::AllFrozen, &device, 0)
         .with_context(|| format!("{}: not a SAM for this config", path.display()))?;

@@ -3,8 +3,8 @@
 
 use super::common::{DeviceArgs, DtypeArgs};
 use super::progress::Progress;
+use gps_seg::registry::resolve_classifier as resolve_model;
 use gps_seg::studies::classify::{run_classify, ClsExperimentConfig};
-use gps_seg::train::cls::resolve_model;
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]

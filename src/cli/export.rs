@@ -173,7 +173,7 @@ fn resolve(args: &Args) -> anyhow::Result<(SamConfig, Option<PathBuf>)> {
     // `config.json` that is a SamConfig) wins over guessing.
     if args.config.is_none() {
         if let Some(w) = &weights {
-            if let Some(c) = gps_seg::sam::registry::config_beside(w)? {
+            if let Some(c) = gps_seg::sam::files::config_beside(w)? {
                 return Ok((c, weights));
             }
         }

@@ -24,7 +24,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let device = a.device.resolve()?;
-    let (path, cfg) = gps_seg::sam::registry::resolve(&a.model, a.image_size)?;
+    let (path, cfg) = gps_seg::registry::resolve_sam(&a.model, a.image_size)?;
     let weights = gps_seg::sam::load_weights(&path, &cfg, &candle_core::Device::Cpu)?;
     let r = gps_seg::bench::parity::device_parity(&cfg, Some(weights), a.batch, &device, a.seed)?;
     println!(

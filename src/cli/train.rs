@@ -262,7 +262,7 @@ fn run_classify(args: Args) -> anyhow::Result<()> {
         "kvasir" => ClsLayout::detect(&data_dir)?,
         other => other.parse::<ClsLayout>()?,
     };
-    let (base, model) = cls::resolve_model(
+    let (base, model) = gps_seg::registry::resolve_classifier(
         args.model.as_deref().unwrap_or("vit_tiny"),
         args.arch.as_deref(),
         args.random_init,

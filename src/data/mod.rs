@@ -19,6 +19,7 @@ pub mod loader;
 pub mod pranet;
 pub mod prompts;
 pub mod resize;
+pub mod synth;
 pub mod synth_cls;
 pub mod synth_kvasir;
 pub mod synth_pranet;

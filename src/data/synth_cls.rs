@@ -264,7 +264,18 @@ pub fn generate(out: &Path, cfg: &SynthClsConfig) -> Result<usize> {
 pub const MAX_PER_CLASS: usize = 100_000;
 
 /// Name of the settings file written into every set (the trainers' re-use marker).
-pub const SETTINGS_FILE: &str = "synth.json";
+pub use super::synth::SETTINGS_FILE;
+
+/// The set at `dir` made with `cfg`: reused when its settings match, refused when they differ,
+/// else generated ([`super::synth::ensure`]).
+pub fn ensure(
+    dir: &Path,
+    cfg: &SynthClsConfig,
+    what: &str,
+    obs: &mut dyn crate::progress::Observer,
+) -> Result<super::synth::Made> {
+    super::synth::ensure(dir, cfg, what, false, |_| false, |d| generate(d, cfg), obs)
+}
 
 fn fill(out: &Path, cfg: &SynthClsConfig) -> Result<usize> {
     let names = class_names(cfg.kind, cfg.classes);

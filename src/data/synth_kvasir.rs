@@ -693,6 +693,24 @@ pub fn generate(out: &Path, cfg: &SynthKvasirConfig) -> Result<SynthSummary> {
     crate::util::fs::atomic_dir(out, |tmp| fill(tmp, cfg))
 }
 
+/// The set at `dir` made with `cfg`: reused when it is there (with the same settings, or made
+/// before sets recorded theirs), else generated ([`super::synth::ensure`]).
+pub fn ensure(
+    dir: &Path,
+    cfg: &SynthKvasirConfig,
+    obs: &mut dyn crate::progress::Observer,
+) -> Result<super::synth::Made> {
+    super::synth::ensure(
+        dir,
+        cfg,
+        "synthetic Kvasir-shaped",
+        true,
+        |d| d.join("images").is_dir(),
+        |d| generate(d, cfg).map(|s| s.count),
+        obs,
+    )
+}
+
 fn fill(out: &Path, cfg: &SynthKvasirConfig) -> Result<SynthSummary> {
     let (img_dir, mask_dir) = (out.join("images"), out.join("masks"));
     for d in [&img_dir, &mask_dir] {

@@ -10,12 +10,12 @@
 
 pub mod common;
 pub mod config;
+pub mod files;
 pub mod image_encoder;
 pub mod info;
 pub mod load;
 pub mod mask_decoder;
 pub mod prompt_encoder;
-pub mod registry;
 #[allow(clippy::module_inception)]
 pub mod sam;
 pub mod transformer;

@@ -179,30 +179,14 @@ fn read_correct(path: &Path) -> Result<Vec<f64>> {
         .collect()
 }
 
-/// Generate the downstream set unless a matching one exists.
+/// The downstream set (made once; reused when its settings match).
 fn downstream_data(cfg: &ClsExperimentConfig, obs: &mut dyn Observer) -> Result<()> {
-    let marker = cfg.data_dir.join("synth.json");
-    let want = serde_json::to_value(cfg.synth()).map_err(|e| Error::msg(e.to_string()))?;
-    if marker.is_file() {
-        let have: serde_json::Value = read_json(&marker)?;
-        if have == want {
-            return Ok(());
-        }
-        return Err(Error::Config {
-            field: "data_dir".into(),
-            msg: format!(
-                "{} holds a synthetic set made with other settings; remove it or choose another folder",
-                cfg.data_dir.display()
-            ),
-        });
-    }
-    let n = synth_cls::generate(&cfg.data_dir, &cfg.synth())?;
-    write_json_atomic(&marker, &cfg.synth())?;
-    obs.event(Event::Info(format!(
-        "downstream data: generated {n} images ({} classes) in {}",
-        cfg.classes,
-        cfg.data_dir.display()
-    )));
+    synth_cls::ensure(
+        &cfg.data_dir,
+        &cfg.synth(),
+        "downstream classification",
+        obs,
+    )?;
     Ok(())
 }
 

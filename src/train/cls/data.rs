@@ -17,7 +17,7 @@ use crate::util::tensors::TensorMap;
 use crate::util::Rng;
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Decoded-image cache budget per loader (1 GiB of u8 pixels: VTAB-1k at 224 px is 150 MB;
 /// CIFAR-100's 50 k training images at 224 px are 7.5 GB and stream from disk instead).
@@ -376,78 +376,6 @@ pub fn with_classes(cfg: &ClassifierConfig, n: usize) -> ClassifierConfig {
         ClassifierConfig::Vit(c) => ClassifierConfig::Vit(c.clone().with_num_classes(n)),
         ClassifierConfig::ConvNext(c) => ClassifierConfig::ConvNext(c.clone().with_num_classes(n)),
     }
-}
-
-/// Resolve a `--model` argument to (base checkpoint, architecture).
-///
-/// - `vit_tiny` / `convnext_tiny` (or their preset names `vit_tiny_cpu`, `convnext_tiny_cpu`,
-///   and `vit_b16`, `convnext_b`): the project's shipped checkpoint `sam/<name>.safetensors`
-///   with its `sam/<name>.json` (e.g. `sam/vit-tiny.*`, written by `gps-seg pretrain vit`);
-///   with `random_init`, the preset with fresh weights instead (no checkpoint).
-/// - a checkpoint path: its architecture from `<stem>.json` beside it, else from `arch`.
-pub fn resolve_model(
-    model: &str,
-    arch: Option<&str>,
-    random_init: bool,
-) -> Result<(Option<PathBuf>, ClassifierConfig)> {
-    let preset = match model {
-        "vit_tiny" | "vit-tiny" | "vit_tiny_cpu" => Some(("vit_tiny_cpu", "vit-tiny")),
-        "convnext_tiny" | "convnext-tiny" | "convnext_tiny_cpu" => {
-            Some(("convnext_tiny_cpu", "convnext-tiny"))
-        }
-        "vit_b16" | "vit-b16" => Some(("vit_b16", "vit-b16")),
-        "convnext_b" | "convnext-b" => Some(("convnext_b", "convnext-b")),
-        _ => None,
-    };
-    if let Some((name, stem)) = preset {
-        if random_init {
-            return Ok((None, ClassifierConfig::preset(name, 2)?));
-        }
-        for d in crate::sam::registry::model_dirs() {
-            let w = d.join(format!("{stem}.safetensors"));
-            let c = d.join(format!("{stem}.json"));
-            if w.is_file() && c.is_file() {
-                let cfg: ClassifierConfig = read_json(&c)?;
-                cfg.validate()?;
-                return Ok((Some(w), cfg));
-            }
-        }
-        return Err(Error::Config {
-            field: "model".into(),
-            msg: format!(
-                "no shipped checkpoint sam/{stem}.safetensors (+ .json) found; create it \
-                 (`gps-seg pretrain vit` for vit_tiny), pass a checkpoint path, or train from \
-                 scratch with --random-init"
-            ),
-        });
-    }
-    let path = PathBuf::from(model);
-    if !path.is_file() {
-        return Err(Error::Config {
-            field: "model".into(),
-            msg: format!(
-                "`{model}` is neither a preset (vit_tiny, convnext_tiny, vit_b16, convnext_b) \
-                 nor an existing checkpoint file"
-            ),
-        });
-    }
-    let beside = path.with_extension("json");
-    let cfg = if beside.is_file() {
-        read_json::<ClassifierConfig>(&beside)?
-    } else {
-        let a = arch.ok_or_else(|| Error::Config {
-            field: "arch".into(),
-            msg: format!(
-                "{} has no {} beside it; name its architecture with --arch ({})",
-                path.display(),
-                beside.display(),
-                ClassifierConfig::PRESETS.join(", ")
-            ),
-        })?;
-        ClassifierConfig::preset(a, 2)?
-    };
-    cfg.validate()?;
-    Ok((Some(path), cfg))
 }
 
 /// Base weights adapted to `model` (head re-initialised when the class count differs; the

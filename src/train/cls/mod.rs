@@ -10,5 +10,5 @@ pub use crate::train::config::Method;
 pub use config::{
     ClsEval, ClsRunSummary, ClsSummary, ClsTrainConfig, EpochRecord, SelectLoss, TrainState,
 };
-pub use data::{base_weights, resolve_model, with_classes, ClsData, SeededSplit, CACHE_BYTES};
+pub use data::{base_weights, with_classes, ClsData, SeededSplit, CACHE_BYTES};
 pub use task::{baseline_roles, evaluate, evaluate_per_image, selection_loss, train};

@@ -14,7 +14,7 @@ use crate::data::synth_cls::{self, SynthClsConfig, SynthKind, SynthLayout};
 use crate::error::{Error, Result};
 use crate::models::{ClassifierConfig, VitConfig};
 use crate::train::cls::{self, ClsRunSummary, ClsTrainConfig, Method};
-use crate::train::observer::{Event, Observer};
+use crate::train::observer::Observer;
 use crate::util::fs::{read_json, write_json_atomic};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
@@ -86,38 +86,10 @@ pub struct PretrainVitSummary {
     pub config_file: PathBuf,
 }
 
-/// Generate the upstream set in `cfg.data_dir` unless a matching one is there.
-/// Returns the seconds spent (0 when re-used).
+/// The upstream set in `cfg.data_dir` (made once; reused when its settings match). Returns
+/// the seconds spent (0 when reused).
 pub fn upstream_data(cfg: &PretrainVitConfig, obs: &mut dyn Observer) -> Result<f64> {
-    let marker = cfg.data_dir.join("synth.json");
-    let want = serde_json::to_value(cfg.synth()).map_err(|e| Error::msg(e.to_string()))?;
-    if marker.is_file() {
-        let have: serde_json::Value = read_json(&marker)?;
-        if have == want {
-            obs.event(Event::Info(format!(
-                "upstream data: re-using {}",
-                cfg.data_dir.display()
-            )));
-            return Ok(0.0);
-        }
-        return Err(Error::Config {
-            field: "data_dir".into(),
-            msg: format!(
-                "{} holds a synthetic set made with other settings; remove it or choose another folder",
-                cfg.data_dir.display()
-            ),
-        });
-    }
-    let t = std::time::Instant::now();
-    let n = synth_cls::generate(&cfg.data_dir, &cfg.synth())?;
-    write_json_atomic(&marker, &cfg.synth())?;
-    obs.event(Event::Info(format!(
-        "upstream data: generated {n} images ({} classes, {} px) in {}",
-        cfg.classes,
-        cfg.model.image_size(),
-        cfg.data_dir.display()
-    )));
-    Ok(t.elapsed().as_secs_f64())
+    Ok(synth_cls::ensure(&cfg.data_dir, &cfg.synth(), "upstream classification", obs)?.seconds())
 }
 
 /// Pretrain (or resume) into `out`: `<out>.safetensors`, `<out>.json`, run folder `<out>.run/`.

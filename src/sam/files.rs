@@ -1,45 +1,11 @@
-//! Resolving a `--model` argument to a SAM config and a base checkpoint.
-//!
-//! - A preset name whose pretrained weights ship with the project (`tiny` → `sam/sam-tiny.*`,
-//!   found in [`model_dirs`]: also where `pip install gps-seg` put them) resolves to that
-//!   checkpoint and its config.
-//! - A checkpoint path (`.safetensors`, or an official `.pth`) resolves to itself; its config
-//!   comes from a JSON beside it (`<stem>.json`, `config.json` or `sam_config.json` in its
-//!   folder), else is inferred from the tensor shapes.
-//! - Other presets (`vit_b`, …) without a checkpoint are refused with a message saying how to
-//!   pass one: official weights cannot be downloaded here.
+//! A SAM checkpoint's config: the JSON stored beside it (`<stem>.json`, `sam_config.json`, a
+//! `config.json` that is a SAM config), read and validated naming the file and field, or
+//! inferred from the tensor shapes. Which checkpoint a `--model` name means is
+//! [`crate::registry`]'s question.
 
 use super::config::SamConfig;
 use crate::error::{Error, Result};
-use std::path::{Path, PathBuf};
-
-/// Folders searched for the project's shipped models, in order: `./sam`, the models a wheel
-/// installed beside this executable (`<prefix>/share/gps-seg/sam`,
-/// [`crate::util::install::shipped_model_dirs`]; none for a cargo build), then the source
-/// checkout this binary was built from.
-pub fn model_dirs() -> Vec<PathBuf> {
-    let mut v = vec![PathBuf::from("sam")];
-    let installed = std::env::current_exe()
-        .map(|e| crate::util::install::shipped_model_dirs(&e))
-        .unwrap_or_default();
-    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("sam");
-    for d in installed.into_iter().chain([built]) {
-        if !v.contains(&d) {
-            v.push(d);
-        }
-    }
-    v
-}
-
-/// The shipped checkpoint for a preset (`tiny` → `sam-tiny.safetensors`), if present.
-pub fn shipped(preset: &str) -> Option<(PathBuf, PathBuf)> {
-    let stem = format!("sam-{}", preset.replace('_', "-"));
-    model_dirs().into_iter().find_map(|d| {
-        let w = d.join(format!("{stem}.safetensors"));
-        let c = d.join(format!("{stem}.json"));
-        (w.is_file() && c.is_file()).then_some((w, c))
-    })
-}
+use std::path::Path;
 
 /// Config stored beside a checkpoint, if any: `<stem>.json`, then `sam_config.json`, then
 /// `config.json` in its folder. The first two must be SAM configs: one that does not parse
@@ -131,51 +97,4 @@ pub fn infer_config(path: &Path) -> Result<SamConfig> {
             path: path.to_path_buf(),
             msg: format!("not a SAM checkpoint: {e}"),
         })
-}
-
-/// Resolve `--model` (and an optional input-size override) to (checkpoint, config).
-pub fn resolve(model: &str, image_size: Option<usize>) -> Result<(PathBuf, SamConfig)> {
-    let p = Path::new(model);
-    let (path, cfg) = if SamConfig::PRESETS.contains(&model) && !p.exists() {
-        match shipped(model) {
-            Some((w, c)) => (w, read_config(&c)?),
-            None => {
-                return Err(Error::Config {
-                    field: "model".into(),
-                    msg: format!(
-                        "no pretrained weights for preset `{model}` in {}; pass a checkpoint \
-                         path (e.g. --model sam_vit_b_01ec64.pth){}",
-                        model_dirs()
-                            .iter()
-                            .map(|d| d.display().to_string())
-                            .collect::<Vec<_>>()
-                            .join(" or "),
-                        if model == "tiny" {
-                            ", or make one with `gps-seg pretrain sam`"
-                        } else {
-                            ""
-                        }
-                    ),
-                })
-            }
-        }
-    } else {
-        if !p.is_file() {
-            return Err(Error::io(
-                p,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "checkpoint not found"),
-            ));
-        }
-        let cfg = match config_beside(p)? {
-            Some(c) => c,
-            None => infer_config(p)?,
-        };
-        (p.to_path_buf(), cfg)
-    };
-    let cfg = match image_size {
-        Some(s) => cfg.with_image_size(s),
-        None => cfg,
-    };
-    cfg.validate()?;
-    Ok((path, cfg))
 }
