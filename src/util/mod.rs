@@ -3,6 +3,7 @@
 pub mod cpu;
 pub mod draw;
 pub mod fs;
+pub mod hash;
 pub mod html;
 pub mod mem;
 pub mod rng;
