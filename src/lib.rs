@@ -22,6 +22,7 @@ pub mod progress;
 pub mod sam;
 pub mod serve;
 pub mod stats;
+pub mod studies;
 pub mod train;
 pub mod util;
 

@@ -9,7 +9,7 @@ use crate::infer::{self, InferOptions, OrtEngine, RunFolder};
 use crate::metrics::SegReport;
 use crate::progress::{Event, Observer};
 use crate::train::config::Method;
-use crate::train::run::clear_for_run;
+use crate::train::fit::folder::clear_for_run;
 use crate::train::seg::{self, RunSummary, SegTrainConfig};
 use crate::util::fs::IoPaths;
 use candle_core::Device;
@@ -184,7 +184,7 @@ pub fn demo(cfg: &DemoConfig, device: &Device, obs: &mut dyn Observer) -> Result
         )));
     }
     let report = DemoReport {
-        zero_shot: zs.best,
+        zero_shot: zs.task.best,
         gps,
         onnx,
         ort,

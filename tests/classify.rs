@@ -356,7 +356,7 @@ fn vit_b16_selection_counts_at_k1() {
 
 #[test]
 fn experiment_writes_its_table_and_chart() {
-    use gps_seg::train::experiment::{run_classify, ClsExperimentConfig};
+    use gps_seg::studies::classify::{run_classify, ClsExperimentConfig};
     let tmp = tempfile::tempdir().unwrap();
     // A "pretrained" checkpoint: fresh weights of the tiny ViT, saved with its config.
     let mc = tiny_vit();
@@ -460,7 +460,7 @@ fn split_overlap_is_found_by_content_naming_both_files() {
     let tmp = tempfile::tempdir().unwrap();
     let open = |data: &Path| {
         let cfg = tiny_cfg(data, ClsLayout::ImageFolder);
-        gps_seg::train::cls_data::ClsData::open(&cfg, &tmp.path().join("run")).map(|_| ())
+        gps_seg::train::cls::ClsData::open(&cfg, &tmp.path().join("run")).map(|_| ())
     };
     let fresh = |name: &str| {
         let d = tmp.path().join(name);
@@ -545,14 +545,14 @@ fn non_utf8_class_names_are_not_mistaken_for_an_overlap() {
     }
     let cfg = tiny_cfg(&data, ClsLayout::ImageFolder);
     let run = tmp.path().join("run");
-    gps_seg::train::cls_data::ClsData::open(&cfg, &run).unwrap();
+    gps_seg::train::cls::ClsData::open(&cfg, &run).unwrap();
     // A training image of one class copied into the other class of the test split.
     std::fs::copy(
         data.join("train").join(classes[0]).join("1.png"),
         data.join("test").join(classes[1]).join("9.png"),
     )
     .unwrap();
-    let e = match gps_seg::train::cls_data::ClsData::open(&cfg, &run) {
+    let e = match gps_seg::train::cls::ClsData::open(&cfg, &run) {
         Ok(_) => panic!("a training image in the test split was accepted"),
         Err(e) => e.to_string(),
     };

@@ -743,3 +743,344 @@ fn synth_cls_sets_load_and_batch_with_two_views() {
     let disk = image::open(up.join(rel)).unwrap().to_rgb8();
     assert_eq!((disk.width(), disk.height()), (16, 16));
 }
+
+// ------------------------------------------------------------------------- PraNet layout
+
+/// A mask `h×w` with `marker + 1` columns at 255 and the next one at `grey`.
+fn stripe_mask(hw: (u32, u32), marker: u8, grey: u8) -> GrayImage {
+    GrayImage::from_fn(hw.1, hw.0, |x, _| {
+        Luma([match x {
+            x if x <= marker as u32 => 255,
+            x if x == marker as u32 + 1 => grey,
+            _ => 0,
+        }])
+    })
+}
+
+/// A PNG pair in `dir/{subs.0,subs.1}/stem.png`: image `h×w`, [`stripe_mask`].
+fn write_png_pair(
+    dir: &Path,
+    subs: (&str, &str),
+    stem: &str,
+    hw: (u32, u32),
+    marker: u8,
+    grey: u8,
+) {
+    let img = RgbImage::from_pixel(hw.1, hw.0, Rgb([40 * marker, 90, 90]));
+    save_rgb(&dir.join(subs.0).join(format!("{stem}.png")), &img);
+    let mask = stripe_mask(hw, marker, grey);
+    save_gray(&dir.join(subs.1).join(format!("{stem}.png")), &mask);
+}
+
+/// CVC-ClinicDB as released: `Original/<stem>.tif` (RGB) + `Ground Truth/<stem>.tif` (grey).
+fn write_tiff_pair(dir: &Path, stem: &str, hw: (u32, u32), marker: u8, grey: u8) {
+    let img = RgbImage::from_pixel(hw.1, hw.0, Rgb([30, 40 * marker, 90]));
+    save_rgb(&dir.join("Original").join(format!("{stem}.tif")), &img);
+    let mask = stripe_mask(hw, marker, grey);
+    save_gray(&dir.join("Ground Truth").join(format!("{stem}.tif")), &mask);
+}
+
+fn mask_columns_on(e: &gps_seg::data::kvasir::KvasirEntry) -> usize {
+    let s = gps_seg::data::kvasir::load_entry(e, 8, Resize::Squash).unwrap();
+    let (h, _) = s.orig_size;
+    s.orig_mask.iter().map(|&v| v as usize).sum::<usize>() / h
+}
+
+#[test]
+fn pranet_layout_reads_train_and_the_test_sets_present_in_table_order() {
+    use gps_seg::data::pranet::{PairLayout, TEST_SETS};
+    use gps_seg::data::PranetDataset;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let train = root.join("TrainDataset");
+    for (i, stem) in [
+        "cju0qkwl35piu0993l0dewei2",
+        "cju0roawvklrq0799vmjorwfv",
+        "1",
+    ]
+    .iter()
+    .enumerate()
+    {
+        write_png_pair(&train, ("image", "mask"), stem, (10, 12), i as u8, 200);
+    }
+    // Listed out of table order on disk: the result follows TEST_SETS.
+    write_png_pair(
+        &root.join("TestDataset/CVC-300"),
+        ("images", "masks"),
+        "150",
+        (9, 11),
+        2,
+        127,
+    );
+    let kv = root.join("TestDataset/Kvasir");
+    write_png_pair(&kv, ("images", "masks"), "a", (8, 10), 1, 128);
+    write_png_pair(&kv, ("images", "masks"), "b", (8, 10), 3, 0);
+    // CVC-ClinicDB in its original TIFF layout, a non-binary ground truth.
+    let clinic = root.join("TestDataset/CVC-ClinicDB");
+    write_tiff_pair(&clinic, "1", (7, 9), 2, 128);
+    write_tiff_pair(&clinic, "2", (7, 9), 0, 127);
+    // Files beside the folders are ignored.
+    std::fs::write(root.join("TestDataset/readme.txt"), b"x").unwrap();
+
+    let ds = PranetDataset::open_with(
+        root,
+        &OpenOptions {
+            verify_decode: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let names: Vec<&str> = ds.test.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, vec!["Kvasir", "CVC-ClinicDB", "CVC-300"]);
+    assert!(names.iter().all(|n| TEST_SETS.contains(n)));
+    let t = ds.train().unwrap();
+    assert_eq!(t.layout, PairLayout::ImageMask);
+    assert_eq!(t.entries.len(), 3);
+    assert_eq!(
+        ds.test_set("CVC-ClinicDB").unwrap().layout,
+        PairLayout::ClinicDbOriginal
+    );
+    assert_eq!(
+        ds.test_set("Kvasir").unwrap().layout,
+        PairLayout::ImagesMasks
+    );
+    assert!(ds.test_set("CVC-ColonDB").is_none());
+    let ids = ds.test_ids();
+    assert_eq!(ids["Kvasir"], vec!["a", "b"]);
+    assert_eq!(ids["CVC-ClinicDB"], vec!["1", "2"]);
+    // The same stem in two sets is two images: ids are per set.
+    assert!(ds.train_ids().unwrap().contains(&"1".to_string()));
+    // Masks thresholded at 128 (v ≥ 128), PNG and TIFF alike; sizes from the headers.
+    let kvs = ds.test_set("Kvasir").unwrap();
+    assert_eq!(mask_columns_on(&kvs.entries[0]), 1 + 1 + 1); // marker 1 + the 128 column
+    assert_eq!(mask_columns_on(&kvs.entries[1]), 3 + 1);
+    let cl = ds.test_set("CVC-ClinicDB").unwrap();
+    assert_eq!(cl.entries[0].size, (7, 9));
+    assert_eq!(mask_columns_on(&cl.entries[0]), 2 + 1 + 1);
+    assert_eq!(mask_columns_on(&cl.entries[1]), 1);
+    assert_eq!(
+        mask_columns_on(&ds.test_set("CVC-300").unwrap().entries[0]),
+        3
+    );
+    // Validation carved from TrainDataset, seeded, disjoint, at least one id.
+    let (tr, va) = ds.train_val(5, 0.2).unwrap();
+    assert_eq!((tr.len(), va.len()), (2, 1));
+    assert_eq!(ds.train_val(5, 0.2).unwrap(), (tr.clone(), va.clone()));
+    assert!(va.iter().all(|v| !tr.contains(v)));
+    assert!(ds.train_val(5, 1.0).is_err());
+    assert_eq!(ds.report().len(), 4);
+    // A set folder opened alone (CVC-ClinicDB as released).
+    let (alone, skipped) =
+        gps_seg::data::pranet::open_pair_set(&clinic, &OpenOptions::default()).unwrap();
+    assert_eq!(
+        (alone.name.as_str(), alone.entries.len()),
+        ("CVC-ClinicDB", 2)
+    );
+    assert!(skipped.is_empty());
+}
+
+#[test]
+fn pranet_layout_collects_every_problem_and_skip_bad_keeps_clean_pairs() {
+    use gps_seg::data::PranetDataset;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let test = root.join("TestDataset");
+    // A misspelt set, a set with no layout, an unpaired mask and a size mismatch.
+    write_png_pair(
+        &test.join("Kvasir-SEG"),
+        ("images", "masks"),
+        "a",
+        (8, 8),
+        1,
+        0,
+    );
+    std::fs::create_dir_all(test.join("CVC-ColonDB/pictures")).unwrap();
+    let etis = test.join("ETIS-LaribPolypDB");
+    write_png_pair(&etis, ("images", "masks"), "1", (8, 8), 1, 0);
+    write_png_pair(&etis, ("images", "masks"), "2", (8, 8), 1, 0);
+    save_gray(&etis.join("masks/3.png"), &GrayImage::new(8, 8));
+    save_gray(&etis.join("masks/2.png"), &GrayImage::new(9, 8));
+    let msg = data_err(PranetDataset::open(root));
+    for want in [
+        "Kvasir-SEG: not one of the test sets (Kvasir, CVC-ClinicDB",
+        "CVC-ColonDB: no image/mask folders",
+        "3.png: mask has no image (expected",
+        "images/3.png)",
+        "2.png: mask is 9×8 (w×h) but its image",
+    ] {
+        assert!(msg.contains(want), "missing `{want}` in:\n{msg}");
+    }
+    // Without the misspelt and empty folders, --skip-bad keeps the clean pair and lists the rest.
+    std::fs::remove_dir_all(test.join("Kvasir-SEG")).unwrap();
+    std::fs::remove_dir_all(test.join("CVC-ColonDB")).unwrap();
+    assert!(data_err(PranetDataset::open(root)).contains("3.png"));
+    let ds = PranetDataset::open_with(
+        root,
+        &OpenOptions {
+            skip_bad: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(ds.test_ids()["ETIS-LaribPolypDB"], vec!["1"]);
+    assert_eq!(ds.skipped.len(), 2, "{:?}", ds.skipped);
+    // No TrainDataset: evaluation works, training is refused naming the folder.
+    assert!(ds.train.is_none());
+    assert!(ds
+        .train_ids()
+        .unwrap_err()
+        .to_string()
+        .contains("TrainDataset"));
+    // No TestDataset at all.
+    let empty = tempfile::tempdir().unwrap();
+    assert!(data_err(PranetDataset::open(empty.path())).contains("TestDataset"));
+}
+
+#[test]
+fn synth_pranet_writes_five_distinct_test_sets_whole_and_reproducibly() {
+    use gps_seg::data::pranet::TEST_SETS;
+    use gps_seg::data::synth_pranet::{generate, SynthPranetConfig};
+    use gps_seg::data::PranetDataset;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pranet");
+    let cfg = SynthPranetConfig {
+        train: 8,
+        test: 4,
+        seed: 3,
+        max_side: 96,
+    };
+    let sums = generate(&out, &cfg).unwrap();
+    assert_eq!(sums.len(), 6);
+    let ds = PranetDataset::open_with(
+        &out,
+        &OpenOptions {
+            verify_decode: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(ds.train().unwrap().entries.len(), 8);
+    assert_eq!(ds.test.len(), 5);
+    for (s, name) in ds.test.iter().zip(TEST_SETS) {
+        assert_eq!((s.name.as_str(), s.entries.len()), (name, 4));
+    }
+    // The sets differ: fixed sizes per set, smaller polyps in ETIS than in CVC-300, no image
+    // shared between two sets.
+    let by = |n: &str| sums.iter().find(|s| s.name == n).unwrap();
+    assert_eq!(by("CVC-ClinicDB").max_size, (72, 96));
+    assert_eq!(by("CVC-ClinicDB").min_size, (72, 96));
+    assert_eq!(by("CVC-ColonDB").max_size, (84, 96));
+    assert_eq!(by("ETIS-LaribPolypDB").max_size, (76, 96));
+    assert!(
+        by("ETIS-LaribPolypDB").mean_polyp_fraction < 0.5 * by("CVC-300").mean_polyp_fraction,
+        "{sums:?}"
+    );
+    let first_pixels: Vec<Vec<u8>> = ds
+        .test
+        .iter()
+        .map(|s| {
+            image::open(&s.entries[0].image_path)
+                .unwrap()
+                .to_rgb8()
+                .into_raw()
+        })
+        .collect();
+    for i in 0..first_pixels.len() {
+        for j in i + 1..first_pixels.len() {
+            assert_ne!(
+                first_pixels[i], first_pixels[j],
+                "sets {i} and {j} share an image"
+            );
+        }
+    }
+    // Masks are binary and non-empty.
+    for s in ds.test.iter().chain(ds.train.iter()) {
+        for e in &s.entries {
+            let m = image::open(&e.mask_path).unwrap().to_luma8();
+            assert!(
+                m.as_raw().iter().all(|&v| v == 0 || v == 255),
+                "{}",
+                e.mask_path.display()
+            );
+            assert!(m.as_raw().contains(&255), "{}", e.mask_path.display());
+        }
+    }
+    // Same seed, same bytes; an existing set is never overwritten.
+    let again = dir.path().join("again");
+    generate(&again, &cfg).unwrap();
+    let a = std::fs::read(out.join("TestDataset/CVC-300/images/synth00002.png")).unwrap();
+    let b = std::fs::read(again.join("TestDataset/CVC-300/images/synth00002.png")).unwrap();
+    assert_eq!(a, b);
+    let e = generate(&out, &cfg).unwrap_err().to_string();
+    assert!(e.contains("not empty"), "{e}");
+    assert_eq!(ds.test_ids()["Kvasir"].len(), 4);
+    // Bad settings are refused before anything is written.
+    let bad = dir.path().join("bad");
+    let e = generate(
+        &bad,
+        &SynthPranetConfig {
+            train: 1,
+            ..cfg.clone()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("train"), "{e}");
+    assert!(!bad.exists());
+    // Nothing but the set itself in the parent folder (no temporary folder left behind).
+    let mut left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, vec!["again", "pranet"]);
+}
+
+#[test]
+fn cli_synth_pranet_and_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("p");
+    let run = |args: &[&str]| {
+        let r = std::process::Command::new(env!("CARGO_BIN_EXE_gps-seg"))
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&r.stdout),
+            String::from_utf8_lossy(&r.stderr)
+        );
+        (r.status.success(), text)
+    };
+    let o = out.to_str().unwrap();
+    let (ok, t) = run(&[
+        "data",
+        "synth-pranet",
+        "--out",
+        o,
+        "--train",
+        "3",
+        "--test",
+        "2",
+        "--max-side",
+        "48",
+    ]);
+    assert!(ok, "{t}");
+    assert!(
+        t.contains("ETIS-LaribPolypDB") && t.contains("TrainDataset"),
+        "{t}"
+    );
+    let (ok, t) = run(&["data", "check", "--layout", "pranet", o]);
+    assert!(ok, "{t}");
+    assert!(t.contains("CVC-300: 2 pairs (images/ + masks/)"), "{t}");
+    assert!(t.contains("TrainDataset: 3 pairs (image/ + mask/)"), "{t}");
+    // An existing set is refused, with a non-zero exit, and left as it was.
+    let (ok, t) = run(&["data", "synth-pranet", "--out", o, "--train", "3"]);
+    assert!(!ok && t.contains("not empty"), "{t}");
+    assert_eq!(
+        std::fs::read_dir(out.join("TestDataset/Kvasir/images"))
+            .unwrap()
+            .count(),
+        2
+    );
+}

@@ -2,7 +2,8 @@
 //!
 //! - (a) a small SAM safetensors file, fed to `tensors::load`, `sam::info` (the `info`
 //!   command's path), `registry::resolve`, `load_weights` + `build` and a forward pass;
-//! - (b) a PNG and a JPEG, fed to `imgio::dimensions` / `decode_rgb` / `decode_luma`;
+//! - (b) a PNG, a JPEG and a TIFF (CVC-ClinicDB's original format), fed to
+//!   `imgio::dimensions` / `decode_rgb` / `decode_luma`;
 //! - (c) an ONNX file exported by the project, fed to ONNX Runtime through `OrtModel::load`,
 //!   the inference engine's signature checks and one run (skipped, with the reason printed,
 //!   when the ONNX Runtime library cannot be found);
@@ -713,6 +714,45 @@ fn mutate_jpeg(rng: &mut XorShift, base: &[u8]) -> (Vec<u8>, String) {
     }
 }
 
+/// A TIFF's first IFD (offset from the little-endian header) and its entry count, if in range.
+fn tiff_ifd(data: &[u8]) -> Option<(usize, usize)> {
+    let at = u32::from_le_bytes(data.get(4..8)?.try_into().ok()?) as usize;
+    let n = u16::from_le_bytes(data.get(at..at + 2)?.try_into().ok()?) as usize;
+    (at + 2 + 12 * n <= data.len()).then_some((at, n))
+}
+
+fn mutate_tiff(rng: &mut XorShift, base: &[u8]) -> (Vec<u8>, String) {
+    let mut out = base.to_vec();
+    let ifd = tiff_ifd(&out);
+    match (rng.below(4), ifd) {
+        (0, Some((at, n))) => {
+            // One IFD entry's value: sizes, bit depth, samples, compression, strip layout.
+            let e = at + 2 + 12 * rng.below(n);
+            let tag = u16::from_le_bytes([out[e], out[e + 1]]);
+            let v = if matches!(tag, 256 | 257) {
+                *rng.pick(&DECLARED)
+            } else {
+                *rng.pick(&INTERESTING_U32)
+            };
+            out[e + 8..e + 12].copy_from_slice(&v.to_le_bytes());
+            (out, format!("IFD tag {tag} value = {v:#x}"))
+        }
+        (1, Some((at, n))) => {
+            let r = mutate_region(rng, &mut out, at, at + 2 + 12 * n);
+            (out, format!("IFD: {r}"))
+        }
+        (2, _) => {
+            let r = mutate_region(rng, &mut out, 0, 8);
+            (out, format!("header: {r}"))
+        }
+        _ => {
+            let len = out.len();
+            let r = mutate_region(rng, &mut out, 8, len);
+            (out, format!("body: {r}"))
+        }
+    }
+}
+
 fn decode_all(path: &Path) -> Result<(), String> {
     use gps_seg::data::imgio;
     let e = |e: gps_seg::Error| e.to_string();
@@ -769,6 +809,35 @@ fn fuzz_png_and_jpeg_decoding() {
         );
         tally.finish(ext, started);
     }
+}
+
+/// TIFF (read for CVC-ClinicDB's original layout), the same way as PNG and JPEG.
+#[test]
+fn fuzz_tiff_decoding() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    install_hook();
+    let dir = tempfile::tempdir().unwrap();
+    let tif = dir.path().join("base.tif");
+    sample_image().save(&tif).unwrap();
+    decode_all(&tif).unwrap();
+    let base = std::fs::read(&tif).unwrap();
+    assert!(tiff_ifd(&base).is_some(), "base TIFF has no readable IFD");
+    let started = Instant::now();
+    let mut tally = Tally::default();
+    for seed in 0..300u64 {
+        let mut rng = XorShift::new(seed ^ 0x71FF);
+        let (data, recipe) = mutate_tiff(&mut rng, &base);
+        let p = dir.path().join(format!("case{seed}.tif"));
+        std::fs::write(&p, &data).unwrap();
+        tally.run(seed, &recipe, false, || decode_all(&p));
+        let _ = std::fs::remove_file(&p);
+    }
+    assert!(
+        tally.errors > 20,
+        "tif: only {} cases refused",
+        tally.errors
+    );
+    tally.finish("tif", started);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -858,7 +927,7 @@ fn mutate_onnx(rng: &mut XorShift, base: &[u8]) -> (Vec<u8>, String) {
 }
 
 fn run_onnx(path: &Path) -> Result<(), String> {
-    use gps_seg::infer::runtime::OrtModel;
+    use gps_seg::infer::model::OrtModel;
     use gps_seg::infer::{Engine, OrtEngine};
     let e = |e: gps_seg::Error| e.to_string();
     let model = OrtModel::load(path, 1).map_err(e)?;
@@ -972,7 +1041,7 @@ fn mutate_task(rng: &mut XorShift, base: &[u8]) -> (Vec<u8>, String) {
 }
 
 fn run_task(path: &Path) -> Result<(), String> {
-    use gps_seg::infer::runtime::OrtModel;
+    use gps_seg::infer::model::OrtModel;
     use gps_seg::infer::{Engine, OrtEngine};
     let e = |e: gps_seg::Error| e.to_string();
     let model = OrtModel::load_shared(path, 1, None).map_err(e)?;

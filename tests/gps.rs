@@ -10,7 +10,7 @@ use gps_seg::gps::{
 };
 use gps_seg::nn::{Linear, ParamStore};
 use gps_seg::sam::config::SamConfig;
-use gps_seg::train::optim::{Adam, Optimizer};
+use gps_seg::train::fit::optim::{Adam, Optimizer};
 use gps_seg::util::tensors::{save_safetensors, TensorMap};
 use gps_seg::util::Rng;
 

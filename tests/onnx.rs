@@ -4,7 +4,7 @@
 //! search order yet, it is fetched from PyPI with pip (as CI does).
 
 use candle_core::{DType, Device, Tensor};
-use gps_seg::infer::runtime::{tensor_to_array, OrtModel};
+use gps_seg::infer::model::{tensor_to_array, OrtModel};
 use gps_seg::onnx::proto::data_type::FLOAT;
 use gps_seg::onnx::sam::{self, SamExportOptions};
 use gps_seg::onnx::{

@@ -6,7 +6,7 @@
 
 use candle_core::{Device, Tensor};
 use gps_seg::data::synth_cls::{self, SynthKind};
-use gps_seg::infer::runtime::{tensor_to_array, OrtModel};
+use gps_seg::infer::model::{tensor_to_array, OrtModel};
 use gps_seg::models::{Classifier, ClassifierConfig};
 use gps_seg::nn::ParamStore;
 use gps_seg::onnx::classifier::{self, ClassifierExportOptions};

@@ -2,8 +2,11 @@
 //! models: the served mask is byte-identical to the PNG `infer` writes for the same image and
 //! model (each of two tasks its own); bad input gets a 4xx with a message and the server keeps
 //! serving; a full task answers 503 + Retry-After; a stalled request 504; shutdown lets an
-//! in-flight request finish. Requests go through the library's minimal HTTP/1.1 client or raw
-//! `TcpStream` writes (partial bodies, garbage).
+//! in-flight request finish; one memory budget holds every task's requests (503 when full,
+//! given back on answer, timeout and disconnect); slow headers and idle connections are closed;
+//! an answer sent before the body is read reaches an uploading client; a half-closed request
+//! is answered, one cut mid-body counted as aborted. Requests go through the library's minimal
+//! HTTP/1.1 client or raw `TcpStream` writes (partial bodies, garbage, trickled headers).
 //!
 //! The ONNX Runtime library is found in the runtime's search order and fetched once when
 //! missing (as `gps-seg infer` does).
@@ -247,6 +250,32 @@ fn png_declaring(png: &[u8], w: u32, h: u32) -> Vec<u8> {
     p
 }
 
+/// A 16 × 16 grey PNG whose compressed iCCP chunk holds `profile` zero bytes (a few KB).
+fn png_with_icc(profile: usize) -> Vec<u8> {
+    use image::ImageEncoder;
+    let img = image::GrayImage::from_pixel(16, 16, image::Luma([90]));
+    let mut buf = Vec::new();
+    let mut enc = image::codecs::png::PngEncoder::new(&mut buf);
+    enc.set_icc_profile(vec![0u8; profile]).unwrap();
+    enc.write_image(img.as_raw(), 16, 16, image::ExtendedColorType::L8)
+        .unwrap();
+    buf
+}
+
+/// A flat 16-bit RGB PNG of `w × h`: a small file, `w·h·6` bytes decoded.
+fn png16(w: u32, h: u32) -> Vec<u8> {
+    let img = image::ImageBuffer::<image::Rgb<u16>, _>::from_pixel(
+        w,
+        h,
+        image::Rgb([9000u16, 30000, 700]),
+    );
+    let mut buf = Vec::new();
+    image::DynamicImage::ImageRgb16(img)
+        .write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Png)
+        .unwrap();
+    buf
+}
+
 /// Raw bytes on a fresh connection; the status code of the answer (0: closed without one).
 fn raw(addr: SocketAddr, bytes: &[u8]) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -308,6 +337,12 @@ fn bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving() {
             post(addr, seg, &[], &png_declaring(&png, 100_000, 100_000)),
             400,
             "refused before decoding",
+        ),
+        (
+            "ICC profile bomb",
+            post(addr, seg, &[], &png_with_icc(40 << 20)),
+            400,
+            "request body: unreadable or corrupt image: PNG chunk iCCP of",
         ),
         (
             "unknown task",
@@ -475,6 +510,16 @@ fn start_upload(addr: SocketAddr, path: &str, body: &[u8], sent: usize) -> TcpSt
     s
 }
 
+/// The head of a POST declaring `len` body bytes, and the first `sent` of them (zeros).
+fn start_declared(addr: SocketAddr, path: &str, len: usize, sent: usize) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let head = format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(&vec![0u8; sent]).unwrap();
+    s
+}
+
 fn finish_upload(mut s: TcpStream, rest: &[u8]) -> (u16, String) {
     let _ = s.write_all(rest);
     let mut out = Vec::new();
@@ -561,6 +606,239 @@ fn a_stalled_request_times_out_with_504_and_shutdown_finishes_in_flight_requests
     assert_eq!(code, 200, "{text}");
     stopper.join().unwrap().unwrap();
     assert!(TcpStream::connect(addr).is_err(), "the listener is closed");
+}
+
+#[test]
+fn one_memory_budget_holds_every_tasks_requests_and_gives_it_back() {
+    let f = fixture();
+    let mut cfg = config(&[("a", &f.random), ("b", &f.random)]);
+    cfg.max_body_bytes = 4 << 20;
+    cfg.max_inflight_bytes = 4 << 20;
+    cfg.timeout = Duration::from_secs(6);
+    let server = Server::bind(&cfg, &mut Silent).unwrap();
+    let addr = server.addr();
+    // 600×600 16-bit RGB: a 9 KB file, 2.16 MB decoded plus 1.08 MB as 8-bit RGB.
+    let big = png16(600, 600);
+    assert!(big.len() < 100_000, "{}", big.len());
+    let small = std::fs::read(&f.png).unwrap();
+    assert_eq!(post(addr, "/v1/segment?task=b", &[], &big).status, 200);
+    // An upload to task a declares 3 MB: its body is held in the budget while it arrives.
+    let held = start_declared(addr, "/v1/segment?task=a", 3_000_000, 100);
+    wait_metric(addr, "gps_seg_inflight_bytes 3000000\n");
+    // Task b's image does not fit beside it (another task, the same budget).
+    let r = post(addr, "/v1/segment?task=b", &[], &big);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(
+        r.text().contains("a 600×600 image") && r.text().contains("(--max-inflight-bytes)"),
+        "{}",
+        r.text()
+    );
+    // A small image still fits: the budget counts bytes, not requests.
+    assert_eq!(post(addr, "/v1/segment?task=b", &[], &small).status, 200);
+    // A declared body that does not fit is refused before it is read.
+    let r = post(addr, "/v1/segment?task=b", &[], &vec![0u8; 2_000_000]);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(
+        r.text().contains("task `b`: the server's memory budget"),
+        "{}",
+        r.text()
+    );
+    // An image that could never fit is 413, not worth a retry.
+    let r = post(addr, "/v1/segment?task=b", &[], &png16(1000, 1000));
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert!(
+        r.text().contains("more than the server's whole budget"),
+        "{}",
+        r.text()
+    );
+    // The held upload times out (504) and gives its bytes back; so does a client that goes
+    // away mid-body.
+    let (code, text) = finish_upload(held, &[]);
+    assert_eq!(code, 504, "{text}");
+    wait_metric(addr, "gps_seg_inflight_bytes 0\n");
+    let gone = start_declared(addr, "/v1/segment?task=a", 3_000_000, 100);
+    wait_metric(addr, "gps_seg_inflight_bytes 3000000\n");
+    drop(gone);
+    wait_metric(addr, "gps_seg_inflight_bytes 0\n");
+    assert_eq!(post(addr, "/v1/segment?task=b", &[], &big).status, 200);
+    let m = get(addr, "/metrics").text();
+    for line in [
+        "gps_seg_inflight_bytes_limit 4194304\n",
+        "gps_seg_budget_refused_total 3\n",
+        "gps_seg_requests_total{task=\"b\",code=\"503\"} 2\n",
+        "gps_seg_requests_aborted_total{task=\"a\"} 1\n",
+    ] {
+        assert!(m.contains(line), "{line}: {m}");
+    }
+    server.shutdown().unwrap();
+}
+
+/// Read until the server closes `s`; true when it did (end of stream or reset) before the
+/// socket's read timeout.
+fn closed_by_server(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn slow_headers_and_idle_keep_alive_connections_are_closed() {
+    let f = fixture();
+    let mut cfg = config(&[("a", &f.random)]);
+    cfg.header_timeout = Duration::from_millis(1500);
+    cfg.idle_timeout = Duration::from_millis(1500);
+    let server = Server::bind(&cfg, &mut Silent).unwrap();
+    let addr = server.addr();
+    let open = |first: &[u8]| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+        s.write_all(first).unwrap();
+        s
+    };
+    let t0 = Instant::now();
+    // Slowloris: 20 connections with part of a request's headers, one more trickling a byte
+    // every 300 ms, one that sends nothing, and an idle keep-alive connection.
+    let mut slow: Vec<TcpStream> = (0..20)
+        .map(|_| open(b"POST /v1/segment?task=a HTTP/1.1\r\nHost: x\r\n"))
+        .collect();
+    let mut trickle = open(b"GET /healthz HTTP/1.1\r\n");
+    let mut silent = open(b"");
+    let mut idle = open(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut got = [0u8; 256];
+    let n = idle.read(&mut got).unwrap();
+    assert!(got[..n].starts_with(b"HTTP/1.1 200"));
+    // A keep-alive client asking every 300 ms is served throughout (2.4 s, longer than
+    // both timeouts: the idle wait restarts after every answer).
+    let mut c = client::Client::connect(addr, Duration::from_secs(10)).unwrap();
+    for _ in 0..8 {
+        assert_eq!(c.send("GET", "/healthz", &[], b"").unwrap().status, 200);
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = trickle.write_all(b"X");
+    }
+    let closed_trickle =
+        trickle.write_all(b"X-More: 1\r\n").is_err() || closed_by_server(&mut trickle);
+    assert!(closed_trickle, "the trickling connection is still open");
+    for (i, s) in slow.iter_mut().enumerate() {
+        assert!(closed_by_server(s), "slow connection {i} is still open");
+    }
+    assert!(
+        closed_by_server(&mut silent),
+        "a silent connection is still open"
+    );
+    assert!(
+        closed_by_server(&mut idle),
+        "an idle keep-alive connection is still open"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
+    let m = get(addr, "/metrics").text();
+    let count = |name: &str| -> u64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        count("gps_seg_connections_header_timeout_total") >= 22,
+        "{m}"
+    );
+    assert!(count("gps_seg_connections_idle_timeout_total") >= 1, "{m}");
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn an_answer_before_the_body_is_read_reaches_the_uploading_client() {
+    let f = fixture();
+    let mut cfg = config(&[("a", &f.random)]);
+    cfg.sessions = 1;
+    cfg.queue = 0;
+    let server = Server::bind(&cfg, &mut Silent).unwrap();
+    let addr = server.addr();
+    let png = std::fs::read(&f.png).unwrap();
+    // Task a's one place is held, so every other upload is answered 503 before its body is
+    // read; each client writes its whole 24 MiB body, then reads.
+    let held = start_upload(addr, "/v1/segment?task=a", &png, 100);
+    wait_metric(addr, "gps_seg_queue_depth{task=\"a\"} 1");
+    let body = vec![7u8; 24 << 20];
+    for i in 0..4 {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+        let head = format!(
+            "POST /v1/segment?task=a HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let sent = s
+            .write_all(head.as_bytes())
+            .and_then(|()| s.write_all(&body));
+        assert!(sent.is_ok(), "upload {i}: {sent:?}");
+        let mut out = Vec::new();
+        let read = s.read_to_end(&mut out);
+        let text = String::from_utf8_lossy(&out);
+        assert!(read.is_ok(), "upload {i}: {read:?}, got `{text}`");
+        assert!(text.starts_with("HTTP/1.1 503"), "upload {i}: `{text}`");
+        let lower = text.to_ascii_lowercase();
+        assert!(
+            lower.contains("\r\nconnection: close\r\n"),
+            "upload {i}: `{text}`"
+        );
+        assert!(
+            lower.contains("\r\nretry-after: 1\r\n"),
+            "upload {i}: `{text}`"
+        );
+    }
+    // A keep-alive client sees the 503 and its next request goes out on a new connection.
+    let mut c = client::Client::connect(addr, Duration::from_secs(20)).unwrap();
+    let r = c.send("POST", "/v1/segment?task=a", &[], &png).unwrap();
+    assert_eq!((r.status, r.header("connection")), (503, Some("close")));
+    assert_eq!(c.send("GET", "/healthz", &[], b"").unwrap().status, 200);
+    let (code, text) = finish_upload(held, &png[100..]);
+    assert_eq!(code, 200, "{text}");
+    let m = get(addr, "/metrics").text();
+    assert!(
+        m.contains("gps_seg_connections_closed_unread_total 5\n"),
+        "{m}"
+    );
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn a_half_closed_request_is_answered_and_one_cut_mid_body_is_counted() {
+    let f = fixture();
+    let server = Server::bind(&config(&[("a", &f.random)]), &mut Silent).unwrap();
+    let addr = server.addr();
+    let png = std::fs::read(&f.png).unwrap();
+    let seg = "/v1/segment?task=a";
+    // The whole request, then the client shuts down its write side: still answered.
+    let mut req = format!(
+        "POST {seg} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {}\r\n\r\n",
+        png.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&png);
+    let (code, text) = raw(addr, &req);
+    assert_eq!(code, 200, "{text}");
+    // Half-closed mid-body: a 400 saying so, and counted as aborted.
+    let s = start_upload(addr, seg, &png, 100);
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let (code, text) = finish_upload(s, &[]);
+    assert_eq!(code, 400, "{text}");
+    assert!(text.contains("could not read the request body"), "{text}");
+    let m = get(addr, "/metrics").text();
+    for line in [
+        "gps_seg_requests_total{task=\"a\",code=\"200\"} 1\n",
+        "gps_seg_requests_total{task=\"a\",code=\"400\"} 1\n",
+        "gps_seg_requests_aborted_total{task=\"a\"} 1\n",
+    ] {
+        assert!(m.contains(line), "{line}: {m}");
+    }
+    server.shutdown().unwrap();
 }
 
 #[test]
@@ -763,12 +1041,28 @@ fn the_binary_serves_until_sigterm_and_finishes_the_request_in_flight() {
     let png = std::fs::read(&f.png).unwrap();
     let inflight = start_upload(addr, "/v1/segment?task=a", &png, 64);
     wait_metric(addr, "gps_seg_queue_depth{task=\"a\"} 1");
+    // An idle keep-alive connection and one stopped mid-headers do not hold the shutdown up.
+    let mut idle = client::Client::connect(addr, Duration::from_secs(10)).unwrap();
+    assert_eq!(idle.send("GET", "/healthz", &[], b"").unwrap().status, 200);
+    let mut partial = TcpStream::connect(addr).unwrap();
+    partial
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let t_term = Instant::now();
     // SAFETY: sends SIGTERM to the child this test started.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     std::thread::sleep(Duration::from_millis(300));
     let (code, text) = finish_upload(inflight, &png[64..]);
     assert_eq!(code, 200, "{text}");
     let status = child.wait().unwrap();
+    // Far below the request timeout + 5 s (35 s) a lingering connection used to cost.
+    assert!(
+        t_term.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        t_term.elapsed()
+    );
+    drop((idle, partial));
     let mut err = String::new();
     child
         .stderr

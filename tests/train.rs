@@ -526,7 +526,7 @@ fn outputs_never_replace_inputs_or_earlier_runs() {
 /// else unless told to overwrite, and then replaces it.
 #[test]
 fn experiment_variant_folders_are_replaced_only_when_asked() {
-    use gps_seg::train::experiment_seg::{default_variants, run_kvasir};
+    use gps_seg::studies::kvasir::{default_variants, run_kvasir};
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("kvasir");
     dataset(&data);

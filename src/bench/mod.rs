@@ -4,7 +4,8 @@
 //!
 //! - [`sam`]: prompt-free SAM forward / forward + backward speed and the analytic FLOP count;
 //! - [`train`]: a full fine-tuning step against a GPS step (Candle, and PyTorch via a script);
-//! - [`data`]: data-pipeline throughput; [`infer`]: ONNX Runtime against the Candle SAM (and,
+//! - [`data`]: data-pipeline throughput; [`metrics`]: scoring one image with the field's
+//!   metrics; [`infer`]: ONNX Runtime against the Candle SAM (and,
 //!   with a Python, PyTorch eager and ONNX Runtime on torch's export);
 //! - [`serve`]: the HTTP server under closed-loop load against plain ONNX Runtime;
 //! - [`serve_tasks`]: many task files on one base in one server against one merged model;
@@ -13,6 +14,7 @@
 pub mod data;
 pub mod gemm;
 pub mod infer;
+pub mod metrics;
 pub mod parity;
 pub mod precision;
 pub mod run_memory;

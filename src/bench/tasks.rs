@@ -183,9 +183,9 @@ pub fn run(cfg: &SamConfig, tasks: usize, threads: usize, dir: &Path) -> Result<
         crate::onnx::write_model(&merged_path, m)?;
         drop(merged);
         // Session creation, twice each, interleaved; the faster of the two is reported.
-        let load = |p: &Path| -> Result<(crate::infer::runtime::OrtModel, f64)> {
+        let load = |p: &Path| -> Result<(crate::infer::model::OrtModel, f64)> {
             let t = Instant::now();
-            let m = crate::infer::runtime::OrtModel::load(p, threads)?;
+            let m = crate::infer::model::OrtModel::load(p, threads)?;
             Ok((m, t.elapsed().as_secs_f64()))
         };
         let (_, a1) = load(&task_path)?;

@@ -21,7 +21,7 @@ use crate::gps::{Criterion, Level, Policy, Selection};
 use crate::nn::fused::with_reference_path;
 use crate::nn::{ParamStore, Precision};
 use crate::sam::{Sam, SamConfig};
-use crate::train::optim::{Adam, AdamW, Optimizer};
+use crate::train::fit::optim::{Adam, AdamW, Optimizer};
 use crate::util::Rng;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -376,9 +376,9 @@ mod tests {
             let (sam, store, sel, _) = gps_setup(&cfg, &dev, 5, 1, 1e-3).unwrap();
             let mut opt = Adam::with_config(
                 store.trainable_vars(),
-                crate::train::optim::AdamConfig {
+                crate::train::fit::optim::AdamConfig {
                     eps: 1e-3,
-                    ..crate::train::optim::AdamConfig::new(1e-2)
+                    ..crate::train::fit::optim::AdamConfig::new(1e-2)
                 },
             )
             .unwrap();

@@ -28,6 +28,17 @@ pub enum What {
         #[arg(long, default_value = "squash")]
         resize: String,
     },
+    /// The field's segmentation metrics: milliseconds to score one image (mDice … Eφ, MAE,
+    /// optionally HD95) at a given size, one thread.
+    Metrics {
+        /// Image side (square images).
+        #[arg(long, default_value_t = 500)]
+        size: usize,
+        #[arg(long, default_value_t = 30)]
+        images: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// GPS: selection time and optimizer-state size (GPS vs baselines).
     Gps(super::bench_gps::Args),
     /// SAM prompt-free forward and forward+backward time, with achieved GFLOP/s.
@@ -116,6 +127,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         What::Infer(a) => run_infer(a),
         What::Export(a) => run_export(a),
         What::Gps(a) => super::bench_gps::run(a),
+        What::Metrics { size, images, seed } => {
+            let cfg = gps_seg::bench::metrics::MetricsBenchConfig {
+                side: size,
+                images,
+                seed,
+            };
+            let rows = gps_seg::bench::metrics::run(&cfg)?;
+            println!("field metrics: {size}×{size} images, one thread per image");
+            println!("{}", gps_seg::util::cpu::bench_header(1));
+            println!("| configuration | images | median ms / image | slowest ms |");
+            println!("|---|---:|---:|---:|");
+            for r in rows {
+                println!(
+                    "| {} | {} | {:.2} | {:.2} |",
+                    r.name, r.images, r.median_ms, r.max_ms
+                );
+            }
+            Ok(())
+        }
         What::Data {
             images,
             max_side,

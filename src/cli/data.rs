@@ -1,7 +1,10 @@
 //! `gps-seg data <what>`: generate synthetic datasets and check a dataset folder.
 
 use clap::Subcommand;
-use gps_seg::data::{synth_cls, synth_kvasir, ClsDataset, ClsLayout, ClsSplit, KvasirDataset};
+use gps_seg::data::{
+    synth_cls, synth_kvasir, synth_pranet, ClsDataset, ClsLayout, ClsSplit, KvasirDataset,
+    PranetDataset,
+};
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -27,6 +30,23 @@ pub enum What {
         #[arg(long)]
         preview: bool,
     },
+    /// Write a synthetic set in PraNet's layout: TrainDataset/{image,mask} and the five
+    /// TestDataset/<Set>/{images,masks}, each test set with its own seed and look.
+    SynthPranet {
+        #[arg(long)]
+        out: PathBuf,
+        /// Images in TrainDataset (at least 2).
+        #[arg(long, default_value_t = 80)]
+        train: usize,
+        /// Images in each test set.
+        #[arg(long, default_value_t = 16)]
+        test: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Image width (Kvasir-like sizes are drawn up to it).
+        #[arg(long, default_value_t = 352)]
+        max_side: usize,
+    },
     /// Write a synthetic classification set.
     SynthCls {
         #[arg(long)]
@@ -50,15 +70,15 @@ pub enum What {
     },
     /// Open a dataset, report its size and every problem found.
     Check {
-        /// kvasir, imagefolder, vtab, fgvc, cifar100 or auto.
+        /// kvasir, pranet, imagefolder, vtab, fgvc, cifar100 or auto.
         #[arg(long, default_value = "kvasir")]
         layout: String,
         #[arg(long, default_value = "train")]
         split: String,
-        /// Fully decode every image (Kvasir; slower, finds corrupt files).
+        /// Fully decode every image (Kvasir, PraNet; slower, finds corrupt files).
         #[arg(long)]
         decode: bool,
-        /// Kvasir: report the pairs with problems and count the clean ones, instead of failing
+        /// Kvasir, PraNet: report the pairs with problems and count the clean ones, instead of failing
         /// (`train --skip-bad` trains on those clean pairs).
         #[arg(long)]
         skip_bad: bool,
@@ -104,6 +124,39 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 println!("preview: {}", p.display());
             }
         }
+        What::SynthPranet {
+            out,
+            train,
+            test,
+            seed,
+            max_side,
+        } => {
+            let cfg = synth_pranet::SynthPranetConfig {
+                train,
+                test,
+                seed,
+                max_side,
+            };
+            let t = std::time::Instant::now();
+            let sets = synth_pranet::generate(&out, &cfg)?;
+            for s in &sets {
+                println!(
+                    "{:18} {:4} images, sizes {}×{} … {}×{} (h×w), mean polyp area {:.1}%",
+                    s.name,
+                    s.count,
+                    s.min_size.0,
+                    s.min_size.1,
+                    s.max_size.0,
+                    s.max_size.1,
+                    100.0 * s.mean_polyp_fraction
+                );
+            }
+            println!(
+                "wrote a PraNet-layout set to {} in {:.1}s",
+                out.display(),
+                t.elapsed().as_secs_f64()
+            );
+        }
         What::SynthCls {
             out,
             classes,
@@ -137,12 +190,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             root,
         } => {
             gps_seg::data::imgio::set_max_pixels(max_pixels)?;
-            if layout == "kvasir" {
-                let opts = gps_seg::data::kvasir::OpenOptions {
-                    verify_decode: decode,
-                    skip_bad,
-                };
-                let ds = KvasirDataset::open_with(&root, &opts)?;
+            let open_opts = gps_seg::data::kvasir::OpenOptions {
+                verify_decode: decode,
+                skip_bad,
+            };
+            if layout == "pranet" {
+                let ds = PranetDataset::open_with(&root, &open_opts)?;
+                for l in &ds.skipped {
+                    println!("skipped: {l}");
+                }
+                println!("{} (PraNet layout):", root.display());
+                for l in ds.report() {
+                    println!("  {l}");
+                }
+                if ds.train.is_none() {
+                    println!("  no TrainDataset/ (evaluation only)");
+                }
+            } else if layout == "kvasir" {
+                let ds = KvasirDataset::open_with(&root, &open_opts)?;
                 for l in &ds.skipped {
                     println!("skipped: {l}");
                 }

@@ -5,7 +5,7 @@
 use super::common::{DeviceArgs, DtypeArgs};
 use anyhow::Context;
 use gps_seg::nn::RolePolicy;
-use gps_seg::train::pretrain::evaluate_upstream;
+use gps_seg::train::pretrain::sam::evaluate_upstream;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

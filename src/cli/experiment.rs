@@ -3,8 +3,8 @@
 
 use super::common::{DeviceArgs, DtypeArgs};
 use super::progress::Progress;
+use gps_seg::studies::classify::{run_classify, ClsExperimentConfig};
 use gps_seg::train::cls::resolve_model;
-use gps_seg::train::experiment::{run_classify, ClsExperimentConfig};
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -65,7 +65,7 @@ pub struct KvasirArgs {
 }
 
 fn run_kvasir(a: KvasirArgs) -> anyhow::Result<()> {
-    use gps_seg::train::experiment_seg::{default_variants, run_kvasir};
+    use gps_seg::studies::kvasir::{default_variants, run_kvasir};
     use gps_seg::train::seg::SegTrainConfig;
     let device = a.device.resolve()?;
     let dtype = a.dtype.resolve(&device)?;
@@ -100,7 +100,7 @@ fn run_kvasir(a: KvasirArgs) -> anyhow::Result<()> {
         }
         variants.retain(|v| want.contains(&v.label.as_str()));
     }
-    let sizes = gps_seg::train::experiment_seg::parse_sizes(&a.train_sizes)?;
+    let sizes = gps_seg::studies::kvasir::parse_sizes(&a.train_sizes)?;
     let (_, table) = run_kvasir(
         &t,
         &variants,
@@ -183,7 +183,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             cfg.batch_size = a.batch_size;
             cfg.seed = a.seed;
             cfg.seeds = a.seeds;
-            cfg.train_sizes = gps_seg::train::experiment_seg::parse_sizes(&a.train_sizes)?;
+            cfg.train_sizes = gps_seg::studies::kvasir::parse_sizes(&a.train_sizes)?;
             if let Some(only) = &a.only {
                 let want: Vec<&str> = only.split(',').map(str::trim).collect();
                 if let Some(bad) = want

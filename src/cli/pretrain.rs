@@ -4,7 +4,7 @@
 use super::common::DeviceArgs;
 use super::progress::Progress;
 use gps_seg::sam::SamConfig;
-use gps_seg::train::pretrain::{pretrain, PretrainConfig};
+use gps_seg::train::pretrain::sam::{pretrain, PretrainConfig};
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -91,7 +91,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     match args.what {
         What::Vit(a) => {
             use gps_seg::models::{ClassifierConfig, VitConfig};
-            use gps_seg::train::pretrain_cls::{pretrain_vit, PretrainVitConfig};
+            use gps_seg::train::pretrain::vit::{pretrain_vit, PretrainVitConfig};
             let device = a.device.resolve()?;
             let data_dir = a
                 .data_dir

@@ -55,9 +55,21 @@ pub struct Args {
     /// Largest image (width × height), checked from the header before decoding.
     #[arg(long, default_value_t = gps_seg::data::imgio::DEFAULT_MAX_PIXELS)]
     pub max_pixels: u64,
+    /// One memory budget for all requests in flight, every task together (bytes): bodies,
+    /// decoded images (estimated from the header before decoding), model input and output.
+    /// A request that does not fit gets 503 + Retry-After (413 if it never could).
+    #[arg(long, default_value_t = gps_seg::serve::budget::DEFAULT_MAX_INFLIGHT_BYTES)]
+    pub max_inflight_bytes: u64,
     /// Seconds from a request's arrival to its answer (else 504).
     #[arg(long, default_value_t = 30.0)]
     pub timeout_s: f64,
+    /// Seconds a request's headers may take (from the connection's accept, or the request's
+    /// first byte on a keep-alive connection); slower connections are closed.
+    #[arg(long, default_value_t = 10.0)]
+    pub header_timeout_s: f64,
+    /// Seconds a keep-alive connection may wait for its next request before it is closed.
+    #[arg(long, default_value_t = 30.0)]
+    pub idle_timeout_s: f64,
     /// Probability threshold of the masks.
     #[arg(long, default_value_t = 0.5)]
     pub threshold: f32,
@@ -83,12 +95,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .iter()
         .map(|t| TaskSpec::parse(t))
         .collect::<gps_seg::Result<Vec<_>>>()?;
-    if !(args.timeout_s.is_finite() && args.timeout_s > 0.0 && args.timeout_s <= 3600.0) {
-        anyhow::bail!(
-            "--timeout-s {}: must be above 0 and at most 3600",
-            args.timeout_s
-        );
-    }
+    let secs = |flag: &str, v: f64| -> anyhow::Result<Duration> {
+        if !(v.is_finite() && v > 0.0 && v <= 3600.0) {
+            anyhow::bail!("--{flag} {v}: must be above 0 and at most 3600");
+        }
+        Ok(Duration::from_secs_f64(v))
+    };
     let mut cfg = ServeConfig::new(tasks);
     cfg.host = args.host;
     cfg.port = args.port;
@@ -96,7 +108,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     cfg.threads = args.threads;
     cfg.queue = args.queue;
     cfg.max_body_bytes = args.max_body_bytes;
-    cfg.timeout = Duration::from_secs_f64(args.timeout_s);
+    cfg.timeout = secs("timeout-s", args.timeout_s)?;
+    cfg.header_timeout = secs("header-timeout-s", args.header_timeout_s)?;
+    cfg.idle_timeout = secs("idle-timeout-s", args.idle_timeout_s)?;
+    cfg.max_inflight_bytes = args.max_inflight_bytes;
     cfg.threshold = args.threshold;
     cfg.resize = super::common::parse_resize(&args.resize)?;
     cfg.ort_lib = args.ort_lib;

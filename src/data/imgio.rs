@@ -11,13 +11,18 @@ pub const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 
 /// True when `path` has one of [`IMAGE_EXTENSIONS`].
 pub fn is_image_file(path: &Path) -> bool {
+    has_extension(path, &IMAGE_EXTENSIONS)
+}
+
+/// TIFF extensions (CVC-ClinicDB's original `Original/` and `Ground Truth/` folders), read
+/// only where a layout asks for them.
+pub const TIFF_EXTENSIONS: [&str; 2] = ["tif", "tiff"];
+
+/// True when `path`'s extension is one of `exts` (compared case-insensitively).
+pub fn has_extension(path: &Path, exts: &[&str]) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
-        .map(|e| {
-            let e = e.to_ascii_lowercase();
-            IMAGE_EXTENSIONS.contains(&e.as_str())
-        })
-        .unwrap_or(false)
+        .is_some_and(|e| exts.iter().any(|x| x.eq_ignore_ascii_case(e)))
 }
 
 /// Image files keyed by stem, and the files that could not be keyed with the reason.
@@ -28,6 +33,11 @@ pub type ByStem = (BTreeMap<String, PathBuf>, Vec<(PathBuf, String)>);
 /// second file with an existing stem, a folder or a special file with an image's name, a
 /// symbolic link that cannot be followed). Kvasir pairing and inference inputs both use it.
 pub fn images_by_stem(dir: &Path) -> std::io::Result<ByStem> {
+    files_by_stem(dir, &IMAGE_EXTENSIONS)
+}
+
+/// [`images_by_stem`] for the files with one of `exts` (e.g. [`TIFF_EXTENSIONS`]).
+pub fn files_by_stem(dir: &Path, exts: &[&str]) -> std::io::Result<ByStem> {
     let rd = std::fs::read_dir(dir)?;
     let mut paths: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
     paths.sort();
@@ -38,7 +48,7 @@ pub fn images_by_stem(dir: &Path) -> std::io::Result<ByStem> {
             .file_name()
             .and_then(|n| n.to_str())
             .is_some_and(|n| n.starts_with('.'));
-        if hidden || !is_image_file(&p) {
+        if hidden || !has_extension(&p, exts) {
             continue;
         }
         // `metadata` follows links: a loop or a dangling link fails here.
@@ -168,15 +178,186 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| Error::io(path, e))
 }
 
-/// Header size `(width, height)` with the pixel cap checked, plus the structural JPEG checks.
-fn checked_header(path: &Path, bytes: &[u8]) -> Result<(u32, u32)> {
-    check_jpeg_complete(path, bytes, &bytes[bytes.len().saturating_sub(TAIL)..])?;
-    check_jpeg_body(path, bytes)?;
-    let (w, h) = image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?
-        .into_dimensions()
-        .map_err(|e| bad_image(path, e))?;
+/// Largest total of an image's ancillary data: a PNG's ancillary chunks (every chunk but
+/// IHDR, PLTE, IDAT, IEND and APNG frame data: ICC profile, text, EXIF, …) as stored, and its
+/// compressed ones (`iCCP`, `zTXt`, `iTXt`) decompressed; a JPEG's APPn and COM segments.
+/// Checked before the decoder reads them; real ICC profiles and EXIF blocks are kilobytes.
+pub const MAX_ANCILLARY_BYTES: u64 = 8 << 20;
+
+/// What the PNG decoder may allocate besides its row buffers: the ancillary chunks as read
+/// (their buffers grow by doubling: up to 2 × [`MAX_ANCILLARY_BYTES`]) plus a compressed one
+/// decompressed (up to [`MAX_ANCILLARY_BYTES`]).
+pub const ANCILLARY_DECODER_BYTES: u64 = 3 * MAX_ANCILLARY_BYTES;
+
+const PNG_SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
+
+/// A chunk type or marker as text for a message (`iCCP`, or its bytes in hex).
+fn chunk_name(kind: &[u8]) -> String {
+    if kind.iter().all(u8::is_ascii_alphabetic) {
+        String::from_utf8_lossy(kind).into_owned()
+    } else {
+        kind.iter().map(|b| format!("{b:02X}")).collect()
+    }
+}
+
+fn ancillary_over(path: &Path, what: String) -> Error {
+    bad_image(
+        path,
+        format!(
+            "{what}: over the limit of {MAX_ANCILLARY_BYTES} bytes of ancillary data (ICC \
+             profile, text, EXIF, …; refused before decoding)"
+        ),
+    )
+}
+
+/// The zlib stream of a compressed ancillary PNG chunk's data (`None`: not compressed, or not
+/// well formed, which the decoder judges).
+fn png_zlib_stream<'a>(kind: &[u8], data: &'a [u8]) -> Option<&'a [u8]> {
+    let keyword_end = data.iter().position(|&b| b == 0)?;
+    let rest = data.get(keyword_end + 1..)?;
+    match kind {
+        // compression method, stream
+        b"iCCP" | b"zTXt" => rest.get(1..),
+        // compression flag, method, language tag \0, translated keyword \0, text
+        b"iTXt" => {
+            if rest.first() != Some(&1) {
+                return None;
+            }
+            let rest = rest.get(2..)?;
+            let lang_end = rest.iter().position(|&b| b == 0)?;
+            let rest = rest.get(lang_end + 1..)?;
+            let tk_end = rest.iter().position(|&b| b == 0)?;
+            rest.get(tk_end + 1..)
+        }
+        _ => None,
+    }
+}
+
+/// Walk a PNG's chunk headers: refuse ancillary chunks over [`MAX_ANCILLARY_BYTES`] in total,
+/// as stored or decompressed, naming the chunk that crosses it; return the IHDR's
+/// `(width, height)`. A file that is not a PNG, or whose chunks stop making sense, is left to
+/// the decoder.
+fn scan_png(path: &Path, bytes: &[u8]) -> Result<Option<Option<(u32, u32)>>> {
+    if !bytes.starts_with(&PNG_SIGNATURE) {
+        return Ok(None);
+    }
+    let mut ihdr = None;
+    let mut at = PNG_SIGNATURE.len();
+    let mut total = 0u64;
+    let mut inflated = 0u64;
+    while let Some(head) = bytes.get(at..at.saturating_add(8)) {
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        let kind = &head[4..8];
+        match kind {
+            b"IEND" => break,
+            b"IHDR" => {
+                if let Some(d) = bytes.get(at.saturating_add(8)..at.saturating_add(16)) {
+                    ihdr = Some((
+                        u32::from_be_bytes([d[0], d[1], d[2], d[3]]),
+                        u32::from_be_bytes([d[4], d[5], d[6], d[7]]),
+                    ));
+                }
+            }
+            // Critical chunks (upper-case first letter) and APNG frame data are image data.
+            _ if kind[0].is_ascii_uppercase() || kind == b"fdAT" => {}
+            _ => {
+                total = total.saturating_add(u64::from(len));
+                if total > MAX_ANCILLARY_BYTES {
+                    let what = format!(
+                        "PNG chunk {} of {len} bytes at byte {at} brings the ancillary data to \
+                         {total} bytes",
+                        chunk_name(kind)
+                    );
+                    return Err(ancillary_over(path, what));
+                }
+                let data = bytes
+                    .get(at.saturating_add(8)..at.saturating_add(8).saturating_add(len as usize));
+                if let Some(z) = data.and_then(|d| png_zlib_stream(kind, d)) {
+                    // Decompressed into at most what is left of the limit (a corrupt stream
+                    // is the decoder's to judge).
+                    let left = MAX_ANCILLARY_BYTES.saturating_sub(inflated);
+                    let left = usize::try_from(left).unwrap_or(usize::MAX);
+                    match fdeflate::decompress_to_vec_bounded(z, left) {
+                        Ok(v) => inflated = inflated.saturating_add(v.len() as u64),
+                        Err(fdeflate::BoundedDecompressionError::OutputTooLarge { .. }) => {
+                            let what = format!(
+                                "PNG chunk {} of {len} bytes at byte {at} decompresses to more \
+                                 than {left} bytes",
+                                chunk_name(kind)
+                            );
+                            return Err(ancillary_over(path, what));
+                        }
+                        Err(_) => {}
+                    }
+                }
+            }
+        }
+        // length (4) + type (4) + data + CRC (4)
+        at = at.saturating_add(12).saturating_add(len as usize);
+    }
+    Ok(Some(ihdr))
+}
+
+/// Walk a JPEG's marker segments up to the first start-of-scan: refuse APPn and COM segments
+/// over [`MAX_ANCILLARY_BYTES`] in total, naming the segment that crosses it.
+fn scan_jpeg(path: &Path, bytes: &[u8]) -> Result<()> {
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return Ok(());
+    }
+    let mut at = 2usize;
+    let mut total = 0u64;
+    loop {
+        // Markers may be preceded by fill bytes 0xFF.
+        while let Some([0xFF, 0xFF]) = bytes.get(at..at.saturating_add(2)) {
+            at += 1;
+        }
+        let Some(&[0xFF, marker]) = bytes.get(at..at.saturating_add(2)) else {
+            return Ok(());
+        };
+        match marker {
+            0xDA | 0xD9 => return Ok(()),
+            0x01 | 0xD0..=0xD7 => {
+                at += 2;
+                continue;
+            }
+            _ => {}
+        }
+        let Some(&[hi, lo]) = bytes.get(at.saturating_add(2)..at.saturating_add(4)) else {
+            return Ok(());
+        };
+        let len = usize::from(hi) << 8 | usize::from(lo);
+        if matches!(marker, 0xE0..=0xEF | 0xFE) {
+            total = total.saturating_add(len as u64);
+            if total > MAX_ANCILLARY_BYTES {
+                let name = if marker == 0xFE {
+                    "COM".to_string()
+                } else {
+                    format!("APP{}", marker - 0xE0)
+                };
+                let what = format!(
+                    "JPEG {name} segment of {len} bytes at byte {at} brings the ancillary data \
+                     to {total} bytes"
+                );
+                return Err(ancillary_over(path, what));
+            }
+        }
+        at = at.saturating_add(2).saturating_add(len);
+    }
+}
+
+/// What an image's header says, read and checked before anything is decoded: the pixel cap
+/// ([`max_pixels`]), the JPEG structure checks, ancillary data within
+/// [`MAX_ANCILLARY_BYTES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageHeader {
+    pub width: u32,
+    pub height: u32,
+    /// Bytes of the decoder's output buffer: width × height × channels × bytes per sample in
+    /// the colour type it decodes to (a 16-bit RGB PNG stays 16-bit: 6 bytes per pixel).
+    pub decoded_bytes: u64,
+}
+
+fn check_pixels(path: &Path, w: u32, h: u32) -> Result<()> {
     let pixels = u64::from(w) * u64::from(h);
     if pixels == 0 {
         return Err(bad_image(
@@ -194,7 +375,80 @@ fn checked_header(path: &Path, bytes: &[u8]) -> Result<(u32, u32)> {
             ),
         ));
     }
-    Ok((w, h))
+    Ok(())
+}
+
+/// A decoder error; a memory-limit error names the limit.
+fn decoder_error(path: &Path, e: image::ImageError) -> Error {
+    match e {
+        image::ImageError::Limits(_) => bad_image(
+            path,
+            format!(
+                "the decoder's memory limit of {ANCILLARY_DECODER_BYTES} bytes for ancillary \
+                 data (besides the pixels) was exceeded"
+            ),
+        ),
+        e => bad_image(path, e),
+    }
+}
+
+/// The checked header and a decoder ready to decode the pixels (PNG, JPEG, TIFF). The PNG
+/// decoder's own allocations are bounded by its row buffers plus [`ANCILLARY_DECODER_BYTES`]:
+/// the pixel cap is checked from the IHDR chunk before the decoder reads any ancillary chunk.
+fn open_checked<'a>(
+    path: &Path,
+    bytes: &'a [u8],
+) -> Result<(ImageHeader, impl image::ImageDecoder + 'a)> {
+    use image::ImageDecoder;
+    if bytes.is_empty() {
+        return Err(bad_image(path, "empty (0 bytes)"));
+    }
+    check_jpeg_complete(path, bytes, &bytes[bytes.len().saturating_sub(TAIL)..])?;
+    check_jpeg_body(path, bytes)?;
+    scan_jpeg(path, bytes)?;
+    let mut limits = image::Limits::default();
+    if let Some(Some((w, h))) = scan_png(path, bytes)? {
+        check_pixels(path, w, h)?;
+        // Two rows of the widest pixel (16-bit RGBA) for the decoder's row buffers.
+        let rows = (u64::from(w) * 8 + 1) * 2;
+        limits.max_alloc = Some(ANCILLARY_DECODER_BYTES + rows + (1 << 20));
+    }
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?;
+    reader.limits(limits);
+    let mut decoder = reader.into_decoder().map_err(|e| decoder_error(path, e))?;
+    let (w, h) = decoder.dimensions();
+    check_pixels(path, w, h)?;
+    // What the decoder may allocate for the pixels: the header's size, 16-bit RGBA at most
+    // (bounds a TIFF decoder's buffers; the PNG decoder keeps its limit from above).
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(w);
+    limits.max_image_height = Some(h);
+    limits.max_alloc = Some(u64::from(w) * u64::from(h) * 8 + (1 << 20));
+    decoder
+        .set_limits(limits)
+        .map_err(|e| decoder_error(path, e))?;
+    let header = ImageHeader {
+        width: w,
+        height: h,
+        decoded_bytes: decoder.total_bytes(),
+    };
+    Ok((header, decoder))
+}
+
+/// Header `(width, height)` with the pixel cap checked, plus the structural JPEG checks.
+fn checked_header(path: &Path, bytes: &[u8]) -> Result<(u32, u32)> {
+    let (h, _) = open_checked(path, bytes)?;
+    Ok((h.width, h.height))
+}
+
+/// The checked header of an image held in memory (an HTTP request body), nothing decoded:
+/// what [`decode_rgb_bytes`] checks first, and the size of its decoder's output.
+pub fn header_of_bytes(label: &str, bytes: &[u8]) -> Result<ImageHeader> {
+    let name = Path::new(label);
+    check_size(name, bytes)?;
+    Ok(open_checked(name, bytes)?.0)
 }
 
 /// Image size `(height, width)` from the header (pixel cap checked); JPEGs are also checked
@@ -210,35 +464,30 @@ fn decode(path: &Path) -> Result<image::DynamicImage> {
     decode_checked(path, &bytes)
 }
 
-/// The checks of a file read ([`MAX_FILE_BYTES`], pixel cap from the header, JPEG structure),
-/// then decoding with the decoder's allocations bounded by the header's size.
+/// The checks of a file read ([`MAX_FILE_BYTES`], pixel cap from the header, JPEG structure,
+/// ancillary data), then decoding.
 fn decode_checked(path: &Path, bytes: &[u8]) -> Result<image::DynamicImage> {
-    if bytes.is_empty() {
-        return Err(bad_image(path, "empty (0 bytes)"));
-    }
-    let (w, h) = checked_header(path, bytes)?;
-    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?;
-    // The decoder may allocate what the (checked) header declares, in 16-bit RGBA at most.
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(w);
-    limits.max_image_height = Some(h);
-    limits.max_alloc = Some(u64::from(w) * u64::from(h) * 8 + (1 << 20));
-    reader.limits(limits);
-    reader.decode().map_err(|e| bad_image(path, e))
+    let (_, decoder) = open_checked(path, bytes)?;
+    image::DynamicImage::from_decoder(decoder).map_err(|e| decoder_error(path, e))
 }
 
 /// Decode any supported image as 8-bit RGB.
 pub fn decode_rgb(path: &Path) -> Result<RgbImage> {
-    Ok(decode(path)?.to_rgb8())
+    Ok(decode(path)?.into_rgb8())
 }
 
 /// Decode an image held in memory (an HTTP request body) as 8-bit RGB, with the same checks
 /// as a file ([`MAX_FILE_BYTES`], the pixel cap read from the header before decoding, JPEG
-/// truncation and zeroed bodies); errors name `label` where a file's would name its path.
+/// truncation and zeroed bodies, ancillary data bounded); errors name `label` where a file's
+/// would name its path.
 pub fn decode_rgb_bytes(label: &str, bytes: &[u8]) -> Result<RgbImage> {
     let name = Path::new(label);
+    check_size(name, bytes)?;
+    Ok(decode_checked(name, bytes)?.into_rgb8())
+}
+
+/// An in-memory image over [`MAX_FILE_BYTES`] is refused as a file would be.
+fn check_size(name: &Path, bytes: &[u8]) -> Result<()> {
     if bytes.len() as u64 > MAX_FILE_BYTES {
         return Err(bad_image(
             name,
@@ -248,12 +497,12 @@ pub fn decode_rgb_bytes(label: &str, bytes: &[u8]) -> Result<RgbImage> {
             ),
         ));
     }
-    Ok(decode_checked(name, bytes)?.to_rgb8())
+    Ok(())
 }
 
 /// Decode any supported image as 8-bit grey (RGB masks are converted by luma).
 pub fn decode_luma(path: &Path) -> Result<GrayImage> {
-    Ok(decode(path)?.to_luma8())
+    Ok(decode(path)?.into_luma8())
 }
 
 /// Encode an RGB image as JPEG (quality 1–100) and write it atomically.
@@ -475,6 +724,111 @@ mod tests {
                 "{n}: {names:?}"
             );
         }
+    }
+
+    /// An 8×8 grey PNG whose compressed iCCP chunk holds `profile` zero bytes.
+    fn png_with_icc(profile: usize) -> Vec<u8> {
+        use image::ImageEncoder;
+        let img = GrayImage::from_pixel(8, 8, image::Luma([7]));
+        let mut buf = Vec::new();
+        let mut enc = image::codecs::png::PngEncoder::new(&mut buf);
+        enc.set_icc_profile(vec![0u8; profile]).unwrap();
+        enc.write_image(img.as_raw(), 8, 8, image::ExtendedColorType::L8)
+            .unwrap();
+        buf
+    }
+
+    /// `png` with a chunk of `kind` holding `len` bytes inserted after IHDR.
+    fn png_with_chunk(png: &[u8], kind: &[u8; 4], len: usize) -> Vec<u8> {
+        let mut c = Vec::with_capacity(len + 12);
+        c.extend_from_slice(&(len as u32).to_be_bytes());
+        c.extend_from_slice(kind);
+        c.extend(std::iter::repeat_n(b'a', len));
+        let crc = crc32(&c[4..]);
+        c.extend_from_slice(&crc.to_be_bytes());
+        let at = 8 + 25; // signature + IHDR chunk
+        [&png[..at], &c[..], &png[at..]].concat()
+    }
+
+    #[test]
+    fn ancillary_data_is_bounded_naming_the_file_and_the_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = std::time::Instant::now();
+        // A 40 MiB ICC profile compresses to a few tens of KB: refused from the header read
+        // (which `data check` and `infer`'s input check use) as well as when decoding.
+        let bomb = png_with_icc(40 << 20);
+        assert!(bomb.len() < 200_000, "{}", bomb.len());
+        let p = dir.path().join("icc-bomb.png");
+        std::fs::write(&p, &bomb).unwrap();
+        for e in [
+            dimensions(&p).unwrap_err().to_string(),
+            decode_rgb(&p).unwrap_err().to_string(),
+        ] {
+            assert!(
+                e.contains("icc-bomb.png")
+                    && e.contains("PNG chunk iCCP of")
+                    && e.contains("decompresses to more than 8388608 bytes")
+                    && e.contains(&format!("limit of {MAX_ANCILLARY_BYTES} bytes")),
+                "{e}"
+            );
+        }
+        let e = header_of_bytes("request body", &bomb)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("request body") && e.contains("iCCP"), "{e}");
+        // A 9 MiB text chunk in the file: refused from the chunk walk, naming it.
+        let small = png_declaring(8, 8);
+        let text = png_with_chunk(&small, b"tEXt", 9 << 20);
+        let e = decode_rgb_bytes("request body", &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("request body")
+                && e.contains("PNG chunk tEXt of 9437184 bytes at byte 33")
+                && e.contains(&format!("over the limit of {MAX_ANCILLARY_BYTES} bytes")),
+            "{e}"
+        );
+        // A JPEG whose APP1 segments add up past the limit.
+        let jpeg = noisy_jpeg(16, 16);
+        let mut seg = vec![0xFF, 0xE1, 0xFF, 0xFF];
+        seg.extend(std::iter::repeat_n(0u8, 0xFFFF - 2));
+        let n = (MAX_ANCILLARY_BYTES as usize / 0xFFFF) + 1;
+        let big = [&jpeg[..2], &seg.repeat(n), &jpeg[2..]].concat();
+        let p = dir.path().join("app1.jpg");
+        std::fs::write(&p, &big).unwrap();
+        let e = dimensions(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("app1.jpg") && e.contains("JPEG APP1 segment of 65535 bytes"),
+            "{e}"
+        );
+        assert!(t.elapsed().as_secs_f64() < 10.0);
+        // Within the limits: a real-sized profile, a few segments, a wide 16-bit image.
+        assert_eq!(
+            decode_rgb_bytes("x", &png_with_icc(4096))
+                .unwrap()
+                .dimensions(),
+            (8, 8)
+        );
+        let few = [&jpeg[..2], &seg.repeat(3), &jpeg[2..]].concat();
+        assert_eq!(decode_rgb_bytes("x", &few).unwrap().dimensions(), (16, 16));
+        let wide = image::ImageBuffer::<image::Rgba<u16>, _>::from_pixel(
+            30_000,
+            2,
+            image::Rgba([1u16, 2, 3, 4]),
+        );
+        let mut buf = Vec::new();
+        image::DynamicImage::ImageRgba16(wide)
+            .write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Png)
+            .unwrap();
+        let h = header_of_bytes("wide", &buf).unwrap();
+        assert_eq!(
+            (h.width, h.height, h.decoded_bytes),
+            (30_000, 2, 30_000 * 2 * 8)
+        );
+        assert_eq!(
+            decode_rgb_bytes("wide", &buf).unwrap().dimensions(),
+            (30_000, 2)
+        );
     }
 
     #[test]

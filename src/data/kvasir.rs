@@ -151,9 +151,10 @@ pub struct KvasirDataset {
     pub skipped_ids: BTreeSet<String>,
 }
 
-/// Image files of `dir` by stem; problems for duplicates, bad names and an unreadable dir.
-fn list_by_stem(dir: &Path, problems: &mut Problems) -> BTreeMap<String, PathBuf> {
-    match imgio::images_by_stem(dir) {
+/// Files of `dir` with one of `exts` by stem; problems for duplicates, bad names and an
+/// unreadable dir.
+fn list_by_stem(dir: &Path, exts: &[&str], problems: &mut Problems) -> BTreeMap<String, PathBuf> {
+    match imgio::files_by_stem(dir, exts) {
         Ok((found, rejected)) => {
             for (p, why) in rejected {
                 problems.push(format!("{}: {why}", p.display()));
@@ -164,6 +165,120 @@ fn list_by_stem(dir: &Path, problems: &mut Problems) -> BTreeMap<String, PathBuf
             problems.push(format!("{}: cannot read folder: {e}", dir.display()));
             BTreeMap::new()
         }
+    }
+}
+
+/// An image folder and a mask folder whose files pair by stem, and what the files are called.
+#[derive(Debug, Clone)]
+pub(crate) struct PairDirs<'a> {
+    pub images: PathBuf,
+    pub masks: PathBuf,
+    /// Extensions listed (others are ignored).
+    pub exts: &'a [&'a str],
+    /// Extension named in the "expected <dir>/<id>.<ext>" hint of an unpaired file.
+    pub hint_ext: &'a str,
+}
+
+/// What [`open_pairs`] found.
+#[derive(Debug, Default)]
+pub(crate) struct OpenedPairs {
+    /// Pairs sorted by id, sizes from the headers (boxes empty).
+    pub entries: Vec<KvasirEntry>,
+    /// With [`OpenOptions::skip_bad`]: one line per pair left out.
+    pub skipped: Vec<String>,
+    pub skipped_ids: BTreeSet<String>,
+}
+
+/// Pair `dirs.images` and `dirs.masks` by stem and check each pair's sizes (headers, or full
+/// decoding with [`OpenOptions::verify_decode`]), Kvasir-SEG's rules: an empty folder, an
+/// unpaired file, a file that cannot be keyed or read, or a mask whose size differs from its
+/// image is a problem naming the file. Bad pairs are pushed to `problems` (fatal), or left out
+/// and listed with [`OpenOptions::skip_bad`] (then only "nothing left" is fatal).
+pub(crate) fn open_pairs(
+    dirs: &PairDirs,
+    opts: &OpenOptions,
+    problems: &mut Problems,
+) -> OpenedPairs {
+    let (img_dir, mask_dir) = (&dirs.images, &dirs.masks);
+    // Problems of single pairs: fatal, or (skip_bad) the pair is left out and listed.
+    let mut pair_problems = Problems::new();
+    let mut skipped_ids = BTreeSet::new();
+    let images = list_by_stem(img_dir, dirs.exts, &mut pair_problems);
+    let masks = list_by_stem(mask_dir, dirs.exts, &mut pair_problems);
+    let kinds = format!(".{}", dirs.exts.join("/."));
+    if images.is_empty() {
+        problems.push(format!("{}: no images ({kinds}) found", img_dir.display()));
+    }
+    if masks.is_empty() {
+        problems.push(format!("{}: no masks ({kinds}) found", mask_dir.display()));
+    }
+    let ext = dirs.hint_ext;
+    for (id, p) in &images {
+        if !masks.contains_key(id) {
+            skipped_ids.insert(id.clone());
+            pair_problems.push(format!(
+                "{}: image has no mask (expected {}/{id}.{ext})",
+                p.display(),
+                mask_dir.display()
+            ));
+        }
+    }
+    for (id, p) in &masks {
+        if !images.contains_key(id) {
+            skipped_ids.insert(id.clone());
+            pair_problems.push(format!(
+                "{}: mask has no image (expected {}/{id}.{ext})",
+                p.display(),
+                img_dir.display()
+            ));
+        }
+    }
+    let pairs: Vec<(String, PathBuf, PathBuf)> = images
+        .iter()
+        .filter_map(|(id, ip)| masks.get(id).map(|mp| (id.clone(), ip.clone(), mp.clone())))
+        .collect();
+    let checked: Vec<std::result::Result<(usize, usize), Vec<String>>> = pairs
+        .par_iter()
+        .map(|(_, ip, mp)| check_pair(ip, mp, opts.verify_decode))
+        .collect();
+    let mut entries = Vec::with_capacity(pairs.len());
+    for ((id, ip, mp), c) in pairs.into_iter().zip(checked) {
+        match c {
+            Ok(size) => entries.push(KvasirEntry {
+                id,
+                image_path: ip,
+                mask_path: mp,
+                size,
+                boxes: Vec::new(),
+            }),
+            Err(lines) => {
+                skipped_ids.insert(id);
+                lines.into_iter().for_each(|l| pair_problems.push(l));
+            }
+        }
+    }
+    let skipped = if opts.skip_bad {
+        let lines = pair_problems.lines().to_vec();
+        if entries.is_empty() && !lines.is_empty() {
+            problems.push(format!(
+                "{} + {}: every pair has a problem ({} line(s)); nothing left to use",
+                img_dir.display(),
+                mask_dir.display(),
+                lines.len()
+            ));
+        }
+        lines
+    } else {
+        pair_problems
+            .lines()
+            .iter()
+            .for_each(|l| problems.push(l.clone()));
+        Vec::new()
+    };
+    OpenedPairs {
+        entries,
+        skipped,
+        skipped_ids,
     }
 }
 
@@ -187,51 +302,17 @@ impl KvasirDataset {
         }
         problems.into_result(&format!("Kvasir-SEG at {}", root.display()))?;
         let mut problems = Problems::new();
-        // Problems of single pairs: fatal, or (skip_bad) the pair is left out and listed.
-        let mut pair_problems = Problems::new();
-        let mut skipped_ids = BTreeSet::new();
-        let images = list_by_stem(&img_dir, &mut pair_problems);
-        let masks = list_by_stem(&mask_dir, &mut pair_problems);
-        if images.is_empty() {
-            problems.push(format!(
-                "{}: no images (.jpg/.jpeg/.png) found",
-                img_dir.display()
-            ));
-        }
-        if masks.is_empty() {
-            problems.push(format!(
-                "{}: no masks (.jpg/.jpeg/.png) found",
-                mask_dir.display()
-            ));
-        }
-        for (id, p) in &images {
-            if !masks.contains_key(id) {
-                skipped_ids.insert(id.clone());
-                pair_problems.push(format!(
-                    "{}: image has no mask (expected {}/{id}.jpg)",
-                    p.display(),
-                    mask_dir.display()
-                ));
-            }
-        }
-        for (id, p) in &masks {
-            if !images.contains_key(id) {
-                skipped_ids.insert(id.clone());
-                pair_problems.push(format!(
-                    "{}: mask has no image (expected {}/{id}.jpg)",
-                    p.display(),
-                    img_dir.display()
-                ));
-            }
-        }
-        let pairs: Vec<(String, PathBuf, PathBuf)> = images
-            .iter()
-            .filter_map(|(id, ip)| masks.get(id).map(|mp| (id.clone(), ip.clone(), mp.clone())))
-            .collect();
-        let checked: Vec<std::result::Result<(usize, usize), Vec<String>>> = pairs
-            .par_iter()
-            .map(|(_, ip, mp)| check_pair(ip, mp, opts.verify_decode))
-            .collect();
+        let dirs = PairDirs {
+            images: img_dir,
+            masks: mask_dir,
+            exts: &imgio::IMAGE_EXTENSIONS,
+            hint_ext: "jpg",
+        };
+        let OpenedPairs {
+            mut entries,
+            skipped,
+            mut skipped_ids,
+        } = open_pairs(&dirs, opts, &mut problems);
         let bbox_path = root.join(BBOX_FILE);
         let bboxes: HashMap<String, BBoxEntry> = if bbox_path.is_file() {
             match crate::util::fs::read_json(&bbox_path) {
@@ -244,41 +325,12 @@ impl KvasirDataset {
         } else {
             HashMap::new()
         };
-        let mut entries = Vec::with_capacity(pairs.len());
-        for ((id, ip, mp), c) in pairs.into_iter().zip(checked) {
-            match c {
-                Ok(size) => {
-                    let boxes = bboxes.get(&id).map(|b| b.bbox.clone()).unwrap_or_default();
-                    entries.push(KvasirEntry {
-                        id,
-                        image_path: ip,
-                        mask_path: mp,
-                        size,
-                        boxes,
-                    });
-                }
-                Err(lines) => {
-                    skipped_ids.insert(id);
-                    lines.into_iter().for_each(|l| pair_problems.push(l));
-                }
-            }
+        for e in &mut entries {
+            e.boxes = bboxes
+                .get(&e.id)
+                .map(|b| b.bbox.clone())
+                .unwrap_or_default();
         }
-        let skipped = if opts.skip_bad {
-            let lines = pair_problems.lines().to_vec();
-            if entries.is_empty() && !lines.is_empty() {
-                problems.push(format!(
-                    "every pair has a problem ({} line(s)); nothing left to use",
-                    lines.len()
-                ));
-            }
-            lines
-        } else {
-            pair_problems
-                .lines()
-                .iter()
-                .for_each(|l| problems.push(l.clone()));
-            Vec::new()
-        };
         let mut root_split = match Split::from_root(root) {
             Ok(s) => s,
             Err(e) => {

@@ -166,10 +166,51 @@ fn draw_size(rng: &mut Rng, max_side: usize) -> (usize, usize) {
     }
 }
 
+/// Appearance knobs of [`render_styled`], so that synthetic test sets can differ the way
+/// PraNet's five sets do (size, polyp size, visibility, focus). [`Style::default`] is the
+/// Kvasir-like look [`render`] draws, bit for bit.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Style {
+    /// Every image `round(max_side · aspect) × max_side` (h × w); `None`: sizes drawn like
+    /// Kvasir-SEG's.
+    pub aspect: Option<f32>,
+    /// Multiplies every polyp radius.
+    pub polyp_scale: f32,
+    /// Multiplies how far a polyp's colour departs from the mucosa (lower: harder to see).
+    pub contrast: f32,
+    /// Box-blur passes added to the two every image gets (defocus, motion).
+    pub extra_blur: usize,
+}
+
+impl Default for Style {
+    fn default() -> Self {
+        Style {
+            aspect: None,
+            polyp_scale: 1.0,
+            contrast: 1.0,
+            extra_blur: 0,
+        }
+    }
+}
+
 /// Render image `index` of the set with `seed`.
 pub fn render(seed: u64, index: usize, max_side: usize) -> SynthImage {
+    render_styled(seed, index, max_side, &Style::default())
+}
+
+/// [`render`] with the look set by `style`.
+pub fn render_styled(seed: u64, index: usize, max_side: usize, style: &Style) -> SynthImage {
     let mut rng = Rng::derive(seed, &format!("synth-kvasir/{index}"));
-    let (h, w) = draw_size(&mut rng, max_side);
+    let (h, w) = match style.aspect {
+        None => draw_size(&mut rng, max_side),
+        Some(a) => {
+            let w = max_side.max(MIN_SIDE);
+            (
+                ((w as f32 * a).round() as usize).clamp(MIN_SIDE, MAX_SIDE_LIMIT),
+                w,
+            )
+        }
+    };
     let m = h.min(w) as f32;
     let tex = Noise::new(&mut rng, 64);
     let folds = Noise::new(&mut rng, 64);
@@ -304,7 +345,8 @@ pub fn render(seed: u64, index: usize, max_side: usize) -> SynthImage {
             rng.uniform(0.25, 0.4)
         } else {
             rng.uniform(0.05, 0.25)
-        } * m;
+        } * m
+            * style.polyp_scale;
         let mut placed = None;
         for _ in 0..20 {
             let (cx, cy) = (
@@ -343,7 +385,7 @@ pub fn render(seed: u64, index: usize, max_side: usize) -> SynthImage {
             } else {
                 [1.0, rng.uniform(0.36, 0.45), rng.uniform(0.3, 0.38)]
             },
-            tint_mix: rng.uniform(0.25, 0.55),
+            tint_mix: rng.uniform(0.25, 0.55) * style.contrast,
             bump: rng.uniform(0.06, 0.16),
             light: (la.cos(), la.sin()),
         });
@@ -453,7 +495,7 @@ pub fn render(seed: u64, index: usize, max_side: usize) -> SynthImage {
 
     // 6. Blur (two box passes ≈ Gaussian), noise, black corners, quantise.
     let radius = 1 + usize::from(rng.bernoulli(0.4));
-    for _ in 0..2 {
+    for _ in 0..2 + style.extra_blur {
         box_blur_rgb(&mut rgb, h, w, radius);
     }
     let mut img = RgbImage::new(w as u32, h as u32);

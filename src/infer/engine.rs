@@ -3,7 +3,8 @@
 //! ([`CandleEngine`], for comparison). Both take RGB in [0, 1] `[N, 3, S, S]` and return
 //! logits `[N, 1, S', S']` (S' = S for gps-seg's prompt-free export).
 
-use super::runtime::{self, OrtModel};
+use super::model::OrtModel;
+use super::runtime;
 use crate::data::prompts::ObjectPrompt;
 use crate::error::{Error, Result};
 use crate::nn::RolePolicy;
@@ -333,7 +334,7 @@ impl Engine for CandleEngine {
         let x = Tensor::from_slice(images, (n, 3, s, s), &self.device)?;
         // One image chunk per thread on the CPU (`nn::split_forward`).
         let y = crate::nn::split_forward(&x, |x| self.sam.predict_prompt_free(x))?;
-        let arr = runtime::tensor_to_array(&y)?;
+        let arr = super::model::tensor_to_array(&y)?;
         array_to_logits(arr, n, Path::new("candle SAM"))
     }
 }

@@ -1,4 +1,4 @@
-//! Batch inference: ONNX Runtime provisioning and sessions ([`runtime`]), the images of a job
+//! Batch inference: ONNX Runtime provisioning ([`runtime`]) and sessions ([`model`]), the images of a job
 //! checked up front ([`input`]), engines (ONNX Runtime on an exported graph, or the Candle SAM,
 //! [`engine`]), the identity of a sharded job ([`identity`]), one image's pre- and post-processing shared with the server ([`mask`]), the batched pre-process → run → post-process job with its reports ([`job`]),
 //! merged shard reports ([`report`]), training-run folders ([`run`]) and many task files served on
@@ -13,6 +13,7 @@ pub mod identity;
 pub mod input;
 pub mod job;
 pub mod mask;
+pub mod model;
 pub mod prompted;
 pub mod report;
 pub mod run;
@@ -22,5 +23,6 @@ pub mod shared;
 pub use engine::{CandleEngine, Engine, Logits, OrtEngine};
 pub use input::{BadInput, InputItem, Inputs};
 pub use job::{infer, InferOptions, InferReport, JobPrompts};
+pub use model::OrtModel;
 pub use prompted::PromptedOrtEngine;
 pub use run::RunFolder;

@@ -12,7 +12,8 @@
 //! An image without prompts gets [`NO_OBJECT_LOGIT`] everywhere (probability 0).
 
 use super::engine::{Engine, Logits};
-use super::runtime::{self, OrtModel};
+use super::model::OrtModel;
+use super::runtime;
 use crate::data::prompts::ObjectPrompt;
 use crate::error::{Error, Result};
 use crate::progress::{Event, Observer};

@@ -1,13 +1,13 @@
 //! ONNX Runtime provisioning and sessions.
 //!
 //! `libonnxruntime.so` (1.31.x, from PyPI's `onnxruntime` wheel) is located in a fixed,
-//! reported order — see [`search_order`] — and loaded with `ort::init_from` on an explicit,
+//! reported order — see [`search_order`]; a wheel-installed `gps-seg` finds the `onnxruntime`
+//! wheel installed beside it in the same Python environment ([`wheel_candidates`]) — and loaded with `ort::init_from` on an explicit,
 //! existing path, so `ort` never falls back to its own (panicking) search. One ONNX Runtime
 //! environment exists per process ([`environment`], a `static OnceLock`). [`fetch`] downloads
 //! the pinned wheel with pip, checks its SHA-256 and extracts the library into the cache.
 
 use crate::error::{Error, Result};
-use ndarray::ArrayD;
 use ort::session::Session;
 use sha2::{Digest, Sha256};
 use std::io::Read;
@@ -51,8 +51,58 @@ pub fn cache_lib_dir() -> Option<PathBuf> {
     cache_dir().map(|c| c.join(format!("onnxruntime-{ORT_VERSION}")))
 }
 
-/// The search order, first match wins: explicit path (`--ort-lib`), `ORT_DYLIB_PATH`, beside
-/// the executable, the project cache, the repository's `.ort/` folder.
+/// Source name of the [`wheel_candidates`] in [`search_order`].
+pub const SOURCE_WHEEL: &str = "installed onnxruntime wheel";
+
+/// Where the pinned `onnxruntime` wheel puts the library in the environment of a wheel-installed
+/// `exe`: `<prefix>/{lib,lib64}/python3.*/{site,dist}-packages/` + [`WHEEL_MEMBER`]
+/// (`onnxruntime/capi/libonnxruntime.so.1.31.1`), for each of
+/// [`crate::util::install::env_prefixes`]. Only the exact versioned name
+/// counts (another onnxruntime version is never taken). Returns the existing files (each file
+/// once, prefixes and Python versions in order), or —
+/// when there is none — the venv pattern itself (not a file), so the search order shows it.
+pub fn wheel_candidates(exe: &Path) -> Vec<PathBuf> {
+    let member = Path::new(WHEEL_MEMBER);
+    let mut found = Vec::new();
+    // The same file reached twice (a venv's `lib64` is a link to `lib`) is listed once.
+    let mut seen = Vec::new();
+    let prefixes = crate::util::install::env_prefixes(exe);
+    for prefix in &prefixes {
+        for lib in ["lib", "lib64"] {
+            let Ok(entries) = std::fs::read_dir(prefix.join(lib)) else {
+                continue;
+            };
+            let mut pythons: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with("python3."))
+                .map(|e| e.path())
+                .collect();
+            pythons.sort();
+            for py in pythons {
+                for packages in ["site-packages", "dist-packages"] {
+                    let p = py.join(packages).join(member);
+                    let Ok(real) = std::fs::canonicalize(&p) else {
+                        continue;
+                    };
+                    if p.is_file() && !seen.contains(&real) {
+                        seen.push(real);
+                        found.push(p);
+                    }
+                }
+            }
+        }
+    }
+    if found.is_empty() {
+        if let Some(prefix) = prefixes.first() {
+            found.push(prefix.join("lib/python3.*/site-packages").join(member));
+        }
+    }
+    found
+}
+
+/// The search order, first match wins: explicit path (`--ort-lib`), `ORT_DYLIB_PATH`, the
+/// `onnxruntime` wheel installed in the executable's Python environment ([`wheel_candidates`]),
+/// beside the executable, the project cache, the repository's `.ort/` folder.
 pub fn search_order(explicit: Option<&Path>) -> Vec<Candidate> {
     let mut out = Vec::new();
     let mut push = |source: &str, path: PathBuf| {
@@ -70,11 +120,12 @@ pub fn search_order(explicit: Option<&Path>) -> Vec<Candidate> {
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|v| !v.is_empty()) {
         push("ORT_DYLIB_PATH", PathBuf::from(p));
     }
-    if let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf))
-    {
-        for p in in_dir(&dir) {
+    let exe = std::env::current_exe().ok();
+    for p in exe.iter().flat_map(|e| wheel_candidates(e)) {
+        push(SOURCE_WHEEL, p);
+    }
+    if let Some(dir) = exe.as_deref().and_then(Path::parent) {
+        for p in in_dir(dir) {
             push("beside the executable", p);
         }
     }
@@ -369,214 +420,6 @@ pub(crate) fn io_infos(outlets: &[ort::value::Outlet]) -> Vec<IoInfo> {
         .collect()
 }
 
-/// What runs an [`OrtModel`]: its own session, or a task on a shared base's session.
-enum Backing {
-    Own(Mutex<Session>),
-    Shared {
-        base: std::sync::Arc<super::shared::SharedBase>,
-        task: std::sync::Arc<super::shared::SharedTask>,
-    },
-}
-
-/// An ONNX Runtime session on one model file (or, for a task file served on a shared base, that
-/// base's session with the task's weights: [`OrtModel::load_shared`]).
-pub struct OrtModel {
-    backing: Backing,
-    path: PathBuf,
-    pub inputs: Vec<IoInfo>,
-    pub outputs: Vec<IoInfo>,
-    /// The model's custom metadata (`metadata_props`), e.g. `gps_seg.input`.
-    pub metadata: std::collections::BTreeMap<String, String>,
-}
-
-impl std::fmt::Debug for OrtModel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OrtModel")
-            .field("path", &self.path)
-            .field("inputs", &self.inputs)
-            .field("outputs", &self.outputs)
-            .field("metadata", &self.metadata)
-            .finish()
-    }
-}
-
-impl OrtModel {
-    /// Load `path` with `threads` intra-op threads (0 = ONNX Runtime's default), using the
-    /// process environment (library found by [`locate`]`(None)` on first use).
-    pub fn load(path: &Path, threads: usize) -> Result<OrtModel> {
-        Self::load_with(path, threads, None)
-    }
-
-    /// As [`OrtModel::load`], with an explicit library path for the first environment.
-    pub fn load_with(path: &Path, threads: usize, ort_lib: Option<&Path>) -> Result<OrtModel> {
-        if !path.is_file() {
-            return Err(Error::io(
-                path,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file"),
-            ));
-        }
-        // The files it points into (its external data; a task file's base) are checked first.
-        crate::onnx::integrity::verify_model_file(path)?;
-        let (env, _) = environment(ort_lib)?;
-        let err = |e: String| Error::Onnx(format!("{}: {e}", path.display()));
-        let mut b = Session::builder(env).map_err(|e| err(e.to_string()))?;
-        if threads > 0 {
-            b = b
-                .with_intra_threads(threads)
-                .map_err(|e| err(e.to_string()))?;
-        }
-        let session = b.commit_from_file(path).map_err(|e| err(e.to_string()))?;
-        let inputs = io_infos(session.inputs());
-        let outputs = io_infos(session.outputs());
-        let mut metadata = std::collections::BTreeMap::new();
-        if let Ok(meta) = session.metadata() {
-            for k in meta.custom_keys().unwrap_or_default() {
-                if let Some(v) = meta.custom(&k) {
-                    metadata.insert(k, v);
-                }
-            }
-        }
-        Ok(OrtModel {
-            backing: Backing::Own(Mutex::new(session)),
-            path: path.to_path_buf(),
-            inputs,
-            outputs,
-            metadata,
-        })
-    }
-
-    /// A task file (`export --base-onnx`) served on its base held once per process
-    /// ([`super::shared`]): the base is loaded on first use (`threads` intra-op threads for its
-    /// session), the task's pair with it checked, and only the task's own tensors held here.
-    pub fn load_shared(path: &Path, threads: usize, ort_lib: Option<&Path>) -> Result<OrtModel> {
-        let meta = crate::onnx::integrity::read_metadata(path)?;
-        if meta.get(crate::onnx::delta::META_ROLE).map(String::as_str) != Some("task") {
-            return Err(Error::Onnx(format!(
-                "{}: not a task file (only `export --base-onnx` task files share a base)",
-                path.display()
-            )));
-        }
-        let base_path = crate::onnx::integrity::verify_task_base_path(path, &meta)?;
-        let base = super::shared::SharedBase::get_or_load(&base_path, threads, ort_lib)?;
-        let task = std::sync::Arc::new(base.load_task(path)?);
-        Ok(OrtModel {
-            path: path.to_path_buf(),
-            inputs: base.inputs.clone(),
-            outputs: base.outputs.clone(),
-            metadata: task.metadata.clone(),
-            backing: Backing::Shared { base, task },
-        })
-    }
-
-    /// For a task on a shared base: its base and its own tensors.
-    pub fn shared(
-        &self,
-    ) -> Option<(
-        &std::sync::Arc<super::shared::SharedBase>,
-        &std::sync::Arc<super::shared::SharedTask>,
-    )> {
-        match &self.backing {
-            Backing::Shared { base, task } => Some((base, task)),
-            Backing::Own(_) => None,
-        }
-    }
-
-    /// The model file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Check the inputs: `(name, rank, Some(channels at axis 1))`. Error shows expected vs found.
-    pub fn expect_signature(&self, expected: &[(&str, usize, Option<i64>)]) -> Result<()> {
-        let ok = expected.len() == self.inputs.len()
-            && expected.iter().zip(&self.inputs).all(|((n, r, c), i)| {
-                *n == i.name && *r == i.shape.len() && c.is_none_or(|c| i.shape.get(1) == Some(&c))
-            });
-        if ok {
-            return Ok(());
-        }
-        let exp: Vec<String> = expected
-            .iter()
-            .map(|(n, r, c)| match c {
-                Some(c) => format!("{n} rank {r} with {c} channels"),
-                None => format!("{n} rank {r}"),
-            })
-            .collect();
-        let found: Vec<String> = self.inputs.iter().map(|i| i.to_string()).collect();
-        Err(Error::Onnx(format!(
-            "{}: unexpected inputs: expected [{}], found [{}]",
-            self.path.display(),
-            exp.join("; "),
-            found.join("; ")
-        )))
-    }
-
-    /// Run with named f32 inputs; returns every output in order as `(name, array)`.
-    pub fn run(&self, inputs: &[(&str, &ArrayD<f32>)]) -> Result<Vec<(String, ArrayD<f32>)>> {
-        let err = |e: String| Error::Onnx(format!("{}: {e}", self.path.display()));
-        let session = match &self.backing {
-            Backing::Shared { base, task } => return base.run(task, inputs),
-            Backing::Own(s) => s,
-        };
-        let mut values: Vec<(String, ort::session::SessionInputValue<'_>)> = Vec::new();
-        for (name, arr) in inputs {
-            if !self.inputs.iter().any(|i| i.name == *name) {
-                return Err(err(format!(
-                    "no input named `{name}` (inputs: {})",
-                    self.inputs
-                        .iter()
-                        .map(|i| i.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
-            let t = ort::value::TensorRef::from_array_view(arr.view())
-                .map_err(|e| err(format!("input `{name}`: {e}")))?;
-            values.push((name.to_string(), t.into()));
-        }
-        let mut session = session
-            .lock()
-            .map_err(|_| err("session lock poisoned".into()))?;
-        let outputs = session.run(values).map_err(|e| err(e.to_string()))?;
-        let mut out = Vec::new();
-        for o in &self.outputs {
-            let v = outputs[o.name.as_str()]
-                .try_extract_array::<f32>()
-                .map_err(|e| err(format!("output `{}`: {e}", o.name)))?;
-            out.push((o.name.clone(), v.to_owned()));
-        }
-        Ok(out)
-    }
-
-    /// Run a single-input model; returns the first output.
-    pub fn run_f32(&self, input: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-        let name =
-            self.inputs.first().map(|i| i.name.clone()).ok_or_else(|| {
-                Error::Onnx(format!("{}: model has no inputs", self.path.display()))
-            })?;
-        self.run(&[(&name, input)])?
-            .into_iter()
-            .next()
-            .map(|(_, a)| a)
-            .ok_or_else(|| Error::Onnx(format!("{}: model has no outputs", self.path.display())))
-    }
-
-    /// [`OrtModel::run_f32`] on a Candle tensor.
-    pub fn run_tensor(&self, input: &candle_core::Tensor) -> Result<ArrayD<f32>> {
-        self.run_f32(&tensor_to_array(input)?)
-    }
-}
-
-/// Candle tensor → ndarray (f32).
-pub fn tensor_to_array(t: &candle_core::Tensor) -> Result<ArrayD<f32>> {
-    let dims = t.dims().to_vec();
-    let v = t
-        .to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    ArrayD::from_shape_vec(dims, v).map_err(|e| Error::msg(format!("tensor to array: {e}")))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -587,6 +430,8 @@ mod tests {
         let sources: Vec<&str> = order.iter().map(|c| c.source.as_str()).collect();
         assert_eq!(sources[0], "--ort-lib");
         let pos = |s: &str| sources.iter().position(|x| *x == s);
+        assert!(pos(SOURCE_WHEEL).is_some());
+        assert!(pos(SOURCE_WHEEL) < pos("beside the executable"));
         assert!(pos("beside the executable") < pos("project cache"));
         assert!(pos("project cache") < pos("repository .ort/"));
         let e = locate(Some(Path::new("/nonexistent/libonnxruntime.so")))
@@ -595,6 +440,48 @@ mod tests {
         assert!(e.contains("/nonexistent/libonnxruntime.so"), "{e}");
         let msg = not_found(&order).to_string();
         assert!(msg.contains("gps-seg runtime fetch") && msg.contains("repository .ort/"));
+    }
+
+    /// Write an empty file at `p`, creating its folders.
+    fn touch(p: &Path) {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, b"").unwrap();
+    }
+
+    #[test]
+    fn wheel_candidates_find_the_library_in_the_executables_environment() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        let member = Path::new(WHEEL_MEMBER);
+        // A venv (also `sys.prefix`, conda, `pip install --user` into ~/.local).
+        let venv = root.join("venv");
+        let exe = venv.join("bin/gps-seg");
+        touch(&exe);
+        let pattern = venv.join("lib/python3.*/site-packages").join(member);
+        assert_eq!(wheel_candidates(&exe), vec![pattern.clone()]);
+        assert!(!pattern.is_file());
+        // Another onnxruntime version in the same environment is never taken.
+        touch(&venv.join("lib/python3.12/site-packages/onnxruntime/capi/libonnxruntime.so.1.22.0"));
+        assert_eq!(wheel_candidates(&exe), vec![pattern]);
+        let lib = venv.join("lib/python3.12/site-packages").join(member);
+        touch(&lib);
+        assert_eq!(wheel_candidates(&exe), vec![lib.clone()]);
+        // Debian's system pip (dist-packages) and lib64 platlib layouts.
+        let sys = root.join("usr-local");
+        let deb = sys.join("lib/python3.11/dist-packages").join(member);
+        let l64 = sys.join("lib64/python3.13t/site-packages").join(member);
+        touch(&deb);
+        touch(&l64);
+        assert_eq!(wheel_candidates(&sys.join("bin/gps-seg")), vec![deb, l64]);
+        // A venv's `lib64` links to `lib`: the library is listed once.
+        std::os::unix::fs::symlink("lib", venv.join("lib64")).unwrap();
+        assert_eq!(wheel_candidates(&exe), vec![lib.clone()]);
+        // `uv tool` / pipx: ~/.local/bin/gps-seg links into the tool's own venv.
+        let home_bin = root.join("home/.local/bin");
+        std::fs::create_dir_all(&home_bin).unwrap();
+        let link = home_bin.join("gps-seg");
+        std::os::unix::fs::symlink(&exe, &link).unwrap();
+        assert_eq!(wheel_candidates(&link), vec![lib]);
     }
 
     #[test]

@@ -893,7 +893,7 @@ fn refuse_replacing_base(path: &Path) -> Result<()> {
     }
     let role = super::integrity::read_metadata(path)
         .ok()
-        .and_then(|m| m.get(super::delta::META_ROLE).cloned());
+        .and_then(|m| m.get(super::integrity::META_ROLE).cloned());
     if role.as_deref() == Some("base") {
         return Err(Error::Onnx(format!(
             "refusing to replace {}: it is a shared base of task files (`export --base-onnx`), \

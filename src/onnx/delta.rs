@@ -29,14 +29,7 @@ use crate::util::tensors::TensorMap;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-/// `metadata_props` key: `base` or `task`.
-pub const META_ROLE: &str = "gps_seg.delta_role";
-/// `metadata_props` key: the base checkpoint's content hash.
-pub const META_BASE_HASH: &str = "gps_seg.base_content_hash";
-/// `metadata_props` key of a task file: the base file it points into.
-pub const META_BASE_FILE: &str = "gps_seg.base_file";
-/// `metadata_props` key written by every SAM / classifier export: the graph kind.
-pub const META_GRAPH: &str = "gps_seg.graph";
+pub use super::integrity::{META_BASE_FILE, META_BASE_HASH, META_GRAPH, META_ROLE};
 
 /// Suffixes of the names a task file adds (after the tensor's checkpoint name).
 pub(crate) const SFX_BASE: &str = "::gps_base";

@@ -16,7 +16,6 @@
 //! The metadata is read without decoding the graph ([`read_metadata`]: the top-level protobuf
 //! fields are walked and the graph's bytes skipped), so the check costs the hashing alone.
 
-use super::delta::{META_BASE_FILE, META_BASE_HASH, META_ROLE};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -24,6 +23,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+
+/// `metadata_props` key: `base` or `task`.
+pub const META_ROLE: &str = "gps_seg.delta_role";
+/// `metadata_props` key: the base checkpoint's content hash.
+pub const META_BASE_HASH: &str = "gps_seg.base_content_hash";
+/// `metadata_props` key of a task file: the base file it points into.
+pub const META_BASE_FILE: &str = "gps_seg.base_file";
+/// `metadata_props` key written by every SAM / classifier export: the graph kind.
+pub const META_GRAPH: &str = "gps_seg.graph";
 
 /// `metadata_props` key: the external-data record (JSON [`ExternalRecord`]).
 pub const META_EXTERNAL: &str = "gps_seg.external_data";

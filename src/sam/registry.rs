@@ -1,7 +1,8 @@
 //! Resolving a `--model` argument to a SAM config and a base checkpoint.
 //!
-//! - A preset name whose pretrained weights ship with the project (`tiny` → `sam/sam-tiny.*`)
-//!   resolves to that checkpoint and its config.
+//! - A preset name whose pretrained weights ship with the project (`tiny` → `sam/sam-tiny.*`,
+//!   found in [`model_dirs`]: also where `pip install gps-seg` put them) resolves to that
+//!   checkpoint and its config.
 //! - A checkpoint path (`.safetensors`, or an official `.pth`) resolves to itself; its config
 //!   comes from a JSON beside it (`<stem>.json`, `config.json` or `sam_config.json` in its
 //!   folder), else is inferred from the tensor shapes.
@@ -12,13 +13,20 @@ use super::config::SamConfig;
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 
-/// Folders searched for the project's shipped models, in order: `./sam`, then the source
+/// Folders searched for the project's shipped models, in order: `./sam`, the models a wheel
+/// installed beside this executable (`<prefix>/share/gps-seg/sam`,
+/// [`crate::util::install::shipped_model_dirs`]; none for a cargo build), then the source
 /// checkout this binary was built from.
 pub fn model_dirs() -> Vec<PathBuf> {
     let mut v = vec![PathBuf::from("sam")];
+    let installed = std::env::current_exe()
+        .map(|e| crate::util::install::shipped_model_dirs(&e))
+        .unwrap_or_default();
     let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("sam");
-    if !v.contains(&built) {
-        v.push(built);
+    for d in installed.into_iter().chain([built]) {
+        if !v.contains(&d) {
+            v.push(d);
+        }
     }
     v
 }

@@ -1,9 +1,12 @@
 //! The routes (see the module docs of [`super`]) and the segmentation handler: query → task →
-//! admission (503 + `Retry-After` when the task is full) → body (size-capped) → decode with the
-//! inference checks → session → `infer::mask` pre/post-processing → PNG or JSON. Every error
-//! is a status code with a one-line plain-text message naming what was wrong.
+//! admission (503 + `Retry-After` when the task is full) → the body's bytes in the server's
+//! budget ([`super::budget`], 503 when it is taken) → body (size-capped) → image header → the
+//! image's bytes in the budget → decode with the inference checks → session → `infer::mask`
+//! pre/post-processing → PNG or JSON. Every error is a status code with a one-line plain-text
+//! message naming what was wrong.
 
-use super::metrics::{Metrics, TaskGauges, UNKNOWN_TASK};
+use super::budget::{self, Budget, Refusal, Reservation};
+use super::metrics::{Metrics, ServerGauges, TaskGauges, UNKNOWN_TASK};
 use super::pool::TaskPool;
 use super::registry::{Registry, Source};
 use super::wire;
@@ -28,6 +31,8 @@ pub struct AppState {
     /// Largest task file a `PUT /v1/tasks/NAME` may upload.
     pub max_task_bytes: usize,
     pub metrics: Metrics,
+    /// The one budget of bytes held by requests in flight (`--max-inflight-bytes`).
+    pub budget: Arc<Budget>,
     pub max_body_bytes: usize,
     pub timeout: Duration,
     pub resize: Resize,
@@ -56,6 +61,29 @@ impl AppState {
     fn task_names(&self) -> String {
         self.registry.names()
     }
+
+    pub fn server_gauges(&self) -> ServerGauges {
+        ServerGauges {
+            inflight_bytes: self.budget.used(),
+            inflight_limit: self.budget.limit(),
+            inflight_peak: self.budget.peak(),
+            budget_refused: self.budget.refused(),
+        }
+    }
+
+    /// The answer to a reservation the budget refused: 413 when it can never fit, else 503
+    /// with `Retry-After`.
+    fn refused(&self, what: &str, r: Refusal) -> ApiError {
+        match r {
+            Refusal::TooLarge { .. } => err(StatusCode::PAYLOAD_TOO_LARGE, format!("{what}: {r}")),
+            Refusal::Busy { .. } => ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                msg: format!("{what}: {r}; retry after {} s", self.retry_after_s),
+                retry_after_s: Some(self.retry_after_s),
+                aborted: false,
+            },
+        }
+    }
 }
 
 /// An error answer: status + one-line message (text/plain).
@@ -64,6 +92,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub msg: String,
     pub retry_after_s: Option<u64>,
+    /// The client stopped sending the request's body (counted in `/metrics` as aborted).
+    pub aborted: bool,
 }
 
 fn err(status: StatusCode, msg: impl Into<String>) -> ApiError {
@@ -71,6 +101,7 @@ fn err(status: StatusCode, msg: impl Into<String>) -> ApiError {
         status,
         msg: msg.into(),
         retry_after_s: None,
+        aborted: false,
     }
 }
 
@@ -121,7 +152,7 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        st.metrics.render(&st.gauges()),
+        st.metrics.render(&st.gauges(), &st.server_gauges()),
     )
         .into_response()
 }
@@ -250,12 +281,32 @@ async fn put_task_inner(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim_start().starts_with("application/json"));
-    let bytes = read_body(
-        body,
-        st.max_task_bytes,
-        declared.and_then(|n| usize::try_from(n).ok()).unwrap_or(0),
+    let mut held = st
+        .budget
+        .reserve(declared.unwrap_or(0))
+        .map_err(|r| st.refused("task file upload", r))?;
+    // Bounded in time like a segmentation request's body (the connection layer's timeouts
+    // stop while a request is in the router).
+    let bytes = tokio::time::timeout(
+        st.timeout,
+        read_body(
+            body,
+            st.max_task_bytes,
+            declared.and_then(|n| usize::try_from(n).ok()).unwrap_or(0),
+            &mut held,
+            st,
+        ),
     )
-    .await?;
+    .await
+    .map_err(|_| {
+        err(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "the task file did not arrive within {} s (--timeout-s)",
+                st.timeout.as_secs_f64()
+            ),
+        )
+    })??;
     let reg = st.registry.clone();
     let (file, replaced) =
         tokio::task::spawn_blocking(move || put_blocking(&reg, &dir, &name, bytes, json))
@@ -472,13 +523,40 @@ enum Format {
     Json,
 }
 
+/// Counts a request as aborted when its future is dropped before it answered (the connection
+/// closed under it): such a request is never lost from `/metrics`.
+struct Unanswered<'a> {
+    st: &'a AppState,
+    label: String,
+    answered: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.st.metrics.aborted(&self.label);
+        }
+    }
+}
+
 async fn segment(State(st): State<Arc<AppState>>, req: Request) -> Response {
     let t0 = Instant::now();
-    let mut label = UNKNOWN_TASK.to_string();
-    let r = segment_inner(&st, req, t0, &mut label).await;
+    let mut guard = Unanswered {
+        st: &st,
+        label: UNKNOWN_TASK.to_string(),
+        answered: false,
+    };
+    let r = segment_inner(&st, req, t0, &mut guard.label).await;
+    guard.answered = true;
+    let label = std::mem::take(&mut guard.label);
     let resp = match r {
         Ok(r) => r,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            if e.aborted {
+                st.metrics.aborted(&label);
+            }
+            e.into_response()
+        }
     };
     st.metrics
         .record(&label, resp.status().as_u16(), t0.elapsed().as_secs_f64());
@@ -619,16 +697,31 @@ async fn segment_inner(
                 st.retry_after_s
             ),
             retry_after_s: Some(st.retry_after_s),
+            aborted: false,
         });
     };
+    // The body's bytes before it is read; the image's once its header is read.
+    let mut held = st
+        .budget
+        .reserve(declared.unwrap_or(0))
+        .map_err(|r| st.refused(&format!("task `{}`", pool.name), r))?;
     let work = async {
         let bytes = read_body(
             body,
             st.max_body_bytes,
             declared.and_then(|n| usize::try_from(n).ok()).unwrap_or(0),
+            &mut held,
+            st,
         )
         .await?;
-        run_segment(st, &pool, admission, bytes, content_type, prompts, t0).await
+        let work = Work {
+            admission,
+            held,
+            bytes,
+            kind: content_type,
+            prompts,
+        };
+        run_segment(st, &pool, work, t0).await
     };
     let result = tokio::time::timeout(st.timeout, work).await.map_err(|_| {
         err(
@@ -663,17 +756,26 @@ fn too_large(n: u64, max: usize) -> ApiError {
     )
 }
 
-/// The whole body, refused with 413 as soon as it grows past `max` bytes.
-async fn read_body(mut body: Body, max: usize, hint: usize) -> Result<Vec<u8>, ApiError> {
+/// The whole body, refused with 413 as soon as it grows past `max` bytes, its buffer held in
+/// the budget as it grows (503 when the budget cannot hold more). A body the client stops
+/// sending (closed or half-closed mid-body) is a 400 marked aborted.
+async fn read_body(
+    mut body: Body,
+    max: usize,
+    hint: usize,
+    held: &mut Reservation,
+    st: &AppState,
+) -> Result<Vec<u8>, ApiError> {
     use axum::body::HttpBody;
     let mut buf = Vec::with_capacity(hint.min(max));
     while let Some(frame) =
         std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
     {
-        let frame = frame.map_err(|e| {
-            err(
+        let frame = frame.map_err(|e| ApiError {
+            aborted: true,
+            ..err(
                 StatusCode::BAD_REQUEST,
-                format!("could not read the request body: {e}"),
+                format!("could not read the request body (the client stopped sending it?): {e}"),
             )
         })?;
         if let Ok(data) = frame.into_data() {
@@ -682,6 +784,14 @@ async fn read_body(mut body: Body, max: usize, hint: usize) -> Result<Vec<u8>, A
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!("request body is over the limit of {max} bytes (--max-body-bytes)"),
                 ));
+            }
+            let need = buf.len().saturating_add(data.len());
+            if need > buf.capacity() {
+                // Doubling, at most to `max`; held in the budget before it is allocated.
+                let target = need.max(buf.capacity().saturating_mul(2)).min(max);
+                held.grow_to(target as u64)
+                    .map_err(|r| st.refused("request body", r))?;
+                buf.reserve_exact(target - buf.len());
             }
             buf.extend_from_slice(&data);
         }
@@ -739,18 +849,35 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// One job on tokio's blocking pool (one thread hand-off each way, which matters on a busy
-/// machine): decode + preprocess → wait for a session → model (the session held for this
-/// alone) → mask + PNG. A request that timed out while waiting is not run.
-async fn run_segment(
-    st: &Arc<AppState>,
-    pool: &Arc<TaskPool>,
+/// A request whose body was read: what [`run_segment`] works on and holds.
+struct Work {
+    /// Its place in the task.
     admission: super::pool::Admission,
+    /// Its bytes in the budget.
+    held: Reservation,
     bytes: Vec<u8>,
     kind: BodyKind,
     prompts: RawPrompts,
+}
+
+/// One job on tokio's blocking pool (one thread hand-off each way, which matters on a busy
+/// machine): image header → the request's bytes in the budget ([`budget::segment_bytes`]) →
+/// decode + preprocess → the task's batch (`TaskPool::segment`) → mask + PNG. A request that
+/// timed out while waiting is not run. The admission and the reservation move into the job,
+/// so they are held until its memory is freed, even when the request timed out before.
+async fn run_segment(
+    st: &Arc<AppState>,
+    pool: &Arc<TaskPool>,
+    work: Work,
     t0: Instant,
 ) -> Result<(SegmentResult, Vec<u8>), ApiError> {
+    let Work {
+        admission,
+        mut held,
+        bytes,
+        kind,
+        prompts,
+    } = work;
     if bytes.is_empty() {
         return Err(err(
             StatusCode::BAD_REQUEST,
@@ -762,6 +889,7 @@ async fn run_segment(
     let cancelled = Arc::new(AtomicBool::new(false));
     let _cancel = CancelOnDrop(cancelled.clone());
     let job_pool = pool.clone();
+    let job_st = st.clone();
     let job = move || -> Result<_, ApiError> {
         let img = match &kind {
             BodyKind::Raw => &bytes[..],
@@ -772,8 +900,26 @@ async fn run_segment(
         if img.is_empty() {
             return Err(err(StatusCode::BAD_REQUEST, "the image field is empty"));
         }
-        let rgb = imgio::decode_rgb_bytes("request body", img)
-            .map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
+        let bad = |e: crate::error::Error| err(StatusCode::BAD_REQUEST, e.to_string());
+        let header = imgio::header_of_bytes("request body", img).map_err(bad)?;
+        let need = budget::segment_bytes(
+            bytes.len() as u64,
+            header.width,
+            header.height,
+            header.decoded_bytes,
+            s,
+        );
+        held.grow_to(need).map_err(|r| {
+            job_st.refused(
+                &format!(
+                    "task `{}`, a {}×{} image",
+                    job_pool.name, header.width, header.height
+                ),
+                r,
+            )
+        })?;
+        let rgb = imgio::decode_rgb_bytes("request body", img).map_err(bad)?;
+        drop(bytes);
         let size = (rgb.height() as usize, rgb.width() as usize);
         let frame = prompts
             .to_frame(size, s, resize)

@@ -1,6 +1,6 @@
 //! A minimal blocking HTTP/1.1 client over `std::net::TcpStream`, enough for the load
-//! benchmark and the tests: one keep-alive connection, `Content-Length` or chunked responses,
-//! header and body sizes bounded.
+//! benchmark and the tests: one keep-alive connection (opened again after a response with
+//! `Connection: close`), `Content-Length` or chunked responses, header and body sizes bounded.
 
 use crate::error::{Error, Result};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -39,7 +39,10 @@ impl Response {
 /// One connection to a server.
 pub struct Client {
     addr: SocketAddr,
+    timeout: Duration,
     reader: BufReader<TcpStream>,
+    /// The server said `Connection: close`: the next request opens a new connection.
+    closed: bool,
 }
 
 fn io(addr: SocketAddr, what: &str, e: std::io::Error) -> Error {
@@ -48,15 +51,21 @@ fn io(addr: SocketAddr, what: &str, e: std::io::Error) -> Error {
 
 impl Client {
     pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<Client> {
+        Ok(Client {
+            addr,
+            timeout,
+            reader: BufReader::new(Self::open(addr, timeout)?),
+            closed: false,
+        })
+    }
+
+    fn open(addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
         let s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| io(addr, "connect", e))?;
         s.set_read_timeout(Some(timeout))
             .and_then(|_| s.set_write_timeout(Some(timeout)))
             .and_then(|_| s.set_nodelay(true))
             .map_err(|e| io(addr, "socket options", e))?;
-        Ok(Client {
-            addr,
-            reader: BufReader::new(s),
-        })
+        Ok(s)
     }
 
     /// Send one request and read its response (the connection stays open).
@@ -68,6 +77,10 @@ impl Client {
         body: &[u8],
     ) -> Result<Response> {
         let addr = self.addr;
+        if self.closed {
+            self.reader = BufReader::new(Self::open(addr, self.timeout)?);
+            self.closed = false;
+        }
         let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
         for (k, v) in headers {
             head.push_str(&format!("{k}: {v}\r\n"));
@@ -132,6 +145,9 @@ impl Client {
             headers,
             body: Vec::new(),
         };
+        self.closed = r
+            .header("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"));
         let chunked = r
             .header("transfer-encoding")
             .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));

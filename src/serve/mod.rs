@@ -18,17 +18,25 @@
 //!   sample on load).
 //!
 //! Limits: a request is admitted to its task only while fewer than `sessions + queue` are
-//! ([`pool`]), else 503 with `Retry-After`; bodies over `max_body_bytes` are refused (413, from
-//! `Content-Length` before reading or as soon as the body grows past it); images go through
-//! the inference checks ([`crate::data::imgio::decode_rgb_bytes`]: pixel cap from the header
-//! before decoding, truncated and zeroed JPEGs); every request has `timeout` (504) from its
-//! arrival to its answer. Decoding and the model run on tokio's blocking pool; a session is
-//! held only while the model runs. Bad input gets a 4xx with a one-line message; a panic in a
-//! request's work becomes a 500 for that request alone. On SIGTERM/SIGINT (or
-//! [`Server::shutdown`]) the listener closes and in-flight requests finish.
+//! ([`pool`]), and to the server only while its bytes fit the one budget of requests in
+//! flight (`max_inflight_bytes`, [`budget`]: its body before reading it, then what decoding
+//! and running its image needs, estimated from the image header), else 503 with
+//! `Retry-After`; bodies over `max_body_bytes` are refused (413, from `Content-Length` before
+//! reading or as soon as the body grows past it); images go through the inference checks
+//! ([`crate::data::imgio::decode_rgb_bytes`]: pixel cap from the header before decoding,
+//! truncated and zeroed JPEGs, ancillary data bounded); every request has `timeout` (504) from
+//! its arrival to its answer. Connections ([`conn`]): headers within `header_timeout`,
+//! keep-alive connections closed after `idle_timeout`, an answer sent before the body was read
+//! closes the connection cleanly (`Connection: close`, the rest drained), a half-closed request
+//! is answered. Decoding and the model run on tokio's blocking pool; a session is held only
+//! while the model runs. Bad input gets a 4xx with a one-line message; a panic in a request's
+//! work becomes a 500 for that request alone. On SIGTERM/SIGINT (or [`Server::shutdown`]) the
+//! listener closes, idle connections close at once and in-flight requests finish.
 
 pub mod api;
+pub mod budget;
 pub mod client;
+pub mod conn;
 pub mod metrics;
 pub mod pool;
 pub mod registry;
@@ -115,13 +123,25 @@ pub struct ServeConfig {
     pub shared_base: bool,
     /// Largest task file a `PUT` may upload.
     pub max_task_bytes: usize,
+    /// One budget for the bytes all requests in flight hold (bodies, decoded images, model
+    /// input and output), every task together ([`budget`]).
+    pub max_inflight_bytes: u64,
+    /// A request's headers must be complete within this (from the accept, or the request's
+    /// first byte on a keep-alive connection), else the connection is closed ([`conn`]).
+    pub header_timeout: Duration,
+    /// A keep-alive connection without a request for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 /// Largest `--max-body-bytes`.
 pub const MAX_BODY_LIMIT: usize = 512 << 20;
 
+/// Largest `--max-inflight-bytes` (1 TiB).
+pub const MAX_INFLIGHT_LIMIT: u64 = 1 << 40;
+
 impl ServeConfig {
-    /// Defaults: 127.0.0.1:8080, one session per task, queue 8, 32 MiB bodies, 30 s timeout,
+    /// Defaults: 127.0.0.1:8080, one session per task, queue 8, 32 MiB bodies, 1 GiB of
+    /// requests in flight, 30 s request timeout, 10 s header-read and 30 s idle timeouts,
     /// squash resize, threshold 0.5 (those of `gps-seg infer`).
     pub fn new(tasks: Vec<TaskSpec>) -> ServeConfig {
         ServeConfig {
@@ -143,6 +163,9 @@ impl ServeConfig {
             max_batch: 8,
             shared_base: true,
             max_task_bytes: 512 << 20,
+            max_inflight_bytes: budget::DEFAULT_MAX_INFLIGHT_BYTES,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
         }
     }
 
@@ -198,11 +221,25 @@ impl ServeConfig {
                 format!("{}: must be 1 to {MAX_BODY_LIMIT}", self.max_body_bytes),
             );
         }
-        if self.timeout.is_zero() || self.timeout > Duration::from_secs(3600) {
+        if self.max_inflight_bytes < self.max_body_bytes as u64
+            || self.max_inflight_bytes > MAX_INFLIGHT_LIMIT
+        {
             return bad(
-                "timeout_s",
-                format!("{:?}: must be above 0 and at most 3600 s", self.timeout),
+                "max_inflight_bytes",
+                format!(
+                    "{}: must be at least --max-body-bytes ({}) and at most {MAX_INFLIGHT_LIMIT}",
+                    self.max_inflight_bytes, self.max_body_bytes
+                ),
             );
+        }
+        for (field, d) in [
+            ("timeout_s", self.timeout),
+            ("header_timeout_s", self.header_timeout),
+            ("idle_timeout_s", self.idle_timeout),
+        ] {
+            if d.is_zero() || d > Duration::from_secs(3600) {
+                return bad(field, format!("{d:?}: must be above 0 and at most 3600 s"));
+            }
         }
         if !(self.threshold > 0.0 && self.threshold < 1.0) {
             return bad("threshold", "must be a probability in (0, 1)".into());
@@ -281,7 +318,10 @@ impl Server {
                     .saturating_mul(cfg.sessions as u64),
             });
         }
-        crate::util::mem::check_fits("the serving sessions", need)?;
+        crate::util::mem::check_fits(
+            "the serving sessions plus --max-inflight-bytes (requests in flight)",
+            need.saturating_add(cfg.max_inflight_bytes),
+        )?;
         let registry = Arc::new(registry::Registry::new(
             registry::PoolOptions {
                 sessions: cfg.sessions,
@@ -323,6 +363,7 @@ impl Server {
             registry,
             max_task_bytes: cfg.max_task_bytes,
             metrics: metrics::Metrics::default(),
+            budget: budget::Budget::new(cfg.max_inflight_bytes),
             max_body_bytes: cfg.max_body_bytes,
             timeout: cfg.timeout,
             resize: cfg.resize,
@@ -353,13 +394,17 @@ impl Server {
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let app = api::router(state.clone());
-        let done = runtime.spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                })
-                .await
-        });
+        let limits = conn::ConnLimits {
+            header_timeout: cfg.header_timeout,
+            idle_timeout: cfg.idle_timeout,
+        };
+        let done = runtime.spawn(conn::serve(
+            listener,
+            app,
+            limits,
+            state.metrics.conns.clone(),
+            stopped,
+        ));
         Ok(Server {
             addr,
             state,

@@ -15,8 +15,8 @@
 use crate::data::prompts::ObjectPrompt;
 use crate::error::{Error, Result};
 use crate::infer::engine::{Engine, Logits, OrtEngine};
+use crate::infer::model::OrtModel;
 use crate::infer::prompted::PromptedOrtEngine;
-use crate::infer::runtime::OrtModel;
 use crate::progress::Observer;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

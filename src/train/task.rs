@@ -13,7 +13,7 @@ use crate::gps::policy::Policy;
 use crate::nn::{ParamStore, RolePolicy};
 use crate::progress::Observer;
 use crate::train::config::{Method, TrainCore};
-use crate::train::schedule::Schedule;
+use crate::train::fit::schedule::Schedule;
 use crate::util::tensors::TensorMap;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
@@ -52,8 +52,25 @@ pub struct SelectionSetup {
     pub phase: String,
 }
 
+/// How the loop labels a task's curves ([`crate::train::fit::summary::draw`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Curves {
+    /// The training loss (`BCE + soft IoU`).
+    pub loss: &'static str,
+    /// The score that chooses the best epoch (`mDice`, `top-1`).
+    pub score: &'static str,
+    /// The file of the score's chart (`metrics.png`).
+    pub file: &'static str,
+}
+
 /// One training task. `Self` is the run's config (written to and compared with
 /// `<run>/config.json`); everything is read from it and from the opened [`Task::Data`].
+///
+/// What every task supplies: its data, model, loaders, schedule, one training step and one
+/// evaluation (burn's `TrainStep` / `ValidStep`). Hooks with defaults cover what only some
+/// tasks need: the GPS selection ([`Task::selection`] and the three after it: a task without
+/// one supports no sparse method), whole-tensor roles beyond `full`, files of the best epoch.
+/// The loop draws the curves and writes the summary ([`crate::train::fit::summary`]).
 pub trait Task: Serialize + DeserializeOwned + PartialEq + Sync {
     /// What the loaders read (training, evaluation and selection share it).
     type Source: Source<Batch: Sync> + Send;
@@ -65,13 +82,15 @@ pub trait Task: Serialize + DeserializeOwned + PartialEq + Sync {
     type Eval: Clone + Default + Serialize + DeserializeOwned;
     /// What an evaluation keeps for drawing the best epoch (overlays, per-image scores).
     type Kept;
-    /// The end-of-run summary (`summary.json`).
-    type Summary: Serialize;
+    /// The task's own part of `summary.json` (its metrics at the chosen epoch, …).
+    type Extra: Serialize + DeserializeOwned + Clone;
 
     /// The methods this task supports; the others are refused before any work.
     const METHODS: &'static [Method];
     /// The task's name in messages (`segmentation`, `classification`).
     const NAME: &'static str;
+    /// How the loop labels the curves it draws.
+    const CURVES: Curves;
 
     /// The shared settings.
     fn core(&self) -> &TrainCore;
@@ -80,7 +99,19 @@ pub trait Task: Serialize + DeserializeOwned + PartialEq + Sync {
         self.core().method.name().into()
     }
     /// Refuse the task's own out-of-range settings (the core is validated by the loop).
-    fn validate(&self, device: &Device) -> Result<()>;
+    fn validate(&self, _device: &Device) -> Result<()> {
+        Ok(())
+    }
+    /// The files and folders the run reads (the output may not equal, contain or sit inside
+    /// any of them): by default the data folder and the base checkpoint.
+    fn inputs(&self) -> Vec<(&'static str, PathBuf)> {
+        let c = self.core();
+        let mut v = vec![("--data-dir", c.data_dir.clone())];
+        if let Some(b) = &c.base {
+            v.push(("--model", b.clone()));
+        }
+        v
+    }
     /// Open the data (writing the run's split / model files into `run_dir`) and load the base
     /// weights the model starts from.
     fn open(
@@ -89,8 +120,6 @@ pub trait Task: Serialize + DeserializeOwned + PartialEq + Sync {
         device: &Device,
         obs: &mut dyn Observer,
     ) -> Result<(Self::Data, TensorMap)>;
-    /// Roles of the whole-tensor methods (`full`, `decoder`, `linear`, `bias`).
-    fn baseline_roles(&self, base: &TensorMap) -> Result<RolePolicy>;
     /// The model over `store`.
     fn build(&self, data: &Self::Data, store: &ParamStore) -> Result<Self::Model>;
     /// The shuffling, augmenting training loader and the fixed-order validation and test
@@ -113,25 +142,39 @@ pub trait Task: Serialize + DeserializeOwned + PartialEq + Sync {
     ) -> Result<(Self::Eval, Self::Kept)>;
     /// The one "higher is better" number that picks the best epoch.
     fn score(eval: &Self::Eval) -> f64;
+    /// (train, val, test) images, for the summary.
+    fn split_sizes(&self, data: &Self::Data) -> [usize; 3];
+    /// The task's part of the summary of a finished run.
+    fn summary(&self, data: &Self::Data, fit: &Fitted<Self::Eval>) -> Self::Extra;
+    /// Roles of the whole-tensor methods: `full` trains everything; a task with other
+    /// whole-tensor methods (`decoder`, `linear`, `bias`) says which tensors they train.
+    fn baseline_roles(&self, _base: &TensorMap) -> Result<RolePolicy> {
+        match self.core().method {
+            Method::Full => Ok(RolePolicy::AllTrainable),
+            m => Err(crate::error::Error::msg(format!(
+                "`{}` has no whole-tensor roles in the {} task",
+                m.name(),
+                Self::NAME
+            ))),
+        }
+    }
     /// Files of the best evaluation (overlays, per-image scores); nothing by default.
     fn write_best(&self, _run_dir: &Path, _data: &Self::Data, _kept: &Self::Kept) -> Result<()> {
         Ok(())
     }
-    /// Curves of the run so far (loss per step, metrics per epoch).
-    fn draw(
-        &self,
-        run_dir: &Path,
-        history: &[EpochRecord<Self::Eval>],
-        step_losses: &[f32],
-    ) -> Result<()>;
-    /// The summary of a finished run.
-    fn summary(&self, data: &Self::Data, fit: Fitted<Self::Eval>) -> Self::Summary;
-    /// The selection policy, loss name and phase name of the sparse methods.
-    fn selection(&self) -> SelectionSetup;
+    /// The selection policy, loss name and phase name of the sparse methods; `None`: the task
+    /// has no sparse method.
+    fn selection(&self) -> Option<SelectionSetup> {
+        None
+    }
     /// The loader whose first batches supply the selection gradients.
-    fn selection_loader(&self, data: &Self::Data) -> Result<Loader<Self::Source>>;
+    fn selection_loader(&self, _data: &Self::Data) -> Result<Loader<Self::Source>> {
+        Err(no_selection(Self::NAME))
+    }
     /// The selection loss of one batch (with the pretrained weights).
-    fn selection_loss(&self, model: &Self::Model, batch: &BatchOf<Self>) -> Result<Tensor>;
+    fn selection_loss(&self, _model: &Self::Model, _batch: &BatchOf<Self>) -> Result<Tensor> {
+        Err(no_selection(Self::NAME))
+    }
     /// The selection loss of one batch, detached, and its gradients. By default the plain
     /// backward of [`selection_loss`](Self::selection_loss); a task with block recomputation
     /// uses it here too, so the selection pass never peaks above a training step's budget.
@@ -144,6 +187,10 @@ pub trait Task: Serialize + DeserializeOwned + PartialEq + Sync {
         let grads = loss.backward()?;
         Ok((loss.detach(), grads))
     }
+}
+
+fn no_selection(task: &str) -> crate::error::Error {
+    crate::error::Error::msg(format!("the {task} task has no GPS selection"))
 }
 
 /// One epoch's record (a line of `metrics.jsonl`): the validation metrics (what the best

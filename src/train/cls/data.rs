@@ -4,7 +4,7 @@
 //! seeded limits, the decoded-image cache budget and the loaders; and its base model
 //! (`--model` → checkpoint + architecture, the head resized to the dataset's classes).
 
-use super::cls::ClsTrainConfig;
+use super::config::ClsTrainConfig;
 use crate::data::augment::ClsAugment;
 use crate::data::classification::{ClsDataset, ClsLayout, ClsSplit};
 use crate::data::loader::{ClsSource, Loader, LoaderConfig};

@@ -2,7 +2,7 @@
 //! (the run's own `split.json` on resume, else the data folder's split files, else a seeded
 //! split, written into the run), limits and the loaders; and the base weights.
 
-use super::seg::SegTrainConfig;
+use super::config::SegTrainConfig;
 use crate::data::augment::SegAugment;
 use crate::data::kvasir::{KvasirDataset, OpenOptions, Split, SplitSpec};
 use crate::data::loader::{Loader, LoaderConfig, PromptSampling, SegSource};

@@ -9,18 +9,18 @@
 //! [`evaluate`] scores the base model without training (the `zero-shot` row); [`select`] runs
 //! the GPS selection phase alone. The selection phase is written once, here, for every task.
 
+use super::checkpoint::Checkpoints;
+use super::folder::{delta_from_params, open_run, restore, snapshot, write_jsonl, Opt};
+use super::optim::{Adam, AdamW};
+use super::schedule::Schedule;
+use super::select::selection;
+use super::summary::RunSummary;
 use crate::data::loader::Loader;
 use crate::error::{Error, Result};
-use crate::gps::artifact::{Artifact, BaseModel, SelectionInfo};
-use crate::gps::grads::{accumulate_with, grad_store};
-use crate::gps::select::{select as select_entries, Criterion, SelectSpec};
+use crate::gps::artifact::Artifact;
 use crate::nn::{ParamStore, RolePolicy};
 use crate::progress::{Event, Observer};
-use crate::train::checkpoint::Checkpoints;
 use crate::train::config::Method;
-use crate::train::optim::{Adam, AdamW};
-use crate::train::run::{delta_from_params, open_run, restore, snapshot, write_jsonl, Opt};
-use crate::train::schedule::Schedule;
 use crate::train::task::{EpochRecord, Fitted, Loaders, ScheduleUnit, Task};
 use crate::util::fs::{write_json_atomic, IoPaths};
 use crate::util::mem::peak_rss_mb;
@@ -54,7 +54,7 @@ impl Observer for SplitLabel<'_> {
 type Vars = Vec<(String, Var)>;
 
 /// What a checkpoint's `state.json` holds for task `T`.
-pub type StateOf<T> = crate::train::run::TrainState<EpochRecord<<T as Task>::Eval>>;
+pub type StateOf<T> = super::folder::TrainState<EpochRecord<<T as Task>::Eval>>;
 
 /// Validation shared by every entry point, before anything is written: the core, the method
 /// against the task's list, the task's own fields, and `out` against the inputs.
@@ -63,11 +63,46 @@ fn check<T: Task>(task: &T, device: &Device, out: &Path) -> Result<()> {
     core.validate()?;
     core.method.check_in(T::METHODS, T::NAME)?;
     task.validate(device)?;
-    IoPaths::new()
-        .input("--data-dir", &core.data_dir)
-        .input_opt("--model", core.base.as_ref())
-        .output("--out", out)
-        .check()
+    if core.method.criterion().is_some() && task.selection().is_none() {
+        return Err(Error::Config {
+            field: "method".into(),
+            msg: format!(
+                "`{}` selects entries; the {} task has no selection",
+                core.method.name(),
+                T::NAME
+            ),
+        });
+    }
+    let mut io = IoPaths::new();
+    for (what, p) in task.inputs() {
+        io = io.input(what, p);
+    }
+    io.output("--out", out).check()
+}
+
+/// The run's `summary.json`: the loop's numbers and the task's part.
+pub type SummaryOf<T> = RunSummary<<T as Task>::Extra>;
+
+/// The summary of `fitted` (written to `summary.json` by the caller).
+fn summarise<T: Task>(task: &T, data: &T::Data, f: Fitted<T::Eval>) -> SummaryOf<T> {
+    let [train_images, val_images, test_images] = task.split_sizes(data);
+    RunSummary {
+        task: task.summary(data, &f),
+        method: f.label.clone(),
+        trainable: f.trainable,
+        total: f.total,
+        trainable_pct: f.trainable_pct(),
+        selected_on: f.selected_on,
+        best_epoch: f.best_epoch,
+        train_images,
+        val_images,
+        test_images,
+        selection_seconds: f.selection_seconds,
+        seconds: f.seconds,
+        seconds_per_step: f.seconds_per_step,
+        peak_rss_mb: f.peak_rss_mb,
+        run_dir: f.run_dir,
+    }
 }
 
 /// The task's model over a store of `base` with `roles`; checks that every tensor is used and
@@ -99,7 +134,7 @@ pub fn fit<T: Task>(
     device: &Device,
     resume: bool,
     obs: &mut dyn Observer,
-) -> Result<T::Summary> {
+) -> Result<SummaryOf<T>> {
     check(task, device, run_dir)?;
     if task.core().method == Method::ZeroShot {
         return Err(Error::Config {
@@ -122,7 +157,7 @@ pub fn evaluate<T: Task>(
     run_dir: &Path,
     device: &Device,
     obs: &mut dyn Observer,
-) -> Result<T::Summary> {
+) -> Result<SummaryOf<T>> {
     check(task, device, run_dir)?;
     let t_start = Instant::now();
     let core = task.core();
@@ -165,7 +200,7 @@ pub fn evaluate<T: Task>(
         run_dir: run_dir.to_path_buf(),
         merged: core.base.clone(),
     };
-    let summary = task.summary(&data, fitted);
+    let summary = summarise(task, &data, fitted);
     write_json_atomic(&run_dir.join("summary.json"), &summary)?;
     Ok(summary)
 }
@@ -188,126 +223,6 @@ pub fn select<T: Task>(
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let (data, mut base) = task.open(out, device, obs)?;
     selection(task, &data, &mut base, out, false, device, obs)
-}
-
-/// Selection for the sparse methods into `art_dir` (with `reuse`, read back when it is already
-/// there, as on resume): gradients of the task's selection loss with the pretrained weights (GPS), or
-/// magnitude / random scores, then top-K per row at the configured level.
-fn selection<T: Task>(
-    task: &T,
-    data: &T::Data,
-    base: &mut TensorMap,
-    art_dir: &Path,
-    reuse: bool,
-    device: &Device,
-    obs: &mut dyn Observer,
-) -> Result<Artifact> {
-    let core = task.core();
-    let criterion = core
-        .method
-        .criterion()
-        .ok_or_else(|| Error::msg("selection asked for a method without one"))?;
-    let setup = task.selection();
-    if reuse && art_dir.join("gps_config.json").exists() {
-        obs.event(Event::Info(format!(
-            "selection: reusing {}",
-            art_dir.display()
-        )));
-        let art = Artifact::load(art_dir, device)?;
-        let want = SelectionInfo {
-            k: core.topk,
-            level: core.level,
-            criterion,
-            selection_loss: setup.loss_name.clone(),
-            batches: 0,
-            selection_images: 0,
-            seed: core.seed,
-        };
-        art.check_reusable(art_dir, &want, &BaseModel::of(base, &core.base_file())?)?;
-        return Ok(art);
-    }
-    let t0 = Instant::now();
-    let (grads, batches, images) = if criterion == Criterion::Gradient {
-        let (g, n, i) = gradients(task, data, base, &setup, device, obs)?;
-        (Some(g), n, i)
-    } else {
-        (None, 0, 0)
-    };
-    let spec = SelectSpec {
-        policy: &setup.policy,
-        k: core.topk,
-        level: core.level,
-        criterion,
-        seed: core.seed,
-    };
-    let selection = select_entries(base, grads.as_ref(), &spec)?;
-    let info = SelectionInfo {
-        k: core.topk,
-        level: core.level,
-        criterion,
-        selection_loss: setup.loss_name,
-        batches,
-        selection_images: images,
-        seed: core.seed,
-    };
-    let art = Artifact::new(
-        setup.policy,
-        info,
-        BaseModel::of(base, &core.base_file())?,
-        selection,
-    )?;
-    art.save(art_dir)?;
-    if criterion == Criterion::Gradient {
-        obs.event(Event::PhaseEnd {
-            summary: format!(
-                "gradients over {batches} batches ({images} images), selection in {:.1}s",
-                t0.elapsed().as_secs_f64()
-            ),
-        });
-    }
-    Ok(art)
-}
-
-/// Selection gradients: a store over `base` whose only vars are the policy's selected tensors
-/// (sharing `base`'s storage, [`grad_store`]), the selection loss's gradients
-/// ([`Task::selection_backward`]) summed over one pass of the task's selection loader (the whole
-/// training split, or its first `select_batches` batches when capped), batches streamed one at
-/// a time, each gradient added to its score buffer and dropped. Returns the gradients, the
-/// batches and the images seen.
-fn gradients<T: Task>(
-    task: &T,
-    data: &T::Data,
-    base: &mut TensorMap,
-    setup: &crate::train::task::SelectionSetup,
-    device: &Device,
-    obs: &mut dyn Observer,
-) -> Result<(TensorMap, usize, usize)> {
-    let store = grad_store(base, &setup.policy, device)?;
-    let model = task.build(data, &store)?;
-    let vars = store.trainable_vars();
-    let mut loader = task.selection_loader(data)?;
-    let all = loader.batches_per_epoch().max(1);
-    let n = task.core().select_batches.map_or(all, |c| c.min(all));
-    obs.event(Event::PhaseStart {
-        name: setup.phase.clone(),
-        total: n,
-    });
-    let batches = (0..n).map_while(|_| loader.next_batch(device).transpose());
-    let (mut done, mut images) = (0usize, 0usize);
-    let (grads, seen) = accumulate_with(&vars, batches, |b| {
-        let b = b?;
-        images += T::batch_len(&b)?;
-        let (loss, grads) = on_worker(|| task.selection_backward(&model, &b))?;
-        done += 1;
-        obs.event(Event::Step {
-            done,
-            loss: loss.to_scalar::<f32>().ok().map(f64::from),
-            lr: None,
-            images_per_s: None,
-        });
-        Ok((loss, grads))
-    })?;
-    Ok((grads, seen, images))
 }
 
 /// One run in progress: everything the epochs share.
@@ -493,9 +408,14 @@ impl<'a, T: Task> Run<'a, T> {
             self.task.write_best(self.run_dir, &self.data, &kept)?;
         }
         write_jsonl(&self.run_dir.join("metrics.jsonl"), &state.history)?;
-        self.task
-            .draw(self.run_dir, &state.history, &state.step_losses)?;
-        crate::train::report::write_run_html::<_, ()>(
+        super::summary::draw(
+            self.run_dir,
+            T::CURVES,
+            &state.history,
+            &state.step_losses,
+            T::score,
+        )?;
+        super::report::write_run_html::<_, ()>(
             self.run_dir,
             &format!(
                 "gps-seg run {} ({})",
@@ -583,7 +503,7 @@ impl<'a, T: Task> Run<'a, T> {
 
     /// The best epoch's delta (sparse methods: into `<run>/gps/`) merged into the base →
     /// `merged.safetensors`; the summary.
-    fn finish(self) -> Result<T::Summary> {
+    fn finish(self) -> Result<SummaryOf<T>> {
         let best_params = tensors::load(
             &self.run_dir.join("best").join("params.safetensors"),
             self.device,
@@ -628,9 +548,9 @@ impl<'a, T: Task> Run<'a, T> {
             run_dir: self.run_dir.to_path_buf(),
             merged: Some(merged_path),
         };
-        let summary = self.task.summary(&self.data, fitted);
+        let summary = summarise(self.task, &self.data, fitted);
         write_json_atomic(&self.run_dir.join("summary.json"), &summary)?;
-        crate::train::report::write_run_html(
+        super::report::write_run_html(
             self.run_dir,
             &format!(
                 "gps-seg run {} ({})",

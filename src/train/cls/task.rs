@@ -1,5 +1,5 @@
 //! Classification fine-tuning of a ViT or ConvNeXt with GPS and its baselines, as a [`Task`]
-//! of the one training loop ([`super::fit`]).
+//! of the one training loop ([`crate::train::fit`]).
 //!
 //! Flow (GPS, Zhang et al., CVPR 2024, §3; `shared/notes/gps-method.md`): open data (train on
 //! VTAB's `train800val200` / FGVC's train+val / ImageFolder's `train[+val]`, test on the
@@ -14,197 +14,28 @@
 //! Baselines: full (AdamW), linear (head only), bias (BitFit: every bias + the head).
 
 use crate::data::augment::ClsAugment;
-use crate::data::classification::ClsLayout;
 use crate::data::loader::{ClsBatch, ClsSource, Loader, LoaderConfig};
 use crate::error::{Error, Result};
 use crate::gps::policy::{Policy, Rule, Treatment};
 use crate::gps::select::Criterion;
-use crate::models::{Classifier, ClassifierConfig};
+use crate::metrics::{Accuracy, Metric};
+use crate::models::Classifier;
 use crate::nn::{ParamStore, RolePolicy};
-use crate::train::config::TrainCore;
+use crate::progress::{Event, Observer};
+use crate::train::fit::folder::roles_from_policy;
+use crate::train::fit::schedule::Schedule;
 use crate::train::loss::{cross_entropy, supcon};
-use crate::train::metrics::{Accuracy, Metric};
-use crate::train::observer::{Event, Observer};
-use crate::train::run::{roles_from_policy, smoothed_loss};
-use crate::train::schedule::Schedule;
-use crate::train::task::{Fitted, Loaders, ScheduleUnit, SelectionSetup, Task};
+use crate::train::task::{Curves, Fitted, Loaders, ScheduleUnit, SelectionSetup, Task};
 use crate::util::fs::write_json_atomic;
 use crate::util::tensors::TensorMap;
 use crate::util::threads::on_worker;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, D};
-use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-pub use crate::train::cls_data::{
-    base_weights, resolve_model, with_classes, ClsData, SeededSplit, CACHE_BYTES,
-};
-pub use crate::train::config::Method;
-
-/// The loss whose gradients rank the entries (GPS only).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum SelectLoss {
-    /// Head-free supervised contrastive loss on two augmented views (the GPS recipe).
-    #[value(name = "supcon")]
-    SupCon,
-    /// Cross-entropy through the freshly initialised head (the paper's ablation).
-    #[value(alias = "cross-entropy")]
-    Ce,
-}
-
-impl SelectLoss {
-    pub fn name(self) -> &'static str {
-        match self {
-            SelectLoss::SupCon => "supcon",
-            SelectLoss::Ce => "ce",
-        }
-    }
-}
-
-impl std::str::FromStr for SelectLoss {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        <SelectLoss as clap::ValueEnum>::from_str(s, true).map_err(|_| Error::Config {
-            field: "select_loss".into(),
-            msg: format!("`{s}` is not one of supcon, ce"),
-        })
-    }
-}
-
-/// Everything a classification run depends on; written to `<run>/config.json` (one flat
-/// object: the core's fields, then these).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ClsTrainConfig {
-    #[serde(flatten)]
-    pub core: TrainCore,
-    pub layout: ClsLayout,
-    /// Architecture; its head is resized to the dataset's class count.
-    pub model: ClassifierConfig,
-    pub select_loss: SelectLoss,
-    /// SupCon temperature.
-    pub temperature: f64,
-    /// Linear warm-up length in epochs (counted in steps).
-    pub warmup_epochs: usize,
-    /// Training augmentation.
-    pub augment: ClsAugment,
-    /// VTAB-1k's final stage: train on `train800val200`, choose nothing, score the *last*
-    /// epoch on test (after settings were chosen on `train800` → `val200`).
-    #[serde(default)]
-    pub final_stage: bool,
-}
-
-/// The core's fields read and set as the config's own (`cfg.epochs`, `cfg.lr = …`).
-impl std::ops::Deref for ClsTrainConfig {
-    type Target = TrainCore;
-    fn deref(&self) -> &TrainCore {
-        &self.core
-    }
-}
-
-impl std::ops::DerefMut for ClsTrainConfig {
-    fn deref_mut(&mut self) -> &mut TrainCore {
-        &mut self.core
-    }
-}
-
-impl ClsTrainConfig {
-    /// The GPS classification recipe for `data_dir` (VTAB-style: 100 epochs, 10 warm-up,
-    /// lr 1e-3 cosine, batch 32, SupCon selection at T = 0.07, K = 1).
-    pub fn recipe(
-        data_dir: PathBuf,
-        layout: ClsLayout,
-        base: Option<PathBuf>,
-        model: ClassifierConfig,
-    ) -> Self {
-        ClsTrainConfig {
-            core: TrainCore {
-                data_dir,
-                base,
-                method: Method::Gps,
-                topk: 1,
-                level: crate::gps::select::Level::Neuron,
-                epochs: 100,
-                lr: 1e-3,
-                min_lr: 1e-8,
-                weight_decay: 0.05,
-                batch_size: 32,
-                eval_batch_size: 64,
-                seed: 42,
-                split_seed: None,
-                select_batches: None,
-                test_fraction: 0.2,
-                val_fraction: crate::train::config::default_val_fraction(),
-                train_limit: None,
-                test_limit: None,
-                max_steps_per_epoch: None,
-                keep_last: 2,
-            },
-            layout,
-            model,
-            select_loss: SelectLoss::SupCon,
-            temperature: 0.07,
-            warmup_epochs: 10,
-            augment: ClsAugment::default(),
-            final_stage: false,
-        }
-    }
-
-    /// The run's method label: `gps`, `gps-ce` (CE selection), or the baseline's name.
-    pub fn label(&self) -> String {
-        match (self.method, self.select_loss) {
-            (Method::Gps, SelectLoss::Ce) => "gps-ce".into(),
-            (m, _) => m.name().into(),
-        }
-    }
-}
-
-/// The held-out metrics of one epoch (fields of a `metrics.jsonl` record).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct ClsEval {
-    /// Top-1 accuracy on the held-out split.
-    pub test_acc: f64,
-    /// Mean cross-entropy on the held-out split.
-    pub test_loss: f64,
-}
-
-/// One epoch's record (a line of `metrics.jsonl`).
-pub type EpochRecord = crate::train::task::EpochRecord<ClsEval>;
-
-/// What a checkpoint's `state.json` holds besides tensors.
-pub type TrainState = crate::train::run::TrainState<EpochRecord>;
-
-/// The result of a run, for the summary table.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ClsRunSummary {
-    /// `gps`, `gps-ce`, `full`, …
-    pub method: String,
-    pub topk: usize,
-    pub trainable: usize,
-    pub total: usize,
-    pub trainable_pct: f64,
-    /// How the epoch was chosen: `"val"`, or `"last"` in VTAB's final stage (`--final`: trained
-    /// on train800val200, nothing chosen). The test split never chooses.
-    pub selected_on: String,
-    /// The epoch with the best validation top-1.
-    pub best_epoch: Option<usize>,
-    /// Validation top-1 at the chosen epoch.
-    pub val_acc: f64,
-    /// Test top-1 at the chosen epoch (the shipped model) and at the last epoch.
-    pub best_acc: f64,
-    pub last_acc: f64,
-    pub train_images: usize,
-    pub val_images: usize,
-    pub test_images: usize,
-    /// Seconds spent selecting (gradient pass + ranking), 0 for whole-tensor methods.
-    pub selection_seconds: f64,
-    pub seconds: f64,
-    pub seconds_per_step: f64,
-    pub peak_rss_mb: f64,
-    pub run_dir: PathBuf,
-    /// Merged weights of the best epoch (`model.json` beside it holds the config).
-    pub merged: PathBuf,
-}
+use super::config::{ClsEval, ClsRunSummary, ClsSummary, ClsTrainConfig, SelectLoss};
+use super::data::{base_weights, ClsData};
+use crate::train::config::{Method, TrainCore};
 
 /// The selection loss of one batch. SupCon: `batch` holds two views (`[2B, 3, S, S]`,
 /// view-major, labels `[2B]`); the loss is computed on head-free features, so the head gets
@@ -273,7 +104,7 @@ impl Task for ClsTrainConfig {
     type Eval = ClsEval;
     /// 1 / 0 per evaluated image (correct or not), in the loader's order.
     type Kept = Vec<u8>;
-    type Summary = ClsRunSummary;
+    type Extra = ClsSummary;
 
     const METHODS: &'static [Method] = &[
         Method::Gps,
@@ -284,6 +115,11 @@ impl Task for ClsTrainConfig {
         Method::Magnitude,
     ];
     const NAME: &'static str = "classification";
+    const CURVES: Curves = Curves {
+        loss: "cross-entropy",
+        score: "top-1",
+        file: "accuracy.png",
+    };
 
     fn core(&self) -> &TrainCore {
         &self.core
@@ -399,35 +235,25 @@ impl Task for ClsTrainConfig {
         eval.test_acc
     }
 
-    fn draw(&self, run_dir: &Path, history: &[EpochRecord], step_losses: &[f32]) -> Result<()> {
-        write_curves(run_dir, history, step_losses)
+    fn split_sizes(&self, data: &ClsData) -> [usize; 3] {
+        [
+            data.train.len(),
+            data.val.as_ref().map_or(0, |v| v.len()),
+            data.test.len(),
+        ]
     }
 
-    fn summary(&self, data: &ClsData, f: Fitted<ClsEval>) -> ClsRunSummary {
-        ClsRunSummary {
-            method: f.label.clone(),
+    fn summary(&self, _data: &ClsData, f: &Fitted<ClsEval>) -> ClsSummary {
+        ClsSummary {
             topk: self.topk,
-            trainable: f.trainable,
-            total: f.total,
-            trainable_pct: f.trainable_pct(),
-            selected_on: f.selected_on.clone(),
-            best_epoch: f.best_epoch,
             val_acc: f.best_val.test_acc,
             best_acc: f.best.test_acc,
             last_acc: f.last.test_acc,
-            train_images: data.train.len(),
-            val_images: data.val.as_ref().map_or(0, |v| v.len()),
-            test_images: data.test.len(),
-            selection_seconds: f.selection_seconds,
-            seconds: f.seconds,
-            seconds_per_step: f.seconds_per_step,
-            peak_rss_mb: f.peak_rss_mb,
-            run_dir: f.run_dir,
-            merged: f.merged.unwrap_or_default(),
+            merged: f.merged.clone().unwrap_or_default(),
         }
     }
 
-    fn selection(&self) -> SelectionSetup {
+    fn selection(&self) -> Option<SelectionSetup> {
         let loss_name = match (self.method.criterion(), self.select_loss) {
             (Some(Criterion::Gradient), SelectLoss::SupCon) => {
                 format!("supcon(T={})", self.temperature)
@@ -435,11 +261,11 @@ impl Task for ClsTrainConfig {
             (Some(Criterion::Gradient), SelectLoss::Ce) => "cross-entropy (fresh head)".into(),
             _ => "none".into(),
         };
-        SelectionSetup {
+        Some(SelectionSetup {
             policy: Policy::classifier(),
             loss_name,
             phase: format!("select ({})", self.select_loss.name()),
-        }
+        })
     }
 
     fn selection_loader(&self, data: &ClsData) -> Result<Loader<ClsSource>> {
@@ -512,47 +338,10 @@ pub fn evaluate_per_image(
     Ok((a, l, correct))
 }
 
-fn write_curves(run_dir: &Path, history: &[EpochRecord], step_losses: &[f32]) -> Result<()> {
-    use crate::util::draw::{line_chart, save_png, Series};
-    let loss = line_chart(
-        "TRAINING LOSS (CROSS-ENTROPY)",
-        "STEP",
-        &[Series {
-            name: "loss",
-            points: smoothed_loss(step_losses),
-        }],
-        720,
-        400,
-    );
-    save_png(&run_dir.join("loss.png"), &loss)?;
-    let acc = line_chart(
-        "TOP-1 PER EPOCH (VAL CHOOSES; TEST IS ONLY SCORED)",
-        "EPOCH",
-        &[
-            Series {
-                name: "val top-1",
-                points: history
-                    .iter()
-                    .map(|r| (r.epoch as f64, r.val.test_acc))
-                    .collect(),
-            },
-            Series {
-                name: "test top-1",
-                points: history
-                    .iter()
-                    .map(|r| (r.epoch as f64, r.test.test_acc))
-                    .collect(),
-            },
-        ],
-        720,
-        400,
-    );
-    save_png(&run_dir.join("accuracy.png"), &acc)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::ClassifierConfig;
 
     #[test]
     fn methods_and_losses_parse() {

@@ -15,7 +15,7 @@ use crate::data::prompts::{PromptKind, PromptSpec};
 use crate::error::{Error, Result};
 use crate::progress::{Event, Observer};
 use crate::train::config::Method;
-use crate::train::run::clear_for_run;
+use crate::train::fit::folder::clear_for_run;
 use crate::train::seg::{self, RunSummary, SegTrainConfig};
 use crate::util::fs::{read_json, write_atomic, write_json_atomic, IoPaths};
 use candle_core::Device;

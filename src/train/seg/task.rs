@@ -1,5 +1,5 @@
 //! Segmentation fine-tuning of SAM on a Kvasir-shaped dataset: the GPS recipe and its
-//! baselines, as a [`Task`] of the one training loop ([`super::fit`]).
+//! baselines, as a [`Task`] of the one training loop ([`crate::train::fit`]).
 //!
 //! What is specific to segmentation: data (split file or seeded split, written into the run),
 //! base weights (resized position tables), the prompt-free model with its compute dtype, the
@@ -8,166 +8,33 @@
 //! ground truth's resolution (mDice picks the best epoch), overlays and `scores.csv`.
 //! Methods: gps / random / magnitude (sparse), full, decoder, zero-shot ([`fit::evaluate`]).
 //! With `prompt` set (`--prompt box|points|box+points`) the same task trains and evaluates
-//! SAM's prompted path instead ([`super::seg_prompted`]); `none` is the recipe above, unchanged.
+//! SAM's prompted path instead ([`super::prompted`]); `none` is the recipe above, unchanged.
 
+use super::prompted as seg_prompted;
 use crate::data::kvasir::SegBatch;
 use crate::data::loader::{Loader, LoaderConfig, SegSource};
-use crate::data::prompts::PromptSpec;
-use crate::data::resize::{to_original, Resize};
+use crate::data::resize::to_original;
 use crate::error::{Error, Result};
 use crate::gps::artifact::Artifact;
 use crate::gps::policy::Policy;
-use crate::nn::{ParamStore, Precision, RolePolicy};
-use crate::sam::{Sam, SamConfig};
-use crate::train::config::TrainCore;
+use crate::metrics::{Metric, SegInput, SegMetrics, SegReport};
+use crate::nn::{ParamStore, RolePolicy};
+use crate::progress::{Event, Observer};
+use crate::sam::Sam;
 use crate::train::fit;
+use crate::train::fit::folder::roles_from_policy;
+use crate::train::fit::schedule::Schedule;
 use crate::train::loss::seg_loss;
-use crate::train::metrics::{Metric, SegInput, SegMetrics, SegReport};
-use crate::train::observer::{Event, Observer};
-use crate::train::run::{roles_from_policy, smoothed_loss};
-use crate::train::schedule::Schedule;
-use crate::train::seg_prompted;
-use crate::train::task::{Fitted, Loaders, ScheduleUnit, SelectionSetup, Task};
+use crate::train::task::{Curves, Fitted, Loaders, ScheduleUnit, SelectionSetup, Task};
 use crate::util::fs::{write_atomic, write_json_atomic};
 use crate::util::tensors::TensorMap;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
-use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-pub use crate::train::config::Method;
-pub use crate::train::seg_data::{base_weights, SegData};
-
-/// Everything a segmentation run depends on; written to `<run>/config.json` (one flat object:
-/// the core's fields, then these).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct SegTrainConfig {
-    #[serde(flatten)]
-    pub core: TrainCore,
-    /// The SAM architecture.
-    pub sam: SamConfig,
-    pub resize: Resize,
-    /// Horizontal-flip probability during training.
-    pub hflip: f64,
-    /// Binarisation threshold for evaluation.
-    pub threshold: f32,
-    /// Recompute image-encoder blocks in backward instead of keeping their activations
-    /// (less memory, same gradients; for large inputs such as ViT-B at 1024 px).
-    #[serde(default)]
-    pub checkpoint_blocks: bool,
-    /// Leave out (and list in `<run>/skipped.txt`) the image/mask pairs with a problem instead
-    /// of refusing the data folder.
-    #[serde(default)]
-    pub skip_bad: bool,
-    /// Compute dtype of SAM's image encoder (`f32`, or `bf16`/`f16` autocast on CUDA; master
-    /// weights, optimiser state and the rest of SAM stay f32). Runs written before this field
-    /// existed load as f32.
-    #[serde(default)]
-    pub dtype: Precision,
-    /// Prompts sampled from the ground truth (`--prompt`, [`crate::data::prompts`]); `none`
-    /// (the default, GPS's own recipe) is prompt-free and is not written to `config.json`, so
-    /// prompt-free runs keep their config byte for byte. See [`super::seg_prompted`].
-    #[serde(default, skip_serializing_if = "PromptSpec::is_prompt_free")]
-    pub prompt: PromptSpec,
-}
-
-/// The core's fields read and set as the config's own (`cfg.epochs`, `cfg.lr = …`).
-impl std::ops::Deref for SegTrainConfig {
-    type Target = TrainCore;
-    fn deref(&self) -> &TrainCore {
-        &self.core
-    }
-}
-
-impl std::ops::DerefMut for SegTrainConfig {
-    fn deref_mut(&mut self) -> &mut TrainCore {
-        &mut self.core
-    }
-}
-
-impl SegTrainConfig {
-    /// The GPS SAM recipe (gps-method.md) for `data_dir` and `sam`.
-    pub fn recipe(data_dir: PathBuf, base: Option<PathBuf>, sam: SamConfig) -> Self {
-        SegTrainConfig {
-            core: TrainCore {
-                data_dir,
-                base,
-                method: Method::Gps,
-                topk: 1,
-                level: crate::gps::select::Level::Neuron,
-                epochs: 20,
-                lr: 2e-4,
-                min_lr: 1e-7,
-                weight_decay: 0.01,
-                batch_size: 1,
-                eval_batch_size: 8,
-                seed: 42,
-                split_seed: None,
-                select_batches: None,
-                test_fraction: 0.12,
-                val_fraction: crate::train::config::default_val_fraction(),
-                train_limit: None,
-                test_limit: None,
-                max_steps_per_epoch: None,
-                keep_last: 2,
-            },
-            sam,
-            resize: Resize::Squash,
-            hflip: 0.5,
-            threshold: 0.5,
-            checkpoint_blocks: false,
-            skip_bad: false,
-            dtype: Precision::F32,
-            prompt: PromptSpec::default(),
-        }
-    }
-
-    /// The seed of the fixed evaluation prompts (val and test): the run's seed, so every
-    /// method trained or evaluated with one seed sees the same prompts per image.
-    pub fn eval_prompt_seed(&self) -> u64 {
-        self.seed
-    }
-}
-
-/// The held-out metrics of one epoch (the `eval` field of a `metrics.jsonl` record).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct SegEval {
-    pub eval: SegReport,
-}
-
-/// One epoch's record (a line of `metrics.jsonl`).
-pub type EpochRecord = crate::train::task::EpochRecord<SegEval>;
-
-/// What a checkpoint's `state.json` holds besides tensors.
-pub type TrainState = crate::train::run::TrainState<EpochRecord>;
-
-/// The result of a run, for the summary table.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunSummary {
-    pub method: String,
-    pub trainable: usize,
-    pub total: usize,
-    pub trainable_pct: f64,
-    /// How the epoch was chosen: `"val"` (the test split never chooses).
-    pub selected_on: String,
-    /// The epoch with the best validation mDice (0: the base model, untrained).
-    pub best_epoch: Option<usize>,
-    /// Validation metrics at the chosen epoch.
-    pub val: SegReport,
-    /// Test metrics at the chosen epoch: the shipped model's numbers.
-    pub best: SegReport,
-    /// Test metrics at the last epoch.
-    pub last: SegReport,
-    pub train_images: usize,
-    pub val_images: usize,
-    pub test_images: usize,
-    pub seconds: f64,
-    pub seconds_per_step: f64,
-    pub peak_rss_mb: f64,
-    pub run_dir: PathBuf,
-    /// Merged weights of the best epoch (full checkpoint of the base architecture).
-    pub merged: Option<PathBuf>,
-}
+use super::config::{RunSummary, SegEval, SegSummary, SegTrainConfig};
+use super::data::{base_weights, SegData};
+use crate::train::config::{Method, TrainCore};
 
 /// Train (or resume) one segmentation run in `run_dir`; `zero-shot` evaluates the base model
 /// instead ([`fit::evaluate`]).
@@ -202,7 +69,7 @@ impl Task for SegTrainConfig {
     type Data = SegData;
     type Eval = SegEval;
     type Kept = (SegMetrics, Vec<Kept>);
-    type Summary = RunSummary;
+    type Extra = SegSummary;
 
     const METHODS: &'static [Method] = &[
         Method::Gps,
@@ -215,6 +82,11 @@ impl Task for SegTrainConfig {
         Method::ZeroShot,
     ];
     const NAME: &'static str = "segmentation";
+    const CURVES: Curves = Curves {
+        loss: "BCE + soft IoU",
+        score: "mDice",
+        file: "metrics.png",
+    };
 
     fn core(&self) -> &TrainCore {
         &self.core
@@ -334,34 +206,25 @@ impl Task for SegTrainConfig {
         write_scores(run_dir, &kept.0)
     }
 
-    fn draw(&self, run_dir: &Path, history: &[EpochRecord], step_losses: &[f32]) -> Result<()> {
-        write_curves(run_dir, history, step_losses)
+    fn split_sizes(&self, data: &SegData) -> [usize; 3] {
+        [
+            data.train_idx.len(),
+            data.val_idx.len(),
+            data.test_idx.len(),
+        ]
     }
 
-    fn summary(&self, data: &SegData, f: Fitted<SegEval>) -> RunSummary {
-        RunSummary {
-            method: f.label.clone(),
-            trainable: f.trainable,
-            total: f.total,
-            trainable_pct: f.trainable_pct(),
-            selected_on: f.selected_on.clone(),
-            best_epoch: f.best_epoch,
-            val: f.best_val.eval,
-            best: f.best.eval,
-            last: f.last.eval,
-            train_images: data.train_idx.len(),
-            val_images: data.val_idx.len(),
-            test_images: data.test_idx.len(),
-            seconds: f.seconds,
-            seconds_per_step: f.seconds_per_step,
-            peak_rss_mb: f.peak_rss_mb,
-            run_dir: f.run_dir,
-            merged: f.merged,
+    fn summary(&self, _data: &SegData, f: &Fitted<SegEval>) -> SegSummary {
+        SegSummary {
+            val: f.best_val.eval.clone(),
+            best: f.best.eval.clone(),
+            last: f.last.eval.clone(),
+            merged: f.merged.clone(),
         }
     }
 
-    fn selection(&self) -> SelectionSetup {
-        SelectionSetup {
+    fn selection(&self) -> Option<SelectionSetup> {
+        Some(SelectionSetup {
             policy: match self.method {
                 Method::GpsEncoder => Policy::sam_encoder_only(),
                 _ => Policy::sam(),
@@ -372,7 +235,7 @@ impl Task for SegTrainConfig {
                 "bce+iou".into()
             },
             phase: "select".into(),
-        }
+        })
     }
 
     fn selection_loader(&self, data: &SegData) -> Result<Loader<SegSource>> {
@@ -540,40 +403,4 @@ fn write_overlays(
         crate::util::draw::save_png(&dir.join(format!("{}.png", k.id)), &o)?;
     }
     Ok(())
-}
-
-fn write_curves(run_dir: &Path, history: &[EpochRecord], step_losses: &[f32]) -> Result<()> {
-    use crate::util::draw::{line_chart, save_png, Series};
-    let pts = smoothed_loss(step_losses);
-    let loss = line_chart(
-        "TRAINING LOSS (BCE + SOFT IOU)",
-        "STEP",
-        &[Series {
-            name: "loss",
-            points: pts,
-        }],
-        720,
-        400,
-    );
-    save_png(&run_dir.join("loss.png"), &loss)?;
-    let ep = |f: fn(&EpochRecord) -> f64| -> Vec<(f64, f64)> {
-        history.iter().map(|r| (r.epoch as f64, f(r))).collect()
-    };
-    let m = line_chart(
-        "MDICE PER EPOCH (VAL CHOOSES; TEST IS ONLY SCORED)",
-        "EPOCH",
-        &[
-            Series {
-                name: "val mDice",
-                points: ep(|r| r.val.eval.mdice),
-            },
-            Series {
-                name: "test mDice",
-                points: ep(|r| r.test.eval.mdice),
-            },
-        ],
-        720,
-        400,
-    );
-    save_png(&run_dir.join("metrics.png"), &m)
 }

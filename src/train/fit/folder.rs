@@ -3,12 +3,12 @@
 //! choice, `metrics.jsonl`, the smoothed loss curve, whole-tensor roles from a policy, and the
 //! delta of a GPS artifact from saved params.
 
+use super::checkpoint::{Checkpoints, KeepPolicy};
+use super::optim::{Adam, AdamW, Optimizer};
 use crate::error::{Error, Result};
 use crate::gps::artifact::Artifact;
 use crate::gps::policy::{Policy, Treatment};
 use crate::nn::{Role, RolePolicy};
-use crate::train::checkpoint::{Checkpoints, KeepPolicy};
-use crate::train::optim::{Adam, AdamW, Optimizer};
 use crate::util::fs::{read_json, write_atomic, write_json_atomic};
 use crate::util::tensors::{self, TensorMap};
 use candle_core::{Device, Var};
