@@ -437,3 +437,129 @@ fn vtab_final_stage_trains_on_train800val200_and_ships_the_last_epoch() {
         .to_string();
     assert!(e.contains("final_stage"), "{e}");
 }
+
+/// Copy the files of folder `from` into `to` (created), recursively.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let dest = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_dir(&p, &dest);
+        } else {
+            std::fs::copy(&p, &dest).unwrap();
+        }
+    }
+}
+
+/// Split overlap is found by content, not by path (#27 case 8): `cp -r train test`, one
+/// validation image copied into test under another name, and val copied into test are each
+/// refused before training, naming both files and both splits.
+#[test]
+fn split_overlap_is_found_by_content_naming_both_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let open = |data: &Path| {
+        let cfg = tiny_cfg(data, ClsLayout::ImageFolder);
+        gps_seg::train::cls::ClsData::open(&cfg, &tmp.path().join("run")).map(|_| ())
+    };
+    let fresh = |name: &str| {
+        let d = tmp.path().join(name);
+        dataset(&d, SynthLayout::ImageFolder);
+        open(&d).unwrap();
+        d
+    };
+    let first_file = |dir: &Path| {
+        let class = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .min()
+            .unwrap();
+        std::fs::read_dir(&class)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .min()
+            .unwrap()
+    };
+    // cp -r train test
+    let a = fresh("a");
+    std::fs::remove_dir_all(a.join("test")).unwrap();
+    copy_dir(&a.join("train"), &a.join("test"));
+    let e = open(&a).unwrap_err().to_string();
+    assert!(
+        e.contains("/a/train/") && e.contains("/a/test/") && e.contains("identical bytes"),
+        "{e}"
+    );
+    assert!(
+        e.contains("the train split") && e.contains("the test split"),
+        "{e}"
+    );
+    assert!(e.contains("overlap(s) in all"), "{e}");
+    // One validation image in test, renamed.
+    let b = fresh("b");
+    let v = first_file(&b.join("val"));
+    let class = v.parent().unwrap().file_name().unwrap();
+    let renamed = b.join("test").join(class).join("zz-renamed.png");
+    std::fs::copy(&v, &renamed).unwrap();
+    let e = open(&b).unwrap_err().to_string();
+    assert!(
+        e.contains(&v.display().to_string()) && e.contains(&renamed.display().to_string()),
+        "{e}"
+    );
+    assert!(
+        e.contains("the val split") && e.contains("the test split"),
+        "{e}"
+    );
+    // val copied into test (same names, same classes).
+    let c = fresh("c");
+    copy_dir(&c.join("val"), &c.join("test"));
+    let e = open(&c).unwrap_err().to_string();
+    assert!(
+        e.contains("the val split") && e.contains("the test split"),
+        "{e}"
+    );
+}
+
+/// Class folders whose names are not UTF-8 (#27 case 14): two such classes whose names read
+/// alike are not an overlap of a split with itself; a real overlap between them names the
+/// actual splits and both files (lossily).
+#[cfg(unix)]
+#[test]
+fn non_utf8_class_names_are_not_mistaken_for_an_overlap() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d");
+    let classes = [OsStr::from_bytes(b"c\xff"), OsStr::from_bytes(b"c\xfe")];
+    let mut value = 0u8;
+    for split in ["train", "val", "test"] {
+        for c in classes {
+            let dir = data.join(split).join(c);
+            std::fs::create_dir_all(&dir).unwrap();
+            for i in 0..4 {
+                value += 3;
+                image::RgbImage::from_pixel(16, 16, image::Rgb([value, i, 7]))
+                    .save(dir.join(format!("{i}.png")))
+                    .unwrap();
+            }
+        }
+    }
+    let cfg = tiny_cfg(&data, ClsLayout::ImageFolder);
+    let run = tmp.path().join("run");
+    gps_seg::train::cls::ClsData::open(&cfg, &run).unwrap();
+    // A training image of one class copied into the other class of the test split.
+    std::fs::copy(
+        data.join("train").join(classes[0]).join("1.png"),
+        data.join("test").join(classes[1]).join("9.png"),
+    )
+    .unwrap();
+    let e = match gps_seg::train::cls::ClsData::open(&cfg, &run) {
+        Ok(_) => panic!("a training image in the test split was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("the train split") && e.contains("the test split"),
+        "{e}"
+    );
+    assert!(e.contains("c\u{fffd}") && e.contains("9.png"), "{e}");
+    assert!(!e.contains("the val and the val"), "{e}");
+}

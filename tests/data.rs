@@ -590,12 +590,13 @@ fn classification_overlap_is_refused_and_validation_is_carved_per_class() {
     use gps_seg::data::classification::check_disjoint;
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    // ImageFolder with train/ only: "test" falls back to the root, i.e. the same images.
-    for c in ["cat", "dog"] {
-        for i in 0..10 {
+    // ImageFolder with train/ only: "test" falls back to the root, i.e. the same images
+    // (each image distinct: overlap is by content).
+    for (k, c) in ["cat", "dog"].into_iter().enumerate() {
+        for i in 0..10u8 {
             save_rgb(
                 &root.join(format!("train/{c}/{i}.png")),
-                &RgbImage::new(4, 4),
+                &RgbImage::from_pixel(4, 4, Rgb([i, k as u8, 9])),
             );
         }
     }

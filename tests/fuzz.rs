@@ -6,7 +6,13 @@
 //!   `imgio::dimensions` / `decode_rgb` / `decode_luma`;
 //! - (c) an ONNX file exported by the project, fed to ONNX Runtime through `OrtModel::load`,
 //!   the inference engine's signature checks and one run (skipped, with the reason printed,
-//!   when the ONNX Runtime library cannot be found).
+//!   when the ONNX Runtime library cannot be found);
+//! - (e) a shard's `report.json` (structural edits of its JSON: values replaced by
+//!   interesting numbers and types, keys removed, elements repeated; and raw bytes), fed to
+//!   `report merge` with an intact second shard, in both orders;
+//! - (f) prompt files, JSON and CSV (the same JSON edits; CSV fields replaced, added or
+//!   removed, quotes and byte-order marks; raw bytes), read, checked against two images and
+//!   mapped into the input frame.
 //!
 //! Every case runs under `catch_unwind`; a panic hook records where each panic happened.
 //! Cases whose panic is in the SAM / tensor-loading code (the safetensors part, or any
@@ -16,6 +22,9 @@
 //! known findings with their recipe and do not fail it. An abort (e.g. an unbounded
 //! allocation) kills the test binary, which fails the test too. Sizes declared by
 //! structure-aware mutations stay within the bounds the loaders check.
+
+#[allow(dead_code)]
+mod common;
 
 use candle_core::{DType, Device, Tensor};
 use gps_seg::nn::{ParamStore, RolePolicy};
@@ -1086,4 +1095,286 @@ fn fuzz_task_files() {
     }
     assert!(tally.errors > 40, "only {} cases refused", tally.errors);
     tally.finish("task", started);
+}
+
+// ---------------------------------------------------------------------------------------
+// (e) Shard reports of `infer --shard` for `report merge`.
+
+const INTERESTING_JSON: [&str; 16] = [
+    "-1",
+    "0",
+    "1",
+    "999",
+    "18446744073709551615",
+    "18446744073709551616",
+    "-9223372036854775808",
+    "1e308",
+    "-0.5",
+    "null",
+    "\"\"",
+    "\"x\"",
+    "[]",
+    "{}",
+    "true",
+    "4294967296",
+];
+
+/// A random leaf (or container) of `v` replaced by an interesting value, removed, or repeated.
+fn mutate_json_value(rng: &mut XorShift, v: &mut serde_json::Value) -> String {
+    // Walk down a few levels at random (read-only), as a JSON pointer.
+    let mut path = String::new();
+    {
+        let mut cur: &serde_json::Value = v;
+        for _ in 0..1 + rng.below(5) {
+            let next = match cur {
+                serde_json::Value::Object(m) if !m.is_empty() => {
+                    let (k, n) = m.iter().nth(rng.below(m.len())).unwrap();
+                    path.push_str(&format!("/{}", k.replace('~', "~0").replace('/', "~1")));
+                    n
+                }
+                serde_json::Value::Array(a) if !a.is_empty() => {
+                    let i = rng.below(a.len());
+                    path.push_str(&format!("/{i}"));
+                    &a[i]
+                }
+                _ => break,
+            };
+            cur = next;
+        }
+    }
+    let cur = v.pointer_mut(&path).unwrap();
+    match rng.below(4) {
+        0 => {
+            if let serde_json::Value::Object(m) = cur {
+                if !m.is_empty() {
+                    let k = m.keys().nth(rng.below(m.len())).cloned().unwrap();
+                    m.remove(&k);
+                    return format!("{path}: remove key `{k}`");
+                }
+            }
+            if let serde_json::Value::Array(a) = cur {
+                if !a.is_empty() {
+                    let i = rng.below(a.len());
+                    a.remove(i);
+                    return format!("{path}: remove element {i}");
+                }
+            }
+            *cur = serde_json::Value::Null;
+            format!("{path} = null")
+        }
+        1 => {
+            if let serde_json::Value::Array(a) = cur {
+                if !a.is_empty() {
+                    let i = rng.below(a.len());
+                    let e = a[i].clone();
+                    a.push(e);
+                    return format!("{path}: repeat element {i}");
+                }
+            }
+            let t = *rng.pick(&INTERESTING_JSON);
+            *cur = serde_json::from_str(t).unwrap_or(serde_json::Value::Null);
+            format!("{path} = {t}")
+        }
+        _ => {
+            let t = *rng.pick(&INTERESTING_JSON);
+            *cur = serde_json::from_str(t).unwrap_or(serde_json::Value::Null);
+            format!("{path} = {t}")
+        }
+    }
+}
+
+/// Mutate JSON text: raw bytes (1 in 4), else one structural edit of the parsed value.
+fn mutate_json_text(rng: &mut XorShift, base: &[u8]) -> (Vec<u8>, String) {
+    if rng.below(4) == 0 {
+        let mut out = base.to_vec();
+        let len = out.len();
+        let r = mutate_region(rng, &mut out, 0, len);
+        return (out, format!("bytes: {r}"));
+    }
+    let mut v: serde_json::Value = serde_json::from_slice(base).unwrap();
+    let mut recipe = Vec::new();
+    for _ in 0..1 + rng.below(2) {
+        recipe.push(mutate_json_value(rng, &mut v));
+    }
+    (v.to_string().into_bytes(), recipe.join("; "))
+}
+
+#[test]
+fn fuzz_shard_reports() {
+    use gps_seg::data::imgio;
+    use gps_seg::infer::{infer, input, InferOptions};
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    install_hook();
+    let dir = tempfile::tempdir().unwrap();
+    let (img, msk) = (dir.path().join("images"), dir.path().join("masks"));
+    std::fs::create_dir_all(&img).unwrap();
+    std::fs::create_dir_all(&msk).unwrap();
+    for k in 0..5u32 {
+        let (w, h) = (12 + k, 9 + 2 * k);
+        let im = image::RgbImage::from_fn(w, h, |x, y| {
+            let v = if x < w / 2 + k && y < h / 2 { 250 } else { 10 };
+            image::Rgb([v, v, v])
+        });
+        let m = image::GrayImage::from_fn(w, h, |x, y| {
+            image::Luma([if x + k >= w / 3 && y < h / 2 + k {
+                255
+            } else {
+                0
+            }])
+        });
+        imgio::write_png(&img.join(format!("i{k}.png")), &im).unwrap();
+        imgio::write_png(&msk.join(format!("i{k}.png")), &m).unwrap();
+    }
+    let (c, bad) = input::from_folders(&img, Some(&msk)).unwrap();
+    let inputs = input::check(c, bad);
+    let mut shards = Vec::new();
+    for i in 0..2 {
+        let mut o = InferOptions::new(dir.path().join(format!("shard{i}")));
+        o.overlays = false;
+        o.batch_size = 2;
+        o.shard = Some(gps_seg::infer::job::Shard::new(i, 2).unwrap());
+        infer(
+            &common::Brightness(8),
+            &inputs,
+            &o,
+            &mut gps_seg::progress::Silent,
+        )
+        .unwrap();
+        shards.push(o.out);
+    }
+    let merge = |a: &Path, b: &Path, out: &Path| -> Result<(), String> {
+        gps_seg::infer::report::merge_reports(&[a.to_path_buf(), b.to_path_buf()], out)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    merge(&shards[0], &shards[1], &dir.path().join("good")).unwrap();
+    let base = std::fs::read(shards[0].join("report.json")).unwrap();
+    let started = Instant::now();
+    let mut tally = Tally::default();
+    for seed in 0..300u64 {
+        let mut rng = XorShift::new(seed ^ 0x5AD);
+        let (data, recipe) = mutate_json_text(&mut rng, &base);
+        let case = dir.path().join(format!("case{seed}"));
+        std::fs::create_dir_all(&case).unwrap();
+        std::fs::write(case.join("report.json"), &data).unwrap();
+        let out = dir.path().join(format!("out{seed}"));
+        // Merging is our code end to end: every panic fails.
+        tally.run(seed, &recipe, true, || {
+            let a = merge(&case, &shards[1], &out);
+            let b = merge(&shards[1], &case, &out.with_extension("b"));
+            a.and(b)
+        });
+        let _ = std::fs::remove_dir_all(&case);
+        let _ = std::fs::remove_dir_all(&out);
+        let _ = std::fs::remove_dir_all(out.with_extension("b"));
+    }
+    assert!(tally.errors > 150, "only {} cases refused", tally.errors);
+    tally.finish("shard report", started);
+}
+
+// ---------------------------------------------------------------------------------------
+// (f) Prompt files (JSON and CSV) for `infer --prompts`.
+
+/// Edit CSV text: raw bytes, or a field replaced by an interesting token.
+fn mutate_csv(rng: &mut XorShift, base: &str) -> (Vec<u8>, String) {
+    const TOKENS: [&str; 16] = [
+        "",
+        "\"",
+        "\"\"",
+        "\"a,b\"",
+        "-1",
+        "1e39",
+        "NaN",
+        "inf",
+        "-0",
+        "99999999999",
+        "\u{feff}",
+        "box",
+        "pos",
+        "neg",
+        "id",
+        "\"unterminated",
+    ];
+    if rng.below(3) == 0 {
+        let mut out = base.as_bytes().to_vec();
+        let len = out.len();
+        let r = mutate_region(rng, &mut out, 0, len);
+        return (out, format!("bytes: {r}"));
+    }
+    let mut lines: Vec<Vec<String>> = base
+        .lines()
+        .map(|l| l.split(',').map(String::from).collect())
+        .collect();
+    let li = rng.below(lines.len());
+    let line = &mut lines[li];
+    let recipe = match rng.below(3) {
+        0 => {
+            let fi = rng.below(line.len());
+            let t = *rng.pick(&TOKENS);
+            line[fi] = t.to_string();
+            format!("line {li} field {fi} = `{t}`")
+        }
+        1 => {
+            let t = *rng.pick(&TOKENS);
+            line.push(t.to_string());
+            format!("line {li}: extra field `{t}`")
+        }
+        _ => {
+            let fi = rng.below(line.len());
+            line.remove(fi);
+            format!("line {li}: field {fi} removed")
+        }
+    };
+    let text: Vec<String> = lines.iter().map(|l| l.join(",")).collect();
+    (text.join("\n").into_bytes(), recipe)
+}
+
+fn use_prompt_file(path: &Path) -> Result<(), String> {
+    use gps_seg::data::prompts::{check_against_images, read_prompt_file, to_input_frame};
+    let file = read_prompt_file(path).map_err(|e| e.to_string())?;
+    let sizes: std::collections::HashMap<&str, (usize, usize)> =
+        [("a", (20, 40)), ("b", (64, 48))].into_iter().collect();
+    check_against_images(&file, &sizes, &Default::default()).map_err(|e| e.to_string())?;
+    for (id, objs) in &file {
+        let (h, w) = sizes[id.as_str()];
+        let frame = to_input_frame(objs, (32.0 / h as f32, 32.0 / w as f32));
+        if frame.len() != objs.len() {
+            return Err("objects lost".into());
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn fuzz_prompt_files() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    install_hook();
+    let dir = tempfile::tempdir().unwrap();
+    let json = r#"{"a": [{"box": [1, 2, 30, 15], "points": [[5, 6], [7, 8]], "labels": [1, 0]}], "b": [{"points": [[40, 60]], "labels": [1]}, {"box": [0, 0, 48, 64]}]}"#;
+    let csv =
+        "id,kind,x0,y0,x1,y1\na,box,1,2,30,15\na,pos,5,6\na,neg,7,8\nb,pos,40,60\nb,box,0,0,48,64";
+    for (name, text) in [("good.json", json), ("good.csv", csv)] {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        use_prompt_file(&p).unwrap();
+    }
+    let started = Instant::now();
+    let mut tally = Tally::default();
+    for seed in 0..400u64 {
+        let mut rng = XorShift::new(seed ^ 0x9A0);
+        let (data, recipe, ext) = if seed % 2 == 0 {
+            let (d, r) = mutate_json_text(&mut rng, json.as_bytes());
+            (d, format!("json: {r}"), "json")
+        } else {
+            let (d, r) = mutate_csv(&mut rng, csv);
+            (d, format!("csv: {r}"), "csv")
+        };
+        let p = dir.path().join(format!("case{seed}.{ext}"));
+        std::fs::write(&p, &data).unwrap();
+        // Reading and checking prompts is our code end to end: every panic fails.
+        tally.run(seed, &recipe, true, || use_prompt_file(&p));
+        let _ = std::fs::remove_file(&p);
+    }
+    assert!(tally.errors > 150, "only {} cases refused", tally.errors);
+    tally.finish("prompt file", started);
 }

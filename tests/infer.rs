@@ -6,7 +6,11 @@
 //! The ONNX Runtime library is found in the runtime's search order and fetched once when
 //! missing (as `gps-seg infer` does).
 
+#[allow(dead_code)]
+mod common;
+
 use candle_core::Device;
+use common::Brightness;
 use gps_seg::data::synth_kvasir::{generate, SynthKvasirConfig};
 use gps_seg::infer::{self, input, CandleEngine, Engine, InferOptions, OrtEngine, RunFolder};
 use gps_seg::onnx::proto::data_type::FLOAT;
@@ -345,5 +349,319 @@ print(json.dumps({{"torch_version": "stand-in", "cpu_capability": "none", "threa
     assert!(
         e.contains("torch-logits-b1.f32") && e.contains("expected 4096"),
         "{e}"
+    );
+}
+
+/// A random-weight tiny SAM at 64 px, exported prompt-free to `path`.
+fn tiny_model_at(path: &Path, seed: u64) {
+    let cfg = SamConfig::tiny().with_image_size(64);
+    let w = random_sam_weights(&cfg, seed).unwrap();
+    let (m, _) = export_prompt_free(&cfg, &w, SamExportOptions::default()).unwrap();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    write_model(path, m).unwrap();
+}
+
+/// The binary in `cwd`: (exit code, stdout + stderr).
+fn cli_in(cwd: &Path, args: &[&str]) -> (i32, String) {
+    let r = std::process::Command::new(env!("CARGO_BIN_EXE_gps-seg"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&r.stdout),
+        String::from_utf8_lossy(&r.stderr)
+    );
+    (r.status.code().unwrap_or(-1), text)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `report merge` (#27 case 7): shards carry their job's identity by content — the same model
+/// by a relative and an absolute path is one job, another model with the same relative name
+/// or other images is not (both shard folders and the field named) — and each shard is
+/// checked for coverage (every input exactly once) and per-image consistency (tp ≤ pred,
+/// scores present, pooled counts recomputed); the merge of two shards equals the unsharded
+/// run to the last bit; `--out` inside a shard folder is refused (#27 case 14).
+#[test]
+fn report_merge_joins_only_shards_of_one_job_and_checks_every_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let data = t.join("kvasir");
+    dataset(&data, 7);
+    let (img, msk) = (data.join("images"), data.join("masks"));
+    // Two different models with the same relative name, each in its own folder.
+    tiny_model_at(&t.join("a/model.onnx"), 7);
+    tiny_model_at(&t.join("b/model.onnx"), 8);
+    let abs_model = t.join("a/model.onnx");
+    let infer_args = |model: &str, images: &Path, masks: &Path, out: &Path, shard: &str| {
+        let mut v: Vec<String> = [
+            "infer",
+            "--model",
+            model,
+            "--images",
+            s(images),
+            "--masks",
+            s(masks),
+            "--out",
+            s(out),
+            "--no-overlays",
+            "--quiet",
+            "--batch-size",
+            "2",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        if !shard.is_empty() {
+            v.extend(["--shard".to_string(), shard.to_string()]);
+        }
+        v
+    };
+    let run = |cwd: &Path, a: Vec<String>| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let (c, text) = cli_in(cwd, &a);
+        assert_eq!(c, 0, "{a:?}: {text}");
+    };
+    let whole = t.join("whole");
+    run(
+        &t.join("a"),
+        infer_args("model.onnx", &img, &msk, &whole, ""),
+    );
+    let s0 = t.join("s0");
+    let s1 = t.join("s1");
+    run(
+        &t.join("a"),
+        infer_args("model.onnx", &img, &msk, &s0, "0/2"),
+    );
+    run(t, infer_args(s(&abs_model), &img, &msk, &s1, "1/2"));
+
+    // Relative and absolute paths of one model: one job, merged exactly.
+    let merged = t.join("merged");
+    let (c, text) = cli_in(t, &["report", "merge", s(&s0), s(&s1), "--out", s(&merged)]);
+    assert_eq!(c, 0, "{text}");
+    let json = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p.join("report.json")).unwrap()).unwrap()
+    };
+    let (w, m) = (json(&whole), json(&merged));
+    for k in ["mdice", "miou", "ref_dice_ignore_bg", "ref_iou_ignore_bg"] {
+        let (a, b) = (
+            w["metrics"][k].as_f64().unwrap(),
+            m["metrics"][k].as_f64().unwrap(),
+        );
+        assert_eq!(a.to_bits(), b.to_bits(), "{k}: {a} vs {b}");
+    }
+    assert_eq!(w["scores"], m["scores"]);
+
+    // Another model with the same relative name: refused, naming both folders and the field.
+    let s1b = t.join("s1-other-model");
+    run(
+        &t.join("b"),
+        infer_args("model.onnx", &img, &msk, &s1b, "1/2"),
+    );
+    // Other images under the same folder names: one mask changed.
+    let data2 = t.join("kvasir2");
+    dataset(&data2, 7);
+    let some_mask = std::fs::read_dir(data2.join("masks"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .min()
+        .unwrap();
+    let mut gt = image::open(&some_mask).unwrap().to_luma8();
+    gt.put_pixel(0, 0, image::Luma([255]));
+    gt.save(some_mask.with_extension("png")).unwrap();
+    if some_mask.extension().is_some_and(|e| e != "png") {
+        std::fs::remove_file(&some_mask).unwrap();
+    }
+    let s1c = t.join("s1-other-images");
+    run(
+        &t.join("a"),
+        infer_args(
+            "model.onnx",
+            &data2.join("images"),
+            &data2.join("masks"),
+            &s1c,
+            "1/2",
+        ),
+    );
+    for (other, field) in [(&s1b, "job.model"), (&s1c, "job.inputs_sha256")] {
+        let (c, text) = cli_in(
+            t,
+            &[
+                "report",
+                "merge",
+                s(&s0),
+                s(other),
+                "--out",
+                s(&t.join("x")),
+            ],
+        );
+        assert_eq!(c, 1, "{text}");
+        assert!(
+            text.contains(s(&s0)) && text.contains(s(other)) && text.contains(field),
+            "{field}: {text}"
+        );
+        assert!(!t.join("x").exists());
+    }
+
+    // --out on or inside a shard folder.
+    for out in [s0.join("merged"), s1.clone()] {
+        let (c, text) = cli_in(t, &["report", "merge", s(&s0), s(&s1), "--out", s(&out)]);
+        assert_eq!(c, 1, "{text}");
+        assert!(text.contains("refusing to write"), "{text}");
+    }
+    assert!(!s0.join("merged").exists());
+
+    // Tampered shard reports: each refused, naming the shard file and the field.
+    let base = json(&s0);
+    let n_scores = base["scores"].as_array().unwrap().len();
+    assert!(n_scores >= 3, "{base}");
+    type Edit = fn(&mut serde_json::Value);
+    let edits: Vec<(&str, Edit, &str)> = vec![
+        (
+            "a score deleted",
+            |v| {
+                v["scores"].as_array_mut().unwrap().pop();
+            },
+            "scores",
+        ),
+        (
+            "no scores",
+            |v| {
+                v.as_object_mut().unwrap().remove("scores");
+            },
+            "scores",
+        ),
+        (
+            "an index 999",
+            |v| v["scores"][0]["index"] = 999.into(),
+            "index",
+        ),
+        (
+            "an index of the other shard",
+            |v| v["scores"][0]["index"] = 1.into(),
+            "index",
+        ),
+        (
+            "tp > pred",
+            |v| {
+                let pred = v["scores"][0]["counts"]["pred"].as_u64().unwrap();
+                v["scores"][0]["counts"]["tp"] = (pred + 1).into();
+            },
+            "counts",
+        ),
+        (
+            "a tampered Dice",
+            |v| v["scores"][1]["dice"] = 0.999.into(),
+            "dice",
+        ),
+        (
+            "tampered pooled",
+            |v| {
+                let tp = v["pooled"]["tp"].as_u64().unwrap();
+                v["pooled"]["tp"] = (tp + 1).into();
+            },
+            "pooled",
+        ),
+        (
+            "missing pooled",
+            |v| {
+                v.as_object_mut().unwrap().remove("pooled");
+            },
+            "pooled",
+        ),
+        (
+            "tampered metrics",
+            |v| v["metrics"]["mdice"] = 0.9.into(),
+            "metrics",
+        ),
+        (
+            "a negative count",
+            |v| v["scores"][0]["counts"]["gt"] = (-1).into(),
+            "report.json",
+        ),
+        (
+            "shard index 999",
+            |v| v["shard"]["index"] = 999.into(),
+            "shard.index",
+        ),
+        (
+            "no job identity",
+            |v| {
+                v.as_object_mut().unwrap().remove("job");
+            },
+            "job",
+        ),
+    ];
+    for (what, edit, field) in edits {
+        let d = t.join("tampered");
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let mut v = base.clone();
+        edit(&mut v);
+        std::fs::write(d.join("report.json"), v.to_string()).unwrap();
+        let e = match gps_seg::infer::report::merge_reports(&[d.clone(), s1.clone()], &t.join("y"))
+        {
+            Ok(_) => panic!("{what}: merged"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            e.contains(s(&d.join("report.json"))) && e.contains(field),
+            "{what}: {e}"
+        );
+        assert!(!t.join("y").exists(), "{what}: wrote a merge");
+    }
+}
+
+/// A job that fails part-way (an image whose header reads but whose pixels do not, in the
+/// second batch) removes the `masks/` and `overlays/` it created, or the whole `--out` when it
+/// created that, and keeps an `--out` that was there before (#27 case 14).
+#[test]
+fn a_failed_job_leaves_no_partial_outputs_it_created() {
+    use gps_seg::data::imgio;
+    let tmp = tempfile::tempdir().unwrap();
+    let (img, msk) = (tmp.path().join("images"), tmp.path().join("masks"));
+    std::fs::create_dir_all(&img).unwrap();
+    std::fs::create_dir_all(&msk).unwrap();
+    for id in ["a", "b", "c"] {
+        imgio::write_png(
+            &img.join(format!("{id}.png")),
+            &image::RgbImage::new(20, 10),
+        )
+        .unwrap();
+        imgio::write_png(
+            &msk.join(format!("{id}.png")),
+            &image::GrayImage::new(20, 10),
+        )
+        .unwrap();
+    }
+    // c.png: a corrupt IDAT (the header check passes, decoding fails in batch 2).
+    let mut png = std::fs::read(img.join("c.png")).unwrap();
+    let idat = png.windows(4).position(|w| w == b"IDAT").unwrap();
+    png[idat + 8] ^= 0xFF;
+    std::fs::write(img.join("c.png"), &png).unwrap();
+    let (c, bad) = input::from_folders(&img, Some(&msk)).unwrap();
+    let inputs = input::check(c, bad);
+    assert_eq!(inputs.items.len(), 3, "{:?}", inputs.bad);
+    let mut opts = InferOptions::new(tmp.path().join("new/out"));
+    opts.batch_size = 2;
+    let e = infer::infer(&Brightness(16), &inputs, &opts, &mut Silent)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("c.png"), "{e}");
+    assert!(!tmp.path().join("new").exists(), "left a partial output");
+    // An --out that existed (with a file of its own) stays; what the job created goes.
+    let out = tmp.path().join("existing");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    opts.out = out.clone();
+    assert!(infer::infer(&Brightness(16), &inputs, &opts, &mut Silent).is_err());
+    assert!(!out.join("masks").exists() && !out.join("overlays").exists());
+    assert_eq!(
+        std::fs::read_to_string(out.join("notes.txt")).unwrap(),
+        "mine"
     );
 }

@@ -658,3 +658,107 @@ fn int8_and_fp16_exports_match_f32() {
     eprintln!("fp16: relative L2 {rel:.2e}");
     assert!(rel <= 1e-2, "fp16 relative error {rel}");
 }
+
+/// `export --precision fp16` (#27 case 9): a weight f16 cannot hold (1e6 > 65504, which would
+/// become Inf) is refused naming the tensor and the value, by the pass and by the command,
+/// which writes nothing; the largest f16 value itself converts.
+#[test]
+fn fp16_export_refuses_weights_beyond_f16_naming_the_tensor() {
+    use gps_seg::onnx::quantize::to_fp16;
+    let cfg = SamConfig::tiny().with_image_size(64);
+    let name = "image_encoder.blocks.0.mlp.lin1.weight";
+    let with_value = |x: f32| {
+        let mut w = sam::random_sam_weights(&cfg, 3).unwrap();
+        let t = w.get(name).unwrap();
+        let mut v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v[5] = x;
+        w.insert(
+            name.into(),
+            Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap(),
+        );
+        w
+    };
+    for x in [1e6f32, -70000.0] {
+        let (mut m, _) =
+            sam::export_prompt_free(&cfg, &with_value(x), SamExportOptions::default()).unwrap();
+        let e = to_fp16(&mut m).unwrap_err().to_string();
+        assert!(e.contains(name) && e.contains(&x.to_string()), "{e}");
+    }
+    let (mut m, _) =
+        sam::export_prompt_free(&cfg, &with_value(65504.0), SamExportOptions::default()).unwrap();
+    to_fp16(&mut m).unwrap();
+
+    // The command: exit 1 naming the tensor, no file.
+    let tmp = tempfile::tempdir().unwrap();
+    let wp = tmp.path().join("w.safetensors");
+    gps_seg::util::tensors::save_safetensors(&wp, &with_value(1e6), None).unwrap();
+    let cp = tmp.path().join("cfg.json");
+    std::fs::write(&cp, serde_json::to_string(&cfg).unwrap()).unwrap();
+    let out = tmp.path().join("m.onnx");
+    let r = std::process::Command::new(env!("CARGO_BIN_EXE_gps-seg"))
+        .args(["export", "--model"])
+        .arg(&wp)
+        .arg("--config")
+        .arg(&cp)
+        .args(["--precision", "fp16", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(err.contains(name) && err.contains("1000000"), "{err}");
+    assert!(!out.exists());
+}
+
+/// `export --prompted` (#27 case 14): a checkpoint whose prompted decoder cannot be exported
+/// (its mask decoder is missing) leaves no image encoder behind; nor does a decoder that
+/// cannot be written (its path is taken by a folder).
+#[test]
+fn a_prompted_export_that_fails_on_the_decoder_leaves_no_encoder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = SamConfig::tiny().with_image_size(64);
+    let cp = tmp.path().join("cfg.json");
+    std::fs::write(&cp, serde_json::to_string(&cfg).unwrap()).unwrap();
+    let mut w = sam::random_sam_weights(&cfg, 4).unwrap();
+    let full = tmp.path().join("full.safetensors");
+    gps_seg::util::tensors::save_safetensors(&full, &w, None).unwrap();
+    w.retain(|k, _| !k.starts_with("mask_decoder."));
+    let partial = tmp.path().join("no-decoder.safetensors");
+    gps_seg::util::tensors::save_safetensors(&partial, &w, None).unwrap();
+    let export = |model: &Path, out: &Path| {
+        let r = std::process::Command::new(env!("CARGO_BIN_EXE_gps-seg"))
+            .arg("export")
+            .arg("--model")
+            .arg(model)
+            .arg("--config")
+            .arg(&cp)
+            .arg("--prompted")
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap();
+        (
+            r.status.code(),
+            String::from_utf8_lossy(&r.stderr).into_owned(),
+        )
+    };
+    let out = tmp.path().join("a/enc.onnx");
+    let (code, err) = export(&partial, &out);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("mask_decoder"), "{err}");
+    assert!(!out.exists(), "the encoder of a failed pair was left");
+    // The decoder's path is a folder: the encoder written first is removed again.
+    let out = tmp.path().join("b/enc.onnx");
+    std::fs::create_dir_all(tmp.path().join("b/enc_decoder.onnx")).unwrap();
+    let (code, err) = export(&full, &out);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        !out.exists(),
+        "the encoder of a failed pair was left: {err}"
+    );
+    // And the whole pair when nothing is in the way.
+    let out = tmp.path().join("c/enc.onnx");
+    let (code, err) = export(&full, &out);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.exists() && tmp.path().join("c/enc_decoder.onnx").exists());
+}

@@ -592,3 +592,146 @@ fn a_killed_prompted_run_resumes_to_the_same_metrics() {
     let wb = std::fs::read(b.join("merged.safetensors")).unwrap();
     assert!(wa == wb, "merged weights differ after resume");
 }
+
+/// A prompted stand-in engine: logits 1 where a prompt's box covers the pixel, −1 elsewhere
+/// (the job's checks and writing, without a model).
+struct BoxEngine(usize);
+
+impl Engine for BoxEngine {
+    fn name(&self) -> &'static str {
+        "box-engine"
+    }
+    fn input_size(&self) -> usize {
+        self.0
+    }
+    fn describe(&self) -> String {
+        "test engine".into()
+    }
+    fn takes_prompts(&self) -> bool {
+        true
+    }
+    fn logits(&self, _: &[f32], _: usize) -> gps_seg::Result<infer::Logits> {
+        Err(gps_seg::Error::msg("prompted only"))
+    }
+    fn logits_prompted(
+        &self,
+        _: &[f32],
+        n: usize,
+        prompts: &[&[gps_seg::data::prompts::ObjectPrompt]],
+    ) -> gps_seg::Result<infer::Logits> {
+        let s = self.0;
+        let mut data = vec![-1.0f32; n * s * s];
+        for (i, objs) in prompts.iter().enumerate() {
+            for o in objs.iter() {
+                let [x0, y0, x1, y1] = o.bbox.unwrap_or([0.0; 4]);
+                for y in 0..s {
+                    for x in 0..s {
+                        let (fx, fy) = (x as f32, y as f32);
+                        if fx >= x0 && fx <= x1 && fy >= y0 && fy <= y1 {
+                            data[i * s * s + y * s + x] = 1.0;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(infer::Logits { n, size: s, data })
+    }
+}
+
+/// `infer` with a prompt file (#27 case 9): a box or point outside its image is refused as
+/// `serve` answers 400 for it (no clamping; the image's edge itself is inside), an id that
+/// matches no image is refused naming it, a JSON file with an image id twice is refused, and
+/// a CSV with a byte-order mark and quoted fields reads as the plain one. Nothing is written
+/// for a refused job.
+#[test]
+fn prompt_files_are_checked_against_the_images_as_serve_checks_them() {
+    use gps_seg::data::imgio;
+    let tmp = tempfile::tempdir().unwrap();
+    let (img, msk) = (tmp.path().join("images"), tmp.path().join("masks"));
+    std::fs::create_dir_all(&img).unwrap();
+    std::fs::create_dir_all(&msk).unwrap();
+    // Two 40×20 (w×h) images.
+    for id in ["a", "b"] {
+        imgio::write_png(
+            &img.join(format!("{id}.png")),
+            &image::RgbImage::new(40, 20),
+        )
+        .unwrap();
+        imgio::write_png(
+            &msk.join(format!("{id}.png")),
+            &image::GrayImage::new(40, 20),
+        )
+        .unwrap();
+    }
+    let (c, bad) = gps_seg::infer::input::from_folders(&img, Some(&msk)).unwrap();
+    let inputs = gps_seg::infer::input::check(c, bad);
+    let run = |name: &str, text: &str| -> Result<(), String> {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        let file = read_prompt_file(&p).map_err(|e| e.to_string())?;
+        let out = tmp.path().join(format!("out-{name}"));
+        let mut o = InferOptions::new(out.clone());
+        o.prompts = Some(JobPrompts::File(file));
+        let r = infer::infer(&BoxEngine(16), &inputs, &o, &mut Silent)
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        if r.is_err() {
+            assert!(!out.exists(), "{name}: wrote outputs for a refused job");
+        }
+        r
+    };
+    // The image's edge is inside (as serve's rule: 0 ≤ x ≤ w, 0 ≤ y ≤ h).
+    run(
+        "edge.json",
+        r#"{"a": [{"box": [0, 0, 40, 20]}], "b": [{"points": [[40, 20]], "labels": [1]}]}"#,
+    )
+    .unwrap();
+    for (name, text, want) in [
+        (
+            "box-out.json",
+            r#"{"a": [{"box": [0, 0, 41, 20]}], "b": [{"box": [1, 1, 2, 2]}]}"#,
+            "box (0, 0, 41, 20) is outside the 40×20 image",
+        ),
+        (
+            "point-out.json",
+            r#"{"a": [{"box": [1, 1, 2, 2]}], "b": [{"points": [[3, 20.5]], "labels": [0]}]}"#,
+            "point (3, 20.5) is outside the 40×20 image",
+        ),
+        (
+            "unknown.json",
+            r#"{"a": [{"box": [1, 1, 2, 2]}], "b": [{"box": [1, 1, 2, 2]}], "nope": [{"box": [1, 1, 2, 2]}]}"#,
+            "`nope`",
+        ),
+        (
+            "twice.json",
+            r#"{"a": [{"box": [1, 1, 2, 2]}], "b": [{"box": [1, 1, 2, 2]}], "a": [{"box": [5, 5, 9, 9]}]}"#,
+            "image `a` is given twice",
+        ),
+        (
+            "out.csv",
+            "id,kind,x0,y0,x1,y1\na,box,1,1,2,2\nb,pos,40.5,3\n",
+            "point (40.5, 3) is outside",
+        ),
+    ] {
+        let e = run(name, text).unwrap_err();
+        assert!(e.contains(want), "{name}: {e}");
+    }
+    // A spreadsheet's CSV: byte-order mark, quoted header and ids (one with a comma).
+    let plain = "id,kind,x0,y0,x1,y1\na,box,1,2,30,15\nb,pos,4,5\nb,neg,6,7\n";
+    let quoted = "\u{feff}\"id\",\"kind\",\"x0\",\"y0\",\"x1\",\"y1\"\r\n\"a\",\"box\",1,2,30,15\r\n\"b\", pos ,\"4\",5\r\n\"b\",\"neg\",6,7\r\n\"c,d\",\"box\",1,1,2,2\r\n";
+    let (pp, qp) = (tmp.path().join("plain.csv"), tmp.path().join("quoted.csv"));
+    std::fs::write(&pp, plain).unwrap();
+    std::fs::write(&qp, quoted).unwrap();
+    let (p, mut q) = (
+        read_prompt_file(&pp).unwrap(),
+        read_prompt_file(&qp).unwrap(),
+    );
+    assert!(q.remove("c,d").is_some(), "{q:?}");
+    assert_eq!(p, q);
+    // A JSON file with a byte-order mark reads too.
+    let jp = tmp.path().join("bom.json");
+    std::fs::write(&jp, "\u{feff}{\"a\": [{\"box\": [1, 2, 30, 15]}]}").unwrap();
+    assert_eq!(read_prompt_file(&jp).unwrap()["a"], p["a"]);
+    // The accepted file's masks were written.
+    assert!(tmp.path().join("out-edge.json/masks/a.png").is_file());
+}

@@ -821,3 +821,137 @@ fn interrupted_synthetic_generation_leaves_no_partial_set() {
         .collect();
     assert_eq!(names.len(), 2, "{names:?}");
 }
+
+/// Run the binary with `args`, killing it after `limit` (a config that allocates before it is
+/// validated would abort, or grow for minutes): (exit code, stderr, whether it was killed).
+fn bin_bounded(args: &[String], limit: std::time::Duration) -> (Option<i32>, String, bool) {
+    let mut child = bin()
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let killed = loop {
+        if child.try_wait().unwrap().is_some() {
+            break false;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            break true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        killed,
+    )
+}
+
+/// Every path that builds a SAM from a config validates it before allocating (#27 case 10):
+/// `export --random-init` with a config file, `infer --engine candle --config`, and the
+/// benchmarks' `--image-size` refuse image_size 2^40, encoder_embed_dim 1e9 and encoder_depth
+/// 1e6 with exit 1 naming the field — no abort, no growth until killed.
+#[test]
+fn every_path_that_builds_a_model_validates_its_config_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let images = d.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    image::RgbImage::new(8, 8)
+        .save(images.join("a.png"))
+        .unwrap();
+    let good = serde_json::to_value(SamConfig::tiny().with_image_size(64)).unwrap();
+    let ckpt = Path::new(env!("CARGO_MANIFEST_DIR")).join("sam/sam-tiny.safetensors");
+    let p = |x: &Path| x.display().to_string();
+    let mut runs: Vec<(Vec<String>, &str)> = Vec::new();
+    for (field, value) in [
+        ("image_size", serde_json::json!(1u64 << 40)),
+        ("encoder_embed_dim", serde_json::json!(1_000_000_000u64)),
+        ("encoder_depth", serde_json::json!(1_000_000u64)),
+    ] {
+        let mut c = good.clone();
+        c[field] = value;
+        let cp = d.join(format!("{field}.json"));
+        std::fs::write(&cp, c.to_string()).unwrap();
+        runs.push((
+            vec![
+                "export".into(),
+                "--random-init".into(),
+                "1".into(),
+                "--config".into(),
+                p(&cp),
+                "--out".into(),
+                p(&d.join(format!("{field}.onnx"))),
+            ],
+            field,
+        ));
+        runs.push((
+            vec![
+                "infer".into(),
+                "--engine".into(),
+                "candle".into(),
+                "--checkpoint".into(),
+                p(&ckpt),
+                "--config".into(),
+                p(&cp),
+                "--images".into(),
+                p(&images),
+                "--out".into(),
+                p(&d.join(format!("infer-{field}"))),
+                "--quiet".into(),
+            ],
+            field,
+        ));
+    }
+    let huge = (1u64 << 40).to_string();
+    for bench in [
+        &["bench", "sam"][..],
+        &["bench", "infer"],
+        &["bench", "export", "--random-init"],
+    ] {
+        let mut a: Vec<String> = bench.iter().map(|s| s.to_string()).collect();
+        a.extend([
+            "--model".into(),
+            "tiny".into(),
+            "--image-size".into(),
+            huge.clone(),
+        ]);
+        runs.push((a, "image_size"));
+    }
+    for (args, field) in runs {
+        let (code, err, killed) = bin_bounded(&args, std::time::Duration::from_secs(60));
+        assert!(!killed, "{args:?}: still running after 60 s");
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert!(err.contains(field), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    assert!(!d.join("image_size.onnx").exists());
+}
+
+/// `info` reads the config stored beside a checkpoint (`<stem>.json`) as every other command
+/// does (#27 case 14): sam-tiny's own window size and global blocks, not a guess from shapes.
+#[test]
+fn info_reads_the_config_beside_a_checkpoint() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("sam");
+    let stored = sam::registry::read_config(&dir.join("sam-tiny.json")).unwrap();
+    let info = sam::info::model_info(dir.join("sam-tiny.safetensors").to_str().unwrap()).unwrap();
+    assert_eq!(info.config, stored);
+    assert_eq!(info.config.window_size, 8);
+    assert_eq!(info.config.encoder_global_attn_indexes, vec![2, 5]);
+    assert!(
+        info.notes.iter().any(|n| n.contains("sam-tiny.json")),
+        "{:?}",
+        info.notes
+    );
+    let out = bin()
+        .args(["info", "--model"])
+        .arg(dir.join("sam-tiny.safetensors"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(text.contains("\"window_size\": 8"), "{text}");
+}

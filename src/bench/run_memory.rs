@@ -237,6 +237,10 @@ pub fn run(
             });
         }
     }
+    // The runs' config, checked before anything is written (each run would refuse it later).
+    SamConfig::preset(&cfg.model)?
+        .with_image_size(cfg.image_size)
+        .validate()?;
     let (_tmp, dir) = super::work_dir(cfg.keep.as_deref(), "gps-seg-bench-run-memory-")?;
     let dir: &Path = &dir;
     progress("writing the random checkpoint and the synthetic images");

@@ -100,6 +100,8 @@ pub fn bench_prompt_free(
     device: &Device,
     precision: Precision,
 ) -> Result<SamBench> {
+    // Validated and sized before the random batch is made (sizes come from flags).
+    cfg.check_memory(batch, false)?;
     let iters = iters.max(1);
     let s = cfg.image_size;
     let mut rng = Rng::new(0);

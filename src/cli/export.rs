@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use gps_seg::models::ClassifierConfig;
 use gps_seg::onnx::classifier::{self, ClassifierExportOptions};
 use gps_seg::onnx::sam::{self, ExportSummary, SamExportOptions};
-use gps_seg::onnx::{write_model_with, ExternalData, ModelProto};
+use gps_seg::onnx::{write_model_with, ExternalData, ModelProto, WriteReport};
 use gps_seg::sam::SamConfig;
 use std::path::{Path, PathBuf};
 
@@ -96,12 +96,25 @@ fn weights_path(m: &Path) -> anyhow::Result<PathBuf> {
         })
 }
 
+/// A classifier config read from `path` when it is one (a JSON object with a `family` key),
+/// validated; `None` for any other JSON (a SAM config).
+fn read_classifier_config(path: &Path) -> anyhow::Result<Option<ClassifierConfig>> {
+    let v: serde_json::Value = gps_seg::util::fs::read_json(path)?;
+    if v.get("family").is_none() {
+        return Ok(None);
+    }
+    let cfg: ClassifierConfig = gps_seg::util::fs::read_json(path)?;
+    cfg.validate()
+        .with_context(|| format!("{}: not a usable classifier config", path.display()))?;
+    Ok(Some(cfg))
+}
+
 /// A classifier config for these arguments, if they name a classifier (see the module docs).
 fn classifier_config(args: &Args) -> anyhow::Result<Option<ClassifierConfig>> {
     if let Some(c) = &args.config {
         let p = Path::new(c);
         if p.is_file() {
-            return Ok(gps_seg::util::fs::read_json::<ClassifierConfig>(p).ok());
+            return read_classifier_config(p);
         }
         if ClassifierConfig::PRESETS.contains(&c.as_str()) {
             return Ok(Some(ClassifierConfig::preset(c, args.num_classes)?));
@@ -118,7 +131,7 @@ fn classifier_config(args: &Args) -> anyhow::Result<Option<ClassifierConfig>> {
             .map(|s| m.with_file_name(format!("{}.json", s.to_string_lossy())))
     };
     match candidate {
-        Some(c) if c.is_file() => Ok(gps_seg::util::fs::read_json::<ClassifierConfig>(&c).ok()),
+        Some(c) if c.is_file() => read_classifier_config(&c),
         _ => Ok(None),
     }
 }
@@ -127,6 +140,8 @@ fn run_classifier(args: &Args, cfg: ClassifierConfig) -> anyhow::Result<()> {
     if args.prompted {
         bail!("--prompted is for SAM; `{}` is a classifier", cfg.name());
     }
+    // Before any weight is read or made.
+    cfg.validate()?;
     let map = match (&args.model, args.random_init) {
         (Some(m), _) => {
             let w = weights_path(m)?;
@@ -145,8 +160,9 @@ fn run_classifier(args: &Args, cfg: ClassifierConfig) -> anyhow::Result<()> {
         normalize: !args.no_normalize,
         features: !args.no_features,
     };
-    let (m, s) = classifier::export(&cfg, &map, opts)
+    let (mut m, s) = classifier::export(&cfg, &map, opts)
         .with_context(|| format!("exporting classifier `{}`", cfg.name()))?;
+    convert(&mut m, args)?;
     println!(
         "classifier {} ({} classes, {}x{} input)",
         cfg.name(),
@@ -154,7 +170,7 @@ fn run_classifier(args: &Args, cfg: ClassifierConfig) -> anyhow::Result<()> {
         cfg.image_size(),
         cfg.image_size()
     );
-    write(&args.out, m, args, &s)
+    write(&args.out, m, args, &s).map(|_| ())
 }
 
 fn resolve(args: &Args) -> anyhow::Result<(SamConfig, Option<PathBuf>)> {
@@ -178,12 +194,16 @@ fn resolve(args: &Args) -> anyhow::Result<(SamConfig, Option<PathBuf>)> {
             }
         }
     }
-    let cfg = match (&args.config, cfg_path) {
-        (Some(c), _) if Path::new(c).is_file() => gps_seg::util::fs::read_json(Path::new(c))?,
+    let cfg: SamConfig = match (&args.config, cfg_path) {
+        // Read and validated, every field named (before any weight is read or made).
+        (Some(c), _) if Path::new(c).is_file() => {
+            gps_seg::sam::registry::read_config(Path::new(c))?
+        }
         (Some(c), _) => SamConfig::preset(c)?,
         (None, Some(p)) => gps_seg::util::fs::read_json(&p)?,
         (None, None) => bail!("--config is required (a preset name or a config.json)"),
     };
+    cfg.validate()?;
     Ok((cfg, weights))
 }
 
@@ -263,14 +283,15 @@ fn decoder_path(out: &Path) -> PathBuf {
     out.with_file_name(format!("{stem}_decoder.onnx"))
 }
 
-fn write(path: &Path, mut model: ModelProto, args: &Args, s: &ExportSummary) -> anyhow::Result<()> {
+/// The precision pass of `--quantize` / `--precision` (printing what it changed).
+fn convert(model: &mut ModelProto, args: &Args) -> anyhow::Result<()> {
     use gps_seg::onnx::quantize::{quantize_int8, to_fp16};
     let pass = match (args.quantize, args.precision) {
         (Some(_), Precision::Fp16) => {
             bail!("--quantize int8 and --precision fp16 exclude each other")
         }
-        (Some(Quantize::Int8), Precision::F32) => Some(("int8", quantize_int8(&mut model)?)),
-        (None, Precision::Fp16) => Some(("fp16", to_fp16(&mut model)?)),
+        (Some(Quantize::Int8), Precision::F32) => Some(("int8", quantize_int8(model)?)),
+        (None, Precision::Fp16) => Some(("fp16", to_fp16(model)?)),
         (None, Precision::F32) => None,
     };
     if let Some((what, r)) = &pass {
@@ -279,6 +300,16 @@ fn write(path: &Path, mut model: ModelProto, args: &Args, s: &ExportSummary) -> 
             r.matmuls, r.convs, r.bytes_before, r.bytes_after
         );
     }
+    Ok(())
+}
+
+/// Write a converted model (with external data per --external-data) and print its summary.
+fn write(
+    path: &Path,
+    model: ModelProto,
+    args: &Args,
+    s: &ExportSummary,
+) -> anyhow::Result<WriteReport> {
     let ext = if args.external_data {
         ExternalData::Always {
             threshold_bytes: 1024,
@@ -306,7 +337,7 @@ fn write(path: &Path, mut model: ModelProto, args: &Args, s: &ExportSummary) -> 
         s.unused_count,
         s.unused.len()
     );
-    Ok(())
+    Ok(r)
 }
 
 /// `--base-onnx`: the task file(s) of a GPS run on a shared base (see the flag's help).
@@ -443,13 +474,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         normalize: !args.no_normalize,
     };
     if args.prompted {
-        let (m, s) = sam::export_image_encoder(&cfg, &map, opts)?;
-        write(&args.out, m, &args, &s)?;
-        let dec = decoder_path(&args.out);
-        let (m, s) = sam::export_prompted_decoder(&cfg, &map)?;
-        write(&dec, m, &args, &s)?;
+        // Both graphs are built and converted before either is written, and a decoder that
+        // cannot be written takes the encoder written just before with it: never half a pair.
+        let (mut enc, se) = sam::export_image_encoder(&cfg, &map, opts)?;
+        let (mut dec, sd) = sam::export_prompted_decoder(&cfg, &map)?;
+        drop(map);
+        convert(&mut enc, &args)?;
+        convert(&mut dec, &args)?;
+        let written = write(&args.out, enc, &args, &se)?;
+        if let Err(e) = write(&decoder_path(&args.out), dec, &args, &sd) {
+            for p in std::iter::once(&written.model_path).chain(written.data_path.as_ref()) {
+                let _ = std::fs::remove_file(p);
+            }
+            return Err(e.context(format!(
+                "writing the prompted decoder failed; removed the image encoder {} written \
+                 before it",
+                written.model_path.display()
+            )));
+        }
     } else {
-        let (m, s) = sam::export_prompt_free(&cfg, &map, opts)?;
+        let (mut m, s) = sam::export_prompt_free(&cfg, &map, opts)?;
+        drop(map);
+        convert(&mut m, &args)?;
         write(&args.out, m, &args, &s)?;
     }
     Ok(())

@@ -104,7 +104,8 @@ pub struct Args {
     pub decoder: Option<PathBuf>,
     /// Prompts per image: JSON `{"<id>": [{"box": [x0,y0,x1,y1], "points": [[x,y]],
     /// "labels": [1]}]}` or CSV rows `id,box,x0,y0,x1,y1` / `id,pos|neg,x,y`, in original
-    /// pixel coordinates.
+    /// pixel coordinates. Every id must name an image and every prompt lie inside its image
+    /// (0 ≤ x ≤ width, 0 ≤ y ≤ height), as `serve` requires; nothing is clamped.
     #[arg(long, conflicts_with = "prompt_from_masks")]
     pub prompts: Option<PathBuf>,
     /// Sample the prompts from the ground-truth masks (evaluation), with the fixed per-image
@@ -294,7 +295,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             };
             let cfg = match (&args.config, &run) {
                 (Some(c), _) if std::path::Path::new(c).is_file() => {
-                    gps_seg::util::fs::read_json(std::path::Path::new(c))?
+                    gps_seg::sam::registry::read_config(std::path::Path::new(c))?
                 }
                 (Some(c), _) => gps_seg::sam::SamConfig::preset(c)?,
                 (None, Some(r)) => r.view.sam.clone(),

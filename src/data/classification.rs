@@ -535,34 +535,60 @@ impl ClsDataset {
     }
 }
 
-/// What makes two samples the same image: the canonical file path, or the CIFAR record.
-fn identity(r: &ImageRef, id: &str) -> String {
-    match r {
-        ImageRef::File(p) => p
-            .canonicalize()
-            .unwrap_or_else(|_| p.clone())
-            .display()
-            .to_string(),
-        ImageRef::Cifar { .. } => format!("cifar:{id}"),
-    }
+/// What makes two samples the same image: a file's content (size and SHA-256 of its bytes,
+/// so a copy or a renamed file is the same image as its original), or the CIFAR record.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum SameImage {
+    Content(crate::util::hash::FileHash),
+    Cifar(String),
 }
 
-/// Refuse any image that appears in two of the named parts (e.g. train / val / test): an
-/// error listing the first overlaps with the parts they are in. Every run checks its parts.
+/// Refuse any image that appears in two of the named parts (e.g. train / val / test): the
+/// same file, a copy of it or a renamed copy (found by content: every file is hashed once,
+/// streamed, in parallel), or the same CIFAR record. The error names both files (lossily for
+/// names that are not UTF-8) and the parts they are in, for the first 10 overlaps, and counts
+/// them all. Repeats within one part are not overlaps. Every run checks its parts.
 pub fn check_disjoint(parts: &[(&str, &ClsDataset)]) -> Result<()> {
-    let mut owner: std::collections::HashMap<String, &str> = Default::default();
+    use rayon::prelude::*;
+    // Each distinct file once (a file listed by two parts, or twice, is read once).
+    let mut files: Vec<&Path> = parts
+        .iter()
+        .flat_map(|(_, ds)| ds.samples.iter())
+        .filter_map(|smp| match &smp.image {
+            ImageRef::File(p) => Some(p.as_path()),
+            ImageRef::Cifar { .. } => None,
+        })
+        .collect();
+    files.sort();
+    files.dedup();
+    let hashes: std::collections::HashMap<&Path, crate::util::hash::FileHash> = files
+        .par_iter()
+        .map(|p| crate::util::hash::sha256_file(p).map(|h| (*p, h)))
+        .collect::<Result<_>>()?;
+    // Content → (part index, the first sample of that part with it).
+    let mut owner: std::collections::HashMap<SameImage, (usize, &ClsSample)> = Default::default();
     let mut problems = Problems::new();
     let mut total = 0usize;
-    for (name, ds) in parts {
+    for (k, (name, ds)) in parts.iter().enumerate() {
         for smp in &ds.samples {
-            let key = identity(&smp.image, &smp.id);
-            if let Some(prev) = owner.insert(key, name) {
-                total += 1;
-                if problems.len() < 10 {
-                    problems.push(format!(
-                        "`{}` is in both the {prev} and the {name} split",
-                        smp.id
-                    ));
+            let key = match &smp.image {
+                ImageRef::File(p) => match hashes.get(p.as_path()) {
+                    Some(h) => SameImage::Content(*h),
+                    None => continue,
+                },
+                ImageRef::Cifar { .. } => SameImage::Cifar(smp.id.clone()),
+            };
+            match owner.get(&key) {
+                None => {
+                    owner.insert(key, (k, smp));
+                }
+                Some(&(pk, _)) if pk == k => {}
+                Some(&(pk, prev)) => {
+                    total += 1;
+                    if problems.len() < 10 {
+                        let prev_name = parts.get(pk).map_or("?", |p| p.0);
+                        problems.push(overlap_line(prev, prev_name, smp, name));
+                    }
                 }
             }
         }
@@ -571,6 +597,27 @@ pub fn check_disjoint(parts: &[(&str, &ClsDataset)]) -> Result<()> {
         problems.push(format!("… {} overlap(s) in all", total));
     }
     problems.into_result("classification splits overlap")
+}
+
+/// One overlap, naming both samples' files and their parts.
+fn overlap_line(a: &ClsSample, a_part: &str, b: &ClsSample, b_part: &str) -> String {
+    let show = |s: &ClsSample| match &s.image {
+        ImageRef::File(p) => p.display().to_string(),
+        ImageRef::Cifar { .. } => s.id.clone(),
+    };
+    let same_file = match (&a.image, &b.image) {
+        (ImageRef::File(p), ImageRef::File(q)) => p == q,
+        _ => a.id == b.id,
+    };
+    let (x, y) = (show(a), show(b));
+    if same_file {
+        format!("`{x}` is in both the {a_part} and the {b_part} split")
+    } else {
+        format!(
+            "`{x}` (in the {a_part} split) and `{y}` (in the {b_part} split) are the same \
+             image: identical bytes"
+        )
+    }
 }
 
 /// Decode an [`ImageRef`] as 8-bit RGB.

@@ -422,8 +422,10 @@ pub const MAX_PROMPT_FILE: u64 = 64 << 20;
 /// Read prompts per image from JSON (`{"<id>": [{"box": [x0,y0,x1,y1], "points": [[x,y],…],
 /// "labels": [1,0,…]}, …]}`) or CSV (`id,kind,x0,y0,x1,y1` rows, `kind` = `box` with four
 /// coordinates, or `pos` / `neg` with `x,y`; one object per `box` row, points attach to the
-/// object of the image's latest box, or start one object when the image has none). Every
-/// problem names the file and the entry.
+/// object of the image's latest box, or start one object when the image has none; fields may
+/// be double-quoted, a header row starting `id` is skipped). A UTF-8 byte-order mark is
+/// skipped; an image id given twice in JSON is refused. Every problem names the file and the
+/// entry.
 pub fn read_prompt_file(path: &Path) -> Result<PromptFile> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.len() > MAX_PROMPT_FILE {
@@ -436,6 +438,8 @@ pub fn read_prompt_file(path: &Path) -> Result<PromptFile> {
         });
     }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    // Spreadsheet programs start UTF-8 files with a byte-order mark.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let bad = |msg: String| Error::Data {
         msg: format!("{}: {msg}", path.display()),
     };
@@ -444,9 +448,11 @@ pub fn read_prompt_file(path: &Path) -> Result<PromptFile> {
         .and_then(|e| e.to_str())
         .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
     let file: PromptFile = if is_csv {
-        parse_csv(&text).map_err(bad)?
+        parse_csv(text).map_err(bad)?
     } else {
-        serde_json::from_str(&text).map_err(|e| bad(format!("not a prompt JSON: {e}")))?
+        serde_json::from_str::<UniqueIds>(text)
+            .map_err(|e| bad(format!("not a prompt JSON: {e}")))?
+            .0
     };
     for (id, objs) in &file {
         if objs.len() > MAX_OBJECTS {
@@ -489,15 +495,104 @@ pub fn read_prompt_file(path: &Path) -> Result<PromptFile> {
     Ok(file)
 }
 
+/// A prompt JSON's top level, refusing an image id given twice (serde_json keeps the last
+/// value of a repeated key without a word).
+struct UniqueIds(PromptFile);
+
+impl<'de> Deserialize<'de> for UniqueIds {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Ids;
+        impl<'de> serde::de::Visitor<'de> for Ids {
+            type Value = UniqueIds;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object mapping image ids to lists of prompt sets")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<UniqueIds, A::Error> {
+                let mut out = PromptFile::new();
+                while let Some(id) = m.next_key::<String>()? {
+                    if out.contains_key(&id) {
+                        return Err(serde::de::Error::custom(format!(
+                            "image `{id}` is given twice"
+                        )));
+                    }
+                    let objs: Vec<ObjectPrompt> = m.next_value()?;
+                    out.insert(id, objs);
+                }
+                Ok(UniqueIds(out))
+            }
+        }
+        d.deserialize_map(Ids)
+    }
+}
+
+/// The fields of one CSV line: separated by commas, each trimmed; a field in double quotes
+/// may hold commas and `""` for a quote (RFC 4180).
+fn csv_fields(line: &str) -> std::result::Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    let mut chars = line.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ' ' || *c == '\t') {
+            chars.next();
+        }
+        let mut field = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        field.push('"');
+                    }
+                    Some('"') => break,
+                    Some(c) => field.push(c),
+                    None => return Err("a quoted field is not closed".into()),
+                }
+            }
+            while chars.peek().is_some_and(|c| *c == ' ' || *c == '\t') {
+                chars.next();
+            }
+            match chars.next() {
+                None => {
+                    out.push(field);
+                    return Ok(out);
+                }
+                Some(',') => out.push(field),
+                Some(c) => return Err(format!("`{c}` after a quoted field")),
+            }
+        } else {
+            loop {
+                match chars.next() {
+                    None => {
+                        out.push(field.trim().to_string());
+                        return Ok(out);
+                    }
+                    Some(',') => break,
+                    Some(c) => field.push(c),
+                }
+            }
+            out.push(field.trim().to_string());
+        }
+    }
+}
+
 fn parse_csv(text: &str) -> std::result::Result<PromptFile, String> {
     let mut file = PromptFile::new();
+    let mut first = true;
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         let n = i + 1;
-        if line.is_empty() || line.starts_with('#') || (i == 0 && line.starts_with("id,")) {
+        if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let f: Vec<&str> = line.split(',').map(str::trim).collect();
+        let f = csv_fields(line).map_err(|e| format!("line {n}: {e}"))?;
+        let header = first && f.first().is_some_and(|h| h.eq_ignore_ascii_case("id"));
+        first = false;
+        if header {
+            continue;
+        }
         let num = |k: usize| -> std::result::Result<f32, String> {
             let s = f
                 .get(k)
@@ -506,7 +601,7 @@ fn parse_csv(text: &str) -> std::result::Result<PromptFile, String> {
                 .map_err(|_| format!("line {n}: `{s}` is not a number"))
         };
         let (id, kind) = match (f.first(), f.get(1)) {
-            (Some(id), Some(kind)) if !id.is_empty() => (id.to_string(), *kind),
+            (Some(id), Some(kind)) if !id.is_empty() => (id.clone(), kind.as_str()),
             _ => return Err(format!("line {n}: expected `id,kind,…`")),
         };
         let objs = file.entry(id).or_default();
@@ -548,13 +643,68 @@ fn parse_csv(text: &str) -> std::result::Result<PromptFile, String> {
     Ok(file)
 }
 
+/// Check a prompt file against the images of a job before anything runs: every id must name
+/// one of the job's images (`sizes`: id → `(h, w)` from the image headers) or one of its
+/// unusable inputs (`unusable`, skipped with `--skip-bad`), and every box corner and point must
+/// lie inside its image, `0 ≤ x ≤ w` and `0 ≤ y ≤ h` in original pixels — the rule
+/// `gps-seg serve` answers 400 for. Nothing is clamped. The error names the ids (at most 10)
+/// or the image, object and coordinates.
+pub fn check_against_images(
+    file: &PromptFile,
+    sizes: &std::collections::HashMap<&str, (usize, usize)>,
+    unusable: &std::collections::HashSet<String>,
+) -> Result<()> {
+    let unknown: Vec<&str> = file
+        .keys()
+        .map(String::as_str)
+        .filter(|id| !sizes.contains_key(id) && !unusable.contains(*id))
+        .collect();
+    if !unknown.is_empty() {
+        let list: Vec<String> = unknown
+            .iter()
+            .take(10)
+            .map(|id| format!("`{id}`"))
+            .collect();
+        return Err(Error::Data {
+            msg: format!(
+                "prompts: {} id(s) match no input image: {}{}",
+                unknown.len(),
+                list.join(", "),
+                if unknown.len() > 10 { ", …" } else { "" }
+            ),
+        });
+    }
+    for (id, objs) in file {
+        let Some(&(h, w)) = sizes.get(id.as_str()) else {
+            continue;
+        };
+        let inside = |x: f32, y: f32| x >= 0.0 && y >= 0.0 && x <= w as f32 && y <= h as f32;
+        for (k, o) in objs.iter().enumerate() {
+            let outside = |what: String| Error::Data {
+                msg: format!(
+                    "prompts: image `{id}`, object {k}: {what} is outside the {w}×{h} image"
+                ),
+            };
+            if let Some([x0, y0, x1, y1]) = o.bbox {
+                if !inside(x0, y0) || !inside(x1, y1) {
+                    return Err(outside(format!("box ({x0}, {y0}, {x1}, {y1})")));
+                }
+            }
+            if let Some([x, y]) = o.points.iter().copied().find(|&[x, y]| !inside(x, y)) {
+                return Err(outside(format!("point ({x}, {y})")));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Map prompts from original pixel coordinates to the `S × S` input frame (`scale` =
-/// `(sy, sx)` of [`crate::data::Resize::scale`]), clamped to the frame.
-pub fn to_input_frame(objs: &[ObjectPrompt], scale: (f32, f32), s: usize) -> Vec<ObjectPrompt> {
+/// `(sy, sx)` of [`crate::data::Resize::scale`]) as `gps-seg serve` does: multiplied, not
+/// clamped ([`check_against_images`] refuses a prompt outside its image first).
+pub fn to_input_frame(objs: &[ObjectPrompt], scale: (f32, f32)) -> Vec<ObjectPrompt> {
     let (sy, sx) = scale;
-    let last = (s.max(1) - 1) as f32;
-    let fx = |x: f32| (x * sx).clamp(0.0, last);
-    let fy = |y: f32| (y * sy).clamp(0.0, last);
+    let fx = |x: f32| x * sx;
+    let fy = |y: f32| y * sy;
     objs.iter()
         .map(|o| ObjectPrompt {
             bbox: o.bbox.map(|b| [fx(b[0]), fy(b[1]), fx(b[2]), fy(b[3])]),

@@ -13,7 +13,7 @@ use crate::sam::{Sam, SamConfig};
 use crate::util::tensors::TensorMap;
 use candle_core::{Device, Tensor};
 use ndarray::ArrayD;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Mask logits of a batch: `data` is `[n, size, size]` row-major.
 #[derive(Debug, Clone)]
@@ -41,6 +41,15 @@ pub trait Engine {
     fn describe(&self) -> String;
     /// `images`: `[n, 3, S, S]` RGB in [0, 1], row-major → logits `[n, 1, S', S']`.
     fn logits(&self, images: &[f32], n: usize) -> Result<Logits>;
+    /// The files this engine's numbers come from, in load order, hashed by content into a
+    /// sharded job's identity ([`super::identity`]); none for an engine built in memory.
+    fn model_files(&self) -> Vec<PathBuf> {
+        Vec::new()
+    }
+    /// Settings the numbers depend on that are not in [`Engine::model_files`] (empty: none).
+    fn model_settings(&self) -> String {
+        String::new()
+    }
     /// Whether the engine segments from prompts ([`Engine::logits_prompted`]).
     fn takes_prompts(&self) -> bool {
         false
@@ -188,6 +197,10 @@ impl Engine for OrtEngine {
         "onnxruntime"
     }
 
+    fn model_files(&self) -> Vec<PathBuf> {
+        super::identity::onnx_files(self.model.path())
+    }
+
     fn input_size(&self) -> usize {
         self.size
     }
@@ -251,6 +264,8 @@ pub struct CandleEngine {
     cfg: SamConfig,
     device: Device,
     source: String,
+    /// The checkpoint file, when loaded from one.
+    weights: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for CandleEngine {
@@ -266,7 +281,9 @@ impl CandleEngine {
     /// Load a checkpoint (`.safetensors` or `.pth`, position tables adapted to `cfg`).
     pub fn load(weights: &Path, cfg: &SamConfig, device: &Device) -> Result<CandleEngine> {
         let map = crate::sam::load_weights(weights, cfg, device)?;
-        Self::from_weights(map, cfg, device, weights.display().to_string())
+        let mut e = Self::from_weights(map, cfg, device, weights.display().to_string())?;
+        e.weights = Some(weights.to_path_buf());
+        Ok(e)
     }
 
     /// Build from a tensor map (every tensor must be used).
@@ -282,6 +299,7 @@ impl CandleEngine {
             cfg: cfg.clone(),
             device: device.clone(),
             source,
+            weights: None,
         })
     }
 }
@@ -289,6 +307,15 @@ impl CandleEngine {
 impl Engine for CandleEngine {
     fn name(&self) -> &'static str {
         "candle"
+    }
+
+    fn model_files(&self) -> Vec<PathBuf> {
+        self.weights.iter().cloned().collect()
+    }
+
+    fn model_settings(&self) -> String {
+        // The config decides the architecture and how the checkpoint's tables are resized.
+        serde_json::to_string(&self.cfg).unwrap_or_default()
     }
 
     fn input_size(&self) -> usize {

@@ -10,6 +10,7 @@
 //! written unless `skip_bad` is set (then they are listed in the report).
 
 use super::engine::Engine;
+use super::identity::JobIdentity;
 use super::input::{bad_from, BadInput, InputItem, Inputs};
 use crate::data::imgio;
 use crate::data::prompts::{self, ObjectPrompt, PromptFile, PromptSpec};
@@ -54,6 +55,9 @@ pub enum JobPrompts {
     FromMasks { spec: PromptSpec, seed: u64 },
 }
 
+/// Most shards one job may be split into.
+pub const MAX_SHARDS: usize = 100_000;
+
 /// One of `count` disjoint parts of a job's inputs: input `i` (in the job's order) belongs to
 /// shard `i % count`. Every input is in exactly one shard, whatever the count, and a shard's
 /// images keep their order, so merged shard reports equal an unsharded run's exactly.
@@ -78,10 +82,10 @@ impl Shard {
     }
 
     pub fn new(index: usize, count: usize) -> Result<Shard> {
-        if count == 0 || index >= count || count > 100_000 {
+        if count == 0 || index >= count || count > MAX_SHARDS {
             return Err(Error::Config {
                 field: "shard".into(),
-                msg: format!("{index}/{count}: need 0 ≤ I < N ≤ 100000"),
+                msg: format!("{index}/{count}: need 0 ≤ I < N ≤ {MAX_SHARDS}"),
             });
         }
         Ok(Shard { index, count })
@@ -192,6 +196,14 @@ pub struct InferReport {
     /// Pooled pixel counts behind the reference numbers.
     #[serde(default)]
     pub pooled: Option<PooledCounts>,
+    /// A shard's job identity ([`super::identity`]): what `report merge` checks first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobIdentity>,
+    /// Positions (in the whole job's input order) of this job's inputs skipped while running
+    /// (`--skip-bad`: decoding failed or the logits were non-finite); with the scores' indices
+    /// they account for every input of the shard.
+    #[serde(default)]
+    pub skipped_positions: Vec<usize>,
 }
 
 /// One image's scores and its position in the job's input order.
@@ -264,7 +276,7 @@ fn prepare(
     let prompts = match job_prompts {
         None => Vec::new(),
         Some(JobPrompts::File(file)) => match file.get(&item.id) {
-            Some(objs) => prompts::to_input_frame(objs, resize.scale((h, w), s), s),
+            Some(objs) => prompts::to_input_frame(objs, resize.scale((h, w), s)),
             None => {
                 return Err(BadInput {
                     path: item.image.clone(),
@@ -352,6 +364,11 @@ fn postprocess(
 
 /// Run `engine` over `inputs`, writing into `opts.out`. Returns the report (also written to
 /// `report.json`) and the per-image scores (also in `scores.csv`) when every input has a mask.
+///
+/// Everything that can be checked without running the model is checked before anything is
+/// written: the options, the inputs, the prompts (every id names an image, every prompt lies
+/// inside its image) and, for a shard, the job's identity. A job that fails later removes the
+/// output folders it created (`masks/`, `overlays/`, or `--out` itself).
 pub fn infer(
     engine: &dyn Engine,
     inputs: &Inputs,
@@ -381,7 +398,28 @@ pub fn infer(
         }
         _ => {}
     }
+    if let Some(JobPrompts::File(file)) = &opts.prompts {
+        let sizes: std::collections::HashMap<&str, (usize, usize)> = inputs
+            .items
+            .iter()
+            .map(|it| (it.id.as_str(), it.size))
+            .collect();
+        let unusable = inputs
+            .bad
+            .iter()
+            .filter_map(|b| b.path.file_stem())
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect();
+        prompts::check_against_images(file, &sizes, &unusable)?;
+    }
     let total_inputs = inputs.items.len();
+    // What a shard's report must carry for `report merge` (every shard hashes the whole job).
+    let job = match opts.shard {
+        Some(sh) if total_inputs > 0 => Some(super::identity::job_identity(
+            engine, inputs, opts, sh.count,
+        )?),
+        _ => None,
+    };
     // (position in the whole job, item) of this shard, in the job's order.
     let positions: Vec<usize> = (0..total_inputs)
         .filter(|&i| opts.shard.is_none_or(|s| s.contains(i)))
@@ -423,13 +461,17 @@ pub fn infer(
     }
     let masks_dir = opts.out.join("masks");
     let overlays_dir = opts.out.join("overlays");
+    // Removed again if the job does not finish (any error or panic from here on).
+    let mut created = CreatedDirs::default();
     for d in [&masks_dir, &overlays_dir] {
         if d == &overlays_dir && !opts.overlays {
             continue;
         }
-        std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+        created.create(d)?;
     }
     let mut skipped = inputs.bad.clone();
+    // Positions of this shard's inputs skipped while running (decoding, non-finite logits).
+    let mut skipped_positions = Vec::new();
     for b in &skipped {
         obs.event(Event::Info(format!(
             "skipping {}: {}",
@@ -465,27 +507,23 @@ pub fn infer(
                 None => Vec::new(),
             };
             pending = batches.get(bi + 1).map(|&c| scope.spawn(move || prep(c)));
+            let first = bi * opts.batch_size;
             let mut batch = Vec::with_capacity(prepared.len());
-            for p in prepared {
+            let mut batch_pos = Vec::with_capacity(prepared.len());
+            for (j, p) in prepared.into_iter().enumerate() {
+                let pos = positions.get(first + j).copied().unwrap_or(usize::MAX);
                 match p {
-                    Ok(p) => batch.push(p),
+                    Ok(p) => {
+                        batch.push(p);
+                        batch_pos.push(pos);
+                    }
                     Err(b) if opts.skip_bad => {
-                        obs.event(Event::Info(format!(
-                            "skipping {}: {}",
-                            b.path.display(),
-                            b.reason
-                        )));
-                        skipped.push(b);
+                        skip(obs, (&mut skipped, &mut skipped_positions), b, pos)
                     }
                     Err(b) => {
                         let hint = "its header was readable; pass --skip-bad to skip such files";
                         return Err(Error::Data {
-                            msg: format!(
-                                "{}: {} ({hint}; earlier batches' outputs are in {})",
-                                b.path.display(),
-                                b.reason,
-                                opts.out.display()
-                            ),
+                            msg: format!("{}: {} ({hint})", b.path.display(), b.reason),
                         });
                     }
                 }
@@ -514,16 +552,11 @@ pub fn infer(
                         postprocess(p, logits.image(i), size, opts, &masks_dir, &overlays_dir)
                     })
                     .collect();
-                for d in done {
+                for (d, pos) in done.into_iter().zip(batch_pos) {
                     let d = match d? {
                         Outcome::Done(d) => d,
                         Outcome::NonFinite(b) if opts.skip_bad => {
-                            obs.event(Event::Info(format!(
-                                "skipping {}: {}",
-                                b.path.display(),
-                                b.reason
-                            )));
-                            skipped.push(b);
+                            skip(obs, (&mut skipped, &mut skipped_positions), b, pos);
                             continue;
                         }
                         Outcome::NonFinite(b) => {
@@ -621,10 +654,72 @@ pub fn infer(
                 .collect()
         },
         pooled: scoring.then(|| metrics.pooled()),
+        job,
+        skipped_positions,
     };
     write_json_atomic(&opts.out.join("report.json"), &report)?;
     super::report::write_html(&report, &opts.out, opts.overlays)?;
+    created.keep();
     Ok((report, metrics.scores))
+}
+
+/// List `b`, the input at position `pos` of the whole job, as skipped while running, and say
+/// so.
+fn skip(
+    obs: &mut dyn Observer,
+    (skipped, positions): (&mut Vec<BadInput>, &mut Vec<usize>),
+    b: BadInput,
+    pos: usize,
+) {
+    obs.event(Event::Info(format!(
+        "skipping {}: {}",
+        b.path.display(),
+        b.reason
+    )));
+    skipped.push(b);
+    positions.push(pos);
+}
+
+/// Output folders a job created, removed when it is dropped before [`CreatedDirs::keep`]: a
+/// job that fails part-way leaves none of its partial `masks/` or `overlays/` (nor an `--out`
+/// it created), and nothing that was there before it.
+#[derive(Default)]
+struct CreatedDirs {
+    /// The highest folder each `create` made (a folder inside another is not listed).
+    dirs: Vec<PathBuf>,
+}
+
+impl CreatedDirs {
+    /// `create_dir_all(dir)`, noting the highest folder it made.
+    fn create(&mut self, dir: &Path) -> Result<()> {
+        if !dir.exists() {
+            let mut top = dir.to_path_buf();
+            while let Some(p) = top.parent() {
+                if p.as_os_str().is_empty() || p.exists() {
+                    break;
+                }
+                top = p.to_path_buf();
+            }
+            if !self.dirs.iter().any(|d| top.starts_with(d)) {
+                self.dirs.push(top);
+            }
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
+    }
+
+    /// The job finished: keep its folders.
+    fn keep(mut self) {
+        self.dirs.clear();
+    }
+}
+
+impl Drop for CreatedDirs {
+    fn drop(&mut self) {
+        for d in &self.dirs {
+            // Best effort: the job's own error is what is reported.
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! Batch inference: ONNX Runtime provisioning ([`runtime`]) and sessions ([`model`]), the images of a job
 //! checked up front ([`input`]), engines (ONNX Runtime on an exported graph, or the Candle SAM,
-//! [`engine`]), one image's pre- and post-processing shared with the server ([`mask`]), the batched pre-process → run → post-process job with its reports ([`job`]),
+//! [`engine`]), the identity of a sharded job ([`identity`]), one image's pre- and post-processing shared with the server ([`mask`]), the batched pre-process → run → post-process job with its reports ([`job`]),
 //! merged shard reports ([`report`]), training-run folders ([`run`]) and many task files served on
 //! one base held once in memory ([`shared`]); the engine benchmark is
 //! `crate::bench::infer`.
@@ -9,6 +9,7 @@
 //! `gps-seg infer --run` reproduces training's mDice); inference never imports training.
 
 pub mod engine;
+pub mod identity;
 pub mod input;
 pub mod job;
 pub mod mask;

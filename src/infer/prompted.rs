@@ -235,6 +235,12 @@ impl Engine for PromptedOrtEngine {
         "onnxruntime-prompted"
     }
 
+    fn model_files(&self) -> Vec<std::path::PathBuf> {
+        let mut v = super::identity::onnx_files(self.encoder.path());
+        v.extend(super::identity::onnx_files(self.decoder.path()));
+        v
+    }
+
     fn input_size(&self) -> usize {
         self.size
     }

@@ -1,77 +1,339 @@
 //! Reports of inference jobs: merging the reports of sharded jobs (`gps-seg report merge`)
 //! into the report an unsharded job over the same inputs would have written.
 //!
-//! Each shard's `report.json` holds its per-image scores at full precision with their position
-//! in the whole job's input order, and the pooled pixel counts. Merging checks that the shards
-//! come from one job (engine, model, size, resize, threshold, shard count) and together cover
-//! every input exactly once, puts the scores back in the job's order and recomputes the
-//! metrics, so mDice/mIoU are bit-identical to an unsharded run's.
+//! Each shard's `report.json` holds its job identity ([`super::identity`]: the model's files
+//! by content, the inputs' list digest and the options that change numbers), its per-image
+//! scores at full precision with their position in the whole job's input order, the positions
+//! it skipped, and the pooled pixel counts. Merging refuses, naming the shard file and the
+//! field:
+//!
+//! - shards of different jobs (the first field of `job` that differs, with both folders);
+//! - incomplete or overlapping coverage: every shard index `0..N` exactly once, and each
+//!   shard's scored and skipped positions exactly the positions `i` with `i mod N = I`;
+//! - inconsistent counts: per image `tp ≤ pred`, `tp ≤ gt`, Dice and IoU equal to those its
+//!   counts give (to 1e-12: JSON), one score per image segmented, and the shard's `pooled`
+//!   (exactly) and `metrics` equal to what its per-image counts give (missing ones refused).
+//!
+//! It then puts the scores back in the job's order and recomputes the metrics, so mDice/mIoU
+//! are bit-identical to an unsharded run's.
 
-use super::job::{IndexedScore, InferReport};
+use super::identity::JobIdentity;
+use super::job::{IndexedScore, InferReport, Shard, MAX_SHARDS};
 use crate::error::{Error, Result};
 use crate::metrics::{Metric, PooledCounts, SegMetrics};
 use crate::util::fs::{read_json, write_atomic, write_json_atomic};
 use std::path::{Path, PathBuf};
 
-/// Read `<dir>/report.json` of each shard, check they form one whole job, and merge.
+/// Largest per-image pixel count a shard may claim (2^48: far above any image, and sums over
+/// any number of images stay far from overflowing).
+const MAX_COUNT: u64 = 1 << 48;
+
+/// A value read back from JSON equals the one recomputed from exact counts: to within 1e-12
+/// (serde_json's float parsing may be off by an ulp; the merge uses the recomputed values).
+fn same(recomputed: f64, read: f64) -> bool {
+    (recomputed - read).abs() <= 1e-12
+}
+
+/// `pooled` plus `(tp, fn)`, refusing an overflow (naming the shard file).
+fn add_pooled(path: &Path, pooled: PooledCounts, tp: u64, fn_: u64) -> Result<PooledCounts> {
+    match (pooled.tp.checked_add(tp), pooled.fn_.checked_add(fn_)) {
+        (Some(tp), Some(fn_)) => Ok(PooledCounts { tp, fn_ }),
+        _ => Err(bad_field(path, "pooled", "pixel counts overflow")),
+    }
+}
+
+/// One shard's report with where it came from.
+struct ShardReport {
+    dir: PathBuf,
+    path: PathBuf,
+    report: InferReport,
+    shard: Shard,
+    job: JobIdentity,
+}
+
+fn bad_field(path: &Path, field: &str, msg: impl std::fmt::Display) -> Error {
+    Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg: format!("field `{field}`: {msg}"),
+    }
+}
+
+impl ShardReport {
+    fn read(dir: &Path) -> Result<ShardReport> {
+        let path = dir.join("report.json");
+        let report: InferReport = read_json(&path)?;
+        let shard = report.shard.ok_or_else(|| {
+            bad_field(
+                &path,
+                "shard",
+                "missing: not the report of a shard (`infer --shard I/N`); nothing to merge",
+            )
+        })?;
+        let job = report.job.clone().ok_or_else(|| {
+            bad_field(
+                &path,
+                "job",
+                "missing: the shard carries no job identity (written by an older gps-seg?); \
+                 run the shard again",
+            )
+        })?;
+        Ok(ShardReport {
+            dir: dir.to_path_buf(),
+            path,
+            report,
+            shard,
+            job,
+        })
+    }
+
+    /// Check this shard on its own (see the module docs); returns its pooled counts as its
+    /// per-image counts give them.
+    fn check(&self) -> Result<PooledCounts> {
+        let (p, r, job) = (&self.path, &self.report, &self.job);
+        let n = job.shard_count;
+        if n == 0 || n > MAX_SHARDS {
+            return Err(bad_field(
+                p,
+                "job.shard_count",
+                format!("{n} is not a shard count (1..={MAX_SHARDS})"),
+            ));
+        }
+        if self.shard.count != n {
+            return Err(bad_field(
+                p,
+                "shard.count",
+                format!("{} but the job's shard count is {n}", self.shard.count),
+            ));
+        }
+        let index = self.shard.index;
+        if index >= n {
+            return Err(bad_field(
+                p,
+                "shard.index",
+                format!("{index} is not below the shard count {n}"),
+            ));
+        }
+        // The top-level copies of the options must agree with the identity.
+        let top: [(&str, bool); 5] = [
+            ("engine", r.engine == job.engine),
+            ("input_size", r.input_size == job.input_size),
+            ("resize", r.resize == job.resize),
+            (
+                "threshold",
+                r.threshold.to_bits() == job.threshold.to_bits(),
+            ),
+            ("total_inputs", r.total_inputs == job.inputs),
+        ];
+        if let Some((f, _)) = top.iter().find(|(_, same)| !same) {
+            return Err(bad_field(p, f, "differs from the shard's own `job`"));
+        }
+        let total = job.inputs;
+        let expected = if index < total {
+            (total - index).div_ceil(n)
+        } else {
+            0
+        };
+        // Every position this shard accounts for: in range, its own, once.
+        let mut seen = std::collections::HashSet::new();
+        let mut account = |field: String, pos: usize| -> Result<()> {
+            if pos >= total {
+                return Err(bad_field(
+                    p,
+                    &field,
+                    format!("position {pos} is not below the job's {total} inputs"),
+                ));
+            }
+            if pos % n != index {
+                return Err(bad_field(
+                    p,
+                    &field,
+                    format!(
+                        "position {pos} belongs to shard {}/{n}, not {index}/{n}",
+                        pos % n
+                    ),
+                ));
+            }
+            if !seen.insert(pos) {
+                return Err(bad_field(
+                    p,
+                    &field,
+                    format!("position {pos} appears twice"),
+                ));
+            }
+            Ok(())
+        };
+        for (k, &pos) in r.skipped_positions.iter().enumerate() {
+            account(format!("skipped_positions[{k}]"), pos)?;
+        }
+        let mut pooled = PooledCounts::default();
+        if job.scored {
+            if r.scores.len() != r.images {
+                return Err(bad_field(
+                    p,
+                    "scores",
+                    format!(
+                        "{} score(s) for {} image(s) segmented",
+                        r.scores.len(),
+                        r.images
+                    ),
+                ));
+            }
+            for (k, s) in r.scores.iter().enumerate() {
+                account(format!("scores[{k}].index"), s.index)?;
+                let c = s.score.counts;
+                let at = |f: &str| format!("scores[{k}].{f}");
+                if c.pred > MAX_COUNT || c.gt > MAX_COUNT {
+                    return Err(bad_field(
+                        p,
+                        &at("counts"),
+                        "more pixels than any image has",
+                    ));
+                }
+                if c.tp > c.pred || c.tp > c.gt {
+                    return Err(bad_field(
+                        p,
+                        &at("counts"),
+                        format!("tp {} exceeds pred {} or gt {}", c.tp, c.pred, c.gt),
+                    ));
+                }
+                let again = s.score.recomputed();
+                if !same(again.dice, s.score.dice) {
+                    return Err(bad_field(p, &at("dice"), "not the Dice of its counts"));
+                }
+                if !same(again.iou, s.score.iou) {
+                    return Err(bad_field(p, &at("iou"), "not the IoU of its counts"));
+                }
+                pooled = add_pooled(p, pooled, c.tp, c.gt - c.tp)?;
+            }
+            match r.pooled {
+                None => return Err(bad_field(p, "pooled", "missing in a scored shard")),
+                Some(have) if have != pooled => {
+                    return Err(bad_field(
+                        p,
+                        "pooled",
+                        format!(
+                            "tp {} fn {}, but the per-image counts sum to tp {} fn {}",
+                            have.tp, have.fn_, pooled.tp, pooled.fn_
+                        ),
+                    ))
+                }
+                Some(_) => {}
+            }
+            let want = SegMetrics::from_parts(
+                job.threshold,
+                r.scores.iter().map(|s| s.score.clone()).collect(),
+                pooled,
+            )
+            .compute();
+            match &r.metrics {
+                None => return Err(bad_field(p, "metrics", "missing in a scored shard")),
+                Some(m)
+                    if m.images != want.images
+                        || !same(m.mdice, want.mdice)
+                        || !same(m.miou, want.miou)
+                        || !same(m.ref_dice_ignore_bg, want.ref_dice_ignore_bg)
+                        || !same(m.ref_iou_ignore_bg, want.ref_iou_ignore_bg) =>
+                {
+                    return Err(bad_field(
+                        p,
+                        "metrics",
+                        "not what the per-image scores give",
+                    ))
+                }
+                Some(_) => {}
+            }
+        } else {
+            if !r.scores.is_empty() || r.pooled.is_some() || r.metrics.is_some() {
+                return Err(bad_field(
+                    p,
+                    "scores",
+                    "scores in a shard of a job without ground truth",
+                ));
+            }
+            // Nothing per image to check against: the count must add up.
+            if r.images.checked_add(r.skipped_positions.len()) != Some(expected) {
+                return Err(bad_field(
+                    p,
+                    "images",
+                    format!(
+                        "{} segmented + {} skipped, but shard {index}/{n} of {total} inputs has \
+                         {expected}",
+                        r.images,
+                        r.skipped_positions.len()
+                    ),
+                ));
+            }
+        }
+        if job.scored && seen.len() != expected {
+            let missing: Vec<String> = (index..total)
+                .step_by(n)
+                .filter(|i| !seen.contains(i))
+                .take(10)
+                .map(|i| i.to_string())
+                .collect();
+            return Err(bad_field(
+                p,
+                "scores",
+                format!(
+                    "input position(s) {} of shard {index}/{n} are neither scored nor listed in \
+                     `skipped_positions`",
+                    missing.join(", ")
+                ),
+            ));
+        }
+        Ok(pooled)
+    }
+}
+
+/// Read `<dir>/report.json` of each shard, check they form one whole job (see the module
+/// docs), and merge into `out`, which may not equal, contain or sit inside a shard folder.
 pub fn merge_reports(dirs: &[PathBuf], out: &Path) -> Result<InferReport> {
     if dirs.is_empty() {
         return Err(Error::msg("report merge: give the shard folders to merge"));
     }
-    let mut reports = Vec::with_capacity(dirs.len());
+    let mut io = crate::util::fs::IoPaths::new().output("--out", out);
     for d in dirs {
-        let p = d.join("report.json");
-        let r: InferReport = read_json(&p)?;
-        reports.push((p, r));
+        io = io.input("DIR (a shard folder)", d);
     }
-    let (p0, first) = &reports[0];
-    let count = first.shard.map_or(1, |s| s.count);
-    let mut seen = vec![false; count];
-    for (p, r) in &reports {
-        let differs = |field: &str| Error::Checkpoint {
-            path: p.clone(),
-            msg: format!(
-                "field `{field}` differs from {}: these shards are not from one job",
-                p0.display()
-            ),
-        };
-        if r.engine != first.engine || r.model != first.model {
-            return Err(differs("model"));
+    io.check()?;
+    let shards = dirs
+        .iter()
+        .map(|d| ShardReport::read(d))
+        .collect::<Result<Vec<_>>>()?;
+    let first = &shards[0];
+    for sh in &shards[1..] {
+        if let Some(f) = first.job.first_difference(&sh.job) {
+            return Err(Error::msg(format!(
+                "report merge: {} and {} are shards of different jobs: field `job.{f}` differs",
+                first.dir.display(),
+                sh.dir.display()
+            )));
         }
-        if r.input_size != first.input_size {
-            return Err(differs("input_size"));
-        }
-        if r.resize != first.resize {
-            return Err(differs("resize"));
-        }
-        if r.threshold.to_bits() != first.threshold.to_bits() {
-            return Err(differs("threshold"));
-        }
-        if r.total_inputs != first.total_inputs {
-            return Err(differs("total_inputs"));
-        }
-        let s = r.shard.ok_or_else(|| Error::Checkpoint {
-            path: p.clone(),
-            msg: "not a shard (no `shard` field): nothing to merge".into(),
-        })?;
-        if s.count != count {
-            return Err(differs("shard.count"));
-        }
-        let slot = seen
-            .get_mut(s.index)
-            .ok_or_else(|| differs("shard.index"))?;
-        if *slot {
-            return Err(Error::Checkpoint {
-                path: p.clone(),
-                msg: format!("shard {}/{count} is given twice", s.index),
-            });
-        }
-        *slot = true;
     }
-    let missing: Vec<String> = seen
+    for sh in &shards {
+        sh.check()?;
+    }
+    // Bounded by `check` (at most MAX_SHARDS).
+    let count = first.job.shard_count;
+    let mut owner: Vec<Option<&Path>> = vec![None; count];
+    for sh in &shards {
+        let slot = owner
+            .get_mut(sh.shard.index)
+            .ok_or_else(|| bad_field(&sh.path, "shard.index", "out of range"))?;
+        if let Some(other) = slot {
+            return Err(Error::msg(format!(
+                "report merge: shard {}/{count} is given twice ({} and {})",
+                sh.shard.index,
+                other.display(),
+                sh.dir.display()
+            )));
+        }
+        *slot = Some(&sh.dir);
+    }
+    let missing: Vec<String> = owner
         .iter()
         .enumerate()
-        .filter(|(_, s)| !**s)
+        .filter(|(_, s)| s.is_none())
         .map(|(i, _)| format!("{i}/{count}"))
         .collect();
     if !missing.is_empty() {
@@ -80,35 +342,36 @@ pub fn merge_reports(dirs: &[PathBuf], out: &Path) -> Result<InferReport> {
             missing.join(", ")
         )));
     }
-    let scoring = reports.iter().all(|(_, r)| r.pooled.is_some());
+    let scoring = first.job.scored;
     let mut scores: Vec<IndexedScore> = Vec::new();
     let mut pooled = PooledCounts::default();
     let mut skipped = Vec::new();
+    let mut skipped_positions = Vec::new();
     let (mut images, mut seconds, mut model_seconds, mut peak) = (0usize, 0.0, 0.0, 0f64);
-    for (_, r) in &reports {
+    for sh in &shards {
+        let r = &sh.report;
         scores.extend(r.scores.iter().cloned());
         if let Some(c) = r.pooled {
-            pooled.tp += c.tp;
-            pooled.fn_ += c.fn_;
+            pooled = add_pooled(&sh.path, pooled, c.tp, c.fn_)?;
         }
         skipped.extend(r.skipped.iter().cloned());
-        images += r.images;
+        skipped_positions.extend(r.skipped_positions.iter().copied());
+        // Bounded by `check`: each shard's images are at most its share of the inputs.
+        images = images.saturating_add(r.images);
         seconds += r.seconds;
         model_seconds += r.model_seconds;
         peak = peak.max(r.peak_rss_mb);
     }
     scores.sort_by_key(|s| s.index);
+    // The exact scores (JSON's floats may be an ulp off): what an unsharded run computed.
     for s in &mut scores {
         s.score = s.score.recomputed();
     }
-    if scores.windows(2).any(|w| w[0].index == w[1].index) {
-        return Err(Error::msg(
-            "report merge: two shards scored the same input; they are not one job's shards",
-        ));
-    }
+    skipped_positions.sort_unstable();
     // Skipped inputs appear in every shard's list (they are found before sharding): once each.
     skipped.sort_by(|a, b| a.path.cmp(&b.path));
     skipped.dedup();
+    let first = &first.report;
     let metrics = scoring.then(|| {
         SegMetrics::from_parts(
             first.threshold,
@@ -137,6 +400,8 @@ pub fn merge_reports(dirs: &[PathBuf], out: &Path) -> Result<InferReport> {
         total_inputs: first.total_inputs,
         scores,
         pooled: scoring.then_some(pooled),
+        job: first.job.clone(),
+        skipped_positions,
     };
     if scoring {
         let mut csv = String::from("id,dice,iou\n");

@@ -359,16 +359,31 @@ fn tag(model: &mut ModelProto, what: &str) {
         });
 }
 
-fn f16_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter()
+/// `v` as little-endian f16, refusing (naming `what`, the index and the value) a value that
+/// f16 cannot hold: |x| above 65504 (f16's largest) would become ±Inf, and NaN/Inf stay so.
+fn f16_bytes(v: &[f32], what: &str) -> Result<Vec<u8>> {
+    let max = half::f16::MAX.to_f32();
+    if let Some((i, x)) = v
+        .iter()
+        .enumerate()
+        .find(|(_, x)| x.is_nan() || x.abs() > max)
+    {
+        return Err(Error::Onnx(format!(
+            "{what}: value {x} at index {i} does not fit in f16 (largest magnitude {max}); \
+             export it in f32"
+        )));
+    }
+    Ok(v.iter()
         .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
-        .collect()
+        .collect())
 }
 
 /// Store and compute in f16 with f32 graph inputs and outputs (see the module docs). Float
 /// initializers become f16 except those ops read as f32 by definition (`Resize` scales/roi,
 /// `LayerNormalization` keeps its own type), `Cast` to float casts to f16 inside the graph,
-/// float `Constant` tensors too.
+/// float `Constant` tensors too. A value f16 cannot hold (|x| > 65504, which would become
+/// Inf) is refused naming the tensor, its index and value; the model is then unusable (the
+/// pass stops part-way) and is not to be written.
 pub fn to_fp16(model: &mut ModelProto) -> Result<PrecisionReport> {
     let g = graph_mut(model)?;
     let mut rep = PrecisionReport {
@@ -385,7 +400,7 @@ pub fn to_fp16(model: &mut ModelProto) -> Result<PrecisionReport> {
     for t in g.initializer.iter_mut() {
         if t.data_type == data_type::FLOAT && !keep.contains(&t.name) {
             let v = f32s(t)?;
-            t.raw_data = f16_bytes(&v);
+            t.raw_data = f16_bytes(&v, &format!("initializer `{}`", t.name))?;
             t.data_type = data_type::FLOAT16;
         }
     }
@@ -397,7 +412,7 @@ pub fn to_fp16(model: &mut ModelProto) -> Result<PrecisionReport> {
             if n.op_type == "Constant" {
                 if let Some(t) = a.t.as_mut().filter(|t| t.data_type == data_type::FLOAT) {
                     let v = f32s(t)?;
-                    t.raw_data = f16_bytes(&v);
+                    t.raw_data = f16_bytes(&v, &format!("Constant node `{}`", n.name))?;
                     t.data_type = data_type::FLOAT16;
                 }
             }

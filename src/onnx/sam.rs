@@ -75,6 +75,8 @@ pub fn sam_param_shapes(cfg: &SamConfig) -> BTreeMap<String, Vec<usize>> {
 /// Seeded random weights with the shapes of [`sam_param_shapes`] (tests and benchmarks):
 /// norm scales ≈ 1, everything else ~ N(0, 1/fan_in).
 pub fn random_sam_weights(cfg: &SamConfig, seed: u64) -> Result<TensorMap> {
+    // Validated and sized before a single weight is made (a config is user input).
+    cfg.check_memory(1, false)?;
     let mut rng = crate::util::rng::Rng::derive(seed, "sam-random-weights");
     let mut out = TensorMap::new();
     for (name, shape) in sam_param_shapes(cfg) {

@@ -13,6 +13,11 @@ use std::path::Path;
 /// a SAM config when it has SAM's keys (`encoder_embed_dim`): in a run folder it is the
 /// training config, which is not one.
 pub fn config_beside(path: &Path) -> Result<Option<SamConfig>> {
+    Ok(config_file_beside(path)?.map(|(_, c)| c))
+}
+
+/// [`config_beside`] with the file it was read from.
+pub fn config_file_beside(path: &Path) -> Result<Option<(PathBuf, SamConfig)>> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -33,7 +38,7 @@ pub fn config_beside(path: &Path) -> Result<Option<SamConfig>> {
                 continue;
             }
         }
-        return read_config(&c).map(Some);
+        return read_config(&c).map(|cfg| Some((c, cfg)));
     }
     Ok(None)
 }

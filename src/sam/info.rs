@@ -1,6 +1,7 @@
 //! What `gps-seg info` reports about a SAM: its config and parameter counts per component,
 //! for a preset (computed from shapes, nothing allocated) or a checkpoint file (counted from
-//! its tensors; the config is read back from tensor shapes).
+//! its tensors; the config is the one stored beside it, as every command reads it
+//! ([`super::registry::config_beside`]), else read back from tensor shapes).
 
 use super::prompt_encoder::PE_BUFFER;
 use super::sam::{Sam, SamCounts};
@@ -42,11 +43,18 @@ pub fn model_info(spec: &str) -> Result<ModelInfo> {
             ),
         });
     }
+    // The config stored beside the checkpoint, as every other command reads it (validated
+    // before the weights are read); else what the tensor shapes tell.
+    let stored = super::registry::config_file_beside(path)?;
     let map = tensors::load(path, &Device::Cpu)?;
-    let (config, notes) = infer_config(&map).map_err(|e| Error::Checkpoint {
+    let (inferred, notes) = infer_config(&map).map_err(|e| Error::Checkpoint {
         path: path.to_path_buf(),
         msg: format!("not a SAM checkpoint: {e}"),
     })?;
+    let (config, notes) = match stored {
+        Some((file, c)) => (c, vec![format!("config read from {}", file.display())]),
+        None => (inferred, notes),
+    };
     let counts = SamCounts::from_shapes(
         map.iter()
             .map(|(n, t)| (n.as_str(), t.elem_count(), n == PE_BUFFER)),

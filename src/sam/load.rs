@@ -12,8 +12,14 @@ use candle_core::{Device, Tensor};
 use std::path::Path;
 
 /// Load a checkpoint file for `cfg` onto `device` (f32), resizing position tables to `cfg`.
-/// Errors name the file (and the tensor at fault).
+/// The config is validated (and on the CPU its model sized against the available memory)
+/// before the file is read. Errors name the file (and the tensor or config field at fault).
 pub fn load_weights(path: &Path, cfg: &SamConfig, device: &Device) -> Result<TensorMap> {
+    if device.is_cpu() {
+        cfg.check_memory(1, false)?;
+    } else {
+        cfg.validate()?;
+    }
     let map = tensors::load(path, device)?;
     adapt_to_config(map, cfg).map_err(|e| match e {
         e @ (Error::Io { .. } | Error::Checkpoint { .. }) => e,
@@ -27,6 +33,7 @@ pub fn load_weights(path: &Path, cfg: &SamConfig, device: &Device) -> Result<Ten
 /// Resize `pos_embed` and `rel_pos_*` tables in `map` to the sizes `cfg` expects; any other
 /// shape mismatch is left for model construction to report.
 pub fn adapt_to_config(mut map: TensorMap, cfg: &SamConfig) -> Result<TensorMap> {
+    cfg.validate()?;
     let expected = Sam::param_shapes(cfg);
     for s in &expected {
         let Some(t) = map.get(&s.name) else { continue };

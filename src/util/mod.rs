@@ -4,6 +4,7 @@
 pub mod cpu;
 pub mod draw;
 pub mod fs;
+pub mod hash;
 pub mod html;
 pub mod install;
 pub mod mem;

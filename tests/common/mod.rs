@@ -1,4 +1,5 @@
-//! Helpers shared by the ONNX integration tests (`tests/onnx.rs`, `tests/onnx_classifier.rs`).
+//! Helpers shared by the integration tests: ONNX Runtime and the onnx checker, and a
+//! model-free stand-in engine for the inference job's own behaviour.
 
 use gps_seg::infer::runtime;
 use ndarray::ArrayD;
@@ -39,4 +40,37 @@ pub fn onnx_checker(files: &[&Path]) {
         "onnx.checker failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Mask logits from the images' brightness, `8 · (mean RGB − 0.5)` (a white square on black is
+/// found): a stand-in engine, so the job, its reports and `report merge` are tested without a
+/// model.
+#[allow(dead_code)] // not every test binary that includes this module uses it
+pub struct Brightness(pub usize);
+
+impl gps_seg::infer::Engine for Brightness {
+    fn name(&self) -> &'static str {
+        "brightness"
+    }
+    fn input_size(&self) -> usize {
+        self.0
+    }
+    fn describe(&self) -> String {
+        "test engine".into()
+    }
+    fn logits(&self, images: &[f32], n: usize) -> gps_seg::Result<gps_seg::infer::Logits> {
+        let a = self.0 * self.0;
+        let data = (0..n * a)
+            .map(|k| {
+                let (b, p) = (k / a, k % a);
+                let m: f32 = (0..3).map(|c| images[(b * 3 + c) * a + p]).sum::<f32>() / 3.0;
+                8.0 * (m - 0.5)
+            })
+            .collect();
+        Ok(gps_seg::infer::Logits {
+            n,
+            size: self.0,
+            data,
+        })
+    }
 }
