@@ -936,7 +936,7 @@ fn every_path_that_builds_a_model_validates_its_config_first() {
 #[test]
 fn info_reads_the_config_beside_a_checkpoint() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("sam");
-    let stored = sam::registry::read_config(&dir.join("sam-tiny.json")).unwrap();
+    let stored = sam::files::read_config(&dir.join("sam-tiny.json")).unwrap();
     let info = sam::info::model_info(dir.join("sam-tiny.safetensors").to_str().unwrap()).unwrap();
     assert_eq!(info.config, stored);
     assert_eq!(info.config.window_size, 8);

@@ -196,9 +196,7 @@ fn resolve(args: &Args) -> anyhow::Result<(SamConfig, Option<PathBuf>)> {
     }
     let cfg: SamConfig = match (&args.config, cfg_path) {
         // Read and validated, every field named (before any weight is read or made).
-        (Some(c), _) if Path::new(c).is_file() => {
-            gps_seg::sam::registry::read_config(Path::new(c))?
-        }
+        (Some(c), _) if Path::new(c).is_file() => gps_seg::sam::files::read_config(Path::new(c))?,
         (Some(c), _) => SamConfig::preset(c)?,
         (None, Some(p)) => gps_seg::util::fs::read_json(&p)?,
         (None, None) => bail!("--config is required (a preset name or a config.json)"),

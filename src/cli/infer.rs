@@ -295,7 +295,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             };
             let cfg = match (&args.config, &run) {
                 (Some(c), _) if std::path::Path::new(c).is_file() => {
-                    gps_seg::sam::registry::read_config(std::path::Path::new(c))?
+                    gps_seg::sam::files::read_config(std::path::Path::new(c))?
                 }
                 (Some(c), _) => gps_seg::sam::SamConfig::preset(c)?,
                 (None, Some(r)) => r.view.sam.clone(),

@@ -5,7 +5,7 @@
 
 use super::config::SamConfig;
 use crate::error::{Error, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Config stored beside a checkpoint, if any: `<stem>.json`, then `sam_config.json`, then
 /// `config.json` in its folder. The first two must be SAM configs: one that does not parse

@@ -45,7 +45,7 @@ pub fn model_info(spec: &str) -> Result<ModelInfo> {
     }
     // The config stored beside the checkpoint, as every other command reads it (validated
     // before the weights are read); else what the tensor shapes tell.
-    let stored = super::registry::config_file_beside(path)?;
+    let stored = super::files::config_file_beside(path)?;
     let map = tensors::load(path, &Device::Cpu)?;
     let (inferred, notes) = infer_config(&map).map_err(|e| Error::Checkpoint {
         path: path.to_path_buf(),
