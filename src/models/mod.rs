@@ -8,7 +8,6 @@
 
 pub mod classifier;
 pub mod convnext;
-pub mod depthwise;
 pub mod names;
 pub mod vit;
 
