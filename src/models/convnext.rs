@@ -13,8 +13,9 @@
 //! `conv2d`, whose backward is correct but quadratic in the channel count; see that module.
 //! The weight keeps PyTorch's shape `[C, 1, k, k]`.
 
+use super::common::{adapt_head, normalize_with, LoadReport, IMAGENET_MEAN, IMAGENET_STD};
+use super::names;
 use super::vit::Mlp;
-use super::{adapt_head, names, normalize_with, LoadReport, IMAGENET_MEAN, IMAGENET_STD};
 use crate::error::{Error, Result};
 use crate::nn::kernels::depthwise::depthwise_conv2d;
 use crate::nn::{Conv2d, Init, LayerNorm, LayerNorm2d, Param, ParamStore};
