@@ -16,6 +16,7 @@
 //! FLOPs at 1024 px, and Candle's conv2d has no bf16 CPU kernel).
 
 use super::common::{Activation, MlpBlock, LAYER_NORM_2D_EPS};
+use super::config::SamConfig;
 use crate::error::{Error, Result};
 use crate::nn::kernels::{self, use_fused};
 use crate::nn::layers::{
@@ -23,13 +24,16 @@ use crate::nn::layers::{
 };
 use crate::nn::precision::{autocast, Precision};
 use crate::nn::{Init, Param, ParamStore};
-use crate::sam::sam::rel_pos_len;
-use crate::sam::SamConfig;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
 /// Layer-norm epsilon of the encoder blocks (`partial(nn.LayerNorm, eps=1e-6)` in `build_sam.py`).
 pub const ENCODER_LN_EPS: f64 = 1e-6;
+
+/// Length of a relative-position table for a `side`-token axis: `2·side − 1` (0 for 0).
+pub fn rel_pos_len(side: usize) -> usize {
+    side.saturating_mul(2).saturating_sub(1)
+}
 
 /// `get_rel_pos`: relative positional embeddings for every (query, key) pair along one axis.
 ///

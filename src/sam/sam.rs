@@ -2,13 +2,13 @@
 //! and mask decoder built from one [`ParamStore`] under the official checkpoint keys, plus
 //! the two paths this project uses — prompt-free (GPS's recipe) and prompted.
 
-use super::image_encoder::ImageEncoderViT;
+use super::config::SamConfig;
+use super::image_encoder::{rel_pos_len, ImageEncoderViT};
 use super::mask_decoder::MaskDecoder;
 use super::prompt_encoder::{PromptEncoder, PE_BUFFER};
 use crate::error::{Error, Result};
 use crate::nn::layers::resize_bilinear;
 use crate::nn::{ParamStore, Precision, RolePolicy};
-use crate::sam::SamConfig;
 use crate::util::tensors::TensorMap;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
@@ -26,11 +26,6 @@ impl ParamShape {
     pub fn numel(&self) -> usize {
         self.shape.iter().fold(1usize, |p, &d| p.saturating_mul(d))
     }
-}
-
-/// Length of a relative-position table for a `side`-token axis: `2·side − 1` (0 for 0).
-pub fn rel_pos_len(side: usize) -> usize {
-    side.saturating_mul(2).saturating_sub(1)
 }
 
 /// Parameter counts per component, as Meta's `parameters()` counts them (buffers excluded).
