@@ -2,7 +2,10 @@
 //! (fixture made by `scripts/make_sam_fixture.py` with PyPI `segment-anything` + `torch`), and
 //! checkpoint errors.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::{bin, images, snapshot};
 use gps_seg::nn::{Precision, RolePolicy};
 use gps_seg::sam::{self, Sam, SamConfig};
 use gps_seg::util::tensors::{self, TensorMap};
@@ -14,12 +17,6 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/sam_tiny")
         .join(name)
-}
-
-fn images(b: usize, s: usize, seed: u64) -> Tensor {
-    let mut r = Rng::new(seed);
-    let v: Vec<f32> = (0..b * 3 * s * s).map(|_| r.f32()).collect();
-    Tensor::from_vec(v, (b, 3, s, s), &Device::Cpu).unwrap()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -594,10 +591,6 @@ fn bad_config_json_beside_a_checkpoint_names_the_file_and_field() {
     assert_eq!(sam::registry::resolve(ws, None).unwrap().1.image_size, 128);
 }
 
-fn bin() -> std::process::Command {
-    std::process::Command::new(env!("CARGO_BIN_EXE_gps-seg"))
-}
-
 /// The binary exits with 1 and a one-line reason (no panic, no abort) on malformed models and
 /// sizes.
 #[test]
@@ -680,31 +673,16 @@ fn cli_refuses_malformed_models_and_sizes_with_exit_1() {
         ),
     ];
     for (args, want) in runs {
-        let out = bin().args(&args).output().unwrap();
+        let out = std::process::Command::new(bin())
+            .args(&args)
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
         assert!(err.contains(want), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
     assert!(!dir.path().join("k").exists());
-}
-
-/// Files under `dir` with their bytes, sorted (a folder's full content).
-fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push((p.clone(), std::fs::read(&p).unwrap()));
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 /// (Beside the other command-line checks.) A synthetic-data generation killed half-way
@@ -715,7 +693,7 @@ fn interrupted_synthetic_generation_leaves_no_partial_set() {
     use gps_seg::data::{synth_cls, synth_kvasir};
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("kvasir");
-    let mut child = bin()
+    let mut child = std::process::Command::new(bin())
         .args([
             "data",
             "synth-kvasir",
