@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{max_abs_diff, onnx_checker, ort_ready};
+use common::{gps_seg_ok, images_array, max_abs_diff, onnx_checker, ort_ready};
 use gps_seg::bench::tasks::{maps_equal, synthetic_task};
 use gps_seg::gps::TaskSet;
 use gps_seg::infer::model::OrtModel;
@@ -12,14 +12,7 @@ use gps_seg::infer::runtime::optimized_ops;
 use gps_seg::onnx::delta::{export_sam_task, SamGraph};
 use gps_seg::onnx::sam::{export_prompt_free, random_sam_weights, SamExportOptions};
 use gps_seg::sam::SamConfig;
-use ndarray::ArrayD;
 use std::path::Path;
-
-fn images(n: usize, s: usize, seed: u64) -> ArrayD<f32> {
-    let mut rng = gps_seg::util::rng::Rng::new(seed);
-    let v: Vec<f32> = (0..n * 3 * s * s).map(|_| rng.f32()).collect();
-    ArrayD::from_shape_vec(vec![n, 3, s, s], v).unwrap()
-}
 
 /// Export two tasks as deltas on one base and as merged models; outputs must agree within 1e-6
 /// at batch 1 and 3, ORT's optimized task graph must hold no ScatterND and as many nodes as the
@@ -30,7 +23,7 @@ fn delta_equals_merged(cfg: &SamConfig, dir: &Path) {
     let opts = SamExportOptions::default();
     let base_path = dir.join("base.onnx");
     let s = cfg.image_size;
-    let (x1, x3) = (images(1, s, 1), images(3, s, 2));
+    let (x1, x3) = (images_array(1, s, 1), images_array(3, s, 2));
     let mut outs = Vec::new();
     for seed in [5u64, 6] {
         let art = synthetic_task(&base, seed).unwrap();
@@ -188,7 +181,7 @@ fn candle_task_switching_is_exact() {
         set.add(&format!("t{i}"), a).unwrap();
     }
     use gps_seg::infer::engine::Engine;
-    let x = images(1, 64, 9);
+    let x = images_array(1, 64, 9);
     let x = x.as_slice().unwrap();
     let seq = [
         Some(0usize),
@@ -240,21 +233,6 @@ fn candle_task_switching_is_exact() {
     assert_eq!(m.merged_copies_bytes, 3 * m.base_bytes);
 }
 
-fn gps_seg(args: &[&str]) -> (bool, String) {
-    let r = std::process::Command::new(env!("CARGO_BIN_EXE_gps-seg"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&r.stdout),
-        String::from_utf8_lossy(&r.stderr)
-    );
-    assert!(!text.contains("panicked"), "{args:?}: {text}");
-    (r.status.success(), text)
-}
-
 /// The user's path: two GPS runs → `export --base-onnx` (base written once, then reused) →
 /// `infer` with each task file writes the same masks as `infer` with that run's merged export.
 #[test]
@@ -262,7 +240,7 @@ fn cli_base_and_two_task_files_infer_like_merged_models() {
     ort_ready();
     let tmp = tempfile::tempdir().unwrap();
     let p = |s: &str| tmp.path().join(s).to_string_lossy().into_owned();
-    let (ok, t) = gps_seg(&[
+    let (ok, t) = gps_seg_ok(&[
         "data",
         "synth-kvasir",
         "--out",
@@ -278,7 +256,7 @@ fn cli_base_and_two_task_files_infer_like_merged_models() {
     std::fs::create_dir(p("models")).unwrap();
     for run in ["a", "b"] {
         let seed = if run == "a" { "1" } else { "2" };
-        let (ok, t) = gps_seg(&[
+        let (ok, t) = gps_seg_ok(&[
             "train",
             "--model",
             "tiny",
@@ -299,7 +277,7 @@ fn cli_base_and_two_task_files_infer_like_merged_models() {
             "--quiet",
         ]);
         assert!(ok, "{t}");
-        let (ok, t) = gps_seg(&[
+        let (ok, t) = gps_seg_ok(&[
             "export",
             "--model",
             &p(run),
@@ -315,7 +293,7 @@ fn cli_base_and_two_task_files_infer_like_merged_models() {
             "reusing base"
         };
         assert!(t.contains(verb), "{t}");
-        let (ok, t) = gps_seg(&[
+        let (ok, t) = gps_seg_ok(&[
             "export",
             "--model",
             &p(run),
@@ -333,7 +311,7 @@ fn cli_base_and_two_task_files_infer_like_merged_models() {
                 p(&format!("out-{run}-merged")),
             ),
         ] {
-            let (ok, t) = gps_seg(&[
+            let (ok, t) = gps_seg_ok(&[
                 "infer",
                 "--model",
                 &model,
@@ -371,7 +349,7 @@ fn cli_base_and_two_task_files_infer_like_merged_models() {
         );
     }
     // The base is an input now: it may not be overwritten, and a task may not replace it.
-    let (ok, t) = gps_seg(&[
+    let (ok, t) = gps_seg_ok(&[
         "export",
         "--model",
         &p("a"),
@@ -392,7 +370,7 @@ fn shared_equals_merged(cfg: &SamConfig, dir: &Path) {
     let opts = SamExportOptions::default();
     let base_path = dir.join("base.onnx");
     let s = cfg.image_size;
-    let (x1, x3) = (images(1, s, 3), images(3, s, 4));
+    let (x1, x3) = (images_array(1, s, 3), images_array(3, s, 4));
     let mut pairs = Vec::new();
     for seed in [7u64, 8, 9] {
         let art = synthetic_task(&base, seed).unwrap();

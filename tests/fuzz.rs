@@ -23,10 +23,10 @@
 //! allocation) kills the test binary, which fails the test too. Sizes declared by
 //! structure-aware mutations stay within the bounds the loaders check.
 
-#[allow(dead_code)]
 mod common;
 
 use candle_core::{DType, Device, Tensor};
+use common::crc32;
 use gps_seg::nn::{ParamStore, RolePolicy};
 use gps_seg::sam::{self, SamConfig};
 use gps_seg::util::tensors::{self, TensorMap};
@@ -575,21 +575,6 @@ fn fuzz_classifier_checkpoints() {
 
 // ---------------------------------------------------------------------------------------
 // (b) PNG and JPEG.
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut c = 0xFFFF_FFFFu32;
-    for &b in data {
-        c ^= b as u32;
-        for _ in 0..8 {
-            c = if c & 1 != 0 {
-                (c >> 1) ^ 0xEDB8_8320
-            } else {
-                c >> 1
-            };
-        }
-    }
-    !c
-}
 
 fn sample_image() -> image::RgbImage {
     image::RgbImage::from_fn(20, 12, |x, y| {

@@ -6,12 +6,10 @@
 //! The ONNX Runtime library is found in the runtime's search order and fetched once when
 //! missing (as `gps-seg infer` does).
 
-#[allow(dead_code)]
 mod common;
 
 use candle_core::Device;
 use common::Brightness;
-use gps_seg::data::synth_kvasir::{generate, SynthKvasirConfig};
 use gps_seg::infer::{self, input, CandleEngine, Engine, InferOptions, OrtEngine, RunFolder};
 use gps_seg::onnx::proto::data_type::FLOAT;
 use gps_seg::onnx::sam::{export_prompt_free, random_sam_weights, SamExportOptions};
@@ -21,14 +19,9 @@ use gps_seg::sam::SamConfig;
 use gps_seg::train::seg::{self, SegTrainConfig};
 use std::path::{Path, PathBuf};
 
+/// `count` synthetic pairs, seed 5, sides up to 240 px.
 fn dataset(dir: &Path, count: usize) {
-    let cfg = SynthKvasirConfig {
-        count,
-        seed: 5,
-        max_side: 240,
-        jpeg_quality: 90,
-    };
-    generate(dir, &cfg).unwrap();
+    common::synth_kvasir(dir, count, 5, 240);
 }
 
 /// A random-weight tiny SAM at 64 px, exported prompt-free.

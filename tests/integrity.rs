@@ -4,34 +4,13 @@
 //! wrong or damaged base is refused when loaded, and concurrent exporters of one base or one
 //! `--out` never leave a wrong base or a mixed model/data pair.
 
-#[allow(dead_code)]
 mod common;
 
-use common::ort_ready;
+use common::{bin, gps_seg, ort_ready, snapshot};
 use gps_seg::onnx::sam::random_sam_weights;
 use gps_seg::sam::SamConfig;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-/// The binary under test (`GPS_SEG_TEST_BIN` runs these cases against another build).
-fn bin() -> String {
-    std::env::var("GPS_SEG_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_gps-seg").into())
-}
-
-fn gps_seg(args: &[&str], cwd: &Path) -> (i32, String) {
-    let out = Command::new(bin())
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!text.contains("panicked"), "{args:?}: {text}");
-    (out.status.code().unwrap_or(-1), text)
-}
 
 fn ok(args: &[&str], cwd: &Path) -> String {
     let (c, t) = gps_seg(args, cwd);
@@ -44,24 +23,6 @@ fn refused(args: &[&str], cwd: &Path, needle: &str) -> String {
     assert_eq!(c, 1, "{args:?} should fail: {t}");
     assert!(t.contains(needle), "{args:?}: expected `{needle}` in: {t}");
     t
-}
-
-/// Every file under `dir` with its bytes.
-fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                v.push((p.display().to_string(), std::fs::read(&p).unwrap()));
-            }
-        }
-    }
-    v.sort();
-    v
 }
 
 /// A small synthetic Kvasir-shaped set at `dir/data`.

@@ -3,18 +3,15 @@
 //! (checked against timm's published counts by independent arithmetic), the Hugging Face ↔
 //! timm renaming round trip, and a short training run that must raise accuracy.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
+use common::images;
 use gps_seg::models::names::timm_vit_to_hf;
 use gps_seg::models::{Classifier, ClassifierConfig, ConvNextConfig, VitConfig};
 use gps_seg::nn::ParamStore;
 use gps_seg::train::loss::{cross_entropy, supcon_two_views};
 use gps_seg::util::Rng;
-
-fn images(b: usize, s: usize, seed: u64) -> Tensor {
-    let mut r = Rng::new(seed);
-    let v: Vec<f32> = (0..b * 3 * s * s).map(|_| r.f32()).collect();
-    Tensor::from_vec(v, (b, 3, s, s), &Device::Cpu).unwrap()
-}
 
 fn max_abs(t: &Tensor) -> f32 {
     t.abs()

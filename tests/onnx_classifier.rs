@@ -17,13 +17,7 @@ use ndarray::ArrayD;
 use std::path::Path;
 
 mod common;
-use common::{max_abs_diff, onnx_checker, ort_ready};
-
-fn images(n: usize, s: usize, seed: u64) -> Tensor {
-    let mut rng = Rng::new(seed);
-    let v: Vec<f32> = (0..n * 3 * s * s).map(|_| rng.f32()).collect();
-    Tensor::from_vec(v, (n, 3, s, s), &Device::Cpu).unwrap()
-}
+use common::{images, max_abs_diff, onnx_checker, ort_ready};
 
 fn max_abs(a: &ArrayD<f32>) -> f32 {
     a.iter().fold(0.0f32, |m, x| m.max(x.abs()))

@@ -7,10 +7,10 @@
 //! The ONNX Runtime library is found in the runtime's search order and fetched once when
 //! missing (as `gps-seg infer` does).
 
-#[allow(dead_code)]
 mod common;
 
 use candle_core::Device;
+use common::cli;
 use gps_seg::data::augment::SegAugment;
 use gps_seg::data::kvasir::KvasirDataset;
 use gps_seg::data::loader::{Loader, LoaderConfig, PromptSampling, SegSource};
@@ -18,7 +18,6 @@ use gps_seg::data::prompts::{
     components, fixed_rng, read_prompt_file, sample, PromptKind, PromptSpec,
 };
 use gps_seg::data::resize::Resize;
-use gps_seg::data::synth_kvasir::{generate, SynthKvasirConfig};
 use gps_seg::infer::{
     self, Engine, InferOptions, JobPrompts, OrtEngine, PromptedOrtEngine, RunFolder,
 };
@@ -133,14 +132,9 @@ fn box_jitter_scales_with_the_input_size() {
     assert!(!spec.multimask());
 }
 
+/// `count` synthetic pairs, seed 3, sides up to 200 px.
 fn dataset(dir: &Path, count: usize) {
-    let cfg = SynthKvasirConfig {
-        count,
-        seed: 3,
-        max_side: 200,
-        jpeg_quality: 90,
-    };
-    generate(dir, &cfg).unwrap();
+    common::synth_kvasir(dir, count, 3, 200);
 }
 
 /// Training prompts change per epoch and resume with the loader's state; evaluation
@@ -188,19 +182,19 @@ fn loader_prompts_resume_and_evaluation_prompts_stay_fixed() {
     assert_eq!(a, b, "evaluation prompts are fixed per image");
 }
 
+/// This file's tiny run: SAM tiny at 64 px, 3 epochs, batches of 2 (3 in evaluation), two
+/// selection batches.
 fn tiny_cfg(data: &Path) -> SegTrainConfig {
-    let sam = SamConfig::tiny().with_image_size(64);
-    let mut c = SegTrainConfig::recipe(data.to_path_buf(), None, sam);
-    c.epochs = 3;
-    c.batch_size = 2;
-    c.eval_batch_size = 3;
-    c.train_limit = Some(4);
-    c.test_limit = Some(4);
-    c.select_batches = Some(2);
-    c.hflip = 0.0;
-    c.lr = 1e-3;
-    c.max_steps_per_epoch = Some(2);
-    c
+    common::tiny_seg_cfg(
+        data,
+        common::TinySeg {
+            image_size: 64,
+            epochs: 3,
+            batch_size: 2,
+            eval_batch_size: 3,
+            select_batches: 2,
+        },
+    )
 }
 
 fn step_losses(run: &Path) -> Vec<f64> {
@@ -459,17 +453,6 @@ fn bad_prompt_files_are_refused_naming_the_entry() {
         let e = read_prompt_file(&p).unwrap_err().to_string();
         assert!(e.contains(name) && e.contains(want), "{name}: {e}");
     }
-}
-
-fn cli(args: &[&str]) -> (Option<i32>, String) {
-    let r = std::process::Command::new(env!("CARGO_BIN_EXE_gps-seg"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        r.status.code(),
-        String::from_utf8_lossy(&r.stderr).into_owned(),
-    )
 }
 
 /// Prompt flags are checked before any work: point settings without point prompts, a jitter

@@ -3,42 +3,11 @@
 //! Also: non-finite weights are never exported, a trained artifact is never replaced by an
 //! untrained selection, and an external-data ONNX pair is replaced whole.
 
+mod common;
+
+use common::{run, snapshot};
 use gps_seg::onnx::sam::{export_prompt_free, random_sam_weights, SamExportOptions};
 use gps_seg::sam::SamConfig;
-use std::path::Path;
-use std::process::Command;
-
-fn gps_seg(args: &[&str], cwd: &Path) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_gps-seg"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
-
-/// Every file under `dir` with its bytes, to prove that nothing changed.
-fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                v.push((p.display().to_string(), std::fs::read(&p).unwrap()));
-            }
-        }
-    }
-    v.sort();
-    v
-}
 
 fn refused(code: i32, text: &str, a: &str, b: &str) {
     assert_eq!(code, 1, "{text}");
@@ -70,7 +39,7 @@ fn outputs_that_would_land_on_inputs_are_refused_and_nothing_changes() {
     let before = snapshot(d);
 
     // infer --out D over the ground truth it scores against.
-    let (c, t) = gps_seg(
+    let (c, t) = run(
         &[
             "infer",
             "--model",
@@ -101,7 +70,7 @@ fn outputs_that_would_land_on_inputs_are_refused_and_nothing_changes() {
         b
     };
     for out in ["D", "D/masks", "D/images/preds"] {
-        let (c, t) = gps_seg(
+        let (c, t) = run(
             &[
                 "infer",
                 "--model",
@@ -124,7 +93,7 @@ fn outputs_that_would_land_on_inputs_are_refused_and_nothing_changes() {
         "./base.safetensors",
         "delta/merged.safetensors",
     ] {
-        let (c, t) = gps_seg(
+        let (c, t) = run(
             &[
                 "merge",
                 "--base",
@@ -149,7 +118,7 @@ fn outputs_that_would_land_on_inputs_are_refused_and_nothing_changes() {
     }
 
     // export --out equal to --model.
-    let (c, t) = gps_seg(
+    let (c, t) = run(
         &[
             "export",
             "--model",

@@ -2,8 +2,11 @@
 //! (fixture made by `scripts/make_sam_fixture.py` with PyPI `segment-anything` + `torch`), and
 //! checkpoint errors.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
-use gps_seg::nn::RolePolicy;
+use common::{bin, images, snapshot};
+use gps_seg::nn::{Precision, RolePolicy};
 use gps_seg::sam::{self, Sam, SamConfig};
 use gps_seg::util::tensors::{self, TensorMap};
 use gps_seg::util::Rng;
@@ -14,12 +17,6 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/sam_tiny")
         .join(name)
-}
-
-fn images(b: usize, s: usize, seed: u64) -> Tensor {
-    let mut r = Rng::new(seed);
-    let v: Vec<f32> = (0..b * 3 * s * s).map(|_| r.f32()).collect();
-    Tensor::from_vec(v, (b, 3, s, s), &Device::Cpu).unwrap()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -621,10 +618,6 @@ fn bad_config_json_beside_a_checkpoint_names_the_file_and_field() {
     );
 }
 
-fn bin() -> std::process::Command {
-    std::process::Command::new(env!("CARGO_BIN_EXE_gps-seg"))
-}
-
 /// The binary exits with 1 and a one-line reason (no panic, no abort) on malformed models and
 /// sizes.
 #[test]
@@ -707,31 +700,16 @@ fn cli_refuses_malformed_models_and_sizes_with_exit_1() {
         ),
     ];
     for (args, want) in runs {
-        let out = bin().args(&args).output().unwrap();
+        let out = std::process::Command::new(bin())
+            .args(&args)
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
         assert!(err.contains(want), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
     assert!(!dir.path().join("k").exists());
-}
-
-/// Files under `dir` with their bytes, sorted (a folder's full content).
-fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push((p.clone(), std::fs::read(&p).unwrap()));
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 /// (Beside the other command-line checks.) A synthetic-data generation killed half-way
@@ -742,7 +720,7 @@ fn interrupted_synthetic_generation_leaves_no_partial_set() {
     use gps_seg::data::{synth_cls, synth_kvasir};
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("kvasir");
-    let mut child = bin()
+    let mut child = std::process::Command::new(bin())
         .args([
             "data",
             "synth-kvasir",
@@ -825,7 +803,7 @@ fn interrupted_synthetic_generation_leaves_no_partial_set() {
 /// Run the binary with `args`, killing it after `limit` (a config that allocates before it is
 /// validated would abort, or grow for minutes): (exit code, stderr, whether it was killed).
 fn bin_bounded(args: &[String], limit: std::time::Duration) -> (Option<i32>, String, bool) {
-    let mut child = bin()
+    let mut child = std::process::Command::new(bin())
         .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -946,7 +924,7 @@ fn info_reads_the_config_beside_a_checkpoint() {
         "{:?}",
         info.notes
     );
-    let out = bin()
+    let out = std::process::Command::new(bin())
         .args(["info", "--model"])
         .arg(dir.join("sam-tiny.safetensors"))
         .output()
@@ -954,4 +932,187 @@ fn info_reads_the_config_beside_a_checkpoint() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     assert!(text.contains("\"window_size\": 8"), "{text}");
+}
+
+/// A 2-block tiny SAM at 64 px (grid 4, one window block and one global block) and a
+/// seeded batch of images in [0, 1] and {0, 1} targets.
+fn autocast_setup() -> (SamConfig, Tensor, Tensor) {
+    let mut cfg = SamConfig::tiny().with_image_size(64);
+    cfg.encoder_depth = 2;
+    cfg.encoder_global_attn_indexes = vec![1];
+    cfg.window_size = 3; // grid 4: padded windows
+    let mut rng = Rng::new(11);
+    let n = 2 * 3 * 64 * 64;
+    let x = Tensor::from_vec(
+        (0..n).map(|_| rng.f32()).collect::<Vec<f32>>(),
+        (2, 3, 64, 64),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let t = Tensor::from_vec(
+        (0..2 * 64 * 64)
+            .map(|_| if rng.bernoulli(0.3) { 1f32 } else { 0.0 })
+            .collect::<Vec<f32>>(),
+        (2, 1, 64, 64),
+        &Device::Cpu,
+    )
+    .unwrap();
+    (cfg, x, t)
+}
+
+/// ‖a − b‖ / ‖b‖ over all entries (f32 tensors).
+fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let num = (a - b).unwrap().sqr().unwrap().sum_all().unwrap();
+    let den = b.sqr().unwrap().sum_all().unwrap();
+    let num = num.to_scalar::<f32>().unwrap() as f64;
+    let den = den.to_scalar::<f32>().unwrap() as f64;
+    (num / den).sqrt()
+}
+
+fn bce(y: &Tensor, t: &Tensor) -> gps_seg::Result<Tensor> {
+    let sp = (y.exp()? + 1.0)?.log()?;
+    Ok((sp - (y * t)?)?.mean_all()?)
+}
+
+/// Autocast forward (run on the CPU: the machinery is device-agnostic): the prompt-free
+/// logits in bf16 / f16 stay within 1.5e-2 / 2e-3 relative (L2) of f32, come back as f32,
+/// and really differ from f32 (the encoder did compute in the low dtype). The tolerances
+/// are ~4 units of roundoff of each type (2⁻⁸ ≈ 3.9e-3, 2⁻¹¹ ≈ 4.9e-4).
+/// Evaluation's detached forward computes the very logits of the graph-building one, on a
+/// model whose every tensor is a var (the case that holds a graph).
+#[test]
+fn predict_prompt_free_equals_forward_prompt_free() {
+    let (cfg, x, _) = autocast_setup();
+    let (sam, _) = sam::build(&cfg, None, RolePolicy::AllTrainable, &Device::Cpu, 3).unwrap();
+    let y = sam.forward_prompt_free(&x).unwrap();
+    let p = sam.predict_prompt_free(&x).unwrap();
+    assert!(!p.track_op());
+    let (a, b) = (
+        y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        p.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+    );
+    assert_eq!(a.len(), b.len());
+    assert!(a.iter().zip(&b).all(|(u, v)| u.to_bits() == v.to_bits()));
+}
+
+#[test]
+fn low_precision_forward_is_close_to_f32() {
+    let (cfg, x, _) = autocast_setup();
+    let (sam, _) = sam::build(&cfg, None, RolePolicy::AllFrozen, &Device::Cpu, 3).unwrap();
+    assert_eq!(sam.precision(), Precision::F32);
+    let y32 = sam.forward_prompt_free(&x).unwrap();
+    for (p, tol) in [(Precision::Bf16, 1.5e-2), (Precision::F16, 2e-3)] {
+        let low = sam.clone().with_precision(p);
+        let emb = low.image_embeddings(&low.normalize(&x).unwrap()).unwrap();
+        assert_eq!(
+            emb.dtype(),
+            DType::F32,
+            "{p}: embeddings reach the decoder in f32"
+        );
+        let y = low.forward_prompt_free(&x).unwrap();
+        assert_eq!(y.dtype(), DType::F32);
+        assert_eq!(y.dims(), y32.dims());
+        let e = rel_err(&y, &y32);
+        eprintln!("{p}: logits relative L2 error vs f32 = {e:.3e}");
+        assert!(e < tol, "{p}: relative error {e} ≥ {tol}");
+        assert!(
+            e > 0.0,
+            "{p}: identical to f32, so no low-precision compute happened"
+        );
+    }
+    // Back to f32: bit-identical to the untouched model.
+    let back = sam
+        .clone()
+        .with_precision(Precision::Bf16)
+        .with_precision(Precision::F32);
+    let y = back.forward_prompt_free(&x).unwrap();
+    assert_eq!(gps_seg::nn::gradcheck::max_abs_diff(&y, &y32).unwrap(), 0.0);
+}
+
+/// Autocast backward: with GPS roles (random K=2 selection: sparse deltas on the encoder's
+/// weight matrices, the rest trainable), a bf16 step gives an f32, finite gradient to
+/// every var that gets one in f32 — sparse deltas included — pointing the same way
+/// (cosine > 0.99 per encoder var with a non-negligible gradient); the checkpointed bf16
+/// backward gives the same gradients as the plain bf16 one.
+#[test]
+fn bf16_backward_gives_f32_gradients_to_vars_and_sparse_deltas() {
+    let (cfg, x, t) = autocast_setup();
+    let (sam, vs, sel, _) =
+        gps_seg::bench::train::gps_setup(&cfg, &Device::Cpu, 4, 2, 1e-3).unwrap();
+    let vars = vs.trainable_vars();
+    let sparse: Vec<&String> = sel.indices.keys().collect();
+    assert!(sparse
+        .iter()
+        .any(|n| n.as_str() == "image_encoder.blocks.0.attn.qkv.weight"));
+    let grads_of = |m: &Sam| {
+        let y = m.forward_prompt_free(&x).unwrap();
+        bce(&y, &t).unwrap().backward().unwrap()
+    };
+    let g32 = grads_of(&sam);
+    let low = sam.clone().with_precision(Precision::Bf16);
+    let g16 = grads_of(&low);
+    let (_, gck) = low
+        .prompt_free_backward_checkpointed(&x, |y| bce(y, &t))
+        .unwrap();
+    let (mut checked, mut sparse_checked, mut min_cos) = (0, 0, 1f32);
+    for (name, v) in &vars {
+        let Some(a) = g32.get(v.as_tensor()) else {
+            continue;
+        };
+        let b = g16
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: gradient in f32 but none in bf16"));
+        assert_eq!(b.dtype(), DType::F32, "{name}");
+        assert_eq!(b.dims(), a.dims(), "{name}");
+        let finite = b
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .all(|g| g.is_finite());
+        assert!(finite, "{name}: non-finite bf16 gradient");
+        let norm = |g: &Tensor| {
+            g.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt()
+        };
+        let (na, nb) = (norm(a), norm(b));
+        if name.starts_with("image_encoder.") && na > 1e-6 {
+            let dot = (a * b)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let cos = dot / (na * nb);
+            min_cos = min_cos.min(cos);
+            assert!(
+                cos > 0.99,
+                "{name}: cosine {cos} between bf16 and f32 gradients"
+            );
+        }
+        let c = gck
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no checkpointed bf16 gradient"));
+        let e = gps_seg::nn::gradcheck::max_abs_diff(c, b).unwrap();
+        assert!(
+            e <= 1e-6 * (nb as f64).max(1.0),
+            "{name}: checkpointed differs by {e}"
+        );
+        checked += 1;
+        if sparse.contains(&name) {
+            sparse_checked += 1;
+        }
+    }
+    eprintln!("{checked} vars ({sparse_checked} sparse deltas); min encoder cosine {min_cos}");
+    assert!(checked > 20, "only {checked} vars checked");
+    assert!(
+        sparse_checked > 5,
+        "only {sparse_checked} sparse deltas checked"
+    );
 }

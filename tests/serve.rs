@@ -11,12 +11,11 @@
 //! The ONNX Runtime library is found in the runtime's search order and fetched once when
 //! missing (as `gps-seg infer` does).
 
-#[allow(dead_code)]
 mod common;
 
+use common::{crc32, infer_mask};
 use gps_seg::data::imgio;
 use gps_seg::data::synth_kvasir::render;
-use gps_seg::infer::{self, input, InferOptions, OrtEngine};
 use gps_seg::onnx::sam::{export_prompt_free, random_sam_weights, SamExportOptions};
 use gps_seg::onnx::write_model;
 use gps_seg::progress::Silent;
@@ -115,23 +114,6 @@ fn get(addr: SocketAddr, path: &str) -> Response {
     client::request(addr, "GET", path, &[], &[]).unwrap()
 }
 
-/// The mask PNG `gps_seg::infer::infer` writes for `image` with `model` (batch 1).
-fn infer_mask(model: &Path, image: &Path, out: &Path) -> Vec<u8> {
-    let dir = out.join("in");
-    std::fs::create_dir_all(&dir).unwrap();
-    let name = image.file_name().unwrap();
-    std::fs::copy(image, dir.join(name)).unwrap();
-    let (c, bad) = input::from_folders(&dir, None).unwrap();
-    let inputs = input::check(c, bad);
-    let engine = OrtEngine::load(model, 1, None, &mut Silent).unwrap();
-    let mut opts = InferOptions::new(out.join("out"));
-    opts.batch_size = 1;
-    opts.overlays = false;
-    infer::infer(&engine, &inputs, &opts, &mut Silent).unwrap();
-    let stem = image.file_stem().unwrap().to_str().unwrap();
-    std::fs::read(out.join("out/masks").join(format!("{stem}.png"))).unwrap()
-}
-
 #[test]
 fn each_task_serves_the_mask_infer_writes_byte_for_byte() {
     let f = fixture();
@@ -221,22 +203,6 @@ fn each_task_serves_the_mask_infer_writes_byte_for_byte() {
     assert_eq!(sample.header("content-type"), Some("image/png"));
     assert!(image::load_from_memory(&sample.body).is_ok());
     server.shutdown().unwrap();
-}
-
-/// Little-endian-free CRC-32 (PNG's) for patching a chunk.
-fn crc32(data: &[u8]) -> u32 {
-    let mut c = 0xFFFF_FFFFu32;
-    for &b in data {
-        c ^= u32::from(b);
-        for _ in 0..8 {
-            c = if c & 1 != 0 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-        }
-    }
-    !c
 }
 
 /// `png` with its IHDR saying `w × h` (CRC fixed, pixel data unchanged).

@@ -5,13 +5,12 @@
 //! and remove tasks without a restart, a task of another base is answered 409 naming both
 //! content hashes. Servers run in-process on ephemeral 127.0.0.1 ports; every client is bounded.
 
-#[allow(dead_code)]
 mod common;
 
+use common::infer_mask;
 use gps_seg::bench::tasks::synthetic_task;
 use gps_seg::data::imgio;
 use gps_seg::data::synth_kvasir::render;
-use gps_seg::infer::{self, input, InferOptions, OrtEngine};
 use gps_seg::onnx::delta::{export_sam_task, SamGraph};
 use gps_seg::onnx::sam::{export_prompt_free, random_sam_weights, SamExportOptions};
 use gps_seg::progress::Silent;
@@ -97,21 +96,6 @@ fn fixture() -> Fixture {
         images.push(p);
     }
     Fixture { images, ..f }
-}
-
-/// The mask `infer` writes for `image` with `model`.
-fn infer_mask(model: &Path, image: &Path, out: &Path) -> Vec<u8> {
-    let dir = out.join("in");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(image, dir.join(image.file_name().unwrap())).unwrap();
-    let (c, bad) = input::from_folders(&dir, None).unwrap();
-    let engine = OrtEngine::load(model, 1, None, &mut Silent).unwrap();
-    let mut opts = InferOptions::new(out.join("out"));
-    opts.batch_size = 1;
-    opts.overlays = false;
-    infer::infer(&engine, &input::check(c, bad), &opts, &mut Silent).unwrap();
-    let stem = image.file_stem().unwrap().to_str().unwrap();
-    std::fs::read(out.join("out/masks").join(format!("{stem}.png"))).unwrap()
 }
 
 /// reference[task][image]: the merged models' masks.

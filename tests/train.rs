@@ -1,37 +1,32 @@
 //! End-to-end training on a tiny synthetic Kvasir set: every method writes its run folder and
 //! its loss falls; a killed run resumes to the same final metrics; bad settings are refused.
 
+mod common;
+
 use candle_core::Device;
-use gps_seg::data::synth_kvasir::{generate, SynthKvasirConfig};
+use common::{cli, TinySeg};
 use gps_seg::nn::Precision;
-use gps_seg::sam::SamConfig;
 use gps_seg::train::observer::{Event, Observer, Silent};
 use gps_seg::train::seg::{self, Method, SegTrainConfig};
 use std::path::Path;
 
+/// This file's tiny run: SAM tiny at 128 px, 2 epochs, batches of 4, one selection batch.
 fn tiny_cfg(data: &Path) -> SegTrainConfig {
-    let sam = SamConfig::tiny().with_image_size(128);
-    let mut c = SegTrainConfig::recipe(data.to_path_buf(), None, sam);
-    c.epochs = 2;
-    c.batch_size = 4;
-    c.eval_batch_size = 4;
-    c.train_limit = Some(4);
-    c.test_limit = Some(4);
-    c.select_batches = Some(1);
-    c.hflip = 0.0;
-    c.lr = 1e-3;
-    c.max_steps_per_epoch = Some(2);
-    c
+    common::tiny_seg_cfg(
+        data,
+        TinySeg {
+            image_size: 128,
+            epochs: 2,
+            batch_size: 4,
+            eval_batch_size: 4,
+            select_batches: 1,
+        },
+    )
 }
 
+/// 40 synthetic pairs, seed 3, sides up to 360 px.
 fn dataset(dir: &Path) {
-    let cfg = SynthKvasirConfig {
-        count: 40,
-        seed: 3,
-        max_side: 360,
-        jpeg_quality: 90,
-    };
-    generate(dir, &cfg).unwrap();
+    common::synth_kvasir(dir, 40, 3, 360);
 }
 
 #[test]
@@ -350,17 +345,6 @@ fn resume_repairs_a_missing_damaged_or_stale_best_folder() {
         let wb = std::fs::read(b.join("merged.safetensors")).unwrap();
         assert!(wa == wb, "{damage}: merged weights differ after the repair");
     }
-}
-
-fn cli(args: &[&str]) -> (Option<i32>, String) {
-    let r = std::process::Command::new(env!("CARGO_BIN_EXE_gps-seg"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        r.status.code(),
-        String::from_utf8_lossy(&r.stderr).into_owned(),
-    )
 }
 
 /// `--max-steps 0` is a config error; `--lr` below the default floor without `--min-lr`

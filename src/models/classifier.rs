@@ -2,9 +2,9 @@
 //! [`ClassifierConfig`] (serde, tagged by family) and [`Classifier`] with `features`,
 //! `forward`, `normalize`.
 
+use super::common::LoadReport;
 use super::convnext::{self, ConvNext, ConvNextConfig};
 use super::vit::{self, Vit, VitConfig};
-use super::LoadReport;
 use crate::error::{Error, Result};
 use crate::nn::ParamStore;
 use crate::util::tensors::{self, TensorMap};

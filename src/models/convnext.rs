@@ -8,15 +8,16 @@
 //! Tensor names are timm's checkpoint keys (`stem.0`, `stem.1`, `stages.{i}.downsample.{0,1}`,
 //! `stages.{i}.blocks.{j}.{conv_dw,norm,mlp.fc1,mlp.fc2,gamma}`, `head.norm`, `head.fc`).
 //!
-//! The depthwise 7×7 conv is [`super::depthwise::depthwise_conv2d`] (a CPU custom op with its
-//! own backward, or shifted slices elsewhere) rather than Candle's grouped `conv2d`, whose
-//! backward is correct but quadratic in the channel count; see that module. The weight keeps
-//! PyTorch's shape `[C, 1, k, k]`.
+//! The depthwise 7×7 conv is [`crate::nn::kernels::depthwise::depthwise_conv2d`] (a CPU
+//! custom op with its own backward, or shifted slices elsewhere) rather than Candle's grouped
+//! `conv2d`, whose backward is correct but quadratic in the channel count; see that module.
+//! The weight keeps PyTorch's shape `[C, 1, k, k]`.
 
-use super::depthwise::depthwise_conv2d;
+use super::common::{adapt_head, normalize_with, LoadReport, IMAGENET_MEAN, IMAGENET_STD};
+use super::names;
 use super::vit::Mlp;
-use super::{adapt_head, names, normalize_with, LoadReport, IMAGENET_MEAN, IMAGENET_STD};
 use crate::error::{Error, Result};
+use crate::nn::kernels::depthwise::depthwise_conv2d;
 use crate::nn::{Conv2d, Init, LayerNorm, LayerNorm2d, Param, ParamStore};
 use crate::util::tensors::TensorMap;
 use candle_core::Tensor;

@@ -10,7 +10,8 @@
 //! [`adapt_checkpoint`], which also resizes `pos_embed` and re-initialises a head of another
 //! size. All ops used have a verified backward (no fused layer norm or softmax).
 
-use super::{adapt_head, names, normalize_with, LoadReport, HALF};
+use super::common::{adapt_head, normalize_with, LoadReport, HALF};
+use super::names;
 use crate::error::{Error, Result};
 use crate::nn::layers::{gelu, resize_bilinear, softmax_last};
 use crate::nn::{Conv2d, Init, LayerNorm, Linear, Param, ParamStore};

@@ -1,11 +1,18 @@
 //! Differentiable layers built on [`Param`]s, restricted to Candle ops whose backward is
-//! verified (see `shared/notes/candle.md`): no Candle `layer_norm` / `softmax_last_dim` (our
-//! own fused ops with tested backward are in [`super::fused`]), no `upsample_bilinear2d`. Each layer fetches its params from a [`ParamStore`] under the
+//! verified (see `shared/notes/candle.md`): no Candle `layer_norm` / `softmax_last_dim`, no
+//! `upsample_bilinear2d`. Each layer fetches its params from a [`ParamStore`] under the
 //! reference (PyTorch) names, so official checkpoints map by name.
+//!
+//! This is where a layer chooses between a CPU kernel of [`super::kernels`] (where
+//! [`use_fused`]: CPU, f32/f64, not in [reference mode](super::kernels::with_reference_path))
+//! and the composed Candle ops the kernels are tested against (CUDA, bf16/f16, the reference
+//! path): softmax, layer norm and GELU ([`super::kernels::fused`]) and every linear
+//! ([`super::kernels::sparse_grad`]).
 
+use super::kernels::sparse_grad::LinearCarrier;
+use super::kernels::{fused, reference_path, use_fused};
 use super::param::{Init, Param, ParamStore};
-use super::precision::{autocast, upcast};
-use super::sparse_grad::LinearCarrier;
+use super::precision::{autocast, is_low, upcast};
 use crate::error::Result;
 use candle_core::{Device, Tensor, D};
 
@@ -30,10 +37,10 @@ impl Linear {
     }
 
     /// `x: [..., in] → [..., out]`. On CPU, a frozen or GPS-sparse weight skips its dense
-    /// weight gradient in backward (see [`super::sparse_grad`]); in
-    /// [reference mode](super::fused::with_reference_path) this is [`Self::forward_dense`].
+    /// weight gradient in backward (see [`super::kernels::sparse_grad`]); in
+    /// [reference mode](super::kernels::with_reference_path) this is [`Self::forward_dense`].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if super::fused::reference_path() {
+        if reference_path() {
             return self.forward_dense(x);
         }
         matmul_weight_t(x, &self.weight, self.bias.as_ref())
@@ -43,7 +50,7 @@ impl Linear {
 /// `x · Wᵀ (+ b)` for `x: [..., in]`, a weight param viewed as `[out, in]` (trailing dims
 /// flattened, e.g. a conv kernel `[out, c, kh, kw]` as `[out, c·kh·kw]`) and an optional bias
 /// `[out]` → `[..., out]`. On CPU (outside reference mode) this is one carrier op
-/// ([`super::sparse_grad`]) on `x` as it is (no reshape nodes): a frozen weight gets no
+/// ([`super::kernels::sparse_grad`]) on `x` as it is (no reshape nodes): a frozen weight gets no
 /// weight gradient, a GPS-sparse one only its selected entries', a trainable one the dense
 /// `dW`, and the bias is folded into the same op; elsewhere a plain matmul and broadcast add
 /// on `x` viewed as `[rows, in]`.
@@ -80,7 +87,7 @@ pub fn matmul_weight_t(x: &Tensor, weight: &Param, bias: Option<&Param>) -> Resu
     if w.dtype() != x.dtype() {
         return plain(autocast(w, x.dtype())?);
     }
-    if !super::fused::use_fused(x) || dims.is_empty() {
+    if !use_fused(x) || dims.is_empty() {
         return plain(w);
     }
     // Every weight goes through the carrier op, with the bias folded in (a frozen bias held
@@ -182,7 +189,7 @@ impl Conv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let k = self.weight.dims().get(2).copied().unwrap_or(1);
         let im2col = x.device().is_cpu()
-            && !super::fused::reference_path()
+            && !reference_path()
             && self.groups == 1
             && ((k == self.stride && self.padding == 0) || self.stride == 1);
         if im2col {
@@ -363,10 +370,15 @@ impl LayerNorm {
     }
 }
 
-/// Layer norm over the last dim with affine `w`, `b` (`[C]`), differentiable: the fused CPU
-/// kernel of [`super::fused::layer_norm`] on CPU, else [`layer_norm_composed`].
+/// Layer norm over the last dim with affine `w`, `b` (`[C]`), differentiable in all three:
+/// the fused CPU kernel ([`fused::layer_norm`]) where [`use_fused`] and the three dtypes
+/// agree, else [`layer_norm_composed`].
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    super::fused::layer_norm(x, w, b, eps)
+    if use_fused(x) && w.dtype() == x.dtype() && b.dtype() == x.dtype() {
+        fused::layer_norm(x, w, b, eps)
+    } else {
+        layer_norm_composed(x, w, b, eps)
+    }
 }
 
 /// Layer norm over the last dim with affine `w`, `b` (`[C]`), built from differentiable ops.
@@ -391,7 +403,7 @@ impl LayerNorm2d {
     /// last dim (the fused kernel on CPU) with this module's weight and bias.
     pub fn forward_channels_last(&self, x: &Tensor) -> Result<Tensor> {
         upcast(x, |x| {
-            super::fused::layer_norm(x, &self.weight.tensor()?, &self.bias.tensor()?, self.eps)
+            layer_norm(x, &self.weight.tensor()?, &self.bias.tensor()?, self.eps)
         })
     }
 
@@ -439,16 +451,29 @@ impl Embedding {
     }
 }
 
-/// Softmax over the last dim, differentiable (not Candle's backward-less `softmax_last_dim`):
-/// our fused CPU kernel ([`super::fused::softmax_last`]) on CPU, Candle's composed `softmax`
-/// elsewhere.
+/// Softmax over the last dim, differentiable (not Candle's backward-less `softmax_last_dim`),
+/// any shape: the fused CPU kernel ([`fused::softmax_last`]) where [`use_fused`], else
+/// Candle's composed `softmax`. A bf16/f16 `x` is upcast to f32 for the softmax and the
+/// result cast back (autocast, [`super::precision`]).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    super::fused::softmax_last(x)
+    if is_low(x.dtype()) {
+        return upcast(x, softmax_last);
+    }
+    if use_fused(x) {
+        fused::softmax_last(x)
+    } else {
+        Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+    }
 }
 
-/// Exact (erf) GELU, as `nn.GELU()` in PyTorch ([`super::fused::gelu`]).
+/// Exact (erf) GELU, as `nn.GELU()` in PyTorch: the fused CPU kernel ([`fused::gelu`]) where
+/// [`use_fused`], else Candle's `gelu_erf`.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    super::fused::gelu(x)
+    if use_fused(x) {
+        fused::gelu(x)
+    } else {
+        Ok(x.gelu_erf()?)
+    }
 }
 
 /// 1-D linear interpolation matrix `[out, in]` with PyTorch's `align_corners=False`
@@ -509,7 +534,7 @@ pub fn resize_bilinear(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::fused::with_reference_path;
+    use crate::nn::kernels::with_reference_path;
     use candle_core::Var;
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
@@ -597,5 +622,121 @@ mod tests {
                 assert!(max_abs(a, b) < 1e-4, "case {i}: {}", max_abs(a, b));
             }
         }
+    }
+}
+
+/// The fused CPU kernels against the composed ops ([reference path](with_reference_path)):
+/// values and gradients, besides finite differences.
+#[cfg(test)]
+mod fused_vs_composed {
+    use super::*;
+    use crate::nn::gradcheck;
+    use crate::nn::kernels::with_reference_path;
+    use candle_core::{DType, Var};
+
+    fn rand(shape: &[usize], seed: u64, scale: f64) -> Tensor {
+        (gradcheck::randn(shape, seed, candle_core::DType::F64).unwrap() * scale).unwrap()
+    }
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+        crate::nn::gradcheck::max_abs_diff(a, b).unwrap()
+    }
+
+    /// Value and gradients (w.r.t. every input, through a random projection) of `f` on the
+    /// fused path and on the reference path.
+    fn both_paths(
+        inputs: &[Tensor],
+        f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) -> [(Tensor, Vec<Tensor>); 2] {
+        let run = || {
+            let vars: Vec<Var> = inputs
+                .iter()
+                .map(|t| Var::from_tensor(t).unwrap())
+                .collect();
+            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let y = f(&ts).unwrap();
+            let proj = rand(y.dims(), 99, 1.0);
+            let g = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+            let gs = vars
+                .iter()
+                .map(|v| g.get(v.as_tensor()).expect("a gradient").clone())
+                .collect();
+            (y, gs)
+        };
+        let fast = run();
+        let slow = with_reference_path(run);
+        [fast, slow]
+    }
+
+    fn assert_paths_agree(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>) {
+        let [(y1, g1), (y2, g2)] = both_paths(inputs, f);
+        assert!(max_abs(&y1, &y2) < 1e-12, "values differ");
+        for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
+            assert!(
+                max_abs(a, b) < 1e-10,
+                "gradient {i} differs: {}",
+                max_abs(a, b)
+            );
+        }
+    }
+
+    #[test]
+    fn softmax_matches_composed_and_finite_differences() {
+        let x = rand(&[3, 4, 7], 1, 2.0);
+        assert_paths_agree(std::slice::from_ref(&x), |t| softmax_last(&t[0]));
+        let e = gradcheck::check(&x, 30, 0, softmax_last).unwrap();
+        assert!(e < 1e-6, "{e}");
+        // non-contiguous input
+        let xt = x.transpose(1, 2).unwrap();
+        let e = gradcheck::check(&xt, 20, 1, softmax_last).unwrap();
+        assert!(e < 1e-6, "{e}");
+        // f32 rows sum to one
+        let y = softmax_last(&x.to_dtype(DType::F32).unwrap()).unwrap();
+        let s = y
+            .sum(2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(s.iter().all(|v| (v - 1.0).abs() < 1e-5));
+    }
+
+    #[test]
+    fn layer_norm_matches_composed_and_finite_differences() {
+        let x = (rand(&[2, 3, 8], 5, 2.0) + 0.7).unwrap();
+        let w = (rand(&[8], 6, 0.3) + 1.0).unwrap();
+        let b = rand(&[8], 7, 0.5);
+        let eps = 1e-6;
+        assert_paths_agree(&[x.clone(), w.clone(), b.clone()], |t| {
+            layer_norm(&t[0], &t[1], &t[2], eps)
+        });
+        let e = gradcheck::check(&x, 30, 0, |x| layer_norm(x, &w, &b, eps)).unwrap();
+        assert!(e < 1e-6, "wrt x: {e}");
+        let e = gradcheck::check(&w, 8, 1, |w| layer_norm(&x, w, &b, eps)).unwrap();
+        assert!(e < 1e-6, "wrt w: {e}");
+        let e = gradcheck::check(&b, 8, 2, |b| layer_norm(&x, &w, b, eps)).unwrap();
+        assert!(e < 1e-6, "wrt b: {e}");
+    }
+
+    #[test]
+    fn layer_norm_weight_gradient_sums_over_many_row_blocks() {
+        // More rows than one rayon task takes, so the partial sums of dw/db are combined.
+        let x = rand(&[300, 70], 8, 1.0);
+        let w = (rand(&[70], 9, 0.3) + 1.0).unwrap();
+        let b = rand(&[70], 10, 0.5);
+        assert_paths_agree(&[x, w, b], |t| layer_norm(&t[0], &t[1], &t[2], 1e-5));
+    }
+
+    #[test]
+    fn gelu_matches_composed_and_finite_differences() {
+        let x = rand(&[4, 9], 11, 2.0);
+        let [(y1, g1), (y2, g2)] = both_paths(std::slice::from_ref(&x), |t| gelu(&t[0]));
+        // Same erf for the values; Candle's backward uses 1/√(2π) ≈ 0.398942 (6 digits).
+        assert!(max_abs(&y1, &y2) < 1e-9);
+        let d = max_abs(&g1[0], &g2[0]);
+        assert!(d < 1e-5, "{d}");
+        let e = gradcheck::check(&x, 30, 0, gelu).unwrap();
+        assert!(e < 1e-6, "{e}");
     }
 }

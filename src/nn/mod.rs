@@ -1,21 +1,33 @@
 //! Differentiable building blocks shared by every model: named params ([`param`]), layers
-//! whose backward is verified ([`layers`]), fused CPU kernels with their own backward
-//! ([`fused`], and the query-chunked attention of [`attention`]), autocast to bf16/f16
-//! ([`precision`]) and finite-difference checks ([`gradcheck`]).
+//! whose backward is verified ([`layers`]), the CPU kernels under them with their own backward
+//! ([`kernels`]: fused softmax / layer norm / GELU, the linear carrier, window partition,
+//! query-chunked attention, depthwise conv), autocast to bf16/f16 ([`precision`]) and
+//! finite-difference checks ([`gradcheck`]).
+//!
+//! Layering, bottom up: `kernels` (imports nothing above it) → `param`, `precision` → `layers`
+//! (chooses kernel or composed ops) → this file (batch splitting over threads).
 
-pub mod attention;
-pub(crate) mod cpu_gemm;
-pub mod fused;
 pub mod gradcheck;
+pub mod kernels;
 pub mod layers;
 pub mod param;
 pub mod precision;
-pub mod sparse_grad;
-pub mod window;
 
 pub use layers::{Conv2d, ConvTranspose2d, Embedding, LayerNorm, LayerNorm2d, Linear};
 pub use param::{Init, Param, ParamStore, Role, RolePolicy};
 pub use precision::Precision;
+
+// Former paths of what moved into `kernels`, kept for the callers outside nn (`train::loss`,
+// `bench`) until they name `nn::kernels::…`.
+pub(crate) use kernels::cpu_gemm;
+pub use kernels::sparse_grad;
+
+/// Former path of the kernels' switches and shared helpers: now `nn::kernels` /
+/// `nn::kernels::base`.
+pub mod fused {
+    pub(crate) use super::kernels::base::{data, exp_neg_f32};
+    pub use super::kernels::base::{reference_path, use_fused, with_reference_path};
+}
 
 /// `loss.backward()` keeping only the gradients of vars. Candle's backward also stores a
 /// gradient for every untracked leaf an op reads (frozen weights, constants, the upstream
@@ -55,7 +67,7 @@ pub fn split_forward(
     let n = x.dim(0)?;
     if !x.device().is_cpu()
         || n < 2
-        || fused::reference_path()
+        || kernels::reference_path()
         || crate::util::threads::single_thread_pools().len() < 2
     {
         return crate::util::threads::on_worker(|| f(x));
@@ -84,7 +96,7 @@ pub fn split_backward(
         let grads = backward_vars(&loss)?;
         Ok((loss, grads))
     };
-    if !on_cpu || n < 2 || fused::reference_path() {
+    if !on_cpu || n < 2 || kernels::reference_path() {
         return crate::util::threads::on_worker(whole);
     }
     let parts = crate::util::threads::split_items(n, |r| -> crate::error::Result<_> {

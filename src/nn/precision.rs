@@ -8,7 +8,7 @@
 //! gradients come back to the f32 vars as f32. Layer norms and the attention softmax compute
 //! in f32 ([`upcast`], then cast back). With `Precision::F32` no cast happens anywhere: the
 //! helpers return their input when the dtypes already agree, and every fused CPU kernel
-//! ([`super::fused::use_fused`]) still applies.
+//! ([`super::kernels::use_fused`]) still applies.
 //!
 //! Low precision is meant for CUDA (tensor cores); on the CPU Candle widens bf16 matmuls to f32
 //! and runs several ops slowly or not at all in bf16, so the CLI refuses it there

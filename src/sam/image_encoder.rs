@@ -5,7 +5,7 @@
 //! relative position bias is built from `index_select` + batched matmuls, softmax and layer norm
 //! are the differentiable versions from [`crate::nn::layers`]. On CPU the whole attention core
 //! (scores, bias, softmax, `·v`) is one fused, query-chunked op with its own backward
-//! ([`crate::nn::attention::rel_pos_attention`]; memory linear in tokens), and linears / the
+//! ([`crate::nn::kernels::attention`]; memory linear in tokens), and linears / the
 //! patch embedding skip dense weight gradients of frozen and GPS-sparse weights.
 //!
 //! Precision ([`ImageEncoderViT::precision`], `--dtype`): in bf16/f16 the patch embedding and
@@ -16,20 +16,24 @@
 //! FLOPs at 1024 px, and Candle's conv2d has no bf16 CPU kernel).
 
 use super::common::{Activation, MlpBlock, LAYER_NORM_2D_EPS};
+use super::config::SamConfig;
 use crate::error::{Error, Result};
-use crate::nn::fused::use_fused;
+use crate::nn::kernels::{self, use_fused};
 use crate::nn::layers::{
     interp_matrix, matmul_weight_t, softmax_last, Conv2d, LayerNorm, LayerNorm2d, Linear,
 };
 use crate::nn::precision::{autocast, Precision};
 use crate::nn::{Init, Param, ParamStore};
-use crate::sam::sam::rel_pos_len;
-use crate::sam::SamConfig;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
 /// Layer-norm epsilon of the encoder blocks (`partial(nn.LayerNorm, eps=1e-6)` in `build_sam.py`).
 pub const ENCODER_LN_EPS: f64 = 1e-6;
+
+/// Length of a relative-position table for a `side`-token axis: `2·side − 1` (0 for 0).
+pub fn rel_pos_len(side: usize) -> usize {
+    side.saturating_mul(2).saturating_sub(1)
+}
 
 /// `get_rel_pos`: relative positional embeddings for every (query, key) pair along one axis.
 ///
@@ -131,10 +135,10 @@ pub fn add_decomposed_rel_pos(
 
 /// `window_partition`: `[B, H, W, C]` → (`[B·nw, ws, ws, C]`, padded `(Hp, Wp)`); zero padding
 /// at the bottom/right when `H` or `W` is not a multiple of `ws`.
-/// On CPU (outside reference mode) one fused op ([`crate::nn::window`]).
+/// On CPU (outside reference mode) one fused op ([`kernels::window`]).
 pub fn window_partition(x: &Tensor, ws: usize) -> Result<(Tensor, (usize, usize))> {
     if use_fused(x) {
-        return Ok(crate::nn::window::partition(x, ws)?);
+        return Ok(kernels::window::partition(x, ws)?);
     }
     let (b, h, w, c) = x.dims4()?;
     let pad_h = (ws - h % ws) % ws;
@@ -164,7 +168,7 @@ pub fn window_unpartition(
     hw: (usize, usize),
 ) -> Result<Tensor> {
     if use_fused(windows) {
-        return Ok(crate::nn::window::unpartition(windows, ws, pad_hw, hw)?);
+        return Ok(kernels::window::unpartition(windows, ws, pad_hw, hw)?);
     }
     let (hp, wp) = pad_hw;
     let (h, w) = hw;
@@ -243,6 +247,9 @@ impl Attention {
 
 /// The attention core of [`Attention`] between the `qkv` and `proj` linears:
 /// `qkv: [B, H, W, 3·dim]` → `[B, H, W, dim]` (softmax(q·kᵀ·scale + rel-pos bias)·v per head).
+/// Where [`use_fused`] (CPU, f32/f64, not the reference path) the fused, query-chunked kernel
+/// ([`kernels::attention::decomposed_attention`]), else Meta's composed ops
+/// ([`add_decomposed_rel_pos`], softmax, matmuls), which the tests compare it against.
 pub fn rel_pos_attention(
     qkv: &Tensor,
     rel_pos_h: &Tensor,
@@ -255,7 +262,7 @@ pub fn rel_pos_attention(
         // One fused, query-chunked op: no [B·heads, N, N] tensor is kept.
         let rh = get_rel_pos(h, h, rel_pos_h)?;
         let rw = get_rel_pos(w, w, rel_pos_w)?;
-        return crate::nn::attention::rel_pos_attention(qkv, &rh, &rw, num_heads, scale, None);
+        return kernels::attention::decomposed_attention(qkv, &rh, &rw, num_heads, scale, None);
     }
     let dim = d3 / 3;
     let nh = num_heads;
@@ -482,7 +489,7 @@ impl ImageEncoderViT {
         } else {
             x.clone()
         };
-        if crate::nn::fused::reference_path() || !x.device().is_cpu() {
+        if kernels::reference_path() || !x.device().is_cpu() {
             return self.neck.forward(&x.permute((0, 3, 1, 2))?.contiguous()?);
         }
         self.neck.forward_channels_last(&x)
@@ -607,11 +614,11 @@ mod tests {
         assert_eq!(d.to_scalar::<f64>().unwrap(), 0.0);
     }
 
-    /// The fused ops (`nn::window`) equal Candle's composed ops bit for bit, values and
+    /// The fused ops (`nn::kernels::window`) equal Candle's composed ops bit for bit, values and
     /// gradients, with and without padding; a geometry that does not tile is refused.
     #[test]
     fn fused_window_ops_equal_the_composed_ones() {
-        use crate::nn::fused::with_reference_path;
+        use crate::nn::kernels::with_reference_path;
         for (h, w, ws) in [(5, 7, 4), (8, 8, 4), (3, 3, 4)] {
             let x = candle_core::Var::from_tensor(&rand(&[2, h, w, 3], 3)).unwrap();
             let proj = rand(&[2, h, w, 3], 4);
@@ -767,5 +774,88 @@ mod tests {
         let e =
             gradcheck::check(&rh, 20, 1, |t| rel_pos_attention(&qkv, t, &rw, nh, scale)).unwrap();
         assert!(e < 1e-6, "wrt rel_pos_h: {e}");
+    }
+}
+
+/// The fused attention kernel ([`kernels::attention::decomposed_attention`]) on SAM's tables
+/// against the composed path of [`rel_pos_attention`] and finite differences.
+#[cfg(test)]
+mod fused_attention {
+    use super::{get_rel_pos, rel_pos_attention as composed};
+    use crate::nn::gradcheck::{self, max_abs_diff, randn, rel_err_floor};
+    use crate::nn::kernels::attention::decomposed_attention;
+    use crate::nn::kernels::with_reference_path;
+    use candle_core::{DType, Tensor, Var};
+
+    /// (qkv, rel_pos_h, rel_pos_w) for a `gh × gw` grid.
+    fn inputs(b: usize, gh: usize, gw: usize, heads: usize, hd: usize, dt: DType) -> [Tensor; 3] {
+        [
+            randn(&[b, gh, gw, 3 * heads * hd], 1, dt).unwrap(),
+            (randn(&[2 * gh - 1, hd], 2, dt).unwrap() * 0.5).unwrap(),
+            (randn(&[2 * gw - 1, hd], 3, dt).unwrap() * 0.5).unwrap(),
+        ]
+    }
+
+    fn fused(x: &[Tensor; 3], heads: usize, chunk: Option<usize>) -> Tensor {
+        let (_, gh, gw, d3) = x[0].dims4().unwrap();
+        let hd = d3 / 3 / heads;
+        let scale = (hd as f64).powf(-0.5);
+        let rh = get_rel_pos(gh, gh, &x[1]).unwrap();
+        let rw = get_rel_pos(gw, gw, &x[2]).unwrap();
+        decomposed_attention(&x[0], &rh, &rw, heads, scale, chunk).unwrap()
+    }
+
+    /// Outputs and gradients (w.r.t. qkv and both tables) of the fused op equal the composed
+    /// reference path (`add_decomposed_rel_pos` + softmax + matmuls) — across chunk sizes that
+    /// do and do not divide the token count, a non-square grid and a batch of 2.
+    #[test]
+    fn matches_the_composed_path_in_outputs_and_gradients() {
+        let (b, gh, gw, heads, hd) = (2, 5, 7, 3, 8);
+        let x = inputs(b, gh, gw, heads, hd, DType::F32);
+        let vars: Vec<Var> = x.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let vx = [
+            vars[0].as_tensor().clone(),
+            vars[1].as_tensor().clone(),
+            vars[2].as_tensor().clone(),
+        ];
+        let w = randn(&[b, gh, gw, heads * hd], 9, DType::F32).unwrap();
+        let loss = |y: &Tensor| (y * &w).unwrap().sum_all().unwrap();
+        let scale = (hd as f64).powf(-0.5);
+        let reference =
+            with_reference_path(|| composed(&vx[0], &vx[1], &vx[2], heads, scale).unwrap());
+        let gr = loss(&reference).backward().unwrap();
+        for chunk in [Some(1), Some(4), Some(35), None] {
+            let y = fused(&vx, heads, chunk);
+            assert_eq!(y.dims(), reference.dims());
+            let e = max_abs_diff(&y, &reference).unwrap();
+            assert!(e < 1e-5, "chunk {chunk:?}: output differs by {e}");
+            let gf = loss(&y).backward().unwrap();
+            for (i, v) in vars.iter().enumerate() {
+                let a = gf.get(v.as_tensor()).unwrap();
+                let r = gr.get(v.as_tensor()).unwrap();
+                // |a − r| < 1e-5 · max(max|r|, 1)
+                let e = rel_err_floor(a, r, 1.0).unwrap();
+                assert!(
+                    e < 1e-5,
+                    "chunk {chunk:?}: gradient of input {i} differs by {e} (relative)"
+                );
+            }
+        }
+    }
+
+    /// Finite differences in f64 through the whole op, with three chunks per head.
+    #[test]
+    fn gradients_match_finite_differences() {
+        let (gh, gw, heads, hd) = (3, 4, 2, 4);
+        let x = inputs(1, gh, gw, heads, hd, DType::F64);
+        for i in 0..3 {
+            let err = gradcheck::check(&x[i], 12, 7 + i as u64, |t| {
+                let mut inp = x.clone();
+                inp[i] = t.clone();
+                Ok(fused(&inp, heads, Some(5)))
+            })
+            .unwrap();
+            assert!(err < 1e-6, "input {i}: relative error {err}");
+        }
     }
 }

@@ -3,10 +3,10 @@
 //! its tensors; the config is the one stored beside it, as every command reads it
 //! ([`super::registry::config_beside`]), else read back from tensor shapes).
 
+use super::config::SamConfig;
 use super::prompt_encoder::PE_BUFFER;
 use super::sam::{Sam, SamCounts};
 use crate::error::{Error, Result};
-use crate::sam::SamConfig;
 use crate::util::tensors::{self, TensorMap};
 use candle_core::Device;
 use std::path::Path;
@@ -140,7 +140,7 @@ pub fn infer_config(map: &TensorMap) -> Result<(SamConfig, Vec<String>)> {
     let mut global = vec![];
     let mut window: Option<usize> = None;
     let mut head_dim: Option<usize> = None;
-    let global_len = super::sam::rel_pos_len(g);
+    let global_len = super::image_encoder::rel_pos_len(g);
     for i in 0..depth {
         let name = format!("image_encoder.blocks.{i}.attn.rel_pos_h");
         let r = shape(&name, 2)?;

@@ -3,10 +3,10 @@
 //! is resized bilinearly and the global blocks' `rel_pos_h/w` tables linearly (as Meta's
 //! `get_rel_pos` interpolates at run time). Errors name the file or the tensor and its shapes.
 
+use super::config::SamConfig;
 use super::sam::Sam;
 use crate::error::{Error, Result};
 use crate::nn::layers::{interp_matrix, resize_bilinear};
-use crate::sam::SamConfig;
 use crate::util::tensors::{self, TensorMap};
 use candle_core::{Device, Tensor};
 use std::path::Path;

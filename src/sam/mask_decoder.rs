@@ -4,11 +4,11 @@
 //! Batched: one prompt set per image.
 
 use super::common::{Mlp, LAYER_NORM_2D_EPS};
+use super::config::SamConfig;
 use super::transformer::TwoWayTransformer;
 use crate::error::Result;
 use crate::nn::layers::{gelu, ConvTranspose2d, Embedding, LayerNorm2d};
 use crate::nn::ParamStore;
-use crate::sam::SamConfig;
 use candle_core::Tensor;
 
 /// `MaskDecoder`.

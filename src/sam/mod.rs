@@ -6,7 +6,11 @@
 //! - [`prompt_encoder`]: points, boxes, masks → sparse and dense prompt embeddings;
 //! - [`transformer`]: the two-way transformer; [`mask_decoder`]: tokens → masks + IoU;
 //! - [`sam`]: the assembled model, its parameter listing and the prompt-free / prompted paths;
-//! - [`load`]: checkpoint loading with position-table resizing (speed: `crate::bench::sam`).
+//! - [`load`]: checkpoint loading with position-table resizing (speed: `crate::bench::sam`);
+//! - [`config`]: the presets and their checks; [`memory`]: what a config needs in memory.
+//!
+//! Within the folder the parts import `config` and `common` directly (not this file's
+//! re-exports), so no two files import each other.
 
 pub mod common;
 pub mod config;
@@ -15,6 +19,7 @@ pub mod image_encoder;
 pub mod info;
 pub mod load;
 pub mod mask_decoder;
+pub mod memory;
 pub mod prompt_encoder;
 #[allow(clippy::module_inception)]
 pub mod sam;

@@ -3,10 +3,10 @@
 //! mask, or the learned `no_mask_embed` when there is none).
 
 use super::common::LAYER_NORM_2D_EPS;
+use super::config::SamConfig;
 use crate::error::{Error, Result};
 use crate::nn::layers::{gelu, Conv2d, Embedding, LayerNorm2d};
 use crate::nn::ParamStore;
-use crate::sam::SamConfig;
 use candle_core::{DType, Tensor, D};
 
 /// Name of the positional-encoding buffer (a buffer in Meta's module, not a parameter).

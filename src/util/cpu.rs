@@ -1,5 +1,7 @@
 //! What CPU a figure was measured on: the model name (`/proc/cpuinfo`) and the vector ISA in
-//! use (AVX-512 with BF16 / AMX, AVX-512, AVX2 + FMA, or baseline), for every benchmark header.
+//! use (AVX-512 with BF16 / AMX, AVX-512, AVX2 + FMA, or baseline), for every benchmark header,
+//! and which copy of the crate's own kernels runs ([`kernel_isa`], the one check nn's kernels
+//! dispatch on). Below nn: imports nothing of the crate.
 
 /// The CPU model and ISA in one line, e.g. `Intel(R) Xeon(R) Processor, AVX-512 (2 threads)`.
 pub fn describe(threads: usize) -> String {
@@ -37,16 +39,44 @@ pub fn gemm_isa() -> &'static str {
     }
 }
 
+/// The widest copy of the crate's own `#[target_feature]` kernels (nn's fused element-wise
+/// ops and attention) that this CPU and build can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelIsa {
+    /// AVX-512F (16 lanes) with AVX2 and FMA: only in builds with the `avx512` feature.
+    Avx512,
+    /// AVX2 (8 lanes) with FMA.
+    Avx2,
+    /// Whatever the build's baseline gives, no FMA.
+    Portable,
+}
+
+/// [`KernelIsa`] on this CPU and build (checked at run time; the checks are cached).
+pub fn kernel_isa() -> KernelIsa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2_fma = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        #[cfg(feature = "avx512")]
+        if avx2_fma && std::arch::is_x86_feature_detected!("avx512f") {
+            return KernelIsa::Avx512;
+        }
+        if avx2_fma {
+            return KernelIsa::Avx2;
+        }
+    }
+    KernelIsa::Portable
+}
+
 /// The paths of our own fused element-wise / attention kernels on this CPU: their
 /// `#[target_feature(enable = "avx2,fma")]` copies where AVX2 + FMA exist, else portable
 /// code; GELU also has an AVX-512F copy, used on AVX-512 CPUs in builds with the `avx512`
-/// feature (the default).
+/// feature (the default). nn's kernels dispatch on [`kernel_isa`]; this names what they run.
 pub fn fused_isa() -> &'static str {
-    use crate::nn::fused::{gelu_isa, GeluIsa};
-    match gelu_isa() {
-        GeluIsa::Avx512 => "AVX2/FMA, GELU AVX-512F",
-        GeluIsa::Avx2 => "AVX2/FMA",
-        GeluIsa::Portable => "portable",
+    match kernel_isa() {
+        KernelIsa::Avx512 => "AVX2/FMA, GELU AVX-512F",
+        KernelIsa::Avx2 => "AVX2/FMA",
+        KernelIsa::Portable => "portable",
     }
 }
 

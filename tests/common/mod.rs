@@ -1,51 +1,23 @@
-//! Helpers shared by the integration tests: ONNX Runtime and the onnx checker, and a
-//! model-free stand-in engine for the inference job's own behaviour.
+//! Helpers shared by the integration tests (each test file declares `mod common;` and uses
+//! what it needs): the binary under test and its runners ([`cli`]), seeded inputs, synthetic
+//! data and tiny configs ([`inputs`]), folder snapshots ([`files`]), ONNX Runtime and the
+//! onnx checker ([`onnx`]).
+#![allow(dead_code, unused_imports)]
 
-use gps_seg::infer::runtime;
-use ndarray::ArrayD;
-use std::path::Path;
+pub mod cli;
+pub mod files;
+pub mod inputs;
+pub mod onnx;
 
-pub fn ort_ready() {
-    runtime::ensure(None, true).expect("ONNX Runtime library (fetch failed)");
-}
-
-pub fn max_abs_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
-    assert_eq!(a.shape(), b.shape());
-    a.iter()
-        .zip(b.iter())
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-/// Run `scripts/check_onnx.py` on `files` if Python's `onnx` is importable.
-pub fn onnx_checker(files: &[&Path]) {
-    let ok = std::process::Command::new("python3")
-        .args(["-c", "import onnx"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!("NOTICE: python3 `onnx` not importable; skipping onnx.checker (CI installs it)");
-        return;
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check_onnx.py");
-    let out = std::process::Command::new("python3")
-        .arg(script)
-        .args(files)
-        .output()
-        .unwrap();
-    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
-    assert!(
-        out.status.success(),
-        "onnx.checker failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+pub use cli::{bin, cli, gps_seg, gps_seg_ok, run};
+pub use files::{crc32, snapshot};
+pub use inputs::{images, images_array, synth_kvasir, tiny_seg_cfg, TinySeg};
+pub use onnx::{infer_mask, max_abs_diff, onnx_checker, ort_ready};
 
 /// Mask logits from the images' brightness, `8 · (mean RGB − 0.5)` (a white square on black is
 /// found): a stand-in engine, so the job, its reports and `report merge` are tested without a
 /// model.
-#[allow(dead_code)] // not every test binary that includes this module uses it
+
 pub struct Brightness(pub usize);
 
 impl gps_seg::infer::Engine for Brightness {

@@ -10,188 +10,16 @@
 //! - [`layer_norm`]: affine layer norm over the last dim; backward gives `dx`, `dw`, `db`;
 //! - [`gelu`]: `x·Φ(x)`, backward `g·(Φ(x) + x·φ(x))`.
 //!
-//! Every op is used only where the tensor lives on the CPU, is f32/f64 and the thread is not
-//! in [reference mode](with_reference_path); otherwise the differentiable compositions of
-//! [`super::layers`] run (CUDA keeps working). Gradients are checked against finite
-//! differences ([`super::gradcheck`]) and against the composed ops in the tests below.
+//! The ops take f32/f64 CPU tensors. `nn::layers` chooses: these kernels where
+//! [`use_fused`](super::base::use_fused) (CPU, f32/f64, not in reference mode), else Candle's
+//! composed ops (CUDA, bf16/f16, the reference path). Gradients are checked against finite
+//! differences (`nn::gradcheck`) and against the composed ops (`nn::layers`' tests).
 
+use super::base::{data, exp_neg_f32_with, Fl, Fused, MulAdd, Plain};
 use crate::error::Result;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use crate::util::cpu::{kernel_isa, KernelIsa};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
-use std::cell::Cell;
-
-thread_local! {
-    static REFERENCE: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Whether this thread runs the plain (reference) paths: dense linear weight gradients and
-/// Candle's composed element-wise ops instead of the fused ones.
-pub fn reference_path() -> bool {
-    REFERENCE.with(|r| r.get())
-}
-
-/// Run `f` with the reference paths on this thread (restored afterwards, also on error):
-/// the route that fast paths are tested and benchmarked against.
-pub fn with_reference_path<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            REFERENCE.with(|r| r.set(self.0));
-        }
-    }
-    let _restore = Restore(REFERENCE.with(|r| r.replace(true)));
-    f()
-}
-
-/// True when the fused CPU kernels apply to `x`: CPU, f32 or f64, not in reference mode.
-pub fn use_fused(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && !reference_path()
-}
-
-/// Floating-point scalar of the kernels (f32 and f64).
-pub(crate) trait Fl:
-    Copy
-    + Send
-    + Sync
-    + 'static
-    + PartialOrd
-    + std::ops::Add<Output = Self>
-    + std::ops::Sub<Output = Self>
-    + std::ops::Mul<Output = Self>
-    + std::ops::Div<Output = Self>
-    + std::ops::AddAssign
-    + std::ops::MulAssign
-    + candle_core::WithDType
-{
-    const ZERO: Self;
-    const ONE: Self;
-    fn c(v: f64) -> Self;
-    fn exp(self) -> Self;
-    fn sqrt(self) -> Self;
-    fn erf(self) -> Self;
-    fn neg_inf() -> Self;
-}
-
-impl Fl for f32 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    fn c(v: f64) -> Self {
-        v as f32
-    }
-    fn exp(self) -> Self {
-        f32::exp(self)
-    }
-    fn sqrt(self) -> Self {
-        f32::sqrt(self)
-    }
-    fn erf(self) -> Self {
-        candle_core::cpu::erf::erf_f32(self)
-    }
-    fn neg_inf() -> Self {
-        f32::NEG_INFINITY
-    }
-}
-
-impl Fl for f64 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    fn c(v: f64) -> Self {
-        v
-    }
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-    fn sqrt(self) -> Self {
-        f64::sqrt(self)
-    }
-    fn erf(self) -> Self {
-        candle_core::cpu::erf::erf_f64(self)
-    }
-    fn neg_inf() -> Self {
-        f64::NEG_INFINITY
-    }
-}
-
-/// How the polynomial kernels below form `a·b + c`: [`Plain`] (a multiply and an add, the
-/// result every CPU gives) or [`Fused`] (one rounding, `f32::mul_add`) — only inside functions
-/// compiled with FMA (`#[target_feature]` copies), where it is one instruction; elsewhere
-/// `mul_add` would be a libm call.
-pub(crate) trait MulAdd {
-    fn madd(a: f32, b: f32, c: f32) -> f32;
-}
-
-/// `a·b + c` with two roundings.
-pub(crate) struct Plain;
-/// `a·b + c` with one rounding (FMA).
-pub(crate) struct Fused;
-
-impl MulAdd for Plain {
-    #[inline(always)]
-    fn madd(a: f32, b: f32, c: f32) -> f32 {
-        a * b + c
-    }
-}
-
-impl MulAdd for Fused {
-    #[inline(always)]
-    fn madd(a: f32, b: f32, c: f32) -> f32 {
-        a.mul_add(b, c)
-    }
-}
-
-/// `exp(x)` for `x ≤ 0` in f32: Cephes-style range reduction to `r ∈ [−ln2/2, ln2/2]`, a
-/// degree-6 polynomial and `2ⁿ` from the exponent bits; ≈ 1 ulp over the normal range,
-/// branch-free so loops over it vectorise (no checked arithmetic: see the end). Inputs below
-/// −87 give ≈ 1.6e-38.
-#[inline(always)]
-pub(crate) fn exp_neg_f32(x: f32) -> f32 {
-    exp_neg_f32_with::<Plain>(x)
-}
-
-/// [`exp_neg_f32`] with the polynomial's `a·b + c` formed by `M`.
-#[inline(always)]
-pub(crate) fn exp_neg_f32_with<M: MulAdd>(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 0.0);
-    let n = M::madd(x, std::f32::consts::LOG2_E, 0.5).floor();
-    let r = M::madd(n, 2.121_944_4e-4, M::madd(n, -0.693_359_4, x));
-    let mut p = 1.987_569_1e-4_f32;
-    p = M::madd(p, r, 1.398_199_9e-3);
-    p = M::madd(p, r, 8.333_452e-3);
-    p = M::madd(p, r, 4.166_579_6e-2);
-    p = M::madd(p, r, 1.666_666_5e-1);
-    p = M::madd(p, r, 0.5);
-    let y = M::madd(p * r, r, r) + 1.0;
-    // `n ∈ [−125, 0]` after the clamp, so the biased exponent `n + 127` is in [2, 127]. It is
-    // read off the bits of `n + 127 + 2²³` (exact for integers below 2²³) instead of an
-    // `as i32` cast, and with wrapping integer ops: Rust's saturating float→int cast and the
-    // crate's overflow checks both put scalar code / a panic branch in the loop, which kept
-    // LLVM from vectorising every caller (GELU, softmax): they ran one lane at a time.
-    let biased = (n + (127.0 + 8_388_608.0))
-        .to_bits()
-        .wrapping_sub(0x4B00_0000);
-    y * f32::from_bits(biased.wrapping_shl(23))
-}
-
-/// Whether the CPU has AVX2 and FMA (for the `#[target_feature]` copies of hot loops).
-pub(crate) fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// The contiguous data of a storage under its layout.
-pub(crate) fn data<'a, T: Fl>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
-    let all = s.as_slice::<T>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&all[a..b]),
-        None => candle_core::bail!("fused op: input is not contiguous"),
-    }
-}
 
 /// Dispatch a kernel over the storage dtype (f32 / f64).
 macro_rules! by_dtype {
@@ -319,18 +147,10 @@ impl CustomOp2 for SoftmaxBwd {
     }
 }
 
-/// Softmax over the last dim, differentiable: the fused CPU kernel where [`use_fused`],
-/// else Candle's composed `softmax`. Any shape. A bf16/f16 `x` is upcast to f32 for the
-/// softmax and the result cast back (autocast, [`super::precision`]).
+/// Softmax over the last dim of an f32/f64 CPU tensor of any shape, differentiable: one
+/// kernel each way.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    if super::precision::is_low(x.dtype()) {
-        return super::precision::upcast(x, softmax_last);
-    }
-    if use_fused(x) {
-        Ok(x.contiguous()?.apply_op1(Softmax)?)
-    } else {
-        Ok(candle_nn::ops::softmax(x, candle_core::D::Minus1)?)
-    }
+    Ok(x.contiguous()?.apply_op1(Softmax)?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -490,21 +310,17 @@ impl CustomOp3 for LayerNormBwd {
     }
 }
 
-/// Layer norm over the last dim with affine `w`, `b` (`[C]`), differentiable in all three:
-/// the fused CPU kernel where [`use_fused`], else the composition of [`super::layers`].
+/// Layer norm over the last dim of an f32/f64 CPU tensor with affine `w`, `b` (`[C]`, the
+/// same dtype), differentiable in all three: one kernel each way.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    if use_fused(x) && w.dtype() == x.dtype() && b.dtype() == x.dtype() {
-        let c = w.elem_count();
-        let rows = x.elem_count() / c.max(1);
-        let y = x.reshape((rows, c))?.contiguous()?.apply_op3(
-            &w.contiguous()?,
-            &b.contiguous()?,
-            LayerNormOp { eps },
-        )?;
-        Ok(y.reshape(x.shape())?)
-    } else {
-        super::layers::layer_norm_composed(x, w, b, eps)
-    }
+    let c = w.elem_count();
+    let rows = x.elem_count() / c.max(1);
+    let y = x.reshape((rows, c))?.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        LayerNormOp { eps },
+    )?;
+    Ok(y.reshape(x.shape())?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -582,55 +398,30 @@ unsafe fn gelu_bwd_f32_rows_avx512(dx: &mut [f32], x: &[f32], g: &[f32]) {
     gelu_bwd_f32_rows::<Fused>(dx, x, g)
 }
 
-/// Which copy of the GELU loops runs on this CPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum GeluIsa {
-    /// AVX-512F (16 lanes) with FMA: only in builds with the `avx512` feature.
-    #[cfg_attr(not(feature = "avx512"), allow(dead_code))]
-    Avx512,
-    /// AVX2 (8 lanes) with FMA.
-    Avx2,
-    /// Whatever the build's baseline gives, no FMA.
-    Portable,
-}
-
-/// The GELU loops' ISA on this CPU and build.
-pub(crate) fn gelu_isa() -> GeluIsa {
-    #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
-    if std::arch::is_x86_feature_detected!("avx512f") && has_avx2_fma() {
-        return GeluIsa::Avx512;
-    }
-    if has_avx2_fma() {
-        GeluIsa::Avx2
-    } else {
-        GeluIsa::Portable
-    }
-}
-
 /// `f(y, x)` rows of GELU forward on the widest copy of this CPU.
 #[inline(always)]
-fn gelu_rows_dispatch(isa: GeluIsa, yb: &mut [f32], xb: &[f32]) {
+fn gelu_rows_dispatch(isa: KernelIsa, yb: &mut [f32], xb: &[f32]) {
     match isa {
         #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
-        // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked at run time by `gelu_isa`).
-        GeluIsa::Avx512 => unsafe { gelu_f32_rows_avx512(yb, xb) },
+        // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked at run time by `kernel_isa`).
+        KernelIsa::Avx512 => unsafe { gelu_f32_rows_avx512(yb, xb) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU has AVX2 and FMA (checked at run time by `gelu_isa`).
-        GeluIsa::Avx2 => unsafe { gelu_f32_rows_avx2(yb, xb) },
+        // SAFETY: the CPU has AVX2 and FMA (checked at run time by `kernel_isa`).
+        KernelIsa::Avx2 => unsafe { gelu_f32_rows_avx2(yb, xb) },
         _ => gelu_f32_rows::<Plain>(yb, xb),
     }
 }
 
 /// GELU backward rows on the widest copy of this CPU.
 #[inline(always)]
-fn gelu_bwd_rows_dispatch(isa: GeluIsa, db: &mut [f32], xb: &[f32], gb: &[f32]) {
+fn gelu_bwd_rows_dispatch(isa: KernelIsa, db: &mut [f32], xb: &[f32], gb: &[f32]) {
     match isa {
         #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
-        // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked at run time by `gelu_isa`).
-        GeluIsa::Avx512 => unsafe { gelu_bwd_f32_rows_avx512(db, xb, gb) },
+        // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked at run time by `kernel_isa`).
+        KernelIsa::Avx512 => unsafe { gelu_bwd_f32_rows_avx512(db, xb, gb) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU has AVX2 and FMA (checked at run time by `gelu_isa`).
-        GeluIsa::Avx2 => unsafe { gelu_bwd_f32_rows_avx2(db, xb, gb) },
+        // SAFETY: the CPU has AVX2 and FMA (checked at run time by `kernel_isa`).
+        KernelIsa::Avx2 => unsafe { gelu_bwd_f32_rows_avx2(db, xb, gb) },
         _ => gelu_bwd_f32_rows::<Plain>(db, xb, gb),
     }
 }
@@ -639,7 +430,7 @@ fn gelu_bwd_rows_dispatch(isa: GeluIsa, db: &mut [f32], xb: &[f32], gb: &[f32]) 
 /// has it.
 fn gelu_f32(x: &[f32]) -> Vec<f32> {
     let mut y = vec![0f32; x.len()];
-    let isa = gelu_isa();
+    let isa = kernel_isa();
     y.par_chunks_mut(16384)
         .zip(x.par_chunks(16384))
         .for_each(|(yb, xb)| gelu_rows_dispatch(isa, yb, xb));
@@ -649,7 +440,7 @@ fn gelu_f32(x: &[f32]) -> Vec<f32> {
 /// f32 GELU backward `g·(Φ(x) + x·φ(x))`, AVX-512 or AVX2 (with FMA) where the CPU has it.
 fn gelu_bwd_f32(x: &[f32], g: &[f32]) -> Vec<f32> {
     let mut dx = vec![0f32; x.len()];
-    let isa = gelu_isa();
+    let isa = kernel_isa();
     dx.par_chunks_mut(16384)
         .zip(x.par_chunks(16384).zip(g.par_chunks(16384)))
         .for_each(|(db, (xb, gb))| gelu_bwd_rows_dispatch(isa, db, xb, gb));
@@ -730,152 +521,21 @@ impl CustomOp2 for GeluBwd {
     }
 }
 
-/// Exact (erf) GELU, differentiable: the fused CPU kernel where [`use_fused`], else Candle's
-/// `gelu_erf`.
+/// Exact (erf) GELU of an f32/f64 CPU tensor, differentiable: one kernel each way.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    if use_fused(x) {
-        Ok(x.contiguous()?.apply_op1(Gelu)?)
-    } else {
-        Ok(x.gelu_erf()?)
-    }
+    Ok(x.contiguous()?.apply_op1(Gelu)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::gradcheck;
-    use candle_core::Var;
-
-    fn rand(shape: &[usize], seed: u64, scale: f64) -> Tensor {
-        (gradcheck::randn(shape, seed, candle_core::DType::F64).unwrap() * scale).unwrap()
-    }
-
-    fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-        crate::nn::gradcheck::max_abs_diff(a, b).unwrap()
-    }
-
-    /// Value and gradients (w.r.t. every input, through a random projection) of `f` on the
-    /// fused path and on the reference path.
-    fn both_paths(
-        inputs: &[Tensor],
-        f: impl Fn(&[Tensor]) -> Result<Tensor>,
-    ) -> [(Tensor, Vec<Tensor>); 2] {
-        let run = || {
-            let vars: Vec<Var> = inputs
-                .iter()
-                .map(|t| Var::from_tensor(t).unwrap())
-                .collect();
-            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-            let y = f(&ts).unwrap();
-            let proj = rand(y.dims(), 99, 1.0);
-            let g = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
-            let gs = vars
-                .iter()
-                .map(|v| g.get(v.as_tensor()).expect("a gradient").clone())
-                .collect();
-            (y, gs)
-        };
-        let fast = run();
-        let slow = with_reference_path(run);
-        [fast, slow]
-    }
-
-    fn assert_paths_agree(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>) {
-        let [(y1, g1), (y2, g2)] = both_paths(inputs, f);
-        assert!(max_abs(&y1, &y2) < 1e-12, "values differ");
-        for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
-            assert!(
-                max_abs(a, b) < 1e-10,
-                "gradient {i} differs: {}",
-                max_abs(a, b)
-            );
-        }
-    }
-
-    #[test]
-    fn reference_mode_is_scoped_and_restored() {
-        assert!(!reference_path());
-        let inner = with_reference_path(|| {
-            assert!(reference_path());
-            with_reference_path(reference_path)
-        });
-        assert!(inner);
-        assert!(!reference_path());
-        let x = rand(&[2, 3], 0, 1.0).to_dtype(DType::F32).unwrap();
-        assert!(use_fused(&x));
-        assert!(!with_reference_path(|| use_fused(&x)));
-        assert!(!use_fused(&x.to_dtype(DType::BF16).unwrap()));
-    }
-
-    #[test]
-    fn softmax_matches_composed_and_finite_differences() {
-        let x = rand(&[3, 4, 7], 1, 2.0);
-        assert_paths_agree(std::slice::from_ref(&x), |t| softmax_last(&t[0]));
-        let e = gradcheck::check(&x, 30, 0, softmax_last).unwrap();
-        assert!(e < 1e-6, "{e}");
-        // non-contiguous input
-        let xt = x.transpose(1, 2).unwrap();
-        let e = gradcheck::check(&xt, 20, 1, softmax_last).unwrap();
-        assert!(e < 1e-6, "{e}");
-        // f32 rows sum to one
-        let y = softmax_last(&x.to_dtype(DType::F32).unwrap()).unwrap();
-        let s = y
-            .sum(2)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        assert!(s.iter().all(|v| (v - 1.0).abs() < 1e-5));
-    }
-
-    #[test]
-    fn layer_norm_matches_composed_and_finite_differences() {
-        let x = (rand(&[2, 3, 8], 5, 2.0) + 0.7).unwrap();
-        let w = (rand(&[8], 6, 0.3) + 1.0).unwrap();
-        let b = rand(&[8], 7, 0.5);
-        let eps = 1e-6;
-        assert_paths_agree(&[x.clone(), w.clone(), b.clone()], |t| {
-            layer_norm(&t[0], &t[1], &t[2], eps)
-        });
-        let e = gradcheck::check(&x, 30, 0, |x| layer_norm(x, &w, &b, eps)).unwrap();
-        assert!(e < 1e-6, "wrt x: {e}");
-        let e = gradcheck::check(&w, 8, 1, |w| layer_norm(&x, w, &b, eps)).unwrap();
-        assert!(e < 1e-6, "wrt w: {e}");
-        let e = gradcheck::check(&b, 8, 2, |b| layer_norm(&x, &w, b, eps)).unwrap();
-        assert!(e < 1e-6, "wrt b: {e}");
-    }
-
-    #[test]
-    fn layer_norm_weight_gradient_sums_over_many_row_blocks() {
-        // More rows than one rayon task takes, so the partial sums of dw/db are combined.
-        let x = rand(&[300, 70], 8, 1.0);
-        let w = (rand(&[70], 9, 0.3) + 1.0).unwrap();
-        let b = rand(&[70], 10, 0.5);
-        assert_paths_agree(&[x, w, b], |t| layer_norm(&t[0], &t[1], &t[2], 1e-5));
-    }
+    use candle_core::DType;
 
     /// The f32 kernels (polynomial `Φ`, AVX2) against exact values over [-12, 12] computed in
     /// f64 from `erfc` (`Φ(x) = ½·erfc(−x/√2)`, accurate on both tails): forward within
     /// 1e-6·(1 + x²/4) relative — GELU's tiny negative-side values keep their precision — and
     /// backward within 3e-7 absolute (`Φ + x·φ` crosses zero near x = −0.75, so its relative
     /// error is unbounded in any f32 arithmetic).
-    #[test]
-    fn exp_neg_f32_is_accurate_over_its_whole_range() {
-        // The branch-free exponent trick (bits of n + 127 + 2²³) must give 2ⁿ for every n the
-        // clamp admits: relative error against f64 within a few ulp from −87 to 0.
-        let mut worst = 0f64;
-        for i in 0..=870_000 {
-            let x = -(i as f32) * 1e-4;
-            let e = super::exp_neg_f32(x) as f64;
-            let r = (x as f64).exp();
-            worst = worst.max((e - r).abs() / r);
-        }
-        assert!(worst < 4e-7, "relative error {worst}");
-        assert_eq!(super::exp_neg_f32(0.0), 1.0);
-        assert!(super::exp_neg_f32(-1e4) > 0.0 && super::exp_neg_f32(-1e4) < 1e-37);
-    }
-
     #[test]
     fn gelu_f32_kernels_match_exact_values() {
         use candle_core::cpu::erf::erfc_f64;
@@ -906,17 +566,5 @@ mod tests {
         }
         assert!(fwd < 1.0, "forward error {fwd} × allowed");
         assert!(bwd < 3e-7, "backward absolute error {bwd}");
-    }
-
-    #[test]
-    fn gelu_matches_composed_and_finite_differences() {
-        let x = rand(&[4, 9], 11, 2.0);
-        let [(y1, g1), (y2, g2)] = both_paths(std::slice::from_ref(&x), |t| gelu(&t[0]));
-        // Same erf for the values; Candle's backward uses 1/√(2π) ≈ 0.398942 (6 digits).
-        assert!(max_abs(&y1, &y2) < 1e-9);
-        let d = max_abs(&g1[0], &g2[0]);
-        assert!(d < 1e-5, "{d}");
-        let e = gradcheck::check(&x, 30, 0, gelu).unwrap();
-        assert!(e < 1e-6, "{e}");
     }
 }

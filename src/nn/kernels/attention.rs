@@ -4,13 +4,13 @@
 //! Meta's `image_encoder.Attention` computes, per image and head,
 //! `softmax(scale·q·kᵀ + rel_h[.., i] + rel_w[.., j])·v` over keys `(i, j)` of a `kh × kw` grid,
 //! where `rel_h[n, i] = q[n]·Rh[row(n), i]` and `rel_w[n, j] = q[n]·Rw[col(n), j]` come from the
-//! relative-position tables ([`crate::sam::image_encoder::get_rel_pos`]). Built from Candle ops
+//! relative-position tables (`get_rel_pos` in `sam::image_encoder`). Built from Candle ops
 //! this materialises the `[B·heads, N, N]` scores, the bias broadcasts and the probabilities,
 //! keeps the probabilities for backward, and walks them several times in each direction —
 //! memory and time that grow with tokens² per block (at 1024 px a global block holds
 //! 12 × 4096² floats = 805 MB per tensor).
 //!
-//! [`rel_pos_attention`] is one Candle custom op instead, in the style of FlashAttention
+//! [`decomposed_attention`] is one Candle custom op instead, in the style of FlashAttention
 //! (Dao et al., 2022), for the CPU:
 //! - it reads `q`, `k`, `v` straight out of the `qkv` linear's output `[B, H, W, 3·dim]` and
 //!   writes `[B, H, W, dim]` in the layout the `proj` linear reads (no permute copies);
@@ -25,11 +25,11 @@
 //!   (runtime check), with a vectorisable polynomial `exp` for f32.
 //!
 //! Memory per block therefore grows with tokens (output + log-sum-exp), not tokens². The op
-//! runs for f32 and f64 CPU tensors; CUDA and the [reference path](super::fused::with_reference_path)
-//! use the composed ops in `sam::image_encoder`, which the tests compare against (outputs and
-//! all gradients), besides finite differences.
+//! runs for f32 and f64 CPU tensors; CUDA and the [reference path](super::base::with_reference_path)
+//! use the composed ops in `sam::image_encoder`, which chooses between the two; its tests compare
+//! this op against them (outputs and all gradients) and against finite differences.
 
-use super::fused::{data, has_avx2_fma, Fl};
+use super::base::{data, has_avx2_fma, Fl};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor, WithDType};
 use rayon::prelude::*;
@@ -55,7 +55,9 @@ pub fn default_chunk(n: usize, keys: usize) -> usize {
 ///
 /// returns `[B, H, W, dim]` (channels `(heads, head_dim)`). `chunk`: query rows per chunk
 /// (`None`: [`default_chunk`]). Differentiable w.r.t. all three inputs. CPU, f32/f64 only.
-pub fn rel_pos_attention(
+/// (The one entry for SAM is `sam::image_encoder::rel_pos_attention`, which chooses between
+/// this op and the composed ops of Meta's definition.)
+pub fn decomposed_attention(
     qkv: &Tensor,
     rh: &Tensor,
     rw: &Tensor,
@@ -155,7 +157,7 @@ trait AFl: Fl {
 impl AFl for f32 {
     #[inline(always)]
     fn exp_neg(self) -> f32 {
-        super::fused::exp_neg_f32(self)
+        super::base::exp_neg_f32(self)
     }
 
     fn ln(self) -> f32 {
@@ -759,82 +761,6 @@ impl CustomOp3 for RelPosAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::fused::with_reference_path;
-    use crate::nn::gradcheck::{self, max_abs_diff, randn, rel_err_floor};
-    use crate::sam::image_encoder::{get_rel_pos, rel_pos_attention as composed};
-    use candle_core::{DType, Var};
-
-    /// (qkv, rel_pos_h, rel_pos_w) for a `gh × gw` grid.
-    fn inputs(b: usize, gh: usize, gw: usize, heads: usize, hd: usize, dt: DType) -> [Tensor; 3] {
-        [
-            randn(&[b, gh, gw, 3 * heads * hd], 1, dt).unwrap(),
-            (randn(&[2 * gh - 1, hd], 2, dt).unwrap() * 0.5).unwrap(),
-            (randn(&[2 * gw - 1, hd], 3, dt).unwrap() * 0.5).unwrap(),
-        ]
-    }
-
-    fn fused(x: &[Tensor; 3], heads: usize, chunk: Option<usize>) -> Tensor {
-        let (_, gh, gw, d3) = x[0].dims4().unwrap();
-        let hd = d3 / 3 / heads;
-        let scale = (hd as f64).powf(-0.5);
-        let rh = get_rel_pos(gh, gh, &x[1]).unwrap();
-        let rw = get_rel_pos(gw, gw, &x[2]).unwrap();
-        rel_pos_attention(&x[0], &rh, &rw, heads, scale, chunk).unwrap()
-    }
-
-    /// Outputs and gradients (w.r.t. qkv and both tables) of the fused op equal the composed
-    /// reference path (`add_decomposed_rel_pos` + softmax + matmuls) — across chunk sizes that
-    /// do and do not divide the token count, a non-square grid and a batch of 2.
-    #[test]
-    fn matches_the_composed_path_in_outputs_and_gradients() {
-        let (b, gh, gw, heads, hd) = (2, 5, 7, 3, 8);
-        let x = inputs(b, gh, gw, heads, hd, DType::F32);
-        let vars: Vec<Var> = x.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
-        let vx = [
-            vars[0].as_tensor().clone(),
-            vars[1].as_tensor().clone(),
-            vars[2].as_tensor().clone(),
-        ];
-        let w = randn(&[b, gh, gw, heads * hd], 9, DType::F32).unwrap();
-        let loss = |y: &Tensor| (y * &w).unwrap().sum_all().unwrap();
-        let scale = (hd as f64).powf(-0.5);
-        let reference =
-            with_reference_path(|| composed(&vx[0], &vx[1], &vx[2], heads, scale).unwrap());
-        let gr = loss(&reference).backward().unwrap();
-        for chunk in [Some(1), Some(4), Some(35), None] {
-            let y = fused(&vx, heads, chunk);
-            assert_eq!(y.dims(), reference.dims());
-            let e = max_abs_diff(&y, &reference).unwrap();
-            assert!(e < 1e-5, "chunk {chunk:?}: output differs by {e}");
-            let gf = loss(&y).backward().unwrap();
-            for (i, v) in vars.iter().enumerate() {
-                let a = gf.get(v.as_tensor()).unwrap();
-                let r = gr.get(v.as_tensor()).unwrap();
-                // |a − r| < 1e-5 · max(max|r|, 1)
-                let e = rel_err_floor(a, r, 1.0).unwrap();
-                assert!(
-                    e < 1e-5,
-                    "chunk {chunk:?}: gradient of input {i} differs by {e} (relative)"
-                );
-            }
-        }
-    }
-
-    /// Finite differences in f64 through the whole op, with three chunks per head.
-    #[test]
-    fn gradients_match_finite_differences() {
-        let (gh, gw, heads, hd) = (3, 4, 2, 4);
-        let x = inputs(1, gh, gw, heads, hd, DType::F64);
-        for i in 0..3 {
-            let err = gradcheck::check(&x[i], 12, 7 + i as u64, |t| {
-                let mut inp = x.clone();
-                inp[i] = t.clone();
-                Ok(fused(&inp, heads, Some(5)))
-            })
-            .unwrap();
-            assert!(err < 1e-6, "input {i}: relative error {err}");
-        }
-    }
 
     /// The polynomial `exp` stays within relative 3e-7 of `f32::exp` over the normal range
     /// `[-80, 0]` (below that results turn subnormal and lose relative precision; softmax

@@ -17,8 +17,8 @@
 //! against the dense path and finite differences. Used on CPU; other devices take the dense
 //! path.
 
+use super::base::{data, Fl};
 use super::cpu_gemm::{matmul, matmul_into, Mat};
-use super::fused::{data, Fl};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -169,7 +169,7 @@ fn column_sums<T: Fl>(dy: &[T], out: usize) -> Vec<T> {
 }
 
 /// Row and column (`[n]` each) of a sparse weight's selected entries, shared with its
-/// [`super::param::SparseParam`].
+/// [`crate::nn::param::SparseParam`].
 pub type SelectedEntries = (Arc<[u32]>, Arc<[u32]>);
 
 /// Which gradients a carrier's backward computes.

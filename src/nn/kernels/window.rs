@@ -9,7 +9,7 @@
 //! backward is the other direction's forward. Values are moved, never combined, so the
 //! result equals the composed ops exactly; tests check both and the gradients.
 
-use super::fused::{data, Fl};
+use super::base::{data, Fl};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -136,7 +136,7 @@ impl CustomOp1 for WindowOp {
 }
 
 /// `[B, H, W, C]` → (`[B·nw, ws, ws, C]`, padded `(Hp, Wp)`), zero padding at the
-/// bottom/right: one op (CPU, f32/f64; the caller checks [`super::fused::use_fused`]).
+/// bottom/right: one op (CPU, f32/f64; the caller checks [`super::base::use_fused`]).
 pub fn partition(x: &Tensor, ws: usize) -> candle_core::Result<(Tensor, (usize, usize))> {
     let (b, h, w, c) = x.dims4()?;
     if ws == 0 {

@@ -8,7 +8,7 @@
 //! block a single-threaded gemm; at ViT-B@512 sizes the two are within 3–10% of each other
 //! either way. [`matmul_into`] does the latter: one contiguous block of output rows per thread
 //! of the current rayon pool, so inside a single-thread pool (one chunk of
-//! [`super::split_backward`]) it is one plain single-threaded gemm. (In isolation the
+//! [`crate::nn::split_backward`]) it is one plain single-threaded gemm. (In isolation the
 //! `[256 × 192] · [192 × 192]` product is slower split, 163 vs 198 GFLOP/s; routing it to
 //! `gemm`'s threading made the tiny@256 batch-1 forward slower, 20.3–20.8 → 21.6–21.7 ms, so
 //! every product with enough rows is split.)
@@ -17,7 +17,7 @@
 //! `gemm` picks depends on the block's size, so results can differ from one whole gemm in
 //! the last bits (not from run to run).
 
-use super::fused::Fl;
+use super::base::Fl;
 use rayon::prelude::*;
 
 /// Rows of output a thread gets at least before the rows are split between threads.
