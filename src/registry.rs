@@ -13,7 +13,8 @@
 
 use crate::error::{Error, Result};
 use crate::models::ClassifierConfig;
-use crate::sam::files::{config_beside, infer_config, read_config};
+use crate::sam::files::{config_beside, read_config};
+use crate::sam::info::infer_config_file;
 use crate::sam::SamConfig;
 use crate::util::fs::read_json;
 use std::path::{Path, PathBuf};
@@ -81,7 +82,7 @@ pub fn resolve_sam(model: &str, image_size: Option<usize>) -> Result<(PathBuf, S
         }
         let cfg = match config_beside(p)? {
             Some(c) => c,
-            None => infer_config(p)?,
+            None => infer_config_file(p)?,
         };
         (p.to_path_buf(), cfg)
     };

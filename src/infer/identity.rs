@@ -20,11 +20,9 @@
 //! Cost: every file is read once per shard (streamed, inputs in parallel); a job that is not
 //! sharded computes none of it.
 
-use super::engine::Engine;
 use super::input::Inputs;
-use super::job::{InferOptions, JobPrompts};
 use crate::data::resize::Resize;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::util::hash::{hex, sha256_file, FileHash};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -95,56 +93,9 @@ impl JobIdentity {
     }
 }
 
-/// The identity of the job `engine` runs over `inputs` (all of them, before sharding) with
-/// `opts` and `shard_count` shards.
-pub fn job_identity(
-    engine: &dyn Engine,
-    inputs: &Inputs,
-    opts: &InferOptions,
-    shard_count: usize,
-) -> Result<JobIdentity> {
-    let model = engine
-        .model_files()
-        .iter()
-        .map(|p| sha256_file(p).map(FileDigest::from))
-        .collect::<Result<Vec<_>>>()?;
-    let settings = engine.model_settings();
-    let model_settings = if settings.is_empty() {
-        String::new()
-    } else {
-        hex(&Sha256::digest(settings.as_bytes()))
-    };
-    let prompts = match &opts.prompts {
-        None => "none".to_string(),
-        Some(JobPrompts::File(f)) => {
-            let json = serde_json::to_string(f)
-                .map_err(|e| Error::msg(format!("cannot serialise the prompts: {e}")))?;
-            format!("file sha256:{}", hex(&Sha256::digest(json.as_bytes())))
-        }
-        Some(JobPrompts::FromMasks { spec, seed }) => {
-            let json = serde_json::to_string(spec)
-                .map_err(|e| Error::msg(format!("cannot serialise the prompt spec: {e}")))?;
-            format!("masks {json} seed {seed}")
-        }
-    };
-    Ok(JobIdentity {
-        model,
-        model_settings,
-        engine: engine.name().to_string(),
-        input_size: engine.input_size(),
-        inputs: inputs.items.len(),
-        inputs_sha256: inputs_digest(inputs)?,
-        scored: inputs.has_masks(),
-        resize: opts.resize,
-        threshold: opts.threshold,
-        prompts,
-        shard_count,
-    })
-}
-
 /// SHA-256 over the inputs in order: per item its id, then the image's and the mask's size
 /// and SHA-256 (each length-prefixed, so no two lists share an encoding).
-fn inputs_digest(inputs: &Inputs) -> Result<String> {
+pub fn inputs_digest(inputs: &Inputs) -> Result<String> {
     let files: Vec<(FileHash, Option<FileHash>)> = inputs
         .items
         .par_iter()

@@ -10,17 +10,19 @@
 //! written unless `skip_bad` is set (then they are listed in the report).
 
 use super::engine::Engine;
-use super::identity::JobIdentity;
+use super::identity::{FileDigest, JobIdentity};
 use super::input::{bad_from, BadInput, InputItem, Inputs};
+pub use super::records::{IndexedScore, InferReport, Shard, MAX_SHARDS};
 use crate::data::imgio;
 use crate::data::prompts::{self, ObjectPrompt, PromptFile, PromptSpec};
 use crate::data::resize::{self, Resize};
 use crate::error::{Error, Result};
-use crate::metrics::{ImageScore, Metric, PooledCounts, SegInput, SegMetrics, SegReport};
+use crate::metrics::{ImageScore, Metric, SegInput, SegMetrics};
 use crate::progress::{Event, Observer};
 use crate::util::fs::{write_atomic, write_json_atomic};
+use crate::util::hash::{hex, sha256_file};
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -55,75 +57,6 @@ pub enum JobPrompts {
     FromMasks { spec: PromptSpec, seed: u64 },
 }
 
-/// Most shards one job may be split into.
-pub const MAX_SHARDS: usize = 100_000;
-
-/// One of `count` disjoint parts of a job's inputs: input `i` (in the job's order) belongs to
-/// shard `i % count`. Every input is in exactly one shard, whatever the count, and a shard's
-/// images keep their order, so merged shard reports equal an unsharded run's exactly.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Shard {
-    /// 0-based.
-    pub index: usize,
-    pub count: usize,
-}
-
-impl Shard {
-    /// `I/N` with 0 ≤ I < N (as `--shard` takes it).
-    pub fn parse(s: &str) -> Result<Shard> {
-        let bad = |m: &str| Error::Config {
-            field: "shard".into(),
-            msg: format!("`{s}`: {m} (expected I/N with 0 ≤ I < N, e.g. 0/3)"),
-        };
-        let (i, n) = s.split_once('/').ok_or_else(|| bad("no `/`"))?;
-        let index: usize = i.trim().parse().map_err(|_| bad("I is not a number"))?;
-        let count: usize = n.trim().parse().map_err(|_| bad("N is not a number"))?;
-        Shard::new(index, count).map_err(|_| bad("out of range"))
-    }
-
-    pub fn new(index: usize, count: usize) -> Result<Shard> {
-        if count == 0 || index >= count || count > MAX_SHARDS {
-            return Err(Error::Config {
-                field: "shard".into(),
-                msg: format!("{index}/{count}: need 0 ≤ I < N ≤ {MAX_SHARDS}"),
-            });
-        }
-        Ok(Shard { index, count })
-    }
-
-    /// The shard of a Slurm array task (`SLURM_ARRAY_TASK_ID` − `SLURM_ARRAY_TASK_MIN` of
-    /// `SLURM_ARRAY_TASK_COUNT`), when those variables are set.
-    pub fn from_slurm_env() -> Result<Option<Shard>> {
-        let get = |k: &str| std::env::var(k).ok();
-        let (Some(id), Some(count)) = (get("SLURM_ARRAY_TASK_ID"), get("SLURM_ARRAY_TASK_COUNT"))
-        else {
-            return Ok(None);
-        };
-        let num = |k: &str, v: &str| {
-            v.trim().parse::<usize>().map_err(|_| Error::Config {
-                field: k.into(),
-                msg: format!("`{v}` is not a whole number"),
-            })
-        };
-        let id = num("SLURM_ARRAY_TASK_ID", &id)?;
-        let count = num("SLURM_ARRAY_TASK_COUNT", &count)?;
-        let min = match get("SLURM_ARRAY_TASK_MIN") {
-            Some(m) => num("SLURM_ARRAY_TASK_MIN", &m)?,
-            None => 0,
-        };
-        let index = id.checked_sub(min).ok_or_else(|| Error::Config {
-            field: "SLURM_ARRAY_TASK_ID".into(),
-            msg: format!("{id} is below SLURM_ARRAY_TASK_MIN {min}"),
-        })?;
-        Shard::new(index, count).map(Some)
-    }
-
-    /// True when input number `i` (in the job's order) belongs to this shard.
-    pub fn contains(&self, i: usize) -> bool {
-        i % self.count == self.index
-    }
-}
-
 impl InferOptions {
     pub fn new(out: PathBuf) -> Self {
         InferOptions {
@@ -155,64 +88,55 @@ impl InferOptions {
     }
 }
 
+/// The identity of the job `engine` runs over `inputs` (all of them, before sharding) with
+/// `opts` and `shard_count` shards.
+pub fn job_identity(
+    engine: &dyn Engine,
+    inputs: &Inputs,
+    opts: &InferOptions,
+    shard_count: usize,
+) -> Result<JobIdentity> {
+    let model = engine
+        .model_files()
+        .iter()
+        .map(|p| sha256_file(p).map(FileDigest::from))
+        .collect::<Result<Vec<_>>>()?;
+    let settings = engine.model_settings();
+    let model_settings = if settings.is_empty() {
+        String::new()
+    } else {
+        hex(&Sha256::digest(settings.as_bytes()))
+    };
+    let prompts = match &opts.prompts {
+        None => "none".to_string(),
+        Some(JobPrompts::File(f)) => {
+            let json = serde_json::to_string(f)
+                .map_err(|e| Error::msg(format!("cannot serialise the prompts: {e}")))?;
+            format!("file sha256:{}", hex(&Sha256::digest(json.as_bytes())))
+        }
+        Some(JobPrompts::FromMasks { spec, seed }) => {
+            let json = serde_json::to_string(spec)
+                .map_err(|e| Error::msg(format!("cannot serialise the prompt spec: {e}")))?;
+            format!("masks {json} seed {seed}")
+        }
+    };
+    Ok(JobIdentity {
+        model,
+        model_settings,
+        engine: engine.name().to_string(),
+        input_size: engine.input_size(),
+        inputs: inputs.items.len(),
+        inputs_sha256: super::identity::inputs_digest(inputs)?,
+        scored: inputs.has_masks(),
+        resize: opts.resize,
+        threshold: opts.threshold,
+        prompts,
+        shard_count,
+    })
+}
+
 /// Largest model input + output of one batch, in bytes (8 GiB).
 const MAX_BATCH_BYTES: u128 = 8 << 30;
-
-/// What a job did; written to `report.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct InferReport {
-    pub engine: String,
-    /// The engine's one-line description (model file, signature, threads).
-    pub model: String,
-    pub input_size: usize,
-    pub resize: Resize,
-    pub threshold: f32,
-    pub batch_size: usize,
-    /// Images segmented.
-    pub images: usize,
-    /// Inputs skipped (`--skip-bad`), with reasons.
-    pub skipped: Vec<BadInput>,
-    /// Wall time of the whole job (decode, resize, model, post-processing, writing).
-    pub seconds: f64,
-    pub images_per_s: f64,
-    /// Time inside the engine only.
-    pub model_seconds: f64,
-    pub model_images_per_s: f64,
-    /// Peak resident memory of the process (VmHWM), MB.
-    pub peak_rss_mb: f64,
-    /// mDice/mIoU (and the GPS reference's pooled numbers, labelled) when masks were given.
-    pub metrics: Option<SegReport>,
-    pub out: PathBuf,
-    /// The shard this job ran (`None`: all inputs).
-    #[serde(default)]
-    pub shard: Option<Shard>,
-    /// Usable inputs of the whole job before sharding.
-    #[serde(default)]
-    pub total_inputs: usize,
-    /// Per-image scores at full precision, each with its position in the whole job's input
-    /// order (what `report merge` needs to reproduce an unsharded run exactly).
-    #[serde(default)]
-    pub scores: Vec<IndexedScore>,
-    /// Pooled pixel counts behind the reference numbers.
-    #[serde(default)]
-    pub pooled: Option<PooledCounts>,
-    /// A shard's job identity ([`super::identity`]): what `report merge` checks first.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub job: Option<JobIdentity>,
-    /// Positions (in the whole job's input order) of this job's inputs skipped while running
-    /// (`--skip-bad`: decoding failed or the logits were non-finite); with the scores' indices
-    /// they account for every input of the shard.
-    #[serde(default)]
-    pub skipped_positions: Vec<usize>,
-}
-
-/// One image's scores and its position in the job's input order.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct IndexedScore {
-    pub index: usize,
-    #[serde(flatten)]
-    pub score: ImageScore,
-}
 
 use crate::util::mem::peak_rss_mb;
 
@@ -415,9 +339,7 @@ pub fn infer(
     let total_inputs = inputs.items.len();
     // What a shard's report must carry for `report merge` (every shard hashes the whole job).
     let job = match opts.shard {
-        Some(sh) if total_inputs > 0 => Some(super::identity::job_identity(
-            engine, inputs, opts, sh.count,
-        )?),
+        Some(sh) if total_inputs > 0 => Some(job_identity(engine, inputs, opts, sh.count)?),
         _ => None,
     };
     // (position in the whole job, item) of this shard, in the job's order.

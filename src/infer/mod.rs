@@ -15,6 +15,7 @@ pub mod job;
 pub mod mask;
 pub mod model;
 pub mod prompted;
+pub mod records;
 pub mod report;
 pub mod run;
 pub mod runtime;

@@ -18,7 +18,7 @@
 //! are bit-identical to an unsharded run's.
 
 use super::identity::JobIdentity;
-use super::job::{IndexedScore, InferReport, Shard, MAX_SHARDS};
+use super::records::{IndexedScore, InferReport, Shard, MAX_SHARDS};
 use crate::error::{Error, Result};
 use crate::metrics::{Metric, PooledCounts, SegMetrics};
 use crate::util::fs::{read_json, write_atomic, write_json_atomic};

@@ -92,14 +92,3 @@ pub fn read_config(path: &Path) -> Result<SamConfig> {
     cfg.validate().map_err(|e| bad(e.to_string()))?;
     Ok(cfg)
 }
-
-/// Infer the config from a checkpoint's tensor shapes ([`super::info::infer_config`]).
-pub fn infer_config(path: &Path) -> Result<SamConfig> {
-    let map = crate::util::tensors::load(path, &candle_core::Device::Cpu)?;
-    super::info::infer_config(&map)
-        .map(|(c, _)| c)
-        .map_err(|e| Error::Checkpoint {
-            path: path.to_path_buf(),
-            msg: format!("not a SAM checkpoint: {e}"),
-        })
-}

@@ -267,6 +267,17 @@ pub fn infer_config(map: &TensorMap) -> Result<(SamConfig, Vec<String>)> {
     Ok((cfg, notes))
 }
 
+/// Infer the config from a checkpoint's tensor shapes ([`infer_config`]).
+pub fn infer_config_file(path: &Path) -> Result<SamConfig> {
+    let map = tensors::load(path, &Device::Cpu)?;
+    infer_config(&map)
+        .map(|(c, _)| c)
+        .map_err(|e| Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg: format!("not a SAM checkpoint: {e}"),
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -251,7 +251,7 @@ async fn put_task_inner(
     name: String,
     req: Request,
 ) -> Result<Response, ApiError> {
-    super::TaskSpec::parse(&format!("{name}=task.onnx"))
+    super::spec::TaskSpec::parse(&format!("{name}=task.onnx"))
         .map_err(|e| err(StatusCode::BAD_REQUEST, e.to_string()))?;
     let dir = st.registry.tasks_dir.clone().ok_or_else(|| {
         err(

@@ -40,9 +40,11 @@ pub mod conn;
 pub mod metrics;
 pub mod pool;
 pub mod registry;
+pub mod spec;
 pub mod wire;
 
 pub use api::{SegmentResult, TaskInfo};
+pub use spec::TaskSpec;
 
 use crate::data::resize::Resize;
 use crate::error::{Error, Result};
@@ -51,43 +53,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// `NAME=FILE.onnx` of `--task`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TaskSpec {
-    pub name: String,
-    pub model: PathBuf,
-}
-
-impl TaskSpec {
-    /// Parse `NAME=FILE`: NAME of 1–64 characters from `A-Z a-z 0-9 _ - .`.
-    pub fn parse(s: &str) -> Result<TaskSpec> {
-        let bad = |m: String| Error::Config {
-            field: "task".into(),
-            msg: format!("`{s}`: {m} (expected NAME=FILE.onnx)"),
-        };
-        let (name, file) = s.split_once('=').ok_or_else(|| bad("no `=`".into()))?;
-        let name = name.trim();
-        if name.is_empty() || name.len() > 64 {
-            return Err(bad("NAME must have 1 to 64 characters".into()));
-        }
-        if let Some(c) = name
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
-        {
-            return Err(bad(format!(
-                "NAME may hold only letters, digits, `_`, `-`, `.` (found `{c}`)"
-            )));
-        }
-        if file.is_empty() {
-            return Err(bad("FILE is empty".into()));
-        }
-        Ok(TaskSpec {
-            name: name.to_string(),
-            model: PathBuf::from(file),
-        })
-    }
-}
 
 /// How to serve.
 #[derive(Debug, Clone)]

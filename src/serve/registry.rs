@@ -304,7 +304,7 @@ pub fn scan_dir(dir: &Path) -> Result<DirScan> {
         if !super::pool::is_task_file(p) {
             continue;
         }
-        match super::TaskSpec::parse(&format!("{stem}={}", p.display())) {
+        match super::spec::TaskSpec::parse(&format!("{stem}={}", p.display())) {
             Ok(t) => found.push((t.name, t.model)),
             Err(e) => skipped.push(format!("{}: {e}", p.display())),
         }

@@ -17,7 +17,6 @@ pub use onnx::{infer_mask, max_abs_diff, onnx_checker, ort_ready};
 /// Mask logits from the images' brightness, `8 · (mean RGB − 0.5)` (a white square on black is
 /// found): a stand-in engine, so the job, its reports and `report merge` are tested without a
 /// model.
-
 pub struct Brightness(pub usize);
 
 impl gps_seg::infer::Engine for Brightness {
