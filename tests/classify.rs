@@ -375,7 +375,7 @@ fn experiment_writes_its_table_and_chart() {
     cfg.variants
         .retain(|v| v.label == "linear" || v.label == "gps-k1");
     let out = tmp.path().join("exp");
-    let (rows, table) = run_classify(&cfg, &out, &Device::Cpu, &mut Silent).unwrap();
+    let (rows, table) = run_classify(&cfg, &out, false, &Device::Cpu, &mut Silent).unwrap();
     assert_eq!(rows.len(), 4, "2 variants × 2 seeds");
     // The evidence rows: mean ± std over the seeds, linear paired with gps-k1.
     assert!(
@@ -398,7 +398,7 @@ fn experiment_writes_its_table_and_chart() {
     }
     assert_eq!(rows[0].summary.test_images, 6);
     // A second call re-uses the finished runs (same settings) and gives the same table.
-    let (_, again) = run_classify(&cfg, &out, &Device::Cpu, &mut Silent).unwrap();
+    let (_, again) = run_classify(&cfg, &out, false, &Device::Cpu, &mut Silent).unwrap();
     assert_eq!(again, table);
 }
 

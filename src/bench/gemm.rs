@@ -1,10 +1,10 @@
 //! `gps-seg bench gemm`: f32 matrix products of the linear layers' shapes, three ways on the
 //! same data — one thread, `gemm`'s own `Parallelism::Rayon(n)` (what Candle's matmul uses),
-//! and the row-split product of [`crate::nn::cpu_gemm`] (one block of output rows per thread,
+//! and the row-split product of [`crate::nn::kernels::cpu_gemm`] (one block of output rows per thread,
 //! each a single-threaded gemm; what the linear carrier uses).
 
 use crate::error::{Error, Result};
-use crate::nn::cpu_gemm::{matmul_into, Mat};
+use crate::nn::kernels::cpu_gemm::{matmul_into, Mat};
 use std::time::Instant;
 
 /// One product shape `[m × k] · [k × n]`.

@@ -2,14 +2,14 @@
 //! batch, forward + backward of a BCE loss w.r.t. every parameter, on `device` (its default
 //! path: on the CPU the fused kernels and the fused attention, on CUDA Candle's kernels) against
 //! the CPU reference path (Candle's composed ops, dense gradients:
-//! [`crate::nn::fused::with_reference_path`]). The error of a tensor is
+//! [`crate::nn::kernels::with_reference_path`]). The error of a tensor is
 //! `max|a − b| / max|b|` (relative to the reference tensor's scale); for gradients the scale is
 //! at least 1e-3 of the largest reference gradient, so that gradients which are analytically
 //! zero (a key projection's bias under softmax) compare their rounding noise to the model's
 //! gradient scale rather than to itself.
 
 use crate::error::{Error, Result};
-use crate::nn::fused::with_reference_path;
+use crate::nn::kernels::with_reference_path;
 use crate::nn::gradcheck::{max_abs, rel_err_floor};
 use crate::nn::ParamStore;
 use crate::sam::Sam;

@@ -238,6 +238,10 @@ pub fn run(cfg: &ServeTasksConfig, dir: &Path, obs: &mut dyn Observer) -> Result
             segment(&mut tc, &name(warm), &png)?;
             warm += 1;
         }
+        // Fresh connections for the measured requests: the merged server's connection sat
+        // idle while the tasks loaded, longer than a server keeps an idle connection.
+        tc = Client::connect(tasks_srv.addr, timeout)?;
+        mc = Client::connect(merged_srv.addr, timeout)?;
         let rss_loaded = tasks_srv.rss();
         let loaded = loaded_tasks(&mut tc)?;
         let (mut lt, mut lm) = (Vec::new(), Vec::new());

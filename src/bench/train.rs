@@ -6,7 +6,7 @@
 //! - GPS step: selection with K = 1 per row under [`Policy::sam`] (random scores: selection
 //!   cost is not part of a step, only the budget matters), roles from
 //!   [`Selection::roles`], plain Adam over the sparse deltas and the fully-trainable tensors.
-//!   Candle's step skips dense weight gradients (see [`crate::nn::sparse_grad`]); PyTorch's
+//!   Candle's step skips dense weight gradients (see [`crate::nn::kernels::sparse_grad`]); PyTorch's
 //!   reference step computes them and zeroes the unselected entries (as the GPS reference
 //!   implementation does).
 //!
@@ -18,7 +18,7 @@ use crate::bench::sam::prompt_free_flops;
 use crate::error::{Error, Result};
 use crate::gps::select::{select, SelectSpec};
 use crate::gps::{Criterion, Level, Policy, Selection};
-use crate::nn::fused::with_reference_path;
+use crate::nn::kernels::with_reference_path;
 use crate::nn::{ParamStore, Precision};
 use crate::sam::{Sam, SamConfig};
 use crate::train::fit::optim::{Adam, AdamW, Optimizer};

@@ -476,10 +476,10 @@ fn run_infer(a: InferArgs) -> anyhow::Result<()> {
     }
     let cfg = gps_seg::bench::infer::InferBenchConfig {
         sam: sam.clone(),
-        batches: a.batch,
+        batches: a.batch.clone(),
         iters: a.iters,
         threads: a.threads,
-        ort_lib: a.ort_lib,
+        ort_lib: a.ort_lib.clone(),
         seed: 0,
         rounds: a.rounds,
         torch: None,
@@ -491,28 +491,48 @@ fn run_infer(a: InferArgs) -> anyhow::Result<()> {
         sam.encoder_values_per_image(),
     );
     let mut cfg = cfg;
-    if a.compare {
-        let python = a
-            .python
-            .clone()
-            .or_else(|| std::env::var_os("GPS_SEG_TORCH_PYTHON").map(std::path::PathBuf::from))
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "--compare needs --python (a Python with torch, segment-anything and \
-                     safetensors) or GPS_SEG_TORCH_PYTHON"
-                )
-            })?;
-        if !a.torch_script.is_file() {
-            anyhow::bail!("--torch-script {}: no such file", a.torch_script.display());
-        }
-        cfg.torch = Some(gps_seg::bench::infer::TorchReference {
-            python,
-            script: a.torch_script.clone(),
-        });
-    }
+    cfg.torch = torch_reference(&a)?;
     let mut progress = super::progress::Progress::new(true);
     let report = gps_seg::bench::infer::run(&cfg, &mut progress)?;
-    let rows = report.rows;
+    print_infer_rows(&sam, &cfg, &report);
+    if let Some(ops) = &report.ops {
+        print_infer_ops(ops);
+    }
+    Ok(())
+}
+
+/// `--compare`: the PyTorch reference's Python and script, checked.
+fn torch_reference(
+    a: &InferArgs,
+) -> anyhow::Result<Option<gps_seg::bench::infer::TorchReference>> {
+    if !a.compare {
+        return Ok(None);
+    }
+    let python = a
+        .python
+        .clone()
+        .or_else(|| std::env::var_os("GPS_SEG_TORCH_PYTHON").map(std::path::PathBuf::from))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--compare needs --python (a Python with torch, segment-anything and \
+                 safetensors) or GPS_SEG_TORCH_PYTHON"
+            )
+        })?;
+    if !a.torch_script.is_file() {
+        anyhow::bail!("--torch-script {}: no such file", a.torch_script.display());
+    }
+    Ok(Some(gps_seg::bench::infer::TorchReference {
+        python,
+        script: a.torch_script.clone(),
+    }))
+}
+
+fn print_infer_rows(
+    sam: &gps_seg::sam::SamConfig,
+    cfg: &gps_seg::bench::infer::InferBenchConfig,
+    report: &gps_seg::bench::infer::InferBenchReport,
+) {
+    let rows = &report.rows;
     println!(
         "prompt-free SAM `{}` {}px, random weights, CPU, {} timed iters after 1 warm-up; ORT threads {}",
         sam.name,
@@ -531,7 +551,7 @@ fn run_infer(a: InferArgs) -> anyhow::Result<()> {
         "| engine | batch | ms/batch (median) | ms per round | images/s | GFLOP/s | max abs logit diff vs candle |"
     );
     println!("|---|---:|---:|---|---:|---:|---:|");
-    for r in &rows {
+    for r in rows {
         let per_round: Vec<String> = r.rounds.iter().map(|t| format!("{:.1}", t * 1e3)).collect();
         println!(
             "| {} | {} | {:.1} | {} | {:.2} | {:.1} | {:.2e} |",
@@ -569,29 +589,29 @@ fn run_infer(a: InferArgs) -> anyhow::Result<()> {
             println!("batch {b}: Candle / torch eager = {:.2}", c / e);
         }
     }
-    if let Some(ops) = &report.ops {
-        println!(
-            "\nONNX Runtime's optimized graphs at batch {} (nodes as written: gps-seg {}, torch \
-             {} via the {} exporter):",
-            ops.batch, ops.written_nodes.0, ops.written_nodes.1, ops.exporter
-        );
-        println!("| op after optimization | gps-seg graph | torch graph |");
-        println!("|---|---:|---:|");
-        let names: std::collections::BTreeSet<&String> =
-            ops.ours.keys().chain(ops.torch.keys()).collect();
-        for n in names {
-            let a = ops.ours.get(n).copied().unwrap_or(0);
-            let b = ops.torch.get(n).copied().unwrap_or(0);
-            let mark = if a != b { " ≠" } else { "" };
-            println!("| {n}{mark} | {a} | {b} |");
-        }
-        println!(
-            "| **total** | {} | {} |",
-            ops.ours.values().sum::<usize>(),
-            ops.torch.values().sum::<usize>()
-        );
+}
+
+fn print_infer_ops(ops: &gps_seg::bench::infer::OpComparison) {
+    println!(
+        "\nONNX Runtime's optimized graphs at batch {} (nodes as written: gps-seg {}, torch \
+         {} via the {} exporter):",
+        ops.batch, ops.written_nodes.0, ops.written_nodes.1, ops.exporter
+    );
+    println!("| op after optimization | gps-seg graph | torch graph |");
+    println!("|---|---:|---:|");
+    let names: std::collections::BTreeSet<&String> =
+        ops.ours.keys().chain(ops.torch.keys()).collect();
+    for n in names {
+        let a = ops.ours.get(n).copied().unwrap_or(0);
+        let b = ops.torch.get(n).copied().unwrap_or(0);
+        let mark = if a != b { " ≠" } else { "" };
+        println!("| {n}{mark} | {a} | {b} |");
     }
-    Ok(())
+    println!(
+        "| **total** | {} | {} |",
+        ops.ours.values().sum::<usize>(),
+        ops.torch.values().sum::<usize>()
+    );
 }
 
 #[derive(Debug, clap::Args)]

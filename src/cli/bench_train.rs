@@ -65,35 +65,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .python
         .clone()
         .or_else(|| std::env::var_os("GPS_SEG_TORCH_PYTHON").map(PathBuf::from));
-    let mut specs = Vec::new();
-    for c in a.configs.split(',').filter(|c| !c.is_empty()) {
-        let parts: Vec<&str> = c.split(':').collect();
-        let [model, size, batch] = parts[..] else {
-            anyhow::bail!("--configs: `{c}` is not model:image_size:batch");
-        };
-        let spec = |kind, reference| StepSpec {
-            model: model.to_string(),
-            image_size: size.parse().unwrap_or(0),
-            batch: batch.parse().unwrap_or(0),
-            iters: a.iters,
-            kind,
-            reference,
-            seed: 0,
-            dtype,
-        };
-        let s = spec(StepKind::Gps, false);
-        if s.image_size == 0 || s.batch == 0 {
-            anyhow::bail!("--configs: `{c}`: image size and batch must be positive integers");
-        }
-        s.config()?;
-        if a.compare {
-            specs.push(spec(StepKind::Full, false));
-        }
-        specs.push(s);
-        if a.reference {
-            specs.push(spec(StepKind::Gps, true));
-        }
-    }
+    let specs = step_specs(&a, dtype)?;
     let exe = std::env::current_exe()?;
     let mut results: Vec<StepResult> = Vec::new();
     for round in 0..a.repeat.max(1) {
@@ -143,4 +115,39 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "(GFLOP/s: 3x the analytic forward FLOPs per step for every row; peak = VmHWM of the row's process)"
     );
     Ok(())
+}
+
+/// The rows of `--configs` (`model:image_size:batch`, comma-separated): GPS, and with
+/// `--compare` the full step, with `--reference` the reference path.
+fn step_specs(a: &Args, dtype: gps_seg::nn::Precision) -> anyhow::Result<Vec<StepSpec>> {
+    let mut specs = Vec::new();
+    for c in a.configs.split(',').filter(|c| !c.is_empty()) {
+        let parts: Vec<&str> = c.split(':').collect();
+        let [model, size, batch] = parts[..] else {
+            anyhow::bail!("--configs: `{c}` is not model:image_size:batch");
+        };
+        let spec = |kind, reference| StepSpec {
+            model: model.to_string(),
+            image_size: size.parse().unwrap_or(0),
+            batch: batch.parse().unwrap_or(0),
+            iters: a.iters,
+            kind,
+            reference,
+            seed: 0,
+            dtype,
+        };
+        let s = spec(StepKind::Gps, false);
+        if s.image_size == 0 || s.batch == 0 {
+            anyhow::bail!("--configs: `{c}`: image size and batch must be positive integers");
+        }
+        s.config()?;
+        if a.compare {
+            specs.push(spec(StepKind::Full, false));
+        }
+        specs.push(s);
+        if a.reference {
+            specs.push(spec(StepKind::Gps, true));
+        }
+    }
+    Ok(specs)
 }

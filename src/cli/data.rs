@@ -5,7 +5,7 @@ use gps_seg::data::{
     synth_cls, synth_kvasir, synth_pranet, ClsDataset, ClsLayout, ClsSplit, KvasirDataset,
     PranetDataset,
 };
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -97,66 +97,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             seed,
             max_side,
             preview,
-        } => {
-            let cfg = synth_kvasir::SynthKvasirConfig {
-                count,
-                seed,
-                max_side,
-                ..Default::default()
-            };
-            let t = std::time::Instant::now();
-            let s = synth_kvasir::generate(&out, &cfg)?;
-            println!(
-                "wrote {} images ({} polyps, sizes {}×{} … {}×{} h×w, mean polyp area {:.1}%) to {} in {:.1}s",
-                s.count,
-                s.polyps,
-                s.min_size.0,
-                s.min_size.1,
-                s.max_size.0,
-                s.max_size.1,
-                100.0 * s.mean_polyp_fraction,
-                out.display(),
-                t.elapsed().as_secs_f64()
-            );
-            if preview {
-                let p = out.join("preview.png");
-                synth_kvasir::write_preview(&p, seed, count.min(6), max_side)?;
-                println!("preview: {}", p.display());
-            }
-        }
+        } => synth_kvasir_set(&out, count, seed, max_side, preview),
         What::SynthPranet {
             out,
             train,
             test,
             seed,
             max_side,
-        } => {
-            let cfg = synth_pranet::SynthPranetConfig {
+        } => synth_pranet_set(
+            &out,
+            &synth_pranet::SynthPranetConfig {
                 train,
                 test,
                 seed,
                 max_side,
-            };
-            let t = std::time::Instant::now();
-            let sets = synth_pranet::generate(&out, &cfg)?;
-            for s in &sets {
-                println!(
-                    "{:18} {:4} images, sizes {}×{} … {}×{} (h×w), mean polyp area {:.1}%",
-                    s.name,
-                    s.count,
-                    s.min_size.0,
-                    s.min_size.1,
-                    s.max_size.0,
-                    s.max_size.1,
-                    100.0 * s.mean_polyp_fraction
-                );
-            }
-            println!(
-                "wrote a PraNet-layout set to {} in {:.1}s",
-                out.display(),
-                t.elapsed().as_secs_f64()
-            );
-        }
+            },
+        ),
         What::SynthCls {
             out,
             classes,
@@ -180,6 +136,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "wrote {n} images ({classes} {kind} classes, {layout}) to {}",
                 out.display()
             );
+            Ok(())
         }
         What::Check {
             layout,
@@ -194,58 +151,128 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 verify_decode: decode,
                 skip_bad,
             };
-            if layout == "pranet" {
-                let ds = PranetDataset::open_with(&root, &open_opts)?;
-                for l in &ds.skipped {
-                    println!("skipped: {l}");
-                }
-                println!("{} (PraNet layout):", root.display());
-                for l in ds.report() {
-                    println!("  {l}");
-                }
-                if ds.train.is_none() {
-                    println!("  no TrainDataset/ (evaluation only)");
-                }
-            } else if layout == "kvasir" {
-                let ds = KvasirDataset::open_with(&root, &open_opts)?;
-                for l in &ds.skipped {
-                    println!("skipped: {l}");
-                }
-                let (mut lo, mut hi) = ((usize::MAX, usize::MAX), (0, 0));
-                for e in &ds.entries {
-                    lo = (lo.0.min(e.size.0), lo.1.min(e.size.1));
-                    hi = (hi.0.max(e.size.0), hi.1.max(e.size.1));
-                }
-                let boxes: usize = ds.entries.iter().map(|e| e.boxes.len()).sum();
-                println!(
-                    "{}: {} image/mask pairs, sizes {}×{} … {}×{} (h×w), {boxes} boxes",
-                    root.display(),
-                    ds.len(),
-                    lo.0,
-                    lo.1,
-                    hi.0,
-                    hi.1
-                );
-                match &ds.root_split {
-                    Some(s) => println!(
-                        "split from {}: {} train / {} test",
-                        s.source,
-                        s.train.len(),
-                        s.test.len()
-                    ),
-                    None => println!("no split files; training will use a seeded 88/12 split"),
-                }
-            } else {
-                let l = if layout == "auto" {
-                    ClsLayout::detect(&root)?
-                } else {
-                    layout.parse()?
-                };
-                let sp: ClsSplit = split.parse()?;
-                let ds = ClsDataset::open(&root, l, sp, None)?;
-                println!("{} ({l:?}, {sp:?}): {}", root.display(), ds.report());
+            match layout.as_str() {
+                "pranet" => check_pranet(&root, &open_opts),
+                "kvasir" => check_kvasir(&root, &open_opts),
+                _ => check_classification(&root, &layout, &split),
             }
         }
     }
+}
+
+fn synth_kvasir_set(
+    out: &Path,
+    count: usize,
+    seed: u64,
+    max_side: usize,
+    preview: bool,
+) -> anyhow::Result<()> {
+    let cfg = synth_kvasir::SynthKvasirConfig {
+        count,
+        seed,
+        max_side,
+        ..Default::default()
+    };
+    let t = std::time::Instant::now();
+    let s = synth_kvasir::generate(out, &cfg)?;
+    println!(
+        "wrote {} images ({} polyps, sizes {}×{} … {}×{} h×w, mean polyp area {:.1}%) to {} in {:.1}s",
+        s.count,
+        s.polyps,
+        s.min_size.0,
+        s.min_size.1,
+        s.max_size.0,
+        s.max_size.1,
+        100.0 * s.mean_polyp_fraction,
+        out.display(),
+        t.elapsed().as_secs_f64()
+    );
+    if preview {
+        let p = out.join("preview.png");
+        synth_kvasir::write_preview(&p, seed, count.min(6), max_side)?;
+        println!("preview: {}", p.display());
+    }
+    Ok(())
+}
+
+fn synth_pranet_set(out: &Path, cfg: &synth_pranet::SynthPranetConfig) -> anyhow::Result<()> {
+    let t = std::time::Instant::now();
+    let sets = synth_pranet::generate(out, cfg)?;
+    for s in &sets {
+        println!(
+            "{:18} {:4} images, sizes {}×{} … {}×{} (h×w), mean polyp area {:.1}%",
+            s.name,
+            s.count,
+            s.min_size.0,
+            s.min_size.1,
+            s.max_size.0,
+            s.max_size.1,
+            100.0 * s.mean_polyp_fraction
+        );
+    }
+    println!(
+        "wrote a PraNet-layout set to {} in {:.1}s",
+        out.display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn check_pranet(root: &Path, opts: &gps_seg::data::kvasir::OpenOptions) -> anyhow::Result<()> {
+    let ds = PranetDataset::open_with(root, opts)?;
+    for l in &ds.skipped {
+        println!("skipped: {l}");
+    }
+    println!("{} (PraNet layout):", root.display());
+    for l in ds.report() {
+        println!("  {l}");
+    }
+    if ds.train.is_none() {
+        println!("  no TrainDataset/ (evaluation only)");
+    }
+    Ok(())
+}
+
+fn check_kvasir(root: &Path, opts: &gps_seg::data::kvasir::OpenOptions) -> anyhow::Result<()> {
+    let ds = KvasirDataset::open_with(root, opts)?;
+    for l in &ds.skipped {
+        println!("skipped: {l}");
+    }
+    let (mut lo, mut hi) = ((usize::MAX, usize::MAX), (0, 0));
+    for e in &ds.entries {
+        lo = (lo.0.min(e.size.0), lo.1.min(e.size.1));
+        hi = (hi.0.max(e.size.0), hi.1.max(e.size.1));
+    }
+    let boxes: usize = ds.entries.iter().map(|e| e.boxes.len()).sum();
+    println!(
+        "{}: {} image/mask pairs, sizes {}×{} … {}×{} (h×w), {boxes} boxes",
+        root.display(),
+        ds.len(),
+        lo.0,
+        lo.1,
+        hi.0,
+        hi.1
+    );
+    match &ds.root_split {
+        Some(s) => println!(
+            "split from {}: {} train / {} test",
+            s.source,
+            s.train.len(),
+            s.test.len()
+        ),
+        None => println!("no split files; training will use a seeded 88/12 split"),
+    }
+    Ok(())
+}
+
+fn check_classification(root: &Path, layout: &str, split: &str) -> anyhow::Result<()> {
+    let l = if layout == "auto" {
+        ClsLayout::detect(root)?
+    } else {
+        layout.parse()?
+    };
+    let sp: ClsSplit = split.parse()?;
+    let ds = ClsDataset::open(root, l, sp, None)?;
+    println!("{} ({l:?}, {sp:?}): {}", root.display(), ds.report());
     Ok(())
 }

@@ -52,8 +52,8 @@ pub struct KvasirArgs {
     /// Only these variants (comma-separated labels, e.g. gps-k1,full).
     #[arg(long)]
     pub only: Option<String>,
-    /// Replace variant folders in --out that hold another setting or an unfinished run
-    /// (otherwise they are refused, never deleted).
+    /// Replace variant folders in --out that hold another setting (otherwise they are
+    /// refused, never deleted; an unfinished run with the same settings resumes).
     #[arg(long)]
     pub overwrite: bool,
     #[arg(long)]
@@ -87,18 +87,7 @@ fn run_kvasir(a: KvasirArgs) -> anyhow::Result<()> {
     t.dtype = dtype;
     let mut variants = default_variants(a.lr);
     if let Some(only) = &a.only {
-        let want: Vec<&str> = only.split(',').map(str::trim).collect();
-        if let Some(bad) = want
-            .iter()
-            .find(|w| !variants.iter().any(|v| v.label == **w))
-        {
-            let all: Vec<&str> = variants.iter().map(|v| v.label.as_str()).collect();
-            anyhow::bail!(
-                "--only: unknown variant `{bad}` (one of {})",
-                all.join(", ")
-            );
-        }
-        variants.retain(|v| want.contains(&v.label.as_str()));
+        gps_seg::studies::grid::keep_only(&mut variants, only, |v| &v.label)?;
     }
     let sizes = gps_seg::studies::kvasir::parse_sizes(&a.train_sizes)?;
     let (_, table) = run_kvasir(
@@ -156,6 +145,10 @@ pub struct ClassifyArgs {
     /// Only these variants (comma-separated labels, e.g. gps-k1,full).
     #[arg(long)]
     pub only: Option<String>,
+    /// Replace variant folders in --out that hold another setting (otherwise they are
+    /// refused, never deleted; an unfinished run with the same settings resumes).
+    #[arg(long)]
+    pub overwrite: bool,
     #[arg(long)]
     pub quiet: bool,
     #[command(flatten)]
@@ -185,22 +178,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             cfg.seeds = a.seeds;
             cfg.train_sizes = gps_seg::studies::kvasir::parse_sizes(&a.train_sizes)?;
             if let Some(only) = &a.only {
-                let want: Vec<&str> = only.split(',').map(str::trim).collect();
-                if let Some(bad) = want
-                    .iter()
-                    .find(|w| !cfg.variants.iter().any(|v| v.label == **w))
-                {
-                    let all: Vec<&str> = cfg.variants.iter().map(|v| v.label.as_str()).collect();
-                    anyhow::bail!(
-                        "--only: unknown variant `{bad}` (one of {})",
-                        all.join(", ")
-                    );
-                }
-                cfg.variants.retain(|v| want.contains(&v.label.as_str()));
+                gps_seg::studies::grid::keep_only(&mut cfg.variants, only, |v| &v.label)?;
             }
             let device = a.device.resolve()?;
             let mut p = Progress::new(a.quiet);
-            let (_, table) = run_classify(&cfg, &a.out, &device, &mut p)?;
+            let (_, table) = run_classify(&cfg, &a.out, a.overwrite, &device, &mut p)?;
             println!();
             println!("{table}");
             println!(

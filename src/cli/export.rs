@@ -338,9 +338,36 @@ fn write(
     Ok(r)
 }
 
+/// One graph of `--base-onnx`: its kind, its base file, its task file.
+type TaskGraph = (gps_seg::onnx::delta::SamGraph, PathBuf, PathBuf);
+
 /// `--base-onnx`: the task file(s) of a GPS run on a shared base (see the flag's help).
 fn run_delta(args: &Args, base_onnx: &Path) -> anyhow::Result<()> {
-    use gps_seg::onnx::delta::{data_file_name, export_sam_task, SamGraph};
+    use gps_seg::onnx::delta::export_sam_task;
+    let (run, cfg, graphs) = delta_plan(args, base_onnx)?;
+    let dev = candle_core::Device::Cpu;
+    let gps_dir = run.join("gps");
+    let artifact = gps_seg::gps::Artifact::load(&gps_dir, &dev)
+        .with_context(|| format!("{}: not a GPS run (no artifact)", gps_dir.display()))?;
+    let base = gps_seg::train::seg::base_weights(&cfg, &dev)?;
+    let opts = SamExportOptions {
+        normalize: !args.no_normalize,
+    };
+    for (graph, base_path, out) in &graphs {
+        let e = export_sam_task(*graph, &cfg.sam, &base, &artifact, opts, base_path, out)
+            .with_context(|| format!("exporting the {} task file", graph.name()))?;
+        print_task_export(&e);
+    }
+    Ok(())
+}
+
+/// The checks of `--base-onnx` before anything is read: the run, its config, the graphs to
+/// write and every path's role (inputs never overwritten).
+fn delta_plan(
+    args: &Args,
+    base_onnx: &Path,
+) -> anyhow::Result<(PathBuf, gps_seg::train::seg::SegTrainConfig, Vec<TaskGraph>)> {
+    use gps_seg::onnx::delta::{data_file_name, SamGraph};
     let run = args.model.as_deref().filter(|m| m.is_dir()).context(
         "--base-onnx needs --model RUN: a GPS training run folder (with gps/ and config.json)",
     )?;
@@ -354,7 +381,7 @@ fn run_delta(args: &Args, base_onnx: &Path) -> anyhow::Result<()> {
     let gps_dir = run.join("gps");
     let with_data =
         |p: &Path| -> anyhow::Result<PathBuf> { Ok(p.with_file_name(data_file_name(p)?)) };
-    let mut graphs = vec![(
+    let mut graphs: Vec<TaskGraph> = vec![(
         SamGraph::PromptFree,
         base_onnx.to_path_buf(),
         args.out.clone(),
@@ -410,48 +437,40 @@ fn run_delta(args: &Args, base_onnx: &Path) -> anyhow::Result<()> {
         io = implicit_inputs(io, None, Some(b));
     }
     implicit_inputs(io, Some(run), None).enforce(args.overwrite)?;
-    let dev = candle_core::Device::Cpu;
-    let artifact = gps_seg::gps::Artifact::load(&gps_dir, &dev)
-        .with_context(|| format!("{}: not a GPS run (no artifact)", gps_dir.display()))?;
-    let base = gps_seg::train::seg::base_weights(&cfg, &dev)?;
-    let opts = SamExportOptions {
-        normalize: !args.no_normalize,
-    };
-    for (graph, base_path, out) in &graphs {
-        let e = export_sam_task(*graph, &cfg.sam, &base, &artifact, opts, base_path, out)
-            .with_context(|| format!("exporting the {} task file", graph.name()))?;
-        let r = &e.report;
+    Ok((run.to_path_buf(), cfg, graphs))
+}
+
+fn print_task_export(e: &gps_seg::onnx::delta::TaskExport) {
+    let r = &e.report;
+    println!(
+        "{} base {} ({} bytes with its data)",
+        if e.base_written { "wrote" } else { "reusing" },
+        e.base_path.display(),
+        e.base_bytes
+    );
+    println!(
+        "wrote task {} ({} bytes = {:.2}% of a merged model): {} GPS tensors ({} entries) \
+         as folded ScatterND, {} fully trained tensors ({} entries) inline, {} weights \
+         shared with the base",
+        e.task.model_path.display(),
+        e.task.model_bytes,
+        100.0 * e.task.model_bytes as f64 / e.base_bytes.max(1) as f64,
+        r.sparse_tensors,
+        r.sparse_entries,
+        r.full_tensors,
+        r.full_entries,
+        r.shared_tensors
+    );
+    if !r.not_in_graph.is_empty() {
         println!(
-            "{} base {} ({} bytes with its data)",
-            if e.base_written { "wrote" } else { "reusing" },
-            e.base_path.display(),
-            e.base_bytes
+            "  {} tuned tensors are not used by this graph (e.g. {})",
+            r.not_in_graph.len(),
+            r.not_in_graph
+                .first()
+                .map(String::as_str)
+                .unwrap_or_default()
         );
-        println!(
-            "wrote task {} ({} bytes = {:.2}% of a merged model): {} GPS tensors ({} entries) \
-             as folded ScatterND, {} fully trained tensors ({} entries) inline, {} weights \
-             shared with the base",
-            e.task.model_path.display(),
-            e.task.model_bytes,
-            100.0 * e.task.model_bytes as f64 / e.base_bytes.max(1) as f64,
-            r.sparse_tensors,
-            r.sparse_entries,
-            r.full_tensors,
-            r.full_entries,
-            r.shared_tensors
-        );
-        if !r.not_in_graph.is_empty() {
-            println!(
-                "  {} tuned tensors are not used by this graph (e.g. {})",
-                r.not_in_graph.len(),
-                r.not_in_graph
-                    .first()
-                    .map(String::as_str)
-                    .unwrap_or_default()
-            );
-        }
     }
-    Ok(())
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {

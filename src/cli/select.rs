@@ -200,9 +200,8 @@ fn select_with_data(
     cfg.seed = a.seed;
     cfg.select_batches = a.select_batches;
     cfg.batch_size = a.batch_size;
-    // The selection pass runs each batch whole (its encoder blocks are recomputed), so
-    // Candle's element-wise pool pays for large activations as in `train` at batch 1.
-    gps_seg::util::threads::elementwise_pool_for(false, cfg.sam.encoder_values_per_image());
+    // The selection pass runs each batch whole (its encoder blocks are recomputed); the loop
+    // sets Candle's element-wise pool for that (`Task::elementwise_pool`).
     let mut p = super::progress::Progress::new(false);
     let art = seg::select(&cfg, &out, &candle_core::Device::Cpu, &mut p)?;
     let shapes: Vec<(String, Vec<usize>)> = gps_seg::sam::Sam::param_shapes(&cfg.sam)

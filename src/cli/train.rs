@@ -218,10 +218,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     cfg.skip_bad = args.skip_bad;
     cfg.dtype = dtype;
     cfg.prompt = args.prompt.spec()?;
-    // Candle's element-wise pool only for steps that run the batch whole on large activations
-    // (the split condition of `SegTrainConfig`'s training step).
-    let split = cfg.core.batch_size >= 2 && !cfg.checkpoint_blocks && !cfg.prompt.is_prompted();
-    gps_seg::util::threads::elementwise_pool_for(split, cfg.sam.encoder_values_per_image());
     let s = seg::train(&cfg, &out, &device, args.resume, &mut progress)
         .with_context(|| format!("training run {}", out.display()))?;
     print_summary(&s);

@@ -17,18 +17,6 @@ pub use layers::{Conv2d, ConvTranspose2d, Embedding, LayerNorm, LayerNorm2d, Lin
 pub use param::{Init, Param, ParamStore, Role, RolePolicy};
 pub use precision::Precision;
 
-// Former paths of what moved into `kernels`, kept for the callers outside nn (`train::loss`,
-// `bench`) until they name `nn::kernels::…`.
-pub(crate) use kernels::cpu_gemm;
-pub use kernels::sparse_grad;
-
-/// Former path of the kernels' switches and shared helpers: now `nn::kernels` /
-/// `nn::kernels::base`.
-pub mod fused {
-    pub(crate) use super::kernels::base::{data, exp_neg_f32};
-    pub use super::kernels::base::{reference_path, use_fused, with_reference_path};
-}
-
 /// `loss.backward()` keeping only the gradients of vars. Candle's backward also stores a
 /// gradient for every untracked leaf an op reads (frozen weights, constants, the upstream
 /// gradient of a recomputed block) and never frees them while the store lives; a backward

@@ -63,7 +63,7 @@ pub struct SparseParam {
     /// Trainable values added at `index` (`[n]`), initialised to zero.
     pub delta: Var,
     /// Row of each selected entry with the tensor viewed as `[out, rest]` (host memory: read
-    /// by the CPU linear carrier's backward, [`super::sparse_grad::LinearCarrier`]).
+    /// by the CPU linear carrier's backward, [`super::kernels::sparse_grad::LinearCarrier`]).
     pub rows: Arc<[u32]>,
     /// Column of each selected entry in that `[out, rest]` view.
     pub cols: Arc<[u32]>,

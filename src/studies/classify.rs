@@ -13,9 +13,10 @@ use crate::data::classification::ClsLayout;
 use crate::data::synth_cls::{self, SynthClsConfig, SynthKind, SynthLayout};
 use crate::error::{Error, Result};
 use crate::models::ClassifierConfig;
-use crate::train::cls::{self, ClsRunSummary, ClsTrainConfig, Method, SelectLoss};
-use crate::train::observer::{Event, Observer};
-use crate::util::fs::{read_json, write_atomic, write_json_atomic, IoPaths};
+use super::grid::{self, Cell, Grid, Study};
+use crate::train::cls::{ClsRunSummary, ClsTrainConfig, Method, SelectLoss};
+use crate::train::observer::Observer;
+use crate::util::fs::{write_atomic, write_json_atomic, IoPaths};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -251,18 +252,55 @@ pub fn table(cfg: &ClsExperimentConfig, rows: &[ExperimentRow]) -> Result<String
     Ok(s)
 }
 
-/// Run every variant into `out/<label>/` (a finished variant, one with `summary.json`, is
-/// re-used) and write `out/table.md`, `out/results.json` and `out/accuracy.png`.
+/// The classification grid's side: a variant's run config, its row.
+impl Study for ClsExperimentConfig {
+    type Task = ClsTrainConfig;
+    type Variant = Variant;
+    type Row = ExperimentRow;
+
+    fn label(v: &Variant) -> &str {
+        &v.label
+    }
+
+    fn run_config(&self, v: &Variant, seed: u64, size: Option<usize>) -> ClsTrainConfig {
+        let mut rc = ClsExperimentConfig::run_config(self, v);
+        rc.seed = seed;
+        rc.train_limit = size;
+        rc
+    }
+
+    fn row(
+        &self,
+        v: &Variant,
+        cell: &Cell,
+        summary: ClsRunSummary,
+        dir: &Path,
+    ) -> Result<ExperimentRow> {
+        Ok(ExperimentRow {
+            variant: v.clone(),
+            train_size: cell.train_size.clone(),
+            seed: cell.seed,
+            test_correct: read_correct(&dir.join("scores.csv"))?,
+            summary,
+        })
+    }
+}
+
+/// Run every variant on the one grid ([`super::grid`]) into
+/// `out/train-<size>/seed-<seed>/<label>/` (a finished run with the same settings is reused,
+/// an unfinished one resumed; a folder holding another run is replaced only with `overwrite`)
+/// and write `out/table.md`, `out/results.json` and `out/accuracy.png`.
 pub fn run_classify(
     cfg: &ClsExperimentConfig,
     out: &Path,
+    overwrite: bool,
     device: &Device,
     obs: &mut dyn Observer,
 ) -> Result<(Vec<ExperimentRow>, String)> {
-    if cfg.variants.is_empty() {
+    if cfg.variants.is_empty() || cfg.seeds == 0 || cfg.train_sizes.is_empty() {
         return Err(Error::Config {
             field: "variants".into(),
-            msg: "no variants to run".into(),
+            msg: "no variants, seeds or training sizes to run".into(),
         });
     }
     IoPaths::new()
@@ -273,56 +311,14 @@ pub fn run_classify(
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     write_json_atomic(&out.join("experiment.json"), cfg)?;
     downstream_data(cfg, obs)?;
-    let mut rows = Vec::new();
-    if cfg.seeds == 0 || cfg.train_sizes.is_empty() {
-        return Err(Error::Config {
-            field: "seeds".into(),
-            msg: "at least one seed and one training size".into(),
-        });
-    }
-    for size in &cfg.train_sizes {
-        let size_name = size.map_or("all".to_string(), |n| n.to_string());
-        for k in 0..cfg.seeds {
-            let seed = cfg.seed + k as u64;
-            for v in &cfg.variants {
-                let run = out
-                    .join(format!("train-{size_name}"))
-                    .join(format!("seed-{seed}"))
-                    .join(&v.label);
-                let mut rc = cfg.run_config(v);
-                rc.seed = seed;
-                rc.train_limit = *size;
-                let done = run.join("summary.json");
-                let summary: ClsRunSummary = if done.is_file()
-                    && read_json::<ClsTrainConfig>(&run.join("config.json"))
-                        .ok()
-                        .as_ref()
-                        == Some(&rc)
-                {
-                    obs.event(Event::Info(format!(
-                        "{}: re-using {}",
-                        v.label,
-                        run.display()
-                    )));
-                    read_json(&done)?
-                } else {
-                    obs.event(Event::Info(format!(
-                        "=== {} · {size_name} train images · seed {seed} ===",
-                        v.label
-                    )));
-                    let resume = run.join("checkpoints").join("LATEST").is_file();
-                    cls::train(&rc, &run, device, resume, obs)?
-                };
-                rows.push(ExperimentRow {
-                    variant: v.clone(),
-                    train_size: size_name.clone(),
-                    seed,
-                    test_correct: read_correct(&run.join("scores.csv"))?,
-                    summary,
-                });
-            }
-        }
-    }
+    let grid = Grid {
+        seeds: cfg.seeds,
+        first_seed: cfg.seed,
+        sizes: cfg.train_sizes.clone(),
+        out: out.to_path_buf(),
+        overwrite,
+    };
+    let rows = grid::run(cfg, &cfg.variants, &grid, device, obs)?;
     let t = table(cfg, &rows)?;
     write_atomic(&out.join("table.md"), t.as_bytes())?;
     write_json_atomic(&out.join("results.json"), &rows)?;

@@ -13,11 +13,11 @@
 
 use crate::data::prompts::{PromptKind, PromptSpec};
 use crate::error::{Error, Result};
-use crate::progress::{Event, Observer};
+use super::grid::{self, Cell, Grid, Study};
+use crate::progress::Observer;
 use crate::train::config::Method;
-use crate::train::fit::folder::clear_for_run;
-use crate::train::seg::{self, RunSummary, SegTrainConfig};
-use crate::util::fs::{read_json, write_atomic, write_json_atomic, IoPaths};
+use crate::train::seg::{RunSummary, SegTrainConfig};
+use crate::util::fs::{write_atomic, write_json_atomic, IoPaths};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -124,9 +124,56 @@ fn read_test_dice(path: &Path) -> Result<Vec<f64>> {
         .collect()
 }
 
-/// Run every variant of `template` (data, model, epochs, seed) into `out/<label>`. A finished
-/// variant with the same settings is reused; a variant folder holding anything else (another
-/// setting, an unfinished run) is refused unless `overwrite`, then replaced.
+/// The Kvasir grid's side: a variant's run config from the template, its row.
+struct KvasirStudy<'a> {
+    template: &'a SegTrainConfig,
+}
+
+impl Study for KvasirStudy<'_> {
+    type Task = SegTrainConfig;
+    type Variant = SegVariant;
+    type Row = SegExperimentRow;
+
+    fn label(v: &SegVariant) -> &str {
+        &v.label
+    }
+
+    fn run_config(&self, v: &SegVariant, seed: u64, size: Option<usize>) -> SegTrainConfig {
+        let mut cfg = self.template.clone();
+        cfg.method = v.method;
+        cfg.topk = v.topk;
+        cfg.lr = v.lr;
+        cfg.min_lr = cfg.min_lr.min(cfg.lr);
+        cfg.keep_last = 1;
+        cfg.seed = seed;
+        cfg.split_seed = Some(self.template.seed);
+        cfg.train_limit = size;
+        if v.prompt != PromptKind::None {
+            cfg.prompt = PromptSpec::of(v.prompt);
+        }
+        cfg
+    }
+
+    fn row(
+        &self,
+        v: &SegVariant,
+        cell: &Cell,
+        summary: RunSummary,
+        dir: &Path,
+    ) -> Result<SegExperimentRow> {
+        Ok(SegExperimentRow {
+            variant: v.clone(),
+            train_size: cell.train_size.clone(),
+            seed: cell.seed,
+            test_dice: read_test_dice(&dir.join("scores.csv"))?,
+            summary,
+        })
+    }
+}
+
+/// Run every variant of `template` (data, model, epochs, seed) on the one grid
+/// ([`super::grid`]) into `out/train-<size>/seed-<seed>/<label>`; writes `table.md`,
+/// `results.json` and `mdice.png`.
 #[allow(clippy::too_many_arguments)]
 pub fn run_kvasir(
     template: &SegTrainConfig,
@@ -138,69 +185,22 @@ pub fn run_kvasir(
     device: &Device,
     obs: &mut dyn Observer,
 ) -> Result<(Vec<SegExperimentRow>, String)> {
-    if variants.is_empty() || seeds == 0 || sizes.is_empty() {
-        return Err(Error::Config {
-            field: "only".into(),
-            msg: "no variants, seeds or training sizes to run".into(),
-        });
-    }
     IoPaths::new()
         .input("--data-dir", &template.data_dir)
         .input_opt("--model", template.base.as_ref())
         .output("--out", out)
         .check()?;
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let mut rows = Vec::new();
-    for size in sizes {
-        let size_name = size.map_or("all".to_string(), |n| n.to_string());
-        for k in 0..seeds {
-            let seed = template.seed + k as u64;
-            for v in variants {
-                let mut cfg = template.clone();
-                cfg.method = v.method;
-                cfg.topk = v.topk;
-                cfg.lr = v.lr;
-                cfg.min_lr = cfg.min_lr.min(cfg.lr);
-                cfg.keep_last = 1;
-                cfg.seed = seed;
-                cfg.split_seed = Some(template.seed);
-                cfg.train_limit = *size;
-                if v.prompt != PromptKind::None {
-                    cfg.prompt = PromptSpec::of(v.prompt);
-                }
-                let dir = out
-                    .join(format!("train-{size_name}"))
-                    .join(format!("seed-{seed}"))
-                    .join(&v.label);
-                let summary_path = dir.join("summary.json");
-                let reusable = summary_path.is_file()
-                    && read_json::<SegTrainConfig>(&dir.join("config.json")).ok()
-                        == Some(cfg.clone());
-                let summary = if reusable {
-                    obs.event(Event::Info(format!(
-                        "{}: reusing {}",
-                        v.label,
-                        dir.display()
-                    )));
-                    read_json::<RunSummary>(&summary_path)?
-                } else {
-                    clear_for_run(&dir, overwrite, "--out")?;
-                    obs.event(Event::Info(format!(
-                        "── {} · {size_name} train images · seed {seed} ──",
-                        v.label
-                    )));
-                    seg::train(&cfg, &dir, device, false, obs)?
-                };
-                rows.push(SegExperimentRow {
-                    variant: v.clone(),
-                    train_size: size_name.clone(),
-                    seed,
-                    test_dice: read_test_dice(&dir.join("scores.csv"))?,
-                    summary,
-                });
-            }
-        }
+    let grid = Grid {
+        seeds,
+        first_seed: template.seed,
+        sizes: sizes.to_vec(),
+        out: out.to_path_buf(),
+        overwrite,
+    };
+    if !variants.is_empty() && seeds > 0 && !sizes.is_empty() {
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     }
+    let rows = grid::run(&KvasirStudy { template }, variants, &grid, device, obs)?;
     let table = table(template, &rows)?;
     write_atomic(&out.join("table.md"), table.as_bytes())?;
     write_json_atomic(&out.join("results.json"), &rows)?;

@@ -11,7 +11,7 @@
 //! All losses return a scalar (rank-0) tensor of the input's dtype.
 
 use crate::error::{Error, Result};
-use crate::nn::sparse_grad::with_data;
+use crate::nn::kernels::sparse_grad::with_data;
 use candle_core::CustomOp2;
 use candle_core::{DType, Tensor, D};
 use rayon::prelude::*;
@@ -69,9 +69,9 @@ pub fn seg_loss(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 }
 
 /// Whether the fused f32 CPU loss ops below apply (the composed ops run for f64, other
-/// devices and the [reference path](crate::nn::fused::with_reference_path)).
+/// devices and the [reference path](crate::nn::kernels::with_reference_path)).
 fn fused_loss(logits: &Tensor, targets: &Tensor) -> bool {
-    crate::nn::fused::use_fused(logits)
+    crate::nn::kernels::use_fused(logits)
         && logits.dtype() == DType::F32
         && targets.dtype() == DType::F32
         && targets.device().is_cpu()
@@ -96,7 +96,7 @@ enum FusedSegLoss {
 /// `e/(1+e)`.
 #[inline(always)]
 fn exp_abs_sigmoid(x: f32) -> (f32, f32) {
-    let e = crate::nn::fused::exp_neg_f32(-x.abs());
+    let e = crate::nn::kernels::base::exp_neg_f32(-x.abs());
     let inv = 1.0 / (1.0 + e);
     (e, if x >= 0.0 { inv } else { e * inv })
 }
@@ -181,8 +181,8 @@ impl candle_core::CustomOp2 for FusedSegLoss {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let x = crate::nn::fused::data::<f32>(s1, l1)?;
-        let t = crate::nn::fused::data::<f32>(s2, l2)?;
+        let x = crate::nn::kernels::base::data::<f32>(s1, l1)?;
+        let t = crate::nn::kernels::base::data::<f32>(s2, l2)?;
         if x.len() != t.len() || x.is_empty() {
             candle_core::bail!("{}: {} logits, {} targets", self.name(), x.len(), t.len());
         }
@@ -479,7 +479,7 @@ mod tests {
     /// spans several of the ops' chunks.
     #[test]
     fn fused_bce_and_soft_iou_equal_the_composed_ops() {
-        use crate::nn::fused::with_reference_path;
+        use crate::nn::kernels::with_reference_path;
         let (b, n) = (3, 40_000);
         let x: Vec<f32> = randv(b * n, 7, 6.0)
             .iter()

@@ -158,6 +158,14 @@ pub trait Task: Serialize + DeserializeOwned + PartialEq + Sync {
             ))),
         }
     }
+    /// Whether the training step splits a batch into one chunk per thread, and the values of
+    /// one image's largest activation: they decide Candle's element-wise pool
+    /// ([`crate::util::threads::elementwise_pool_for`]), which the loop sets once before any
+    /// tensor work for every command that trains, evaluates or selects (`train`, `select`,
+    /// `demo`, `experiment`). `None` (the default) leaves the pool as it is.
+    fn elementwise_pool(&self) -> Option<(bool, usize)> {
+        None
+    }
     /// Files of the best evaluation (overlays, per-image scores); nothing by default.
     fn write_best(&self, _run_dir: &Path, _data: &Self::Data, _kept: &Self::Kept) -> Result<()> {
         Ok(())

@@ -128,7 +128,7 @@ pub fn elementwise_pool_for(split: bool, values_per_image: usize) {
 /// inference engine. Measured side by side on 2 cores: tiny@128
 /// GPS step 59 → 39 ms, vit_b@512 GPS 2.2 → 1.8–2.0 s (docs/PERF.md).
 ///
-/// Thread-locals set on the calling thread (e.g. `nn::fused::with_reference_path`) do not
+/// Thread-locals set on the calling thread (e.g. `nn::kernels::with_reference_path`) do not
 /// apply inside `f`; set them within it.
 pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {

@@ -57,8 +57,18 @@ type Vars = Vec<(String, Var)>;
 pub type StateOf<T> = super::folder::TrainState<EpochRecord<<T as Task>::Eval>>;
 
 /// Validation shared by every entry point, before anything is written: the core, the method
-/// against the task's list, the task's own fields, and `out` against the inputs.
-fn check<T: Task>(task: &T, device: &Device, out: &Path) -> Result<()> {
+/// against the task's list, the task's own fields, and `out` against the inputs. Then the
+/// process-wide element-wise pool for this task (`whole`: the selection pass, which never
+/// splits its batches).
+fn check<T: Task>(task: &T, device: &Device, out: &Path, whole: bool) -> Result<()> {
+    check_settings(task, device, out)?;
+    if let Some((split, values)) = task.elementwise_pool() {
+        crate::util::threads::elementwise_pool_for(split && !whole, values);
+    }
+    Ok(())
+}
+
+fn check_settings<T: Task>(task: &T, device: &Device, out: &Path) -> Result<()> {
     let core = task.core();
     core.validate()?;
     core.method.check_in(T::METHODS, T::NAME)?;
@@ -135,7 +145,7 @@ pub fn fit<T: Task>(
     resume: bool,
     obs: &mut dyn Observer,
 ) -> Result<SummaryOf<T>> {
-    check(task, device, run_dir)?;
+    check(task, device, run_dir, false)?;
     if task.core().method == Method::ZeroShot {
         return Err(Error::Config {
             field: "method".into(),
@@ -158,7 +168,7 @@ pub fn evaluate<T: Task>(
     device: &Device,
     obs: &mut dyn Observer,
 ) -> Result<SummaryOf<T>> {
-    check(task, device, run_dir)?;
+    check(task, device, run_dir, false)?;
     let t_start = Instant::now();
     let core = task.core();
     open_run::<T, serde_json::Value>(run_dir, task, core.keep_last, false)?;
@@ -213,7 +223,7 @@ pub fn select<T: Task>(
     device: &Device,
     obs: &mut dyn Observer,
 ) -> Result<Artifact> {
-    check(task, device, out)?;
+    check(task, device, out, true)?;
     if task.core().method.criterion().is_none() {
         return Err(Error::Config {
             field: "method".into(),

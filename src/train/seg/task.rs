@@ -92,6 +92,14 @@ impl Task for SegTrainConfig {
         &self.core
     }
 
+    /// The training step splits batches of two or more into per-thread chunks unless it
+    /// recomputes blocks or is prompted (see `train_step`).
+    fn elementwise_pool(&self) -> Option<(bool, usize)> {
+        let split =
+            self.core.batch_size >= 2 && !self.checkpoint_blocks && !self.prompt.is_prompted();
+        Some((split, self.sam.encoder_values_per_image()))
+    }
+
     fn validate(&self, device: &Device) -> Result<()> {
         if !(0.0..=1.0).contains(&self.hflip) {
             return Err(Error::Config {
