@@ -356,7 +356,7 @@ fn tiny_model_at(path: &Path, seed: u64) {
 
 /// The binary in `cwd`: (exit code, stdout + stderr).
 fn cli_in(cwd: &Path, args: &[&str]) -> (i32, String) {
-    let r = std::process::Command::new(env!("CARGO_BIN_EXE_gps-seg"))
+    let r = std::process::Command::new(common::bin())
         .args(args)
         .current_dir(cwd)
         .output()

@@ -695,7 +695,7 @@ fn fp16_export_refuses_weights_beyond_f16_naming_the_tensor() {
     let cp = tmp.path().join("cfg.json");
     std::fs::write(&cp, serde_json::to_string(&cfg).unwrap()).unwrap();
     let out = tmp.path().join("m.onnx");
-    let r = std::process::Command::new(env!("CARGO_BIN_EXE_gps-seg"))
+    let r = std::process::Command::new(common::bin())
         .args(["export", "--model"])
         .arg(&wp)
         .arg("--config")
@@ -726,7 +726,7 @@ fn a_prompted_export_that_fails_on_the_decoder_leaves_no_encoder() {
     let partial = tmp.path().join("no-decoder.safetensors");
     gps_seg::util::tensors::save_safetensors(&partial, &w, None).unwrap();
     let export = |model: &Path, out: &Path| {
-        let r = std::process::Command::new(env!("CARGO_BIN_EXE_gps-seg"))
+        let r = std::process::Command::new(common::bin())
             .arg("export")
             .arg("--model")
             .arg(model)
