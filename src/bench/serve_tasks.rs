@@ -47,6 +47,10 @@ pub struct ServeTasksRow {
     pub tasks: usize,
     /// RSS of the tasks server after one request to each of `tasks` tasks, bytes.
     pub rss_loaded: u64,
+    /// RSS of the tasks server after the row's latency requests too (the session's run
+    /// buffers grown as far as these requests grow them), bytes: the marginal memory of a task
+    /// is read from this column, so both rows hold the same warm-up.
+    pub rss_after: u64,
     /// Loaded tasks the server reports (≤ tasks).
     pub loaded: usize,
     pub task_p50_ms: f64,
@@ -252,6 +256,7 @@ pub fn run(cfg: &ServeTasksConfig, dir: &Path, obs: &mut dyn Observer) -> Result
         rows.push(ServeTasksRow {
             tasks: n,
             rss_loaded,
+            rss_after: tasks_srv.rss(),
             loaded,
             task_p50_ms: pct(lt.clone(), 0.5),
             task_p99_ms: pct(lt, 0.99),
@@ -280,9 +285,9 @@ pub fn markdown(r: &ServeTasksReport) -> String {
         "task file {} MB, base {} MB (with its data), merged model {} MB; files made in {:.0} s\n\
          RSS of the tasks server before any request: {} MB; of the merged server after one \
          request: {} MB\n\n\
-         | tasks loaded | RSS (tasks server) | per task beyond the first | × task file | task p50 | \
-         task p99 | merged p50 | merged p99 | p50 task / merged |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | tasks loaded | RSS after loading | RSS after the requests | per task beyond the first \
+         | × task file | task p50 | task p99 | merged p50 | merged p99 | p50 task / merged |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         mb(r.task_file_bytes),
         mb(r.base_bytes),
         mb(r.merged_bytes),
@@ -290,11 +295,12 @@ pub fn markdown(r: &ServeTasksReport) -> String {
         mb(r.rss_idle),
         mb(r.rss_merged),
     );
-    let first = r.rows.first().map(|x| (x.tasks, x.rss_loaded));
+    // Marginal memory between rows at the same warm-up: after each row's requests.
+    let first = r.rows.first().map(|x| (x.tasks, x.rss_after));
     for x in &r.rows {
         let marginal = match first {
             Some((n1, r1)) if x.tasks > n1 => {
-                let per = (x.rss_loaded as f64 - r1 as f64) / (x.tasks - n1) as f64;
+                let per = (x.rss_after as f64 - r1 as f64) / (x.tasks - n1) as f64;
                 (
                     format!("{:.1} MB", per / 1e6),
                     format!("{:.2}", per / r.task_file_bytes.max(1) as f64),
@@ -303,10 +309,11 @@ pub fn markdown(r: &ServeTasksReport) -> String {
             _ => ("—".into(), "—".into()),
         };
         s.push_str(&format!(
-            "| {} ({} reported) | {} MB | {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.3} |\n",
+            "| {} ({} reported) | {} MB | {} MB | {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.3} |\n",
             x.tasks,
             x.loaded,
             mb(x.rss_loaded),
+            mb(x.rss_after),
             marginal.0,
             marginal.1,
             x.task_p50_ms,
