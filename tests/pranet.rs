@@ -1,0 +1,213 @@
+//! The PraNet protocol end to end on a small synthetic PraNet-layout folder: `train --data
+//! pranet` (train on `TrainDataset`, validation carved from it, every test set scored at the
+//! epoch chosen on validation) writes one table (set × metric) to `summary.json` and the run's
+//! page; `infer --run` with ONNX Runtime saves `probs/<id>.png` and reproduces every number of
+//! that table to 1e-6 from exactly the saved maps; `report merge` of its shards keeps the
+//! per-set table, bit for bit.
+
+mod common;
+
+use candle_core::Device;
+use gps_seg::data::pranet::{SegLayout, TEST_SETS};
+use gps_seg::data::synth_pranet::{generate, SynthPranetConfig};
+use gps_seg::metrics::{score_8bit, set_of_id, FieldOptions, SetRow, SetTable};
+use gps_seg::progress::Silent;
+use gps_seg::sam::SamConfig;
+use gps_seg::train::seg::{self, SegTrainConfig};
+use std::path::Path;
+
+fn read_json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn rows(v: &serde_json::Value) -> Vec<SetRow> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+/// Every column of `a` and `b`, set by set, within `tol`.
+fn assert_tables_close(a: &[SetRow], b: &[SetRow], tol: f64, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: sets");
+    let worst = a
+        .iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.columns().into_iter().zip(y.columns()))
+        .map(|((_, u), (_, v))| (u - v).abs())
+        .fold(0f64, f64::max);
+    eprintln!("{what}: largest difference {worst:.3e}");
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!((&x.set, x.images), (&y.set, y.images), "{what}");
+        for ((n, u), (_, v)) in x.columns().iter().zip(y.columns()) {
+            assert!(
+                (u - v).abs() <= tol,
+                "{what}: {} {n}: {u} vs {v} (Δ {:.2e})",
+                x.set,
+                (u - v).abs()
+            );
+        }
+    }
+}
+
+#[test]
+fn pranet_run_scores_five_test_sets_and_onnx_runtime_reproduces_every_number() {
+    common::onnx::ort_ready();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("pranet");
+    let synth = SynthPranetConfig {
+        train: 10,
+        test: 3,
+        seed: 11,
+        max_side: 80,
+    };
+    generate(&data, &synth).unwrap();
+
+    let sam = SamConfig::tiny().with_image_size(64);
+    let mut cfg = SegTrainConfig::recipe(data.clone(), None, sam);
+    cfg.data = SegLayout::Pranet;
+    cfg.epochs = 2;
+    cfg.batch_size = 2;
+    cfg.eval_batch_size = 4;
+    cfg.select_batches = Some(1);
+    cfg.max_steps_per_epoch = Some(2);
+    cfg.val_fraction = 0.3;
+    cfg.lr = 1e-3;
+    cfg.hflip = 0.0;
+    let run = tmp.path().join("run");
+    let summary = seg::train(&cfg, &run, &Device::Cpu, false, &mut Silent).unwrap();
+
+    // Validation came from TrainDataset (10 pairs), the test sets are the five, 3 images each.
+    assert_eq!((summary.train_images + summary.val_images), 10);
+    assert!(summary.val_images >= 1);
+    assert_eq!(summary.test_images, 15);
+    assert_eq!(summary.selected_on, "val");
+    let table = &summary.test_sets;
+    let names: Vec<&str> = table.iter().map(|r| r.set.as_str()).collect();
+    assert_eq!(names, TEST_SETS);
+    assert!(table.iter().all(|r| r.images == 3));
+    // Every metric present, finite and in range, and not one model-independent constant.
+    for r in table {
+        for (n, v) in r.columns() {
+            assert!(
+                v.is_finite() && (0.0..=1.0).contains(&v),
+                "{} {n} = {v}",
+                r.set
+            );
+        }
+    }
+    // The sets differ (their own generator seeds and looks), so their rows do.
+    let wfm: Vec<u64> = table.iter().map(|r| r.metrics.wfm.to_bits()).collect();
+    assert!(wfm.iter().skip(1).any(|&w| w != wfm[0]), "{table:?}");
+    let s_json = read_json(&run.join("summary.json"));
+    let keys: Vec<String> = s_json["test_sets"][0]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    for k in [
+        "set", "images", "mdice", "miou", "wfm", "sm", "em_mean", "em_max", "em_adp", "mae",
+    ] {
+        assert!(
+            keys.iter().any(|x| x == k),
+            "summary.json test_sets lacks {k}: {keys:?}"
+        );
+    }
+    // The table is the test evaluation of the epoch chosen on val (logged in metrics.jsonl).
+    let best = summary.best_epoch.unwrap();
+    let jsonl = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let rec: serde_json::Value = jsonl
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["epoch"] == best)
+        .unwrap();
+    assert_tables_close(&rows(&rec["test"]["sets"]), table, 1e-12, "metrics.jsonl"); // JSON: an ulp
+    assert!(
+        rec["val"].get("sets").is_none(),
+        "validation has no per-set table"
+    );
+    // The run's page opens with the headline and the per-set table.
+    let page = std::fs::read_to_string(run.join("report.html")).unwrap();
+    let head = page.find("class=\"headline\"").unwrap();
+    assert!(head < page.find("Training loss").unwrap());
+    assert!(page.contains("id=\"test-sets\"") && page.contains("<td>CVC-ClinicDB</td>"));
+    assert!(page.contains("Selection map") && page.contains(">qkv</th>"));
+    assert!(page.contains("Eφ max") && page.contains("predicted, not true (FP)"));
+
+    // ONNX Runtime through the CLI: a PraNet run's job saves the maps and scores every set.
+    let run_s = run.to_str().unwrap();
+    let out = tmp.path().join("infer");
+    let (code, text) = common::cli::gps_seg(
+        &[
+            "infer",
+            "--run",
+            run_s,
+            "--out",
+            out.to_str().unwrap(),
+            "--batch-size",
+            "3",
+            "--no-overlays",
+            "--quiet",
+        ],
+        tmp.path(),
+    );
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("| CVC-300 | 3 |"), "{text}");
+    let rep = read_json(&out.join("report.json"));
+    let ort = rows(&rep["sets"]);
+    eprintln!("training {table:?}\nORT {ort:?}");
+    assert_tables_close(&ort, table, 1e-6, "ORT infer --run vs training");
+
+    // Every number is computed from exactly the saved maps: read them back and score again.
+    let mut again = SetTable::new(FieldOptions::default(), "images");
+    let inputs = gps_seg::infer::RunFolder::open(&run)
+        .unwrap()
+        .test_inputs(None)
+        .unwrap();
+    assert_eq!(inputs.items.len(), 15);
+    for it in &inputs.items {
+        assert!(set_of_id(&it.id).is_some(), "{}", it.id);
+        let map = image::open(out.join("probs").join(format!("{}.png", it.id)))
+            .unwrap()
+            .to_luma8();
+        let gt = image::open(it.mask.as_ref().unwrap()).unwrap().to_luma8();
+        assert_eq!(map.dimensions(), gt.dimensions(), "{}", it.id);
+        let gt: Vec<u8> = gt.as_raw().iter().map(|&v| u8::from(v >= 128)).collect();
+        let hw = (map.height() as usize, map.width() as usize);
+        let s = score_8bit(map.as_raw(), &gt, hw, &FieldOptions::default()).unwrap();
+        again.add(&it.id, s);
+    }
+    // (JSON's floats may be an ulp off.)
+    assert_tables_close(
+        &again.finish().unwrap(),
+        &ort,
+        1e-12,
+        "the saved maps' table",
+    );
+
+    // Two shards merged keep the per-set table exactly.
+    let mut shard_dirs = Vec::new();
+    for i in 0..2 {
+        let d = tmp.path().join(format!("shard{i}"));
+        let shard = format!("{i}/2");
+        let (code, text) = common::cli::gps_seg(
+            &[
+                "infer",
+                "--run",
+                run_s,
+                "--out",
+                d.to_str().unwrap(),
+                "--shard",
+                &shard,
+                "--no-overlays",
+                "--quiet",
+            ],
+            tmp.path(),
+        );
+        assert_eq!(code, 0, "{text}");
+        shard_dirs.push(d);
+    }
+    let merged =
+        gps_seg::infer::report::merge_reports(&shard_dirs, &tmp.path().join("merged")).unwrap();
+    assert_tables_close(&merged.sets, &ort, 1e-12, "merged shards");
+    let html = std::fs::read_to_string(tmp.path().join("merged/report.html")).unwrap();
+    assert!(html.contains("id=\"sets\"") && html.contains("<td>ETIS-LaribPolypDB</td>"));
+}
