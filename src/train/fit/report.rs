@@ -193,9 +193,9 @@ fn epoch_sections(p: &mut Page, recs: &[Value], epochs: AxisFormat) {
                 ..epochs
             };
             p.raw(&lines_svg_with(
-                &[("lr", lr)],
+                &[("learning rate", lr)],
                 "epoch",
-                "learning rate",
+                "lr",
                 lr_axis,
             ));
         }
@@ -209,6 +209,9 @@ fn epoch_sections(p: &mut Page, recs: &[Value], epochs: AxisFormat) {
                     names
                         .iter()
                         .map(|n| match kv.iter().find(|(k, _)| k == n) {
+                            // Counts as whole numbers; the learning rate as it is set.
+                            Some((_, v)) if n == "lr" => Cell::Text(format!("{v:.2e}")),
+                            Some((_, v)) if v.fract() == 0.0 && v.abs() < 1e15 => Cell::Num(*v, 0),
                             Some((_, v)) => Cell::Num(*v, 4),
                             None => Cell::Text(String::new()),
                         })
