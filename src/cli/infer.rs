@@ -1,6 +1,8 @@
 //! `gps-seg infer`: batch segmentation of an image folder (or a training run's held-out split)
 //! with ONNX Runtime or the Candle SAM; masks + overlays at each image's original resolution,
-//! and mDice/mIoU when ground-truth masks are given.
+//! and mDice/mIoU when ground-truth masks are given; with `--save-probs` (implied for a PraNet
+//! run) the 8-bit probability maps and the polyp tables' metrics per set, scored from them.
+//! What the flags decide is [`gps_seg::infer::InferPlan`]'s.
 
 use super::common::{parse_resize, DeviceArgs};
 use super::progress::Progress;

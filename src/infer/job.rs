@@ -798,6 +798,62 @@ mod tests {
     }
 
     #[test]
+    fn saved_probability_maps_are_what_the_per_set_table_scores() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (img, msk) = (tmp.path().join("images"), tmp.path().join("masks"));
+        std::fs::create_dir_all(&img).unwrap();
+        std::fs::create_dir_all(&msk).unwrap();
+        for (k, (w, h)) in [(30u32, 20u32), (17, 23), (40, 9)].into_iter().enumerate() {
+            let mut im = RgbImage::new(w, h);
+            let mut m = GrayImage::new(w, h);
+            for y in 0..h {
+                for x in 0..w {
+                    // A brightness ramp (graded probabilities), a mask over part of it.
+                    let v = (255 * (x + y) / (w + h)) as u8;
+                    im.put_pixel(x, y, image::Rgb([v, v, v]));
+                    if x + k as u32 >= w / 2 {
+                        m.put_pixel(x, y, image::Luma([255]));
+                    }
+                }
+            }
+            imgio::write_png(&img.join(format!("p{k}.png")), &im).unwrap();
+            imgio::write_png(&msk.join(format!("p{k}.png")), &m).unwrap();
+        }
+        let (c, bad) = from_folders(&img, Some(&msk)).unwrap();
+        let inputs = check(c, bad);
+        let mut opts = InferOptions::new(tmp.path().join("out"));
+        opts.save_probs = true;
+        opts.set_name = "ramps".into();
+        opts.batch_size = 2;
+        let (r, scores) = infer(&Bright(16), &inputs, &opts, &mut Silent).unwrap();
+        assert_eq!(r.sets.len(), 1);
+        assert_eq!((r.sets[0].set.as_str(), r.sets[0].images), ("ramps", 3));
+        // Scoring the saved PNGs again gives the table; at 0.5 their Dice is the job's.
+        let mut again = crate::metrics::SetMetrics::new(FieldOptions::default());
+        for (it, sc) in inputs.items.iter().zip(&scores) {
+            let map =
+                imgio::decode_luma(&opts.out.join("probs").join(format!("{}.png", it.id))).unwrap();
+            let gt = imgio::decode_luma(it.mask.as_ref().unwrap()).unwrap();
+            assert_eq!(map.dimensions(), gt.dimensions());
+            assert!(
+                map.as_raw().iter().any(|&v| v != 0 && v != 255),
+                "graded, not a mask"
+            );
+            let g: Vec<u8> = gt.as_raw().iter().map(|&v| u8::from(v >= 128)).collect();
+            let hw = (map.height() as usize, map.width() as usize);
+            let f = again.add_8bit(&it.id, map.as_raw(), &g, hw).unwrap();
+            assert_eq!(f.dice, sc.dice, "{}", it.id);
+        }
+        assert_eq!(again.finish().unwrap(), r.sets[0].metrics);
+        assert_eq!(r.field_scores.len(), 3);
+        // Without --save-probs: no maps, no table.
+        opts.save_probs = false;
+        opts.out = tmp.path().join("plain");
+        let (r, _) = infer(&Bright(16), &inputs, &opts, &mut Silent).unwrap();
+        assert!(r.sets.is_empty() && !opts.out.join("probs").exists());
+    }
+
+    #[test]
     fn three_shards_merged_equal_the_unsharded_job_exactly() {
         let tmp = tempfile::tempdir().unwrap();
         let (img, msk) = (tmp.path().join("images"), tmp.path().join("masks"));
