@@ -3,10 +3,9 @@
 //! epoch chosen on validation) writes one table (set × metric) to `summary.json` and the run's
 //! page; `infer --run` saves `probs/<id>.png` and scores exactly the saved maps: with the Candle
 //! SAM (training's arithmetic) every number of the table again, to the last bits; with ONNX
-//! Runtime within 5e-6 (measured: Sα 1.4e-6, Fβʷ 1.0e-6, Eφ mean 9e-7, MAE 5e-7; mDice, mIoU, Eφ max
-//! and adaptive exactly), where a probability within float
-//! error of an 8-bit rounding edge moves a pixel one level); `report merge` of its shards keeps
-//! the per-set table.
+//! Runtime within 5e-6 (measured: Sα 1.4e-6, Fβʷ 1.0e-6, Eφ mean 9e-7, MAE 5e-7; mDice, mIoU,
+//! Eφ max and adaptive exactly), where a probability within float error of an 8-bit rounding
+//! edge moves a pixel one level; `report merge` of its shards keeps the per-set table.
 
 mod common;
 
