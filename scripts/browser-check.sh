@@ -3,7 +3,8 @@
 # shipped sam-tiny (Candle engine, no ONNX Runtime needed), then headless Chromium (Debian's
 # `chromium` package) loads <out>/report.html from disk, takes a screenshot, and the DOM it
 # ends up with must hold the summary, the Dice histogram and one table row per image; then a
-# two-epoch training run's report.html must show its curves and one row per epoch; last,
+# two-epoch training run's report.html must show its curves and one row per epoch, and a PraNet
+# run's its headline with the five test sets and the selection map; last,
 # `gps-seg serve` runs the shipped sam-tiny (exported to ONNX in WORKDIR) on a free port and
 # the page at `/?sample=1` must segment the server's sample image and show the overlay, for a
 # prompt-free task and for a prompted one (`export --prompted`, a point at the centre).
@@ -56,6 +57,23 @@ PY
 )
 grep -q '>val.eval.mdice</text>' "$work/run-dom.html" || { echo "browser-check: run page lacks the val curve" >&2; exit 1; }
 [ "$epochs" = 2 ] || { echo "browser-check: the run page's epoch table has $epochs rows, expected 2" >&2; exit 1; }
+# A PraNet-layout run's page opens with the headline and one test-table row per test set, then
+# the GPS selection map.
+"$bin" data synth-pranet --out "$work/pranet" --train 8 --test 2 --max-side 96 >/dev/null
+"$bin" train --data pranet --model tiny --data-dir "$work/pranet" --out "$work/prun" --epochs 2 \
+  --batch-size 2 --max-steps 1 --select-batches 1 --val-fraction 0.25 --quiet >/dev/null 2>&1
+chromium "${flags[@]}" --screenshot="$work/pranet-run.png" "file://$(realpath "$work/prun/report.html")" 2>/dev/null
+chromium "${flags[@]}" --dump-dom "file://$(realpath "$work/prun/report.html")" 2>/dev/null >"$work/prun-dom.html"
+sets=$(python3 - "$work/prun-dom.html" <<'PY'
+import re, sys
+dom = open(sys.argv[1]).read()
+head = dom.find('class="headline"')
+m = re.search(r'<table class="sortable" id="test-sets">.*?<tbody>(.*?)</tbody>', dom, re.S)
+ok = 0 <= head < dom.find('Selection map') < dom.find('Training loss')
+print(len(re.findall(r'<tr>', m.group(1))) if m and ok else -1)
+PY
+)
+[ "$sets" = 5 ] || { echo "browser-check: the PraNet run page has $sets test-set rows (or no headline / selection map), expected 5" >&2; exit 1; }
 # The serve page: `/?sample=1&task=polyp` fetches /v1/sample.png, segments it and draws the
 # overlay (`<img id="overlay">` gets a PNG data URL, `#status` data-state="done").
 "$bin" export --model sam/sam-tiny.safetensors --config sam/sam-tiny.json --out "$work/polyp.onnx" >/dev/null
@@ -89,4 +107,4 @@ grep -q 'id="status" data-state="done"' "$work/serve-click-dom.html" \
 grep -q '<img id="overlay"[^>]*src="data:image/png;base64,' "$work/serve-click-dom.html" \
   || { echo "browser-check: the prompted page shows no overlay" >&2; exit 1; }
 kill -TERM "$serve_pid"; wait "$serve_pid" || true; trap - EXIT
-echo "browser-check: ok (infer page: $rows rows, histogram, summary; run page: $epochs epochs, curves; serve page: overlay drawn, prompt-free and prompted; screenshots $work/report.png, $work/run.png, $work/serve.png, $work/serve-click.png)"
+echo "browser-check: ok (infer page: $rows rows, histogram, summary; run page: $epochs epochs, curves; PraNet run page: headline, $sets test sets, selection map; serve page: overlay drawn, prompt-free and prompted; screenshots $work/report.png, $work/run.png, $work/serve.png, $work/serve-click.png)"

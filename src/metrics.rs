@@ -960,6 +960,126 @@ impl SetMetrics {
     }
 }
 
+/// One row of a per-set table (`report.json`, `summary.json`): the set's name, its image
+/// count and its [`SetReport`] columns (flattened: `{"set": "Kvasir", "images": 100, "mdice":
+/// …}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SetRow {
+    pub set: String,
+    pub images: usize,
+    #[serde(flatten)]
+    pub metrics: SetReport,
+}
+
+impl SetRow {
+    /// The table's columns in the polyp papers' order, with their display names.
+    pub fn columns(&self) -> Vec<(&'static str, f64)> {
+        let m = &self.metrics;
+        let mut c = vec![
+            ("mDice", m.mdice),
+            ("mIoU", m.miou),
+            ("Fβʷ", m.wfm),
+            ("Sα", m.sm),
+            ("Eφ mean", m.em_mean),
+            ("Eφ max", m.em_max),
+            ("Eφ adp", m.em_adp),
+            ("MAE", m.mae),
+        ];
+        if let Some(h) = m.hd95 {
+            c.push(("HD95 (px)", h));
+        }
+        c
+    }
+
+    /// The rows as one sortable page table (set, images, then [`SetRow::columns`]).
+    pub fn table(rows: &[SetRow], id: &str) -> crate::util::html::Table {
+        use crate::util::html::{Cell, Table};
+        let mut headers = vec!["set".to_string(), "images".into()];
+        if let Some(r) = rows.first() {
+            headers.extend(r.columns().iter().map(|(n, _)| n.to_string()));
+        }
+        Table {
+            id: id.into(),
+            headers,
+            rows: rows
+                .iter()
+                .map(|r| {
+                    let mut row = vec![Cell::Text(r.set.clone()), Cell::Num(r.images as f64, 0)];
+                    row.extend(r.columns().iter().map(|(_, v)| Cell::Num(*v, 4)));
+                    row
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The set an image id belongs to: the part before the first `/` of a set-qualified id
+/// (`Kvasir/cju0qkwl35piu0993l0dewei2`, as PraNet-layout test images are named in a run and
+/// in an inference job), `None` for a plain id.
+pub fn set_of_id(id: &str) -> Option<&str> {
+    id.split_once('/').map(|(s, _)| s).filter(|s| !s.is_empty())
+}
+
+/// Per-set aggregation of field scores ([`SetMetrics`] per set), the sets in the order their
+/// first image was added; each image goes to the set [`set_of_id`] names, or to `default` (the
+/// name of a job's only set) when its id has none.
+#[derive(Debug, Clone, Default)]
+pub struct SetTable {
+    pub opts: FieldOptions,
+    pub default: String,
+    sets: Vec<(String, SetMetrics)>,
+}
+
+impl SetTable {
+    pub fn new(opts: FieldOptions, default: &str) -> Self {
+        SetTable {
+            opts,
+            default: default.to_string(),
+            sets: Vec::new(),
+        }
+    }
+
+    /// Add one scored image to its set.
+    pub fn add(&mut self, id: &str, score: FieldScore) {
+        let set = set_of_id(id).unwrap_or(&self.default);
+        let k = match self.sets.iter().position(|(n, _)| n == set) {
+            Some(k) => k,
+            None => {
+                self.sets
+                    .push((set.to_string(), SetMetrics::new(self.opts)));
+                self.sets.len() - 1
+            }
+        };
+        self.sets[k].1.add(id, score);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sets.is_empty()
+    }
+
+    /// Every set's metrics, in order.
+    pub fn sets(&self) -> &[(String, SetMetrics)] {
+        &self.sets
+    }
+
+    /// One row per set, in order (errors as [`SetMetrics::finish`], naming the set).
+    pub fn finish(&self) -> Result<Vec<SetRow>> {
+        self.sets
+            .iter()
+            .map(|(name, m)| {
+                let metrics = m.finish().map_err(|e| Error::Data {
+                    msg: format!("test set `{name}`: {e}"),
+                })?;
+                Ok(SetRow {
+                    set: name.clone(),
+                    images: m.len(),
+                    metrics,
+                })
+            })
+            .collect()
+    }
+}
+
 /// Input of [`SetMetrics`]'s [`Metric::update`]: an image id and its score.
 pub struct FieldInput<'a> {
     pub id: &'a str,
@@ -1246,6 +1366,46 @@ mod tests {
         joined.add("a", sa);
         joined.add("b", back);
         assert_eq!(joined.finish().unwrap(), r);
+    }
+
+    #[test]
+    fn a_set_table_groups_images_by_the_set_in_their_id_in_order_of_arrival() {
+        let (gt, (h, w)) = centred_blob();
+        let mut rng = crate::util::Rng::new(9);
+        let mut table = SetTable::new(opts(false), "images");
+        let mut alone: Vec<(String, SetMetrics)> = Vec::new();
+        for (i, id) in ["CVC-300/a", "Kvasir/a", "CVC-300/b", "plain", "Kvasir/b"]
+            .iter()
+            .enumerate()
+        {
+            let p: Vec<f32> = (0..h * w).map(|_| rng.f32()).collect();
+            let s = score_probs(&p, &gt, (h, w), &opts(false)).unwrap();
+            let set = set_of_id(id).unwrap_or("images").to_string();
+            match alone.iter_mut().find(|(n, _)| *n == set) {
+                Some((_, m)) => m.add(id, s.clone()),
+                None => {
+                    let mut m = SetMetrics::new(opts(false));
+                    m.add(id, s.clone());
+                    alone.push((set, m));
+                }
+            }
+            table.add(id, s);
+            assert_eq!(table.sets().len(), [1, 2, 2, 3, 3][i]);
+        }
+        let rows = table.finish().unwrap();
+        let names: Vec<&str> = rows.iter().map(|r| r.set.as_str()).collect();
+        assert_eq!(names, ["CVC-300", "Kvasir", "images"]);
+        assert_eq!(rows.iter().map(|r| r.images).collect::<Vec<_>>(), [2, 2, 1]);
+        for (r, (_, m)) in rows.iter().zip(&alone) {
+            assert_eq!(r.metrics, m.finish().unwrap());
+        }
+        let v = serde_json::to_value(&rows[0]).unwrap();
+        assert_eq!(v["set"], "CVC-300");
+        assert_eq!(v["images"], 2);
+        assert!(v["em_max"].is_f64());
+        let back: SetRow = serde_json::from_value(v).unwrap();
+        assert_eq!(back.set, rows[0].set);
+        assert_eq!(set_of_id("/x"), None);
     }
 
     #[test]

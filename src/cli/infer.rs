@@ -1,14 +1,17 @@
 //! `gps-seg infer`: batch segmentation of an image folder (or a training run's held-out split)
 //! with ONNX Runtime or the Candle SAM; masks + overlays at each image's original resolution,
-//! and mDice/mIoU when ground-truth masks are given.
+//! and mDice/mIoU when ground-truth masks are given; with `--save-probs` (implied for a PraNet
+//! run) the 8-bit probability maps and the polyp tables' metrics per set, scored from them.
+//! What the flags decide is [`gps_seg::infer::InferPlan`]'s.
 
 use super::common::{parse_resize, DeviceArgs};
 use super::progress::Progress;
 use anyhow::{bail, Context};
+use gps_seg::data::pranet::SegLayout;
 use gps_seg::data::prompts::PromptKind;
 use gps_seg::infer::{
-    self, input, CandleEngine, Engine, InferOptions, JobPrompts, OrtEngine, PromptedOrtEngine,
-    RunFolder,
+    self, input, CandleEngine, Engine, InferOptions, InferPlan, InferReport, JobPrompts, OrtEngine,
+    PromptedOrtEngine, RunFolder,
 };
 use gps_seg::progress::{Event, Observer};
 use std::path::PathBuf;
@@ -31,12 +34,6 @@ impl EngineKind {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DataKind {
-    /// Kvasir-SEG layout (the only one `--run` evaluates).
-    Kvasir,
-}
-
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Exported ONNX model (`image[N,3,S,S]` → `mask_logits[N,1,S,S]`). With --run: default
@@ -53,9 +50,10 @@ pub struct Args {
     /// Evaluate a training run folder's held-out split with its own model and settings.
     #[arg(long)]
     pub run: Option<PathBuf>,
-    /// Dataset layout of --run (only `kvasir`).
+    /// Dataset layout of --run (default: the run's; kvasir or pranet — a PraNet run scores
+    /// every test set present, per set).
     #[arg(long, value_enum, requires = "run")]
-    pub data: Option<DataKind>,
+    pub data: Option<SegLayout>,
     /// Use this data folder instead of the one in the run's config.json.
     #[arg(long, requires = "run")]
     pub data_dir: Option<PathBuf>,
@@ -89,6 +87,11 @@ pub struct Args {
     /// Don't write overlays/.
     #[arg(long)]
     pub no_overlays: bool,
+    /// Also write probs/<id>.png (the probability map, 8-bit grey at each image's resolution)
+    /// and, with ground truth, score the polyp tables' metrics (mDice, mIoU, Fβʷ, Sα, Eφ mean /
+    /// max / adaptive, MAE) from exactly those saved values, per set. Implied for a PraNet run.
+    #[arg(long)]
+    pub save_probs: bool,
     #[arg(long, value_enum, default_value = "ort")]
     pub engine: EngineKind,
     /// --engine candle: weights (.safetensors/.pth). With --run: the run's merged weights.
@@ -155,19 +158,30 @@ fn job_prompts(args: &Args, run: Option<&RunFolder>) -> anyhow::Result<JobPrompt
     Ok(JobPrompts::FromMasks { spec, seed })
 }
 
+/// The paths and options of the flags, for the library's decisions ([`InferPlan`]).
+fn plan_of(args: &Args) -> anyhow::Result<InferPlan> {
+    Ok(InferPlan {
+        model: args.model.clone(),
+        decoder: args.decoder.clone(),
+        prompts: args.prompts.clone(),
+        checkpoint: args.checkpoint.clone(),
+        config: args.config.clone(),
+        images: args.images.clone(),
+        masks: args.masks.clone(),
+        out: args.out.clone(),
+        resize: args.resize.as_deref().map(parse_resize).transpose()?,
+        threshold: args.threshold,
+        data: args.data,
+        save_probs: args.save_probs,
+    })
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     gps_seg::data::imgio::set_max_pixels(args.max_pixels)?;
     let mut progress = Progress::new(args.quiet);
+    let plan = plan_of(&args)?;
     let run = args.run.as_deref().map(RunFolder::open).transpose()?;
-    let resize = match (&args.resize, &run) {
-        (Some(r), _) => parse_resize(r)?,
-        (None, Some(r)) => r.view.resize,
-        (None, None) => Default::default(),
-    };
-    let threshold = args
-        .threshold
-        .or(run.as_ref().map(|r| r.view.threshold))
-        .unwrap_or(0.5);
+    plan.check_layout(run.as_ref())?;
 
     // Inputs first: a bad input stops the job before a model is loaded or anything written.
     let inputs = match (&run, &args.images) {
@@ -194,122 +208,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         None
     };
-    let out = match (&args.out, &run) {
-        (Some(o), _) => o.clone(),
-        (None, Some(r)) if prompted => r.dir.join("infer-onnxruntime-prompted"),
-        (None, Some(r)) => r.dir.join(format!("infer-{}", args.engine.dir_name())),
-        (None, None) => bail!("--out is required"),
-    };
-    // The output folder may not equal, contain or sit inside anything this job reads.
-    let mut io = gps_seg::util::fs::IoPaths::new()
-        .input_opt("--model", args.model.as_deref())
-        .input_opt("--decoder", args.decoder.as_deref())
-        .input_opt("--prompts", args.prompts.as_deref())
-        .input_opt("--checkpoint", args.checkpoint.as_deref())
-        .input_opt("--images", args.images.as_deref())
-        .input_opt("--masks", args.masks.as_deref());
-    if let Some(c) = args.config.as_deref().map(std::path::Path::new) {
-        if c.is_file() {
-            io = io.input("--config", c);
-        }
-    }
-    let mut read_dirs = std::collections::BTreeSet::new();
-    for it in &inputs.items {
-        for p in std::iter::once(&it.image).chain(it.mask.as_ref()) {
-            if let Some(d) = p.parent() {
-                read_dirs.insert(d.to_path_buf());
-            }
-        }
-    }
-    for d in &read_dirs {
-        io = io.input("(input images)", d);
-    }
-    // What loading the models reads besides the files named (external data, a task's base).
-    for m in [args.model.as_deref(), args.decoder.as_deref()]
-        .into_iter()
-        .flatten()
-    {
-        for c in gps_seg::onnx::integrity::companion_files(m) {
-            io = io.input("--model (external data or base)", c);
-        }
-    }
-    if let Some(r) = &run {
-        if let Ok(w) = r.weights() {
-            io = io.input("--run (weights)", w);
-        }
-        for f in ["config.json", "split.json", "summary.json"] {
-            io = io.input("--run", r.dir.join(f));
-        }
-        // The run's exported models are re-exported when older than its weights.
-        for f in [
-            "model.onnx",
-            "model.onnx.data",
-            "model_prompted.onnx",
-            "model_prompted.onnx.data",
-            "model_prompted_decoder.onnx",
-            "model_prompted_decoder.onnx.data",
-        ] {
-            io = io.replaceable(r.dir.join(f));
-        }
-    }
-    // Per file from here on: no write follows a link into an input, and none replaces a file
-    // of an earlier job unless --overwrite.
-    io.output("--out", &out).enforce(args.overwrite)?;
+    let out = plan.out(run.as_ref(), args.engine.dir_name(), prompted)?;
+    // The output folder may not equal, contain or sit inside anything this job reads; per file
+    // from here on, no write follows a link into an input, and none replaces a file of an
+    // earlier job unless --overwrite.
+    plan.io_paths(run.as_ref(), &inputs, &out)
+        .enforce(args.overwrite)?;
 
-    let engine: Box<dyn Engine> = match args.engine {
-        EngineKind::Ort if prompted => {
-            let (enc, dec) = match (&args.model, &args.decoder, &run) {
-                (Some(m), Some(d), _) => (m.clone(), d.clone()),
-                (None, None, Some(r)) => r.ensure_prompted_onnx(&mut progress)?,
-                _ => bail!(
-                    "prompted inference needs --model ENCODER.onnx and --decoder DECODER.onnx \
-                     (`gps-seg export --prompted`), or a --run RUN"
-                ),
-            };
-            Box::new(PromptedOrtEngine::load(
-                &enc,
-                &dec,
-                args.device.threads.unwrap_or(0),
-                args.ort_lib.as_deref(),
-                &mut progress,
-            )?)
-        }
-        EngineKind::Ort => {
-            let model = match (&args.model, &run) {
-                (Some(m), _) => m.clone(),
-                (None, Some(r)) => r.ensure_onnx(&mut progress)?,
-                (None, None) => bail!("--engine ort needs --model model.onnx (or --run RUN)"),
-            };
-            Box::new(OrtEngine::load(
-                &model,
-                args.device.threads.unwrap_or(0),
-                args.ort_lib.as_deref(),
-                &mut progress,
-            )?)
-        }
-        EngineKind::Candle => {
-            let weights = match (&args.checkpoint, &run) {
-                (Some(c), _) => c.clone(),
-                (None, Some(r)) => r.weights()?,
-                (None, None) => bail!("--engine candle needs --checkpoint (or --run RUN)"),
-            };
-            let cfg = match (&args.config, &run) {
-                (Some(c), _) if std::path::Path::new(c).is_file() => {
-                    gps_seg::sam::files::read_config(std::path::Path::new(c))?
-                }
-                (Some(c), _) => gps_seg::sam::SamConfig::preset(c)?,
-                (None, Some(r)) => r.view.sam.clone(),
-                (None, None) => bail!("--engine candle needs --config (a preset or config.json)"),
-            };
-            let device = args.device.resolve()?;
-            // Batches of two or more run one chunk per thread (`nn::split_forward`).
-            gps_seg::util::threads::elementwise_pool_for(
-                args.batch_size >= 2,
-                cfg.encoder_values_per_image(),
-            );
-            Box::new(CandleEngine::load(&weights, &cfg, &device)?)
-        }
-    };
+    let engine = load_engine(&args, run.as_ref(), prompted, &mut progress)?;
     progress.event(Event::Info(engine.describe()));
 
     let shard = match &args.shard {
@@ -326,15 +232,82 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         shard,
         out,
         batch_size: args.batch_size,
-        threshold,
-        resize,
+        threshold: plan.threshold(run.as_ref()),
+        resize: plan.resize(run.as_ref()),
         skip_bad: args.skip_bad,
         overlays: !args.no_overlays,
         prompts: job_prompts,
+        save_probs: plan.save_probs(run.as_ref()),
+        set_name: plan.set_name(),
     };
     let (r, _) =
         infer::infer(engine.as_ref(), &inputs, &opts, &mut progress).context("inference failed")?;
+    print_report(&r, &opts, args.run.as_deref())
+}
 
+/// The engine the flags ask for: ONNX Runtime on a prompt-free graph or on the prompted pair,
+/// or the Candle SAM; a `--run` supplies (and exports, when stale) what is not given.
+fn load_engine(
+    args: &Args,
+    run: Option<&RunFolder>,
+    prompted: bool,
+    progress: &mut Progress,
+) -> anyhow::Result<Box<dyn Engine>> {
+    let threads = args.device.threads.unwrap_or(0);
+    let ort_lib = args.ort_lib.as_deref();
+    Ok(match args.engine {
+        EngineKind::Ort if prompted => {
+            let (enc, dec) = match (&args.model, &args.decoder, run) {
+                (Some(m), Some(d), _) => (m.clone(), d.clone()),
+                (None, None, Some(r)) => r.ensure_prompted_onnx(progress)?,
+                _ => bail!(
+                    "prompted inference needs --model ENCODER.onnx and --decoder DECODER.onnx \
+                     (`gps-seg export --prompted`), or a --run RUN"
+                ),
+            };
+            Box::new(PromptedOrtEngine::load(
+                &enc, &dec, threads, ort_lib, progress,
+            )?)
+        }
+        EngineKind::Ort => {
+            let model = match (&args.model, run) {
+                (Some(m), _) => m.clone(),
+                (None, Some(r)) => r.ensure_onnx(progress)?,
+                (None, None) => bail!("--engine ort needs --model model.onnx (or --run RUN)"),
+            };
+            Box::new(OrtEngine::load(&model, threads, ort_lib, progress)?)
+        }
+        EngineKind::Candle => {
+            let weights = match (&args.checkpoint, run) {
+                (Some(c), _) => c.clone(),
+                (None, Some(r)) => r.weights()?,
+                (None, None) => bail!("--engine candle needs --checkpoint (or --run RUN)"),
+            };
+            let cfg = match (&args.config, run) {
+                (Some(c), _) if std::path::Path::new(c).is_file() => {
+                    gps_seg::sam::files::read_config(std::path::Path::new(c))?
+                }
+                (Some(c), _) => gps_seg::sam::SamConfig::preset(c)?,
+                (None, Some(r)) => r.view.sam.clone(),
+                (None, None) => bail!("--engine candle needs --config (a preset or config.json)"),
+            };
+            let device = args.device.resolve()?;
+            // Batches of two or more run one chunk per thread (`nn::split_forward`).
+            gps_seg::util::threads::elementwise_pool_for(
+                args.batch_size >= 2,
+                cfg.encoder_values_per_image(),
+            );
+            Box::new(CandleEngine::load(&weights, &cfg, &device)?)
+        }
+    })
+}
+
+/// What the job did, on stdout.
+fn print_report(
+    r: &InferReport,
+    opts: &InferOptions,
+    run_dir: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     println!(
         "{} images ({} skipped) with {} at {}×{} ({}, batch {}), threshold {}",
         r.images,
@@ -358,7 +331,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "  GPS reference convention (pooled, background ignored): Dice {:.4}  IoU {:.4}",
             m.ref_dice_ignore_bg, m.ref_iou_ignore_bg
         );
-        if let Some(rd) = &args.run {
+        if let Some(rd) = run_dir {
             if let Some((d, i)) = infer::run::training_best(rd)? {
                 println!(
                     "  training's evaluation (summary.json best): mDice {d:.4}  mIoU {i:.4}  (Δ mDice {:+.2e})",
@@ -367,14 +340,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     }
+    if !r.sets.is_empty() {
+        println!();
+        println!("{}", super::train::sets_table(&r.sets));
+    }
     println!(
         "throughput {:.2} images/s end to end ({:.2} images/s in the model); peak memory {:.0} MB (VmHWM)",
         r.images_per_s, r.model_images_per_s, r.peak_rss_mb
     );
     println!(
-        "wrote {}/masks/, {}report.json{}",
+        "wrote {}/masks/, {}{}report.json{}",
         r.out.display(),
         if opts.overlays { "overlays/, " } else { "" },
+        if opts.save_probs { "probs/, " } else { "" },
         if r.metrics.is_some() {
             ", scores.csv"
         } else {

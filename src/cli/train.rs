@@ -4,6 +4,7 @@ use super::common::{DeviceArgs, DtypeArgs};
 use super::progress::Progress;
 use anyhow::Context;
 use gps_seg::data::classification::ClsLayout;
+use gps_seg::data::pranet::SegLayout;
 use gps_seg::data::prompts::PromptKind;
 use gps_seg::data::resize::Resize;
 use gps_seg::gps::select::Level;
@@ -28,7 +29,9 @@ pub struct Args {
     /// Task: seg (SAM on Kvasir-shaped data) or classify.
     #[arg(long, value_enum, default_value = "seg")]
     pub task: TaskKind,
-    /// Dataset kind: kvasir (seg); vtab, imagefolder, cifar100, fgvc (classify).
+    /// Dataset kind: kvasir or pranet (seg; pranet: train on TrainDataset/, validation carved
+    /// from it, every TestDataset/<Set> present scored per set); vtab, imagefolder, cifar100,
+    /// fgvc (classify).
     #[arg(long, default_value = "kvasir")]
     pub data: String,
     /// Dataset folder. For kvasir without it: data/Kvasir-SEG if present, else a synthetic set
@@ -183,8 +186,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.task == TaskKind::Classify {
         return run_classify(args);
     }
-    if args.data != "kvasir" {
-        anyhow::bail!("--data {}: segmentation supports `kvasir`", args.data);
+    let layout = match args.data.as_str() {
+        "kvasir" => SegLayout::Kvasir,
+        "pranet" => SegLayout::Pranet,
+        d => anyhow::bail!("--data {d}: segmentation supports `kvasir` and `pranet`"),
+    };
+    if layout == SegLayout::Pranet && args.data_dir.is_none() {
+        anyhow::bail!(
+            "--data pranet needs --data-dir (a PraNet-layout root; `gps-seg data synth-pranet` \
+             makes a synthetic one)"
+        );
     }
     let device = args.device.resolve()?;
     let dtype = args.dtype.resolve(&device)?;
@@ -212,6 +223,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let data_dir = super::common::kvasir_dir(args.data_dir.clone(), args.seed, &mut progress)?;
     let mut cfg = SegTrainConfig::recipe(data_dir, base, sam);
+    cfg.data = layout;
     set_core(&mut cfg.core, &args);
     cfg.resize = args.resize.unwrap_or(cfg.resize);
     cfg.checkpoint_blocks = args.checkpoint_blocks;
@@ -347,9 +359,38 @@ pub fn print_summary(s: &seg::RunSummary) {
         s.seconds_per_step,
         s.peak_rss_mb
     );
+    if !s.test_sets.is_empty() {
+        println!();
+        println!(
+            "test sets at epoch {} (chosen on val; the test sets chose nothing):",
+            s.best_epoch.map_or("-".into(), |e| e.to_string())
+        );
+        println!("{}", sets_table(&s.test_sets));
+    }
     println!();
     println!("run folder: {}", s.run_dir.display());
     if let Some(m) = &s.merged {
         println!("merged weights: {}", m.display());
     }
+}
+
+/// A per-set table (the polyp papers' columns) in Markdown.
+pub fn sets_table(rows: &[gps_seg::metrics::SetRow]) -> String {
+    let Some(first) = rows.first() else {
+        return String::new();
+    };
+    let names: Vec<&str> = first.columns().iter().map(|(n, _)| *n).collect();
+    let mut t = format!("| set | images | {} |\n", names.join(" | "));
+    t.push_str(&format!("|---|---|{}\n", "---|".repeat(names.len())));
+    for r in rows {
+        let v: Vec<String> = r.columns().iter().map(|(_, v)| format!("{v:.4}")).collect();
+        t.push_str(&format!(
+            "| {} | {} | {} |\n",
+            r.set,
+            r.images,
+            v.join(" | ")
+        ));
+    }
+    t.pop();
+    t
 }

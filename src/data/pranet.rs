@@ -41,6 +41,40 @@ pub const TRAIN_DIR: &str = "TrainDataset";
 /// Folder of the test sets under the root.
 pub const TEST_DIR: &str = "TestDataset";
 
+/// The layouts a segmentation run reads.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum SegLayout {
+    /// Kvasir-SEG: `images/` + `masks/`, a split file or a seeded train/val/test split.
+    #[default]
+    Kvasir,
+    /// PraNet: `TrainDataset/` (train, validation carved from it) + `TestDataset/<Set>/`.
+    Pranet,
+}
+
+impl SegLayout {
+    pub fn is_kvasir(&self) -> bool {
+        *self == SegLayout::Kvasir
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SegLayout::Kvasir => "kvasir",
+            SegLayout::Pranet => "pranet",
+        }
+    }
+}
+
 /// How one folder holds its image/mask pairs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -270,6 +304,23 @@ impl PranetDataset {
             .iter()
             .map(|s| (s.name.clone(), s.ids()))
             .collect()
+    }
+
+    /// The test pairs of every set present, in [`TEST_SETS`] order, each set capped at its
+    /// first `limit` pairs (by id), with set-qualified ids `<Set>/<id>`
+    /// ([`crate::metrics::set_of_id`] reads the set back), so ids are unique across sets and a
+    /// per-set table can be made from any list of them. Training and `infer --run` both take
+    /// a PraNet run's test images from here.
+    pub fn test_pairs(&self, limit: Option<usize>) -> Vec<KvasirEntry> {
+        let mut out = Vec::new();
+        for set in &self.test {
+            let n = limit.unwrap_or(usize::MAX).min(set.entries.len());
+            out.extend(set.entries[..n].iter().map(|e| KvasirEntry {
+                id: format!("{}/{}", set.name, e.id),
+                ..e.clone()
+            }));
+        }
+        out
     }
 
     /// Train and validation ids carved from `TrainDataset` with Kvasir-SEG's seeded rule

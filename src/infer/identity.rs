@@ -65,12 +65,16 @@ pub struct JobIdentity {
     /// `none`, `file sha256:<digest of the parsed prompts>` or `masks <spec> seed <seed>`.
     pub prompts: String,
     pub shard_count: usize,
+    /// The shards score the field's metrics on their saved 8-bit maps (`--save-probs`, or a
+    /// PraNet run's test sets); jobs written before this field had none.
+    #[serde(default)]
+    pub field_metrics: bool,
 }
 
 impl JobIdentity {
     /// The first field (as named in `report.json`, under `job.`) where `other` differs.
     pub fn first_difference(&self, other: &JobIdentity) -> Option<&'static str> {
-        let fields: [(&'static str, bool); 11] = [
+        let fields: [(&'static str, bool); 12] = [
             ("model", self.model == other.model),
             (
                 "model_settings",
@@ -88,6 +92,7 @@ impl JobIdentity {
             ),
             ("prompts", self.prompts == other.prompts),
             ("shard_count", self.shard_count == other.shard_count),
+            ("field_metrics", self.field_metrics == other.field_metrics),
         ];
         fields.iter().find(|(_, same)| !same).map(|(f, _)| *f)
     }

@@ -4,6 +4,12 @@
 //! ([`crate::metrics`]: threshold on the probability at the ground truth's resolution, false
 //! positives counted, means over images).
 //!
+//! With `save_probs` (`--save-probs`) each image's probability map is also saved as
+//! `probs/<id>.png`, 8-bit grey at the image's resolution ([`crate::metrics::probs_to_8bit`]),
+//! and, with ground truth, the field's metrics (Fβʷ, Sα, Eφ, MAE, and Dice/IoU at 0.5) are
+//! computed from exactly those saved values, per set ([`SetTable`]: a PraNet run's test sets
+//! by their set-qualified ids `<Set>/<id>`, else one row named `set_name`).
+//!
 //! Output folder: `masks/<id>.png`, `overlays/<id>.png`, `scores.csv` (with masks),
 //! `report.json` and `report.html` (summary, Dice histogram, per-image table with overlay
 //! thumbnails); every file is written atomically. Bad inputs stop the job before anything is
@@ -12,12 +18,15 @@
 use super::engine::Engine;
 use super::identity::{FileDigest, JobIdentity};
 use super::input::{bad_from, BadInput, InputItem, Inputs};
-pub use super::records::{IndexedScore, InferReport, Shard, MAX_SHARDS};
+pub use super::records::{IndexedField, IndexedScore, InferReport, Shard, MAX_SHARDS};
 use crate::data::imgio;
 use crate::data::prompts::{self, ObjectPrompt, PromptFile, PromptSpec};
 use crate::data::resize::{self, Resize};
 use crate::error::{Error, Result};
-use crate::metrics::{ImageScore, Metric, SegInput, SegMetrics};
+use crate::metrics::{
+    probs_to_8bit, score_8bit, FieldOptions, FieldScore, ImageScore, Metric, SegInput, SegMetrics,
+    SetTable,
+};
 use crate::progress::{Event, Observer};
 use crate::util::fs::{write_atomic, write_json_atomic};
 use crate::util::hash::{hex, sha256_file};
@@ -43,6 +52,11 @@ pub struct InferOptions {
     pub shard: Option<Shard>,
     /// Prompts for a prompted engine ([`Engine::takes_prompts`]); `None`: prompt-free.
     pub prompts: Option<JobPrompts>,
+    /// Write `probs/<id>.png` (8-bit grey, original resolution) and, with ground truth, score
+    /// the field's metrics on exactly those values.
+    pub save_probs: bool,
+    /// The per-set table's row name for images whose id names no set (a plain folder).
+    pub set_name: String,
 }
 
 /// Where a prompted job's prompts come from.
@@ -68,7 +82,14 @@ impl InferOptions {
             overlays: true,
             shard: None,
             prompts: None,
+            save_probs: false,
+            set_name: "images".into(),
         }
+    }
+
+    /// The job scores the field's metrics: probability maps saved and ground truth given.
+    pub fn field_metrics(&self, inputs: &Inputs) -> bool {
+        self.save_probs && inputs.has_masks()
     }
 
     fn validate(&self) -> Result<()> {
@@ -132,6 +153,7 @@ pub fn job_identity(
         threshold: opts.threshold,
         prompts,
         shard_count,
+        field_metrics: opts.field_metrics(inputs),
     })
 }
 
@@ -244,6 +266,8 @@ struct Done {
     /// Probability at the original resolution (kept only when scoring).
     prob: Option<Vec<f32>>,
     gt: Option<Vec<u8>>,
+    /// The field's metrics of the saved 8-bit map (`save_probs` with ground truth).
+    field: Option<FieldScore>,
 }
 
 fn postprocess(
@@ -253,6 +277,7 @@ fn postprocess(
     opts: &InferOptions,
     masks_dir: &Path,
     overlays_dir: &Path,
+    probs_dir: &Path,
 ) -> Result<Outcome> {
     let m = match super::mask::postprocess(logits, size, opts.resize, p.item.size, opts.threshold)?
     {
@@ -269,6 +294,23 @@ fn postprocess(
     let png = super::mask::mask_image(&pred, (h, w))
         .map_err(|e| Error::msg(format!("{}: {e}", p.item.id)))?;
     imgio::write_png(&masks_dir.join(format!("{}.png", p.item.id)), &png)?;
+    let field = if opts.save_probs {
+        // The saved map is what is scored: written, then scored from the same bytes' values.
+        let map = probs_to_8bit(&orig);
+        let (wu, hu) = (png.width(), png.height());
+        let img = image::GrayImage::from_raw(wu, hu, map)
+            .ok_or_else(|| Error::msg(format!("{}: probability map size", p.item.id)))?;
+        imgio::write_png(&probs_dir.join(format!("{}.png", p.item.id)), &img)?;
+        match &p.gt {
+            Some(gt) => Some(
+                score_8bit(img.as_raw(), gt, (h, w), &FieldOptions::default())
+                    .map_err(|e| Error::msg(format!("image `{}`: {e}", p.item.id)))?,
+            ),
+            None => None,
+        }
+    } else {
+        None
+    };
     if opts.overlays {
         let rgb = match p.rgb {
             Some(rgb) => rgb,
@@ -283,6 +325,7 @@ fn postprocess(
         id: p.item.id,
         prob: scoring.then_some(orig),
         gt: p.gt,
+        field,
     }))
 }
 
@@ -383,13 +426,17 @@ pub fn infer(
     }
     let masks_dir = opts.out.join("masks");
     let overlays_dir = opts.out.join("overlays");
+    let probs_dir = opts.out.join("probs");
     // Removed again if the job does not finish (any error or panic from here on).
     let mut created = CreatedDirs::default();
-    for d in [&masks_dir, &overlays_dir] {
-        if d == &overlays_dir && !opts.overlays {
-            continue;
+    for (d, on) in [
+        (&masks_dir, true),
+        (&overlays_dir, opts.overlays),
+        (&probs_dir, opts.save_probs),
+    ] {
+        if on {
+            created.create(d)?;
         }
-        created.create(d)?;
     }
     let mut skipped = inputs.bad.clone();
     // Positions of this shard's inputs skipped while running (decoding, non-finite logits).
@@ -402,6 +449,8 @@ pub fn infer(
         )));
     }
     let mut metrics = SegMetrics::new(opts.threshold);
+    let mut table = SetTable::new(FieldOptions::default(), &opts.set_name);
+    let mut field_scores: Vec<IndexedField> = Vec::new();
     let batches: Vec<&[InputItem]> = inputs.items.chunks(opts.batch_size).collect();
     obs.event(Event::PhaseStart {
         name: "infer".into(),
@@ -471,7 +520,8 @@ pub fn infer(
                     .into_par_iter()
                     .enumerate()
                     .map(|(i, p)| {
-                        postprocess(p, logits.image(i), size, opts, &masks_dir, &overlays_dir)
+                        let dirs = (&masks_dir, &overlays_dir, &probs_dir);
+                        postprocess(p, logits.image(i), size, opts, dirs.0, dirs.1, dirs.2)
                     })
                     .collect();
                 for (d, pos) in done.into_iter().zip(batch_pos) {
@@ -498,6 +548,14 @@ pub fn infer(
                             });
                         }
                     }
+                    if let Some(f) = d.field {
+                        table.add(&d.id, f.clone());
+                        field_scores.push(IndexedField {
+                            index: pos,
+                            id: d.id.clone(),
+                            score: f,
+                        });
+                    }
                     images += 1;
                 }
             }
@@ -520,6 +578,7 @@ pub fn infer(
     }
     let seconds = t0.elapsed().as_secs_f64();
     let seg = scoring.then(|| metrics.compute());
+    let sets = table.finish()?;
     obs.event(Event::PhaseEnd {
         summary: match &seg {
             Some(r) => format!(
@@ -578,6 +637,9 @@ pub fn infer(
         pooled: scoring.then(|| metrics.pooled()),
         job,
         skipped_positions,
+        sets,
+        set_name: opts.set_name.clone(),
+        field_scores,
     };
     write_json_atomic(&opts.out.join("report.json"), &report)?;
     super::report::write_html(&report, &opts.out, opts.overlays)?;
@@ -733,6 +795,62 @@ mod tests {
         assert_eq!(r.skipped.len(), 1);
         assert!(r.skipped[0].path.ends_with("b.png"));
         assert!(r.metrics.unwrap().mdice.is_finite());
+    }
+
+    #[test]
+    fn saved_probability_maps_are_what_the_per_set_table_scores() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (img, msk) = (tmp.path().join("images"), tmp.path().join("masks"));
+        std::fs::create_dir_all(&img).unwrap();
+        std::fs::create_dir_all(&msk).unwrap();
+        for (k, (w, h)) in [(30u32, 20u32), (17, 23), (40, 9)].into_iter().enumerate() {
+            let mut im = RgbImage::new(w, h);
+            let mut m = GrayImage::new(w, h);
+            for y in 0..h {
+                for x in 0..w {
+                    // A brightness ramp (graded probabilities), a mask over part of it.
+                    let v = (255 * (x + y) / (w + h)) as u8;
+                    im.put_pixel(x, y, image::Rgb([v, v, v]));
+                    if x + k as u32 >= w / 2 {
+                        m.put_pixel(x, y, image::Luma([255]));
+                    }
+                }
+            }
+            imgio::write_png(&img.join(format!("p{k}.png")), &im).unwrap();
+            imgio::write_png(&msk.join(format!("p{k}.png")), &m).unwrap();
+        }
+        let (c, bad) = from_folders(&img, Some(&msk)).unwrap();
+        let inputs = check(c, bad);
+        let mut opts = InferOptions::new(tmp.path().join("out"));
+        opts.save_probs = true;
+        opts.set_name = "ramps".into();
+        opts.batch_size = 2;
+        let (r, scores) = infer(&Bright(16), &inputs, &opts, &mut Silent).unwrap();
+        assert_eq!(r.sets.len(), 1);
+        assert_eq!((r.sets[0].set.as_str(), r.sets[0].images), ("ramps", 3));
+        // Scoring the saved PNGs again gives the table; at 0.5 their Dice is the job's.
+        let mut again = crate::metrics::SetMetrics::new(FieldOptions::default());
+        for (it, sc) in inputs.items.iter().zip(&scores) {
+            let map =
+                imgio::decode_luma(&opts.out.join("probs").join(format!("{}.png", it.id))).unwrap();
+            let gt = imgio::decode_luma(it.mask.as_ref().unwrap()).unwrap();
+            assert_eq!(map.dimensions(), gt.dimensions());
+            assert!(
+                map.as_raw().iter().any(|&v| v != 0 && v != 255),
+                "graded, not a mask"
+            );
+            let g: Vec<u8> = gt.as_raw().iter().map(|&v| u8::from(v >= 128)).collect();
+            let hw = (map.height() as usize, map.width() as usize);
+            let f = again.add_8bit(&it.id, map.as_raw(), &g, hw).unwrap();
+            assert_eq!(f.dice, sc.dice, "{}", it.id);
+        }
+        assert_eq!(again.finish().unwrap(), r.sets[0].metrics);
+        assert_eq!(r.field_scores.len(), 3);
+        // Without --save-probs: no maps, no table.
+        opts.save_probs = false;
+        opts.out = tmp.path().join("plain");
+        let (r, _) = infer(&Bright(16), &inputs, &opts, &mut Silent).unwrap();
+        assert!(r.sets.is_empty() && !opts.out.join("probs").exists());
     }
 
     #[test]

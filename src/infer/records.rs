@@ -6,7 +6,7 @@ use super::identity::JobIdentity;
 use super::input::BadInput;
 use crate::data::resize::Resize;
 use crate::error::{Error, Result};
-use crate::metrics::{ImageScore, PooledCounts, SegReport};
+use crate::metrics::{FieldScore, ImageScore, PooledCounts, SegReport, SetRow};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -125,6 +125,31 @@ pub struct InferReport {
     /// they account for every input of the shard.
     #[serde(default)]
     pub skipped_positions: Vec<usize>,
+    /// The field's metrics per set (`mdice miou wfm sm em_mean em_max em_adp mae`), computed
+    /// from exactly the 8-bit maps saved as `probs/<id>.png`; one row per test set of a
+    /// PraNet run (ids `<Set>/<id>`), else one for the whole job. Empty without
+    /// `--save-probs` (or a PraNet run) and then not written.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sets: Vec<SetRow>,
+    /// The row name of images whose id names no set.
+    #[serde(default = "default_set_name")]
+    pub set_name: String,
+    /// Per-image field scores with their positions (what `report merge` rebuilds `sets` from).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub field_scores: Vec<IndexedField>,
+}
+
+fn default_set_name() -> String {
+    "images".into()
+}
+
+/// One image's field scores, its id and its position in the job's input order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IndexedField {
+    pub index: usize,
+    pub id: String,
+    #[serde(flatten)]
+    pub score: FieldScore,
 }
 
 /// One image's scores and its position in the job's input order.

@@ -15,12 +15,15 @@
 //!   (exactly) and `metrics` equal to what its per-image counts give (missing ones refused).
 //!
 //! It then puts the scores back in the job's order and recomputes the metrics, so mDice/mIoU
-//! are bit-identical to an unsharded run's.
+//! are bit-identical to an unsharded run's. Shards that scored the field's metrics
+//! (`--save-probs`, a PraNet run's test sets) carry every image's field score: one per scored
+//! image, at the same position with the same id (else refused), merged in the job's order into
+//! the same per-set table (`sets`) an unsharded job writes.
 
 use super::identity::JobIdentity;
 use super::records::{IndexedScore, InferReport, Shard, MAX_SHARDS};
 use crate::error::{Error, Result};
-use crate::metrics::{Metric, PooledCounts, SegMetrics};
+use crate::metrics::{Metric, PooledCounts, SegMetrics, SetTable};
 use crate::util::fs::{read_json, write_atomic, write_json_atomic};
 use std::path::{Path, PathBuf};
 
@@ -281,7 +284,48 @@ impl ShardReport {
                 ),
             ));
         }
+        self.check_fields()?;
         Ok(pooled)
+    }
+
+    /// A shard that scored the field's metrics has one field score per scored image, at the
+    /// same position with the same id; any other has none.
+    fn check_fields(&self) -> Result<()> {
+        let (p, r) = (&self.path, &self.report);
+        if !self.job.field_metrics {
+            if !r.field_scores.is_empty() || !r.sets.is_empty() {
+                return Err(bad_field(
+                    p,
+                    "field_scores",
+                    "field scores in a shard of a job without them (`job.field_metrics`)",
+                ));
+            }
+            return Ok(());
+        }
+        let mut a: Vec<(usize, &str)> = r
+            .scores
+            .iter()
+            .map(|s| (s.index, s.score.id.as_str()))
+            .collect();
+        let mut b: Vec<(usize, &str)> = r
+            .field_scores
+            .iter()
+            .map(|f| (f.index, f.id.as_str()))
+            .collect();
+        a.sort_unstable();
+        b.sort_unstable();
+        if a != b {
+            return Err(bad_field(
+                p,
+                "field_scores",
+                format!(
+                    "{} field score(s) that are not the {} scored image(s) (positions and ids)",
+                    b.len(),
+                    a.len()
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -343,6 +387,7 @@ pub fn merge_reports(dirs: &[PathBuf], out: &Path) -> Result<InferReport> {
         )));
     }
     let scoring = first.job.scored;
+    let mut fields = Vec::new();
     let mut scores: Vec<IndexedScore> = Vec::new();
     let mut pooled = PooledCounts::default();
     let mut skipped = Vec::new();
@@ -351,6 +396,7 @@ pub fn merge_reports(dirs: &[PathBuf], out: &Path) -> Result<InferReport> {
     for sh in &shards {
         let r = &sh.report;
         scores.extend(r.scores.iter().cloned());
+        fields.extend(r.field_scores.iter().cloned());
         if let Some(c) = r.pooled {
             pooled = add_pooled(&sh.path, pooled, c.tp, c.fn_)?;
         }
@@ -368,6 +414,12 @@ pub fn merge_reports(dirs: &[PathBuf], out: &Path) -> Result<InferReport> {
         s.score = s.score.recomputed();
     }
     skipped_positions.sort_unstable();
+    fields.sort_by_key(|f| f.index);
+    let mut table = SetTable::new(Default::default(), &first.report.set_name);
+    for f in &fields {
+        table.add(&f.id, f.score.clone());
+    }
+    let sets = table.finish()?;
     // Skipped inputs appear in every shard's list (they are found before sharding): once each.
     skipped.sort_by(|a, b| a.path.cmp(&b.path));
     skipped.dedup();
@@ -402,6 +454,9 @@ pub fn merge_reports(dirs: &[PathBuf], out: &Path) -> Result<InferReport> {
         pooled: scoring.then_some(pooled),
         job: first.job.clone(),
         skipped_positions,
+        sets,
+        set_name: first.set_name.clone(),
+        field_scores: fields,
     };
     if scoring {
         let mut csv = String::from("id,dice,iou\n");
@@ -466,11 +521,24 @@ pub fn write_html(r: &InferReport, out: &Path, thumbnails: bool) -> Result<()> {
     ));
     p.h2("Summary");
     p.key_values(&kv);
+    if !r.sets.is_empty() {
+        p.h2("Per set (the polyp tables' metrics)");
+        p.raw(&crate::metrics::SetRow::table(&r.sets, "sets").html());
+        p.note(
+            "Computed from exactly the saved probs/<id>.png (8-bit, each image's resolution): \
+             mDice/mIoU at 0.5 with false positives counted, Fβʷ (β² = 1), Sα (α = 0.5), Eφ mean \
+             and max over 256 thresholds of the set's mean curve, adaptive Eφ, MAE; per-image \
+             values averaged over the set, as PraNet's evaluation toolbox.",
+        );
+    }
     if r.metrics.is_some() {
         p.h2("Dice per image");
         let d: Vec<f64> = r.scores.iter().map(|s| s.score.dice).collect();
         p.raw(&histogram_svg(&d, 0.0, 1.0, 20, "Dice"));
         p.note("Dice and IoU per image at the ground truth's resolution, false positives counted.");
+    }
+    if thumbnails {
+        p.raw(crate::util::draw::OVERLAY_LEGEND_HTML);
     }
     let mut scores: Vec<&IndexedScore> = r.scores.iter().collect();
     scores.sort_by(|a, b| a.score.dice.total_cmp(&b.score.dice));

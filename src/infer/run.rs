@@ -1,13 +1,17 @@
 //! Evaluating a training run folder (`gps-seg infer --run runs/NAME`): its held-out split
 //! (`split.json`, capped by the run's `test_limit` exactly as training evaluated it), its data
 //! folder, resize policy and threshold (`config.json`), and its best merged weights
-//! (`merged.safetensors`), exported to `<run>/model.onnx` on first use.
+//! (`merged.safetensors`), exported to `<run>/model.onnx` on first use. A PraNet run's held-out
+//! images are every test set present, each capped at `test_limit`, with set-qualified ids
+//! (`Kvasir/<id>`, [`PranetDataset::test_pairs`], as training took them): its job scores the
+//! per-set table.
 //!
 //! The run's files are read as data (a view of the fields inference needs), so inference does
 //! not depend on the training code.
 
 use super::input::{self, Candidate, Inputs};
-use crate::data::kvasir::{KvasirDataset, Split};
+use crate::data::kvasir::{KvasirDataset, KvasirEntry, Split};
+use crate::data::pranet::{PranetDataset, SegLayout};
 use crate::data::prompts::PromptSpec;
 use crate::data::resize::Resize;
 use crate::error::{Error, Result};
@@ -41,6 +45,9 @@ pub struct RunView {
     /// The run's seed: its fixed evaluation prompts are drawn with it.
     #[serde(default)]
     pub seed: u64,
+    /// The data folder's layout (`kvasir` for runs written before layouts).
+    #[serde(default)]
+    pub data: SegLayout,
 }
 
 /// An opened run folder.
@@ -74,22 +81,43 @@ impl RunFolder {
     /// header-checked. `data_dir` overrides the folder recorded in `config.json`.
     pub fn test_inputs(&self, data_dir: Option<&Path>) -> Result<Inputs> {
         let data = data_dir.unwrap_or(&self.view.data_dir);
-        let ds = KvasirDataset::open(data)?;
         let split_path = self.dir.join("split.json");
         let split = Split::read_json(&split_path)?;
-        let mut idx = ds.indices_of(&split.test, &split_path.display().to_string())?;
-        if let Some(n) = self.view.test_limit {
-            idx.truncate(n);
-        }
-        let candidates = idx
-            .into_iter()
-            .map(|i| {
-                let e = &ds.entries[i];
-                Candidate {
-                    id: e.id.clone(),
-                    image: e.image_path.clone(),
-                    mask: Some(e.mask_path.clone()),
+        let entries: Vec<KvasirEntry> = match self.view.data {
+            SegLayout::Kvasir => {
+                let ds = KvasirDataset::open(data)?;
+                let mut idx = ds.indices_of(&split.test, &split_path.display().to_string())?;
+                if let Some(n) = self.view.test_limit {
+                    idx.truncate(n);
                 }
+                idx.into_iter().map(|i| ds.entries[i].clone()).collect()
+            }
+            SegLayout::Pranet => {
+                let entries = PranetDataset::open(data)?.test_pairs(self.view.test_limit);
+                // The data folder must still hold the run's test sets: every pair is one the
+                // run's split lists.
+                let known: std::collections::BTreeSet<&str> =
+                    split.test.iter().map(|s| s.as_str()).collect();
+                if let Some(e) = entries.iter().find(|e| !known.contains(e.id.as_str())) {
+                    return Err(Error::Data {
+                        msg: format!(
+                            "{}: test pair `{}` is not in the run's split {}; is this the \
+                             data folder the run was trained with?",
+                            data.display(),
+                            e.id,
+                            split_path.display()
+                        ),
+                    });
+                }
+                entries
+            }
+        };
+        let candidates = entries
+            .into_iter()
+            .map(|e| Candidate {
+                id: e.id,
+                image: e.image_path,
+                mask: Some(e.mask_path),
             })
             .collect();
         Ok(input::check(candidates, Vec::new()))

@@ -295,6 +295,13 @@ pub fn bar_chart(title: &str, bars: &[(String, f64)], w: u32) -> RgbImage {
     img
 }
 
+/// What the colours of an overlay mean ([`overlay`]), for the pages that show overlays.
+pub const OVERLAY_LEGEND_HTML: &str = "<p class=\"legend\">\
+<span style=\"background:#00dc00;padding:0 .8em;margin-right:.3em\"></span>predicted and true (TP) \
+<span style=\"background:#e60000;padding:0 .8em;margin:0 .3em 0 1em\"></span>predicted, not true (FP) \
+<span style=\"background:#0050ff;padding:0 .8em;margin:0 .3em 0 1em\"></span>missed (FN); \
+blended at 45% over the image</p>";
+
 /// Overlay a prediction and a ground truth on an RGB image (`[h*w*3]` u8): true positives green,
 /// false positives red, false negatives blue, blended at 45%.
 pub fn overlay(rgb: &[u8], w: u32, h: u32, pred: &[u8], gt: Option<&[u8]>) -> Result<RgbImage> {

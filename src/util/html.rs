@@ -146,29 +146,73 @@ const MB: f64 = 40.0;
 /// Room right of a line chart for its legend.
 const LEGEND_W: f64 = 240.0;
 
+/// How a chart labels its axes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AxisFormat {
+    /// The x values are counts (epochs, steps): ticks only at whole numbers.
+    pub x_integer: bool,
+    /// y ticks in scientific notation (learning rates: `2.0e-4`, not `0.000`).
+    pub y_scientific: bool,
+}
+
+/// Up to five tick values over `[lo, hi]`: evenly spaced, or whole numbers only.
+fn ticks(lo: f64, hi: f64, integer: bool) -> Vec<f64> {
+    if !integer {
+        return (0..=4).map(|i| lo + (hi - lo) * i as f64 / 4.0).collect();
+    }
+    let step = ((hi - lo) / 4.0).ceil().max(1.0);
+    let first = lo.ceil();
+    (0..=5)
+        .map(|i| first + step * i as f64)
+        .take_while(|v| *v <= hi + 1e-9)
+        .collect()
+}
+
 fn axis_frame(s: &mut String, x_label: &str, y_label: &str, x: (f64, f64), y: (f64, f64)) {
+    axis_frame_with(s, (x_label, y_label), x, y, AxisFormat::default())
+}
+
+fn axis_frame_with(
+    s: &mut String,
+    (x_label, y_label): (&str, &str),
+    x: (f64, f64),
+    y: (f64, f64),
+    fmt: AxisFormat,
+) {
     let (pw, ph) = (W - ML - MR, H - MT - MB);
     let _ = write!(
         s,
         "<rect x=\"{ML}\" y=\"{MT}\" width=\"{pw}\" height=\"{ph}\" fill=\"none\" stroke=\"#8c959f\"/>"
     );
-    for i in 0..=4 {
-        let f = i as f64 / 4.0;
-        let yv = y.0 + f * (y.1 - y.0);
-        let py = MT + ph * (1.0 - f);
-        let xv = x.0 + f * (x.1 - x.0);
-        let px = ML + pw * f;
+    for yv in ticks(y.0, y.1, false) {
+        let py = MT + ph * (1.0 - (yv - y.0) / (y.1 - y.0));
+        let label = if fmt.y_scientific {
+            format!("{yv:.1e}")
+        } else {
+            tick(yv)
+        };
         let _ = write!(
             s,
             "<line x1=\"{ML}\" x2=\"{}\" y1=\"{py}\" y2=\"{py}\" stroke=\"#eaeef2\"/>\
-             <text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>\
-             <text x=\"{px}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
+             <text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>",
             ML + pw,
             ML - 6.0,
             py + 4.0,
-            tick(yv),
-            MT + ph + 16.0,
+            label
+        );
+    }
+    for xv in ticks(x.0, x.1, fmt.x_integer) {
+        let px = ML + pw * (xv - x.0) / (x.1 - x.0);
+        let label = if fmt.x_integer {
+            format!("{xv:.0}")
+        } else {
             tick(xv)
+        };
+        let _ = write!(
+            s,
+            "<text x=\"{px:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
+            MT + ph + 16.0,
+            label
         );
     }
     let _ = write!(
@@ -225,6 +269,16 @@ pub fn histogram_svg(values: &[f64], lo: f64, hi: f64, bins: usize, x_label: &st
 
 /// Line chart of named series of `(x, y)` points (non-finite points are left out).
 pub fn lines_svg(series: &[(&str, Vec<(f64, f64)>)], x_label: &str, y_label: &str) -> String {
+    lines_svg_with(series, x_label, y_label, AxisFormat::default())
+}
+
+/// [`lines_svg`] with the axes labelled as `fmt` says.
+pub fn lines_svg_with(
+    series: &[(&str, Vec<(f64, f64)>)],
+    x_label: &str,
+    y_label: &str,
+    fmt: AxisFormat,
+) -> String {
     const COLOURS: [&str; 6] = [
         "#4c8bf5", "#e8710a", "#1e8e3e", "#d93025", "#9334e6", "#5f6368",
     ];
@@ -246,8 +300,10 @@ pub fn lines_svg(series: &[(&str, Vec<(f64, f64)>)], x_label: &str, y_label: &st
     if x1 - x0 < 1e-12 {
         x1 = x0 + 1.0;
     }
-    if y1 - y0 < 1e-12 {
-        y1 = y0 + 1.0;
+    if y1 - y0 <= 1e-12 * y0.abs().max(1e-300) {
+        // A constant series (one learning rate): a band of ±10% around it.
+        let pad = if y0 == 0.0 { 1.0 } else { 0.1 * y0.abs() };
+        (y0, y1) = (y0 - pad, y1 + pad);
     }
     // The legend sits to the right of the plot, one line per series.
     let wl = W + LEGEND_W;
@@ -255,7 +311,7 @@ pub fn lines_svg(series: &[(&str, Vec<(f64, f64)>)], x_label: &str, y_label: &st
     let mut s = format!(
         "<svg class=\"chart\" role=\"img\" width=\"{wl}\" height=\"{hl}\" viewBox=\"0 0 {wl} {hl}\">"
     );
-    axis_frame(&mut s, x_label, y_label, (x0, x1), (y0, y1));
+    axis_frame_with(&mut s, (x_label, y_label), (x0, x1), (y0, y1), fmt);
     let (pw, ph) = (W - ML - MR, H - MT - MB);
     for (k, (name, p)) in series.iter().enumerate() {
         let c = COLOURS[k % COLOURS.len()];
@@ -317,5 +373,42 @@ mod tests {
         assert!(h.contains(">Dice</text>") && h.contains(">val mDice</text>"));
         assert!(h.contains("<td>&lt;a&gt;</td>") && h.contains("data-v=\"0.25\">0.2500"));
         assert!(!h.contains("http"), "the page must need no network");
+    }
+
+    #[test]
+    fn epoch_axes_tick_whole_numbers_and_learning_rates_read_in_scientific_notation() {
+        let fmt = AxisFormat {
+            x_integer: true,
+            y_scientific: true,
+        };
+        let svg = lines_svg_with(
+            &[("lr", vec![(1.0, 1e-3), (2.0, 6e-4), (3.0, 1e-4)])],
+            "epoch",
+            "learning rate",
+            fmt,
+        );
+        for t in [
+            ">1</text>",
+            ">2</text>",
+            ">3</text>",
+            ">1.0e-3</text>",
+            ">1.0e-4</text>",
+        ] {
+            assert!(svg.contains(t), "{t} in {svg}");
+        }
+        assert!(
+            !svg.contains(">1.50</text>") && !svg.contains(">0.001</text>"),
+            "{svg}"
+        );
+        assert_eq!(ticks(1.0, 20.0, true), vec![1.0, 6.0, 11.0, 16.0]);
+        assert_eq!(ticks(1.0, 2.0, true), vec![1.0, 2.0]);
+        // A constant learning rate still spans a readable band.
+        let flat = lines_svg_with(
+            &[("lr", vec![(1.0, 2e-4), (2.0, 2e-4)])],
+            "epoch",
+            "lr",
+            fmt,
+        );
+        assert!(flat.contains(">2.0e-4</text>"), "{flat}");
     }
 }

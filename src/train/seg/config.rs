@@ -1,9 +1,10 @@
 //! A segmentation run's settings ([`SegTrainConfig`], written to `<run>/config.json`), its
 //! per-epoch metrics and its summary.
 
+pub use crate::data::pranet::SegLayout;
 use crate::data::prompts::PromptSpec;
 use crate::data::resize::Resize;
-use crate::metrics::SegReport;
+use crate::metrics::{SegReport, SetRow};
 use crate::nn::Precision;
 use crate::sam::SamConfig;
 use crate::train::config::{Method, TrainCore};
@@ -41,6 +42,12 @@ pub struct SegTrainConfig {
     /// prompt-free runs keep their config byte for byte. See [`super::prompted`].
     #[serde(default, skip_serializing_if = "PromptSpec::is_prompt_free")]
     pub prompt: PromptSpec,
+    /// The data folder's layout (`--data`): Kvasir-SEG (the default, not written to
+    /// `config.json`, so earlier runs keep their config byte for byte) or PraNet's benchmark
+    /// ([`crate::data::pranet`]: train on `TrainDataset`, validation carved from it, every test
+    /// set present scored with the field's metrics).
+    #[serde(default, skip_serializing_if = "SegLayout::is_kvasir")]
+    pub data: SegLayout,
 }
 
 /// The core's fields read and set as the config's own (`cfg.epochs`, `cfg.lr = …`).
@@ -92,6 +99,7 @@ impl SegTrainConfig {
             skip_bad: false,
             dtype: Precision::F32,
             prompt: PromptSpec::default(),
+            data: SegLayout::Kvasir,
         }
     }
 
@@ -106,6 +114,11 @@ impl SegTrainConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct SegEval {
     pub eval: SegReport,
+    /// The field's metrics per test set ([`crate::metrics::SetTable`], on the 8-bit maps
+    /// `infer --save-probs` writes), for evaluations of set-qualified ids (a PraNet run's
+    /// test sets); empty otherwise and then not written.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sets: Vec<SetRow>,
 }
 
 /// One epoch's record (a line of `metrics.jsonl`).
@@ -123,6 +136,10 @@ pub struct SegSummary {
     pub best: SegReport,
     /// Test metrics at the last epoch.
     pub last: SegReport,
+    /// The field's metrics per test set at the chosen epoch (PraNet runs: one row per test set
+    /// present; nothing about them chose the epoch). Empty, and not written, otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub test_sets: Vec<SetRow>,
     /// Merged weights of the best epoch (full checkpoint of the base architecture).
     pub merged: Option<PathBuf>,
 }

@@ -17,7 +17,10 @@ use crate::data::resize::to_original;
 use crate::error::{Error, Result};
 use crate::gps::artifact::Artifact;
 use crate::gps::policy::Policy;
-use crate::metrics::{Metric, SegInput, SegMetrics, SegReport};
+use crate::metrics::{
+    probs_to_8bit, score_8bit, set_of_id, FieldOptions, FieldScore, Metric, SegInput, SegMetrics,
+    SetTable,
+};
 use crate::nn::{ParamStore, RolePolicy};
 use crate::progress::{Event, Observer};
 use crate::sam::Sam;
@@ -202,7 +205,7 @@ impl Task for SegTrainConfig {
         obs: &mut dyn Observer,
     ) -> Result<(SegEval, Self::Kept)> {
         let (eval, metrics, kept) = evaluate(sam, loader, self, device, KEEP_OVERLAYS, obs)?;
-        Ok((SegEval { eval }, (metrics, kept)))
+        Ok((eval, (metrics, kept)))
     }
 
     fn score(eval: &SegEval) -> f64 {
@@ -227,6 +230,7 @@ impl Task for SegTrainConfig {
             val: f.best_val.eval.clone(),
             best: f.best.eval.clone(),
             last: f.last.eval.clone(),
+            test_sets: f.best.sets.clone(),
             merged: f.merged.clone(),
         }
     }
@@ -291,8 +295,11 @@ pub struct Kept {
     pub gt: Vec<u8>,
 }
 
-/// Evaluate `sam` on a loader: per-image Dice/IoU at the ground truth's resolution.
-/// `keep` returns the first `keep` probability maps (original resolution) for overlays.
+/// Evaluate `sam` on a loader: per-image Dice/IoU at the ground truth's resolution, and for
+/// set-qualified ids (a PraNet run's test sets, `Kvasir/<id>`) the field's metrics per set
+/// ([`SetTable`]) on the 8-bit map `infer --save-probs` saves ([`probs_to_8bit`]), so `infer
+/// --run` scores exactly the values training scored. `keep` returns the first `keep`
+/// probability maps (original resolution) for overlays.
 pub fn evaluate(
     sam: &Sam,
     loader: &mut Loader<SegSource>,
@@ -300,8 +307,9 @@ pub fn evaluate(
     device: &Device,
     keep: usize,
     obs: &mut dyn Observer,
-) -> Result<(SegReport, SegMetrics, Vec<Kept>)> {
+) -> Result<(SegEval, SegMetrics, Vec<Kept>)> {
     let mut metrics = SegMetrics::new(cfg.threshold);
+    let mut table = SetTable::new(FieldOptions::default(), "test");
     let mut kept = Vec::new();
     let total = loader.batches_per_epoch();
     obs.event(Event::PhaseStart {
@@ -315,7 +323,14 @@ pub fn evaluate(
         } else {
             predict_probs(sam, &batch)?
         };
-        score_batch(&batch, &probs, cfg, &mut metrics, &mut kept, keep)?;
+        score_batch(
+            &batch,
+            &probs,
+            cfg,
+            (&mut metrics, &mut table),
+            &mut kept,
+            keep,
+        )?;
         done += 1;
         obs.event(Event::Step {
             done,
@@ -326,13 +341,20 @@ pub fn evaluate(
     }
     loader.next_epoch();
     let report = metrics.compute();
+    let sets = table.finish()?;
     obs.event(Event::PhaseEnd {
         summary: format!(
-            "mDice {:.4}  mIoU {:.4}  ({} images)",
-            report.mdice, report.miou, report.images
+            "mDice {:.4}  mIoU {:.4}  ({} images{})",
+            report.mdice,
+            report.miou,
+            report.images,
+            match sets.len() {
+                0 => String::new(),
+                n => format!(", {n} test sets"),
+            }
         ),
     });
-    Ok((report, metrics, kept))
+    Ok((SegEval { eval: report, sets }, metrics, kept))
 }
 
 /// Sigmoid probabilities `[B, S·S]` of the prompt-free logits, on the CPU.
@@ -351,10 +373,11 @@ fn score_batch(
     batch: &SegBatch,
     probs: &[Vec<f32>],
     cfg: &SegTrainConfig,
-    metrics: &mut SegMetrics,
+    (metrics, table): (&mut SegMetrics, &mut SetTable),
     kept: &mut Vec<Kept>,
     keep: usize,
 ) -> Result<()> {
+    use rayon::prelude::*;
     let s = cfg.sam.image_size;
     let n = batch.ids.len();
     if probs.len() != n || batch.orig_sizes.len() != n || batch.orig_masks.len() != n {
@@ -365,14 +388,41 @@ fn score_batch(
             batch.orig_masks.len()
         )));
     }
-    let items = probs.iter().zip(&batch.ids);
-    for ((p, id), (&size, gt)) in items.zip(batch.orig_sizes.iter().zip(&batch.orig_masks)) {
-        let orig = to_original(p, s, cfg.resize, size)?;
+    // Back to each image's resolution and, for a test set's image, the field's metrics on its
+    // 8-bit map: one image per thread.
+    type Scored = (Vec<f32>, Option<FieldScore>);
+    let scored: Vec<Scored> = (0..n)
+        .into_par_iter()
+        .map(|i| -> Result<Scored> {
+            let size = batch.orig_sizes[i];
+            let orig = to_original(&probs[i], s, cfg.resize, size)?;
+            let field = match set_of_id(&batch.ids[i]) {
+                Some(_) => Some(
+                    score_8bit(
+                        &probs_to_8bit(&orig),
+                        &batch.orig_masks[i],
+                        size,
+                        &FieldOptions::default(),
+                    )
+                    .map_err(|e| Error::msg(format!("image `{}`: {e}", batch.ids[i])))?,
+                ),
+                None => None,
+            };
+            Ok((orig, field))
+        })
+        .collect::<Result<_>>()?;
+    for ((orig, field), (id, gt)) in scored
+        .into_iter()
+        .zip(batch.ids.iter().zip(&batch.orig_masks))
+    {
         metrics.update(SegInput {
             id,
             prob: &orig,
             gt,
         });
+        if let Some(f) = field {
+            table.add(id, f);
+        }
         if kept.len() < keep {
             kept.push(Kept {
                 id: id.clone(),
@@ -401,7 +451,8 @@ fn write_overlays(
 ) -> Result<()> {
     let dir = run_dir.join("overlays");
     for k in kept {
-        let Some(entry) = data.dataset.entries.iter().find(|e| e.id == k.id) else {
+        let found = data.dataset.entries.iter().chain(&data.test.entries);
+        let Some(entry) = found.into_iter().find(|e| e.id == k.id) else {
             continue;
         };
         let img = crate::data::imgio::decode_rgb(&entry.image_path)?;
