@@ -335,3 +335,71 @@ fn a_task_whose_loss_is_not_a_batch_mean_is_refused_over_ranks() {
     }
     assert!(!tmp.path().join("r").exists(), "nothing written");
 }
+
+/// The packed all-reduce of one step ([`gps_seg::train::fit::parallel::reduce_step`]): the
+/// ranks' gradients of their shards (uneven, one rank without an image) combine into one
+/// process's gradient and loss of the whole batch; a var no rank reached stays absent.
+#[test]
+fn one_reduced_step_is_the_whole_batch_gradient() {
+    use candle_core::{Tensor, Var};
+    use gps_seg::data::loader::shard_range;
+    use gps_seg::train::fit::parallel::reduce_step;
+    let dev = Device::Cpu;
+    let mut rng = gps_seg::util::Rng::new(5);
+    let mut draw = |n: usize| (0..n).map(|_| rng.f32() - 0.5).collect::<Vec<f32>>();
+    let w = Var::from_vec(draw(15), (3, 5), &dev).unwrap();
+    let b = Var::from_vec(draw(3), 3, &dev).unwrap();
+    let unused = Var::from_vec(draw(2), 2, &dev).unwrap();
+    let vars = vec![
+        ("b".to_string(), b.clone()),
+        ("u".to_string(), unused.clone()),
+        ("w".to_string(), w.clone()),
+    ];
+    let n = 5;
+    let x = Tensor::from_vec(draw(n * 5), (n, 5), &dev).unwrap();
+    let y = Tensor::from_vec(draw(n * 3), (n, 3), &dev).unwrap();
+    // A batch mean of per-sample squared errors.
+    let loss_of = |r: std::ops::Range<usize>| {
+        let xs = x.narrow(0, r.start, r.len()).unwrap();
+        let ys = y.narrow(0, r.start, r.len()).unwrap();
+        let p = xs.matmul(&w.as_tensor().t().unwrap()).unwrap();
+        let e = (p.broadcast_add(b.as_tensor()).unwrap() - ys).unwrap();
+        e.sqr().unwrap().sum(1).unwrap().mean(0).unwrap()
+    };
+    let whole = loss_of(0..n);
+    let grads = whole.backward().unwrap();
+    let want = |v: &Var| grads.get(v.as_tensor()).unwrap().flatten_all().unwrap();
+    let (gw, gb) = (want(&w), want(&b));
+    let lw = whole.to_scalar::<f32>().unwrap();
+    for size in [3, 6] {
+        let reduced = on_ranks(size, |comm| {
+            let mine = shard_range(0..n, comm.rank(), comm.size());
+            let local = (!mine.is_empty()).then(|| {
+                let l = loss_of(mine.clone());
+                (
+                    l.to_scalar::<f32>().unwrap(),
+                    l.backward().unwrap(),
+                    mine.len(),
+                )
+            });
+            let r = reduce_step(comm, &vars, local).unwrap();
+            let get = |v: &Var| r.grads.get(v.as_tensor()).map(|g| g.flatten_all().unwrap());
+            (r.loss, r.images, get(&w), get(&b), get(&unused).is_none())
+        });
+        for (rank, (loss, images, rw, rb, no_unused)) in reduced.into_iter().enumerate() {
+            let close = |a: &Tensor, b: &Tensor| {
+                let d = (a - b).unwrap().abs().unwrap().max(0).unwrap();
+                let m = b.abs().unwrap().max(0).unwrap();
+                d.to_scalar::<f32>().unwrap() <= 1e-6 * m.to_scalar::<f32>().unwrap().max(1.0)
+            };
+            assert_eq!(images, n, "{size} ranks, rank {rank}");
+            assert!(
+                (loss - lw).abs() <= 1e-6 * lw.abs().max(1.0),
+                "{loss} vs {lw}"
+            );
+            assert!(close(&rw.unwrap(), &gw), "{size} ranks, rank {rank}: w");
+            assert!(close(&rb.unwrap(), &gb), "{size} ranks, rank {rank}: b");
+            assert!(no_unused, "a var without a gradient stays without one");
+        }
+    }
+}
