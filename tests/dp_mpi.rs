@@ -324,6 +324,8 @@ fn a_killed_rank_ends_the_run_and_resume_finishes_it() {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
+    let after = killed.elapsed().as_secs_f64();
+    eprintln!("mpirun ended {after:.1} s after rank 1 was killed: {status}");
     assert!(
         !status.success(),
         "mpirun exited {status} after a rank was killed"
