@@ -2,7 +2,8 @@
 //! builds and runs this file): 2 ranks against one process with the same global batch, seed
 //! and data, for GPS and `full`; a rank killed mid-run ends the others with a non-zero exit
 //! within 60 s and `--resume` finishes with the metrics of an uninterrupted run; a process
-//! started by `mpirun` without `--distributed` refuses to start.
+//! started by `mpirun` without `--distributed` refuses to start; `select --data-dir` over 2
+//! ranks selects what one process does.
 #![cfg(feature = "mpi")]
 
 mod common;
@@ -344,4 +345,36 @@ fn a_killed_rank_ends_the_run_and_resume_finishes_it() {
         );
     }
     assert_eq!(summary(&run)["best_epoch"], summary(&whole)["best_epoch"]);
+}
+
+#[test]
+fn select_over_two_mpi_ranks_matches_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path());
+    let args = |out: &Path| -> Vec<String> {
+        let mut a: Vec<String> = ["select", "--base", "tiny", "--image-size", "96"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(["--batch-size", "2", "--threads", "1"].map(String::from));
+        a.extend(["--data-dir".into(), data.display().to_string()]);
+        a.extend(["--out".into(), out.display().to_string()]);
+        a
+    };
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    one_process(&args(&one));
+    two_ranks(&args(&two), &[]);
+    let (same, all) = agreement(
+        &one.join("selection.safetensors"),
+        &two.join("selection.safetensors"),
+    );
+    eprintln!("select, 2 ranks: {same} of {all} selection entries agree");
+    assert!(all > 0 && same as f64 >= 0.999 * all as f64);
+    let info = |d: &Path| -> serde_json::Value {
+        let j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("gps_config.json")).unwrap())
+                .unwrap();
+        serde_json::json!([j["batches"], j["selection_images"]])
+    };
+    assert_eq!(info(&one), info(&two), "batches and images over the ranks");
 }
