@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod error;
 pub mod gps;
 pub mod infer;

@@ -12,6 +12,7 @@
 //! - [`parity`]: forward + backward of a device against the CPU reference path.
 
 pub mod data;
+pub mod dp;
 pub mod gemm;
 pub mod infer;
 pub mod metrics;

@@ -50,6 +50,9 @@ pub enum What {
     Export(ExportArgs),
     /// Training step: Candle full vs GPS step (vs PyTorch with --compare --python).
     Train(super::bench_train::Args),
+    /// Data parallel: bytes all-reduced per step and step time, GPS vs full, on one process
+    /// or the ranks of `mpirun … --distributed mpi`.
+    Dp(super::bench_dp::Args),
     /// One base, many tasks: delta ONNX files vs merged models (size, session creation,
     /// parity, what ONNX Runtime runs) and Candle task switching (time, memory).
     Tasks(super::bench_tasks::Args),
@@ -183,6 +186,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Ok(())
         }
         What::Train(a) => super::bench_train::run(a),
+        What::Dp(a) => super::bench_dp::run(a),
         What::Tasks(a) => super::bench_tasks::run(a),
         What::Serve(a) => run_serve(a),
         What::ServeTasks(a) => run_serve_tasks(a),

@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod bench;
+pub mod bench_dp;
 pub mod bench_gps;
 pub mod bench_memory;
 pub mod bench_tasks;

@@ -70,6 +70,12 @@ pub struct Args {
     /// (`delta.safetensors`, which a new selection would delete).
     #[arg(long)]
     pub overwrite: bool,
+    /// The --data-dir gradient pass over several processes: `mpi` (start with `mpirun -np N`;
+    /// a build with `--features mpi`). Rank r takes batches r, r + N, …; the sums are added;
+    /// rank 0 writes --out. A process started by a launcher as one of several refuses to run
+    /// without it.
+    #[arg(long, value_enum, default_value = "none")]
+    pub distributed: gps_seg::dist::Backend,
 }
 
 /// Refuse an --out that equals, contains or sits inside an input, or that holds a trained
@@ -100,6 +106,19 @@ fn check_out(a: &Args, out: &Path) -> anyhow::Result<()> {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    let world = gps_seg::dist::init(a.distributed)?;
+    let gradient_pass = a.data_dir.is_some() && a.grads.is_none();
+    if gps_seg::dist::world().size() > 1 && !gradient_pass {
+        anyhow::bail!(
+            "--distributed: only the gradient pass of --data-dir runs on several processes"
+        );
+    }
+    let r = run_one(a);
+    world.exit_on_error(r)
+}
+
+/// `select` in this process (one rank of several with --distributed and --data-dir).
+fn run_one(a: Args) -> anyhow::Result<()> {
     if let Some(n) = a.threads {
         gps_seg::util::threads::set(n)?;
     }
@@ -109,7 +128,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         );
     }
     if let Some(out) = &a.out {
-        check_out(&a, out)?;
+        // Rank 0 checks (and with --overwrite clears) --out before the others look at it.
+        gps_seg::dist::root_first(gps_seg::dist::world(), || check_out(&a, out))?;
     }
     let policy = Policy::from_name_or_file(&a.policy)?;
     let (level, criterion) = (a.level, a.criterion);
@@ -202,8 +222,15 @@ fn select_with_data(
     cfg.batch_size = a.batch_size;
     // The selection pass runs each batch whole (its encoder blocks are recomputed); the loop
     // sets Candle's element-wise pool for that (`Task::elementwise_pool`).
-    let mut p = super::progress::Progress::new(false);
-    let art = seg::select(&cfg, &out, &candle_core::Device::Cpu, &mut p)?;
+    let root = gps_seg::dist::world().is_root();
+    let mut p: Box<dyn gps_seg::progress::Observer> = match root {
+        true => Box::new(super::progress::Progress::new(false)),
+        false => Box::new(gps_seg::progress::Silent),
+    };
+    let art = seg::select(&cfg, &out, &candle_core::Device::Cpu, &mut *p)?;
+    if !root {
+        return Ok(());
+    }
     let shapes: Vec<(String, Vec<usize>)> = gps_seg::sam::Sam::param_shapes(&cfg.sam)
         .into_iter()
         .filter(|s| !s.is_buffer)

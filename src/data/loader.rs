@@ -276,24 +276,40 @@ impl<S: Source> Loader<S> {
         }
     }
 
-    /// Run up to `steps` batches of this epoch through `step(k, batch)`, preparing (decoding,
-    /// resizing, augmenting) batch `k+1` on a background thread while `step` runs on batch
-    /// `k`; stacking onto `device` stays on the calling thread. Returns the number of batches
-    /// run: fewer than `steps` at the end of the epoch, which — unlike [`Self::next_batch`] —
-    /// is not started automatically (call [`Self::next_epoch`]). The position advances by
-    /// exactly the batches handed to `step`, so [`Self::state`] taken afterwards resumes at
-    /// the right batch. Same batches, in the same order, as
-    /// [`Self::next_batch`].
-    pub fn run_batches<F>(&mut self, steps: usize, device: &Device, mut step: F) -> Result<usize>
+    /// Skip the next batch of this epoch without decoding it (a data-parallel rank whose
+    /// turn it is not); `false` at the epoch's end (the next epoch is not started).
+    pub fn skip_batch(&mut self) -> bool {
+        match self.plan(1).pop() {
+            Some(range) => {
+                self.state.position = range.end;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// [`Self::run_batches`] for rank `rank` of `ranks` data-parallel processes: every rank
+    /// walks the same batches (same order, same positions, so the same [`LoaderState`]) and
+    /// decodes only its own contiguous part of each ([`shard_range`]); `step` gets `None`
+    /// when that part is empty (a last batch smaller than the world). With one rank, exactly
+    /// [`Self::run_batches`].
+    pub fn run_shard_batches<F>(
+        &mut self,
+        steps: usize,
+        device: &Device,
+        (rank, ranks): (usize, usize),
+        mut step: F,
+    ) -> Result<usize>
     where
         S: Send,
-        F: FnMut(usize, S::Batch) -> Result<()>,
+        F: FnMut(usize, Option<S::Batch>) -> Result<()>,
     {
         let ranges = self.plan(steps);
+        let local = |r: &std::ops::Range<usize>| shard_range(r.clone(), rank, ranks);
         let Some(first) = ranges.first() else {
             return Ok(0);
         };
-        let mut next = Some(prepare_range(self.parts(), first.clone()));
+        let mut next = Some(prepare_range(self.parts(), local(first)));
         let mut done = 0;
         for (k, range) in ranges.iter().enumerate() {
             let ready = match next.take() {
@@ -301,11 +317,14 @@ impl<S: Source> Loader<S> {
                 None => break,
             };
             let parts = self.parts();
-            let after = ranges.get(k + 1).cloned();
+            let after = ranges.get(k + 1).map(local);
             let source = &self.source;
             let r = std::thread::scope(|sc| -> Result<Option<Result<Vec<S::Ready>>>> {
                 let pending = after.map(|r| sc.spawn(move || prepare_range(parts, r)));
-                let batch = source.collate(ready, device)?;
+                let batch = match ready.is_empty() {
+                    true => None,
+                    false => Some(source.collate(ready, device)?),
+                };
                 step(k, batch)?;
                 Ok(pending.map(|h| {
                     h.join().unwrap_or_else(|_| {
@@ -322,6 +341,27 @@ impl<S: Source> Loader<S> {
         Ok(done)
     }
 
+    /// Run up to `steps` batches of this epoch through `step(k, batch)`, preparing (decoding,
+    /// resizing, augmenting) batch `k+1` on a background thread while `step` runs on batch
+    /// `k`; stacking onto `device` stays on the calling thread. Returns the number of batches
+    /// run: fewer than `steps` at the end of the epoch, which — unlike [`Self::next_batch`] —
+    /// is not started automatically (call [`Self::next_epoch`]). The position advances by
+    /// exactly the batches handed to `step`, so [`Self::state`] taken afterwards resumes at
+    /// the right batch. Same batches, in the same order, as
+    /// [`Self::next_batch`].
+    pub fn run_batches<F>(&mut self, steps: usize, device: &Device, mut step: F) -> Result<usize>
+    where
+        S: Send,
+        F: FnMut(usize, S::Batch) -> Result<()>,
+    {
+        self.run_shard_batches(steps, device, (0, 1), |k, batch| match batch {
+            Some(b) => step(k, b),
+            None => Err(Error::Data {
+                msg: format!("batch {k} of the epoch is empty"),
+            }),
+        })
+    }
+
     /// Decode every item into the cache now (in parallel); no-op without a cache.
     pub fn warm_cache(&self) -> Result<()> {
         if self.cache.is_some() {
@@ -331,6 +371,26 @@ impl<S: Source> Loader<S> {
         }
         Ok(())
     }
+}
+
+/// Rank `rank`'s part of the positions `range` split over `ranks` data-parallel processes:
+/// contiguous, in rank order, sizes differing by at most one (the first `len % ranks` ranks
+/// take one more); empty for every rank past the batch's length.
+pub fn shard_range(
+    range: std::ops::Range<usize>,
+    rank: usize,
+    ranks: usize,
+) -> std::ops::Range<usize> {
+    let ranks = ranks.max(1);
+    let len = range.len();
+    let (base, extra) = (len / ranks, len % ranks);
+    let start = range.start + rank.min(ranks) * base + rank.min(extra);
+    let n = if rank < ranks {
+        base + usize::from(rank < extra)
+    } else {
+        0
+    };
+    start.min(range.end)..(start + n).min(range.end)
 }
 
 /// What preparing a batch reads of a [`Loader`] (shared with the prefetch thread).
@@ -584,6 +644,65 @@ mod tests {
         assert_eq!(epoch(&mut ev), vec![vec![0, 1], vec![2, 3], vec![4]]);
         assert!(Loader::new(Numbers(5), vec![7], LoaderConfig::eval(2)).is_err());
         assert!(Loader::all(Numbers(5), LoaderConfig::eval(0)).is_err());
+    }
+
+    #[test]
+    fn shards_split_a_batch_contiguously_and_completely() {
+        for len in 0..9 {
+            for ranks in 1..5 {
+                let parts: Vec<_> = (0..ranks)
+                    .map(|r| shard_range(10..10 + len, r, ranks))
+                    .collect();
+                let all: Vec<usize> = parts.iter().flat_map(|r| r.clone()).collect();
+                assert_eq!(
+                    all,
+                    (10..10 + len).collect::<Vec<_>>(),
+                    "{len} over {ranks}"
+                );
+                let (lo, hi) = (
+                    parts.iter().map(|r| r.len()).min(),
+                    parts.iter().map(|r| r.len()).max(),
+                );
+                assert!(hi.unwrap() - lo.unwrap() <= 1);
+            }
+        }
+        // Two ranks walk the same batches (the same state) and see their own halves; a rank
+        // past the last batch's length gets `None`.
+        let cfg = LoaderConfig::train(3, 4);
+        let mut whole = Loader::new(Drawn(12), (0..7).collect(), cfg.clone()).unwrap();
+        let mut seen: Vec<Vec<(usize, u64)>> = vec![Vec::new(); 3];
+        let mut states = Vec::new();
+        for rank in 0..2 {
+            let mut l = Loader::new(Drawn(12), (0..7).collect(), cfg.clone()).unwrap();
+            let n = l
+                .run_shard_batches(5, &Device::Cpu, (rank, 2), |k, b| {
+                    if let Some(b) = b {
+                        seen[k].extend(b);
+                    } else {
+                        assert_eq!(
+                            (rank, k),
+                            (1, 2),
+                            "only rank 1's part of the last batch is empty"
+                        );
+                    }
+                    Ok(())
+                })
+                .unwrap();
+            assert_eq!(n, 3);
+            states.push(l.state());
+        }
+        for (k, batch) in seen.iter().enumerate() {
+            assert_eq!(
+                Some(batch.clone()),
+                whole.next_batch(&Device::Cpu).unwrap(),
+                "batch {k}"
+            );
+        }
+        assert_eq!(states[0], states[1]);
+        assert_eq!(states[0], whole.state());
+        let mut s = Loader::new(Drawn(12), (0..7).collect(), cfg).unwrap();
+        assert!(s.skip_batch() && s.skip_batch() && s.skip_batch() && !s.skip_batch());
+        assert_eq!(s.state().position, 7);
     }
 
     /// Items paired with a draw from their augmentation generator, so that a batch shows

@@ -130,6 +130,13 @@ pub trait Task: Serialize + DeserializeOwned + PartialEq + Sync {
     /// Training loss of one batch and its gradients.
     fn train_step(&self, model: &Self::Model, batch: &BatchOf<Self>)
         -> Result<(Tensor, GradStore)>;
+    /// Whether [`train_step`](Self::train_step)'s loss is the mean over the batch of
+    /// per-sample terms, so that data-parallel shards combine exactly (each rank's gradient
+    /// weighted by its share of the batch). Data-parallel training (`--distributed`) refuses
+    /// a task that does not say so (e.g. a loss averaged over objects, or coupling samples).
+    fn batch_mean_loss(&self) -> bool {
+        false
+    }
     /// Images in a batch (for images/s).
     fn batch_len(batch: &BatchOf<Self>) -> Result<usize>;
     /// Evaluate `model` over one pass of `loader`.

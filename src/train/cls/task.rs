@@ -201,6 +201,11 @@ impl Task for ClsTrainConfig {
         Ok((loss, grads))
     }
 
+    /// Cross-entropy averaged over the batch's images.
+    fn batch_mean_loss(&self) -> bool {
+        true
+    }
+
     fn batch_len(batch: &ClsBatch) -> Result<usize> {
         Ok(batch.labels.dim(0)?)
     }

@@ -10,12 +10,14 @@
 //! the GPS selection phase alone. The selection phase is written once, here, for every task.
 
 use super::checkpoint::Checkpoints;
-use super::folder::{delta_from_params, open_run, restore, snapshot, write_jsonl, Opt};
+use super::folder::{delta_from_params, restore, snapshot, write_jsonl, Opt};
 use super::optim::{Adam, AdamW};
+use super::parallel::{open_ordered, reduce_step, Reduced};
 use super::schedule::Schedule;
 use super::select::selection;
 use super::summary::RunSummary;
 use crate::data::loader::Loader;
+use crate::dist::Collective;
 use crate::error::{Error, Result};
 use crate::gps::artifact::Artifact;
 use crate::nn::{ParamStore, RolePolicy};
@@ -57,20 +59,43 @@ type Vars = Vec<(String, Var)>;
 pub type StateOf<T> = super::folder::TrainState<EpochRecord<<T as Task>::Eval>>;
 
 /// Validation shared by every entry point, before anything is written: the core, the method
-/// against the task's list, the task's own fields, and `out` against the inputs. Then the
-/// process-wide element-wise pool for this task (`whole`: the selection pass, which never
-/// splits its batches).
-fn check<T: Task>(task: &T, device: &Device, out: &Path, whole: bool) -> Result<()> {
-    check_settings(task, device, out)?;
+/// against the task's list, the task's own fields, `out` against the inputs, and a
+/// data-parallel world against the task's loss. Then the process-wide element-wise pool for
+/// this task (`whole`: the selection pass, which never splits its batches).
+fn check<T: Task>(
+    task: &T,
+    device: &Device,
+    out: &Path,
+    comm: &dyn Collective,
+    whole: bool,
+) -> Result<()> {
+    check_settings(task, device, out, comm)?;
     if let Some((split, values)) = task.elementwise_pool() {
         crate::util::threads::elementwise_pool_for(split && !whole, values);
     }
     Ok(())
 }
 
-fn check_settings<T: Task>(task: &T, device: &Device, out: &Path) -> Result<()> {
+fn check_settings<T: Task>(
+    task: &T,
+    device: &Device,
+    out: &Path,
+    comm: &dyn Collective,
+) -> Result<()> {
     let core = task.core();
     core.validate()?;
+    if comm.size() > 1 && !task.batch_mean_loss() {
+        return Err(Error::Config {
+            field: "distributed".into(),
+            msg: format!(
+                "the {} task's training loss ({}) is not a mean of per-image terms: \
+                 data-parallel shards would not add up to one process's step; train it in \
+                 one process",
+                T::NAME,
+                task.label()
+            ),
+        });
+    }
     core.method.check_in(T::METHODS, T::NAME)?;
     task.validate(device)?;
     if core.method.criterion().is_some() && task.selection().is_none() {
@@ -137,7 +162,8 @@ fn model_over<T: Task>(
     Ok((model, store.trainable_vars(), (trainable, total)))
 }
 
-/// Train (or resume) one run of `task` in `run_dir`.
+/// Train (or resume) one run of `task` in `run_dir`, data parallel over the process's world
+/// ([`crate::dist::world`]; one process unless `--distributed` set it up).
 pub fn fit<T: Task>(
     task: &T,
     run_dir: &Path,
@@ -145,14 +171,29 @@ pub fn fit<T: Task>(
     resume: bool,
     obs: &mut dyn Observer,
 ) -> Result<SummaryOf<T>> {
-    check(task, device, run_dir, false)?;
+    fit_on(task, run_dir, device, resume, crate::dist::world(), obs)
+}
+
+/// [`fit`] over the ranks of `comm` (this process is `comm.rank()`): each rank trains on its
+/// part of every global batch, gradients are averaged over the ranks ([`super::parallel`]),
+/// rank 0 writes the run folder. Every rank returns the same summary (rank 0's names the
+/// merged weights; the others' none).
+pub fn fit_on<T: Task>(
+    task: &T,
+    run_dir: &Path,
+    device: &Device,
+    resume: bool,
+    comm: &dyn Collective,
+    obs: &mut dyn Observer,
+) -> Result<SummaryOf<T>> {
+    check(task, device, run_dir, comm, false)?;
     if task.core().method == Method::ZeroShot {
         return Err(Error::Config {
             field: "method".into(),
             msg: "`zero-shot` trains nothing; evaluate the base model with `fit::evaluate`".into(),
         });
     }
-    let mut run = Run::prepare(task, run_dir, device, resume, obs)?;
+    let mut run = Run::prepare(task, run_dir, device, resume, comm, obs)?;
     while run.state.epochs_done < task.core().epochs {
         run.epoch(obs)?;
     }
@@ -168,11 +209,12 @@ pub fn evaluate<T: Task>(
     device: &Device,
     obs: &mut dyn Observer,
 ) -> Result<SummaryOf<T>> {
-    check(task, device, run_dir, false)?;
+    let comm = crate::dist::world();
+    check(task, device, run_dir, comm, false)?;
     let t_start = Instant::now();
     let core = task.core();
-    open_run::<T, serde_json::Value>(run_dir, task, core.keep_last, false)?;
-    let (data, base) = task.open(run_dir, device, obs)?;
+    let (_, _, data, base) =
+        open_ordered::<T, serde_json::Value>(task, run_dir, device, false, comm, obs)?;
     let (model, _, (trainable, total)) =
         model_over(task, &data, &base, RolePolicy::AllFrozen, device, obs)?;
     let Loaders {
@@ -193,7 +235,9 @@ pub fn evaluate<T: Task>(
         split: "test",
     };
     let (eval, kept) = task.evaluate(&model, &mut test, device, &mut on_test)?;
-    task.write_best(run_dir, &data, &kept)?;
+    if comm.is_root() {
+        task.write_best(run_dir, &data, &kept)?;
+    }
     let fitted = Fitted {
         label: task.label(),
         trainable,
@@ -211,7 +255,9 @@ pub fn evaluate<T: Task>(
         merged: core.base.clone(),
     };
     let summary = summarise(task, &data, fitted);
-    write_json_atomic(&run_dir.join("summary.json"), &summary)?;
+    if comm.is_root() {
+        write_json_atomic(&run_dir.join("summary.json"), &summary)?;
+    }
     Ok(summary)
 }
 
@@ -223,21 +269,37 @@ pub fn select<T: Task>(
     device: &Device,
     obs: &mut dyn Observer,
 ) -> Result<Artifact> {
-    check(task, device, out, true)?;
+    select_on(task, out, device, crate::dist::world(), obs)
+}
+
+/// [`select`] over the ranks of `comm`: the gradient pass split by batches over the ranks and
+/// summed; every rank returns the same artifact, rank 0 writes it.
+pub fn select_on<T: Task>(
+    task: &T,
+    out: &Path,
+    device: &Device,
+    comm: &dyn Collective,
+    obs: &mut dyn Observer,
+) -> Result<Artifact> {
+    check(task, device, out, comm, true)?;
     if task.core().method.criterion().is_none() {
         return Err(Error::Config {
             field: "method".into(),
             msg: format!("`{}` selects nothing", task.core().method.name()),
         });
     }
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let (data, mut base) = task.open(out, device, obs)?;
-    selection(task, &data, &mut base, out, false, device, obs)
+    // Rank 0 makes the folder and the task's files first; the others then read them.
+    let (data, mut base) = crate::dist::root_first(comm, || {
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        task.open(out, device, obs)
+    })?;
+    selection(task, &data, &mut base, out, false, device, comm, obs)
 }
 
 /// One run in progress: everything the epochs share.
 struct Run<'a, T: Task> {
     task: &'a T,
+    comm: &'a dyn Collective,
     run_dir: &'a Path,
     device: &'a Device,
     data: T::Data,
@@ -269,12 +331,13 @@ impl<'a, T: Task> Run<'a, T> {
         run_dir: &'a Path,
         device: &'a Device,
         resume: bool,
+        comm: &'a dyn Collective,
         obs: &mut dyn Observer,
     ) -> Result<Self> {
         let started = Instant::now();
         let core = task.core();
-        let (ckpts, latest) = open_run::<T, StateOf<T>>(run_dir, task, core.keep_last, resume)?;
-        let (data, mut base) = task.open(run_dir, device, obs)?;
+        let (ckpts, latest, data, mut base) =
+            open_ordered::<T, StateOf<T>>(task, run_dir, device, resume, comm, obs)?;
         let t_sel = Instant::now();
         let artifact = match core.method.criterion() {
             Some(_) => Some(selection(
@@ -284,6 +347,7 @@ impl<'a, T: Task> Run<'a, T> {
                 &run_dir.join("gps"),
                 true,
                 device,
+                comm,
                 obs,
             )?),
             None => None,
@@ -314,7 +378,7 @@ impl<'a, T: Task> Run<'a, T> {
         };
         #[rustfmt::skip]
         let mut run = Run {
-            task, run_dir, device, data, base, artifact, model, vars, opt, ckpts, state, train,
+            task, comm, run_dir, device, data, base, artifact, model, vars, opt, ckpts, state, train,
             val, test, schedule, unit, steps, counts, started, selection_seconds,
             step_secs: 0.0, step_count: 0,
         };
@@ -334,7 +398,7 @@ impl<'a, T: Task> Run<'a, T> {
             self.run_dir.display(),
             st.epochs_done
         )));
-        if let Some(b) = st.best_epoch {
+        if let Some(b) = st.best_epoch.filter(|_| self.comm.is_root()) {
             if self.ckpts.ensure_best(b)? {
                 obs.event(Event::Info(format!(
                     "best/: rebuilt from the checkpoint of epoch {b}"
@@ -409,13 +473,27 @@ impl<'a, T: Task> Run<'a, T> {
         };
         let is_best = chosen == Some(epoch + 1) && state.best_epoch != chosen;
         state.best_epoch = chosen;
+        if self.comm.is_root() {
+            self.write_epoch(epoch, is_best, &kept)?;
+        }
+        // The other ranks go on (and may read `best/`) once rank 0 has written the epoch.
+        if self.comm.size() > 1 {
+            self.comm.barrier()?;
+        }
+        Ok(())
+    }
+
+    /// Rank 0's files of a finished epoch: the checkpoint, `best/` (atomically), the
+    /// metrics, curves and report.
+    fn write_epoch(&mut self, epoch: usize, is_best: bool, kept: &T::Kept) -> Result<()> {
+        let state = &self.state;
         let params = snapshot(&self.vars);
         let ost = self.opt.get().state()?;
         let tensors = [("params", &params), ("optimizer", &ost)];
         let best = state.best_epoch;
-        self.ckpts.save_epoch(epoch + 1, &tensors, &*state, best)?;
+        self.ckpts.save_epoch(epoch + 1, &tensors, state, best)?;
         if is_best {
-            self.task.write_best(self.run_dir, &self.data, &kept)?;
+            self.task.write_best(self.run_dir, &self.data, kept)?;
         }
         write_jsonl(&self.run_dir.join("metrics.jsonl"), &state.history)?;
         super::summary::draw(
@@ -447,9 +525,11 @@ impl<'a, T: Task> Run<'a, T> {
     ) -> Result<(f64, usize, usize, f64)> {
         let Run {
             task,
+            comm,
             run_dir,
             device,
             model,
+            vars,
             opt,
             state,
             train,
@@ -460,7 +540,7 @@ impl<'a, T: Task> Run<'a, T> {
             step_count,
             ..
         } = self;
-        let (task, unit) = (*task, *unit);
+        let (task, unit, comm) = (*task, *unit, *comm);
         // A run with a total step budget stops there, inside its last epoch.
         let steps = match task.core().total_steps {
             Some(t) => (*steps).min(t.saturating_sub(state.global_step)),
@@ -477,15 +557,18 @@ impl<'a, T: Task> Run<'a, T> {
         });
         let (mut loss_sum, mut images, mut done) = (0.0f64, 0usize, 0usize);
         // Batch k+1 is decoded and augmented on a background thread while step k runs.
-        train.run_batches(steps, device, |step, batch| {
+        let shard = (comm.rank(), comm.size());
+        train.run_shard_batches(steps, device, shard, |step, batch| {
             if unit == ScheduleUnit::Step {
                 lr = schedule.lr(state.global_step);
                 opt.get().set_lr(lr);
             }
             let ts = Instant::now();
-            // Forward, backward and the update run on a rayon worker (`on_worker`).
-            let (loss, grads) = on_worker(|| task.train_step(model, &batch))?;
-            let lv = loss.to_scalar::<f32>()?;
+            let Reduced {
+                loss: lv,
+                images: batch_images,
+                grads,
+            } = step_grads(task, model, vars, comm, batch)?;
             if !lv.is_finite() {
                 return Err(Error::NonFinite(format!(
                     "training loss is {lv} at epoch {} step {} (global step {}); \
@@ -503,7 +586,7 @@ impl<'a, T: Task> Run<'a, T> {
             state.global_step += 1;
             state.step_losses.push(lv);
             loss_sum += lv as f64;
-            images += T::batch_len(&batch)?;
+            images += batch_images;
             done += 1;
             obs.event(Event::Step {
                 done,
@@ -519,25 +602,10 @@ impl<'a, T: Task> Run<'a, T> {
     /// The best epoch's delta (sparse methods: into `<run>/gps/`) merged into the base →
     /// `merged.safetensors`; the summary.
     fn finish(self) -> Result<SummaryOf<T>> {
-        let best_params = tensors::load(
-            &self.run_dir.join("best").join("params.safetensors"),
-            self.device,
-        )?;
-        let merged = match &self.artifact {
-            Some(art) => {
-                let mut art = art.clone();
-                art.set_delta(delta_from_params(&art, &best_params)?)?;
-                art.save(&self.run_dir.join("gps"))?;
-                crate::gps::merge::merge(&self.base, &art)?
-            }
-            None => {
-                let mut m = self.base.clone();
-                m.extend(best_params);
-                m
-            }
+        let merged = match self.comm.is_root() {
+            true => Some(self.merge_best()?),
+            false => None,
         };
-        let merged_path = self.run_dir.join("merged.safetensors");
-        tensors::save_safetensors(&merged_path, &merged, None)?;
         let history = &self.state.history;
         let test_of = |e: Option<&EpochRecord<T::Eval>>| e.map(|r| r.test.clone());
         let best = self
@@ -561,9 +629,12 @@ impl<'a, T: Task> Run<'a, T> {
             },
             peak_rss_mb: peak_rss_mb(),
             run_dir: self.run_dir.to_path_buf(),
-            merged: Some(merged_path),
+            merged,
         };
         let summary = summarise(self.task, &self.data, fitted);
+        if !self.comm.is_root() {
+            return Ok(summary);
+        }
         write_json_atomic(&self.run_dir.join("summary.json"), &summary)?;
         super::report::write_run_html(
             self.run_dir,
@@ -578,6 +649,61 @@ impl<'a, T: Task> Run<'a, T> {
         )?;
         Ok(summary)
     }
+
+    /// The best epoch's delta (sparse methods: saved into `<run>/gps/`) merged into the base,
+    /// written to `merged.safetensors` (rank 0).
+    fn merge_best(&self) -> Result<std::path::PathBuf> {
+        let best_params = tensors::load(
+            &self.run_dir.join("best").join("params.safetensors"),
+            self.device,
+        )?;
+        let merged = match &self.artifact {
+            Some(art) => {
+                let mut art = art.clone();
+                art.set_delta(delta_from_params(&art, &best_params)?)?;
+                art.save(&self.run_dir.join("gps"))?;
+                crate::gps::merge::merge(&self.base, &art)?
+            }
+            None => {
+                let mut m = self.base.clone();
+                m.extend(best_params);
+                m
+            }
+        };
+        let merged_path = self.run_dir.join("merged.safetensors");
+        tensors::save_safetensors(&merged_path, &merged, None)?;
+        Ok(merged_path)
+    }
+}
+
+/// One training step's loss, images and gradients over the whole global batch. One process:
+/// the task's step on the batch (forward, backward on a rayon worker, `on_worker`). Data
+/// parallel: the step on this rank's part (`None`: empty), then the gradients averaged over
+/// the ranks ([`reduce_step`]).
+fn step_grads<T: Task>(
+    task: &T,
+    model: &T::Model,
+    vars: &Vars,
+    comm: &dyn Collective,
+    batch: Option<crate::train::task::BatchOf<T>>,
+) -> Result<Reduced> {
+    let local = match batch {
+        Some(b) => {
+            let (loss, grads) = on_worker(|| task.train_step(model, &b))?;
+            Some((loss.to_scalar::<f32>()?, grads, T::batch_len(&b)?))
+        }
+        None => None,
+    };
+    if comm.size() == 1 {
+        let (loss, grads, images) =
+            local.ok_or_else(|| Error::msg("an empty training batch in one process"))?;
+        return Ok(Reduced {
+            loss,
+            images,
+            grads,
+        });
+    }
+    reduce_step(comm, vars, local)
 }
 
 /// The epoch with the highest *validation* score (the earliest on ties). The test metrics of a

@@ -2,6 +2,7 @@
 //! loss with the pretrained weights (or magnitude / random scores), then top-K per row at the
 //! configured level, saved as the run's artifact.
 
+use crate::dist::Collective;
 use crate::error::{Error, Result};
 use crate::gps::artifact::{Artifact, BaseModel, SelectionInfo};
 use crate::gps::grads::{accumulate_with, grad_store};
@@ -16,7 +17,10 @@ use std::time::Instant;
 
 /// Selection for the sparse methods into `art_dir` (with `reuse`, read back when it is already
 /// there, as on resume): gradients of the task's selection loss with the pretrained weights (GPS), or
-/// magnitude / random scores, then top-K per row at the configured level.
+/// magnitude / random scores, then top-K per row at the configured level. Data parallel
+/// (`comm` of several ranks): the gradient pass is split by batches over the ranks and summed
+/// ([`super::parallel::reduce_scores`]); every rank selects the same entries, rank 0 saves.
+#[allow(clippy::too_many_arguments)]
 pub fn selection<T: Task>(
     task: &T,
     data: &T::Data,
@@ -24,6 +28,7 @@ pub fn selection<T: Task>(
     art_dir: &Path,
     reuse: bool,
     device: &Device,
+    comm: &dyn Collective,
     obs: &mut dyn Observer,
 ) -> Result<Artifact> {
     let core = task.core();
@@ -58,7 +63,7 @@ pub fn selection<T: Task>(
     }
     let t0 = Instant::now();
     let (grads, batches, images) = if criterion == Criterion::Gradient {
-        let (g, n, i) = gradients(task, data, base, &setup, device, obs)?;
+        let (g, n, i) = gradients(task, data, base, &setup, device, comm, obs)?;
         (Some(g), n, i)
     } else {
         (None, 0, 0)
@@ -86,7 +91,9 @@ pub fn selection<T: Task>(
         BaseModel::of(base, &core.base_file())?,
         selection,
     )?;
-    art.save(art_dir)?;
+    if comm.is_root() {
+        art.save(art_dir)?;
+    }
     if criterion == Criterion::Gradient {
         obs.event(Event::PhaseEnd {
             summary: format!(
@@ -103,13 +110,15 @@ pub fn selection<T: Task>(
 /// ([`Task::selection_backward`]) summed over one pass of the task's selection loader (the whole
 /// training split, or its first `select_batches` batches when capped), batches streamed one at
 /// a time, each gradient added to its score buffer and dropped. Returns the gradients, the
-/// batches and the images seen.
+/// batches and the images seen. Data parallel: rank `r` of `N` takes batches `r, r + N, …`
+/// (skipping the others undecoded) and the sums are added over the ranks.
 fn gradients<T: Task>(
     task: &T,
     data: &T::Data,
     base: &mut TensorMap,
     setup: &SelectionSetup,
     device: &Device,
+    comm: &dyn Collective,
     obs: &mut dyn Observer,
 ) -> Result<(TensorMap, usize, usize)> {
     let store = grad_store(base, &setup.policy, device)?;
@@ -118,12 +127,30 @@ fn gradients<T: Task>(
     let mut loader = task.selection_loader(data)?;
     let all = loader.batches_per_epoch().max(1);
     let n = task.core().select_batches.map_or(all, |c| c.min(all));
+    let (rank, ranks) = (comm.rank(), comm.size());
+    let mine = (0..n).filter(|k| k % ranks == rank).count();
     obs.event(Event::PhaseStart {
         name: setup.phase.clone(),
-        total: n,
+        total: mine,
     });
-    let batches = (0..n).map_while(|_| loader.next_batch(device).transpose());
+    let mut k = 0;
+    let batches = std::iter::from_fn(|| {
+        while k < n {
+            k += 1;
+            if (k - 1) % ranks == rank {
+                return loader.next_batch(device).transpose();
+            }
+            if !loader.skip_batch() {
+                return None;
+            }
+        }
+        None
+    });
     let (mut done, mut images) = (0usize, 0usize);
+    if ranks > 1 && mine == 0 {
+        // More ranks than selection batches: this one adds nothing.
+        return super::parallel::reduce_scores(comm, &vars, None, (0, 0));
+    }
     let (grads, seen) = accumulate_with(&vars, batches, |b| {
         let b = b?;
         images += T::batch_len(&b)?;
@@ -137,5 +164,8 @@ fn gradients<T: Task>(
         });
         Ok((loss, grads))
     })?;
+    if ranks > 1 {
+        return super::parallel::reduce_scores(comm, &vars, Some(grads), (seen, images));
+    }
     Ok((grads, seen, images))
 }

@@ -193,6 +193,12 @@ impl Task for SegTrainConfig {
         }
     }
 
+    /// The prompt-free loss is a batch mean of per-image terms; the prompted one a mean over
+    /// objects (images hold different numbers), which shards would weight differently.
+    fn batch_mean_loss(&self) -> bool {
+        !self.prompt.is_prompted()
+    }
+
     fn batch_len(batch: &SegBatch) -> Result<usize> {
         Ok(batch.ids.len())
     }
