@@ -9,8 +9,8 @@
 //! gradient scale rather than to itself.
 
 use crate::error::{Error, Result};
-use crate::nn::kernels::with_reference_path;
 use crate::nn::gradcheck::{max_abs, rel_err_floor};
+use crate::nn::kernels::with_reference_path;
 use crate::nn::ParamStore;
 use crate::sam::Sam;
 use crate::sam::SamConfig;

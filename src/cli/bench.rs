@@ -506,9 +506,7 @@ fn run_infer(a: InferArgs) -> anyhow::Result<()> {
 }
 
 /// `--compare`: the PyTorch reference's Python and script, checked.
-fn torch_reference(
-    a: &InferArgs,
-) -> anyhow::Result<Option<gps_seg::bench::infer::TorchReference>> {
+fn torch_reference(a: &InferArgs) -> anyhow::Result<Option<gps_seg::bench::infer::TorchReference>> {
     if !a.compare {
         return Ok(None);
     }

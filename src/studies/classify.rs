@@ -9,11 +9,11 @@
 //! experiment folder; the experiment writes `table.md`, `results.json` and a bar chart
 //! `accuracy.png` (test top-1 at the val-chosen epoch per variant).
 
+use super::grid::{self, Cell, Grid, Study};
 use crate::data::classification::ClsLayout;
 use crate::data::synth_cls::{self, SynthClsConfig, SynthKind, SynthLayout};
 use crate::error::{Error, Result};
 use crate::models::ClassifierConfig;
-use super::grid::{self, Cell, Grid, Study};
 use crate::train::cls::{ClsRunSummary, ClsTrainConfig, Method, SelectLoss};
 use crate::train::observer::Observer;
 use crate::util::fs::{write_atomic, write_json_atomic, IoPaths};

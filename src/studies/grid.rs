@@ -73,10 +73,13 @@ pub fn run<S: Study>(
     for size in &grid.sizes {
         let train_size = size.map_or("all".to_string(), |n| n.to_string());
         for k in 0..grid.seeds {
-            let seed = grid.first_seed.checked_add(k as u64).ok_or_else(|| Error::Config {
-                field: "seed".into(),
-                msg: "seed + seeds overflows".into(),
-            })?;
+            let seed = grid
+                .first_seed
+                .checked_add(k as u64)
+                .ok_or_else(|| Error::Config {
+                    field: "seed".into(),
+                    msg: "seed + seeds overflows".into(),
+                })?;
             let cell = Cell {
                 train_size: train_size.clone(),
                 seed,
@@ -136,7 +139,10 @@ pub fn keep_only<V>(variants: &mut Vec<V>, only: &str, label: impl Fn(&V) -> &st
         .map(str::trim)
         .filter(|w| !w.is_empty())
         .collect();
-    if let Some(bad) = want.iter().find(|w| !variants.iter().any(|v| label(v) == **w)) {
+    if let Some(bad) = want
+        .iter()
+        .find(|w| !variants.iter().any(|v| label(v) == **w))
+    {
         let all: Vec<&str> = variants.iter().map(&label).collect();
         return Err(Error::Config {
             field: "only".into(),

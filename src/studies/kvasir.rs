@@ -11,9 +11,9 @@
 //! Writes `table.md`, `results.json`, `mdice.png` and one run folder per (size, seed,
 //! variant); a finished run whose settings did not change is reused.
 
+use super::grid::{self, Cell, Grid, Study};
 use crate::data::prompts::{PromptKind, PromptSpec};
 use crate::error::{Error, Result};
-use super::grid::{self, Cell, Grid, Study};
 use crate::progress::Observer;
 use crate::train::config::Method;
 use crate::train::seg::{RunSummary, SegTrainConfig};
