@@ -48,6 +48,61 @@ fn host(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
+/// One flat all-reduce buffer over `vars`: each var's values in order, then one presence flag
+/// per var (a var no rank has a gradient for stays absent), then two scalars.
+struct Packed {
+    buf: Vec<f32>,
+    sizes: Vec<usize>,
+    /// Where the flags start (the number of values).
+    values: usize,
+    /// Where the two scalars start.
+    tail: usize,
+}
+
+impl Packed {
+    fn new(vars: &[(String, Var)]) -> Packed {
+        let sizes: Vec<usize> = vars.iter().map(|(_, v)| v.elem_count()).collect();
+        let values: usize = sizes.iter().sum();
+        let tail = values + vars.len();
+        Packed {
+            buf: vec![0f32; tail + 2],
+            sizes,
+            values,
+            tail,
+        }
+    }
+
+    /// Var `k`'s part of the buffer.
+    fn range(&self, k: usize) -> std::ops::Range<usize> {
+        let off: usize = self.sizes[..k].iter().sum();
+        off..off + self.sizes[k]
+    }
+
+    /// Var `k` (named `name`) gets the values of `g` times `w`, and is marked present.
+    fn put(&mut self, k: usize, name: &str, g: &Tensor, w: f32) -> Result<()> {
+        let g = host(g)?;
+        let r = self.range(k);
+        let expected = r.len();
+        let dst = self
+            .buf
+            .get_mut(r)
+            .filter(|d| d.len() == g.len())
+            .ok_or_else(|| Error::ShapeMismatch {
+                name: name.to_string(),
+                found: vec![g.len()],
+                expected: vec![expected],
+            })?;
+        dst.iter_mut().zip(&g).for_each(|(d, &x)| *d = x * w);
+        self.buf[self.values + k] = 1.0;
+        Ok(())
+    }
+
+    /// Var `k`'s summed values, `None` when no rank had it.
+    fn get(&self, k: usize) -> Option<&[f32]> {
+        (self.buf[self.values + k] > 0.0).then(|| &self.buf[self.range(k)])
+    }
+}
+
 /// Pack rank-local gradients of `vars` (`local`: the step's loss, gradients and images;
 /// `None` when this rank's part of the batch is empty), all-reduce, unpack the global mean.
 pub fn reduce_step(
@@ -62,49 +117,36 @@ pub fn reduce_step(
     if n > MAX_EXACT {
         return Err(Error::msg(format!("a batch of {n} images per rank")));
     }
-    let sizes: Vec<usize> = vars.iter().map(|(_, v)| v.elem_count()).collect();
-    let values: usize = sizes.iter().sum();
-    let tail = values + vars.len();
-    let mut buf = vec![0f32; tail + 2];
+    let mut p = Packed::new(vars);
     let w = n as f32;
-    let mut off = 0;
     for (k, (name, var)) in vars.iter().enumerate() {
         if let Some(g) = grads.get(var.as_tensor()) {
-            let g = host(g)?;
-            let dst = buf
-                .get_mut(off..off + sizes[k])
-                .filter(|d| d.len() == g.len());
-            let dst = dst.ok_or_else(|| Error::ShapeMismatch {
-                name: name.clone(),
-                found: vec![g.len()],
-                expected: vec![sizes[k]],
-            })?;
-            dst.iter_mut().zip(&g).for_each(|(d, &x)| *d = x * w);
-            buf[values + k] = 1.0;
+            p.put(k, name, g, w)?;
         }
-        off += sizes[k];
     }
-    buf[tail] = loss * w;
-    buf[tail + 1] = w;
-    comm.all_reduce_sum(&mut buf)?;
-    let total = buf[tail + 1];
+    let tail = p.tail;
+    p.buf[tail] = loss * w;
+    p.buf[tail + 1] = w;
+    comm.all_reduce_sum(&mut p.buf)?;
+    let total = p.buf[tail + 1];
     if total < 0.5 {
         return Err(Error::Data {
             msg: "a data-parallel step with no image on any rank".into(),
         });
     }
-    let mut off = 0;
     for (k, (_, var)) in vars.iter().enumerate() {
-        let part = &buf[off..off + sizes[k]];
-        off += sizes[k];
-        if buf[values + k] > 0.0 {
-            let mean: Vec<f32> = part.iter().map(|&v| v / total).collect();
-            let t = Tensor::from_vec(mean, var.dims(), var.device())?.to_dtype(var.dtype())?;
-            grads.insert(var.as_tensor(), t);
-        } else {
-            grads.remove(var.as_tensor());
+        match p.get(k) {
+            Some(part) => {
+                let mean: Vec<f32> = part.iter().map(|&v| v / total).collect();
+                let t = Tensor::from_vec(mean, var.dims(), var.device())?.to_dtype(var.dtype())?;
+                grads.insert(var.as_tensor(), t);
+            }
+            None => {
+                grads.remove(var.as_tensor());
+            }
         }
     }
+    let buf = p.buf;
     Ok(Reduced {
         loss: buf[tail] / total,
         images: total.round() as usize,
@@ -128,42 +170,26 @@ pub fn reduce_scores(
         )));
     }
     let local = local.unwrap_or_default();
-    let sizes: Vec<usize> = vars.iter().map(|(_, v)| v.elem_count()).collect();
-    let values: usize = sizes.iter().sum();
-    let tail = values + vars.len();
-    let mut buf = vec![0f32; tail + 2];
-    let mut off = 0;
+    let mut p = Packed::new(vars);
     for (k, (name, _)) in vars.iter().enumerate() {
         if let Some(g) = local.get(name) {
-            let g = host(g)?;
-            let dst = buf
-                .get_mut(off..off + sizes[k])
-                .filter(|d| d.len() == g.len());
-            let dst = dst.ok_or_else(|| Error::ShapeMismatch {
-                name: name.clone(),
-                found: vec![g.len()],
-                expected: vec![sizes[k]],
-            })?;
-            dst.copy_from_slice(&g);
-            buf[values + k] = 1.0;
+            p.put(k, name, g, 1.0)?;
         }
-        off += sizes[k];
     }
-    buf[tail] = batches as f32;
-    buf[tail + 1] = images as f32;
-    comm.all_reduce_sum(&mut buf)?;
+    let tail = p.tail;
+    p.buf[tail] = batches as f32;
+    p.buf[tail + 1] = images as f32;
+    comm.all_reduce_sum(&mut p.buf)?;
     let mut out = TensorMap::new();
-    let mut off = 0;
     for (k, (name, var)) in vars.iter().enumerate() {
-        let part = &buf[off..off + sizes[k]];
-        off += sizes[k];
-        if buf[values + k] > 0.0 {
+        if let Some(part) = p.get(k) {
             out.insert(
                 name.clone(),
                 Tensor::from_slice(part, var.dims(), var.device())?,
             );
         }
     }
+    let buf = p.buf;
     let (batches, images) = (buf[tail].round() as usize, buf[tail + 1].round() as usize);
     if batches == 0 {
         return Err(Error::msg(
