@@ -127,41 +127,10 @@ fn on_ranks<R: Send>(size: usize, f: impl Fn(&dyn Collective) -> R + Sync) -> Ve
     })
 }
 
-/// How far weights `a` are from `b`: (‖a − b‖ / ‖b‖ over all trainable entries together,
-/// the largest max|a − b| / max|b| of one tensor). The second is dominated by tensors whose
-/// exact gradient is zero (attention key biases: a constant added to every key leaves the
-/// softmax unchanged), whose computed gradient is rounding noise that Adam normalises to
-/// steps of the learning rate's size; one process summing in another order moves them as much.
-fn rel_diffs(a: &TensorMap, b: &TensorMap) -> (f64, f64) {
-    assert_eq!(
-        a.keys().collect::<Vec<_>>(),
-        b.keys().collect::<Vec<_>>(),
-        "the same tensors"
-    );
-    let (mut d2, mut n2, mut worst) = (0f64, 0f64, 0f64);
-    for (name, ta) in a {
-        let va = ta.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let vb = b[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        d2 += va
-            .iter()
-            .zip(&vb)
-            .map(|(x, y)| ((x - y) as f64).powi(2))
-            .sum::<f64>();
-        n2 += vb.iter().map(|y| (*y as f64).powi(2)).sum::<f64>();
-        let scale = vb.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12) as f64;
-        let diff = va
-            .iter()
-            .zip(&vb)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs())) as f64;
-        worst = worst.max(diff / scale);
-    }
-    ((d2 / n2.max(1e-30)).sqrt(), worst)
-}
-
 /// Weights within 1e-5 relative (all trainable entries together) and no tensor off by more
 /// than 1e-3 of its largest entry (a wrong gradient would be off by order 1).
 fn assert_close(a: &TensorMap, b: &TensorMap, what: &str) {
-    let (l2, worst) = rel_diffs(a, b);
+    let (l2, worst) = common::rel_diffs(a, b);
     eprintln!("{what}: weights differ by {l2:e} (relative, all entries), {worst:e} (worst tensor, max-abs relative)");
     assert!(l2 <= 1e-5, "{what}: weights differ by {l2:e} (relative)");
     assert!(
