@@ -169,32 +169,6 @@ fn train(cfg: &SegTrainConfig, run: &Path, size: usize, given: Option<&Path>) ->
     root
 }
 
-/// (the same indices, all indices) over every tensor of two selection files.
-fn agreement(a: &Path, b: &Path) -> (usize, usize) {
-    let (ta, tb) = (
-        tensors::load(a, &Device::Cpu).unwrap(),
-        tensors::load(b, &Device::Cpu).unwrap(),
-    );
-    assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>());
-    let (mut same, mut all) = (0, 0);
-    for (name, x) in &ta {
-        let x = x
-            .flatten_all()
-            .unwrap()
-            .to_dtype(candle_core::DType::F64)
-            .unwrap();
-        let y = tb[name]
-            .flatten_all()
-            .unwrap()
-            .to_dtype(candle_core::DType::F64)
-            .unwrap();
-        let (x, y) = (x.to_vec1::<f64>().unwrap(), y.to_vec1::<f64>().unwrap());
-        same += x.iter().zip(&y).filter(|(p, q)| p == q).count();
-        all += x.len();
-    }
-    (same, all)
-}
-
 fn dataset(tmp: &Path) -> PathBuf {
     let data = tmp.join("kvasir");
     common::synth_kvasir(&data, 24, 11, 200);
@@ -215,7 +189,7 @@ fn gps_selection_and_training_over_ranks_match_one_process() {
         on_ranks(size, |comm| {
             fit::select_on(&c, &dir, &Device::Cpu, comm, &mut Silent).unwrap()
         });
-        let (same, all) = agreement(
+        let (same, all) = common::agreement(
             &one.join("selection.safetensors"),
             &dir.join("selection.safetensors"),
         );

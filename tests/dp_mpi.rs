@@ -133,30 +133,6 @@ fn dataset(tmp: &Path) -> PathBuf {
     data
 }
 
-/// (entries equal, entries) over two selection files.
-fn agreement(a: &Path, b: &Path) -> (usize, usize) {
-    let (ta, tb) = (
-        tensors::load(a, &Device::Cpu).unwrap(),
-        tensors::load(b, &Device::Cpu).unwrap(),
-    );
-    assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>());
-    let (mut same, mut all) = (0, 0);
-    for (name, x) in &ta {
-        let f = |t: &candle_core::Tensor| {
-            t.flatten_all()
-                .unwrap()
-                .to_dtype(candle_core::DType::F64)
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap()
-        };
-        let (x, y) = (f(x), f(&tb[name]));
-        same += x.iter().zip(&y).filter(|(p, q)| p == q).count();
-        all += x.len();
-    }
-    (same, all)
-}
-
 #[test]
 fn two_mpi_ranks_train_gps_like_one_process() {
     let tmp = tempfile::tempdir().unwrap();
@@ -166,7 +142,7 @@ fn two_mpi_ranks_train_gps_like_one_process() {
     // Its own selection, over 2 ranks.
     let own = tmp.path().join("own");
     two_ranks(&train_args(&data, &own, "gps", 2), &[]);
-    let (same, all) = agreement(
+    let (same, all) = common::agreement(
         &one.join("gps/selection.safetensors"),
         &own.join("gps/selection.safetensors"),
     );
@@ -333,7 +309,7 @@ fn select_over_two_mpi_ranks_matches_one_process() {
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
     one_process(&args(&one));
     two_ranks(&args(&two), &[]);
-    let (same, all) = agreement(
+    let (same, all) = common::agreement(
         &one.join("selection.safetensors"),
         &two.join("selection.safetensors"),
     );

@@ -14,7 +14,7 @@ pub use cli::{bin, cli, gps_seg, gps_seg_ok, run};
 pub use files::{crc32, snapshot};
 pub use inputs::{images, images_array, synth_kvasir, tiny_seg_cfg, TinySeg};
 pub use onnx::{infer_mask, max_abs_diff, onnx_checker, ort_ready};
-pub use weights::rel_diffs;
+pub use weights::{agreement, rel_diffs};
 
 /// Mask logits from the images' brightness, `8 · (mean RGB − 0.5)` (a white square on black is
 /// found): a stand-in engine, so the job, its reports and `report merge` are tested without a

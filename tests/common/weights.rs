@@ -1,6 +1,9 @@
-//! Comparing weights: how far one set of tensors is from another.
+//! Comparing weights: how far one set of tensors is from another, how many entries of two
+//! selection files agree.
 
-use gps_seg::util::tensors::TensorMap;
+use candle_core::Device;
+use gps_seg::util::tensors::{self, TensorMap};
+use std::path::Path;
 
 /// How far weights `a` are from `b`: (‖a − b‖ / ‖b‖ over all trainable entries together,
 /// the largest max|a − b| / max|b| of one tensor). The second is dominated by tensors whose
@@ -31,4 +34,28 @@ pub fn rel_diffs(a: &TensorMap, b: &TensorMap) -> (f64, f64) {
         worst = worst.max(diff / scale);
     }
     ((d2 / n2.max(1e-30)).sqrt(), worst)
+}
+
+/// (entries equal, entries) over every tensor of two selection files.
+pub fn agreement(a: &Path, b: &Path) -> (usize, usize) {
+    let (ta, tb) = (
+        tensors::load(a, &Device::Cpu).unwrap(),
+        tensors::load(b, &Device::Cpu).unwrap(),
+    );
+    assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>());
+    let (mut same, mut all) = (0, 0);
+    for (name, x) in &ta {
+        let f = |t: &candle_core::Tensor| {
+            t.flatten_all()
+                .unwrap()
+                .to_dtype(candle_core::DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        };
+        let (x, y) = (f(x), f(&tb[name]));
+        same += x.iter().zip(&y).filter(|(p, q)| p == q).count();
+        all += x.len();
+    }
+    (same, all)
 }
