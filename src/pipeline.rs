@@ -75,6 +75,21 @@ impl DemoConfig {
             ..Self::standard()
         }
     }
+
+    /// The GPS run's settings: the recipe on the demo's data, model and budget.
+    pub fn train_config(&self) -> Result<SegTrainConfig> {
+        let (base, sam) = crate::registry::resolve_sam(&self.model, None)?;
+        let mut tc = SegTrainConfig::recipe(self.data_dir.clone(), Some(base), sam);
+        tc.epochs = self.epochs;
+        tc.batch_size = self.batch_size;
+        tc.lr = self.lr;
+        tc.topk = self.topk;
+        tc.seed = self.seed;
+        tc.max_steps_per_epoch = self.max_steps_per_epoch;
+        tc.test_limit = self.test_limit;
+        tc.select_batches = None;
+        Ok(tc)
+    }
 }
 
 /// What the demo measured.
@@ -115,23 +130,16 @@ pub fn demo(cfg: &DemoConfig, device: &Device, obs: &mut dyn Observer) -> Result
         clear_for_run(d, cfg.overwrite, "--out")?;
     }
     ensure_data(cfg, obs)?;
-    let (base, sam) = crate::registry::resolve_sam(&cfg.model, None)?;
+    let tc = cfg.train_config()?;
     obs.event(Event::Info(format!(
         "model: {} ({}, {}×{} input)",
-        base.display(),
-        sam.name,
-        sam.image_size,
-        sam.image_size
+        tc.base
+            .as_ref()
+            .map_or(String::new(), |b| b.display().to_string()),
+        tc.sam.name,
+        tc.sam.image_size,
+        tc.sam.image_size
     )));
-    let mut tc = SegTrainConfig::recipe(cfg.data_dir.clone(), Some(base), sam);
-    tc.epochs = cfg.epochs;
-    tc.batch_size = cfg.batch_size;
-    tc.lr = cfg.lr;
-    tc.topk = cfg.topk;
-    tc.seed = cfg.seed;
-    tc.max_steps_per_epoch = cfg.max_steps_per_epoch;
-    tc.test_limit = cfg.test_limit;
-    tc.select_batches = None;
 
     // Zero-shot reference: the pretrained model, untouched.
     let mut zc = tc.clone();

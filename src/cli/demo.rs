@@ -46,6 +46,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     cfg.overwrite = args.overwrite;
     let device = args.device.resolve()?;
     let mut p = Progress::new(args.quiet);
+    gps_seg::train::fit::set_elementwise_pool(&cfg.train_config()?, false);
     let r = demo(&cfg, &device, &mut p)?;
     let g = &r.gps;
     println!();

@@ -90,6 +90,8 @@ fn run_kvasir(a: KvasirArgs) -> anyhow::Result<()> {
         gps_seg::studies::grid::keep_only(&mut variants, only, |v| &v.label)?;
     }
     let sizes = gps_seg::studies::kvasir::parse_sizes(&a.train_sizes)?;
+    // The pool as the grid's first runs want it (the template's batching).
+    gps_seg::train::fit::set_elementwise_pool(&t, false);
     let (_, table) = run_kvasir(
         &t,
         &variants,

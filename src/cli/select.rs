@@ -220,8 +220,8 @@ fn select_with_data(
     cfg.seed = a.seed;
     cfg.select_batches = a.select_batches;
     cfg.batch_size = a.batch_size;
-    // The selection pass runs each batch whole (its encoder blocks are recomputed); the loop
-    // sets Candle's element-wise pool for that (`Task::elementwise_pool`).
+    // The selection pass runs each batch whole (its encoder blocks are recomputed).
+    gps_seg::train::fit::set_elementwise_pool(&cfg, true);
     let root = gps_seg::dist::world().is_root();
     let mut p: Box<dyn gps_seg::progress::Observer> = match root {
         true => Box::new(super::progress::Progress::new(false)),

@@ -255,6 +255,7 @@ fn run_seg(args: Args) -> anyhow::Result<()> {
     cfg.skip_bad = args.skip_bad;
     cfg.dtype = dtype;
     cfg.prompt = args.prompt.spec()?;
+    gps_seg::train::fit::set_elementwise_pool(&cfg, false);
     let s = seg::train(&cfg, &out, &device, args.resume, &mut *progress)
         .with_context(|| format!("training run {}", out.display()))?;
     if gps_seg::dist::world().is_root() {
@@ -330,6 +331,7 @@ fn run_classify(args: Args) -> anyhow::Result<()> {
         ))
     });
     let mut progress = observer(args.quiet);
+    gps_seg::train::fit::set_elementwise_pool(&cfg, false);
     let s = cls::train(&cfg, &out, &device, args.resume, &mut *progress)
         .with_context(|| format!("training run {}", out.display()))?;
     if !gps_seg::dist::world().is_root() {

@@ -167,9 +167,10 @@ pub trait Task: Serialize + DeserializeOwned + PartialEq + Sync {
     }
     /// Whether the training step splits a batch into one chunk per thread, and the values of
     /// one image's largest activation: they decide Candle's element-wise pool
-    /// ([`crate::util::threads::elementwise_pool_for`]), which the loop sets once before any
-    /// tensor work for every command that trains, evaluates or selects (`train`, `select`,
-    /// `demo`, `experiment`). `None` (the default) leaves the pool as it is.
+    /// ([`crate::util::threads::elementwise_pool_for`]), applied by
+    /// [`crate::train::fit::set_elementwise_pool`] at the start of every command that trains,
+    /// evaluates or selects (`train`, `select`, `demo`, `experiment`). `None` (the default)
+    /// leaves the pool as it is.
     fn elementwise_pool(&self) -> Option<(bool, usize)> {
         None
     }

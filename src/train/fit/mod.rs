@@ -17,5 +17,7 @@ pub mod schedule;
 pub mod select;
 pub mod summary;
 
-pub use run::{best_epoch, evaluate, fit, fit_on, select, select_on, StateOf, SummaryOf};
+pub use run::{
+    best_epoch, evaluate, fit, fit_on, select, select_on, set_elementwise_pool, StateOf, SummaryOf,
+};
 pub use summary::RunSummary;

@@ -60,28 +60,8 @@ pub type StateOf<T> = super::folder::TrainState<EpochRecord<<T as Task>::Eval>>;
 
 /// Validation shared by every entry point, before anything is written: the core, the method
 /// against the task's list, the task's own fields, `out` against the inputs, and a
-/// data-parallel world against the task's loss. Then the process-wide element-wise pool for
-/// this task (`whole`: the selection pass, which never splits its batches).
-fn check<T: Task>(
-    task: &T,
-    device: &Device,
-    out: &Path,
-    comm: &dyn Collective,
-    whole: bool,
-) -> Result<()> {
-    check_settings(task, device, out, comm)?;
-    if let Some((split, values)) = task.elementwise_pool() {
-        crate::util::threads::elementwise_pool_for(split && !whole, values);
-    }
-    Ok(())
-}
-
-fn check_settings<T: Task>(
-    task: &T,
-    device: &Device,
-    out: &Path,
-    comm: &dyn Collective,
-) -> Result<()> {
+/// data-parallel world against the task's loss.
+fn check<T: Task>(task: &T, device: &Device, out: &Path, comm: &dyn Collective) -> Result<()> {
     let core = task.core();
     core.validate()?;
     if comm.size() > 1 && !task.batch_mean_loss() {
@@ -113,6 +93,17 @@ fn check_settings<T: Task>(
         io = io.input(what, p);
     }
     io.output("--out", out).check()
+}
+
+/// Set Candle's process-wide element-wise pool for `task` ([`Task::elementwise_pool`];
+/// `whole`: the selection pass alone, which never splits its batches). The one place every
+/// command that trains, evaluates or selects (`train`, `select`, `demo`, `experiment`) applies
+/// it: at start-up, before any tensor work or other thread exists, since it sets an
+/// environment variable Candle reads once.
+pub fn set_elementwise_pool<T: Task>(task: &T, whole: bool) {
+    if let Some((split, values)) = task.elementwise_pool() {
+        crate::util::threads::elementwise_pool_for(split && !whole, values);
+    }
 }
 
 /// The run's `summary.json`: the loop's numbers and the task's part.
@@ -186,7 +177,7 @@ pub fn fit_on<T: Task>(
     comm: &dyn Collective,
     obs: &mut dyn Observer,
 ) -> Result<SummaryOf<T>> {
-    check(task, device, run_dir, comm, false)?;
+    check(task, device, run_dir, comm)?;
     if task.core().method == Method::ZeroShot {
         return Err(Error::Config {
             field: "method".into(),
@@ -210,7 +201,7 @@ pub fn evaluate<T: Task>(
     obs: &mut dyn Observer,
 ) -> Result<SummaryOf<T>> {
     let comm = crate::dist::world();
-    check(task, device, run_dir, comm, false)?;
+    check(task, device, run_dir, comm)?;
     let t_start = Instant::now();
     let core = task.core();
     let (_, _, data, base) =
@@ -281,7 +272,7 @@ pub fn select_on<T: Task>(
     comm: &dyn Collective,
     obs: &mut dyn Observer,
 ) -> Result<Artifact> {
-    check(task, device, out, comm, true)?;
+    check(task, device, out, comm)?;
     if task.core().method.criterion().is_none() {
         return Err(Error::Config {
             field: "method".into(),
