@@ -128,29 +128,6 @@ impl ClsExperimentConfig {
             seed: self.seed,
         }
     }
-
-    /// The trainer config of one variant.
-    pub fn run_config(&self, v: &Variant) -> ClsTrainConfig {
-        let mut c = ClsTrainConfig::recipe(
-            self.data_dir.clone(),
-            ClsLayout::Vtab,
-            Some(self.base.clone()),
-            self.model.clone(),
-        );
-        c.method = v.method;
-        c.select_loss = v.select_loss;
-        c.topk = v.topk;
-        c.lr = v.lr;
-        c.min_lr = v.lr * 1e-2;
-        c.epochs = self.epochs;
-        c.warmup_epochs = self.warmup_epochs;
-        c.batch_size = self.batch_size;
-        c.eval_batch_size = 64;
-        c.select_batches = self.select_batches;
-        c.seed = self.seed;
-        c.keep_last = 1;
-        c
-    }
 }
 
 /// One result row: a variant at one training-set size and seed.
@@ -262,11 +239,28 @@ impl Study for ClsExperimentConfig {
         &v.label
     }
 
+    /// The trainer config of one variant at `seed` on `size` training images.
     fn run_config(&self, v: &Variant, seed: u64, size: Option<usize>) -> ClsTrainConfig {
-        let mut rc = ClsExperimentConfig::run_config(self, v);
-        rc.seed = seed;
-        rc.train_limit = size;
-        rc
+        let mut c = ClsTrainConfig::recipe(
+            self.data_dir.clone(),
+            ClsLayout::Vtab,
+            Some(self.base.clone()),
+            self.model.clone(),
+        );
+        c.method = v.method;
+        c.select_loss = v.select_loss;
+        c.topk = v.topk;
+        c.lr = v.lr;
+        c.min_lr = v.lr * 1e-2;
+        c.epochs = self.epochs;
+        c.warmup_epochs = self.warmup_epochs;
+        c.batch_size = self.batch_size;
+        c.eval_batch_size = 64;
+        c.select_batches = self.select_batches;
+        c.keep_last = 1;
+        c.seed = seed;
+        c.train_limit = size;
+        c
     }
 
     fn row(
@@ -297,12 +291,14 @@ pub fn run_classify(
     device: &Device,
     obs: &mut dyn Observer,
 ) -> Result<(Vec<ExperimentRow>, String)> {
-    if cfg.variants.is_empty() || cfg.seeds == 0 || cfg.train_sizes.is_empty() {
-        return Err(Error::Config {
-            field: "variants".into(),
-            msg: "no variants, seeds or training sizes to run".into(),
-        });
-    }
+    let grid = Grid {
+        seeds: cfg.seeds,
+        first_seed: cfg.seed,
+        sizes: cfg.train_sizes.clone(),
+        out: out.to_path_buf(),
+        overwrite,
+    };
+    grid.check(cfg.variants.len())?;
     IoPaths::new()
         .input("--data-dir", &cfg.data_dir)
         .input("--model", &cfg.base)
@@ -311,13 +307,6 @@ pub fn run_classify(
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     write_json_atomic(&out.join("experiment.json"), cfg)?;
     downstream_data(cfg, obs)?;
-    let grid = Grid {
-        seeds: cfg.seeds,
-        first_seed: cfg.seed,
-        sizes: cfg.train_sizes.clone(),
-        out: out.to_path_buf(),
-        overwrite,
-    };
     let rows = grid::run(cfg, &cfg.variants, &grid, device, obs)?;
     let t = table(cfg, &rows)?;
     write_atomic(&out.join("table.md"), t.as_bytes())?;

@@ -46,6 +46,19 @@ pub struct Grid {
     pub overwrite: bool,
 }
 
+impl Grid {
+    /// Refuse a grid with nothing to run (before anything is written).
+    pub fn check(&self, variants: usize) -> Result<()> {
+        if variants == 0 || self.seeds == 0 || self.sizes.is_empty() {
+            return Err(Error::Config {
+                field: "variants".into(),
+                msg: "no variants, seeds or training sizes to run".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// One cell's coordinates besides its variant.
 #[derive(Debug, Clone)]
 pub struct Cell {
@@ -63,12 +76,7 @@ pub fn run<S: Study>(
     device: &Device,
     obs: &mut dyn Observer,
 ) -> Result<Vec<S::Row>> {
-    if variants.is_empty() || grid.seeds == 0 || grid.sizes.is_empty() {
-        return Err(Error::Config {
-            field: "variants".into(),
-            msg: "no variants, seeds or training sizes to run".into(),
-        });
-    }
+    grid.check(variants.len())?;
     let mut rows = Vec::new();
     for size in &grid.sizes {
         let train_size = size.map_or("all".to_string(), |n| n.to_string());
@@ -151,4 +159,42 @@ pub fn keep_only<V>(variants: &mut Vec<V>, only: &str, label: impl Fn(&V) -> &st
     }
     variants.retain(|v| want.contains(&label(v)));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_only_keeps_the_named_variants_in_table_order_and_names_an_unknown_one() {
+        let mut v = vec!["zero-shot", "full", "gps-k1", "gps-k2"];
+        keep_only(&mut v, "gps-k1, zero-shot", |s| s).unwrap();
+        assert_eq!(v, ["zero-shot", "gps-k1"]);
+        let e = keep_only(&mut v, "gps-k9", |s| s).unwrap_err().to_string();
+        assert!(
+            e.contains("gps-k9") && e.contains("zero-shot, gps-k1"),
+            "{e}"
+        );
+        assert_eq!(v, ["zero-shot", "gps-k1"], "unchanged after a refusal");
+    }
+
+    #[test]
+    fn an_empty_grid_is_refused_before_anything_runs() {
+        let g = Grid {
+            seeds: 1,
+            first_seed: 7,
+            sizes: vec![None],
+            out: PathBuf::from("unused"),
+            overwrite: false,
+        };
+        assert!(g.check(1).is_ok());
+        assert!(g.check(0).is_err());
+        assert!(Grid {
+            seeds: 0,
+            ..g.clone()
+        }
+        .check(1)
+        .is_err());
+        assert!(Grid { sizes: vec![], ..g }.check(1).is_err());
+    }
 }

@@ -185,11 +185,6 @@ pub fn run_kvasir(
     device: &Device,
     obs: &mut dyn Observer,
 ) -> Result<(Vec<SegExperimentRow>, String)> {
-    IoPaths::new()
-        .input("--data-dir", &template.data_dir)
-        .input_opt("--model", template.base.as_ref())
-        .output("--out", out)
-        .check()?;
     let grid = Grid {
         seeds,
         first_seed: template.seed,
@@ -197,9 +192,13 @@ pub fn run_kvasir(
         out: out.to_path_buf(),
         overwrite,
     };
-    if !variants.is_empty() && seeds > 0 && !sizes.is_empty() {
-        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    }
+    grid.check(variants.len())?;
+    IoPaths::new()
+        .input("--data-dir", &template.data_dir)
+        .input_opt("--model", template.base.as_ref())
+        .output("--out", out)
+        .check()?;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let rows = grid::run(&KvasirStudy { template }, variants, &grid, device, obs)?;
     let table = table(template, &rows)?;
     write_atomic(&out.join("table.md"), table.as_bytes())?;

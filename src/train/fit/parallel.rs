@@ -52,7 +52,8 @@ fn host(t: &Tensor) -> Result<Vec<f32>> {
 /// per var (a var no rank has a gradient for stays absent), then two scalars.
 struct Packed {
     buf: Vec<f32>,
-    sizes: Vec<usize>,
+    /// Each var's part of `buf`.
+    ranges: Vec<std::ops::Range<usize>>,
     /// Where the flags start (the number of values).
     values: usize,
     /// Where the two scalars start.
@@ -61,27 +62,25 @@ struct Packed {
 
 impl Packed {
     fn new(vars: &[(String, Var)]) -> Packed {
-        let sizes: Vec<usize> = vars.iter().map(|(_, v)| v.elem_count()).collect();
-        let values: usize = sizes.iter().sum();
+        let mut ranges = Vec::with_capacity(vars.len());
+        let mut values = 0;
+        for (_, v) in vars {
+            ranges.push(values..values + v.elem_count());
+            values += v.elem_count();
+        }
         let tail = values + vars.len();
         Packed {
             buf: vec![0f32; tail + 2],
-            sizes,
+            ranges,
             values,
             tail,
         }
     }
 
-    /// Var `k`'s part of the buffer.
-    fn range(&self, k: usize) -> std::ops::Range<usize> {
-        let off: usize = self.sizes[..k].iter().sum();
-        off..off + self.sizes[k]
-    }
-
     /// Var `k` (named `name`) gets the values of `g` times `w`, and is marked present.
     fn put(&mut self, k: usize, name: &str, g: &Tensor, w: f32) -> Result<()> {
         let g = host(g)?;
-        let r = self.range(k);
+        let r = self.ranges[k].clone();
         let expected = r.len();
         let dst = self
             .buf
@@ -99,7 +98,7 @@ impl Packed {
 
     /// Var `k`'s summed values, `None` when no rank had it.
     fn get(&self, k: usize) -> Option<&[f32]> {
-        (self.buf[self.values + k] > 0.0).then(|| &self.buf[self.range(k)])
+        (self.buf[self.values + k] > 0.0).then(|| &self.buf[self.ranges[k].clone()])
     }
 }
 
