@@ -46,7 +46,8 @@ pub fn ensure<C: Serialize>(
     obs: &mut dyn Observer,
 ) -> Result<Made> {
     let marker = dir.join(SETTINGS_FILE);
-    let want = serde_json::to_value(settings).map_err(|e| Error::msg(e.to_string()))?;
+    let want = serde_json::to_value(settings)
+        .map_err(|e| Error::msg(format!("{}: the set's settings: {e}", marker.display())))?;
     if marker.is_file() {
         let have: serde_json::Value = read_json(&marker)?;
         if have == want {
